@@ -1,0 +1,1 @@
+"""podipc bench: compare channels inside one pod."""

@@ -1,0 +1,247 @@
+"""The `podipc` command: parse options, call the library, print. No channel logic lives here.
+
+Every option can also come from the environment (PODIPC_...), because manifests set
+roles by environment. Errors become one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import click
+
+import podipc
+from podipc.address import Address, parse_address
+from podipc.errors import (
+    AddressError,
+    ChannelClosed,
+    ChannelUnavailable,
+    EndOfStream,
+    MessageTooLarge,
+    PeerGone,
+    PeerTimeout,
+    PodIPCError,
+    ProtocolError,
+    Timeout,
+)
+from podipc.payloads import RateLimiter, StreamSummary, generated_messages, stdin_chunks
+
+EXIT_CODES: dict[type[PodIPCError], int] = {
+    AddressError: 2,
+    ChannelUnavailable: 3,
+    MessageTooLarge: 4,
+    PeerTimeout: 5,
+    Timeout: 6,
+    PeerGone: 7,
+    ProtocolError: 8,
+    ChannelClosed: 9,
+    EndOfStream: 10,
+}
+
+
+def exit_code_of(error: PodIPCError) -> int:
+    """The documented exit code for an error (1 for any other PodIPCError)."""
+    for cls in type(error).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]  # type: ignore[index]
+    return 1
+
+
+class ChannelFailure(click.ClickException):
+    """A PodIPCError turned into one line on stderr and its exit code."""
+
+    def __init__(self, error: PodIPCError) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.exit_code = exit_code_of(error)
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Print 'podipc: error: ...' on one line."""
+        click.echo(f"podipc: error: {self.format_message()}", err=True)
+
+
+@contextmanager
+def podipc_errors() -> Iterator[None]:
+    """Turn PodIPCError raised inside into a ChannelFailure for click."""
+    try:
+        yield
+    except PodIPCError as error:
+        raise ChannelFailure(error) from error
+
+
+class AddressParam(click.ParamType):
+    """A channel URL, checked when parsed."""
+
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Address:
+        """Parse the URL or fail with the parser's message."""
+        if isinstance(value, Address):
+            return value
+        try:
+            return parse_address(str(value))
+        except AddressError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+URL = AddressParam()
+
+
+def print_summary(summary: StreamSummary, **extra: object) -> None:
+    """Print the one JSON line of a finished (or failed) run on stdout."""
+    click.echo(json.dumps(summary.as_dict(**extra), separators=(", ", ": ")))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(podipc.__version__, "--version", prog_name="podipc")
+def main() -> None:
+    """podipc: messages between the containers of one Kubernetes pod."""
+
+
+def url_argument(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The URL argument, also read from PODIPC_URL."""
+    return click.argument("url", type=URL, envvar="PODIPC_URL")(function)
+
+
+@main.command()
+@url_argument
+@click.option("--count", "-n", type=click.IntRange(0), default=1000, show_default=True, envvar="PODIPC_COUNT",
+              help="Messages to send (with --stdin: at most this many, 0 for no limit).")
+@click.option("--size", "-s", type=click.IntRange(0), default=64, show_default=True, envvar="PODIPC_SIZE",
+              help="Bytes per message; with --random the largest size; with --stdin the chunk size.")
+@click.option("--random", "randomize", is_flag=True, envvar="PODIPC_RANDOM",
+              help="Random sizes (0..--size) and random bytes, drawn from --seed.")
+@click.option("--stdin", "from_stdin", is_flag=True, envvar="PODIPC_STDIN",
+              help="Send standard input, cut into messages of --size bytes.")
+@click.option("--seed", type=int, default=0, show_default=True, envvar="PODIPC_SEED",
+              help="Seed of --random messages (the same seed gives the same stream).")
+@click.option("--rate", type=click.FloatRange(0), default=0, envvar="PODIPC_RATE",
+              help="Messages per second at most (0: as fast as the channel takes them).")
+@click.option("--timeout", type=click.FloatRange(0), default=None, envvar="PODIPC_TIMEOUT",
+              help="Seconds each send may wait for room before failing (default: no limit).")
+def produce(url: Address, count: int, size: int, randomize: bool, from_stdin: bool, seed: int, rate: float,
+            timeout: float | None) -> None:
+    """Send messages to URL, then end the stream; print a JSON summary line."""
+    if randomize and from_stdin:
+        raise click.UsageError("--random and --stdin exclude each other")
+    summary = StreamSummary("producer", url.url)
+    started = time.monotonic()
+    with podipc_errors(), podipc.producer(url.url) as channel:
+        if from_stdin:
+            if size == 0:
+                raise click.UsageError("--stdin needs --size > 0 (the chunk size)")
+            messages: Iterable[bytes] = stdin_chunks(sys.stdin.buffer, size)
+            if count:
+                messages = (chunk for _, chunk in zip(range(count), messages))
+        else:
+            for skipped in generated_messages(channel.resumed_at, size, randomize, seed):
+                summary.add(skipped)
+            messages = generated_messages(count, size, randomize, seed, start=channel.resumed_at)
+        send_all(channel, messages, summary, RateLimiter(rate), timeout)
+    print_summary(summary, seconds=round(time.monotonic() - started, 6), resumed_at=channel.resumed_at)
+
+
+def send_all(channel: podipc.Producer, messages: Iterable[bytes], summary: StreamSummary, limiter: RateLimiter,
+             timeout: float | None) -> None:
+    """Send every message, counting each one once it is handed to the channel."""
+    send, add, wait = channel.send, summary.add, limiter.wait
+    for message in messages:
+        wait()
+        send(message, timeout)
+        add(message)
+
+
+@main.command()
+@url_argument
+@click.option("--count", "-n", type=click.IntRange(0), default=0, envvar="PODIPC_COUNT",
+              help="Stop after this many messages (0: until the end of stream).")
+@click.option("--timeout", type=click.FloatRange(0), default=None, envvar="PODIPC_TIMEOUT",
+              help="Seconds to wait for each message before failing (default: no limit).")
+@click.option("--output", "-o", type=click.File("wb"), default=None, envvar="PODIPC_OUTPUT",
+              help="Write the payloads, concatenated, to FILE ('-' for stdout; the summary then goes to stderr).")
+def consume(url: Address, count: int, timeout: float | None, output: IO[bytes] | None) -> None:
+    """Receive messages from URL until the end of stream; print a JSON summary line."""
+    summary = StreamSummary("consumer", url.url)
+    started = time.monotonic()
+    channel = None
+    try:
+        with podipc_errors(), podipc.consumer(url.url) as channel:
+            receive_all(channel, summary, count, timeout, output)
+    except ChannelFailure as failure:
+        extra = counters(channel)
+        emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr
+        emit(summary, error=failure.format_message(), **extra)
+        raise
+    extra = counters(channel)
+    emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr
+    emit(summary, seconds=round(time.monotonic() - started, 6), **extra)
+
+
+def counters(channel: podipc.Consumer | None) -> dict[str, int]:
+    """The consumer's non-zero loss and skip counters and its resume point, for the summary line."""
+    if channel is None:
+        return {}
+    extra = {"resumed_at": channel.resumed_at}
+    if channel.lost:
+        extra["lost"] = channel.lost
+    if channel.skipped:
+        extra["skipped"] = channel.skipped
+    return extra
+
+
+def print_summary_to_stderr(summary: StreamSummary, **extra: object) -> None:
+    """Print the JSON summary on stderr (when stdout carries the payloads)."""
+    click.echo(json.dumps(summary.as_dict(**extra), separators=(", ", ": ")), err=True)
+
+
+def receive_all(channel: podipc.Consumer, summary: StreamSummary, count: int, timeout: float | None,
+                output: IO[bytes] | None) -> None:
+    """Receive until the end of stream (or `count` messages), digesting and optionally writing each."""
+    recv, add = channel.recv, summary.add
+    write = output.write if output is not None else None
+    while not count or summary.messages < count:
+        try:
+            message = recv(timeout)
+        except EndOfStream:
+            return
+        add(message)
+        if write is not None:
+            write(message)
+
+
+@main.command(name="channels")
+@click.option("--json", "as_json", is_flag=True, envvar="PODIPC_JSON", help="One JSON object per channel.")
+def channels_command(as_json: bool) -> None:
+    """List every channel, whether it works on this host, and how to fix it when not."""
+    rows = podipc.channels()
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row.__dict__))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("scheme", "usable", "max message (bytes)", "example", "why not / fix")
+    for row in rows:
+        table.add_row(row.scheme, "yes" if row.usable else "no",
+                      "" if row.max_message_size is None else f"{row.max_message_size:,}", row.example, row.reason)
+    Console(width=200).print(table)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--role", type=click.Choice(["producer", "consumer"]), required=True, envvar="PODIPC_ROLE",
+              help="Which side to run (PODIPC_ROLE in a manifest).")
+@click.pass_context
+def run(ctx: click.Context, role: str) -> None:
+    """Run `produce` or `consume` by --role / PODIPC_ROLE, every other option from PODIPC_* variables."""
+    command = produce if role == "producer" else consume
+    with command.make_context(command.name or role, list(ctx.args), parent=ctx) as sub_context:
+        command.invoke(sub_context)
+
+
+if __name__ == "__main__":
+    main()

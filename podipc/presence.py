@@ -1,0 +1,154 @@
+"""Know whether the other side of a channel is there, across containers, without a pid.
+
+Containers of a pod do not share a pid namespace, so a peer's pid means nothing to
+us. They do share /dev/shm (and any emptyDir). Each side holds an exclusive
+`flock` on a small file named after the channel and its role; the kernel drops the
+lock when the holder dies, even on SIGKILL. The other side probes the lock with a
+non-blocking attempt:
+
+    file missing                 -> ABSENT   (never came, or left cleanly)
+    file present, lock held      -> ALIVE
+    file present, lock free      -> GONE     (its holder died without cleaning up)
+
+flock locks belong to the open file description, so two sides in one process
+exclude each other too. The file is locked before it is renamed into place, so
+it is never seen unlocked while its owner lives.
+
+File: {directory}/podipc.presence.{token}.{role} (mode as the channel's `mode`).
+Its content is the holder's pid and hostname, for humans; the lock is the signal.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import os
+import socket
+import time
+
+from podipc.channel import remaining
+from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
+
+PRESENCE_DIRECTORY = "/dev/shm"
+PRESENCE_PREFIX = "podipc.presence."
+ROLES = ("producer", "consumer")
+PROBE_INTERVAL_SECONDS = 0.02
+
+
+class PeerState(enum.Enum):
+    """What a probe of the peer's presence file found."""
+
+    ABSENT = "absent"
+    ALIVE = "alive"
+    GONE = "gone"
+
+
+def presence_path(token: str, role: str, directory: str = PRESENCE_DIRECTORY) -> str:
+    """The presence file of one role of one channel."""
+    return os.path.join(directory, f"{PRESENCE_PREFIX}{token}.{role}")
+
+
+def probe(path: str) -> PeerState:
+    """Probe a presence file: ABSENT, ALIVE (locked) or GONE (left behind by a dead holder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return PeerState.ABSENT
+    except PermissionError as exc:
+        raise ChannelUnavailable(
+            f"cannot read {path}: {exc.strerror}; the peer runs as another user: share a group "
+            "(runAsGroup/fsGroup) and open both sides with mode=0660"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return PeerState.ALIVE
+    finally:
+        os.close(fd)
+    return PeerState.GONE
+
+
+class Presence:
+    """This side's presence on a channel: a locked file the peer can probe. Close to leave."""
+
+    def __init__(self, token: str, role: str, mode: int = 0o600, directory: str = PRESENCE_DIRECTORY) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        self.role = role
+        self.path = presence_path(token, role, directory)
+        self.peer_path = presence_path(token, ROLES[1 - ROLES.index(role)], directory)
+        self.peer_seen = False
+        self._fd = self._claim(mode)
+
+    def _claim(self, mode: int) -> int:
+        if probe(self.path) is PeerState.ALIVE:
+            raise ChannelUnavailable(
+                f"another {self.role} is attached to this channel ({self.path} is locked); "
+                "a channel has one producer and one consumer"
+            )
+        temporary = f"{self.path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        try:
+            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            raise ChannelUnavailable(
+                f"cannot create {temporary}: {exc.strerror}; podipc needs a writable "
+                f"{os.path.dirname(self.path)} shared by the pod's containers"
+            ) from exc
+        try:
+            os.fchmod(fd, mode)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            os.rename(temporary, self.path)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(temporary)
+            raise
+        return fd
+
+    def peer_state(self) -> PeerState:
+        """Probe the peer now; remembers whether it was ever seen alive."""
+        state = probe(self.peer_path)
+        if state is PeerState.ALIVE:
+            self.peer_seen = True
+        return state
+
+    def peer_lost(self) -> bool:
+        """True when the peer was seen alive before and is no longer."""
+        return self.peer_seen and self.peer_state() is not PeerState.ALIVE
+
+    def wait_for_peer(self, deadline: float | None, wait_deadline: float, what: str) -> None:
+        """Block until the peer is ALIVE; PeerTimeout after the wait deadline, Timeout-free otherwise.
+
+        `deadline` is the caller's own (None: none); when it comes first, PeerTimeout is raised too,
+        since the peer has still not appeared.
+        """
+        while True:
+            if self.peer_state() is PeerState.ALIVE:
+                return
+            limit = wait_deadline if deadline is None else min(deadline, wait_deadline)
+            left = remaining(limit)
+            if left is not None and left <= 0:
+                peer = ROLES[1 - ROLES.index(self.role)]
+                raise PeerTimeout(f"no {peer} appeared on {what} within the wait timeout (option wait=)")
+            time.sleep(min(PROBE_INTERVAL_SECONDS, left if left is not None else PROBE_INTERVAL_SECONDS))
+
+    def check_peer(self, what: str) -> None:
+        """Raise PeerGone if the peer was seen alive and no longer is."""
+        if self.peer_lost():
+            peer = ROLES[1 - ROLES.index(self.role)]
+            raise PeerGone(f"the {peer} of {what} is gone (it died or closed without ending the stream)")
+
+    def close(self) -> None:
+        """Leave: remove the file, then drop the lock. Idempotent."""
+        if self._fd < 0:
+            return
+        _unlink_quietly(self.path)
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
