@@ -79,7 +79,9 @@ def parse_address(url: str) -> Address:
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
     if scheme not in SCHEMES:
-        raise AddressError(f"unknown scheme {scheme!r} in {url!r}{suggest(scheme, SCHEMES)}; known: {', '.join(SCHEMES)}")
+        raise AddressError(
+            f"unknown scheme {scheme!r} in {url!r}{suggest(scheme, SCHEMES)}; known: {', '.join(SCHEMES)}"
+        )
     location, _, query = rest.partition("?")
     options = _parse_query(url, query)
     if scheme in NETWORK_SCHEMES:

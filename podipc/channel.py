@@ -13,6 +13,7 @@ call's own timeout (Timeout), whichever comes first.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 import warnings
@@ -220,10 +221,8 @@ class _Endpoint(ABC):
         if getattr(self, "_closed", True):
             return
         warnings.warn(f"unclosed {type(self).__name__} for {self.address.location}", ResourceWarning, stacklevel=2)
-        try:
+        with contextlib.suppress(Exception):
             self.abort()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -272,7 +271,9 @@ class Producer(_Endpoint):
     def __enter__(self) -> Producer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -345,7 +346,9 @@ class Consumer(_Endpoint):
     def __enter__(self) -> Consumer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

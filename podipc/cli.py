@@ -48,7 +48,7 @@ def exit_code_of(error: PodIPCError) -> int:
     """The documented exit code for an error (1 for any other PodIPCError)."""
     for cls in type(error).__mro__:
         if cls in EXIT_CODES:
-            return EXIT_CODES[cls]  # type: ignore[index]
+            return EXIT_CODES[cls]
     return 1
 
 
@@ -73,7 +73,7 @@ def podipc_errors() -> Iterator[None]:
         raise ChannelFailure(error) from error
 
 
-class AddressParam(click.ParamType):
+class AddressParam(click.ParamType):  # type: ignore[type-arg]
     """A channel URL, checked when parsed."""
 
     name = "URL"
@@ -109,22 +109,70 @@ def url_argument(function: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @url_argument
-@click.option("--count", "-n", type=click.IntRange(0), default=1000, show_default=True, envvar="PODIPC_COUNT",
-              help="Messages to send (with --stdin: at most this many, 0 for no limit).")
-@click.option("--size", "-s", type=click.IntRange(0), default=64, show_default=True, envvar="PODIPC_SIZE",
-              help="Bytes per message; with --random the largest size; with --stdin the chunk size.")
-@click.option("--random", "randomize", is_flag=True, envvar="PODIPC_RANDOM",
-              help="Random sizes (0..--size) and random bytes, drawn from --seed.")
-@click.option("--stdin", "from_stdin", is_flag=True, envvar="PODIPC_STDIN",
-              help="Send standard input, cut into messages of --size bytes.")
-@click.option("--seed", type=int, default=0, show_default=True, envvar="PODIPC_SEED",
-              help="Seed of --random messages (the same seed gives the same stream).")
-@click.option("--rate", type=click.FloatRange(0), default=0, envvar="PODIPC_RATE",
-              help="Messages per second at most (0: as fast as the channel takes them).")
-@click.option("--timeout", type=click.FloatRange(0), default=None, envvar="PODIPC_TIMEOUT",
-              help="Seconds each send may wait for room before failing (default: no limit).")
-def produce(url: Address, count: int, size: int, randomize: bool, from_stdin: bool, seed: int, rate: float,
-            timeout: float | None) -> None:
+@click.option(
+    "--count",
+    "-n",
+    type=click.IntRange(0),
+    default=1000,
+    show_default=True,
+    envvar="PODIPC_COUNT",
+    help="Messages to send (with --stdin: at most this many, 0 for no limit).",
+)
+@click.option(
+    "--size",
+    "-s",
+    type=click.IntRange(0),
+    default=64,
+    show_default=True,
+    envvar="PODIPC_SIZE",
+    help="Bytes per message; with --random the largest size; with --stdin the chunk size.",
+)
+@click.option(
+    "--random",
+    "randomize",
+    is_flag=True,
+    envvar="PODIPC_RANDOM",
+    help="Random sizes (0..--size) and random bytes, drawn from --seed.",
+)
+@click.option(
+    "--stdin",
+    "from_stdin",
+    is_flag=True,
+    envvar="PODIPC_STDIN",
+    help="Send standard input, cut into messages of --size bytes.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    envvar="PODIPC_SEED",
+    help="Seed of --random messages (the same seed gives the same stream).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0),
+    default=0,
+    envvar="PODIPC_RATE",
+    help="Messages per second at most (0: as fast as the channel takes them).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=None,
+    envvar="PODIPC_TIMEOUT",
+    help="Seconds each send may wait for room before failing (default: no limit).",
+)
+def produce(
+    url: Address,
+    count: int,
+    size: int,
+    randomize: bool,
+    from_stdin: bool,
+    seed: int,
+    rate: float,
+    timeout: float | None,
+) -> None:
     """Send messages to URL, then end the stream; print a JSON summary line."""
     if randomize and from_stdin:
         raise click.UsageError("--random and --stdin exclude each other")
@@ -136,7 +184,7 @@ def produce(url: Address, count: int, size: int, randomize: bool, from_stdin: bo
                 raise click.UsageError("--stdin needs --size > 0 (the chunk size)")
             messages: Iterable[bytes] = stdin_chunks(sys.stdin.buffer, size)
             if count:
-                messages = (chunk for _, chunk in zip(range(count), messages))
+                messages = (chunk for _, chunk in zip(range(count), messages, strict=False))
         else:
             for skipped in generated_messages(channel.resumed_at, size, randomize, seed):
                 summary.add(skipped)
@@ -145,8 +193,13 @@ def produce(url: Address, count: int, size: int, randomize: bool, from_stdin: bo
     print_summary(summary, seconds=round(time.monotonic() - started, 6), resumed_at=channel.resumed_at)
 
 
-def send_all(channel: podipc.Producer, messages: Iterable[bytes], summary: StreamSummary, limiter: RateLimiter,
-             timeout: float | None) -> None:
+def send_all(
+    channel: podipc.Producer,
+    messages: Iterable[bytes],
+    summary: StreamSummary,
+    limiter: RateLimiter,
+    timeout: float | None,
+) -> None:
     """Send every message, counting each one once it is handed to the channel."""
     send, add, wait = channel.send, summary.add, limiter.wait
     for message in messages:
@@ -157,12 +210,29 @@ def send_all(channel: podipc.Producer, messages: Iterable[bytes], summary: Strea
 
 @main.command()
 @url_argument
-@click.option("--count", "-n", type=click.IntRange(0), default=0, envvar="PODIPC_COUNT",
-              help="Stop after this many messages (0: until the end of stream).")
-@click.option("--timeout", type=click.FloatRange(0), default=None, envvar="PODIPC_TIMEOUT",
-              help="Seconds to wait for each message before failing (default: no limit).")
-@click.option("--output", "-o", type=click.File("wb"), default=None, envvar="PODIPC_OUTPUT",
-              help="Write the payloads, concatenated, to FILE ('-' for stdout; the summary then goes to stderr).")
+@click.option(
+    "--count",
+    "-n",
+    type=click.IntRange(0),
+    default=0,
+    envvar="PODIPC_COUNT",
+    help="Stop after this many messages (0: until the end of stream).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    default=None,
+    envvar="PODIPC_TIMEOUT",
+    help="Seconds to wait for each message before failing (default: no limit).",
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.File("wb"),
+    default=None,
+    envvar="PODIPC_OUTPUT",
+    help="Write the payloads, concatenated, to FILE ('-' for stdout; the summary then goes to stderr).",
+)
 def consume(url: Address, count: int, timeout: float | None, output: IO[bytes] | None) -> None:
     """Receive messages from URL until the end of stream; print a JSON summary line."""
     summary = StreamSummary("consumer", url.url)
@@ -198,8 +268,9 @@ def print_summary_to_stderr(summary: StreamSummary, **extra: object) -> None:
     click.echo(json.dumps(summary.as_dict(**extra), separators=(", ", ": ")), err=True)
 
 
-def receive_all(channel: podipc.Consumer, summary: StreamSummary, count: int, timeout: float | None,
-                output: IO[bytes] | None) -> None:
+def receive_all(
+    channel: podipc.Consumer, summary: StreamSummary, count: int, timeout: float | None, output: IO[bytes] | None
+) -> None:
     """Receive until the end of stream (or `count` messages), digesting and optionally writing each."""
     recv, add = channel.recv, summary.add
     write = output.write if output is not None else None
@@ -227,14 +298,24 @@ def channels_command(as_json: bool) -> None:
 
     table = Table("scheme", "usable", "max message (bytes)", "example", "why not / fix")
     for row in rows:
-        table.add_row(row.scheme, "yes" if row.usable else "no",
-                      "" if row.max_message_size is None else f"{row.max_message_size:,}", row.example, row.reason)
+        table.add_row(
+            row.scheme,
+            "yes" if row.usable else "no",
+            "" if row.max_message_size is None else f"{row.max_message_size:,}",
+            row.example,
+            row.reason,
+        )
     Console(width=200).print(table)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--role", type=click.Choice(["producer", "consumer"]), required=True, envvar="PODIPC_ROLE",
-              help="Which side to run (PODIPC_ROLE in a manifest).")
+@click.option(
+    "--role",
+    type=click.Choice(["producer", "consumer"]),
+    required=True,
+    envvar="PODIPC_ROLE",
+    help="Which side to run (PODIPC_ROLE in a manifest).",
+)
 @click.pass_context
 def run(ctx: click.Context, role: str) -> None:
     """Run `produce` or `consume` by --role / PODIPC_ROLE, every other option from PODIPC_* variables."""

@@ -6,6 +6,7 @@ regenerate and skip what it already sent, and a test can predict every byte.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import random
 import time
@@ -76,7 +77,7 @@ class StreamSummary:
     bytes: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
 
-    def add(self, payload: bytes | memoryview) -> None:
+    def add(self, payload: builtins.bytes | memoryview) -> None:
         """Count one message and fold it into the digest."""
         self.messages += 1
         self.bytes += len(payload)

@@ -20,6 +20,7 @@ Its content is the holder's pid and hostname, for humans; the lock is the signal
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import os
@@ -148,7 +149,5 @@ class Presence:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

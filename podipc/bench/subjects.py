@@ -1,0 +1,249 @@
+"""What the bench measures: podipc channels and, with --peers, raw primitives and other libraries.
+
+A Subject opens the two ends of a one-way link, a Sender and a Receiver, from
+`resources` (URLs, ports, names) that the client chooses for each cell, so that both
+sides of a pod agree on them. Latency cells use two links ("a": client to server,
+"b": back); throughput cells use "a" only, the server sending.
+
+Every end keeps the same small shape, so one set of loops (podipc.bench.workloads)
+drives them all:
+
+    sender.send(buffer); sender.close()  # close ends the stream (end marker)
+    receiver.recv() -> buffer            # raises EndOfStream after the end marker;
+                                         # lossy links raise TimeoutError after recv_timeout
+    receiver.idle(seconds)               # wait for a message that should not come
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol
+
+import podipc
+from podipc.channel import REGISTRY, Option, channel_class
+from podipc.errors import ChannelUnavailable, MessageTooLarge, Timeout
+
+Buffer = bytes | bytearray | memoryview
+LOSSY_RECV_TIMEOUT_SECONDS = 0.5
+"""How long a receiver of a lossy link waits for one message before calling it lost."""
+PEER_WAIT_SECONDS = 20.0
+"""How long either end of a cell waits for the other to appear."""
+
+
+class Sender(Protocol):
+    """The sending end of a link."""
+
+    def send(self, data: Buffer) -> None:
+        """Send one message."""
+
+    def close(self) -> None:
+        """End the stream: the receiver gets EndOfStream after the last message."""
+
+    def abort(self) -> None:
+        """Free without ending the stream."""
+
+
+class Receiver(Protocol):
+    """The receiving end of a link."""
+
+    recv: Callable[[], Buffer]
+
+    def idle(self, seconds: float) -> None:
+        """Wait up to `seconds` for a message that is not expected (to measure an idle wait)."""
+
+    def close(self) -> None:
+        """Free what this end holds."""
+
+
+@dataclass(frozen=True)
+class CellPlace:
+    """Where a cell's links live: unique per cell, chosen by the client, shared with the server."""
+
+    run_id: str
+    index: int
+    directory: str
+
+    def name(self, key: str) -> str:
+        """A unique short name for link `key` of this cell."""
+        return f"podipc-bench-{self.run_id}-{self.index}{key}"
+
+    def path(self, key: str, suffix: str) -> str:
+        """A unique path in the shared directory for link `key`."""
+        return os.path.join(self.directory, f"pb-{self.run_id}-{self.index}{key}{suffix}")
+
+
+class Subject(ABC):
+    """One thing to measure: a podipc channel, a raw primitive or a library."""
+
+    name: str
+    kind: str  # "channel" (podipc), "raw" (primitive, no podipc) or "library"
+    lossy: bool = False
+    local_only: bool = False
+    """True when both ends must be parent and child processes (multiprocessing objects)."""
+    zero_copy_receive: bool = False
+
+    @abstractmethod
+    def availability(self) -> str | None:
+        """None when usable here, else why not (and the fix)."""
+
+    @abstractmethod
+    def size_problem(self, size: int) -> str | None:
+        """None when a message of `size` bytes fits, else why it cannot be carried here."""
+
+    @abstractmethod
+    def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
+        """The addresses of links 'a' and 'b' of one cell (JSON-ready strings)."""
+
+    @abstractmethod
+    def open_sender(self, resources: Mapping[str, str], key: str, size: int) -> Sender:
+        """Open the sending end of link `key`; never blocks on the peer."""
+
+    @abstractmethod
+    def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
+        """Open the receiving end of link `key`; never blocks on the peer."""
+
+    def cleanup(self, resources: Mapping[str, str]) -> None:  # noqa: B027 - optional hook
+        """Remove anything a failed cell may have left behind (best effort)."""
+
+
+# --- podipc channels -----------------------------------------------------------
+
+CHANNEL_SCHEMES = ("tcp", "udp", "unix", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc")
+RAW_BASELINE = {
+    "tcp": "raw-tcp",
+    "udp": "raw-udp",
+    "unix": "raw-unix",
+    "mq": "raw-posix-mq",
+    "sysvmq": "raw-sysv-mq",
+    "shm": "raw-ring",
+    "zmq+tcp": "pyzmq-tcp",
+    "zmq+ipc": "pyzmq-ipc",
+}
+"""The peer doing the same job with no podipc layer, for each channel that has one."""
+
+
+class ChannelReceiver:
+    """A podipc Consumer in the Receiver shape; `recv` is the consumer's own bound method."""
+
+    def __init__(self, channel: podipc.Consumer, lossy: bool, zero_copy: bool) -> None:
+        self.channel = channel
+        receive = channel.recv_view if zero_copy else channel.recv
+        self.recv: Callable[[], Buffer] = partial(receive, LOSSY_RECV_TIMEOUT_SECONDS) if lossy else receive
+
+    def idle(self, seconds: float) -> None:
+        """Wait for a message that should not come; a Timeout is the expected outcome."""
+        try:
+            self.channel.recv(seconds)
+        except Timeout:
+            return
+        raise RuntimeError("a message arrived during the idle probe")
+
+    def close(self) -> None:
+        """Close the consumer."""
+        self.channel.close()
+
+
+class ChannelSubject(Subject):
+    """A podipc channel, opened through the public API only."""
+
+    kind = "channel"
+
+    def __init__(self, scheme: str) -> None:
+        self.name = scheme
+        self.scheme = scheme
+        self.lossy = scheme == "udp"
+        self.zero_copy_receive = scheme == "shm"
+
+    def availability(self) -> str | None:
+        """Why this channel cannot be used here, from its module's availability()."""
+        problem, _ = _channel_rows()[self.scheme]
+        return problem
+
+    def size_problem(self, size: int) -> str | None:
+        """Why `size` bytes exceed this channel's limit here (None when it fits or an option lifts the limit)."""
+        if "max_message_size" in {option.name for option in _channel_options(self.scheme)}:
+            return None
+        _, limit = _channel_rows()[self.scheme]
+        if limit is None or size <= limit:
+            return None
+        return f"{self.scheme}:// carries at most {limit} bytes here (host limit)"
+
+    def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
+        """Fresh URLs for links a and b."""
+        return {key: self._url(place, key, free_port) for key in ("a", "b")}
+
+    def _url(self, place: CellPlace, key: str, free_port: Callable[[str], int]) -> str:
+        scheme = self.scheme
+        if scheme in ("tcp", "zmq+tcp"):
+            return f"{scheme}://127.0.0.1:{free_port('tcp')}"
+        if scheme == "udp":
+            return f"udp://127.0.0.1:{free_port('udp')}"
+        if scheme == "unix":
+            return f"unix://{place.path(key, '.sock')}"
+        if scheme == "zmq+ipc":
+            return f"zmq+ipc://{place.path(key, '.zmq')}"
+        if scheme == "file":
+            return f"file://{place.path(key, '.spool')}"
+        if scheme == "sysvmq":
+            return f"sysvmq://{place.name(key)}"
+        return f"{scheme}:///{place.name(key)}"
+
+    def _options(self, size: int) -> dict[str, object]:
+        options: dict[str, object] = {"wait": PEER_WAIT_SECONDS}
+        accepted = {option.name for option in _channel_options(self.scheme)}
+        if "max_message_size" in accepted:
+            options["max_message_size"] = max(size, 1)
+        return options
+
+    def open_sender(self, resources: Mapping[str, str], key: str, size: int) -> Sender:
+        """A podipc producer; a size above its max_message_size raises MessageTooLarge here."""
+        channel = podipc.producer(resources[key], **self._options(size))
+        _check_limit(channel, size)
+        return channel
+
+    def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
+        """A podipc consumer (recv_view on zero-copy channels, a per-message timeout on lossy ones)."""
+        channel = podipc.consumer(resources[key], **self._options(size))
+        _check_limit(channel, size)
+        return ChannelReceiver(channel, self.lossy, self.zero_copy_receive)
+
+
+def _check_limit(channel: podipc.Producer | podipc.Consumer, size: int) -> None:
+    if size > channel.max_message_size:
+        limit, source, fix = channel.max_message_size, channel.max_message_source, channel.max_message_fix
+        channel.abort()
+        raise MessageTooLarge(size, limit, source, fix)
+
+
+_ROWS: dict[str, tuple[str | None, int | None]] = {}
+
+
+def _channel_rows() -> dict[str, tuple[str | None, int | None]]:
+    """(why not usable or None, host max message size) by scheme, computed once per process.
+
+    Like podipc.channels(), but a channel module that fails to load is one row, not a crash.
+    """
+    if not _ROWS:
+        for scheme in CHANNEL_SCHEMES:
+            problem: str | None
+            limit: int | None
+            try:
+                module = importlib.import_module(REGISTRY[scheme][0])
+                problem = module.availability()
+                limit = int(module.host_max_message_size())
+            except ChannelUnavailable as exc:
+                problem, limit = str(exc), None
+            except Exception as exc:  # noqa: BLE001 - a missing or broken channel is one row
+                problem, limit = f"{scheme}:// does not load here: {type(exc).__name__}: {exc}", None
+            _ROWS[scheme] = (problem, limit)
+    return _ROWS
+
+
+def _channel_options(scheme: str) -> tuple[Option, ...]:
+    """Every option the producer and consumer of `scheme` accept."""
+    return tuple(channel_class(scheme, "producer").options) + tuple(channel_class(scheme, "consumer").options)

@@ -1,0 +1,217 @@
+"""The shm:// ring layout: header and record encoding and their checked decoding.
+
+Kept apart from the channel so the decoder can be fuzzed on its own, and so the
+layout (docs/wire/shm.md) has one definition. Everything is little-endian.
+
+    offset  size  field                     written by
+    0       8     magic b"PODIPCSH"          consumer (creation)
+    8       4     version (1)                consumer
+    12      4     header size (256)          consumer
+    16      8     capacity (data bytes)      consumer
+    24      8     max message size (bytes)   consumer
+    64      8     write index                producer
+    72      8     producer flags             producer (1 attached, 2 end written)
+    80      8     consumer waiting           consumer sets 1 before sleeping; producer clears it and posts
+    128     8     read index                 consumer
+    136     8     consumer flags             consumer (1 closed)
+    144     8     producer waiting           producer sets 1 before sleeping; consumer clears it and posts
+    256     cap   ring data
+
+The indices count bytes since the ring was created and never wrap (2**64 bytes is
+centuries); a position in the ring is `index % capacity`. The producer owns the
+cache line at 64, the consumer the one at 128, so neither writes the other's line
+on the fast path. A record starts at an 8-byte aligned position:
+
+    u32 length, u32 kind (0 data, 1 wrap, 2 end), then `length` payload bytes, padded to 8
+
+A record never straddles the end of the ring: when it does not fit, the producer
+writes a wrap record (length 0) and continues at position 0.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from podipc.errors import ProtocolError
+
+MAGIC = b"PODIPCSH"
+VERSION = 1
+HEADER_SIZE = 256
+ALIGNMENT = 8
+RECORD_HEADER_SIZE = 8
+
+KIND_DATA = 0
+KIND_WRAP = 1
+KIND_END = 2
+KIND_NAMES = {KIND_DATA: "data", KIND_WRAP: "wrap", KIND_END: "end"}
+
+PRODUCER_ATTACHED = 1
+PRODUCER_ENDED = 2
+CONSUMER_CLOSED = 1
+KNOWN_PRODUCER_FLAGS = PRODUCER_ATTACHED | PRODUCER_ENDED
+KNOWN_CONSUMER_FLAGS = CONSUMER_CLOSED
+
+# Offsets of the 8-byte header words, and their index in a memoryview cast to "Q".
+WRITE_INDEX_OFFSET = 64
+PRODUCER_FLAGS_OFFSET = 72
+CONSUMER_WAITING_OFFSET = 80
+READ_INDEX_OFFSET = 128
+CONSUMER_FLAGS_OFFSET = 136
+PRODUCER_WAITING_OFFSET = 144
+WRITE_INDEX_WORD = WRITE_INDEX_OFFSET // 8
+PRODUCER_FLAGS_WORD = PRODUCER_FLAGS_OFFSET // 8
+CONSUMER_WAITING_WORD = CONSUMER_WAITING_OFFSET // 8
+READ_INDEX_WORD = READ_INDEX_OFFSET // 8
+CONSUMER_FLAGS_WORD = CONSUMER_FLAGS_OFFSET // 8
+PRODUCER_WAITING_WORD = PRODUCER_WAITING_OFFSET // 8
+
+IDENTITY = struct.Struct("<8sIIQQ")
+"""magic, version, header size, capacity, max message size: the first 32 bytes."""
+INDEX = struct.Struct("<Q")
+RECORD_HEADER = struct.Struct("<II")
+
+MIN_CAPACITY = 4096
+MAX_CAPACITY = 1 << 40
+
+
+def padded(length: int) -> int:
+    """`length` rounded up to the 8-byte record alignment."""
+    return (length + ALIGNMENT - 1) & -ALIGNMENT
+
+
+def record_size(length: int) -> int:
+    """Bytes a record with a payload of `length` bytes takes in the ring."""
+    return RECORD_HEADER_SIZE + padded(length)
+
+
+def largest_message(capacity: int) -> int:
+    """The largest payload that fits a ring of `capacity` bytes at all."""
+    return capacity - RECORD_HEADER_SIZE
+
+
+def segment_size(capacity: int) -> int:
+    """Bytes of the whole segment file: header plus ring."""
+    return HEADER_SIZE + capacity
+
+
+def check_geometry(capacity: int, max_message_size: int) -> None:
+    """Raise ValueError unless capacity and max message size make a usable ring."""
+    if capacity % ALIGNMENT or not MIN_CAPACITY <= capacity <= MAX_CAPACITY:
+        raise ValueError(f"capacity must be a multiple of 8 from {MIN_CAPACITY} to {MAX_CAPACITY} bytes, not {capacity}")
+    if not 0 <= max_message_size <= largest_message(capacity):
+        raise ValueError(
+            f"max_message_size must be at most capacity - 8 = {largest_message(capacity)} bytes, not {max_message_size}"
+        )
+
+
+def encode_header(capacity: int, max_message_size: int) -> bytes:
+    """The header of a new, empty ring (indices 0, no flags)."""
+    check_geometry(capacity, max_message_size)
+    identity = IDENTITY.pack(MAGIC, VERSION, HEADER_SIZE, capacity, max_message_size)
+    return identity + bytes(HEADER_SIZE - len(identity))
+
+
+@dataclass(frozen=True)
+class RingHeader:
+    """A decoded, checked ring header."""
+
+    capacity: int
+    max_message_size: int
+    write_index: int
+    read_index: int
+    producer_flags: int
+    consumer_flags: int
+
+
+def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int | None = None) -> RingHeader:
+    """Decode and check a ring header; ProtocolError naming the first thing wrong.
+
+    `segment_bytes` is the size of the mapped segment (default: len(buffer)); the
+    ring must fit in it.
+    """
+    view = memoryview(buffer).cast("B")
+    available = view.nbytes if segment_bytes is None else segment_bytes
+    if view.nbytes < HEADER_SIZE:
+        raise ProtocolError(f"shm ring header truncated: {view.nbytes} bytes < {HEADER_SIZE}")
+    magic, version, header_size, capacity, max_message_size = IDENTITY.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a podipc shm ring: magic {bytes(magic)!r} != {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError(f"shm ring version {version} is not supported (this podipc speaks {VERSION})")
+    if header_size != HEADER_SIZE:
+        raise ProtocolError(f"shm ring header size {header_size} != {HEADER_SIZE}")
+    try:
+        check_geometry(capacity, max_message_size)
+    except ValueError as exc:
+        raise ProtocolError(f"shm ring header: {exc}") from None
+    if segment_size(capacity) > available:
+        raise ProtocolError(f"shm ring capacity {capacity} does not fit the {available}-byte segment")
+    (write_index,) = INDEX.unpack_from(view, WRITE_INDEX_OFFSET)
+    (read_index,) = INDEX.unpack_from(view, READ_INDEX_OFFSET)
+    check_indices(read_index, write_index, capacity)
+    (producer_flags,) = INDEX.unpack_from(view, PRODUCER_FLAGS_OFFSET)
+    (consumer_flags,) = INDEX.unpack_from(view, CONSUMER_FLAGS_OFFSET)
+    if producer_flags & ~KNOWN_PRODUCER_FLAGS or consumer_flags & ~KNOWN_CONSUMER_FLAGS:
+        raise ProtocolError(f"shm ring header has unknown flags (producer {producer_flags:#x}, consumer {consumer_flags:#x})")
+    return RingHeader(capacity, max_message_size, write_index, read_index, producer_flags, consumer_flags)
+
+
+def check_indices(read_index: int, write_index: int, capacity: int) -> None:
+    """ProtocolError unless read <= write <= read + capacity, both 8-byte aligned."""
+    if read_index % ALIGNMENT or write_index % ALIGNMENT:
+        raise ProtocolError(f"shm ring indices not 8-byte aligned (read {read_index}, write {write_index})")
+    if not read_index <= write_index <= read_index + capacity:
+        raise ProtocolError(
+            f"shm ring indices out of range: read {read_index}, write {write_index}, capacity {capacity}"
+        )
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where a record is: its kind, payload length and offset in the segment, and the read index after it."""
+
+    kind: int
+    length: int
+    payload_offset: int
+    next_read_index: int
+
+
+def decode_record(
+    buffer: bytes | bytearray | memoryview, capacity: int, max_message_size: int, read_index: int, write_index: int
+) -> Record:
+    """Decode the record at `read_index` of a ring whose producer published `write_index`.
+
+    Checks everything the producer could get wrong; never reads outside the ring;
+    ProtocolError with a clear message on garbage. The ring must not be empty.
+    """
+    check_indices(read_index, write_index, capacity)
+    available = write_index - read_index
+    if available < RECORD_HEADER_SIZE:
+        raise ProtocolError(f"shm ring holds {available} bytes, less than a record header")
+    view = memoryview(buffer).cast("B")
+    if view.nbytes < segment_size(capacity):
+        raise ProtocolError(f"shm segment of {view.nbytes} bytes is smaller than its ring ({segment_size(capacity)})")
+    position = read_index % capacity
+    length, kind = RECORD_HEADER.unpack_from(view, HEADER_SIZE + position)
+    if kind == KIND_DATA:
+        if length > max_message_size:
+            raise ProtocolError(
+                f"shm record at {read_index} claims {length} bytes > max message size {max_message_size}"
+            )
+        size = record_size(length)
+        if position + size > capacity:
+            raise ProtocolError(f"shm record at {read_index} of {length} bytes runs past the end of the ring")
+        if size > available:
+            raise ProtocolError(
+                f"shm record at {read_index} of {length} bytes extends beyond the write index {write_index}"
+            )
+        return Record(KIND_DATA, length, HEADER_SIZE + position + RECORD_HEADER_SIZE, read_index + size)
+    if length != 0 or kind not in KIND_NAMES:
+        raise ProtocolError(f"shm record at {read_index} has unknown kind {kind} (length {length})")
+    if kind == KIND_WRAP:
+        skip = capacity - position
+        if position == 0 or skip > available:
+            raise ProtocolError(f"shm wrap record at {read_index} skips beyond the write index {write_index}")
+        return Record(KIND_WRAP, 0, HEADER_SIZE, read_index + skip)
+    return Record(KIND_END, 0, HEADER_SIZE + position + RECORD_HEADER_SIZE, read_index + RECORD_HEADER_SIZE)

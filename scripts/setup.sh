@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up podipc on a fresh Debian 12 machine: Debian packages, a virtualenv in .venv, podipc with its extras.
+# Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "plot,peers"; the tests use "test,plot,peers,dev")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-plot,peers}"
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+packages=(python3-venv python3-dev gcc util-linux iproute2 procps)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# POSIX message queues are listed under /dev/mqueue only when it is mounted (pods mount it).
+if [ ! -d /dev/mqueue ] || ! mountpoint -q /dev/mqueue; then
+  as_root mkdir -p /dev/mqueue && as_root mount -t mqueue none /dev/mqueue || echo "note: could not mount /dev/mqueue" >&2
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[${extras}]"

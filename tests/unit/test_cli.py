@@ -1,0 +1,78 @@
+"""The CLI parses, calls and prints: help, version, environment options, one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from podipc.cli import EXIT_CODES, exit_code_of, main
+from podipc.errors import AddressError, PeerGone, PeerTimeout, PodIPCError, Timeout
+
+
+@pytest.mark.parametrize("command", [[], ["produce"], ["consume"], ["channels"], ["run"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and "podipc, version" in result.output
+
+
+def test_a_bad_url_is_a_usage_error_without_traceback() -> None:
+    result = CliRunner().invoke(main, ["produce", "tpc://127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "did you mean 'tcp'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_bad_option_in_the_url_is_one_line_with_its_exit_code() -> None:
+    result = CliRunner().invoke(main, ["consume", "tcp://127.0.0.1:1?depht=3"])
+    assert result.exit_code == EXIT_CODES[AddressError]
+    assert "podipc: error: AddressError: unknown option 'depht'" in result.stderr
+    assert "Traceback" not in result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["error"].startswith("AddressError")
+
+
+def test_options_come_from_the_environment() -> None:
+    result = CliRunner().invoke(main, ["produce"], env={"PODIPC_URL": "bogus"})
+    assert result.exit_code == 2 and "not a channel URL" in result.output
+
+
+def test_run_dispatches_on_the_role_variable() -> None:
+    result = CliRunner().invoke(main, ["run"], env={"PODIPC_ROLE": "consumer", "PODIPC_URL": "mq://nope"})
+    assert result.exit_code == 2 and "three slashes" in result.output
+
+
+def test_random_and_stdin_exclude_each_other() -> None:
+    result = CliRunner().invoke(main, ["produce", "tcp://127.0.0.1:1", "--random", "--stdin"])
+    assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+def test_exit_codes_follow_the_error_class() -> None:
+    assert exit_code_of(PeerTimeout("x")) == 5
+    assert exit_code_of(Timeout("x")) == 6
+    assert exit_code_of(PeerGone("x")) == 7
+    assert exit_code_of(PodIPCError("x")) == 1
+
+
+def test_channels_lists_every_scheme_as_json() -> None:
+    result = CliRunner().invoke(main, ["channels", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [row["scheme"] for row in rows] == [
+        "tcp",
+        "udp",
+        "unix",
+        "mq",
+        "sysvmq",
+        "shm",
+        "file",
+        "zmq+tcp",
+        "zmq+ipc",
+    ]
+    assert all(row["usable"] or row["reason"] for row in rows)

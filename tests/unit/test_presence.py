@@ -1,0 +1,83 @@
+"""Peer liveness through flock'd files: alive while held, gone after SIGKILL, absent after a clean leave."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import stat
+
+import pytest
+
+from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
+from podipc.presence import PeerState, Presence, presence_path, probe
+
+
+def hold_presence(directory: str, ready: multiprocessing.synchronize.Event) -> None:
+    Presence("token", "producer", directory=directory)
+    ready.set()
+    signal.pause()
+
+
+def test_a_live_holder_is_alive_and_a_sigkilled_one_is_gone(tmp_path: pytest.TempPathFactory) -> None:
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    holder = context.Process(target=hold_presence, args=(str(tmp_path), ready))
+    holder.start()
+    assert ready.wait(10)
+    consumer = Presence("token", "consumer", directory=str(tmp_path))
+    assert consumer.peer_state() is PeerState.ALIVE
+    os.kill(holder.pid or 0, signal.SIGKILL)
+    holder.join()
+    assert consumer.peer_state() is PeerState.GONE
+    with pytest.raises(PeerGone, match="producer of test channel is gone"):
+        consumer.check_peer("test channel")
+    consumer.close()
+
+
+def test_a_clean_leave_removes_the_file(tmp_path: pytest.TempPathFactory) -> None:
+    producer = Presence("token", "producer", directory=str(tmp_path))
+    consumer = Presence("token", "consumer", directory=str(tmp_path))
+    assert consumer.peer_state() is PeerState.ALIVE
+    producer.close()
+    producer.close()
+    assert consumer.peer_state() is PeerState.ABSENT
+    consumer.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_second_holder_of_the_same_role_is_refused(tmp_path: pytest.TempPathFactory) -> None:
+    first = Presence("token", "consumer", directory=str(tmp_path))
+    with pytest.raises(ChannelUnavailable, match="another consumer is attached"):
+        Presence("token", "consumer", directory=str(tmp_path))
+    first.close()
+
+
+def test_a_stale_file_of_a_dead_holder_is_taken_over(tmp_path: pytest.TempPathFactory) -> None:
+    path = presence_path("token", "producer", str(tmp_path))
+    with open(path, "w") as stale:
+        stale.write("123 gone\n")
+    assert probe(path) is PeerState.GONE
+    producer = Presence("token", "producer", directory=str(tmp_path))
+    assert probe(path) is PeerState.ALIVE
+    producer.close()
+
+
+def test_files_are_created_0600_by_default_and_with_the_mode_asked(tmp_path: pytest.TempPathFactory) -> None:
+    private = Presence("token", "producer", directory=str(tmp_path))
+    shared = Presence("token", "consumer", mode=0o660, directory=str(tmp_path))
+    assert stat.S_IMODE(os.stat(private.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(shared.path).st_mode) == 0o660
+    private.close()
+    shared.close()
+
+
+def test_waiting_for_a_peer_that_never_comes_times_out(tmp_path: pytest.TempPathFactory) -> None:
+    import time
+
+    consumer = Presence("token", "consumer", directory=str(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(PeerTimeout, match="no producer appeared"):
+        consumer.wait_for_peer(None, time.monotonic() + 0.2, "test channel")
+    assert 0.15 < time.monotonic() - started < 2
+    consumer.close()
