@@ -12,11 +12,13 @@ import multiprocessing
 import os
 import random
 import re
+import resource
 import struct
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import podipc
@@ -101,10 +103,15 @@ class SideResult:
     lost: int = 0
     out_of_order: int = 0
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    peak_rss_kib: int = 0
 
 
-def run_producer(url: str, sizes: list[int], results: Any, pace: float, close_timeout: float | None) -> None:
+def peak_rss() -> int:
+    """This process's peak resident memory in KiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_producer(url: str, sizes: Sequence[int], results: Any, pace: float, close_timeout: float | None) -> None:
     """Send one message per size, then close; put a SideResult on `results`."""
     digest, count, total = hashlib.sha256(), 0, 0
     started = time.monotonic()
@@ -119,7 +126,11 @@ def run_producer(url: str, sizes: list[int], results: Any, pace: float, close_ti
                 if pace:
                     time.sleep(pace)
             channel.close(close_timeout)
-        results.put(SideResult(True, count, total, digest.hexdigest(), seconds=time.monotonic() - started))
+        results.put(
+            SideResult(
+                True, count, total, digest.hexdigest(), seconds=time.monotonic() - started, peak_rss_kib=peak_rss()
+            )
+        )
     except podipc.PodIPCError as error:
         results.put(SideResult(False, count, total, digest.hexdigest(), str(error), type(error).__name__))
 
@@ -162,7 +173,7 @@ class Pair:
     """A producer process and a consumer process on one URL, started in a chosen order."""
 
     url: str
-    sizes: list[int]
+    sizes: Sequence[int]
     consumer_first: bool = True
     delay: float = 0.3
     pace: float = 0.0
