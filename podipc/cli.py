@@ -324,5 +324,38 @@ def run(ctx: click.Context, role: str) -> None:
         command.invoke(sub_context)
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, envvar="PODIPC_DRY_RUN", help="List the leftovers without removing them.")
+@click.option("--dir", "directories", multiple=True, type=click.Path(file_okay=False), envvar="PODIPC_CLEAN_DIRS",
+              help="Also look in this directory (a spool or socket emptyDir); /dev/shm is always searched.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per leftover.")
+def clean(dry_run: bool, directories: tuple[str, ...], as_json: bool) -> None:
+    """Remove what killed podipc processes left behind (queues, segments, semaphores, socket and lock files).
+
+    Only objects a podipc process recorded as its own, and only when no live side of
+    that channel remains, are touched.
+    """
+    from podipc.clean import find_leftovers, remove
+
+    leftovers = find_leftovers(("/dev/shm", *directories))
+    failures = 0
+    for leftover in leftovers:
+        action = "would remove" if dry_run else "removed"
+        if not dry_run:
+            try:
+                remove(leftover)
+            except PodIPCError as error:
+                action, failures = f"failed: {error}", failures + 1
+        if as_json:
+            click.echo(json.dumps({"kind": leftover.kind, "name": leftover.name, "holder": leftover.holder,
+                                   "action": action.split(":")[0]}))
+        else:
+            click.echo(f"{action}: {leftover.describe()}")
+    if not leftovers and not as_json:
+        click.echo("nothing to clean")
+    if failures:
+        raise click.ClickException(f"{failures} leftover(s) could not be removed")
+
+
 if __name__ == "__main__":
     main()

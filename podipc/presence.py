@@ -15,7 +15,10 @@ exclude each other too. The file is locked before it is renamed into place, so
 it is never seen unlocked while its owner lives.
 
 File: {directory}/podipc.presence.{token}.{role} (mode as the channel's `mode`).
-Its content is the holder's pid and hostname, for humans; the lock is the signal.
+Its first line is the holder's pid and hostname, for humans; the lock is the signal.
+Each further line names an IPC object the holder created (`record`), so that
+`podipc clean` can remove what a SIGKILLed side left behind: `KIND NAME`, where KIND
+is one of OBJECT_KINDS.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ PRESENCE_DIRECTORY = "/dev/shm"
 PRESENCE_PREFIX = "podipc.presence."
 ROLES = ("producer", "consumer")
 PROBE_INTERVAL_SECONDS = 0.02
+OBJECT_KINDS = ("posix_mq", "posix_sem", "posix_shm", "sysv_mq", "sysv_shm", "sysv_sem", "path")
 
 
 class PeerState(enum.Enum):
@@ -105,6 +109,17 @@ class Presence:
             _unlink_quietly(temporary)
             raise
         return fd
+
+    def record(self, kind: str, name: str) -> None:
+        """Note an IPC object this side created, for `podipc clean` should this side die.
+
+        kind: one of OBJECT_KINDS; name: the queue/semaphore/segment name, the SysV key
+        (decimal), or an absolute file path.
+        """
+        if kind not in OBJECT_KINDS:
+            raise ValueError(f"kind must be one of {OBJECT_KINDS}, not {kind!r}")
+        if self._fd >= 0:
+            os.write(self._fd, f"{kind} {name}\n".encode())
 
     def peer_state(self) -> PeerState:
         """Probe the peer now; remembers whether it was ever seen alive."""
