@@ -15,7 +15,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from podipc.address import UNIX_PATH_MAX
 
@@ -169,7 +169,8 @@ def describe_mount(path: str, entry: dict[str, str]) -> Mount:
     """A Mount from its mountinfo entry plus its size and free space."""
     try:
         usage = psutil.disk_usage(path)
-        size, free = int(usage.total), int(usage.free)
+        size: int | None = int(usage.total)
+        free: int | None = int(usage.free)
     except OSError:
         size = free = None
     return Mount(

@@ -39,9 +39,18 @@ VOLUME_SCHEMES = frozenset({"file", "zmq+ipc", "unix"})
 LIMIT_SOURCES = {
     "mq": ("/proc/sys/fs/mqueue/msgsize_max", MQUEUE_FIX),
     "sysvmq": ("/proc/sys/kernel/msgmax", SYSV_FIX),
-    "shm": ("/dev/shm size", SHM_FIX),
+    "shm": (
+        "half the default ring (capacity option)",
+        f"raise the capacity option (or max_message_size) on both sides; the ring lives in /dev/shm: {SHM_FIX}",
+    ),
     "udp": ("one UDP datagram", "use tcp:// for larger messages"),
 }
+UNUSABLE_FIXES = {
+    "shm": f"{SHM_FIX}; or open both sides with a smaller capacity= that fits /dev/shm",
+    "mq": f"{MQUEUE_FIX}; check fs.mqueue.queues_max and RLIMIT_MSGQUEUE against the queues in use",
+    "sysvmq": f"{SYSV_FIX}; check kernel.msgmni against the queues in use",
+}
+"""The fix when a channel module reports a problem doctor has no more specific fix for."""
 DEFAULT_LIMIT = ("the channel's max_message_size option", "raise the max_message_size option on both sides")
 
 
@@ -85,7 +94,7 @@ def load_channel_module(scheme: str) -> tuple[ModuleType | None, str, str]:
         if missing == module_name or module_name.startswith(missing + "."):
             return None, f"{module_name} is not in this build of podipc", "install a podipc release that has it"
         return None, f"{module_name} needs {missing!r}, which is missing", f"pip install {missing}"
-    except Exception as exc:  # noqa: BLE001 - a broken channel module must not break the doctor
+    except Exception as exc:  # a broken channel module must not break the doctor
         return None, f"{module_name} failed to import: {type(exc).__name__}: {exc}", "report it as a podipc bug"
 
 
@@ -99,7 +108,7 @@ def channel_claims(scheme: str) -> tuple[str | None, int | None, str]:
         limit = int(module.host_max_message_size())
     except ChannelUnavailable as exc:
         return str(exc), None, ""
-    except Exception as exc:  # noqa: BLE001 - same: report, do not crash
+    except Exception as exc:  # same: report, do not crash
         return f"{scheme}:// availability check failed: {type(exc).__name__}: {exc}", None, "report it as a podipc bug"
     return (None if reason is None else str(reason)), limit, ""
 
@@ -118,8 +127,10 @@ def pod_problems(scheme: str, facts: Facts) -> tuple[str, str]:
     if scheme == "mq" and limits.rlimit_msgqueue is not None:
         depth, size = limits.mqueue["msg_max"] or 1, limits.mqueue["msgsize_max"] or 0
         if limits.rlimit_msgqueue < depth * size:
-            return (f"RLIMIT_MSGQUEUE {limits.rlimit_msgqueue} bytes < one full queue ({depth} x {size} bytes)",
-                    RLIMIT_FIX)
+            return (
+                f"RLIMIT_MSGQUEUE {limits.rlimit_msgqueue} bytes < one full queue ({depth} x {size} bytes)",
+                RLIMIT_FIX,
+            )
     if scheme == "sysvmq" and limits.sysv["msgmax"] is None:
         return "no SysV message queues here (/proc/sys/kernel/msgmax is missing)", "use a kernel with CONFIG_SYSVIPC"
     return "", ""
@@ -135,7 +146,9 @@ def channel_notes(scheme: str, facts: Facts, limit: int | None) -> list[str]:
         if limit is not None and dev_shm.free is not None and dev_shm.free < limit:
             notes.append(f"/dev/shm has {dev_shm.free} bytes free, less than one {limit}-byte message: {SHM_FIX}")
     if scheme in VOLUME_SCHEMES and not any(not mount.read_only for mount in facts.volumes):
-        alternative = " (or unix://@name: abstract sockets are shared with the pod's network)" if scheme == "unix" else ""
+        alternative = (
+            " (or unix://@name: abstract sockets are shared with the pod's network)" if scheme == "unix" else ""
+        )
         notes.append(f"no writable volume here for a path both containers see: {VOLUME_FIX}{alternative}")
     return notes
 
@@ -150,7 +163,7 @@ def judge_channel(scheme: str, facts: Facts) -> ChannelVerdict:
     elif reason is not None and pod_fix and not fix:
         fix = pod_fix
     if reason is not None and not fix:
-        fix = raise_limit if scheme in LIMIT_SOURCES else "see the reason"
+        fix = UNUSABLE_FIXES.get(scheme, "as the reason says (the channel names its fix)")
     usable = reason is None
     if scheme == "shm" and usable and limit is not None and facts.dev_shm is not None and facts.dev_shm.size:
         limit = min(limit, facts.dev_shm.size)
@@ -188,7 +201,7 @@ def check_url(url: str, facts: Facts, verdicts: list[ChannelVerdict]) -> UrlChec
         address = parse_address(url)
     except AddressError as exc:
         problems = [str(exc)]
-        if "unix://" in url or "zmq+ipc://" in url:
+        if ("unix://" in url or "zmq+ipc://" in url) and "shorter" not in str(exc):
             problems.append(f"use a shorter socket path (at most {UNIX_PATH_MAX} bytes)")
         return UrlCheck(url, False, problems)
     problems = []
