@@ -495,7 +495,8 @@ def _bench_list(value: str) -> list[str]:
     default="all",
     show_default=True,
     envvar=["PODIPC_BENCH_CHANNELS", "PODIPC_CHANNELS"],
-    help="Comma-separated schemes to measure (tcp,udp,unix,mq,sysvmq,shm,file,zmq+tcp,zmq+ipc) or 'all'.",
+    help="Comma-separated schemes to measure (tcp,udp,unix,mq,sysvmq,shm,file,zmq+tcp,zmq+ipc) or 'all'; "
+    "peer names (raw-tcp, raw-ring, iceoryx2...) may be listed too.",
 )
 @click.option(
     "--sizes",

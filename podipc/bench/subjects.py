@@ -22,23 +22,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
 import podipc
-from podipc.channel import REGISTRY, Option, channel_class
+from podipc.channel import REGISTRY
 from podipc.errors import ChannelUnavailable, MessageTooLarge, Timeout
 
 Buffer = bytes | bytearray | memoryview
 LOSSY_RECV_TIMEOUT_SECONDS = 0.5
 """How long a receiver of a lossy link waits for one message before calling it lost."""
 PEER_WAIT_SECONDS = 20.0
+CLOSE_TIMEOUT_SECONDS = 5.0
 """How long either end of a cell waits for the other to appear."""
 
 
 class Sender(Protocol):
     """The sending end of a link."""
 
-    def send(self, data: Buffer) -> None:
+    def send(self, data: Buffer) -> object:
         """Send one message."""
 
     def close(self) -> None:
@@ -51,7 +52,8 @@ class Sender(Protocol):
 class Receiver(Protocol):
     """The receiving end of a link."""
 
-    recv: Callable[[], Buffer]
+    def recv(self) -> Buffer:
+        """The next message; EndOfStream after the end marker."""
 
     def idle(self, seconds: float) -> None:
         """Wait up to `seconds` for a message that is not expected (to measure an idle wait)."""
@@ -86,6 +88,8 @@ class Subject(ABC):
     local_only: bool = False
     """True when both ends must be parent and child processes (multiprocessing objects)."""
     zero_copy_receive: bool = False
+    shared_places: frozenset[str] = frozenset()
+    """Places (SHARED_PLACES keys) both sides must see alike: in a pod, volumes the containers share."""
 
     @abstractmethod
     def availability(self) -> str | None:
@@ -113,6 +117,13 @@ class Subject(ABC):
 
 # --- podipc channels -----------------------------------------------------------
 
+SHARED_PLACES = {
+    "directory": "the bench directory (--dir) for socket and spool paths",
+    "dev_shm": "/dev/shm (presence files, shared memory)",
+    "iceoryx2": "/tmp/iceoryx2 (iceoryx2's service registry)",
+}
+"""Places a subject may need both sides to share; the client probes each one at the handshake."""
+PATH_SCHEMES = frozenset({"unix", "zmq+ipc", "file"})
 CHANNEL_SCHEMES = ("tcp", "udp", "unix", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc")
 RAW_BASELINE = {
     "tcp": "raw-tcp",
@@ -125,6 +136,22 @@ RAW_BASELINE = {
     "zmq+ipc": "pyzmq-ipc",
 }
 """The peer doing the same job with no podipc layer, for each channel that has one."""
+
+
+class ChannelSender:
+    """A podipc Producer in the Sender shape; `send` is the producer's own bound method."""
+
+    def __init__(self, channel: podipc.Producer) -> None:
+        self.channel = channel
+        self.send = channel.send
+
+    def close(self) -> None:
+        """End the stream, waiting at most CLOSE_TIMEOUT_SECONDS for the consumer to take it."""
+        self.channel.close(CLOSE_TIMEOUT_SECONDS)
+
+    def abort(self) -> None:
+        """Abort the producer."""
+        self.channel.abort()
 
 
 class ChannelReceiver:
@@ -158,6 +185,10 @@ class ChannelSubject(Subject):
         self.scheme = scheme
         self.lossy = scheme == "udp"
         self.zero_copy_receive = scheme == "shm"
+        # every channel but tcp and unix keeps podipc.presence files in /dev/shm
+        self.shared_places = frozenset({"directory"} if scheme in PATH_SCHEMES else set()) | frozenset(
+            set() if scheme in ("tcp", "unix", "file") else {"dev_shm"}
+        )
 
     def availability(self) -> str | None:
         """Why this channel cannot be used here, from its module's availability()."""
@@ -165,13 +196,11 @@ class ChannelSubject(Subject):
         return problem
 
     def size_problem(self, size: int) -> str | None:
-        """Why `size` bytes exceed this channel's limit here (None when it fits or an option lifts the limit)."""
-        if "max_message_size" in {option.name for option in _channel_options(self.scheme)}:
-            return None
+        """Why `size` bytes exceed this channel's default limit here (None when they fit)."""
         _, limit = _channel_rows()[self.scheme]
         if limit is None or size <= limit:
             return None
-        return f"{self.scheme}:// carries at most {limit} bytes here (host limit)"
+        return f"{self.scheme}:// carries at most {limit} bytes here ({self.scheme} host_max_message_size)"
 
     def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
         """Fresh URLs for links a and b."""
@@ -194,17 +223,14 @@ class ChannelSubject(Subject):
         return f"{scheme}:///{place.name(key)}"
 
     def _options(self, size: int) -> dict[str, object]:
-        options: dict[str, object] = {"wait": PEER_WAIT_SECONDS}
-        accepted = {option.name for option in _channel_options(self.scheme)}
-        if "max_message_size" in accepted:
-            options["max_message_size"] = max(size, 1)
-        return options
+        """Each channel runs with its defaults, as a user would get it; only the rendezvous wait is set."""
+        return {"wait": PEER_WAIT_SECONDS}
 
     def open_sender(self, resources: Mapping[str, str], key: str, size: int) -> Sender:
         """A podipc producer; a size above its max_message_size raises MessageTooLarge here."""
         channel = podipc.producer(resources[key], **self._options(size))
         _check_limit(channel, size)
-        return channel
+        return ChannelSender(channel)
 
     def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
         """A podipc consumer (recv_view on zero-copy channels, a per-message timeout on lossy ones)."""
@@ -238,12 +264,7 @@ def _channel_rows() -> dict[str, tuple[str | None, int | None]]:
                 limit = int(module.host_max_message_size())
             except ChannelUnavailable as exc:
                 problem, limit = str(exc), None
-            except Exception as exc:  # noqa: BLE001 - a missing or broken channel is one row
+            except Exception as exc:
                 problem, limit = f"{scheme}:// does not load here: {type(exc).__name__}: {exc}", None
             _ROWS[scheme] = (problem, limit)
     return _ROWS
-
-
-def _channel_options(scheme: str) -> tuple[Option, ...]:
-    """Every option the producer and consumer of `scheme` accept."""
-    return tuple(channel_class(scheme, "producer").options) + tuple(channel_class(scheme, "consumer").options)
