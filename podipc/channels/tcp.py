@@ -1,0 +1,110 @@
+"""TCP stream channel: length-prefixed frames over one TCP connection.
+
+Address:
+    tcp://HOST:PORT[?wait=30&max_message_size=64MiB]
+    HOST is an IP address or localhost; in a pod, 127.0.0.1 reaches every container.
+    wait               seconds either side waits for the other to appear (default 30)
+    max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
+    mode               accepted for symmetry; TCP creates no file
+
+Requires:
+    Nothing beyond the standard library.
+
+Semantics:
+    Boundaries and order kept (frames: 4-byte big-endian length + payload, see
+    docs/wire/stream.md); reliable; flow-controlled by the kernel's socket buffers.
+    Max message: the max_message_size option (podipc's default 64 MiB, at most
+    4 GiB - 2 bytes); the consumer refuses larger frames with ProtocolError.
+    The consumer binds and listens at open (SO_REUSEADDR) and owns the port; the
+    producer connects on its first send or close, retrying until `wait`. Nothing
+    is left behind: the port is free once the consumer closes.
+    A connection that does not start with the podipc hello (a health probe, a
+    browser) is dropped and counted; a second producer is refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import ClassVar
+
+from podipc.channel import Option
+from podipc.errors import ChannelUnavailable
+from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
+from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+
+__all__ = ["TCPConsumer", "TCPProducer", "availability", "host_max_message_size"]
+
+
+def availability() -> str | None:
+    """None when TCP sockets work here, else why not."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        return f"cannot create TCP sockets here: {exc.strerror}"
+    return None
+
+
+def host_max_message_size() -> int:
+    """The default largest message: the max_message_size option's default (64 MiB)."""
+    return DEFAULT_MAX_MESSAGE_SIZE
+
+
+def _endpoint(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    if host == "localhost":
+        host = "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family, (host, port)
+
+
+def _no_delay(connection: socket.socket) -> None:
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class TCPConsumer(StreamConsumer):
+    """Receives frames on a TCP port it listens on from open until the end of stream."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+    def _listen(self) -> socket.socket:
+        family, endpoint = _endpoint(self.address.host, self.address.port)
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(endpoint)
+            listener.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            listener.close()
+            raise ChannelUnavailable(self._bind_problem(exc)) from exc
+        return listener
+
+    def _bind_problem(self, error: OSError) -> str:
+        where = self.address.location
+        if error.errno == errno.EADDRINUSE:
+            return f"{where}: port {self.address.port} is in use (another consumer or program listens); choose another port"
+        if error.errno == errno.EADDRNOTAVAIL:
+            return f"{where}: {self.address.host} is not an address of this pod; use 127.0.0.1 or the pod IP"
+        if error.errno == errno.EACCES:
+            return f"{where}: ports below 1024 need privileges; use a port from 1024 to 65535"
+        return f"{where}: cannot listen: {error.strerror or error}"
+
+    def _configure_connection(self, connection: socket.socket) -> None:
+        _no_delay(connection)
+
+
+class TCPProducer(StreamProducer):
+    """Sends frames over a TCP connection to the consumer's port."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+    def _connect_once(self, timeout: float | None) -> socket.socket:
+        family, endpoint = _endpoint(self.address.host, self.address.port)
+        connection = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(timeout)
+            connection.connect(endpoint)
+            _no_delay(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection

@@ -1,0 +1,219 @@
+"""Unix stream socket channel: length-prefixed frames over one Unix-domain connection.
+
+Address:
+    unix:///path/to/file.sock[?mode=0600&wait=30&max_message_size=64MiB]
+        a socket file; in a pod, put it on an emptyDir both containers mount
+    unix://@name
+        an abstract socket: no file, scoped to the network namespace, which the
+        containers of a pod share; anyone in the pod can connect (no permissions)
+    mode               octal permissions of the socket file (default 0600; 0660 with a
+                       shared fsGroup when the sides run as different users)
+    wait               seconds either side waits for the other to appear (default 30)
+    max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
+
+Requires:
+    Nothing beyond the standard library.
+
+Semantics:
+    Boundaries and order kept (frames: 4-byte big-endian length + payload, see
+    docs/wire/stream.md); reliable; flow-controlled by the kernel's socket buffers.
+    Max message: the max_message_size option (podipc's default 64 MiB, at most
+    4 GiB - 2 bytes); the consumer refuses larger frames with ProtocolError.
+    The consumer creates the socket file at open with `mode` (bound under a temporary
+    name, chmod-ed, then linked into place, so it never appears with other
+    permissions) and unlinks it at the end of stream or when it closes. A stale file
+    left by a killed consumer (nobody listening) is replaced; a live one is refused
+    with ChannelUnavailable. The producer connects on its first send or close,
+    retrying until `wait`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+import stat
+from typing import ClassVar
+
+from podipc.address import UNIX_PATH_MAX
+from podipc.channel import Option
+from podipc.errors import ChannelUnavailable
+from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
+from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+
+__all__ = ["UnixConsumer", "UnixProducer", "availability", "host_max_message_size"]
+
+PROBE_SECONDS = 1.0
+"""How long a consumer's probe of an existing socket file may take to connect."""
+SHARE_FIX = "run both sides as one user, or share a group (fsGroup) and open both with mode=0660"
+
+
+def availability() -> str | None:
+    """None when Unix sockets work here, else why not."""
+    try:
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        return f"cannot create Unix sockets here: {exc.strerror}"
+    return None
+
+
+def host_max_message_size() -> int:
+    """The default largest message: the max_message_size option's default (64 MiB)."""
+    return DEFAULT_MAX_MESSAGE_SIZE
+
+
+def socket_address(address: object) -> str:
+    """What bind/connect take for an Address: the path, or NUL + name for an abstract socket."""
+    if getattr(address, "abstract", False):
+        return "\0" + str(getattr(address, "name", ""))
+    return str(getattr(address, "path", ""))
+
+
+def _is_live(path: str) -> bool:
+    """True when a consumer listens on the socket file at `path`; False when it is stale."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(PROBE_SECONDS)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except TimeoutError:
+        return True  # its backlog is full: someone listens
+    finally:
+        probe.close()
+    return True
+
+
+class UnixConsumer(StreamConsumer):
+    """Receives frames on a Unix socket it creates at open and removes when done."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    _identity: tuple[int, int] | None = None
+
+    def _listen(self) -> socket.socket:
+        if self.address.abstract:
+            return self._listen_abstract()
+        return self._listen_on_file()
+
+    def _listen_abstract(self) -> socket.socket:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(socket_address(self.address))
+            listener.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            listener.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ChannelUnavailable(
+                    f"another consumer listens on {self.address.location}; a channel has one consumer"
+                ) from exc
+            raise ChannelUnavailable(f"{self.address.location}: cannot listen: {exc.strerror}") from exc
+        return listener
+
+    def _listen_on_file(self) -> socket.socket:
+        path = self.address.path
+        stale = self._existing_is_stale(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            bound_at = self._bind_with_mode(listener, path)
+            listener.listen(LISTEN_BACKLOG)
+            if bound_at != path:
+                self._install(bound_at, path, stale)
+            status = os.stat(path)
+            self._identity = (status.st_dev, status.st_ino)
+        except OSError as exc:
+            listener.close()
+            raise ChannelUnavailable(f"{self.address.location}: cannot create the socket file: {exc.strerror}") from exc
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def _existing_is_stale(self, path: str) -> bool:
+        """Look at what is at `path` now: nothing (False), a stale socket (True), else refuse."""
+        directory = os.path.dirname(path) or "/"
+        if not os.path.isdir(directory):
+            raise ChannelUnavailable(
+                f"{self.address.location}: directory {directory} does not exist; mount a volume "
+                "(an emptyDir) there in both containers, or create it"
+            )
+        try:
+            status = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISSOCK(status.st_mode):
+            raise ChannelUnavailable(f"{self.address.location}: {path} exists and is not a socket; choose another path")
+        try:
+            live = _is_live(path)
+        except PermissionError as exc:
+            raise ChannelUnavailable(f"{self.address.location}: {path} belongs to another user; {SHARE_FIX}") from exc
+        if live:
+            raise ChannelUnavailable(f"another consumer listens on {self.address.location}; a channel has one consumer")
+        return True
+
+    def _bind_with_mode(self, listener: socket.socket, path: str) -> str:
+        """Bind under a temporary name and chmod it, so the real path never has other permissions."""
+        mode = int(self.settings["mode"])
+        temporary = os.path.join(os.path.dirname(path), f".podipc-{secrets.token_hex(4)}")
+        if len(temporary.encode()) > UNIX_PATH_MAX:
+            temporary = path
+            if os.path.lexists(path):
+                os.unlink(path)
+        listener.bind(temporary)
+        try:
+            os.chmod(temporary, mode)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+        return temporary
+
+    def _install(self, temporary: str, path: str, stale: bool) -> None:
+        """Put the bound socket at `path`: link when nothing is there, replace a stale file."""
+        try:
+            if stale:
+                os.rename(temporary, path)
+                return
+            try:
+                os.link(temporary, path)
+            except FileExistsError as exc:
+                raise ChannelUnavailable(
+                    f"another consumer created {path} at the same time; a channel has one consumer"
+                ) from exc
+            except OSError:
+                os.rename(temporary, path)
+        finally:
+            if os.path.lexists(temporary):
+                os.unlink(temporary)
+
+    def _remove_listener_traces(self) -> None:
+        if self._identity is None:
+            return
+        path, identity = self.address.path, self._identity
+        self._identity = None
+        try:
+            status = os.lstat(path)
+            if (status.st_dev, status.st_ino) == identity:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class UnixProducer(StreamProducer):
+    """Sends frames over a Unix socket connection to the consumer's socket."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+    def _connect_once(self, timeout: float | None) -> socket.socket:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(timeout)
+            connection.connect(socket_address(self.address))
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _unreachable(self, error: OSError) -> ChannelUnavailable:
+        if error.errno == errno.EACCES:
+            return ChannelUnavailable(f"no permission to connect to {self.address.location}; {SHARE_FIX}")
+        return super()._unreachable(error)
