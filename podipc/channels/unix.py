@@ -40,6 +40,7 @@ from podipc.address import UNIX_PATH_MAX
 from podipc.channel import Option
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
+from podipc.presence import Presence
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
 
 __all__ = ["UnixConsumer", "UnixProducer", "availability", "host_max_message_size"]
@@ -90,6 +91,7 @@ class UnixConsumer(StreamConsumer):
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
     _identity: tuple[int, int] | None = None
+    _record: Presence | None = None
 
     def _listen(self) -> socket.socket:
         if self.address.abstract:
@@ -121,6 +123,7 @@ class UnixConsumer(StreamConsumer):
                 self._install(bound_at, path, stale)
             status = os.stat(path)
             self._identity = (status.st_dev, status.st_ino)
+            self._record_for_clean(path)
         except OSError as exc:
             listener.close()
             raise ChannelUnavailable(f"{self.address.location}: cannot create the socket file: {exc.strerror}") from exc
@@ -128,6 +131,14 @@ class UnixConsumer(StreamConsumer):
             listener.close()
             raise
         return listener
+
+    def _record_for_clean(self, path: str) -> None:
+        """Note the socket file in a presence record, so `podipc clean` can remove it should we be killed."""
+        try:
+            self._record = Presence(self.address.token, "consumer", int(self.settings["mode"]))
+        except ChannelUnavailable:
+            return  # no writable /dev/shm: the file is still replaced as stale by the next consumer
+        self._record.record("path", path)
 
     def _existing_is_stale(self, path: str) -> bool:
         """Look at what is at `path` now: nothing (False), a stale socket (True), else refuse."""
@@ -186,6 +197,9 @@ class UnixConsumer(StreamConsumer):
                 os.unlink(temporary)
 
     def _remove_listener_traces(self) -> None:
+        if self._record is not None:
+            self._record.close()
+            self._record = None
         if self._identity is None:
             return
         path, identity = self.address.path, self._identity
