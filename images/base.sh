@@ -26,6 +26,7 @@ trap 'rm -rf "$workdir"' EXIT
 log "building $BASE_IMAGE with mmdebstrap (about 30 s)"
 mirror=()
 if [ -n "${PODIPC_DEBIAN_MIRROR:-}" ]; then mirror=("$PODIPC_DEBIAN_MIRROR"); fi
+# shellcheck disable=SC2016  # "$1" is expanded by mmdebstrap's hook, not here
 mmdebstrap --quiet --variant=minbase \
     --include=python3,python3-venv \
     --aptopt='APT::Install-Recommends "false"' \

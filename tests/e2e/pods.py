@@ -1,0 +1,414 @@
+"""Play Kubernetes manifests as real pods with `podman kube play`, for the e2e tests.
+
+The interface other tests use (keep it stable)::
+
+    from tests.e2e.pods import play
+
+    with play("k8s/channels/tcp.yaml") as pods:           # the pod is ALWAYS removed afterwards
+        assert pods.wait("consumer", timeout=60) == 0      # exit code of a container
+        assert pods.wait("producer", timeout=60) == 0
+        produced = pods.summary("producer")                # the last JSON line of its log, as a dict
+        text = pods.logs("consumer")                       # stdout and stderr, interleaved
+
+    play(manifest_path, replacements=None, *, env=None, start_delay=None, image=IMAGE)
+
+- `replacements`: {old: new} exact substrings replaced in the manifest text before it is
+  parsed (each `old` must occur, else ValueError: a stale replacement is a test bug).
+- `env`: {container: {NAME: value}} environment overrides; a container is named as in the
+  manifest ("consumer"), or "pod/container" when several pods share container names, or
+  "*" for every container (init containers included).
+- `start_delay`: {container: seconds} starts that container's podipc that much later
+  (the command becomes `sh -c 'sleep S; exec podipc ARGS'`), to test start orders.
+- `image`: the image every container runs (default localhost/podipc:dev).
+
+Also on the yielded PlayedPods: `name(c)` (podman's container name), `state(c)` (podman's
+State dict), `exec(c, *cmd)` (in a running container), `describe()` (every container's state
+and log, for failure messages), `pods` / `containers` (manifest name -> podman name / names).
+`wait` raises PodError (an AssertionError carrying the log) on timeout; `podman(*args)` runs
+one podman command (PodError when it fails, e.g. `kube play` of a failing init container).
+
+By hand: `python -m tests.e2e.pods MANIFEST...` plays each manifest, prints every container's
+exit code and log, and removes the pods (exit status 1 when a container failed).
+
+What `play` adapts so that Podman 4.3 (Debian 12) runs the manifests as a kubelet would;
+the manifests themselves stay as a cluster wants them:
+
+- Pod names get a unique suffix, so several tests (or helpers) can play the same manifest at
+  once; emptyDir volumes get unique names too (Podman turns an emptyDir into a *named*
+  volume, shared by name across pods) and are removed with the pod.
+- An emptyDir with `medium: Memory` mounted at /dev/shm is dropped: Podman backs emptyDirs
+  with disk, owned by root (not writable by runAsUser 10001), while the pod's own /dev/shm
+  (a 64 MB tmpfs shared by all its containers, mode 1777) is what the cluster's memory
+  emptyDir stands for.
+- Pod `securityContext.sysctls` (fs.mqueue.*) are ignored by Podman before 4.5; they are
+  applied instead through a private containers.conf (`default_sysctls`, CONTAINERS_CONF).
+- A `Job` becomes the Pod of its template (Podman 4.3 plays Pods and Deployments only).
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+K8S_DIR = REPO_ROOT / "k8s"
+IMAGE = "localhost/podipc:dev"
+DEFAULT_IMAGE_IN_MANIFESTS = "localhost/podipc:dev"
+SYSTEM_CONTAINERS_CONF = Path("/etc/containers/containers.conf")
+PODMAN_COMMAND_TIMEOUT = 120
+
+
+# Pods and volumes played by this process and not yet removed; swept at exit in case a test
+# process was interrupted between `kube play` and the removal in play()'s finally clause.
+_UNREMOVED: dict[str, dict[str, Any]] = {}
+
+
+class PodError(AssertionError):
+    """A played pod did not do what a test waited for; the message carries its logs."""
+
+
+def podman_available() -> bool:
+    """Whether the podman command is installed here."""
+    return shutil.which("podman") is not None
+
+
+def podman(
+    *args: str, timeout: float = PODMAN_COMMAND_TIMEOUT, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run one podman command and return its result (stdout and stderr as text)."""
+    result = subprocess.run(
+        ["podman", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise PodError(f"podman {shlex.join(args)} failed ({result.returncode}):\n{result.stderr.strip()}")
+    return result
+
+
+class PlayedPods:
+    """The pods of one played manifest: wait for containers, read their logs and summaries."""
+
+    def __init__(
+        self, manifest: Path, pods: dict[str, str], containers: dict[str, list[str]], volumes: list[str]
+    ) -> None:
+        self.manifest = manifest
+        #: manifest pod name -> the name the pod runs under (with its unique suffix)
+        self.pods = pods
+        #: manifest pod name -> its containers' names
+        self.containers = containers
+        self.volumes = volumes
+
+    def name(self, container: str) -> str:
+        """The podman name of a container: 'consumer' or 'pod/consumer' (manifest names)."""
+        if "/" in container:
+            pod, _, short = container.partition("/")
+            if pod not in self.pods or short not in self.containers[pod]:
+                raise KeyError(f"no container {container!r} in {self.manifest}; known: {self._known()}")
+            return f"{self.pods[pod]}-{short}"
+        owners = [pod for pod, names in self.containers.items() if container in names]
+        if len(owners) != 1:
+            why = "several pods have" if owners else "no pod has"
+            raise KeyError(f"{why} a container {container!r} in {self.manifest}; use one of {self._known()}")
+        return f"{self.pods[owners[0]]}-{container}"
+
+    def _known(self) -> list[str]:
+        return [f"{pod}/{name}" for pod, names in self.containers.items() for name in names]
+
+    def state(self, container: str) -> dict[str, Any]:
+        """Podman's State of a container (Status, ExitCode, StartedAt, FinishedAt...)."""
+        result = podman("inspect", "--type", "container", "--format", "{{json .State}}", self.name(container))
+        state: dict[str, Any] = json.loads(result.stdout)
+        return state
+
+    def wait(self, container: str, timeout: float = 120) -> int:
+        """Wait until a container has exited and return its exit code; PodError with its logs after timeout."""
+        name = self.name(container)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state(container)
+            if state.get("Status") in ("exited", "stopped") and state.get("FinishedAt", "").startswith(("1", "2")):
+                return int(state.get("ExitCode", -1))
+            if time.monotonic() >= deadline:
+                raise PodError(
+                    f"{name} still {state.get('Status')} after {timeout} s; its log:\n{self.logs(container)}"
+                )
+            time.sleep(0.2)
+
+    def logs(self, container: str) -> str:
+        """Everything a container printed, stdout and stderr interleaved."""
+        result = subprocess.run(
+            ["podman", "logs", self.name(container)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=PODMAN_COMMAND_TIMEOUT,
+            check=False,
+        )
+        return "\n".join(line for line in result.stdout.splitlines() if not _is_podman_noise(line))
+
+    def summary(self, container: str) -> dict[str, Any]:
+        """The last JSON object line of a container's log (podipc's summary line)."""
+        for line in reversed(self.logs(container).splitlines()):
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    value = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(value, dict):
+                    return value
+        raise PodError(f"no JSON summary line in the log of {self.name(container)}:\n{self.logs(container)}")
+
+    def exec(self, container: str, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a command inside a running container (`podman exec`)."""
+        return podman("exec", self.name(container), *command, timeout=timeout, check=False)
+
+    def describe(self) -> str:
+        """Every container's state and log, for a failure message."""
+        parts = []
+        for pod, names in self.containers.items():
+            for short in names:
+                qualified = f"{pod}/{short}"
+                try:
+                    state = self.state(qualified)
+                    status = f"{state.get('Status')} exit {state.get('ExitCode')}"
+                except PodError as error:
+                    status = str(error)
+                parts.append(f"--- {qualified} ({status})\n{self.logs(qualified)}")
+        return "\n".join(parts)
+
+
+def _is_podman_noise(line: str) -> bool:
+    # Podman on a machine without syslog prints this on every command; it is not the container's.
+    return line.startswith("failed to connect to syslog")
+
+
+# --- adapting a manifest for podman kube play ---------------------------------------------
+
+
+def load_manifest(path: str | os.PathLike[str], replacements: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The YAML documents of a manifest, after the text replacements."""
+    text = Path(path).read_text()
+    for old, new in (replacements or {}).items():
+        if old not in text:
+            raise ValueError(f"replacement {old!r} does not occur in {path}")
+        text = text.replace(old, new)
+    return [document for document in yaml.safe_load_all(text) if document]
+
+
+def pod_of(document: dict[str, Any]) -> dict[str, Any] | None:
+    """A Pod for a Pod document or a Job's template; None for other kinds."""
+    kind = document.get("kind")
+    if kind == "Pod":
+        return copy.deepcopy(document)
+    if kind == "Job":
+        template = copy.deepcopy(document["spec"]["template"])
+        metadata = template.setdefault("metadata", {})
+        metadata["name"] = document["metadata"]["name"]
+        metadata.setdefault("labels", {}).update(document["metadata"].get("labels", {}))
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+    return None
+
+
+def _container_matches(pattern: str, pod: str, container: str) -> bool:
+    return pattern in ("*", container, f"{pod}/{container}")
+
+
+def _apply_env(container: dict[str, Any], overrides: Mapping[str, str]) -> None:
+    env = container.setdefault("env", [])
+    for name, value in overrides.items():
+        env[:] = [item for item in env if item.get("name") != name]
+        env.append({"name": name, "value": str(value)})
+
+
+def _apply_start_delay(container: dict[str, Any], seconds: float) -> None:
+    command = container.get("command") or ["podipc"]
+    arguments = [*command, *container.get("args", [])]
+    script = f'sleep {float(seconds)}; exec "$@"'
+    container["command"] = ["sh", "-c", script, "podipc-delayed"]
+    container["args"] = arguments
+
+
+def _without_memory_shm(spec: dict[str, Any]) -> None:
+    memory_volumes = {
+        volume["name"] for volume in spec.get("volumes", []) if volume.get("emptyDir", {}).get("medium") == "Memory"
+    }
+    dropped = set()
+    for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        mounts = container.get("volumeMounts", [])
+        for mount in mounts:
+            if mount["name"] in memory_volumes and mount["mountPath"].rstrip("/") == "/dev/shm":
+                dropped.add(mount["name"])
+        container["volumeMounts"] = [
+            mount
+            for mount in mounts
+            if not (mount["name"] in memory_volumes and mount["mountPath"].rstrip("/") == "/dev/shm")
+        ]
+        if not container["volumeMounts"]:
+            del container["volumeMounts"]
+    still_used = {
+        mount["name"]
+        for container in [*spec.get("initContainers", []), *spec.get("containers", [])]
+        for mount in container.get("volumeMounts", [])
+    }
+    spec["volumes"] = [v for v in spec.get("volumes", []) if v["name"] not in dropped - still_used]
+    if not spec["volumes"]:
+        del spec["volumes"]
+
+
+def _rename_empty_dirs(spec: dict[str, Any], suffix: str) -> list[str]:
+    renamed = {}
+    for volume in spec.get("volumes", []):
+        if "emptyDir" in volume:
+            renamed[volume["name"]] = f"{volume['name']}-{suffix}"
+            volume["name"] = renamed[volume["name"]]
+    for container in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        for mount in container.get("volumeMounts", []):
+            mount["name"] = renamed.get(mount["name"], mount["name"])
+    return list(renamed.values())
+
+
+def adapt_for_podman(
+    documents: list[dict[str, Any]],
+    suffix: str,
+    *,
+    image: str = IMAGE,
+    env: Mapping[str, Mapping[str, str]] | None = None,
+    start_delay: Mapping[str, float] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pods Podman 4.3 plays like a kubelet, and what play() needs to know about them.
+
+    Returns (pods, facts) where facts has 'pods' {manifest name: podman name},
+    'containers' {manifest pod name: [container names]}, 'volumes' [podman volume names] and
+    'sysctls' {name: value} of every pod.
+    """
+    pods: list[dict[str, Any]] = []
+    facts: dict[str, Any] = {"pods": {}, "containers": {}, "volumes": [], "sysctls": {}}
+    for document in documents:
+        pod = pod_of(document)
+        if pod is None:
+            continue
+        original = pod["metadata"]["name"]
+        pod["metadata"]["name"] = f"{original}-{suffix}"
+        spec = pod["spec"]
+        for sysctl in spec.get("securityContext", {}).get("sysctls", []):
+            facts["sysctls"][sysctl["name"]] = str(sysctl["value"])
+        _without_memory_shm(spec)
+        facts["volumes"] += _rename_empty_dirs(spec, suffix)
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            if container.get("image") == DEFAULT_IMAGE_IN_MANIFESTS:
+                container["image"] = image
+            for pattern, overrides in (env or {}).items():
+                if _container_matches(pattern, original, container["name"]):
+                    _apply_env(container, overrides)
+            for pattern, seconds in (start_delay or {}).items():
+                if _container_matches(pattern, original, container["name"]):
+                    _apply_start_delay(container, seconds)
+        facts["pods"][original] = pod["metadata"]["name"]
+        facts["containers"][original] = [container["name"] for container in spec["containers"]]
+        pods.append(pod)
+    if not pods:
+        raise ValueError("the manifest holds no Pod or Job")
+    return pods, facts
+
+
+def containers_conf_with_sysctls(sysctls: Mapping[str, str]) -> str:
+    """The system's containers.conf plus `default_sysctls` (how Podman < 4.5 gets pod sysctls)."""
+    system = SYSTEM_CONTAINERS_CONF.read_text() if SYSTEM_CONTAINERS_CONF.exists() else ""
+    line = "default_sysctls = [" + ", ".join(json.dumps(f"{k}={v}") for k, v in sysctls.items()) + "]"
+    lines = [existing for existing in system.splitlines() if not existing.strip().startswith("default_sysctls")]
+    if "[containers]" in (stripped := [existing.strip() for existing in lines]):
+        at = stripped.index("[containers]") + 1
+        lines[at:at] = [line]
+    else:
+        lines = ["[containers]", line, *lines]
+    return "\n".join(lines) + "\n"
+
+
+def _remove(facts: dict[str, Any], env: Mapping[str, str] | None) -> None:
+    for name in facts["pods"].values():
+        podman("pod", "rm", "--force", "--time", "0", name, check=False, env=env)
+    for volume in facts["volumes"]:
+        podman("volume", "rm", "--force", volume, check=False, env=env)
+
+
+@atexit.register
+def _remove_unremoved() -> None:
+    for key, facts in list(_UNREMOVED.items()):
+        _remove(facts, None)
+        _UNREMOVED.pop(key, None)
+
+
+@contextmanager
+def play(
+    manifest_path: str | os.PathLike[str],
+    replacements: Mapping[str, str] | None = None,
+    *,
+    env: Mapping[str, Mapping[str, str]] | None = None,
+    start_delay: Mapping[str, float] | None = None,
+    image: str = IMAGE,
+) -> Iterator[PlayedPods]:
+    """Play a manifest's pods with `podman kube play`; always remove them (and their volumes) afterwards."""
+    manifest = Path(manifest_path)
+    if not manifest.is_absolute():
+        manifest = REPO_ROOT / manifest
+    suffix = uuid.uuid4().hex[:6]
+    pods, facts = adapt_for_podman(
+        load_manifest(manifest, replacements), suffix, image=image, env=env, start_delay=start_delay
+    )
+    with tempfile.TemporaryDirectory(prefix="podipc-play-") as workdir:
+        played = Path(workdir) / manifest.name
+        played.write_text(yaml.safe_dump_all(pods, sort_keys=False))
+        podman_env: dict[str, str] | None = None
+        if facts["sysctls"]:
+            conf = Path(workdir) / "containers.conf"
+            conf.write_text(containers_conf_with_sysctls(facts["sysctls"]))
+            podman_env = {"CONTAINERS_CONF": str(conf)}
+        _UNREMOVED[suffix] = facts
+        try:
+            podman("kube", "play", str(played), env=podman_env)
+            yield PlayedPods(manifest, facts["pods"], facts["containers"], facts["volumes"])
+        finally:
+            _remove(facts, podman_env)
+            _UNREMOVED.pop(suffix, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.e2e.pods MANIFEST...`: play each manifest, print every container's exit code and log."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.pods", description=main.__doc__)
+    parser.add_argument("manifests", nargs="+", help="manifest files (Pods, or a Job)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for each container")
+    args = parser.parse_args(argv)
+    failed = 0
+    for manifest in args.manifests:
+        with play(manifest) as pods:
+            for pod, names in pods.containers.items():
+                for short in names:
+                    code = pods.wait(f"{pod}/{short}", args.timeout)
+                    failed += code != 0
+                    print(f"=== {manifest}: {pod}/{short} exited {code}\n{pods.logs(f'{pod}/{short}')}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
