@@ -162,6 +162,37 @@ class Presence:
         os.close(self._fd)
         self._fd = -1
 
+    def abandon(self) -> None:
+        """Leave as a crash would: drop the lock but keep the file, so the peer sees GONE. Idempotent.
+
+        For an abort: a peer that never probed us while we lived still learns that we came
+        and went (a clean close() looks ABSENT, like never having come). The peer removes
+        the file with remove_if_gone() when it finishes.
+        """
+        if self._fd < 0:
+            return
+        os.close(self._fd)
+        self._fd = -1
+
+
+def remove_if_gone(path: str) -> bool:
+    """Remove a presence file whose holder is gone (died or abandoned it); never a held one. True if removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # still the file we locked (no new holder renamed its own over it)?
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
 
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
