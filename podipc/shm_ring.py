@@ -98,7 +98,9 @@ def segment_size(capacity: int) -> int:
 def check_geometry(capacity: int, max_message_size: int) -> None:
     """Raise ValueError unless capacity and max message size make a usable ring."""
     if capacity % ALIGNMENT or not MIN_CAPACITY <= capacity <= MAX_CAPACITY:
-        raise ValueError(f"capacity must be a multiple of 8 from {MIN_CAPACITY} to {MAX_CAPACITY} bytes, not {capacity}")
+        raise ValueError(
+            f"capacity must be a multiple of 8 from {MIN_CAPACITY} to {MAX_CAPACITY} bytes, not {capacity}"
+        )
     if not 0 <= max_message_size <= largest_message(capacity):
         raise ValueError(
             f"max_message_size must be at most capacity - 8 = {largest_message(capacity)} bytes, not {max_message_size}"
@@ -153,7 +155,9 @@ def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int | N
     (producer_flags,) = INDEX.unpack_from(view, PRODUCER_FLAGS_OFFSET)
     (consumer_flags,) = INDEX.unpack_from(view, CONSUMER_FLAGS_OFFSET)
     if producer_flags & ~KNOWN_PRODUCER_FLAGS or consumer_flags & ~KNOWN_CONSUMER_FLAGS:
-        raise ProtocolError(f"shm ring header has unknown flags (producer {producer_flags:#x}, consumer {consumer_flags:#x})")
+        raise ProtocolError(
+            f"shm ring header has unknown flags (producer {producer_flags:#x}, consumer {consumer_flags:#x})"
+        )
     return RingHeader(capacity, max_message_size, write_index, read_index, producer_flags, consumer_flags)
 
 

@@ -1,0 +1,512 @@
+"""shm:// across real processes: order, wrap-around, zero-copy, liveness, recovery, garbage, cleanup, idle CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import multiprocessing
+import os
+import re
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import podipc
+from podipc.channels import shm
+from podipc.clean import find_leftovers
+from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, ProtocolError, Timeout
+from podipc.shm_ring import (
+    HEADER_SIZE,
+    KIND_DATA,
+    KIND_END,
+    KIND_WRAP,
+    RECORD_HEADER,
+    Record,
+    decode_header,
+    decode_record,
+    encode_header,
+    record_size,
+)
+
+pytestmark = pytest.mark.timeout(60)
+FORK = multiprocessing.get_context("fork")
+DOC = Path(__file__).resolve().parents[2] / "docs" / "wire" / "shm.md"
+SMALL_RING = {"capacity": 4096, "max_message_size": 1500}
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A fresh ring name; afterwards nothing of it may be left in /dev/shm (then it is cleaned anyway)."""
+    ring = f"podipc-test-shm-{uuid.uuid4().hex[:10]}"
+    yield ring
+    left = leftovers(ring)
+    for path in left:
+        os.unlink(path)
+    assert not left, f"left in /dev/shm: {left}"
+
+
+def leftovers(ring: str) -> list[str]:
+    return sorted(path for path in glob.glob("/dev/shm/*") + glob.glob("/dev/shm/.*") if ring in path)
+
+
+def url(ring: str) -> str:
+    return f"shm:///{ring}"
+
+
+def messages(count: int, largest: int, seed: int = 1) -> list[bytes]:
+    """Mixed sizes 0..largest, always including 0 and largest."""
+    import random
+
+    rng = random.Random(seed)
+    sizes = [0, largest, 1, 7, 8, 9] + [rng.randint(0, largest) for _ in range(count - 6)]
+    return [rng.randbytes(size) for size in sizes]
+
+
+def produce(ring: str, payloads: list[bytes], options: dict[str, Any]) -> None:
+    with podipc.producer(url(ring), **options) as channel:
+        for payload in payloads:
+            channel.send(payload)
+
+
+def consume_digest(ring: str, options: dict[str, Any], result: Any) -> None:
+    digest, count = hashlib.sha256(), 0
+    with podipc.consumer(url(ring), **options) as channel:
+        for message in channel:
+            digest.update(len(message).to_bytes(8, "little") + message)
+            count += 1
+    result.put((count, digest.hexdigest()))
+
+
+def expected_digest(payloads: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for payload in payloads:
+        digest.update(len(payload).to_bytes(8, "little") + payload)
+    return digest.hexdigest()
+
+
+def close_in_background(producer: podipc.Producer) -> threading.Thread:
+    """Close a producer in a thread: its close waits for this process's consumer to take the end of stream."""
+    closer = threading.Thread(target=producer.close, args=(10,))
+    closer.start()
+    return closer
+
+
+def start(target: Any, *args: Any) -> Any:
+    process = FORK.Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+# --- streams ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("consumer_first", [True, False], ids=["consumer-first", "producer-first"])
+def test_order_and_boundaries_kept_across_wrap_around_in_either_start_order(name: str, consumer_first: bool) -> None:
+    payloads = messages(3000, SMALL_RING["max_message_size"])
+    result = FORK.Queue()
+    if consumer_first:
+        consumer = start(consume_digest, name, SMALL_RING, result)
+        time.sleep(0.2)
+        produce(name, payloads, SMALL_RING)
+    else:
+        producer = start(produce, name, payloads, SMALL_RING)
+        time.sleep(0.3)
+        consumer = start(consume_digest, name, SMALL_RING, result)
+    assert result.get(timeout=30) == (len(payloads), expected_digest(payloads))
+    consumer.join(10)
+    if not consumer_first:
+        producer.join(10)
+        assert producer.exitcode == 0
+
+
+def test_max_size_and_empty_messages_arrive_whole_and_larger_is_refused(name: str) -> None:
+    options = {"capacity": 65536, "max_message_size": 32768}
+    result = FORK.Queue()
+    consumer = start(consume_digest, name, options, result)
+    payloads = [b"", os.urandom(32768), b"", b"x", os.urandom(32768)]
+    with podipc.producer(url(name), **options) as channel:
+        with pytest.raises(MessageTooLarge, match="32769 bytes"):
+            channel.send(bytes(32769))
+        for payload in payloads:
+            channel.send(payload)
+        with pytest.raises(MessageTooLarge):
+            channel.send(memoryview(bytes(32769)))
+    assert result.get(timeout=20) == (len(payloads), expected_digest(payloads))
+    consumer.join(10)
+
+
+def test_producer_adopts_the_max_message_size_of_the_consumers_ring(name: str) -> None:
+    with podipc.consumer(url(name), capacity=8192, max_message_size=100) as consumer:
+        producer = podipc.producer(url(name))
+        producer.send(b"a")
+        assert producer.max_message_size == 100
+        with pytest.raises(MessageTooLarge, match="101 bytes"):
+            producer.send(bytes(101))
+        closer = close_in_background(producer)
+        assert consumer.recv(5) == b"a"
+        with pytest.raises(EndOfStream):
+            consumer.recv(5)
+        closer.join()
+
+
+def test_recv_view_is_read_only_into_the_ring_and_released_by_the_next_receive(name: str) -> None:
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        producer = podipc.producer(url(name), **SMALL_RING)
+        producer.send(b"first")
+        producer.send(b"")
+        producer.send(b"third message")
+        closer = close_in_background(producer)
+        view = consumer.recv_view(5)
+        assert bytes(view) == b"first" and view.readonly
+        with pytest.raises(TypeError):
+            view[0] = 0  # type: ignore[index]
+        assert consumer.recv(5) == b""
+        with pytest.raises(ValueError, match="released"):
+            bytes(view)
+        second = consumer.recv_view(5)
+        assert second.tobytes() == b"third message"
+        with pytest.raises(EndOfStream):
+            consumer.recv_view(5)
+        with pytest.raises(ValueError, match="released"):
+            bytes(second)
+        closer.join()
+
+
+def test_recv_view_frees_room_for_the_producer_only_when_released(name: str) -> None:
+    options = {"capacity": 4096, "max_message_size": 2000}
+    with podipc.consumer(url(name), **options) as consumer:
+        producer = podipc.producer(url(name), **options)
+        producer.send(bytes(2000))
+        producer.send(bytes(2000))
+        held = consumer.recv_view(5)
+        with pytest.raises(Timeout):
+            producer.send(b"y" * 2000, timeout=0.3)  # both slots still taken: one queued, one held
+        assert len(held) == 2000
+        consumer.recv_view(5)  # releases the first
+        producer.send(b"y" * 2000, timeout=5)
+        assert consumer.recv(5) == b"y" * 2000
+        closer = close_in_background(producer)
+        with pytest.raises(EndOfStream):
+            consumer.recv(5)
+        closer.join()
+
+
+def test_loan_and_commit_send_in_place_with_a_shorter_length(name: str) -> None:
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        producer = podipc.producer(url(name), **SMALL_RING)
+        assert isinstance(producer, shm.ShmProducer)
+        for round_number in range(20):  # goes around the 4 KiB ring several times
+            buffer = producer.loan(1000, timeout=5)
+            buffer[:5] = b"hello"
+            buffer[5:7] = round_number.to_bytes(2, "big")
+            producer.commit(7)
+            assert consumer.recv(5) == b"hello" + round_number.to_bytes(2, "big")
+        closer = close_in_background(producer)
+        with pytest.raises(EndOfStream):
+            consumer.recv(5)
+        closer.join()
+
+
+# --- liveness ---------------------------------------------------------------
+
+
+def produce_then_hang(ring: str, count: int, options: dict[str, Any]) -> None:
+    channel = podipc.producer(url(ring), **options)
+    for index in range(count):
+        channel.send(index.to_bytes(4, "big"))
+    time.sleep(60)
+
+
+def consume_then_hang(ring: str, count: int, options: dict[str, Any]) -> None:
+    channel = podipc.consumer(url(ring), **options)
+    for _ in range(count):
+        channel.recv()
+    time.sleep(60)
+
+
+def test_killed_producer_is_peer_gone_within_2_seconds_for_a_waiting_consumer(name: str) -> None:
+    producer = start(produce_then_hang, name, 3, SMALL_RING)
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        assert [consumer.recv(10) for _ in range(3)] == [index.to_bytes(4, "big") for index in range(3)]
+        os.kill(producer.pid, signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(PeerGone, match="producer"):
+            consumer.recv(10)
+        assert time.monotonic() - began < 2.0
+    producer.join(5)
+
+
+def test_killed_consumer_is_peer_gone_within_2_seconds_for_a_producer_on_a_full_ring(name: str) -> None:
+    consumer = start(consume_then_hang, name, 1, SMALL_RING)
+    with podipc.producer(url(name), **SMALL_RING) as producer:
+        producer.send(b"taken", timeout=10)
+        with pytest.raises(Timeout):
+            while True:  # fill the ring
+                producer.send(bytes(1000), timeout=0.5)
+        os.kill(consumer.pid, signal.SIGKILL)
+        began = time.monotonic()
+        with pytest.raises(PeerGone, match="consumer"):
+            producer.send(bytes(1000), timeout=10)
+        assert time.monotonic() - began < 2.0
+        producer.abort()
+    consumer.join(5)
+    assert leftovers(name)  # the dead consumer's segment stays until the next consumer recovers it
+    with podipc.consumer(url(name), **SMALL_RING):
+        pass
+
+
+def test_stale_segment_of_a_killed_run_is_recovered_on_open(name: str) -> None:
+    consumer = start(consume_then_hang, name, 0, SMALL_RING)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(f"/dev/shm/{name}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(consumer.pid, signal.SIGKILL)
+    consumer.join(5)
+    stale = leftovers(name)
+    assert f"/dev/shm/{name}" in stale and f"/dev/shm/sem.{name}.data" in stale
+    recorded = {(leftover.kind, leftover.name) for leftover in find_leftovers()}
+    assert {("posix_shm", f"/{name}"), ("posix_sem", f"/{name}.data"), ("posix_sem", f"/{name}.space")} <= recorded
+    result = FORK.Queue()
+    fresh = start(consume_digest, name, SMALL_RING, result)
+    payloads = messages(50, 1000)
+    produce(name, payloads, SMALL_RING)
+    assert result.get(timeout=20) == (50, expected_digest(payloads))
+    fresh.join(5)
+
+
+def test_a_second_consumer_is_refused_while_the_first_lives(name: str) -> None:
+    with podipc.consumer(url(name), **SMALL_RING):
+        with pytest.raises(ChannelUnavailable, match="one consumer"):
+            podipc.consumer(url(name), **SMALL_RING)
+        assert os.path.exists(f"/dev/shm/sem.{name}.data")  # the refused one removed nothing
+
+
+def test_consumer_that_closes_early_makes_a_blocked_producer_peer_gone(name: str) -> None:
+    consumer = podipc.consumer(url(name), **SMALL_RING)
+    with podipc.producer(url(name), **SMALL_RING) as producer:
+        with pytest.raises(Timeout):
+            while True:
+                producer.send(bytes(1000), timeout=0.3)
+        consumer.close()
+        with pytest.raises(PeerGone, match="consumer"):
+            producer.send(bytes(1000), timeout=5)
+        producer.abort()
+
+
+def test_recv_times_out_while_the_producer_is_quiet(name: str) -> None:
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        producer = podipc.producer(url(name), **SMALL_RING)
+        producer.send(b"one")
+        assert consumer.recv(5) == b"one"
+        began = time.monotonic()
+        with pytest.raises(Timeout):
+            consumer.recv(0.3)
+        assert 0.25 < time.monotonic() - began < 2.0
+        producer.abort()
+
+
+# --- garbage ----------------------------------------------------------------
+
+
+def test_corrupt_header_is_a_protocol_error_for_the_producer(name: str) -> None:
+    with podipc.consumer(url(name), **SMALL_RING):
+        with open(f"/dev/shm/{name}", "r+b") as segment:
+            segment.write(b"GARBAGE!")
+        with podipc.producer(url(name), **SMALL_RING) as producer:
+            with pytest.raises(ProtocolError, match="magic"):
+                producer.send(b"x", timeout=5)
+            producer.abort()
+
+
+def write_raw(ring: str, offset: int, data: bytes) -> None:
+    with open(f"/dev/shm/{ring}", "r+b") as segment:
+        segment.seek(offset)
+        segment.write(data)
+
+
+@pytest.mark.parametrize(
+    ("record", "write_index", "message"),
+    [
+        (RECORD_HEADER.pack(1 << 30, KIND_DATA), 8 + 1024, "max message size"),
+        (RECORD_HEADER.pack(1400, KIND_DATA), 16, "beyond the write index"),
+        (RECORD_HEADER.pack(0, 7), 8, "unknown kind"),
+        (RECORD_HEADER.pack(0, KIND_DATA), 5000, "out of range"),
+    ],
+    ids=["length-beyond-limit", "length-beyond-write-index", "unknown-kind", "index-beyond-capacity"],
+)
+def test_garbage_record_is_a_protocol_error_for_the_consumer(
+    name: str, record: bytes, write_index: int, message: str
+) -> None:
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        write_raw(name, HEADER_SIZE, record)
+        write_raw(name, 64, write_index.to_bytes(8, "little"))
+        with pytest.raises(ProtocolError, match=message):
+            consumer.recv(2)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=0, max_size=400), st.integers(min_value=0, max_value=1 << 20))
+def test_header_decoder_fuzzed_raises_only_protocol_error(data: bytes, segment_bytes: int) -> None:
+    try:
+        header = decode_header(data, segment_bytes)
+    except ProtocolError:
+        return
+    assert HEADER_SIZE + header.capacity <= segment_bytes
+    assert header.read_index <= header.write_index <= header.read_index + header.capacity
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.binary(max_size=4096),
+    st.integers(min_value=0, max_value=1 << 64 - 1),
+    st.integers(min_value=0, max_value=5000),
+    st.integers(min_value=0, max_value=5000),
+    st.lists(st.tuples(st.integers(0, 4095), st.integers(0, (1 << 32) - 1), st.integers(0, 4)), max_size=4),
+)
+def test_record_decoder_fuzzed_stays_inside_the_ring(
+    ring: bytes, base: int, read_offset: int, used: int, planted: list[tuple[int, int, int]]
+) -> None:
+    capacity, max_message_size = 4096, 2048
+    segment = bytearray(encode_header(capacity, max_message_size) + ring.ljust(capacity, b"\0"))
+    for position, length, kind in planted:
+        RECORD_HEADER.pack_into(segment, HEADER_SIZE + position // 8 * 8, length, kind)
+    read_index = (base + read_offset) // 8 * 8
+    write_index = read_index + used // 8 * 8 if used % 3 else read_index + used
+    try:
+        record = decode_record(segment, capacity, max_message_size, read_index, write_index)
+    except ProtocolError:
+        return
+    assert isinstance(record, Record)
+    assert HEADER_SIZE <= record.payload_offset <= record.payload_offset + record.length <= HEADER_SIZE + capacity
+    assert read_index < record.next_read_index <= write_index
+    assert record.kind in (KIND_DATA, KIND_WRAP, KIND_END)
+    if record.kind == KIND_DATA:
+        assert record.next_read_index - read_index == record_size(record.length) <= capacity
+
+
+# --- objects, modes, availability --------------------------------------------
+
+
+def test_objects_have_the_mode_and_vanish_after_a_clean_stream(name: str) -> None:
+    for mode in (0o600, 0o660):
+        with podipc.consumer(url(name), mode=mode, **SMALL_RING) as consumer:
+            producer = podipc.producer(url(name), mode=mode, **SMALL_RING)
+            producer.send(b"x")
+            created = leftovers(name)
+            assert f"/dev/shm/{name}" in created
+            assert f"/dev/shm/sem.{name}.data" in created and f"/dev/shm/sem.{name}.space" in created
+            assert len([path for path in created if "presence" in path]) == 2
+            for path in created:
+                assert stat.S_IMODE(os.stat(path).st_mode) == mode, path
+            closer = close_in_background(producer)
+            assert consumer.recv(5) == b"x"
+            with pytest.raises(EndOfStream):
+                consumer.recv(5)
+            closer.join()
+            assert leftovers(name) == []
+
+
+def test_unavailable_dev_shm_says_how_to_mount_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert shm.availability() is None
+    assert shm.host_max_message_size() == shm.DEFAULT_CAPACITY // 2
+    monkeypatch.setattr(shm, "SHM_DIRECTORY", str(tmp_path / "missing"))
+    assert "emptyDir with medium: Memory at /dev/shm with a sizeLimit" in (shm.availability() or "")
+    with pytest.raises(ChannelUnavailable, match="sizeLimit"):
+        podipc.consumer("shm:///podipc-test-shm-missing")
+
+
+def test_ring_larger_than_free_dev_shm_is_refused_with_the_fix() -> None:
+    too_big = (shm.free_bytes() // 8 + 1) * 8
+    with pytest.raises(ChannelUnavailable, match="sizeLimit"):
+        podipc.consumer("shm:///podipc-test-shm-too-big", capacity=too_big)
+    assert leftovers("podipc-test-shm-too-big") == []
+
+
+# --- idle CPU ---------------------------------------------------------------
+
+
+def consume_idle(ring: str, ready: Any, result: Any) -> None:
+    with podipc.consumer(url(ring), **SMALL_RING) as channel:
+        ready.set()
+        assert channel.recv(10) == b"wake"
+        began, usage = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+        with contextlib.suppress(Timeout):
+            channel.recv(4)  # idle: the producer is alive and quiet
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+        result.put((cpu, time.monotonic() - began))
+
+
+def test_idle_consumer_uses_under_2_percent_of_a_core(name: str) -> None:
+    ready, result = FORK.Event(), FORK.Queue()
+    consumer = start(consume_idle, name, ready, result)
+    with podipc.producer(url(name), **SMALL_RING) as producer:
+        assert ready.wait(10)
+        producer.send(b"wake", timeout=5)  # attach, so the consumer blocks on a live producer
+        time.sleep(1)
+        process = psutil.Process(consumer.pid)
+        before, began = process.cpu_times(), time.monotonic()
+        time.sleep(2)
+        after, elapsed = process.cpu_times(), time.monotonic() - began
+        seen_from_outside = (after.user + after.system - before.user - before.system) / elapsed
+        cpu, idle_seconds = result.get(timeout=20)
+        own = cpu / idle_seconds
+        print(f"idle consumer CPU: {own:.3%} of a core over {idle_seconds:.1f} s (psutil: {seen_from_outside:.2%})")
+        assert idle_seconds >= 3.9  # it really waited the whole timeout
+        assert own < 0.02 and seen_from_outside < 0.02
+        producer.abort()
+    consumer.join(10)
+
+
+# --- a plain script peer ----------------------------------------------------
+
+
+def plain_script(role: str) -> str:
+    text = DOC.read_text()
+    match = re.search(rf"<!-- plain-{role} -->\n```python\n(.*?)```", text, re.S)
+    assert match, f"docs/wire/shm.md lost its plain {role} block"
+    return match.group(1)
+
+
+def test_plain_script_producer_from_the_docs_talks_to_podipc(name: str, tmp_path: Path) -> None:
+    script = tmp_path / "plain_producer.py"
+    script.write_text(plain_script("producer"))
+    count = 400
+    with podipc.consumer(url(name), capacity=4096, max_message_size=2048) as consumer:
+        peer = subprocess.Popen([sys.executable, str(script), name, str(count)])
+        received = list(consumer)
+        assert peer.wait(20) == 0
+    assert received == [f"message {index}".encode() * (index % 7) for index in range(count)]
+
+
+def test_plain_script_consumer_from_the_docs_takes_a_podipc_stream(name: str, tmp_path: Path) -> None:
+    script = tmp_path / "plain_consumer.py"
+    script.write_text(plain_script("consumer"))
+    payloads = messages(500, 32768, seed=5)
+    with open(tmp_path / "received", "wb") as sink:
+        peer = subprocess.Popen([sys.executable, str(script), name], stdout=sink)
+        with podipc.producer(url(name)) as producer:
+            for payload in payloads:
+                producer.send(payload, timeout=10)
+        assert peer.wait(20) == 0
+    output = (tmp_path / "received").read_bytes()
+    received, offset = [], 0
+    while offset < len(output):
+        length = int.from_bytes(output[offset : offset + 4], "big")
+        received.append(output[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    assert received == payloads
