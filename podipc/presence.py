@@ -145,7 +145,9 @@ class Presence:
             left = remaining(limit)
             if left is not None and left <= 0:
                 peer = ROLES[1 - ROLES.index(self.role)]
-                raise PeerTimeout(f"no {peer} appeared on {what} within the wait timeout (option wait=)")
+                raise PeerTimeout(
+                    f"no {peer} appeared on {what} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+                )
             time.sleep(min(PROBE_INTERVAL_SECONDS, left if left is not None else PROBE_INTERVAL_SECONDS))
 
     def check_peer(self, what: str) -> None:

@@ -308,7 +308,9 @@ class PosixMQProducer(Producer):
             limit = self.wait_deadline if deadline is None else min(deadline, self.wait_deadline)
             left = limit - time.monotonic()
             if left <= 0:
-                raise PeerTimeout(f"no consumer appeared on {location} within the wait timeout (option wait=)")
+                raise PeerTimeout(
+                    f"no consumer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+                )
             time.sleep(min(RENDEZVOUS_POLL_SECONDS, left))
         self._queue = queue
         self._queue_send = queue.send
@@ -525,7 +527,9 @@ class PosixMQConsumer(Consumer):
                 # a clean producer puts the end marker in before it leaves, so an empty queue means it died
                 raise PeerGone(f"the producer of {location} is gone (it died or closed without ending the stream)")
         elif peer.state is not PeerState.ALIVE and not self._messages_seen and time.monotonic() >= self.wait_deadline:
-            raise PeerTimeout(f"no producer appeared on {location} within the wait timeout (option wait=)")
+            raise PeerTimeout(
+                f"no producer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+            )
         if deadline is not None and time.monotonic() >= deadline:
             raise self._timed_out()
 

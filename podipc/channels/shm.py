@@ -916,7 +916,9 @@ class ShmConsumer(Consumer):
                 f"the producer of {self.address.location} is gone (it died or aborted without ending the stream)"
             )
         if time.monotonic() >= self.wait_deadline:
-            raise PeerTimeout(f"no producer appeared on {self.address.location} within the wait timeout (option wait=)")
+            raise PeerTimeout(
+                f"no producer appeared on {self.address.location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+            )
 
     # --- closing --------------------------------------------------------
 

@@ -333,7 +333,9 @@ class PeerWatch:
         if now < self.wait_deadline:
             return None
         dead = " (its presence file shows the last one died)" if state is PeerState.GONE else ""
-        return PeerTimeout(f"no {peer} appeared on {self.what} within the wait timeout (option wait=){dead}")
+        return PeerTimeout(
+            f"no {peer} appeared on {self.what} within the wait timeout (start it, or allow longer with ?wait=SECONDS){dead}"
+        )
 
 
 def spool_error(error: OSError, path: str) -> ChannelUnavailable:

@@ -389,7 +389,9 @@ class SysVMQProducer(Producer):
             limit = self.wait_deadline if deadline is None else min(deadline, self.wait_deadline)
             left = limit - time.monotonic()
             if left <= 0:
-                raise PeerTimeout(f"no consumer appeared on {location} within the wait timeout (option wait=)")
+                raise PeerTimeout(
+                    f"no consumer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+                )
             time.sleep(min(RENDEZVOUS_POLL_SECONDS, left))
         capacity = queue.max_size
         if capacity < self.max_message_size:
@@ -694,7 +696,9 @@ class SysVMQConsumer(Consumer):
             and not self._watch.messages_seen
             and time.monotonic() >= self.wait_deadline
         ):
-            raise PeerTimeout(f"no producer appeared on {location} within the wait timeout (option wait=)")
+            raise PeerTimeout(
+                f"no producer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+            )
         if deadline is not None and time.monotonic() >= deadline:
             raise self._timed_out()
 
