@@ -42,11 +42,14 @@ Semantics:
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from time import monotonic
 from typing import Any, ClassVar
 
 from podipc.address import Address
@@ -56,6 +59,7 @@ from podipc.presence import PeerState, Presence
 
 UDP_DATAGRAM_LIMIT = 65507  # 65535 - 20 (IPv4 header) - 8 (UDP header)
 MAGIC = b"pu"
+MAGIC_FIRST, MAGIC_SECOND = MAGIC
 HEADER = struct.Struct("!2sBQ")
 HEADER_SIZE = HEADER.size
 SEQUENCE = struct.Struct("!Q")
@@ -72,6 +76,7 @@ KINDS = frozenset({KIND_DATA, KIND_HELLO, KIND_HELLO_ACK, KIND_EOS, KIND_EOS_ACK
 DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
 LIVENESS_SLICE_SECONDS = 0.25
 MINIMUM_SLICE_SECONDS = 0.0005
+GATHER_THRESHOLD = 2048  # bytes; larger payloads go out with sendmsg, header and payload uncopied
 RETRY_FIRST_SECONDS = 0.005
 RETRY_MAX_SECONDS = 0.1
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -119,7 +124,9 @@ def _target(address: Address) -> tuple[str, int]:
 
 def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
     whole = int(seconds)
-    micro = max(1, int((seconds - whole) * 1_000_000)) if whole == 0 else int((seconds - whole) * 1_000_000)
+    micro = int((seconds - whole) * 1_000_000)
+    if whole == 0 and micro == 0:
+        micro = 1  # a zero timeval means "block forever"
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL.pack(whole, micro))
 
 
@@ -129,8 +136,15 @@ def _translate(error: OSError, what: str) -> PodIPCError:
     return PodIPCError(f"{what}: {error.strerror or error}")
 
 
+RECEIVE_BUFFER_OPTION = Option(
+    "rcvbuf", parse_size, DEFAULT_RECEIVE_BUFFER, "bytes of socket receive buffer the consumer asks for"
+)
+
+
 class UDPProducer(Producer):
     """Sends each message as one datagram to the consumer's port."""
+
+    options: ClassVar[tuple[Option, ...]] = (RECEIVE_BUFFER_OPTION,)  # the URL is shared; only consumers use it
 
     max_message_source = LIMIT_SOURCE
     max_message_fix = LIMIT_FIX
@@ -139,7 +153,6 @@ class UDPProducer(Producer):
         super().__init__(address, settings)
         self.max_message_size = MAX_MESSAGE_SIZE
         self._what = address.location
-        self._sequence = 0
         self._ready = False
         self._header = bytearray(HEADER.pack(MAGIC, KIND_DATA, 0))
         self._sock = socket.socket(_family(address), socket.SOCK_DGRAM)
@@ -152,19 +165,30 @@ class UDPProducer(Producer):
         except BaseException:
             self._sock.close()
             raise
-        self._sendmsg = self._sock.sendmsg
-        self._pack_sequence = SEQUENCE.pack_into
+        self._sequence_numbers = itertools.count()
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
-        if not self._ready:
-            self._rendezvous(deadline)
-        header = self._header
-        self._pack_sequence(header, SEQUENCE_OFFSET, self._sequence)
-        try:
-            self._sendmsg((header, view))
-        except OSError as exc:
-            raise _translate(exc, self._what) from exc
-        self._sequence += 1
+        """The first send: rendezvous, then replace this method by the steady one for this instance."""
+        self._rendezvous(deadline)
+        self._send = self._steady_sender()  # type: ignore[method-assign,assignment]
+        self._send(view, deadline)
+
+    def _steady_sender(self) -> Callable[[memoryview, float | None], None]:
+        """The per-message send, with everything it needs bound once (no attribute lookups per message)."""
+        header, pack_sequence, sequence_numbers = self._header, SEQUENCE.pack_into, self._sequence_numbers
+        send, sendmsg, what = self._sock.send, self._sock.sendmsg, self._what
+
+        def send_data(view: memoryview, deadline: float | None) -> None:
+            pack_sequence(header, SEQUENCE_OFFSET, next(sequence_numbers))
+            try:
+                if view.nbytes <= GATHER_THRESHOLD:
+                    send(header + view)  # one small copy beats sendmsg's setup
+                else:
+                    sendmsg((header, view))
+            except OSError as exc:
+                raise _translate(exc, what) from exc
+
+        return send_data
 
     def _rendezvous(self, deadline: float | None) -> None:
         """Say HELLO until the consumer answers or its presence shows it is bound and listening."""
@@ -172,26 +196,31 @@ class UDPProducer(Producer):
         pause = RETRY_FIRST_SECONDS
         while True:
             self._send_control(hello)
-            if self._presence.peer_state() is PeerState.ALIVE:
-                self._send_control(hello)  # the consumer was bound before its presence appeared
-                break
+            if self._presence.peer_state() is PeerState.ALIVE and self._send_control(hello):
+                break  # the consumer binds before its presence appears, so this HELLO is queued for it
             if self._await_reply(KIND_HELLO_ACK, pause):
                 break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise Timeout(f"{self._what}: no consumer answered before the send timeout")
             if now >= self.wait_deadline:
-                raise PeerTimeout(f"no consumer appeared on {self._what} within the wait timeout (option wait=)")
+                raise PeerTimeout(
+                    f"no consumer appeared on {self._what} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+                )
             pause = min(pause * 2, RETRY_MAX_SECONDS)
-        self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # forget refusals from before the consumer
+        self._presence.peer_state()  # remember a podipc consumer as seen, to tell when it vanishes
         self._ready = True
 
-    def _send_control(self, datagram: bytes) -> None:
+    def _send_control(self, datagram: bytes) -> bool:
+        """Send a control datagram; False when refused (nobody listened, now or for an earlier one)."""
+        self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # a pending refusal would eat this send
         try:
             self._sock.send(datagram)
         except OSError as exc:
             if exc.errno != errno.ECONNREFUSED:
                 raise _translate(exc, self._what) from exc
+            return False
+        return True
 
     def _await_reply(self, kind: int, seconds: float) -> bool:
         """Wait up to `seconds` for a control datagram of `kind`; refusals mean nobody listens yet."""
@@ -220,10 +249,13 @@ class UDPProducer(Producer):
         try:
             if not self._ready:
                 self._rendezvous(deadline)
-            eos = encode(KIND_EOS, self._sequence)
+            eos = encode(KIND_EOS, next(self._sequence_numbers))  # the count of DATA sent
+            hello = encode(KIND_HELLO, 0)
             pause = RETRY_FIRST_SECONDS
             while True:
                 try:
+                    if pause > RETRY_FIRST_SECONDS:  # unanswered: maybe the HELLO was lost, say it again
+                        self._sock.send(hello)
                     self._sock.send(eos)
                 except OSError as exc:
                     raise _translate(exc, self._what) from exc
@@ -245,9 +277,7 @@ class UDPProducer(Producer):
 class UDPConsumer(Consumer):
     """Binds the port and receives datagrams; counts lost ones, skips garbage."""
 
-    options: ClassVar[tuple[Option, ...]] = (
-        Option("rcvbuf", parse_size, DEFAULT_RECEIVE_BUFFER, "bytes of socket receive buffer to ask for"),
-    )
+    options: ClassVar[tuple[Option, ...]] = (RECEIVE_BUFFER_OPTION,)
     max_message_source = LIMIT_SOURCE
     max_message_fix = LIMIT_FIX
 
@@ -277,6 +307,8 @@ class UDPConsumer(Consumer):
             self._sock.close()
             raise
         self._recv_into = self._sock.recv_into
+        self._unpack_sequence = SEQUENCE.unpack_from
+        self._steady = False
 
     def _grow_receive_buffer(self, size: int) -> None:
         try:
@@ -290,6 +322,29 @@ class UDPConsumer(Consumer):
         return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
     def _recv(self, deadline: float | None) -> bytes:
+        if self._steady and (deadline is None or deadline - monotonic() >= LIVENESS_SLICE_SECONDS):
+            # one slice of blocking cannot overrun the deadline; _recv_slowly checks it after a slice
+            buffer = self._buffer
+            try:
+                size = self._recv_into(buffer)
+            except OSError:
+                return self._recv_slowly(deadline)
+            if (
+                size >= HEADER_SIZE
+                and buffer[2] == KIND_DATA
+                and buffer[0] == MAGIC_FIRST
+                and buffer[1] == MAGIC_SECOND
+                and self._unpack_sequence(buffer, SEQUENCE_OFFSET)[0] == self._expected
+            ):
+                self._expected += 1
+                return bytes(self._view[HEADER_SIZE:size])
+            message = self._take(size)
+            if message is not None:
+                return message
+        return self._recv_slowly(deadline)
+
+    def _recv_slowly(self, deadline: float | None) -> bytes:
+        """Receive with a deadline, before the HELLO, or after a gap: slice by slice, checking liveness."""
         if deadline is not None:
             self._set_slice(deadline)
         elif self._slice != LIVENESS_SLICE_SECONDS:
@@ -297,28 +352,33 @@ class UDPConsumer(Consumer):
             _set_receive_timeout(self._sock, LIVENESS_SLICE_SECONDS)
         if self._producer is None:
             self._await_hello(deadline)
-        buffer, view, recv_into = self._buffer, self._view, self._recv_into
+        self._steady = self._slice == LIVENESS_SLICE_SECONDS
         while True:
             try:
-                size = recv_into(buffer)
+                size = self._recv_into(self._buffer)
             except BlockingIOError:
                 self._idle(deadline)
                 continue
             except OSError as exc:
                 raise PodIPCError(f"{self._what}: {exc.strerror or exc}") from exc
-            if size >= HEADER_SIZE and buffer[2] == KIND_DATA and buffer[0] == 0x70 and buffer[1] == 0x75:
-                sequence = int.from_bytes(buffer[SEQUENCE_OFFSET:HEADER_SIZE], "big")
-                expected = self._expected
-                if sequence == expected:
-                    self._expected = expected + 1
-                    return bytes(view[HEADER_SIZE:size])
-                if sequence > expected:
-                    self.lost += sequence - expected
-                    self._expected = sequence + 1
-                    return bytes(view[HEADER_SIZE:size])
+            message = self._take(size)
+            if message is not None:
+                return message
+
+    def _take(self, size: int) -> bytes | None:
+        """Handle the datagram of `size` bytes in the buffer: its payload, or None when it was not data."""
+        buffer = self._buffer
+        if size >= HEADER_SIZE and buffer[2] == KIND_DATA and buffer[0] == MAGIC_FIRST and buffer[1] == MAGIC_SECOND:
+            sequence = self._unpack_sequence(buffer, SEQUENCE_OFFSET)[0]
+            expected = self._expected
+            if sequence < expected:
                 self.late += 1
-                continue
-            self._control(view[:size])
+                return None
+            self.lost += sequence - expected
+            self._expected = sequence + 1
+            return bytes(self._view[HEADER_SIZE:size])
+        self._control(self._view[:size])
+        return None
 
     def _await_hello(self, deadline: float | None) -> None:
         """Skip everything until a producer says HELLO; then talk only to it (connect)."""
@@ -340,6 +400,7 @@ class UDPConsumer(Consumer):
                 raise PodIPCError(f"{self._what}: cannot answer {source}: {exc.strerror or exc}") from exc
             self._producer = source
             self._reply(KIND_HELLO_ACK)
+            self._presence.peer_state()  # a podipc producer holds its presence before its HELLO: seen
             return
 
     def _set_slice(self, deadline: float) -> None:
@@ -356,7 +417,9 @@ class UDPConsumer(Consumer):
         if state is not PeerState.ALIVE and self._presence.peer_seen:
             self._gone()
         if self._producer is None and state is not PeerState.ALIVE and now >= self.wait_deadline:
-            raise PeerTimeout(f"no producer appeared on {self._what} within the wait timeout (option wait=)")
+            raise PeerTimeout(
+                f"no producer appeared on {self._what} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+            )
         if deadline is not None:
             if now >= deadline:
                 raise Timeout(f"{self._what}: no message within the receive timeout")
@@ -396,10 +459,8 @@ class UDPConsumer(Consumer):
             self.skipped += 1
 
     def _reply(self, kind: int) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the producer repeats what needs an answer
             self._sock.send(encode(kind, self._expected))
-        except OSError:
-            pass  # the producer repeats what needs an answer
 
     def _finish(self) -> None:
         self._sock.close()
