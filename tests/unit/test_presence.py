@@ -81,3 +81,18 @@ def test_waiting_for_a_peer_that_never_comes_times_out(tmp_path: pytest.TempPath
         consumer.wait_for_peer(None, time.monotonic() + 0.2, "test channel")
     assert 0.15 < time.monotonic() - started < 2
     consumer.close()
+
+
+def test_an_abandoned_presence_looks_gone_and_the_survivor_removes_it(tmp_path: pytest.TempPathFactory) -> None:
+    from podipc.presence import remove_if_gone
+
+    producer = Presence("token", "producer", directory=str(tmp_path))
+    consumer = Presence("token", "consumer", directory=str(tmp_path))
+    assert remove_if_gone(producer.path) is False  # held: never removed
+    producer.abandon()
+    producer.abandon()
+    assert consumer.peer_state() is PeerState.GONE
+    assert remove_if_gone(consumer.peer_path) is True
+    assert consumer.peer_state() is PeerState.ABSENT
+    consumer.close()
+    assert os.listdir(tmp_path) == []
