@@ -177,6 +177,49 @@ class Presence:
         self._fd = -1
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a file, or None when it is not there."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+class PeerTracker:
+    """The other side's liveness as this side sees it, through its presence file.
+
+    Presence.peer_lost() needs the peer to have been seen alive, but a fast peer can come,
+    send and die between two probes. A GONE file that is not the stale one found at open
+    (a different inode) is a peer that came and died, seen or not; an ALIVE file with
+    another inode than the one first seen is a new peer that replaced ours.
+    """
+
+    def __init__(self, presence: Presence) -> None:
+        self.presence = presence
+        self.alive: tuple[int, int] | None = None
+        self.state = PeerState.ABSENT
+        self.stale = file_identity(presence.peer_path) if probe(presence.peer_path) is PeerState.GONE else None
+        self.lost()
+
+    def attach(self) -> None:
+        """Take the peer there now as ours: the one this side exchanges with from here on."""
+        self.alive = None
+        self.lost()
+
+    def lost(self) -> bool:
+        """Probe now: True when the peer was there and no longer is (died, left without ending, replaced)."""
+        state = self.state = self.presence.peer_state()
+        if state is PeerState.ALIVE:
+            identity = file_identity(self.presence.peer_path)
+            if self.alive is None:
+                self.alive = identity
+            return identity != self.alive
+        if self.presence.peer_seen:
+            return True
+        return state is PeerState.GONE and file_identity(self.presence.peer_path) != self.stale
+
+
 def remove_if_gone(path: str) -> bool:
     """Remove a presence file whose holder is gone (died or abandoned it); never a held one. True if removed."""
     try:

@@ -67,7 +67,7 @@ from podipc.errors import (
     PodIPCError,
     Timeout,
 )
-from podipc.presence import PeerState, Presence, presence_path, probe, remove_if_gone
+from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe, remove_if_gone
 
 MSG_MAX_PATH = "/proc/sys/fs/mqueue/msg_max"
 MSGSIZE_MAX_PATH = "/proc/sys/fs/mqueue/msgsize_max"
@@ -168,48 +168,6 @@ def _unavailable(what: str, exc: BaseException) -> PodIPCError:
     return ChannelUnavailable(f"{what}: {exc}")
 
 
-def _file_id(path: str) -> tuple[int, int] | None:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino
-
-
-class _Peer:
-    """The other side's liveness as this side sees it, through its presence file.
-
-    Presence.peer_lost() needs the peer to have been seen alive, but a fast peer can come,
-    send and die between two probes. A GONE file that is not the stale one found at open
-    (a different inode) is a peer that came and died, seen or not; an ALIVE file with
-    another inode than the one first seen is a new peer that replaced ours.
-    """
-
-    def __init__(self, presence: Presence) -> None:
-        self.presence = presence
-        self.alive: tuple[int, int] | None = None
-        self.state = PeerState.ABSENT
-        self.stale = _file_id(presence.peer_path) if probe(presence.peer_path) is PeerState.GONE else None
-        self.lost()
-
-    def attach(self) -> None:
-        """Take the peer there now as ours: the one this side exchanges with from here on."""
-        self.alive = None
-        self.lost()
-
-    def lost(self) -> bool:
-        """Probe now: True when the peer was there and no longer is (died, left without ending, replaced)."""
-        state = self.state = self.presence.peer_state()
-        if state is PeerState.ALIVE:
-            identity = _file_id(self.presence.peer_path)
-            if self.alive is None:
-                self.alive = identity
-            return identity != self.alive
-        if self.presence.peer_seen:
-            return True
-        return state is PeerState.GONE and _file_id(self.presence.peer_path) != self.stale
-
-
 def _open_nowait(name: str) -> Any:
     """A second, non-blocking descriptor of an existing queue, for the hot paths."""
     try:
@@ -270,7 +228,7 @@ class PosixMQProducer(Producer):
             self._depth, self.max_message_size = _check_limits(self.settings)
             self.name = queue_name(address)
             self._presence = Presence(address.token, "producer", int(self.settings["mode"]))
-            self._peer = _Peer(self._presence)
+            self._peer = PeerTracker(self._presence)
         except BaseException:
             self._closed = True  # nothing to free; no unclosed warning
             raise
@@ -436,7 +394,7 @@ class PosixMQConsumer(Consumer):
         try:
             self._presence = Presence(token, "consumer", mode)
             self._presence.record("posix_mq", self.name)
-            self._peer = _Peer(self._presence)
+            self._peer = PeerTracker(self._presence)
         except BaseException:
             queue.close()
             raise

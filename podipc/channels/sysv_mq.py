@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -76,7 +75,7 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
-from podipc.presence import PeerState, Presence, presence_path, probe, remove_if_gone
+from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe, remove_if_gone
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 MSGMNB_PATH = "/proc/sys/kernel/msgmnb"
@@ -204,48 +203,6 @@ def _remove_quietly(queue: Any) -> None:
         queue.remove()
 
 
-def _file_id(path: str) -> tuple[int, int] | None:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino
-
-
-class _Peer:
-    """The other side's liveness as this side sees it, through its presence file.
-
-    Presence.peer_lost() needs the peer to have been seen alive, but a fast peer can come,
-    send and die between two probes. A GONE file that is not the stale one found at open
-    (a different inode) is a peer that came and died, seen or not; an ALIVE file with
-    another inode than the one first seen is a new peer that replaced ours.
-    """
-
-    def __init__(self, presence: Presence) -> None:
-        self.presence = presence
-        self.alive: tuple[int, int] | None = None
-        self.state = PeerState.ABSENT
-        self.stale = _file_id(presence.peer_path) if probe(presence.peer_path) is PeerState.GONE else None
-        self.lost()
-
-    def attach(self) -> None:
-        """Take the peer there now as ours: the one this side exchanges with from here on."""
-        self.alive = None
-        self.lost()
-
-    def lost(self) -> bool:
-        """Probe now: True when the peer was there and no longer is (died, left without ending, replaced)."""
-        state = self.state = self.presence.peer_state()
-        if state is PeerState.ALIVE:
-            identity = _file_id(self.presence.peer_path)
-            if self.alive is None:
-                self.alive = identity
-            return identity != self.alive
-        if self.presence.peer_seen:
-            return True
-        return state is PeerState.GONE and _file_id(self.presence.peer_path) != self.stale
-
-
 class _Watchdog:
     """Looks after an endpoint's blocking call from a daemon thread: probes the peer, wakes the call when due.
 
@@ -254,7 +211,7 @@ class _Watchdog:
     a slow-path receive announces with set_deadline(): few wake-ups, so it rarely takes the GIL.
     """
 
-    def __init__(self, queue: Any, peer: _Peer, role: str, wait_deadline: float) -> None:
+    def __init__(self, queue: Any, peer: PeerTracker, role: str, wait_deadline: float) -> None:
         self.queue = queue
         self.peer = peer
         self.role = role
@@ -346,7 +303,7 @@ class SysVMQProducer(Producer):
             _, self.max_message_size = _check_limits(self.settings)
             self.key = address.key
             self._presence = Presence(address.token, "producer", int(self.settings["mode"]))
-            self._peer = _Peer(self._presence)
+            self._peer = PeerTracker(self._presence)
         except BaseException:
             self._closed = True  # nothing to free; no unclosed warning
             raise
@@ -558,7 +515,7 @@ class SysVMQConsumer(Consumer):
         try:
             self._presence = Presence(token, "consumer", mode)
             self._presence.record("sysv_mq", str(self.key))
-            self._peer = _Peer(self._presence)
+            self._peer = PeerTracker(self._presence)
         except BaseException:
             _remove_quietly(queue)
             raise
