@@ -20,7 +20,7 @@ for url in tcp://127.0.0.1:7000 "udp://127.0.0.1:7001" "unix://$spool/podipc.soc
 import json, sys
 produced, consumed = (json.loads(open(path).read().splitlines()[-1]) for path in sys.argv[1:])
 same = (produced["messages"], produced["sha256"]) == (consumed["messages"], consumed["sha256"])
-print(f'{produced["url"]:<40} {consumed["messages"]:>6} messages {consumed["bytes"]:>10} bytes  '
+print(f'{produced["url"]:<46} {consumed["messages"]:>6} messages {consumed["bytes"]:>10} bytes  '
       f'sha256 {consumed["sha256"][:16]}  {"match" if same else "MISMATCH"}')
 sys.exit(0 if same or produced["url"].startswith("udp") else 1)
 PY
