@@ -15,7 +15,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 
 from podipc.address import UNIX_PATH_MAX
 
