@@ -24,6 +24,8 @@ The interface other tests use (keep it stable)::
 Also on the yielded PlayedPods: `name(c)` (podman's container name), `state(c)` (podman's
 State dict), `exec(c, *cmd)` (in a running container), `describe()` (every container's state
 and log, for failure messages), `pods` / `containers` (manifest name -> podman name / names).
+For restartPolicy OnFailure pods: `kill(c)` (SIGKILL its main process from the host, a crash the
+policy answers), `restarts(c)`, `summaries(c)` (every run's JSON line), `wait_final(c)`.
 `wait` raises PodError (an AssertionError carrying the log) on timeout; `podman(*args)` runs
 one podman command (PodError when it fails, e.g. `kube play` of a failing init container).
 
@@ -53,6 +55,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -180,6 +183,59 @@ class PlayedPods:
     def exec(self, container: str, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a command inside a running container (`podman exec`)."""
         return podman("exec", self.name(container), *command, timeout=timeout, check=False)
+
+    def kill(self, container: str, signal_number: int = signal.SIGKILL) -> int:
+        """Kill a running container's main process from the host (a crash, as the OOM killer would); its pid.
+
+        The pod's restartPolicy answers this as a kubelet does. `podman kill` would not do:
+        Podman records it as a stop by the user and never restarts the container.
+        """
+        pid = int(self.state(container).get("Pid") or 0)
+        if pid <= 0:
+            raise PodError(f"{self.name(container)} is not running; its log:\n{self.logs(container)}")
+        os.kill(pid, signal_number)
+        return pid
+
+    def restarts(self, container: str) -> int:
+        """How many times the pod's restartPolicy restarted a container."""
+        result = podman("inspect", "--type", "container", "--format", "{{json .RestartCount}}", self.name(container))
+        return int(json.loads(result.stdout))
+
+    def summaries(self, container: str) -> list[dict[str, Any]]:
+        """Every JSON object line of a container's log, oldest first: one per run that printed one."""
+        found = []
+        for line in self.logs(container).splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    value = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(value, dict):
+                    found.append(value)
+        return found
+
+    def wait_final(self, container: str, timeout: float = 120, settle: float = 3.0) -> int:
+        """Like wait(), for a restartPolicy OnFailure pod: the exit code the container stays exited with.
+
+        Exit code 0 is final at once; a failure counts when no restart followed within
+        `settle` seconds (Podman restarts at once; a kubelet backs off, use a longer settle).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.wait(container, max(0.0, deadline - time.monotonic()))
+            if code == 0:
+                return 0
+            run = (self.restarts(container), self.state(container).get("StartedAt"))
+            time.sleep(settle)
+            state = self.state(container)
+            if (
+                state.get("Status") in ("exited", "stopped")
+                and (self.restarts(container), state.get("StartedAt")) == run
+            ):
+                return int(state.get("ExitCode", -1))
+            if time.monotonic() >= deadline:
+                raise PodError(f"{self.name(container)} still restarting after {timeout} s:\n{self.logs(container)}")
 
     def describe(self) -> str:
         """Every container's state and log, for a failure message."""
