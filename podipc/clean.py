@@ -4,7 +4,9 @@ Every side of a channel holds a presence file (podipc.presence) that lists the I
 objects it created. A presence file whose lock is free belongs to a dead process;
 when no live side of the same channel remains, the objects it lists and the file
 itself are leftovers. Objects are never guessed from names: what podipc did not
-record is not touched.
+record is not touched. One exception, confined to a spool directory whose dead
+producer's presence file is there: its `podipc.part.*` temporaries (half-written
+messages, never data) go too; the spool's message files stay (docs/wire/file.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from podipc.errors import PodIPCError
 from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX, ROLES, PeerState, probe
 
 TEMPORARY_SUFFIX = ".tmp"
+# A file:// spool holds its presence files under this token; a dead spool producer may leave
+# half-written temporaries (docs/wire/file.md), which are never messages.
+SPOOL_PRESENCE_TOKEN = "spool"
+SPOOL_TEMPORARY_PREFIX = "podipc.part."
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,19 @@ def find_leftovers(directories: Iterable[str] = (PRESENCE_DIRECTORY,)) -> list[L
                 continue
             holder, objects = _read_record(path)
             found += [Leftover(kind, name, path, holder) for kind, name in objects]
+            if token == SPOOL_PRESENCE_TOKEN and role == "producer":
+                found += [Leftover("path", name, path, holder) for name in _spool_temporaries(directory)]
             found.append(Leftover("path", path, path, holder))
     return found
+
+
+def _spool_temporaries(directory: str) -> list[str]:
+    """The half-written message files a dead spool producer left in its spool directory."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(os.path.join(directory, entry) for entry in entries if entry.startswith(SPOOL_TEMPORARY_PREFIX))
 
 
 def remove(leftover: Leftover) -> None:

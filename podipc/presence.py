@@ -76,14 +76,49 @@ def probe(path: str) -> PeerState:
 class Presence:
     """This side's presence on a channel: a locked file the peer can probe. Close to leave."""
 
-    def __init__(self, token: str, role: str, mode: int = 0o600, directory: str = PRESENCE_DIRECTORY) -> None:
+    def __init__(
+        self,
+        token: str,
+        role: str,
+        mode: int = 0o600,
+        directory: str = PRESENCE_DIRECTORY,
+        handover_wait: float = 0.0,
+    ) -> None:
+        """Claim this role's presence file.
+
+        handover_wait: for channels whose streams do not survive a restart. A producer whose
+        predecessor died while the consumer is still attached waits up to this many seconds
+        for that consumer to notice (it sees the dead predecessor's file GONE) and leave, so a
+        restarted producer never splices a new stream onto the dead one; a consumer removes a
+        dead producer's file, since a new consumer starts a new stream. 0 (file://, which
+        resumes streams instead): claim at once.
+        """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.role = role
         self.path = presence_path(token, role, directory)
         self.peer_path = presence_path(token, ROLES[1 - ROLES.index(role)], directory)
         self.peer_seen = False
+        if handover_wait > 0 and role == "producer":
+            self._wait_for_handover(handover_wait)
+        elif handover_wait > 0:
+            remove_if_gone(self.peer_path)  # a dead producer's file: a new consumer starts a new stream
         self._fd = self._claim(mode)
+
+    def _wait_for_handover(self, seconds: float) -> None:
+        """Wait while our dead predecessor's peer is still attached (same peer file, still locked)."""
+        if probe(self.path) is not PeerState.GONE or probe(self.peer_path) is not PeerState.ALIVE:
+            return
+        attached = file_identity(self.peer_path)
+        deadline = time.monotonic() + seconds
+        while probe(self.peer_path) is PeerState.ALIVE and file_identity(self.peer_path) == attached:
+            if time.monotonic() >= deadline:
+                peer = ROLES[1 - ROLES.index(self.role)]
+                raise PeerTimeout(
+                    f"the {peer} of a {self.role} that died ({self.path}) is still attached after {seconds:g} s; "
+                    f"a new stream starts once it has left (it ends with PeerGone)"
+                )
+            time.sleep(PROBE_INTERVAL_SECONDS)
 
     def _claim(self, mode: int) -> int:
         if probe(self.path) is PeerState.ALIVE:

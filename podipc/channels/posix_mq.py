@@ -191,7 +191,10 @@ def _leave_presence(presence: Presence, clean: bool, queue_exists: Callable[[], 
     lives leaves it unlocked (GONE), so the peer learns we came and went even if it never
     saw us. A peer's GONE file is removed once it is no evidence of a stale queue.
     """
-    peer = probe(presence.peer_path)
+    try:
+        peer = probe(presence.peer_path)
+    except ChannelUnavailable:  # the peer's file is another user's: we cannot tell, so leave cleanly
+        peer = PeerState.ABSENT
     if clean or peer is not PeerState.ALIVE:
         presence.close()
     else:
@@ -227,10 +230,15 @@ class PosixMQProducer(Producer):
         try:
             self._depth, self.max_message_size = _check_limits(self.settings)
             self.name = queue_name(address)
-            self._presence = Presence(address.token, "producer", int(self.settings["mode"]))
+            self._presence = Presence(
+                address.token, "producer", int(self.settings["mode"]), handover_wait=float(self.settings["wait"])
+            )
             self._peer = PeerTracker(self._presence)
         except BaseException:
-            self._closed = True  # nothing to free; no unclosed warning
+            self._closed = True  # no unclosed warning
+            presence = getattr(self, "_presence", None)
+            if presence is not None:
+                presence.close()
             raise
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
@@ -354,7 +362,8 @@ class PosixMQProducer(Producer):
         nowait, self._nowait_queue = self._nowait_queue, None
         if nowait is not None:
             nowait.close()
-        _leave_presence(self._presence, clean, lambda: _queue_exists(self.name))
+        # A producer that never opened the queue sent nothing: it leaves as cleanly as it came.
+        _leave_presence(self._presence, clean or queue is None, lambda: _queue_exists(self.name))
 
 
 class PosixMQConsumer(Consumer):
@@ -392,7 +401,7 @@ class PosixMQConsumer(Consumer):
             )
         queue = self._open_queue(token, depth, mode)
         try:
-            self._presence = Presence(token, "consumer", mode)
+            self._presence = Presence(token, "consumer", mode, handover_wait=float(self.settings["wait"]))
             self._presence.record("posix_mq", self.name)
             self._peer = PeerTracker(self._presence)
         except BaseException:

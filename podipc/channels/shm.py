@@ -301,7 +301,9 @@ class ShmProducer(Producer):
         self._cached_read_index = 0
         self._loan: memoryview | None = None
         self._loan_size = 0
-        self._presence = Presence(address.token, "producer", int(self.settings["mode"]))
+        self._presence = Presence(
+            address.token, "producer", int(self.settings["mode"]), handover_wait=float(self.settings["wait"])
+        )
 
     # --- the hot path ---------------------------------------------------
 
@@ -546,7 +548,7 @@ class ShmProducer(Producer):
             return None
         except OSError as exc:
             raise ChannelUnavailable(
-                f"cannot open {self.path}: {exc.strerror}; share a group and use mode=0660"
+                f"cannot open {self.path}: {exc.strerror}; share a group (runAsGroup/fsGroup) and open both sides with mode=0660"
             ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -615,7 +617,7 @@ class ShmConsumer(Consumer):
             self._closed = True
             raise ChannelUnavailable(f"{address.location}: {problem}")
         try:
-            self._presence = Presence(address.token, "consumer", self.mode)
+            self._presence = Presence(address.token, "consumer", self.mode, handover_wait=float(self.settings["wait"]))
             self._presence.record("posix_shm", "/" + address.name)
             for semaphore_name in self._semaphore_names:
                 self._presence.record("posix_sem", semaphore_name)
@@ -637,7 +639,7 @@ class ShmConsumer(Consumer):
             fd = -1
         except OSError as exc:
             raise ChannelUnavailable(
-                f"cannot open {self.path}: {exc.strerror}; share a group and use mode=0660"
+                f"cannot open {self.path}: {exc.strerror}; share a group (runAsGroup/fsGroup) and open both sides with mode=0660"
             ) from exc
         if fd >= 0:
             try:

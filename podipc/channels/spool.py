@@ -364,7 +364,10 @@ class _SpoolSide:
         try:
             self._dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise ChannelUnavailable(f"cannot open the spool directory {self.path}: {exc.strerror}") from exc
+            raise ChannelUnavailable(
+                f"cannot open the spool directory {self.path}: {exc.strerror}; when the containers run as "
+                "different users, share a group (runAsGroup/fsGroup) and open both sides with mode=0660"
+            ) from exc
         try:
             if self._created_directory:
                 self._write_empty(DIRECTORY_MARKER)

@@ -189,7 +189,10 @@ def _leave_presence(presence: Presence, clean: bool, queue_exists: Callable[[], 
     lives leaves it unlocked (GONE), so the peer learns we came and went even if it never
     saw us. A peer's GONE file is removed once it is no evidence of a stale queue.
     """
-    peer = probe(presence.peer_path)
+    try:
+        peer = probe(presence.peer_path)
+    except ChannelUnavailable:  # the peer's file is another user's: we cannot tell, so leave cleanly
+        peer = PeerState.ABSENT
     if clean or peer is not PeerState.ALIVE:
         presence.close()
     else:
@@ -302,10 +305,15 @@ class SysVMQProducer(Producer):
         try:
             _, self.max_message_size = _check_limits(self.settings)
             self.key = address.key
-            self._presence = Presence(address.token, "producer", int(self.settings["mode"]))
+            self._presence = Presence(
+                address.token, "producer", int(self.settings["mode"]), handover_wait=float(self.settings["wait"])
+            )
             self._peer = PeerTracker(self._presence)
         except BaseException:
-            self._closed = True  # nothing to free; no unclosed warning
+            self._closed = True  # no unclosed warning
+            presence = getattr(self, "_presence", None)
+            if presence is not None:
+                presence.close()
             raise
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
@@ -473,9 +481,11 @@ class SysVMQProducer(Producer):
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
+        attached = self._queue is not None
         self._queue = None
         self._queue_send = None
-        _leave_presence(self._presence, clean, lambda: _queue_exists(self.key))
+        # A producer that never opened the queue sent nothing: it leaves as cleanly as it came.
+        _leave_presence(self._presence, clean or not attached, lambda: _queue_exists(self.key))
 
 
 class SysVMQConsumer(Consumer):
@@ -513,7 +523,7 @@ class SysVMQConsumer(Consumer):
             )
         queue = self._open_queue(token, queue_bytes, mode)
         try:
-            self._presence = Presence(token, "consumer", mode)
+            self._presence = Presence(token, "consumer", mode, handover_wait=float(self.settings["wait"]))
             self._presence.record("sysv_mq", str(self.key))
             self._peer = PeerTracker(self._presence)
         except BaseException:

@@ -158,7 +158,9 @@ class UDPProducer(Producer):
         self._sock = socket.socket(_family(address), socket.SOCK_DGRAM)
         try:
             self._sock.connect(_target(address))
-            self._presence = Presence(address.token, "producer", settings["mode"])
+            self._presence = Presence(
+                address.token, "producer", settings["mode"], handover_wait=float(settings["wait"])
+            )
         except OSError as exc:
             self._sock.close()
             raise ChannelUnavailable(f"cannot open {self._what}: {exc.strerror or exc}") from exc
@@ -298,7 +300,9 @@ class UDPConsumer(Consumer):
             self._grow_receive_buffer(int(settings["rcvbuf"]))
             self._sock.bind(_target(address))
             _set_receive_timeout(self._sock, LIVENESS_SLICE_SECONDS)
-            self._presence = Presence(address.token, "consumer", settings["mode"])
+            self._presence = Presence(
+                address.token, "consumer", settings["mode"], handover_wait=float(settings["wait"])
+            )
         except OSError as exc:
             self._sock.close()
             hint = "; another process uses this port" if exc.errno == errno.EADDRINUSE else ""
@@ -359,6 +363,8 @@ class UDPConsumer(Consumer):
             except BlockingIOError:
                 self._idle(deadline)
                 continue
+            except ConnectionRefusedError as exc:
+                raise PeerGone(f"the producer of {self._what} is gone (its port is closed)") from exc
             except OSError as exc:
                 raise PodIPCError(f"{self._what}: {exc.strerror or exc}") from exc
             message = self._take(size)

@@ -118,7 +118,7 @@ class _ZMQEndpoint:
     def _open_socket(self, address: Address, settings: Mapping[str, Any], role: str) -> None:
         self._what = address.location
         self._socket_file = ""
-        self._presence = Presence(address.token, role, settings["mode"])
+        self._presence = Presence(address.token, role, settings["mode"], handover_wait=float(settings["wait"]))
         try:
             self._context = SHARED_CONTEXT.acquire()
         except BaseException:
@@ -329,6 +329,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
             os.umask(previous)
         self._socket_file = path
         os.chmod(path, mode)
+        self._presence.record("path", path)
 
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """Receive the next message as a read-only view of libzmq's own buffer, without copying it.

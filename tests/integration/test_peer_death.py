@@ -57,6 +57,7 @@ def test_a_killed_producer_is_noticed_by_the_consumer_within_two_seconds(scheme:
         finally:
             producer.kill()
             producer.join()
+    print(f"\npeer-death {scheme:14} killed producer noticed by the consumer after {detected_after:.3f} s")
     assert isinstance(caught.value, podipc.PeerGone), f"{type(caught.value).__name__}: {caught.value}"
     assert detected_after < DETECTION_LIMIT_SECONDS, f"{scheme}: noticed after {detected_after:.2f} s"
 
@@ -90,6 +91,9 @@ def test_a_killed_consumer_unblocks_a_producer_waiting_on_a_full_channel(scheme:
         consumer.kill()
         consumer.join()
     assert killed_at, "the consumer was never killed"
+    print(
+        f"\npeer-death {scheme:14} killed consumer noticed by the blocked producer after {noticed_at - killed_at[0]:.3f} s"
+    )
     assert noticed_at - killed_at[0] < DETECTION_LIMIT_SECONDS, (
         f"{scheme}: noticed after {noticed_at - killed_at[0]:.2f} s"
     )

@@ -96,3 +96,30 @@ def test_an_abandoned_presence_looks_gone_and_the_survivor_removes_it(tmp_path: 
     assert consumer.peer_state() is PeerState.ABSENT
     consumer.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_restarted_producer_waits_until_the_dead_ones_consumer_has_left(tmp_path: pytest.TempPathFactory) -> None:
+    import threading
+    import time
+
+    directory = str(tmp_path)
+    dead = Presence("token", "producer", directory=directory)
+    dead.abandon()
+    consumer = Presence("token", "consumer", directory=directory)
+    with pytest.raises(PeerTimeout, match="still attached"):
+        Presence("token", "producer", directory=directory, handover_wait=0.2)
+    threading.Timer(0.3, consumer.close).start()
+    started = time.monotonic()
+    restarted = Presence("token", "producer", directory=directory, handover_wait=10)
+    assert 0.25 <= time.monotonic() - started < 5
+    restarted.close()
+
+
+def test_a_new_consumer_removes_a_dead_producers_file(tmp_path: pytest.TempPathFactory) -> None:
+    directory = str(tmp_path)
+    dead = Presence("token", "producer", directory=directory)
+    dead.abandon()
+    consumer = Presence("token", "consumer", directory=directory, handover_wait=10)
+    assert consumer.peer_state() is PeerState.ABSENT
+    consumer.close()
+    assert os.listdir(tmp_path) == []
