@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-import podipc.channels as _transport_modules  # noqa: F401  (import before the channels() function shadows its name)
 from podipc.address import Address, parse_address
 from podipc.channel import ChannelInfo, Consumer, Producer, channels, consumer, producer
 from podipc.errors import (

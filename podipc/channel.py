@@ -1,6 +1,6 @@
 """Producer and Consumer base classes, channel options, deadlines and the scheme registry.
 
-A channel module (podipc/channels/*.py) subclasses Producer and Consumer and
+A channel module (podipc/transports/*.py) subclasses Producer and Consumer and
 implements the private hooks `_send`, `_recv`, `_close` and `_abort`. The public
 methods here check once (closed, size, end of stream), turn a per-call timeout
 into a `time.monotonic()` deadline, then delegate.
@@ -31,15 +31,15 @@ DEFAULT_MODE = 0o600
 WORLD_WRITABLE = 0o002
 
 REGISTRY: dict[str, tuple[str, str, str]] = {
-    "tcp": ("podipc.channels.tcp", "TCPProducer", "TCPConsumer"),
-    "udp": ("podipc.channels.udp", "UDPProducer", "UDPConsumer"),
-    "unix": ("podipc.channels.unix", "UnixProducer", "UnixConsumer"),
-    "mq": ("podipc.channels.posix_mq", "PosixMQProducer", "PosixMQConsumer"),
-    "sysvmq": ("podipc.channels.sysv_mq", "SysVMQProducer", "SysVMQConsumer"),
-    "shm": ("podipc.channels.shm", "ShmProducer", "ShmConsumer"),
-    "file": ("podipc.channels.spool", "SpoolProducer", "SpoolConsumer"),
-    "zmq+tcp": ("podipc.channels.zmq", "ZMQProducer", "ZMQConsumer"),
-    "zmq+ipc": ("podipc.channels.zmq", "ZMQProducer", "ZMQConsumer"),
+    "tcp": ("podipc.transports.tcp", "TCPProducer", "TCPConsumer"),
+    "udp": ("podipc.transports.udp", "UDPProducer", "UDPConsumer"),
+    "unix": ("podipc.transports.unix", "UnixProducer", "UnixConsumer"),
+    "mq": ("podipc.transports.posix_mq", "PosixMQProducer", "PosixMQConsumer"),
+    "sysvmq": ("podipc.transports.sysv_mq", "SysVMQProducer", "SysVMQConsumer"),
+    "shm": ("podipc.transports.shm", "ShmProducer", "ShmConsumer"),
+    "file": ("podipc.transports.spool", "SpoolProducer", "SpoolConsumer"),
+    "zmq+tcp": ("podipc.transports.zmq", "ZMQProducer", "ZMQConsumer"),
+    "zmq+ipc": ("podipc.transports.zmq", "ZMQProducer", "ZMQConsumer"),
 }
 
 DEPENDENCY_OF_MODULE = {"posix_ipc": "posix_ipc", "sysv_ipc": "sysv_ipc", "zmq": "pyzmq"}

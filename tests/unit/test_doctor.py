@@ -191,12 +191,12 @@ def test_missing_mqueue_sysctls_say_the_kernel_lacks_posix_queues() -> None:
 
 
 def test_a_channel_module_that_is_not_there_yet_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(REGISTRY, "tcp", ("podipc.channels.not_written_yet", "P", "C"))
+    monkeypatch.setitem(REGISTRY, "tcp", ("podipc.transports.not_written_yet", "P", "C"))
 
     verdict = judge_channel("tcp", gather_facts())
 
     assert not verdict.usable
-    assert verdict.reason == "podipc.channels.not_written_yet is not in this build of podipc"
+    assert verdict.reason == "podipc.transports.not_written_yet is not in this build of podipc"
 
 
 def test_a_channel_module_missing_a_dependency_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:

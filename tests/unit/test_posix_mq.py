@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 import podipc
 from podipc.address import parse_address
-from podipc.channels import posix_mq
-from podipc.channels.posix_mq import DATA, END, GARBAGE, PosixMQConsumer, classify
 from podipc.presence import presence_path
+from podipc.transports import posix_mq
+from podipc.transports.posix_mq import DATA, END, GARBAGE, PosixMQConsumer, classify
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import podipc
-from podipc.channels import shm
 from podipc.clean import find_leftovers
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, ProtocolError, Timeout
 from podipc.shm_ring import (
@@ -41,6 +40,7 @@ from podipc.shm_ring import (
     encode_header,
     record_size,
 )
+from podipc.transports import shm
 
 pytestmark = pytest.mark.timeout(60)
 FORK = multiprocessing.get_context("fork")

@@ -21,16 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import podipc
-from podipc.channels.spool import (
-    MAX_SEQUENCE,
-    SpoolName,
-    done_name,
-    end_name,
-    message_name,
-    parse_spool_name,
-    part_name,
-    read_message_file,
-)
 from podipc.errors import (
     ChannelClosed,
     ChannelUnavailable,
@@ -41,6 +31,16 @@ from podipc.errors import (
     Timeout,
 )
 from podipc.payloads import StreamSummary, generated_messages
+from podipc.transports.spool import (
+    MAX_SEQUENCE,
+    SpoolName,
+    done_name,
+    end_name,
+    message_name,
+    parse_spool_name,
+    part_name,
+    read_message_file,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

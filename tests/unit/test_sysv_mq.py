@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 import podipc
 from podipc.address import parse_address, sysv_key_from_name
-from podipc.channels import sysv_mq
-from podipc.channels.sysv_mq import DATA, END, GARBAGE, WAKE, SysVMQConsumer, classify
 from podipc.presence import presence_path
+from podipc.transports import sysv_mq
+from podipc.transports.sysv_mq import DATA, END, GARBAGE, WAKE, SysVMQConsumer, classify
 
 pytestmark = pytest.mark.timeout(60)
 

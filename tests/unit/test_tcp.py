@@ -423,7 +423,7 @@ def test_podipc_consumer_takes_the_plain_producer_script_from_the_docs() -> None
 
 
 def test_availability_and_host_limit() -> None:
-    from podipc.channels import tcp
+    from podipc.transports import tcp
 
     assert tcp.availability() is None
     assert tcp.host_max_message_size() == 64 * 1024 * 1024

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import podipc
 from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX
 
-udp: Any = importlib.import_module("podipc.channels.udp")  # podipc.channels is also a function
+udp: Any = importlib.import_module("podipc.transports.udp")
 
 pytestmark = pytest.mark.timeout(60)
 

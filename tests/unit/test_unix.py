@@ -160,7 +160,7 @@ def test_second_producer_is_refused(socket_dir: Path) -> None:
 
 
 NOBODY_PRODUCER = """
-import os, sys, podipc, podipc.channels.unix
+import os, sys, podipc, podipc.transports.unix
 os.setgid(65534)
 os.setuid(65534)
 try:
@@ -227,7 +227,7 @@ def test_producer_waits_for_a_consumer_that_starts_later(socket_dir: Path) -> No
 
 
 def test_availability_and_host_limit() -> None:
-    from podipc.channels import unix
+    from podipc.transports import unix
 
     assert unix.availability() is None
     assert unix.host_max_message_size() == 64 * 1024 * 1024

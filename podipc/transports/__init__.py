@@ -1,0 +1,1 @@
+"""One module per transport; podipc.channel.REGISTRY names them, and a module never imports another."""
