@@ -6,6 +6,7 @@ consumer checks order as it goes and both sides digest exactly the same bytes.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import multiprocessing
@@ -13,6 +14,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -35,8 +37,10 @@ CONTEXT = multiprocessing.get_context("fork")
 
 
 def short_directory() -> str:
-    """A fresh directory with a short path (Unix socket paths hold at most 107 bytes)."""
-    return tempfile.mkdtemp(prefix="pi", dir="/tmp")
+    """A fresh directory with a short path (Unix socket paths hold at most 107 bytes), removed at exit."""
+    path = tempfile.mkdtemp(prefix="pi", dir="/tmp")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def url_for(scheme: str, **options: object) -> str:
@@ -161,6 +165,7 @@ def run_consumer(url: str, results: Any, recv_timeout: float | None) -> None:
                 lost=channel.lost,
                 out_of_order=out_of_order,
                 seconds=time.monotonic() - started,
+                peak_rss_kib=peak_rss(),
             )
         )
     except podipc.PodIPCError as error:
