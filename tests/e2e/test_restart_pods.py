@@ -59,7 +59,6 @@ STREAM_MANIFESTS = sorted(
 # Known bugs (docs/restart.md), checked exactly and reported as xfail when they show: a side
 # restarted at once (no back-off) replaces the dead one before its peer probes its presence.
 # A producer replaced so: these consumers read the new stream on after the old one's prefix.
-ZMQ_AND_MQ = {"mq.yaml", "zmq-tcp.yaml", "zmq-ipc.yaml"}
 # A consumer replaced so: these producers go on sending the rest of the stream to it.
 ZMQ = {"zmq-tcp.yaml", "zmq-ipc.yaml"}
 
@@ -289,17 +288,6 @@ def test_producer_restarted_at_once_still_ends_the_stream(
     producer_killed_restarted_at_once: dict[str, Outcome | BaseException], manifest: str
 ) -> None:
     outcome = producer_killed_restarted_at_once[manifest]
-    if manifest in ZMQ_AND_MQ and isinstance(outcome, Outcome) and not outcome.restarts["consumer"]:
-        # The known bug, exactly: one consumer run, exit 0, the old stream's prefix then the whole new stream.
-        why = outcome.explain()
-        assert outcome.codes == {"producer": 0, "consumer": 0}, why
-        (consumed,) = outcome.summaries["consumer"]
-        prefix = consumed["messages"] - COUNT
-        assert 0 < prefix < COUNT and stream_of(consumed) == spliced(prefix), why
-        pytest.xfail(
-            f"{manifest}: the consumer took the producer restarted at once for its own and spliced "
-            f"{prefix} old + {COUNT} new messages instead of raising PeerGone (docs/restart.md)"
-        )
     # A producer back before the restarted consumer may fail again: udp:// gets "port
     # unreachable" (PeerGone, exit 7) until the new consumer is bound, and is restarted again.
     assert_producer_killed_ends_the_stream(manifest, outcome, lambda n: n >= 1)
