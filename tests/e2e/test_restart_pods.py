@@ -56,10 +56,9 @@ ON_FAILURE = {"restartPolicy: Never": "restartPolicy: OnFailure"}
 STREAM_MANIFESTS = sorted(
     path.name for path in (K8S_DIR / "channels").glob("*.yaml") if path.stem not in ("kustomization", "file")
 )
-# Known bugs (docs/restart.md), checked exactly and reported as xfail when they show: a side
-# restarted at once (no back-off) replaces the dead one before its peer probes its presence.
-# A producer replaced so: these consumers read the new stream on after the old one's prefix.
-# A consumer replaced so: these producers go on sending the rest of the stream to it.
+# A known bug (docs/restart.md), checked exactly and reported as xfail when it shows: a zmq
+# consumer restarted at once (no back-off) replaces the dead one before the producer probes
+# its presence, and the producer goes on sending the rest of the stream to it.
 ZMQ = {"zmq-tcp.yaml", "zmq-ipc.yaml"}
 
 
