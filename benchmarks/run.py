@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run_bench(quick: bool) -> dict[str, object]:
+def run_bench(quick: bool, duration: float | None = None) -> dict[str, object]:
     """`podipc bench --peers --format json`, written to results/bench.json; the report."""
     output = RESULTS / "bench.json"
     command = [
@@ -42,6 +42,8 @@ def run_bench(quick: bool) -> dict[str, object]:
     ]
     if quick:
         command.append("--quick")
+    if duration is not None:
+        command += ["--duration", str(duration)]
     subprocess.run(command, check=True, cwd=ROOT)
     report: dict[str, object] = json.loads(output.read_text())
     return report
@@ -116,6 +118,7 @@ def main() -> int:
     """Parse options, run, write results, print the Markdown."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short cells (podipc bench --quick)")
+    parser.add_argument("--duration", type=float, default=None, help="seconds per cell (podipc bench --duration)")
     parser.add_argument("--skip-hot-paths", action="store_true", help="do not run the pytest-benchmark suite")
     parser.add_argument(
         "--render-only",
@@ -130,7 +133,7 @@ def main() -> int:
         update_docs(report)
         sys.stdout.write((RESULTS / "bench.md").read_text())
         return 0
-    report = run_bench(arguments.quick)
+    report = run_bench(arguments.quick, arguments.duration)
     write_markdown(report)
     update_docs(report)
     if not arguments.skip_hot_paths:
