@@ -15,7 +15,9 @@ Semantics:
     reliable while both sides live. Backpressure comes from the high-water marks: a
     producer whose consumer lags blocks in send (bounded by its timeout).
 
-    End of stream is the two-frame message [b"podipc", b"eos"], which no single-frame
+    A podipc producer begins its stream with the two-frame message [b"podipc", b"sos"]
+    (start of stream) and marks its presence file (STARTS_STREAMS_MARK). End of stream
+    is the two-frame message [b"podipc", b"eos"], which no single-frame
     data message (not even an empty one) can be mistaken for; the consumer answers
     [b"podipc", b"eos-ack"] and the producer's close() returns once it has that answer.
     Any other multipart message starting with a b"podipc" frame is skipped and counted
@@ -34,6 +36,13 @@ Semantics:
     unread end-of-stream ack when the consumer disconnects. Liveness: zmq hides
     disconnects, so both sides hold a podipc.presence.Presence file in /dev/shm and a
     blocked send or receive checks it every quarter second -> PeerGone.
+
+    A restart ends the stream (zmq would reconnect the producer to a consumer restarted
+    at once and go on): a consumer whose first message from a marked producer is not the
+    start of stream joined a stream under way -> PeerGone (and never acks its end); the
+    producer tracks the consumer it rendezvoused with (presence.PeerTracker: the file's
+    identity) and raises PeerGone when it is gone or replaced, probing every 0.05 s while
+    it sends. docs/wire/zmq.md describes it.
 
     Creates: the consumer binds (for zmq+ipc it creates the socket file with `mode`,
     recovers a stale one left by a killed consumer, and removes it when it closes);
@@ -58,18 +67,25 @@ import zmq
 from podipc.address import Address
 from podipc.channel import Consumer, Option, Producer, parse_count, parse_size
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError, Timeout
-from podipc.presence import PeerState, Presence
+from podipc.presence import PeerState, PeerTracker, Presence
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DEFAULT_HIGH_WATER_MARK = 1000
 CONTROL_PREFIX = b"podipc"
 RCVMORE = zmq.RCVMORE
+START_OF_STREAM = (CONTROL_PREFIX, b"sos")
 END_OF_STREAM = (CONTROL_PREFIX, b"eos")
 END_OF_STREAM_ACK = (CONTROL_PREFIX, b"eos-ack")
 CONTROL_MAX_SIZE = 64
 LIVENESS_SLICE_SECONDS = 0.25
 RENDEZVOUS_PROBE_SECONDS = 0.02
 RECONNECT_INTERVAL_MS = 20
+PROBE_SECONDS = 0.05  # a sending producer probes its consumer's presence this often
+LOOKS_PER_PROBE = 8  # and looks at the clock about this often per probe interval
+MAX_BUDGET = 256  # messages sent between two looks at the clock, at most
+# A podipc producer sets this bit on its presence file: "my streams begin with a start of stream".
+# (Linux ignores the sticky bit on files.) A raw peer's presence file lacks it.
+STARTS_STREAMS_MARK = stat.S_ISVTX
 PRODUCER_LINGER_MS = 0
 CONSUMER_LINGER_MS = 500
 
@@ -166,6 +182,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         self._open_socket(address, settings, "producer")
         sock = self._sock
         try:
+            os.chmod(self._presence.path, int(settings["mode"]) | STARTS_STREAMS_MARK)
             self._monitor: zmq.Socket[bytes] | None = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
             sock.setsockopt(zmq.LINGER, PRODUCER_LINGER_MS)
             sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_SIZE)
@@ -175,10 +192,17 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         except zmq.ZMQError as exc:
             self._abort()
             raise ChannelUnavailable(f"cannot connect to {self._what}: {exc.strerror}") from exc
+        except OSError as exc:
+            self._abort()
+            raise ChannelUnavailable(f"cannot mark {self._presence.path}: {exc.strerror}") from exc
         except BaseException:
             self._abort()
             raise
-        self._started = False
+        self._tracker = PeerTracker(self._presence)
+        self._started = False  # rendezvous done and start of stream sent
+        self._budget = 0  # messages send() may still pass straight to pyzmq before _look(); 0: not started
+        self._chunk = 1
+        self._looked_at = self._probe_at = 0.0
         self._send_frame = sock.send
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
@@ -187,7 +211,8 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         The same checks as Producer.send (closed, too large), done inline: at 64 B the
         generic path (a memoryview and its format checks) costs as much as pyzmq's send.
         """
-        if type(data) is bytes and timeout is None and self._started and len(data) <= self.max_message_size:
+        if type(data) is bytes and timeout is None and self._budget > 0 and len(data) <= self.max_message_size:
+            self._budget -= 1
             try:
                 self._send_frame(data)
                 return
@@ -198,6 +223,10 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         super().send(data, timeout)
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
+        if self._started:
+            self._budget -= 1
+            if self._budget <= 0:
+                self._look()
         if deadline is None and self._started:
             whole = view.obj
             try:  # pyzmq copies a whole bytes object faster than a memoryview of it
@@ -210,7 +239,11 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         self._send_blocked(view, 0, deadline)
 
     def _rendezvous(self, deadline: float | None) -> None:
-        """Wait until a consumer is there: its presence file, or (a plain pyzmq peer) a connection."""
+        """Wait until a consumer is there (its presence file, or a plain pyzmq peer's connection), then start the stream.
+
+        The consumer there now is the one this stream is for: from here on, a different
+        one (a consumer restarted at once, which zmq reconnects to silently) is PeerGone.
+        """
         monitor = self._monitor
         while monitor is not None:
             if self._presence.peer_state() is PeerState.ALIVE or monitor.poll(0):
@@ -220,8 +253,28 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                 break
             self._check_consumer(deadline, "consumer")
         self._close_monitor()
-        self._presence.peer_state()  # remember a podipc consumer as seen, to tell when it vanishes
+        self._tracker.attach()
+        self._send_when_room(START_OF_STREAM[0], zmq.SNDMORE, deadline)
+        self._sock.send(START_OF_STREAM[1])  # the rest of a multipart message never blocks
         self._started = True
+        self._looked_at = self._probe_at = time.monotonic()
+        self._budget = self._chunk = 1
+
+    def _look(self) -> None:
+        """Every `_chunk` messages: probe the consumer when PROBE_SECONDS have passed, and size the next chunk.
+
+        The chunk is what the producer sends in about PROBE_SECONDS / LOOKS_PER_PROBE at its
+        current rate (1 to MAX_BUDGET): a slow producer looks at the clock at every message,
+        a fast one every few hundred, so that probing costs nothing noticeable per message.
+        """
+        now = time.monotonic()
+        if now >= self._probe_at:
+            self._probe_at = now + PROBE_SECONDS
+            self._check_attached()
+        elapsed = now - self._looked_at
+        self._looked_at = now
+        chunk = int(self._chunk * (PROBE_SECONDS / LOOKS_PER_PROBE) / elapsed) if elapsed > 0 else MAX_BUDGET
+        self._chunk = self._budget = max(1, min(MAX_BUDGET, chunk))
 
     def _close_monitor(self) -> None:
         if self._monitor is not None:
@@ -231,9 +284,12 @@ class ZMQProducer(_ZMQEndpoint, Producer):
 
     def _send_blocked(self, payload: memoryview | bytes, flags: int, deadline: float | None) -> None:
         """Wait for the consumer, then for room, in slices, checking the deadline and the consumer's presence."""
-        sock = self._sock
         if not self._started:
             self._rendezvous(deadline)
+        self._send_when_room(payload, flags, deadline)
+
+    def _send_when_room(self, payload: memoryview | bytes, flags: int, deadline: float | None) -> None:
+        sock = self._sock
         while True:
             left = (
                 LIVENESS_SLICE_SECONDS if deadline is None else min(LIVENESS_SLICE_SECONDS, deadline - time.monotonic())
@@ -248,11 +304,27 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                 raise _translate(exc, self._what) from exc
             self._check_consumer(deadline, "room to send")
 
+    def _check_attached(self) -> None:
+        """PeerGone when the consumer this producer started with died, left, or was replaced by another."""
+        tracker = self._tracker
+        if not tracker.lost():
+            return
+        if tracker.state is PeerState.ALIVE:
+            raise PeerGone(
+                f"the consumer of {self._what} was replaced: the one this stream began with died or left "
+                "and a new one attached (restarted at once?); what the old one held is lost, so the stream is broken"
+            )
+        raise PeerGone(f"the consumer of {self._what} is gone (it died or closed without ending the stream)")
+
     def _check_consumer(self, deadline: float | None, waiting_for: str) -> None:
         now = time.monotonic()
-        state = self._presence.peer_state()
-        if state is not PeerState.ALIVE and self._presence.peer_seen:
-            raise PeerGone(f"the consumer of {self._what} is gone (it died or closed without ending the stream)")
+        if self._started:
+            self._check_attached()
+            state = self._tracker.state
+        else:  # no stream yet: a consumer that came and went before it is no loss, wait for the next
+            state = self._presence.peer_state()
+            if state is not PeerState.ALIVE and self._presence.peer_seen:
+                raise PeerGone(f"the consumer of {self._what} is gone (it died or closed without ending the stream)")
         if deadline is not None and now >= deadline:
             raise Timeout(f"{self._what}: no {waiting_for} within the timeout")
         if not self._started and state is not PeerState.ALIVE and now >= self.wait_deadline:
@@ -282,7 +354,8 @@ class ZMQProducer(_ZMQEndpoint, Producer):
             self._abort()
 
     def _abort(self) -> None:
-        self._started = False  # send()'s shortcut is off: a closed producer raises ChannelClosed
+        self._started = False
+        self._budget = 0  # send()'s shortcut is off: a closed producer raises ChannelClosed
         if getattr(self, "_monitor", None) is not None:
             self._close_monitor()
         self._release()
@@ -405,21 +478,47 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
                 )
 
     def _take(self) -> bytes | None:
-        """Receive a waiting message: its bytes, or None when it was skipped."""
+        """Receive a waiting message: its bytes, or None when it was a control message or skipped."""
         data = self._sock.recv(zmq.NOBLOCK)
+        if data == CONTROL_PREFIX and self._more(RCVMORE):
+            self._control(data)
+            return None
         if not self._started:
-            self._started = True
-            self._presence.peer_state()  # a podipc producer holds its presence before it sends: seen
-        if data != CONTROL_PREFIX or not self._more(RCVMORE):
-            return data
-        self._control(data)
-        return None
+            self._start_without_sos()
+        return data
+
+    def _start_without_sos(self) -> None:
+        """The first message is not a start of stream: fine from a plain pyzmq producer, PeerGone from podipc's.
+
+        A podipc producer (its presence file carries STARTS_STREAMS_MARK) sends the start of
+        stream first, so anything else first means this consumer joined its stream under way:
+        zmq reconnected the producer of a consumer that died (restarted at once) to this one.
+        """
+        self._presence.peer_state()
+        if _starts_streams(self._presence.peer_path):
+            raise PeerGone(
+                f"{self._what}: this consumer joined a stream under way (the producer's first message to it was "
+                "not the start of stream): the consumer the stream began with died, what it held is lost, and "
+                "the stream is broken; a restarted producer starts a new one"
+            )
+        self._started = True
 
     def _control(self, first: bytes) -> None:
-        """A multipart message: the end of stream (ack it, raise EndOfStream) or skipped garbage."""
+        """A multipart message: the start or end of stream (ack it, raise EndOfStream), or skipped garbage."""
         frames = [first]
         while self._more(RCVMORE):
             frames.append(self._sock.recv(zmq.NOBLOCK))
+        if tuple(frames) == START_OF_STREAM:
+            if self._started:
+                raise PeerGone(
+                    f"{self._what}: a new stream started before this one ended: its producer died "
+                    "and another one (restarted at once?) attached; the stream is broken"
+                )
+            self._started = True
+            self._presence.peer_state()  # a podipc producer holds its presence before it sends: seen
+            return
+        if not self._started:
+            self._start_without_sos()
         if tuple(frames) == END_OF_STREAM:
             with contextlib.suppress(zmq.ZMQError):  # a producer gone already waits for nothing
                 self._sock.send_multipart(END_OF_STREAM_ACK, zmq.NOBLOCK)
@@ -488,6 +587,14 @@ def _check_stale_socket_file(path: str) -> None:
     finally:
         probe.close()
     raise ChannelUnavailable(f"{path} is a live socket of another process; a channel has one consumer")
+
+
+def _starts_streams(presence_path: str) -> bool:
+    """True when a producer's presence file (alive or left by a killed one) is a podipc producer's."""
+    try:
+        return bool(os.stat(presence_path).st_mode & STARTS_STREAMS_MARK)
+    except OSError:
+        return False
 
 
 def _unlink_quietly(path: str) -> None:

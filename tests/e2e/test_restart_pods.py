@@ -56,10 +56,6 @@ ON_FAILURE = {"restartPolicy: Never": "restartPolicy: OnFailure"}
 STREAM_MANIFESTS = sorted(
     path.name for path in (K8S_DIR / "channels").glob("*.yaml") if path.stem not in ("kustomization", "file")
 )
-# A known bug (docs/restart.md), checked exactly and reported as xfail when it shows: a zmq
-# consumer restarted at once (no back-off) replaces the dead one before the producer probes
-# its presence, and the producer goes on sending the rest of the stream to it.
-ZMQ = {"zmq-tcp.yaml", "zmq-ipc.yaml"}
 
 
 def reference(start: int = 0, stop: int = COUNT) -> dict[str, Any]:
@@ -306,17 +302,7 @@ def test_consumer_restarted_at_once_still_ends_the_stream(
     consumer_killed_restarted_at_once: dict[str, Outcome | BaseException], manifest: str
 ) -> None:
     outcome = consumer_killed_restarted_at_once[manifest]
-    if manifest in ZMQ and isinstance(outcome, Outcome) and not outcome.restarts["producer"]:
-        # The known bug, exactly: the producer's socket reconnected to the new consumer and went on;
-        # it read the rest of the stream, what the killed one held is lost, and the producer exited 0.
-        why = outcome.explain()
-        (consumed,) = outcome.summaries["consumer"]
-        assert 0 < consumed["messages"] < COUNT, why
-        assert stream_of(consumed) == reference(COUNT - consumed["messages"]), why
-        pytest.xfail(
-            f"{manifest}: the producer took the consumer restarted at once for its own: it got the last "
-            f"{consumed['messages']} messages only, the producer exited 0 (docs/restart.md)"
-        )
     # Restarted at once, a queue consumer may fail once more before the new stream: it saw the
-    # old producer die (shm, sysvmq), or the old queue still held its memory (mq: RLIMIT_MSGQUEUE).
+    # old producer die (shm, sysvmq), or the old queue still held its memory (mq: RLIMIT_MSGQUEUE);
+    # a zmq consumer may be reconnected to the old producer and refuse that stream under way (PeerGone).
     assert_consumer_killed_ends_the_stream(manifest, outcome, lambda n: n >= 1)

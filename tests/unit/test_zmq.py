@@ -25,7 +25,7 @@ import pytest
 import zmq
 
 import podipc
-from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX
+from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX, Presence
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -353,3 +353,110 @@ def test_the_plain_pyzmq_consumer_from_the_docs_takes_a_podipc_stream(url_of: ob
     out, _ = plain.communicate(timeout=30)
     assert plain.returncode == 0
     assert json.loads(out) == [3, 0, 15000]
+
+
+KILLED_CONSUMER = """
+import sys, podipc
+channel = podipc.consumer(sys.argv[1])
+print(len(channel.recv(timeout=30)), flush=True)
+for _ in channel:
+    pass
+"""
+
+
+def test_a_consumer_restarted_at_once_ends_the_stream_instead_of_taking_its_tail(url_of: object) -> None:
+    url = url_of(wait=3)  # type: ignore[operator]
+    first = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER, url], stdout=subprocess.PIPE)
+    cli = [sys.executable, "-c", "from podipc.cli import main; main()"]
+    produce = [*cli, "produce", url, "--count", "2000", "--size", "64", "--rate", "200"]
+    producer = subprocess.Popen(produce, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert first.stdout is not None and first.stdout.readline().strip() == b"64"
+    time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    received: list[bytes] = []
+    second = podipc.consumer(url)  # at once: zmq reconnects the producer to it
+    with second, pytest.raises((podipc.PeerGone, podipc.PeerTimeout)) as caught:
+        while True:
+            received.append(second.recv())
+    out, err = producer.communicate(timeout=30)
+    assert received == []  # never a tail of the stream the killed consumer began
+    if isinstance(caught.value, podipc.PeerGone):  # it got a message of that stream, or saw its producer die
+        assert re.search("joined a stream under way|producer of .* is gone", str(caught.value))
+    assert producer.returncode == 7, err.decode()  # PeerGone: the stream is broken, not delivered
+    assert b"PeerGone: the consumer of" in err and out == b""
+    assert presence_files(url) == []
+
+
+def test_a_podipc_producer_starts_its_stream_with_a_start_of_stream_message(url_of: object) -> None:
+    url = url_of()  # type: ignore[operator]
+    context = zmq.Context()
+    raw = context.socket(zmq.PAIR)
+    raw.bind(zmq_endpoint(url))
+    producer = start_producer(url, [3, 0])
+    frames = []
+    while len(frames) < 4 and raw.poll(10_000):
+        frames.append(raw.recv_multipart())
+    assert frames == [[b"podipc", b"sos"], [message(0, 3)], [b""], [b"podipc", b"eos"]]
+    raw.send_multipart([b"podipc", b"eos-ack"])
+    finish(producer)
+    raw.close(linger=0)
+    context.term()
+
+
+def test_data_before_the_start_of_stream_from_a_podipc_producer_is_a_stream_joined_under_way(url_of: object) -> None:
+    url = url_of()  # type: ignore[operator]
+    context = zmq.Context()
+    raw = context.socket(zmq.PAIR)
+    raw.connect(zmq_endpoint(url))
+    held = Presence(podipc.parse_address(url).token, "producer")
+    os.chmod(held.path, 0o1600)  # marked as a podipc producer marks its presence: its streams begin with sos
+    try:
+        with podipc.consumer(url) as consumer:
+            raw.send(b"tail")
+            raw.send_multipart([b"podipc", b"eos"])
+            with pytest.raises(podipc.PeerGone, match="joined a stream under way"):
+                consumer.recv(timeout=10)
+            with pytest.raises(podipc.PeerGone, match="joined a stream under way"):
+                consumer.recv(timeout=10)  # nor is the end of that stream acknowledged
+            assert not raw.poll(300)
+    finally:
+        held.close()
+        raw.close(linger=0)
+        context.term()
+
+
+def test_a_raw_producer_holding_an_unmarked_presence_file_may_send_data_first(url_of: object) -> None:
+    url = url_of()  # type: ignore[operator]
+    context = zmq.Context()
+    raw = context.socket(zmq.PAIR)
+    raw.connect(zmq_endpoint(url))
+    held = Presence(podipc.parse_address(url).token, "producer")  # for liveness only, as a raw peer may
+    try:
+        with podipc.consumer(url) as consumer:
+            raw.send(b"first")
+            raw.send_multipart([b"podipc", b"eos"])
+            assert list(consumer) == [b"first"]
+            assert raw.poll(5000) and raw.recv_multipart() == [b"podipc", b"eos-ack"]
+    finally:
+        held.close()
+        raw.close(linger=0)
+        context.term()
+
+
+def test_a_second_start_of_stream_is_a_new_producer_and_ends_the_stream(url_of: object) -> None:
+    url = url_of()  # type: ignore[operator]
+    context = zmq.Context()
+    raw = context.socket(zmq.PAIR)
+    raw.connect(zmq_endpoint(url))
+    with podipc.consumer(url) as consumer:
+        raw.send_multipart([b"podipc", b"sos"])
+        raw.send(b"one")
+        raw.send_multipart([b"podipc", b"sos"])
+        raw.send(b"two")
+        assert consumer.recv(timeout=10) == b"one"
+        with pytest.raises(podipc.PeerGone, match="a new stream started"):
+            consumer.recv(timeout=10)
+        assert consumer.skipped == 0
+    raw.close(linger=0)
+    context.term()
