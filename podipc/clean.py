@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from podipc.errors import PodIPCError
-from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX, ROLES, PeerState, probe
+from podipc.presence import DECLARATION, PRESENCE_DIRECTORY, PRESENCE_PREFIX, ROLES, PeerState, probe
 
 TEMPORARY_SUFFIX = ".tmp"
 # A file:// spool holds its presence files under this token; a dead spool producer may leave
@@ -65,7 +65,7 @@ def _read_record(path: str) -> tuple[str, list[tuple[str, str]]]:
     objects = []
     for line in lines[1:]:
         kind, _, name = line.partition(" ")
-        if kind and name:
+        if kind and name and kind != DECLARATION:
             objects.append((kind, name))
     return holder, objects
 

@@ -18,7 +18,7 @@ File: {directory}/podipc.presence.{token}.{role} (mode as the channel's `mode`).
 Its first line is the holder's pid and hostname, for humans; the lock is the signal.
 Each further line names an IPC object the holder created (`record`), so that
 `podipc clean` can remove what a SIGKILLed side left behind: `KIND NAME`, where KIND
-is one of OBJECT_KINDS.
+is one of OBJECT_KINDS; or states a property for the peer: `declares WORD`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ PRESENCE_PREFIX = "podipc.presence."
 ROLES = ("producer", "consumer")
 PROBE_INTERVAL_SECONDS = 0.02
 OBJECT_KINDS = ("posix_mq", "posix_sem", "posix_shm", "sysv_mq", "sysv_shm", "sysv_sem", "path")
+DECLARATION = "declares"
 
 
 class PeerState(enum.Enum):
@@ -156,6 +157,11 @@ class Presence:
         if self._fd >= 0:
             os.write(self._fd, f"{kind} {name}\n".encode())
 
+    def declare(self, word: str) -> None:
+        """State a property of this side for the peer to read with declares(), e.g. 'start-of-stream'."""
+        if self._fd >= 0:
+            os.write(self._fd, f"{DECLARATION} {word}\n".encode())
+
     def peer_state(self) -> PeerState:
         """Probe the peer now; remembers whether it was ever seen alive."""
         state = probe(self.peer_path)
@@ -253,6 +259,15 @@ class PeerTracker:
         if self.presence.peer_seen:
             return True
         return state is PeerState.GONE and file_identity(self.presence.peer_path) != self.stale
+
+
+def declares(path: str, word: str) -> bool:
+    """True when the presence file at `path` (alive or left behind) declares `word`."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as record:
+            return f"{DECLARATION} {word}" in record.read().splitlines()
+    except OSError:
+        return False
 
 
 def remove_if_gone(path: str) -> bool:

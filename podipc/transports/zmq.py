@@ -16,7 +16,7 @@ Semantics:
     producer whose consumer lags blocks in send (bounded by its timeout).
 
     A podipc producer begins its stream with the two-frame message [b"podipc", b"sos"]
-    (start of stream) and marks its presence file (STARTS_STREAMS_MARK). End of stream
+    (start of stream) and declares it in its presence file (STARTS_STREAMS). End of stream
     is the two-frame message [b"podipc", b"eos"], which no single-frame
     data message (not even an empty one) can be mistaken for; the consumer answers
     [b"podipc", b"eos-ack"] and the producer's close() returns once it has that answer.
@@ -67,7 +67,7 @@ import zmq
 from podipc.address import Address
 from podipc.channel import Consumer, Option, Producer, parse_count, parse_size
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError, Timeout
-from podipc.presence import PeerState, PeerTracker, Presence
+from podipc.presence import PeerState, PeerTracker, Presence, declares
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 DEFAULT_HIGH_WATER_MARK = 1000
@@ -83,9 +83,9 @@ RECONNECT_INTERVAL_MS = 20
 PROBE_SECONDS = 0.05  # a sending producer probes its consumer's presence this often
 LOOKS_PER_PROBE = 8  # and looks at the clock about this often per probe interval
 MAX_BUDGET = 256  # messages sent between two looks at the clock, at most
-# A podipc producer sets this bit on its presence file: "my streams begin with a start of stream".
-# (Linux ignores the sticky bit on files.) A raw peer's presence file lacks it.
-STARTS_STREAMS_MARK = stat.S_ISVTX
+# A podipc producer declares this in its presence file: "my streams begin with a start of stream".
+# A raw peer's presence file does not.
+STARTS_STREAMS = "start-of-stream"
 PRODUCER_LINGER_MS = 0
 CONSUMER_LINGER_MS = 500
 
@@ -182,7 +182,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         self._open_socket(address, settings, "producer")
         sock = self._sock
         try:
-            os.chmod(self._presence.path, int(settings["mode"]) | STARTS_STREAMS_MARK)
+            self._presence.declare(STARTS_STREAMS)
             self._monitor: zmq.Socket[bytes] | None = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
             sock.setsockopt(zmq.LINGER, PRODUCER_LINGER_MS)
             sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_SIZE)
@@ -490,7 +490,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
     def _start_without_sos(self) -> None:
         """The first message is not a start of stream: fine from a plain pyzmq producer, PeerGone from podipc's.
 
-        A podipc producer (its presence file carries STARTS_STREAMS_MARK) sends the start of
+        A podipc producer (its presence file declares STARTS_STREAMS) sends the start of
         stream first, so anything else first means this consumer joined its stream under way:
         zmq reconnected the producer of a consumer that died (restarted at once) to this one.
         """
@@ -591,10 +591,7 @@ def _check_stale_socket_file(path: str) -> None:
 
 def _starts_streams(presence_path: str) -> bool:
     """True when a producer's presence file (alive or left by a killed one) is a podipc producer's."""
-    try:
-        return bool(os.stat(presence_path).st_mode & STARTS_STREAMS_MARK)
-    except OSError:
-        return False
+    return declares(presence_path, STARTS_STREAMS)
 
 
 def _unlink_quietly(path: str) -> None:

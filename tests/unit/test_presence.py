@@ -123,3 +123,15 @@ def test_a_new_consumer_removes_a_dead_producers_file(tmp_path: pytest.TempPathF
     assert consumer.peer_state() is PeerState.ABSENT
     consumer.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_declaration_is_read_by_the_peer_and_ignored_by_clean(tmp_path: pytest.TempPathFactory) -> None:
+    from podipc.clean import find_leftovers
+    from podipc.presence import declares
+
+    producer = Presence("token", "producer", directory=str(tmp_path))
+    producer.declare("start-of-stream")
+    assert declares(producer.path, "start-of-stream")
+    assert not declares(producer.path, "something-else")
+    producer.abandon()
+    assert [(item.kind, item.name) for item in find_leftovers([str(tmp_path)])] == [("path", producer.path)]

@@ -410,7 +410,7 @@ def test_data_before_the_start_of_stream_from_a_podipc_producer_is_a_stream_join
     raw = context.socket(zmq.PAIR)
     raw.connect(zmq_endpoint(url))
     held = Presence(podipc.parse_address(url).token, "producer")
-    os.chmod(held.path, 0o1600)  # marked as a podipc producer marks its presence: its streams begin with sos
+    held.declare("start-of-stream")  # as a podipc producer does: its streams begin with sos
     try:
         with podipc.consumer(url) as consumer:
             raw.send(b"tail")
