@@ -29,6 +29,7 @@ import fcntl
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from podipc.channel import remaining
 from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
@@ -204,6 +205,23 @@ class Presence:
         _unlink_quietly(self.path)
         os.close(self._fd)
         self._fd = -1
+
+    def leave(self, clean: bool, peer_file_is_evidence: Callable[[], bool]) -> None:
+        """Leave a channel: clean (remove our file), or, on an abort while the peer lives,
+        abandon it (unlocked, GONE), so the peer learns we came and went even if it never saw
+        us alive. Afterwards a peer's GONE file is removed unless it is still evidence of a
+        stale object (`peer_file_is_evidence()`, e.g. the dead consumer's queue still exists).
+        """
+        try:
+            peer = probe(self.peer_path)
+        except ChannelUnavailable:  # the peer's file is another user's: we cannot tell, so leave cleanly
+            peer = PeerState.ABSENT
+        if clean or peer is not PeerState.ALIVE:
+            self.close()
+        else:
+            self.abandon()
+        if peer is PeerState.GONE and not peer_file_is_evidence():
+            remove_if_gone(self.peer_path)
 
     def abandon(self) -> None:
         """Leave as a crash would: drop the lock but keep the file, so the peer sees GONE. Idempotent.

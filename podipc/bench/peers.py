@@ -37,6 +37,7 @@ from podipc.bench.subjects import (
     Subject,
 )
 from podipc.errors import EndOfStream, PeerTimeout, Timeout
+from podipc.proc import read_int
 
 FRAME_HEADER = struct.Struct("!I")
 UDP_MAX_PAYLOAD = 65507
@@ -45,14 +46,6 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 CLOSE_WAIT_SECONDS = 5.0
 SMALL_FRAME = 16384
 """Frames up to this size are joined with their header into one send; larger ones use sendmsg."""
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as file:
-            return int(file.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _missing(module: str, extra: str = "peers") -> str | None:
@@ -374,8 +367,8 @@ class PosixMQReceiver:
             posix_ipc.O_CREX,
             mode=0o600,
             # the kernel limits, as mq:// uses them by default, so both queues are alike
-            max_messages=_read_int("/proc/sys/fs/mqueue/msg_max") or 10,
-            max_message_size=max(size, _read_int("/proc/sys/fs/mqueue/msgsize_max") or size),
+            max_messages=read_int("/proc/sys/fs/mqueue/msg_max") or 10,
+            max_message_size=max(size, read_int("/proc/sys/fs/mqueue/msgsize_max") or size),
         )
         receive = self.queue.receive
 
@@ -416,7 +409,7 @@ class RawPosixMQ(RawTCP):
 
     def size_problem(self, size: int) -> str | None:
         """At most /proc/sys/fs/mqueue/msgsize_max bytes."""
-        limit = _read_int("/proc/sys/fs/mqueue/msgsize_max")
+        limit = read_int("/proc/sys/fs/mqueue/msgsize_max")
         if limit is not None and size > limit:
             return f"{size} bytes > /proc/sys/fs/mqueue/msgsize_max {limit}"
         return None
@@ -445,7 +438,7 @@ class RawPosixMQ(RawTCP):
 # --- SysV message queue ------------------------------------------------------------
 
 SYSV_DATA_TYPE, SYSV_END_TYPE = 1, 2
-SYSV_MSGMAX = _read_int("/proc/sys/kernel/msgmax") or 8192
+SYSV_MSGMAX = read_int("/proc/sys/kernel/msgmax") or 8192
 """sysv_ipc receives into a buffer of max_message_size bytes (default 2048): use the kernel's limit."""
 
 
@@ -536,7 +529,7 @@ class RawSysVMQ(RawTCP):
 
     def size_problem(self, size: int) -> str | None:
         """At most kernel.msgmax bytes per message."""
-        limit = _read_int("/proc/sys/kernel/msgmax")
+        limit = read_int("/proc/sys/kernel/msgmax")
         if limit is not None and size > limit:
             return f"{size} bytes > /proc/sys/kernel/msgmax {limit}"
         return None

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 
 from podipc.address import UNIX_PATH_MAX
+from podipc.proc import read_int
 
 NAMESPACES = ("net", "ipc", "uts", "pid", "mnt", "cgroup", "user")
 DEV_SHM = "/dev/shm"
@@ -184,15 +185,6 @@ def describe_mount(path: str, entry: dict[str, str]) -> Mount:
         size=size,
         free=free,
     )
-
-
-def read_int(path: str) -> int | None:
-    """An integer from a one-line /proc file, None when it is missing or unreadable."""
-    try:
-        with open(path, encoding="ascii") as file:
-            return int(file.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def read_limits() -> Limits:

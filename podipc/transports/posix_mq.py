@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import posix_ipc
@@ -67,7 +67,8 @@ from podipc.errors import (
     PodIPCError,
     Timeout,
 )
-from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe, remove_if_gone
+from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
+from podipc.proc import read_int_or
 
 MSG_MAX_PATH = "/proc/sys/fs/mqueue/msg_max"
 MSGSIZE_MAX_PATH = "/proc/sys/fs/mqueue/msgsize_max"
@@ -89,23 +90,14 @@ RLIMIT_FIX = (
 DATA, END, GARBAGE = "data", "end", "garbage"
 
 
-def read_proc_int(path: str, fallback: int) -> int:
-    """An integer from a /proc file, or `fallback` when it cannot be read."""
-    try:
-        with open(path, "rb") as file:
-            return int(file.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return fallback
-
-
 def host_max_message_size() -> int:
     """The largest POSIX queue message here: /proc/sys/fs/mqueue/msgsize_max (bytes)."""
-    return read_proc_int(MSGSIZE_MAX_PATH, int(posix_ipc.QUEUE_MESSAGE_SIZE_MAX_DEFAULT))
+    return read_int_or(MSGSIZE_MAX_PATH, int(posix_ipc.QUEUE_MESSAGE_SIZE_MAX_DEFAULT))
 
 
 def host_max_depth() -> int:
     """The longest POSIX queue here: /proc/sys/fs/mqueue/msg_max (messages)."""
-    return read_proc_int(MSG_MAX_PATH, int(posix_ipc.QUEUE_MESSAGES_MAX_DEFAULT))
+    return read_int_or(MSG_MAX_PATH, int(posix_ipc.QUEUE_MESSAGES_MAX_DEFAULT))
 
 
 def availability() -> str | None:
@@ -184,23 +176,6 @@ def _queue_exists(name: str) -> bool:
     except (posix_ipc.Error, OSError):
         return False
     return True
-
-
-def _leave_presence(presence: Presence, clean: bool, queue_exists: Callable[[], bool]) -> None:
-    """Leave the channel's presence: a clean leave removes our file; an abort while the peer
-    lives leaves it unlocked (GONE), so the peer learns we came and went even if it never
-    saw us. A peer's GONE file is removed once it is no evidence of a stale queue.
-    """
-    try:
-        peer = probe(presence.peer_path)
-    except ChannelUnavailable:  # the peer's file is another user's: we cannot tell, so leave cleanly
-        peer = PeerState.ABSENT
-    if clean or peer is not PeerState.ALIVE:
-        presence.close()
-    else:
-        presence.abandon()
-    if peer is PeerState.GONE and not queue_exists():
-        remove_if_gone(presence.peer_path)
 
 
 def _unlink_quietly(name: str) -> None:
@@ -363,7 +338,7 @@ class PosixMQProducer(Producer):
         if nowait is not None:
             nowait.close()
         # A producer that never opened the queue sent nothing: it leaves as cleanly as it came.
-        _leave_presence(self._presence, clean or queue is None, lambda: _queue_exists(self.name))
+        self._presence.leave(clean or queue is None, lambda: _queue_exists(self.name))
 
 
 class PosixMQConsumer(Consumer):
@@ -515,7 +490,7 @@ class PosixMQConsumer(Consumer):
             return
         _unlink_quietly(self.name)
         queue.close()
-        _leave_presence(self._presence, clean, lambda: False)
+        self._presence.leave(clean, lambda: False)
 
     def _close(self) -> None:
         self._release(clean=False)

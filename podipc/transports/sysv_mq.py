@@ -58,7 +58,7 @@ import contextlib
 import errno
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import sysv_ipc
@@ -75,7 +75,8 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
-from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe, remove_if_gone
+from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
+from podipc.proc import read_int_or
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 MSGMNB_PATH = "/proc/sys/kernel/msgmnb"
@@ -102,23 +103,14 @@ LIMIT_FIX = "the SysV queue limit /proc/sys/kernel/msgmni may be used up: remove
 DATA, END, WAKE, GARBAGE = "data", "end", "wake", "garbage"
 
 
-def read_proc_int(path: str, fallback: int) -> int:
-    """An integer from a /proc file, or `fallback` when it cannot be read."""
-    try:
-        with open(path, "rb") as file:
-            return int(file.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return fallback
-
-
 def host_max_message_size() -> int:
     """The largest SysV queue message here: /proc/sys/kernel/msgmax (bytes)."""
-    return read_proc_int(MSGMAX_PATH, FALLBACK_MSGMAX)
+    return read_int_or(MSGMAX_PATH, FALLBACK_MSGMAX)
 
 
 def host_queue_bytes() -> int:
     """The default capacity of a SysV queue here: /proc/sys/kernel/msgmnb (bytes)."""
-    return read_proc_int(MSGMNB_PATH, FALLBACK_MSGMNB)
+    return read_int_or(MSGMNB_PATH, FALLBACK_MSGMNB)
 
 
 def availability() -> str | None:
@@ -182,23 +174,6 @@ def _queue_exists(key: int) -> bool:
     except (sysv_ipc.Error, OSError):
         return False
     return True
-
-
-def _leave_presence(presence: Presence, clean: bool, queue_exists: Callable[[], bool]) -> None:
-    """Leave the channel's presence: a clean leave removes our file; an abort while the peer
-    lives leaves it unlocked (GONE), so the peer learns we came and went even if it never
-    saw us. A peer's GONE file is removed once it is no evidence of a stale queue.
-    """
-    try:
-        peer = probe(presence.peer_path)
-    except ChannelUnavailable:  # the peer's file is another user's: we cannot tell, so leave cleanly
-        peer = PeerState.ABSENT
-    if clean or peer is not PeerState.ALIVE:
-        presence.close()
-    else:
-        presence.abandon()
-    if peer is PeerState.GONE and not queue_exists():
-        remove_if_gone(presence.peer_path)
 
 
 def _remove_quietly(queue: Any) -> None:
@@ -485,7 +460,7 @@ class SysVMQProducer(Producer):
         self._queue = None
         self._queue_send = None
         # A producer that never opened the queue sent nothing: it leaves as cleanly as it came.
-        _leave_presence(self._presence, clean or not attached, lambda: _queue_exists(self.key))
+        self._presence.leave(clean or not attached, lambda: _queue_exists(self.key))
 
 
 class SysVMQConsumer(Consumer):
@@ -684,7 +659,7 @@ class SysVMQConsumer(Consumer):
             return
         self._watch.stop()
         _remove_quietly(queue)
-        _leave_presence(self._presence, clean, lambda: False)
+        self._presence.leave(clean, lambda: False)
 
     def _close(self) -> None:
         self._release(clean=False)

@@ -135,3 +135,15 @@ def test_a_declaration_is_read_by_the_peer_and_ignored_by_clean(tmp_path: pytest
     assert not declares(producer.path, "something-else")
     producer.abandon()
     assert [(item.kind, item.name) for item in find_leftovers([str(tmp_path)])] == [("path", producer.path)]
+
+
+def test_leaving_cleanly_removes_our_file_and_an_abort_while_the_peer_lives_abandons_it(
+    tmp_path: pytest.TempPathFactory,
+) -> None:
+    directory = str(tmp_path)
+    producer = Presence("token", "producer", directory=directory)
+    consumer = Presence("token", "consumer", directory=directory)
+    producer.leave(clean=False, peer_file_is_evidence=lambda: False)
+    assert consumer.peer_state() is PeerState.GONE  # the peer learns we came and went
+    consumer.leave(clean=True, peer_file_is_evidence=lambda: False)
+    assert os.listdir(tmp_path) == []  # our file, and the GONE one that is no evidence
