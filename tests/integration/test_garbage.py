@@ -18,7 +18,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -38,11 +37,11 @@ from podipc.cli import EXIT_CODES
 from podipc.errors import PeerTimeout, ProtocolError
 from podipc.framing import HELLO
 from podipc.presence import Presence
+from tests.commands import PODIPC
 
 from .harness import leftovers, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(90)
-PODIPC = [sys.executable, "-c", "from podipc.cli import main; main()"]
 CLI_SECONDS = 30
 FOUR_GIB_MINUS_TWO = 0xFFFFFFFE
 
