@@ -8,8 +8,11 @@ Writes, in benchmarks/results/:
     bench.md         the same as Markdown: where it ran, targets, latency and throughput
                      (also copied into the "Latest results" section of docs/bench.md)
     bench.png        latency percentiles and throughput per subject and size
-    hot-paths.json   pytest-benchmark figures of framing and in-process send/receive
-    hot-paths.txt    the same as the pytest-benchmark table
+    hot-paths-stats.json  pytest-benchmark statistics of framing and in-process send/receive
+                          (min, median, mean, quartiles, ops, rounds per benchmark; no raw timings)
+    hot-paths.txt         the same as the pytest-benchmark table
+    hot-paths.json        pytest-benchmark's own output with every round's timing (tens of MB):
+                          a local artefact, kept out of git by .gitignore
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def run_bench(quick: bool, duration: float | None = None) -> dict[str, object]:
     command = [
         sys.executable,
         "-m",
-        "podipc.cli",
+        "podipc",
         "bench",
         "--peers",
         "--format",
@@ -87,8 +90,21 @@ def update_docs(report: dict[str, object]) -> None:
     DOCS.write_text(head + section + rest.split(END, 1)[1])
 
 
+RAW_HOT_PATHS = RESULTS / "hot-paths.json"
+HOT_PATH_STATISTICS = RESULTS / "hot-paths-stats.json"
+
+
+def write_hot_path_statistics() -> None:
+    """results/hot-paths-stats.json: pytest-benchmark's JSON without the per-round timings and CPU flags."""
+    report = json.loads(RAW_HOT_PATHS.read_text())
+    report["machine_info"].get("cpu", {}).pop("flags", None)
+    for benchmark in report["benchmarks"]:
+        benchmark["stats"].pop("data", None)
+    HOT_PATH_STATISTICS.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def run_hot_paths() -> None:
-    """The pytest-benchmark suite, figures to results/hot-paths.json and .txt."""
+    """The pytest-benchmark suite: raw figures to results/hot-paths.json, statistics and the table beside it."""
     completed = subprocess.run(
         [
             sys.executable,
@@ -101,7 +117,7 @@ def run_hot_paths() -> None:
             "--benchmark-only",
             "--benchmark-max-time=0.5",
             "--benchmark-columns=min,median,mean,ops,rounds",
-            f"--benchmark-json={RESULTS / 'hot-paths.json'}",
+            f"--benchmark-json={RAW_HOT_PATHS}",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -112,6 +128,7 @@ def run_hot_paths() -> None:
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout + completed.stderr)
         raise SystemExit(completed.returncode)
+    write_hot_path_statistics()
 
 
 def main() -> int:
@@ -123,7 +140,7 @@ def main() -> int:
     parser.add_argument(
         "--render-only",
         action="store_true",
-        help="re-render bench.md, bench.png and docs from the existing bench.json (no measuring)",
+        help="re-render bench.md, bench.png, docs and hot-paths-stats.json from the existing results (no measuring)",
     )
     arguments = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -131,6 +148,8 @@ def main() -> int:
         report = rerender()
         write_markdown(report)
         update_docs(report)
+        if RAW_HOT_PATHS.exists():
+            write_hot_path_statistics()
         sys.stdout.write((RESULTS / "bench.md").read_text())
         return 0
     report = run_bench(arguments.quick, arguments.duration)
