@@ -6,11 +6,12 @@ roles by environment. Errors become one line on stderr and a non-zero exit code.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO, Any
 
@@ -73,6 +74,25 @@ class ChannelFailure(click.ClickException):
     def show(self, file: IO[Any] | None = None) -> None:
         """Print 'podipc: error: ...' on one line."""
         click.echo(f"podipc: error: {self.format_message()}", err=True)
+
+
+class MissingExtra(click.ClickException):
+    """A command whose optional packages are not installed: one line naming the extra, exit code 3."""
+
+    exit_code = EXIT_CODES[ChannelUnavailable]
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Print 'podipc: error: ...' on one line."""
+        click.echo(f"podipc: error: {self.format_message()}", err=True)
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise MissingExtra unless every module the extra brings can be imported."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtra(
+            f"podipc {extra} needs {', '.join(missing)}, not installed here: pip install 'podipc[{extra}]'"
+        )
 
 
 @contextmanager
@@ -304,19 +324,29 @@ def channels_command(as_json: bool) -> None:
         for row in rows:
             click.echo(json.dumps(row.__dict__))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("scheme", "usable", "max message (bytes)", "example", "why not / fix")
-    for row in rows:
-        table.add_row(
+    header = ("scheme", "usable", "max message (bytes)", "example", "why not / fix")
+    cells = [
+        (
             row.scheme,
             "yes" if row.usable else "no",
             "" if row.max_message_size is None else f"{row.max_message_size:,}",
             row.example,
             row.reason,
         )
-    Console(width=200).print(table)
+        for row in rows
+    ]
+    click.echo(plain_table(header, cells))
+
+
+def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Rows under a header in left-aligned columns (the core commands print without optional packages)."""
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -486,6 +516,7 @@ def print_doctor_report(report: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.as_dict(), separators=(",", ":")))
         return
+    require_extra("doctor", "rich")
     from rich.console import Console
 
     from podipc.doctor.render import render
@@ -630,6 +661,7 @@ def bench(
     quiet: bool,
 ) -> None:
     """Compare channels inside one pod: latency, throughput and CPU per channel and message size."""
+    require_extra("bench", "rich")
     from podipc.bench import report as bench_report
     from podipc.bench import runner
     from podipc.channel import parse_size
