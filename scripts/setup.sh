@@ -10,8 +10,9 @@ extras="${1:-all}"
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# util-linux: unshare/nsenter/ipcs (namespace tests), libcap2-bin: capsh (the doctor's capability names).
-packages=(python3-venv python3-dev gcc util-linux iproute2 procps libcap2-bin)
+# For the tests: util-linux (unshare, nsenter, ipcs), iproute2 (ip), libcap2-bin (capsh, the reference
+# for the doctor's capability names), git (which files the repository tracks).
+packages=(python3-venv python3-dev gcc util-linux iproute2 procps libcap2-bin git)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
