@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 import podipc
 from podipc.clean import find_leftovers
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, ProtocolError, Timeout
-from podipc.shm_ring import (
+from podipc.transports import shm
+from podipc.transports.shm import segment
+from podipc.transports.shm.layout import (
     HEADER_SIZE,
     KIND_DATA,
     KIND_END,
@@ -40,7 +42,6 @@ from podipc.shm_ring import (
     encode_header,
     record_size,
 )
-from podipc.transports import shm
 
 pytestmark = pytest.mark.timeout(60)
 FORK = multiprocessing.get_context("fork")
@@ -423,7 +424,7 @@ def test_objects_have_the_mode_and_vanish_after_a_clean_stream(name: str) -> Non
 def test_unavailable_dev_shm_says_how_to_mount_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert shm.availability() is None
     assert shm.host_max_message_size() == shm.DEFAULT_CAPACITY // 2
-    monkeypatch.setattr(shm, "SHM_DIRECTORY", str(tmp_path / "missing"))
+    monkeypatch.setattr(segment, "SHM_DIRECTORY", str(tmp_path / "missing"))
     assert "emptyDir with medium: Memory at /dev/shm with a sizeLimit" in (shm.availability() or "")
     with pytest.raises(ChannelUnavailable, match="sizeLimit"):
         podipc.consumer("shm:///podipc-test-shm-missing")

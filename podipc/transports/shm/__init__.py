@@ -1,0 +1,104 @@
+"""shm:// - a single-producer single-consumer ring of variable-size messages in /dev/shm.
+
+Address
+    shm:///NAME   the ring is the file /dev/shm/NAME (what shm_open("/NAME") names)
+
+    Query options (or keyword arguments):
+      capacity=8MiB         ring bytes (consumer; the producer adopts the ring's); the pod's
+                            /dev/shm is 64 MiB by default and shared by every container
+      max_message_size=...  largest message in bytes; default capacity // 2; at most capacity - 8
+      spin=0.0005           seconds to poll an empty (or full) ring before sleeping on a semaphore
+                            (the first 5 us spin, the rest yields the CPU between polls)
+      wait=30, mode=0600    common options (see podipc.channel)
+
+Requires
+    A writable /dev/shm shared by both containers (a pod's containers share it through
+    the IPC namespace), large enough for the ring; the Python package posix_ipc (named
+    semaphores for the wake-ups).
+
+Semantics
+    Boundaries and order kept, reliable, no copies on the way but the producer's write
+    into the ring (recv_view() hands out the ring itself; loan()/commit() writes in place).
+    Max message: the max_message_size option (default capacity // 2), fixed by the
+    consumer when it creates the ring; the producer takes the ring's value on attach.
+    The consumer creates the segment /dev/shm/NAME and the semaphores /NAME.data and
+    /NAME.space (files sem.NAME.* in /dev/shm), all with `mode`, and unlinks them at the
+    end of stream or when it closes. A segment left by a killed consumer (its lock is
+    free) is replaced on open. Both sides hold a podipc.presence file, so a peer killed
+    with SIGKILL is noticed (PeerGone) within a quarter of a second while blocked.
+    A killed producer's presence file is removed by the consumer when it leaves. A
+    consumer that leaves early makes the producer fail with PeerGone once the ring is
+    full, or at close (the end of stream is never taken).
+    Wire format and plain-script peers: docs/wire/shm.md.
+
+Zero copy
+    ShmConsumer.recv_view(timeout) returns a read-only memoryview into the ring; the
+    next recv/recv_view/close releases it (later use raises ValueError) and hands the
+    bytes back to the producer. ShmProducer.loan(size, timeout) returns a writable view
+    of `size` bytes in the ring; commit(length=None) sends it as one message.
+
+The package, one job per module
+    layout     the wire layout: header and record encoding, checked decoding (fuzzed alone)
+    fence      memory ordering: when this CPU needs a fence, and the fence
+    waiter     Doorbell (a named semaphore) and Waiter: the one place a side spins, sleeps
+               and wakes its peer, for both sides
+    segment    the objects in /dev/shm: create, replace stale, attach, unlink; the mapping
+    ring       RingWriter and RingReader: index arithmetic, fences, the hot paths; one
+               receive path (RingReader.take) behind recv and recv_view
+    options    the URL options and the ring geometry they give
+    endpoints  ShmProducer and ShmConsumer: presence, attach/create, liveness, closing
+
+Where what comes next goes (seams, not built yet)
+    Shutdown from any thread (issue 11): close() sets a closing flag on the Waiter and
+    rings the endpoint's own doorbell, so a call sleeping in Waiter._sleep (or spinning,
+    which reads the flag with the clock) leaves with ChannelClosed at once. The endpoint
+    counts the calls inside its reader/writer; the last one out (or close(), if none is
+    in) runs _teardown/_abort, so Segment.close() - the only unmap, and the only close of
+    the semaphores a sleeper is blocked in (today's SIGSEGV) - runs after every call has
+    left. ShmConsumer._reader/ShmProducer._writer going None is already the "closed"
+    test of the hot paths, so the checks add nothing per message.
+    An awaitable wake-up (issue 12): Doorbell is the only thing that sleeps and rings.
+    A doorbell with a file descriptor both containers can open (a FIFO in /dev/shm, or an
+    abstract socket) replaces the semaphore behind the same ring()/sleep(), and Waiter
+    gains fileno() plus a non-blocking poll (one round of its checks without sleeping)
+    for selectors and podipc.aio; the waiting-word protocol stays as it is.
+    Batches (issue 13): RingWriter already separates reserving and writing a record from
+    publishing it (_reserve, _publish); send_many writes records back to back and
+    publishes the write index once (one fence, one wake check). RingReader keeps the
+    write index it last loaded, so recv_many takes every record up to it and publishes
+    the read index once.
+    Broadcast, one writer and N readers (issue 14): each RingReader owns one read-index
+    word (a reader table in a new layout version); RingWriter._wait_for_room waits for the
+    slowest of them, and its cached read index becomes their minimum; a Waiter per reader
+    with its own doorbell, the writer ringing those whose waiting word is set. Readers
+    then only view (take(keep=True)) and release; no reader's release frees room alone.
+"""
+
+from __future__ import annotations
+
+from podipc.transports.shm.endpoints import ShmConsumer, ShmProducer
+from podipc.transports.shm.options import (
+    DEFAULT_CAPACITY,
+    DEFAULT_SPIN_SECONDS,
+    OPTIONS,
+    availability,
+    default_max_message_size,
+    host_max_message_size,
+)
+from podipc.transports.shm.segment import SHM_DIRECTORY, SHM_FIX, availability_for, free_bytes, segment_path
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "DEFAULT_SPIN_SECONDS",
+    "OPTIONS",
+    "SHM_DIRECTORY",
+    "SHM_FIX",
+    "ShmConsumer",
+    "ShmProducer",
+    "availability",
+    "availability_for",
+    "default_max_message_size",
+    "free_bytes",
+    "host_max_message_size",
+    "segment_path",
+]
