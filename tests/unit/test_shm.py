@@ -29,7 +29,7 @@ import podipc
 from podipc.clean import find_leftovers
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, ProtocolError, Timeout
 from podipc.transports import shm
-from podipc.transports.shm import segment
+from podipc.transports.shm import fence, segment
 from podipc.transports.shm.layout import (
     HEADER_SIZE,
     KIND_DATA,
@@ -397,6 +397,34 @@ def test_record_decoder_fuzzed_stays_inside_the_ring(
     assert record.kind in (KIND_DATA, KIND_WRAP, KIND_END)
     if record.kind == KIND_DATA:
         assert record.next_read_index - read_index == record_size(record.length) <= capacity
+
+
+# --- memory ordering ----------------------------------------------------------
+
+
+def test_threads_fencing_at_once_never_release_each_others_lock() -> None:
+    """A producer closing in one thread while its consumer sleeps in another both fence."""
+    errors: list[BaseException] = []
+
+    def fence_often() -> None:
+        try:
+            for _ in range(20000):
+                fence.full_fence()
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads between the fence's release and its acquire
+    try:
+        threads = [threading.Thread(target=fence_often) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert not any(thread.is_alive() for thread in threads)
 
 
 # --- objects, modes, availability --------------------------------------------

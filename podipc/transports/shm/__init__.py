@@ -64,14 +64,14 @@ Where what comes next goes (seams, not built yet)
     for selectors and podipc.aio; the waiting-word protocol stays as it is.
     Batches (issue 13): RingWriter already separates reserving and writing a record from
     publishing it (_reserve, _publish); send_many writes records back to back and
-    publishes the write index once (one fence, one wake check). RingReader keeps the
-    write index it last loaded, so recv_many takes every record up to it and publishes
-    the read index once.
+    publishes the write index once (one fence, one wake check); recv_many loads the
+    write index once, takes every record up to it and publishes the read index once
+    (RingReader.take's body with the load and the publication hoisted out of the loop).
     Broadcast, one writer and N readers (issue 14): each RingReader owns one read-index
     word (a reader table in a new layout version); RingWriter._wait_for_room waits for the
     slowest of them, and its cached read index becomes their minimum; a Waiter per reader
     with its own doorbell, the writer ringing those whose waiting word is set. Readers
-    then only view (take(keep=True)) and release; no reader's release frees room alone.
+    then only view (take(in_place=True)) and release; no reader's release frees room alone.
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 They own the index arithmetic of the layout (podipc.transports.shm.layout) and the
 memory-ordering fences (podipc.transports.shm.fence), and leave waiting and waking to
-their Waiter. Each keeps its own index in a Python int and the peer's as last loaded
-(the writer: the read index, to know its room; the reader: the write index, to know
-what is published), so a message that finds room (or data) loads one shared word at
-most and makes no system call.
+their Waiter. Each keeps its own index in a Python int. The writer also keeps how far
+it may write before it must load the read index again, so a send that finds room loads
+no shared word; the reader loads the write index once per message (caching it too was
+measured: it saves a load when messages queue up, and costs more than that in a
+request/reply exchange). Neither makes a system call unless the peer sleeps.
 
 The hot paths (RingWriter.write, RingReader.take) check the common case inline with
 the word indices as literals (a constant load is cheaper than a global one) and hand
@@ -15,6 +16,7 @@ waiting, and garbage, which layout.decode_record reports as ProtocolError.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Literal, overload
@@ -43,6 +45,9 @@ from podipc.transports.shm.layout import (
 from podipc.transports.shm.segment import Segment
 from podipc.transports.shm.waiter import PeerCheck, Waiter
 
+INLINE_POLLS = range(64)
+"""Polls of the write index inside take() before it asks the waiter: a reply often comes within a microsecond."""
+
 if sys.byteorder != "little":  # pragma: no cover - the ring is little-endian and the hot paths use native words
     raise ImportError("shm:// needs a little-endian CPU")
 
@@ -59,8 +64,6 @@ class RingWriter:
         self._map = mapping.map
         self._buffer = mapping.buffer
         self._capacity = header.capacity
-        self.max_message_size = header.max_message_size
-        """The ring's largest message in bytes, set by the consumer that created it."""
         self._write_index = header.write_index
         self._read_index = header.read_index
         """The consumer's read index as last loaded."""
@@ -82,7 +85,11 @@ class RingWriter:
         self._words[PRODUCER_FLAGS_WORD] = header.producer_flags | PRODUCER_ATTACHED
 
     def write(self, data: bytes | bytearray | memoryview, length: int, timeout: float | None) -> None:
-        """Write one message of `length` bytes (at most max_message_size); wait at most `timeout` seconds for room."""
+        """Write one message of `length` bytes (the caller checked the ring's max message size).
+
+        Waits at most `timeout` seconds for room (None: no limit); raises Timeout, PeerGone,
+        and RuntimeError while a loan is out.
+        """
         capacity = self._capacity
         write_index = self._write_index
         position = write_index % capacity
@@ -113,7 +120,7 @@ class RingWriter:
         self._publish(size)
 
     def loan(self, size: int, timeout: float | None) -> memoryview:
-        """A writable view of `size` bytes in the ring (at most max_message_size), for commit() to send."""
+        """A writable view of `size` bytes in the ring (the caller checked the size), for commit() to send."""
         if self._loan is not None:
             raise RuntimeError("commit() the previous loan first")
         capacity = self._capacity
@@ -187,8 +194,7 @@ class RingWriter:
         if read_index < enough:
             read_index = self._waiter.wait(0, enough, deadline)
         self._read_index = read_index
-        if self._loan is None:
-            self._write_limit = read_index + self._capacity
+        self._write_limit = read_index + self._capacity  # never waits with a loan out
 
     def _publish(self, size: int) -> None:
         """Publish the `size` bytes written after the write index, and wake a sleeping consumer."""
@@ -224,8 +230,6 @@ class RingReader:
         self._max_message_size = max_message_size
         self._read_index = 0
         """The index after the last record taken: published, or ahead of the published one while a view is held."""
-        self._write_index = 0
-        """The producer's write index as last loaded."""
         self._held: memoryview | None = None
         self._on_end = on_end
         self._end_message = f"{location}: the producer ended the stream"
@@ -242,19 +246,19 @@ class RingReader:
         )
 
     @overload
-    def take(self, timeout: float | None, keep: Literal[False]) -> bytes: ...
+    def take(self, timeout: float | None, in_place: Literal[False]) -> bytes: ...
 
     @overload
-    def take(self, timeout: float | None, keep: Literal[True]) -> memoryview: ...
+    def take(self, timeout: float | None, in_place: Literal[True]) -> memoryview: ...
 
     @overload
-    def take(self, timeout: float | None, keep: bool) -> bytes | memoryview: ...
+    def take(self, timeout: float | None, in_place: bool) -> bytes | memoryview: ...
 
-    def take(self, timeout: float | None, keep: bool) -> bytes | memoryview:
+    def take(self, timeout: float | None, in_place: bool) -> bytes | memoryview:
         """The next message, waiting at most `timeout` seconds (None: no limit); the one receive path.
 
-        keep=False: a copy, and the bytes go back to the writer at once. keep=True: a
-        read-only view into the ring, held until the next take() or release(). Either way
+        in_place=False: a copy, and its bytes go back to the writer at once. in_place=True:
+        a read-only view into the ring, held until the next take() or release(). Either way
         a view still held from before is released first. Raises EndOfStream after the
         last message (once `on_end` has run), Timeout, PeerGone/PeerTimeout, ProtocolError.
         """
@@ -272,16 +276,18 @@ class RingReader:
             words[16] = read_index  # READ_INDEX_WORD: freed before waiting, or the writer might wait for it
             if words[18]:  # PRODUCER_WAITING_WORD
                 self._waiter.wake_peer()
-        write_index = self._write_index
+        write_index = words[8]  # WRITE_INDEX_WORD
         if write_index == read_index:
-            write_index = words[8]  # WRITE_INDEX_WORD
-            if write_index == read_index:
+            for _ in INLINE_POLLS:
+                write_index = words[8]
+                if write_index != read_index:
+                    break
+            else:
                 write_index = self._waiter.wait(
                     read_index, read_index + 1, None if timeout is None else deadline_after(timeout)
                 )
-            if WEAK_MEMORY_ORDER:
-                full_fence()
-            self._write_index = write_index
+        if WEAK_MEMORY_ORDER:
+            full_fence()
         capacity = self._capacity
         position = read_index % capacity
         offset = HEADER_SIZE + position
@@ -292,7 +298,7 @@ class RingReader:
                 start = offset + 8
                 read_index += size
                 self._read_index = read_index
-                if keep:
+                if in_place:
                     view = self._view[start : start + length]
                     self._held = view
                     return view
@@ -303,16 +309,14 @@ class RingReader:
                 if words[18]:  # PRODUCER_WAITING_WORD
                     self._waiter.wake_peer()
                 return data
-        return self._pass_marker(read_index, write_index, timeout, keep)
+        return self._pass_marker(read_index, write_index, timeout, in_place)
 
     def release(self) -> None:
         """Release a held view without handing its bytes back (the reader is leaving)."""
         if self._held is not None:
             # BufferError: the caller made views of it; they stay usable but may change
-            try:  # noqa: SIM105 - mirrors take()
+            with contextlib.suppress(BufferError):
                 self._held.release()
-            except BufferError:
-                pass
             self._held = None
 
     def leave_early(self) -> None:
@@ -324,7 +328,9 @@ class RingReader:
         """True once a producer has marked the ring attached."""
         return bool(self._words[PRODUCER_FLAGS_WORD] & PRODUCER_ATTACHED)
 
-    def _pass_marker(self, read_index: int, write_index: int, timeout: float | None, keep: bool) -> bytes | memoryview:
+    def _pass_marker(
+        self, read_index: int, write_index: int, timeout: float | None, in_place: bool
+    ) -> bytes | memoryview:
         """Step over a wrap record (then take the next message) or take the end of stream; garbage: ProtocolError."""
         record = decode_record(self._view, self._capacity, self._max_message_size, read_index, write_index)
         # decode_record accepts a data record exactly where take() took it already: this one is a marker
@@ -333,7 +339,7 @@ class RingReader:
             self._on_end()
             raise EndOfStream(self._end_message)
         assert record.kind == KIND_WRAP
-        return self.take(timeout, keep)
+        return self.take(timeout, in_place)
 
     def _advance(self, read_index: int) -> None:
         """Publish `read_index` (the bytes before it are free) and wake a writer waiting for room."""

@@ -1,9 +1,10 @@
 """The one place where a side of the ring waits for its peer and wakes it: spin, then sleep on a doorbell.
 
 A side waits for the peer to move the peer's index (the consumer for the write index,
-the producer for the read index). It polls that word for `spin` seconds: a burst of
-polls first, then polls with a clock read every SPIN_CHECKS_PER_CLOCK_READ, busy for
-the first PURE_SPIN_SECONDS and yielding the CPU between polls after that. Then it
+the producer for the read index). It polls that word for `spin` seconds, with a clock
+read every SPIN_CHECKS_PER_CLOCK_READ polls, busy for the first PURE_SPIN_SECONDS and
+yielding the CPU between polls after that. (RingReader.take polls a burst inline before
+it calls wait(): a reply often comes within a microsecond, sooner than the call.) Then it
 stores 1 in its own "waiting" word, fences, re-reads the index, and sleeps on its
 doorbell. The peer, after storing its index, rings the doorbell only when it sees that
 word set (and clears it), so the fast path makes no system call.
@@ -31,8 +32,6 @@ from podipc.transports.shm.fence import full_fence
 
 SEMAPHORE_DIRECTORY = "/dev/shm"
 """Where glibc keeps the file of a named semaphore /NAME: SEMAPHORE_DIRECTORY/sem.NAME."""
-BURST_POLLS = range(64)
-"""Polls of the peer's index before the clock is read at all: a reply often comes within a microsecond or two."""
 SPIN_CHECKS_PER_CLOCK_READ = 32
 PURE_SPIN_SECONDS = 0.000005
 """Busy-poll without yielding this long; the rest of `spin` yields the CPU between polls."""
@@ -122,31 +121,13 @@ class Waiter:
         self._timeout_message = timeout_message
 
     def wait(self, low: int, high: int, deadline: float | None) -> int:
-        """The peer's index once it is outside [low, high).
+        """The peer's index once it is outside [low, high): spin for `spin` seconds, then sleep.
 
         The consumer waits while the write index is in [read index, read index + 1), that is
         until it moves (a value below is garbage the decoder reports); the producer while the
         read index is in [0, what leaves room). Raises Timeout at the monotonic `deadline`
         (None: none), or what `check_peer` returns unless the index moved meanwhile.
         """
-        words = self._words
-        watched = self._watched_word
-        for _ in BURST_POLLS:
-            value: int = words[watched]
-            if not low <= value < high:
-                return value
-        value = self._spin(low, high, deadline)
-        if not low <= value < high:
-            return value
-        return self._sleep(low, high, deadline)
-
-    def wake_peer(self) -> None:
-        """Wake the peer, which said it sleeps: clear its waiting word and ring its doorbell."""
-        self._words[self._peer_waiting_word] = 0
-        self._peer_doorbell.ring()
-
-    def _spin(self, low: int, high: int, deadline: float | None) -> int:
-        """Poll the peer's index for `spin` seconds (at most until `deadline`); its last value."""
         words = self._words
         watched = self._watched_word
         clock = time.monotonic  # the clock of deadlines
@@ -164,9 +145,14 @@ class Waiter:
                     return value
             now = clock()
             if now >= spin_until:
-                return value
+                return self._sleep(low, high, deadline)
             if now >= yield_after:
                 sched_yield()  # on a busy machine the peer may need this core
+
+    def wake_peer(self) -> None:
+        """Wake the peer, which said it sleeps: clear its waiting word and ring its doorbell."""
+        self._words[self._peer_waiting_word] = 0
+        self._peer_doorbell.ring()
 
     def _sleep(self, low: int, high: int, deadline: float | None) -> int:
         """Sleep on the doorbell in bounded steps until the peer's index moves, checking the peer between."""
