@@ -210,6 +210,8 @@ def test_loan_and_commit_send_in_place_with_a_shorter_length(name: str) -> None:
     with podipc.consumer(url(name), **SMALL_RING) as consumer:
         producer = podipc.producer(url(name), **SMALL_RING)
         assert isinstance(producer, shm.ShmProducer)
+        with pytest.raises(ValueError, match="0 bytes or more"):
+            producer.loan(-1)
         for round_number in range(20):  # goes around the 4 KiB ring several times
             buffer = producer.loan(1000, timeout=5)
             buffer[:5] = b"hello"

@@ -49,29 +49,36 @@ The package, one job per module
     endpoints  ShmProducer and ShmConsumer: presence, attach/create, liveness, closing
 
 Where what comes next goes (seams, not built yet)
-    Shutdown from any thread (issue 11): close() sets a closing flag on the Waiter and
-    rings the endpoint's own doorbell, so a call sleeping in Waiter._sleep (or spinning,
-    which reads the flag with the clock) leaves with ChannelClosed at once. The endpoint
-    counts the calls inside its reader/writer; the last one out (or close(), if none is
-    in) runs _teardown/_abort, so Segment.close() - the only unmap, and the only close of
-    the semaphores a sleeper is blocked in (today's SIGSEGV) - runs after every call has
-    left. ShmConsumer._reader/ShmProducer._writer going None is already the "closed"
-    test of the hot paths, so the checks add nothing per message.
-    An awaitable wake-up (issue 12): Doorbell is the only thing that sleeps and rings.
+    Shutdown from any thread (issue 11). Waking: Waiter gets interrupt(), which sets a
+    flag its spin loop reads with the clock and its sleep loop reads every round, and
+    rings the waiter's own doorbell (one store and a sem_post: safe from any thread or a
+    signal handler), so a blocked call leaves with ChannelClosed at once; take()'s
+    inline polls are bounded and need no check. Freeing: Segment.close() is the only
+    unmap and the only close of the semaphores a sleeper may be blocked in (sem_close
+    under a sleeping sem_timedwait is today's SIGSEGV), so it must run once no call is
+    inside: the endpoint counts calls in, and the last one out frees. The endpoints'
+    _teardown/_abort already do the protocol steps (end record, closed flag, unlink) and
+    then Segment.close() last; `_reader`/`_writer` set to None is already the closed
+    test of the hot paths, so none of this adds a check per message. A non-blocking
+    attempt (timeout=0, try_recv) is take() stopping where it would call the waiter;
+    threads sharing an endpoint need a call lock around write()/take().
+    An awaitable wake-up (issue 12). Doorbell is the only thing that sleeps and rings.
     A doorbell with a file descriptor both containers can open (a FIFO in /dev/shm, or an
-    abstract socket) replaces the semaphore behind the same ring()/sleep(), and Waiter
-    gains fileno() plus a non-blocking poll (one round of its checks without sleeping)
-    for selectors and podipc.aio; the waiting-word protocol stays as it is.
-    Batches (issue 13): RingWriter already separates reserving and writing a record from
-    publishing it (_reserve, _publish); send_many writes records back to back and
-    publishes the write index once (one fence, one wake check); recv_many loads the
-    write index once, takes every record up to it and publishes the read index once
-    (RingReader.take's body with the load and the publication hoisted out of the loop).
-    Broadcast, one writer and N readers (issue 14): each RingReader owns one read-index
-    word (a reader table in a new layout version); RingWriter._wait_for_room waits for the
-    slowest of them, and its cached read index becomes their minimum; a Waiter per reader
-    with its own doorbell, the writer ringing those whose waiting word is set. Readers
-    then only view (take(in_place=True)) and release; no reader's release frees room alone.
+    abstract socket) replaces the semaphore behind the same ring()/sleep(); Waiter then
+    gives fileno() and a poll (set the waiting word, fence, re-check, do not sleep) for
+    selectors and podipc.aio, which then retry the non-blocking attempt. The waiting-word
+    protocol, and with it the wire format, stay as they are.
+    Batches (issue 13). RingWriter separates reserving and writing a record (_reserve)
+    from publishing it (_publish): send_many writes records back to back and publishes
+    the write index once (one fence, one wake check). recv_many loads the write index
+    once, takes the records up to it with take()'s record check, and publishes the read
+    index once.
+    Broadcast, one writer and N readers (issue 14). Each reader owns a read-index word
+    and a waiting word (a reader table, in a new layout version); RingWriter's write
+    limit becomes the slowest reader's index + capacity (_wait_for_room waits for their
+    minimum), it rings each reader whose waiting word is set, and each RingReader has
+    its own Waiter and doorbell. Readers hand out views (take(in_place=True)), and a
+    reader's release frees room only when it was the slowest.
 """
 
 from __future__ import annotations
