@@ -37,7 +37,7 @@ from podipc.cli import EXIT_CODES
 from podipc.errors import PeerTimeout, ProtocolError
 from podipc.framing import HELLO
 from podipc.presence import Presence
-from podipc.transports.shm import layout as shm_layout
+from podipc.transports.shm import layout as shm_ring
 
 from .harness import leftovers, url_for, wait_until
 
@@ -289,20 +289,17 @@ def test_a_corrupt_shm_ring_is_a_protocol_error(corruption: str) -> None:
         presence = Presence(address.token, "producer")  # a raw producer announces itself like podipc's
         try:
             with open(path, "r+b") as segment, mmap.mmap(segment.fileno(), 0) as ring:
-                capacity = shm_layout.INDEX.unpack_from(ring, 16)[0]
+                capacity = shm_ring.INDEX.unpack_from(ring, 16)[0]
                 record, write_index = {
-                    "huge-record": (shm_layout.RECORD_HEADER.pack(FOUR_GIB_MINUS_TWO, shm_layout.KIND_DATA), 8),
-                    "unknown-kind": (shm_layout.RECORD_HEADER.pack(0, 77), 8),
-                    "write-index-beyond-capacity": (
-                        shm_layout.RECORD_HEADER.pack(0, shm_layout.KIND_DATA),
-                        capacity * 4,
-                    ),
-                    "misaligned-write-index": (shm_layout.RECORD_HEADER.pack(0, shm_layout.KIND_DATA), 12),
-                    "wrap-at-start": (shm_layout.RECORD_HEADER.pack(0, shm_layout.KIND_WRAP), 8),
+                    "huge-record": (shm_ring.RECORD_HEADER.pack(FOUR_GIB_MINUS_TWO, shm_ring.KIND_DATA), 8),
+                    "unknown-kind": (shm_ring.RECORD_HEADER.pack(0, 77), 8),
+                    "write-index-beyond-capacity": (shm_ring.RECORD_HEADER.pack(0, shm_ring.KIND_DATA), capacity * 4),
+                    "misaligned-write-index": (shm_ring.RECORD_HEADER.pack(0, shm_ring.KIND_DATA), 12),
+                    "wrap-at-start": (shm_ring.RECORD_HEADER.pack(0, shm_ring.KIND_WRAP), 8),
                 }[corruption]
-                ring[shm_layout.HEADER_SIZE : shm_layout.HEADER_SIZE + 8] = record
-                shm_layout.INDEX.pack_into(ring, shm_layout.PRODUCER_FLAGS_OFFSET, shm_layout.PRODUCER_ATTACHED)
-                shm_layout.INDEX.pack_into(ring, shm_layout.WRITE_INDEX_OFFSET, write_index)
+                ring[shm_ring.HEADER_SIZE : shm_ring.HEADER_SIZE + 8] = record
+                shm_ring.INDEX.pack_into(ring, shm_ring.PRODUCER_FLAGS_OFFSET, shm_ring.PRODUCER_ATTACHED)
+                shm_ring.INDEX.pack_into(ring, shm_ring.WRITE_INDEX_OFFSET, write_index)
             with contextlib.suppress(posix_ipc.ExistentialError):
                 posix_ipc.Semaphore(f"/{address.name}.data").release()
             code, summary, lines = consume.finish()
@@ -450,18 +447,18 @@ CAPACITY = 4096
 def test_fuzz_shm_record_decoder_stays_inside_the_ring_or_raises_protocol_error(
     noise: bytes, read_index: int, available: int, max_message_size: int, record: tuple[int, int]
 ) -> None:
-    buffer = bytearray(shm_layout.HEADER_SIZE + CAPACITY)
+    buffer = bytearray(shm_ring.HEADER_SIZE + CAPACITY)
     position = read_index % CAPACITY
-    start = shm_layout.HEADER_SIZE + position
+    start = shm_ring.HEADER_SIZE + position
     buffer[start : start + len(noise)] = noise[: len(buffer) - start]
-    shm_layout.RECORD_HEADER.pack_into(buffer, shm_layout.HEADER_SIZE + position, *record)
+    shm_ring.RECORD_HEADER.pack_into(buffer, shm_ring.HEADER_SIZE + position, *record)
     write_index = read_index + available
     try:
-        decoded = shm_layout.decode_record(buffer, CAPACITY, max_message_size, read_index, write_index)
+        decoded = shm_ring.decode_record(buffer, CAPACITY, max_message_size, read_index, write_index)
     except ProtocolError as error:
         assert str(error).startswith("shm ")
         return
     assert read_index < decoded.next_read_index <= write_index
-    assert decoded.payload_offset >= shm_layout.HEADER_SIZE
-    assert decoded.payload_offset + decoded.length <= shm_layout.HEADER_SIZE + CAPACITY
+    assert decoded.payload_offset >= shm_ring.HEADER_SIZE
+    assert decoded.payload_offset + decoded.length <= shm_ring.HEADER_SIZE + CAPACITY
     assert decoded.length <= max_message_size
