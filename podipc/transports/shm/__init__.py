@@ -40,8 +40,8 @@ Zero copy
 The package, one job per module
     layout     the wire layout: header and record encoding, checked decoding (fuzzed alone)
     fence      memory ordering: when this CPU needs a fence, and the fence
-    waiter     Doorbell (a named semaphore) and Waiter: the one place a side spins, sleeps
-               and wakes its peer, for both sides
+    waiter     Doorbell (a named semaphore) and Waiter, used by both sides: the one place
+               a side spins (after take()'s few inline polls), sleeps and wakes its peer
     segment    the objects in /dev/shm: create, replace stale, attach, unlink; the mapping
     ring       RingWriter and RingReader: index arithmetic, fences, the hot paths; one
                receive path (RingReader.take) behind recv and recv_view
