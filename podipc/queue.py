@@ -38,16 +38,17 @@ Seams for the issues ahead (named here, not built):
   queue podipc cannot prove it created for this channel" belong in those hooks and that
   one choice; the producer's single way in is `_open_existing`, and `_discard` is where a
   failed open decides whether the queue was its to remove.
-- Shutdown from any thread, signals, timeout=0 (issue 11): every wait of either side is
-  a transport loop (`_put`, `_receive_slowly`, the fast paths) or this module's
-  `_wait_taken` and `_connect`; each ends in one verdict (`_check_producer`, the peer
-  probe in `_put`), so a `closing` flag checked there plus one per-transport wake-up
-  (mq:// returns within a liveness slice; sysvmq:// has its watchdog put a wake-up
-  message for a consumer, and needs one for a producer blocked in msgsnd) gives close()
-  from another thread. An interrupted kernel call (EINTR) is classified in one place per
-  transport (sysv_mq._interrupted; posix_ipc.SignalError, today PeerGone on mq://) and
-  should be retried there. A timeout of 0 is already one non-blocking try on both queues
-  once connected (a zero slice on mq://, IPC_NOWAIT on sysvmq://).
+- Shutdown from any thread, signals, timeout=0 (issue 11): every wait is in a transport
+  loop (`_put`, `_receive_slowly`, the fast paths) or here (`_connect`, `_wait_taken`), and
+  each loop already comes back to a liveness verdict between waits (`_check_producer`, the
+  consumer probe in `_put`). close() from another thread needs a `closing` flag checked at
+  those verdicts plus one wake-up per transport: mq:// waits at most a liveness slice
+  (0.25 s), sysvmq:// has its watchdog put a wake-up message for a blocked consumer and
+  still needs a way to wake a producer blocked in msgsnd. EINTR is classified in one place
+  per transport (sysv_mq._interrupted, which retries; on mq:// posix_ipc.SignalError falls
+  into the PeerGone branch of `_put`/`_receive_slowly` today) and is to be retried there.
+  timeout=0 is already one non-blocking try on both queues once connected (a zero slice on
+  mq://, IPC_NOWAIT on sysvmq://).
 - Readiness (issue 12): a Linux mqd is a file descriptor (readable when a message waits,
   writable when there is room), so mq:// endpoints can expose it as fileno() through a
   hook here; a SysV queue has none, so sysvmq:// would signal readiness from its existing
@@ -63,7 +64,7 @@ from typing import Any, ClassVar
 
 from podipc.address import Address
 from podipc.channel import Consumer, Producer
-from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, Timeout
+from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout, Timeout
 from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
 
 LIVENESS_SLICE_SECONDS = 0.25
@@ -79,6 +80,15 @@ DATA, END, GARBAGE = "data", "end", "garbage"
 SHARE_A_GROUP_FIX = (
     "the peer runs as another user: share a group (runAsGroup/fsGroup) and open both sides with mode=0660"
 )
+
+
+def kind_of(mark: int, data: bytes, data_mark: int, end_mark: int) -> str:
+    """What a received queue message tagged `mark` is: DATA, END (empty, tagged end_mark) or GARBAGE."""
+    if mark == data_mark:
+        return DATA
+    if mark == end_mark and not data:
+        return END
+    return GARBAGE
 
 
 def limit_option(settings: Mapping[str, Any], option: str, kernel_limit: int, source: str, fix: str) -> int:
@@ -144,7 +154,7 @@ class QueueProducer(Producer):
 
     @abstractmethod
     def _put(self, message: memoryview | bytes, mark: int, deadline: float | None) -> None:
-        """Put one message tagged `mark`, waiting for room until `deadline` (None: no limit) while the consumer lives."""
+        """Put one message tagged `mark`, waiting for room until `deadline` (None: none) while the consumer lives."""
 
     @abstractmethod
     def _queued(self) -> int:
@@ -157,6 +167,10 @@ class QueueProducer(Producer):
     @abstractmethod
     def _queue_exists(self) -> bool:
         """True while the channel's queue exists (a dead consumer's queue keeps its presence file as evidence)."""
+
+    def _too_large(self, size: int) -> MessageTooLarge:
+        """The error for a message of `size` bytes that the queue refused as too large."""
+        return MessageTooLarge(size, self.max_message_size, self.max_message_source, self.max_message_fix)
 
     # --- rendezvous --------------------------------------------------------
 
@@ -286,7 +300,7 @@ class QueueConsumer(Consumer):
         """Receive until a data message, waiting until `deadline` while the producer lives.
 
         `mark` and `data`: a message the fast path already took that was not data (mark -1: none).
-        Raises what `_end_of_stream()` and `_check_producer()` give.
+        Each message taken goes through `_is_data()`; a wait that brings nothing ends in `_check_producer()`.
         """
 
     @abstractmethod
@@ -337,10 +351,16 @@ class QueueConsumer(Consumer):
         self._messages_seen = self._fast = True
         return data
 
-    def _end_of_stream(self) -> EndOfStream:
-        """At the end marker: release the queue; the EndOfStream to raise."""
-        self._release(clean=True)
-        return EndOfStream(f"{self.address.location}: the producer ended the stream")
+    def _is_data(self, kind: str) -> bool:
+        """Account for a message the slow path took: True for data; EndOfStream at the end marker; counts garbage."""
+        if kind is DATA:
+            return True
+        if kind is END:
+            self._release(clean=True)
+            raise EndOfStream(f"{self.address.location}: the producer ended the stream")
+        if kind is GARBAGE:
+            self.skipped += 1
+        return False
 
     def _check_producer(self, deadline: float | None) -> None:
         """After a wait that brought nothing: PeerGone, PeerTimeout or Timeout when due."""

@@ -62,18 +62,9 @@ import posix_ipc
 
 from podipc.address import Address
 from podipc.channel import Option, parse_count, parse_size, remaining
-from podipc.errors import ChannelUnavailable, MessageTooLarge, PeerGone, PodIPCError, Timeout
+from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, Timeout
 from podipc.proc import read_int_or
-from podipc.queue import (
-    DATA,
-    END,
-    GARBAGE,
-    LIVENESS_SLICE_SECONDS,
-    QueueConsumer,
-    QueueProducer,
-    limit_option,
-    permission_denied,
-)
+from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
 
 MSG_MAX_PATH = "/proc/sys/fs/mqueue/msg_max"
 MSGSIZE_MAX_PATH = "/proc/sys/fs/mqueue/msgsize_max"
@@ -118,12 +109,8 @@ def availability() -> str | None:
 
 
 def classify(priority: int, data: bytes) -> str:
-    """What a received queue message is: DATA, END (the end marker) or GARBAGE (skipped)."""
-    if priority == DATA_PRIORITY:
-        return DATA
-    if priority == END_PRIORITY and not data:
-        return END
-    return GARBAGE
+    """What a received queue message is: podipc.queue's DATA, END (the end marker) or GARBAGE (skipped)."""
+    return kind_of(priority, data, DATA_PRIORITY, END_PRIORITY)
 
 
 def queue_name(address: Address) -> str:
@@ -240,10 +227,7 @@ class PosixMQProducer(QueueProducer):
             except posix_ipc.BusyError:
                 pass
             except ValueError as exc:
-                size = memoryview(message).nbytes
-                raise MessageTooLarge(
-                    size, self.max_message_size, self.max_message_source, self.max_message_fix
-                ) from exc
+                raise self._too_large(memoryview(message).nbytes) from exc
             except (posix_ipc.Error, OSError) as exc:
                 raise PeerGone(f"the queue of {location} failed: {exc}") from exc
             if peer.lost():
@@ -335,13 +319,8 @@ class PosixMQConsumer(QueueConsumer):
         receive = self._receive
         priority = mark
         while True:
-            if priority >= 0:
-                kind = classify(priority, data)
-                if kind is DATA:
-                    return data
-                if kind is END:
-                    raise self._end_of_stream()
-                self.skipped += 1
+            if priority >= 0 and self._is_data(classify(priority, data)):
+                return data
             left = (
                 LIVENESS_SLICE_SECONDS if deadline is None else min(LIVENESS_SLICE_SECONDS, remaining(deadline) or 0.0)
             )

@@ -69,19 +69,10 @@ import sysv_ipc
 
 from podipc.address import Address
 from podipc.channel import Option, parse_size
-from podipc.errors import ChannelUnavailable, MessageTooLarge, PeerGone, PodIPCError, ProtocolError, Timeout
+from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError, Timeout
 from podipc.presence import PeerState, PeerTracker
 from podipc.proc import read_int_or
-from podipc.queue import (
-    DATA,
-    END,
-    GARBAGE,
-    LIVENESS_SLICE_SECONDS,
-    QueueConsumer,
-    QueueProducer,
-    limit_option,
-    permission_denied,
-)
+from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 MSGMNB_PATH = "/proc/sys/kernel/msgmnb"
@@ -129,14 +120,10 @@ def availability() -> str | None:
 
 
 def classify(mtype: int, data: bytes) -> str:
-    """What a received queue message is: DATA, END (the end marker), WAKE (the consumer's own) or GARBAGE."""
-    if mtype == DATA_TYPE:
-        return DATA
-    if mtype == END_TYPE and not data:
-        return END
+    """What a received queue message is: WAKE (the consumer's own), or podipc.queue's DATA, END or GARBAGE."""
     if mtype == WAKE_TYPE and not data:
         return WAKE
-    return GARBAGE
+    return kind_of(mtype, data, DATA_TYPE, END_TYPE)
 
 
 def _check_limits(settings: Mapping[str, Any]) -> tuple[int, int]:
@@ -333,9 +320,7 @@ class SysVMQProducer(QueueProducer):
                 self._queue_send(message, True, mtype)
                 return
             except ValueError as exc:
-                raise MessageTooLarge(
-                    len(message), self.max_message_size, self.max_message_source, self.max_message_fix
-                ) from exc
+                raise self._too_large(len(message)) from exc
             except (sysv_ipc.Error, OSError) as exc:
                 if not _interrupted(exc):
                     raise self._failed(exc) from exc
@@ -366,9 +351,7 @@ class SysVMQProducer(QueueProducer):
             except sysv_ipc.BusyError:
                 pass
             except ValueError as exc:
-                raise MessageTooLarge(
-                    len(message), self.max_message_size, self.max_message_source, self.max_message_fix
-                ) from exc
+                raise self._too_large(len(message)) from exc
             except (sysv_ipc.Error, OSError) as exc:
                 raise self._failed(exc) from exc
             now = time.monotonic()
@@ -491,13 +474,9 @@ class SysVMQConsumer(QueueConsumer):
         while True:
             if mtype >= 0:
                 kind = classify(mtype, data)
-                if kind is DATA:
+                if self._is_data(kind):
                     return data
-                if kind is END:
-                    raise self._end_of_stream()
-                if kind is GARBAGE:
-                    self.skipped += 1
-                else:
+                if kind is WAKE:
                     self._check_producer(deadline)
             if deadline is not None:
                 try:
