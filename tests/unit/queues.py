@@ -32,9 +32,10 @@ import sysv_ipc
 
 import podipc
 from podipc.address import parse_address
-from podipc.channel import channel_class
 from podipc.presence import presence_path
 from podipc.queue import QueueConsumer
+from podipc.transports.posix_mq import PosixMQConsumer
+from podipc.transports.sysv_mq import SysVMQConsumer
 
 FORK = multiprocessing.get_context("fork")
 WIRE_DOCS = Path(__file__).resolve().parents[2] / "docs" / "wire"
@@ -44,6 +45,7 @@ class QueueKit(ABC):
     """One kernel queue transport, with raw access to its queue for the tests."""
 
     scheme: ClassVar[str]
+    consumer_class: ClassVar[type[QueueConsumer]]
     limit_source: ClassVar[str]
     """Where max_message_size comes from by default, as MessageTooLarge names it."""
     data_mark: ClassVar[int]
@@ -58,13 +60,6 @@ class QueueKit(ABC):
     """What MessageTooLarge says of a limit a producer adopted from the consumer's smaller queue."""
     removes_a_dead_consumers_queue: ClassVar[bool]
     """True when a producer blocked on a SIGKILLed consumer's queue removes it to wake up."""
-
-    @property
-    def consumer_class(self) -> type[QueueConsumer]:
-        """The consumer class the registry gives for the scheme."""
-        cls = channel_class(self.scheme, "consumer")
-        assert issubclass(cls, QueueConsumer)
-        return cls
 
     @property
     def module(self) -> ModuleType:
@@ -157,6 +152,7 @@ class PosixMQKit(QueueKit):
     """mq://: the POSIX queue /NAME; the tag is the priority."""
 
     scheme = "mq"
+    consumer_class = PosixMQConsumer
     data_mark, end_mark = 1, 0
     raw_marks = range(41)
     removes_a_dead_consumers_queue = False  # it stays as evidence: the next consumer recovers it
@@ -208,6 +204,7 @@ class SysVMQKit(QueueKit):
     """sysvmq://: the SysV queue whose key the URL names or derives; the tag is the mtype."""
 
     scheme = "sysvmq"
+    consumer_class = SysVMQConsumer
     data_mark, end_mark = 1, 2
     raw_marks = range(1, 13)  # mtypes are positive
     removes_a_dead_consumers_queue = True  # the producer's watchdog removes it to fail the blocked msgsnd
