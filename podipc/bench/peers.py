@@ -180,6 +180,7 @@ class RawTCP(Subject):
     """A TCP socket on loopback with length-prefixed frames: the raw baseline of tcp://."""
 
     name, kind = "raw-tcp", "raw"
+    baseline_of: str | None = "tcp"
 
     def availability(self) -> str | None:
         """Always available."""
@@ -205,7 +206,7 @@ class RawTCP(Subject):
 class RawUnix(RawTCP):
     """A Unix stream socket with length-prefixed frames: the raw baseline of unix://."""
 
-    name = "raw-unix"
+    name, baseline_of = "raw-unix", "unix"
     shared_places = frozenset({"directory"})
 
     def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
@@ -293,7 +294,7 @@ class UDPReceiver:
 class RawUDP(RawTCP):
     """A UDP socket on loopback, one datagram per message: the raw baseline of udp:// (lossy)."""
 
-    name, lossy = "raw-udp", True
+    name, lossy, baseline_of = "raw-udp", True, "udp"
 
     def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
         """A free loopback UDP port per link."""
@@ -399,7 +400,7 @@ class PosixMQReceiver:
 class RawPosixMQ(RawTCP):
     """posix_ipc.MessageQueue used directly: the raw baseline of mq://."""
 
-    name = "raw-posix-mq"
+    name, baseline_of = "raw-posix-mq", "mq"
 
     def availability(self) -> str | None:
         """posix_ipc and /dev/mqueue support."""
@@ -521,7 +522,7 @@ class SysVReceiver:
 class RawSysVMQ(RawTCP):
     """sysv_ipc.MessageQueue used directly: the raw baseline of sysvmq://."""
 
-    name = "raw-sysv-mq"
+    name, baseline_of = "raw-sysv-mq", "sysvmq"
 
     def availability(self) -> str | None:
         """sysv_ipc installed."""
@@ -561,7 +562,7 @@ class RawSysVMQ(RawTCP):
 class RawRing(RawTCP):
     """A hand-written busy-poll mmap ring in /dev/shm: the raw baseline of shm://."""
 
-    name, zero_copy_receive = "raw-ring", True
+    name, zero_copy_receive, baseline_of = "raw-ring", True, "shm"
     shared_places = frozenset({"dev_shm"})
 
     def availability(self) -> str | None:
@@ -652,6 +653,7 @@ class PyZMQ(RawTCP):
     def __init__(self, transport: str) -> None:
         self.transport = transport
         self.name = f"pyzmq-{transport}"
+        self.baseline_of = f"zmq+{transport}"
         self.shared_places = frozenset({"directory"} if transport == "ipc" else set())
 
     def availability(self) -> str | None:
@@ -802,6 +804,7 @@ class Iceoryx2(RawTCP):
     """iceoryx2 publish-subscribe over shared memory (Slice[c_uint8], busy-polled)."""
 
     name, kind, zero_copy_receive = "iceoryx2", "library", True
+    baseline_of = None  # a library doing shm://'s job differently, not its raw primitive
     shared_places = frozenset({"dev_shm", "iceoryx2"})
 
     def availability(self) -> str | None:

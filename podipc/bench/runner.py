@@ -42,8 +42,6 @@ from podipc.bench.stats import (
     core_fraction,
 )
 from podipc.bench.subjects import (
-    CHANNEL_SCHEMES,
-    RAW_BASELINE,
     SHARED_PLACES,
     CellPlace,
     ChannelSubject,
@@ -53,6 +51,7 @@ from podipc.bench.subjects import (
 )
 from podipc.bench.workloads import Effort, drain, echo, idle, ping, stream
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PodIPCError
+from podipc.transport import schemes
 
 DEFAULT_SIZES = (64, 4096, 65536, 1 << 20)
 MODES = ("latency", "throughput")
@@ -74,7 +73,7 @@ ICEORYX_ROOT = "/tmp/iceoryx2"
 class Plan:
     """What to measure and how; every field has a command-line option."""
 
-    channels: list[str] = field(default_factory=lambda: list(CHANNEL_SCHEMES))
+    channels: list[str] = field(default_factory=lambda: list(schemes()))
     sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
     modes: list[str] = field(default_factory=lambda: list(MODES))
     seconds: float = DEFAULT_SECONDS
@@ -92,7 +91,7 @@ class Plan:
         for size in self.sizes:
             if size < SEQUENCE_SIZE:
                 raise ValueError(f"size {size}: bench messages are at least {SEQUENCE_SIZE} bytes (sequence number)")
-        known = (*CHANNEL_SCHEMES, *(peer.name for peer in peer_subjects()))
+        known = (*schemes(), *(peer.name for peer in peer_subjects()))
         unknown = [name for name in self.channels if name not in known]
         if unknown:
             raise ValueError(f"unknown channel(s) or peer(s) {', '.join(unknown)}; known: {', '.join(known)}")
@@ -129,9 +128,14 @@ class Cell:
         return CELL_GRACE_SECONDS + 3 * self.seconds + self.idle_seconds
 
 
+def raw_baselines() -> dict[str, str]:
+    """The raw peer doing each channel's job with no podipc layer, by scheme (the peers declare it)."""
+    return {peer.baseline_of: peer.name for peer in peer_subjects() if peer.baseline_of is not None}
+
+
 def all_subjects() -> dict[str, Subject]:
     """Every channel and every peer, by name."""
-    subjects: dict[str, Subject] = {scheme: ChannelSubject(scheme) for scheme in CHANNEL_SCHEMES}
+    subjects: dict[str, Subject] = {scheme: ChannelSubject(scheme) for scheme in schemes()}
     subjects.update({peer.name: peer for peer in peer_subjects()})
     return subjects
 
@@ -353,7 +357,7 @@ def cell_record(subject: Subject, cell: Cell, status: str, reason: str | None = 
     return {
         "subject": subject.name,
         "kind": subject.kind,
-        "baseline": RAW_BASELINE.get(subject.name) if subject.kind == "channel" else None,
+        "baseline": raw_baselines().get(subject.name) if subject.kind == "channel" else None,
         "mode": cell.mode,
         "size": cell.size,
         "status": status,
@@ -641,9 +645,7 @@ def bench_directory(plan: Plan) -> Iterator[str]:
 
 
 def run(plan: Plan, progress: ProgressHook | None = None) -> dict[str, Any]:
-    """Run the bench as planned (local or pod client) and return the report (targets included)."""
-    from podipc.bench.report import add_targets
-
+    """Run the bench as planned (local or pod client) and return the report (figures; no judging)."""
     with bench_directory(plan) as directory:
         plan.directory = directory
         if plan.role == "client":
@@ -665,7 +667,7 @@ def run(plan: Plan, progress: ProgressHook | None = None) -> dict[str, Any]:
                 if process.poll() is None:
                     process.kill()
                     process.wait()
-    return add_targets(report)
+    return report
 
 
 def run_server(plan: Plan, announce: Callable[[str], None] | None = None) -> None:

@@ -494,3 +494,58 @@ class PosixMQConsumer(Consumer):
 
     def _close(self) -> None:
         self._release(clean=False)
+
+
+# --- the transport's descriptor (podipc.transport); one block, to move with the queue base (issue 9) ---
+
+from podipc.transport import (  # noqa: E402 - appended as one block while this module is restructured
+    AddressForm,
+    Capability,
+    Example,
+    KernelFacility,
+    MessageLimit,
+    ObjectKind,
+    ResourceLimit,
+    Transport,
+)
+
+MQUEUE_FIX = (
+    "set fs.mqueue.msgsize_max (and msg_max) in the pod's securityContext.sysctls; the kubelet must allow "
+    "them (--allowed-unsafe-sysctls='fs.mqueue.*'); or use shm://"
+)
+ULIMIT_FIX = (
+    "raise the runtime's default ulimit msgqueue (podman --ulimit msgqueue=N, containerd/CRI-O default_ulimits), "
+    "or open queues with a smaller depth"
+)
+
+
+def full_queue() -> tuple[int, str]:
+    """The bytes one queue with default options takes, and how that is counted."""
+    depth, size = host_max_depth(), host_max_message_size()
+    return depth * size, f"one full queue ({depth} x {size} bytes)"
+
+
+def remove_leftover_queue(name: str) -> None:
+    """Unlink a queue a killed consumer left (podipc clean)."""
+    posix_ipc.unlink_message_queue(name)
+
+
+TRANSPORT = Transport(
+    name="posix_mq",
+    title="POSIX message queue",
+    schemes={"mq": AddressForm.NAME},
+    producer="podipc.transports.posix_mq:PosixMQProducer",
+    consumer="podipc.transports.posix_mq:PosixMQConsumer",
+    examples=(Example("mq:///name", "POSIX message queue"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(host_max_message_size, MSGSIZE_MAX_PATH, MQUEUE_FIX, "`fs.mqueue.msgsize_max` (8192 in a pod)"),
+    options=PosixMQProducer.options,
+    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    availability=availability,
+    unusable_fix=f"{MQUEUE_FIX}; check fs.mqueue.queues_max and RLIMIT_MSGQUEUE against the queues in use",
+    objects=(ObjectKind("posix_mq", "POSIX message queue", "podipc.transports.posix_mq:remove_leftover_queue"),),
+    kernel=KernelFacility("POSIX message queues", MSGSIZE_MAX_PATH, "CONFIG_POSIX_MQUEUE"),
+    resource_limits=(ResourceLimit("RLIMIT_MSGQUEUE", full_queue, ULIMIT_FIX),),
+    rank=40,
+)

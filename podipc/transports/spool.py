@@ -85,6 +85,7 @@ from podipc.errors import (
     Timeout,
 )
 from podipc.presence import PRESENCE_PREFIX, PeerState, Presence, probe
+from podipc.transport import AddressForm, Capability, Example, Temporaries, Transport, option_limit
 
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024**2
 DEFAULT_DEPTH = 1024
@@ -868,3 +869,21 @@ def availability() -> str | None:
 def host_max_message_size() -> int:
     """The default max_message_size (64 MiB); file:// has no kernel limit."""
     return DEFAULT_MAX_MESSAGE_SIZE
+
+
+TRANSPORT = Transport(
+    name="spool",
+    title="spool directory",
+    schemes={"file": AddressForm.DIRECTORY},
+    producer="podipc.transports.spool:SpoolProducer",
+    consumer="podipc.transports.spool:SpoolConsumer",
+    examples=(Example("file:///shared/spool", "spool directory on an emptyDir", "survives container restarts"),),
+    reliable=True,
+    ordered=True,
+    limit=option_limit(DEFAULT_MAX_MESSAGE_SIZE),
+    options=SPOOL_OPTIONS,
+    capabilities=frozenset({Capability.RESUMABLE}),
+    availability=availability,
+    temporaries=Temporaries(presence_token=PRESENCE_TOKEN, role="producer", prefix=PART_PREFIX),
+    rank=70,
+)

@@ -663,3 +663,46 @@ class SysVMQConsumer(Consumer):
 
     def _close(self) -> None:
         self._release(clean=False)
+
+
+# --- the transport's descriptor (podipc.transport); one block, to move with the queue base (issue 9) ---
+
+from podipc.transport import (  # noqa: E402 - appended as one block while this module is restructured
+    AddressForm,
+    Capability,
+    Example,
+    KernelFacility,
+    MessageLimit,
+    ObjectKind,
+    Transport,
+)
+
+SYSCTL_FIX = (
+    "set kernel.msgmax and kernel.msgmnb in the pod's securityContext.sysctls; the kubelet must allow them "
+    "(--allowed-unsafe-sysctls='kernel.msg*'); or use shm://"
+)
+
+
+def remove_leftover_queue(key: str) -> None:
+    """Remove a queue a killed consumer left, by its decimal key (podipc clean)."""
+    sysv_ipc.MessageQueue(int(key)).remove()
+
+
+TRANSPORT = Transport(
+    name="sysv_mq",
+    title="SysV message queue",
+    schemes={"sysvmq": AddressForm.SYSV_KEY},
+    producer="podipc.transports.sysv_mq:SysVMQProducer",
+    consumer="podipc.transports.sysv_mq:SysVMQConsumer",
+    examples=(Example("sysvmq://KEY", "SysV message queue", "KEY: a number, or a name hashed to one"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(host_max_message_size, MSGMAX_PATH, SYSCTL_FIX, "`kernel.msgmax` (8192)"),
+    options=SysVMQProducer.options,
+    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    availability=availability,
+    unusable_fix=f"{SYSCTL_FIX}; check kernel.msgmni against the queues in use",
+    objects=(ObjectKind("sysv_mq", "SysV message queue", "podipc.transports.sysv_mq:remove_leftover_queue"),),
+    kernel=KernelFacility("SysV message queues", MSGMAX_PATH, "CONFIG_SYSVIPC"),
+    rank=50,
+)
