@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from podipc.bench.report import find, markdown_table, size_label
-from podipc.bench.runner import raw_baselines
+from podipc.bench.cells import raw_baselines
 from podipc.transport import schemes
 
 KERNEL_BACKED = ("tcp", "udp", "unix", "mq", "sysvmq")

@@ -32,7 +32,6 @@ from podipc.doctor.facts import (
     parse_mountinfo,
 )
 from podipc.doctor.peer import (
-    DoctorServer,
     Rendezvous,
     decide,
     decode_document,
@@ -40,6 +39,7 @@ from podipc.doctor.peer import (
     find_peer,
     parse_rendezvous,
 )
+from podipc.doctor.server import DoctorServer
 from podipc.doctor.verdict import check_url, judge_channel, judge_channels, unmet_requirements
 from podipc.transport import DEV_SHM_FIX, Requirement, transport_for
 
