@@ -43,6 +43,18 @@ def _with_abstract_variants() -> tuple[str, ...]:
 SCHEMES = _with_abstract_variants()
 """Every scheme (from the transports' descriptors), with unix-abstract after unix."""
 RELIABLE = tuple(scheme for scheme in SCHEMES if transport_for(scheme.removesuffix(ABSTRACT_SUFFIX)).reliable)
+
+
+def creates_no_file(scheme: str) -> bool:
+    """True for a socket the kernel alone holds (tcp, unix-abstract): no file, IPC object or presence file."""
+    if scheme.endswith(ABSTRACT_SUFFIX):
+        return True
+    transport = transport_for(scheme)
+    return transport.schemes[scheme] is AddressForm.HOST_PORT and not transport.needs_dev_shm
+
+
+SOCKETS_ONLY = tuple(scheme for scheme in SCHEMES if creates_no_file(scheme))
+"""The schemes whose channels leave nothing to clean and have no permissions (tcp, unix-abstract)."""
 PORTS = itertools.count(18000 + (os.getpid() % 200) * 10)
 NAMES = itertools.count()
 INDEX = struct.Struct(">Q")

@@ -27,7 +27,7 @@ import podipc
 from podipc.address import parse_address
 from podipc.transport import AddressForm, schemes, transport_for, transports
 
-from .harness import ABSTRACT_SUFFIX, CONTEXT, INDEX, SCHEMES, SideResult, leftovers, payload, wait_until
+from .harness import ABSTRACT_SUFFIX, CONTEXT, INDEX, SOCKETS_ONLY, SideResult, leftovers, payload, wait_until
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -53,11 +53,7 @@ PERMISSION_SCHEMES = tuple(scheme for scheme in schemes() if not _on_a_port(sche
 PRESENCE_ONLY_SCHEMES = tuple(
     scheme for scheme in schemes() if _on_a_port(scheme) and transport_for(scheme).needs_dev_shm
 )
-NO_PERMISSION_SCHEMES = tuple(
-    scheme
-    for scheme in SCHEMES
-    if scheme.endswith(ABSTRACT_SUFFIX) or (_on_a_port(scheme) and not transport_for(scheme).needs_dev_shm)
-)
+NO_PERMISSION_SCHEMES = SOCKETS_ONLY
 PORTS = itertools.count(19400 + (os.getpid() % 100) * 4)
 NAMES = itertools.count()
 
