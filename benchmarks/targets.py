@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from podipc.bench.report import find, markdown_table, size_label
 from podipc.bench.cells import raw_baselines
+from podipc.bench.report import find, markdown_table, size_label
 from podipc.transport import schemes
 
 KERNEL_BACKED = ("tcp", "udp", "unix", "mq", "sysvmq")

@@ -156,49 +156,11 @@ def bench(
 ) -> None:
     """Compare channels inside one pod: latency, throughput and CPU per channel and message size."""
     with optional_packages("bench"):
-        _run_bench(
-            channels,
-            sizes,
-            bench_mode,
-            duration,
-            idle_seconds,
-            quick,
-            output_format,
-            output,
-            plot_path,
-            peers,
-            role,
-            control_host,
-            control_port,
-            wait,
-            directory,
-            quiet,
-        )
+        from podipc.bench import report as bench_report
+        from podipc.bench import runner
 
-
-def _run_bench(
-    channels: str,
-    sizes: str,
-    bench_mode: str,
-    duration: float | None,
-    idle_seconds: float | None,
-    quick: bool,
-    output_format: str,
-    output: str | None,
-    plot_path: str | None,
-    peers: bool,
-    role: str,
-    control_host: str,
-    control_port: int,
-    wait: float,
-    directory: str,
-    quiet: bool,
-) -> None:
-    from podipc.bench import report as bench_report
-    from podipc.bench import runner
-
-    if output_format == "table":
-        importlib.import_module("rich")  # the table needs it: say so before measuring, not after
+        if output_format == "table" or _wants_progress(quiet):
+            importlib.import_module("rich")  # the table and the progress bar need it: say so before measuring
     try:
         chosen = list(schemes()) if channels.strip() == "all" else _bench_list(channels)
         plan = runner.Plan(
@@ -238,10 +200,14 @@ def _run_bench(
             raise click.ClickException(str(exc)) from exc
 
 
+def _wants_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
 @contextmanager
 def _bench_progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
     """A rich progress bar on stderr when it is a terminal (and not --quiet); else no hook."""
-    if quiet or not sys.stderr.isatty():
+    if not _wants_progress(quiet):
         yield None
         return
     from rich.console import Console

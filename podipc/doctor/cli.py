@@ -8,6 +8,7 @@ installs it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 import sys
@@ -94,22 +95,10 @@ def doctor(
     if serve_address and peer_address:
         raise click.UsageError("--serve and --peer exclude each other: run one in each container")
     with optional_packages("doctor"):
-        _run_doctor(as_json, required, urls, serve_address, peer_address, exchange, wait, serve_for, once)
+        from podipc import doctor as checkup
 
-
-def _run_doctor(
-    as_json: bool,
-    required: tuple[str, ...],
-    urls: tuple[str, ...],
-    serve_address: str | None,
-    peer_address: str | None,
-    exchange: tuple[str, ...],
-    wait: float,
-    serve_for: float | None,
-    once: bool,
-) -> None:
-    from podipc import doctor as checkup
-
+        if not as_json:
+            importlib.import_module("rich")  # the tables need it: say so before examining
     try:
         rendezvous = checkup.parse_rendezvous(serve_address or peer_address or checkup.DEFAULT_ADDRESS)
     except ValueError as exc:

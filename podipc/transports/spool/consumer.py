@@ -6,10 +6,10 @@ import contextlib
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option
+from podipc.channel import Consumer
 from podipc.errors import (
     ChannelUnavailable,
     EndOfStream,
@@ -19,7 +19,6 @@ from podipc.errors import (
 )
 from podipc.presence import PeerState, probe
 from podipc.transports.spool.side import (
-    SPOOL_OPTIONS,
     Backoff,
     PeerWatch,
     SpoolSide,
@@ -42,9 +41,6 @@ from podipc.transports.spool.wire import (
 class SpoolConsumer(SpoolSide, Consumer):
     """Reads message files in sequence, commits each before returning it, cleans the spool at the end."""
 
-    options: ClassVar[tuple[Option, ...]] = SPOOL_OPTIONS
-    max_message_source = "the file:// max_message_size option"
-    max_message_fix = "raise max_message_size on both sides (file:///dir?max_message_size=128MiB)"
     role = "consumer"
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:

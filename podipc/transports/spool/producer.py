@@ -6,10 +6,10 @@ import collections
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from podipc.address import Address
-from podipc.channel import Option, Producer
+from podipc.channel import Producer
 from podipc.errors import (
     ChannelClosed,
     ChannelUnavailable,
@@ -19,7 +19,6 @@ from podipc.errors import (
     Timeout,
 )
 from podipc.transports.spool.side import (
-    SPOOL_OPTIONS,
     Backoff,
     PeerWatch,
     SpoolSide,
@@ -43,9 +42,6 @@ from podipc.transports.spool.wire import (
 class SpoolProducer(SpoolSide, Producer):
     """Writes each message as a file, atomically, in sequence; resumes a stream left in the spool."""
 
-    options: ClassVar[tuple[Option, ...]] = SPOOL_OPTIONS
-    max_message_source = "the file:// max_message_size option"
-    max_message_fix = "raise max_message_size on both sides (file:///dir?max_message_size=128MiB)"
     role = "producer"
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from podipc.address import Address
 from podipc.channel import Option, parse_bool, parse_count, parse_seconds, parse_size
@@ -174,9 +174,21 @@ def spool_error(error: OSError, path: str) -> ChannelUnavailable:
     return ChannelUnavailable(f"the spool {path} failed: {error.strerror} ({error.filename or path})")
 
 
-class SpoolSide:
-    """Opening a spool directory: create it if missing, hold an fd on it, claim presence."""
+SPOOL_OPTIONS = (
+    Option("max_message_size", parse_size, DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes"),
+    Option("depth", parse_count, DEFAULT_DEPTH, "messages in the spool at most before send() waits"),
+    Option("max_bytes", parse_size, DEFAULT_MAX_BYTES, "bytes of messages in the spool at most before send() waits"),
+    Option("restart_wait", parse_seconds, 0.0, "seconds to wait for a restarted peer before PeerGone"),
+    Option("fsync", parse_bool, False, "fsync each message file and the directory (survive a node crash)"),
+)
 
+
+class SpoolSide:
+    """Opening a spool directory: create it if missing, hold an fd on it, claim presence; the shared options."""
+
+    options: ClassVar[tuple[Option, ...]] = SPOOL_OPTIONS
+    max_message_source = "the file:// max_message_size option"
+    max_message_fix = "raise max_message_size on both sides (file:///dir?max_message_size=128MiB)"
     path: str
     role: str
     settings: dict[str, Any]
@@ -256,12 +268,3 @@ class SpoolSide:
         remove_quietly(DIRECTORY_MARKER, self._dir_fd)
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
-
-
-SPOOL_OPTIONS = (
-    Option("max_message_size", parse_size, DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes"),
-    Option("depth", parse_count, DEFAULT_DEPTH, "messages in the spool at most before send() waits"),
-    Option("max_bytes", parse_size, DEFAULT_MAX_BYTES, "bytes of messages in the spool at most before send() waits"),
-    Option("restart_wait", parse_seconds, 0.0, "seconds to wait for a restarted peer before PeerGone"),
-    Option("fsync", parse_bool, False, "fsync each message file and the directory (survive a node crash)"),
-)
