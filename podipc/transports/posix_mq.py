@@ -65,6 +65,16 @@ from podipc.channel import Option, parse_count, parse_size, remaining
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, Timeout
 from podipc.proc import read_int_or
 from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
+from podipc.transport import (
+    AddressForm,
+    Capability,
+    Example,
+    KernelFacility,
+    MessageLimit,
+    ObjectKind,
+    ResourceLimit,
+    Transport,
+)
 
 MSG_MAX_PATH = "/proc/sys/fs/mqueue/msg_max"
 MSGSIZE_MAX_PATH = "/proc/sys/fs/mqueue/msgsize_max"
@@ -77,6 +87,14 @@ DEPTH_FIX = "set fs.mqueue.msg_max in the pod's securityContext.sysctls (the kub
 RLIMIT_FIX = (
     "the user's RLIMIT_MSGQUEUE (ulimit -q, 819200 bytes by default) or fs.mqueue.queues_max is used up: "
     "lower depth= or max_message_size=, or remove leftover queues (ls /dev/mqueue after mounting it)"
+)
+MQUEUE_FIX = (
+    "set fs.mqueue.msgsize_max (and msg_max) in the pod's securityContext.sysctls; the kubelet must allow "
+    "them (--allowed-unsafe-sysctls='fs.mqueue.*'); or use shm://"
+)
+ULIMIT_FIX = (
+    "raise the runtime's default ulimit msgqueue (podman --ulimit msgqueue=N, containerd/CRI-O default_ulimits), "
+    "or open queues with a smaller depth"
 )
 
 
@@ -338,3 +356,35 @@ class PosixMQConsumer(QueueConsumer):
     def _destroy(self, queue: Any) -> None:
         _unlink_quietly(self.name)
         queue.close()
+
+
+def full_queue() -> tuple[int, str]:
+    """The bytes one queue with default options takes, and how that is counted."""
+    depth, size = host_max_depth(), host_max_message_size()
+    return depth * size, f"one full queue ({depth} x {size} bytes)"
+
+
+def remove_leftover_queue(name: str) -> None:
+    """Unlink a queue a killed consumer left (podipc clean)."""
+    posix_ipc.unlink_message_queue(name)
+
+
+TRANSPORT = Transport(
+    name="posix_mq",
+    title="POSIX message queue",
+    schemes={"mq": AddressForm.NAME},
+    producer="podipc.transports.posix_mq:PosixMQProducer",
+    consumer="podipc.transports.posix_mq:PosixMQConsumer",
+    examples=(Example("mq:///name", "POSIX message queue"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(host_max_message_size, MSGSIZE_MAX_PATH, MQUEUE_FIX, "`fs.mqueue.msgsize_max` (8192 in a pod)"),
+    options=PosixMQProducer.options,
+    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    availability=availability,
+    unusable_fix=f"{MQUEUE_FIX}; check fs.mqueue.queues_max and RLIMIT_MSGQUEUE against the queues in use",
+    objects=(ObjectKind("posix_mq", "POSIX message queue", "podipc.transports.posix_mq:remove_leftover_queue"),),
+    kernel=KernelFacility("POSIX message queues", MSGSIZE_MAX_PATH, "CONFIG_POSIX_MQUEUE"),
+    resource_limits=(ResourceLimit("RLIMIT_MSGQUEUE", full_queue, ULIMIT_FIX),),
+    rank=40,
+)

@@ -73,6 +73,7 @@ from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolErr
 from podipc.presence import PeerState, PeerTracker
 from podipc.proc import read_int_or
 from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
+from podipc.transport import AddressForm, Capability, Example, KernelFacility, MessageLimit, ObjectKind, Transport
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 MSGMNB_PATH = "/proc/sys/kernel/msgmnb"
@@ -93,6 +94,10 @@ SIZE_FIX = (
 )
 QUEUE_FIX = "set kernel.msgmnb in the pod's securityContext.sysctls (the kubelet must allow it) or lower queue_bytes="
 LIMIT_FIX = "the SysV queue limit /proc/sys/kernel/msgmni may be used up: remove leftover queues (ipcs -q, ipcrm -q ID)"
+SYSCTL_FIX = (
+    "set kernel.msgmax and kernel.msgmnb in the pod's securityContext.sysctls; the kubelet must allow them "
+    "(--allowed-unsafe-sysctls='kernel.msg*'); or use shm://"
+)
 
 WAKE = "wake"
 
@@ -510,3 +515,28 @@ class SysVMQConsumer(QueueConsumer):
     def _destroy(self, queue: Any) -> None:
         self._watch.stop()
         _remove_quietly(queue)
+
+
+def remove_leftover_queue(key: str) -> None:
+    """Remove a queue a killed consumer left, by its decimal key (podipc clean)."""
+    sysv_ipc.MessageQueue(int(key)).remove()
+
+
+TRANSPORT = Transport(
+    name="sysv_mq",
+    title="SysV message queue",
+    schemes={"sysvmq": AddressForm.SYSV_KEY},
+    producer="podipc.transports.sysv_mq:SysVMQProducer",
+    consumer="podipc.transports.sysv_mq:SysVMQConsumer",
+    examples=(Example("sysvmq://KEY", "SysV message queue", "KEY: a number, or a name hashed to one"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(host_max_message_size, MSGMAX_PATH, SYSCTL_FIX, "`kernel.msgmax` (8192)"),
+    options=SysVMQProducer.options,
+    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    availability=availability,
+    unusable_fix=f"{SYSCTL_FIX}; check kernel.msgmni against the queues in use",
+    objects=(ObjectKind("sysv_mq", "SysV message queue", "podipc.transports.sysv_mq:remove_leftover_queue"),),
+    kernel=KernelFacility("SysV message queues", MSGMAX_PATH, "CONFIG_SYSVIPC"),
+    rank=50,
+)
