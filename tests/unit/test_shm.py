@@ -455,7 +455,7 @@ def test_unavailable_dev_shm_says_how_to_mount_one(monkeypatch: pytest.MonkeyPat
     assert shm.availability() is None
     assert shm.host_max_message_size() == shm.DEFAULT_CAPACITY // 2
     monkeypatch.setattr(segment, "SHM_DIRECTORY", str(tmp_path / "missing"))
-    assert "emptyDir with medium: Memory at /dev/shm with a sizeLimit" in (shm.availability() or "")
+    assert "emptyDir with medium: Memory at /dev/shm and a sizeLimit" in (shm.availability() or "")
     with pytest.raises(ChannelUnavailable, match="sizeLimit"):
         podipc.consumer("shm:///podipc-test-shm-missing")
 

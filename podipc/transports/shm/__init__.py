@@ -83,6 +83,7 @@ Where what comes next goes (seams, not built yet)
 
 from __future__ import annotations
 
+from podipc.transport import DEV_SHM_FIX, AddressForm, Capability, Example, MessageLimit, ObjectKind, Transport
 from podipc.transports.shm.endpoints import ShmConsumer, ShmProducer
 from podipc.transports.shm.options import (
     DEFAULT_CAPACITY,
@@ -92,14 +93,43 @@ from podipc.transports.shm.options import (
     default_max_message_size,
     host_max_message_size,
 )
-from podipc.transports.shm.segment import SHM_DIRECTORY, SHM_FIX, availability_for, free_bytes, segment_path
+from podipc.transports.shm.segment import SHM_DIRECTORY, availability_for, free_bytes, segment_path
+
+TRANSPORT = Transport(
+    name="shm",
+    title="shared-memory ring",
+    schemes={"shm": AddressForm.NAME},
+    producer="podipc.transports.shm:ShmProducer",
+    consumer="podipc.transports.shm:ShmConsumer",
+    examples=(Example("shm:///name", "shared-memory ring in /dev/shm"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(
+        host_max_message_size,
+        "half the default ring (capacity option)",
+        f"raise the capacity option (or max_message_size) on both sides; the ring lives in /dev/shm: {DEV_SHM_FIX}",
+        "half the ring's capacity",
+    ),
+    options=OPTIONS,
+    capabilities=frozenset(
+        {Capability.ZERO_COPY_RECEIVE, Capability.ZERO_COPY_SEND, Capability.PRESENCE_FILES, Capability.DATA_IN_DEV_SHM}
+    ),
+    availability=availability,
+    unusable_fix=f"{DEV_SHM_FIX}; or open both sides with a smaller capacity= that fits /dev/shm",
+    objects=(
+        ObjectKind("posix_shm", "POSIX shared-memory segment", "podipc.transports.shm.segment:remove_leftover_segment"),
+        ObjectKind("posix_sem", "POSIX named semaphore", "podipc.transports.shm.segment:remove_leftover_semaphore"),
+    ),
+    rank=60,
+)
+
 
 __all__ = [
     "DEFAULT_CAPACITY",
     "DEFAULT_SPIN_SECONDS",
     "OPTIONS",
     "SHM_DIRECTORY",
-    "SHM_FIX",
+    "TRANSPORT",
     "ShmConsumer",
     "ShmProducer",
     "availability",

@@ -7,13 +7,14 @@ from typing import Any
 
 from podipc.channel import Option, parse_seconds, parse_size
 from podipc.errors import AddressError
+from podipc.transport import DEV_SHM_FIX
 from podipc.transports.shm.layout import check_geometry
-from podipc.transports.shm.segment import SHM_FIX, availability_for
+from podipc.transports.shm.segment import availability_for
 
 DEFAULT_CAPACITY = 8 * 1024 * 1024
 DEFAULT_SPIN_SECONDS = 0.0005
 MAX_MESSAGE_SOURCE = "shm max_message_size (default capacity // 2)"
-MAX_MESSAGE_FIX = f"raise capacity= and max_message_size= on both sides; {SHM_FIX} if it is too small"
+MAX_MESSAGE_FIX = f"raise capacity= and max_message_size= on both sides; {DEV_SHM_FIX} if it is too small"
 
 OPTIONS = (
     Option(

@@ -23,11 +23,11 @@ import posix_ipc
 from podipc.address import Address
 from podipc.errors import AddressError, ChannelUnavailable, PeerGone, PeerTimeout, ProtocolError
 from podipc.presence import PROBE_INTERVAL_SECONDS
+from podipc.transport import DEV_SHM_FIX
 from podipc.transports.shm.layout import HEADER_SIZE, RingHeader, decode_header, encode_header, segment_size
 from podipc.transports.shm.waiter import Doorbell
 
 SHM_DIRECTORY = "/dev/shm"
-SHM_FIX = "mount an emptyDir with medium: Memory at /dev/shm with a sizeLimit (e.g. 256Mi) in every container"
 SHARE_FIX = "share a group (runAsGroup/fsGroup) and open both sides with mode=0660"
 SEMAPHORE_SUFFIXES = (".data", ".space")
 SEMAPHORE_NAME_MAX = 251 - max(len(suffix) for suffix in SEMAPHORE_SUFFIXES)
@@ -58,17 +58,27 @@ def free_bytes(directory: str | None = None) -> int:
 def availability_for(capacity: int, ring: str = "the ring") -> str | None:
     """None when /dev/shm can take a ring of `capacity` bytes, else why not and the fix."""
     if not os.path.isdir(SHM_DIRECTORY):
-        return f"there is no {SHM_DIRECTORY} in this container; {SHM_FIX}"
+        return f"there is no {SHM_DIRECTORY} in this container; {DEV_SHM_FIX}"
     if not os.access(SHM_DIRECTORY, os.W_OK | os.X_OK):
-        return f"{SHM_DIRECTORY} is not writable here; {SHM_FIX}"
+        return f"{SHM_DIRECTORY} is not writable here; {DEV_SHM_FIX}"
     try:
         free = free_bytes()
     except OSError as exc:
-        return f"cannot stat {SHM_DIRECTORY}: {exc.strerror}; {SHM_FIX}"
+        return f"cannot stat {SHM_DIRECTORY}: {exc.strerror}; {DEV_SHM_FIX}"
     needed = segment_size(capacity)
     if free < needed:
-        return f"{SHM_DIRECTORY} has {free} bytes free, {ring} needs {needed}; use a smaller capacity= or {SHM_FIX}"
+        return f"{SHM_DIRECTORY} has {free} bytes free, {ring} needs {needed}; use a smaller capacity= or {DEV_SHM_FIX}"
     return None
+
+
+def remove_leftover_segment(name: str) -> None:
+    """Unlink a ring segment a killed consumer left, by its shm_open name (podipc clean; raises if gone)."""
+    posix_ipc.unlink_shared_memory(name)
+
+
+def remove_leftover_semaphore(name: str) -> None:
+    """Unlink a wake-up semaphore a killed consumer left (podipc clean; raises if gone)."""
+    posix_ipc.unlink_semaphore(name)
 
 
 class Mapping:
@@ -223,7 +233,7 @@ def _create_segment_file(path: str, capacity: int, max_message_size: int, mode: 
     try:
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as exc:
-        raise ChannelUnavailable(f"cannot create {temporary}: {exc.strerror}; {SHM_FIX}") from exc
+        raise ChannelUnavailable(f"cannot create {temporary}: {exc.strerror}; {DEV_SHM_FIX}") from exc
     mapping: Mapping | None = None
     try:
         os.fchmod(fd, mode)
@@ -251,7 +261,7 @@ def _allocate(fd: int, size: int) -> None:
         if exc.errno in (errno.ENOSPC, errno.EFBIG):
             raise ChannelUnavailable(
                 f"{SHM_DIRECTORY} cannot hold a {size}-byte ring ({free_bytes()} bytes free); "
-                f"use a smaller capacity= or {SHM_FIX}"
+                f"use a smaller capacity= or {DEV_SHM_FIX}"
             ) from exc
         os.ftruncate(fd, size)  # a filesystem without fallocate
 
