@@ -4,26 +4,24 @@ Every side of a channel holds a presence file (podipc.presence) that lists the I
 objects it created. A presence file whose lock is free belongs to a dead process;
 when no live side of the same channel remains, the objects it lists and the file
 itself are leftovers. Objects are never guessed from names: what podipc did not
-record is not touched. One exception, confined to a spool directory whose dead
-producer's presence file is there: its `podipc.part.*` temporaries (half-written
-messages, never data) go too; the spool's message files stay (docs/wire/file.md).
+record is not touched. One exception, confined to the directory of a dead side's
+presence file: temporaries its transport declares (podipc.transport.Temporaries: the
+spool's `podipc.part.*`, half-written messages, never data) go too; the spool's message
+files stay (docs/wire/file.md). How each kind of object is removed is declared by the
+transports (podipc.transport.ObjectKind).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from podipc.errors import PodIPCError
 from podipc.presence import DECLARATION, PRESENCE_DIRECTORY, PRESENCE_PREFIX, ROLES, PeerState, probe
+from podipc.transport import object_kinds, transports
 
 TEMPORARY_SUFFIX = ".tmp"
-# A file:// spool holds its presence files under this token; a dead spool producer may leave
-# half-written temporaries (docs/wire/file.md), which are never messages.
-SPOOL_PRESENCE_TOKEN = "spool"
-SPOOL_TEMPORARY_PREFIX = "podipc.part."
 
 
 @dataclass(frozen=True)
@@ -88,27 +86,35 @@ def find_leftovers(directories: Iterable[str] = (PRESENCE_DIRECTORY,)) -> list[L
                 continue
             holder, objects = _read_record(path)
             found += [Leftover(kind, name, path, holder) for kind, name in objects]
-            if token == SPOOL_PRESENCE_TOKEN and role == "producer":
-                found += [Leftover("path", name, path, holder) for name in _spool_temporaries(directory)]
+            found += [Leftover("path", name, path, holder) for name in _temporaries(directory, token, role)]
             found.append(Leftover("path", path, path, holder))
     return found
 
 
-def _spool_temporaries(directory: str) -> list[str]:
-    """The half-written message files a dead spool producer left in its spool directory."""
+def _temporaries(directory: str, token: str, role: str) -> list[str]:
+    """The temporaries a dead side of this token and role left in its directory, as its transport declares them."""
+    prefixes = tuple(
+        transport.temporaries.prefix
+        for transport in transports()
+        if transport.temporaries is not None
+        and (transport.temporaries.presence_token, transport.temporaries.role) == (token, role)
+    )
+    if not prefixes:
+        return []
     try:
         entries = os.listdir(directory)
     except OSError:
         return []
-    return sorted(os.path.join(directory, entry) for entry in entries if entry.startswith(SPOOL_TEMPORARY_PREFIX))
+    return sorted(os.path.join(directory, entry) for entry in entries if entry.startswith(prefixes))
 
 
 def remove(leftover: Leftover) -> None:
     """Remove one leftover; an object already gone is fine. Raises PodIPCError when it cannot."""
+    kind = object_kinds().get(leftover.kind)
+    if kind is None:
+        raise PodIPCError(f"unknown kind of leftover {leftover.kind!r} in {leftover.recorded_in}")
     try:
-        _REMOVERS[leftover.kind](leftover.name)
-    except KeyError as exc:
-        raise PodIPCError(f"unknown kind of leftover {leftover.kind!r} in {leftover.recorded_in}") from exc
+        kind.remove(leftover.name)
     except FileNotFoundError:
         pass
     except PermissionError as exc:
@@ -117,55 +123,3 @@ def remove(leftover: Leftover) -> None:
         if type(exc).__name__ == "ExistentialError":
             return
         raise PodIPCError(f"cannot remove {leftover.describe()}: {exc}") from exc
-
-
-def _remove_posix_mq(name: str) -> None:
-    import posix_ipc
-
-    posix_ipc.unlink_message_queue(name)
-
-
-def _remove_posix_sem(name: str) -> None:
-    import posix_ipc
-
-    posix_ipc.unlink_semaphore(name)
-
-
-def _remove_posix_shm(name: str) -> None:
-    import posix_ipc
-
-    posix_ipc.unlink_shared_memory(name)
-
-
-def _remove_sysv_mq(key: str) -> None:
-    import sysv_ipc
-
-    sysv_ipc.MessageQueue(int(key)).remove()
-
-
-def _remove_sysv_shm(key: str) -> None:
-    import sysv_ipc
-
-    sysv_ipc.SharedMemory(int(key)).remove()
-
-
-def _remove_sysv_sem(key: str) -> None:
-    import sysv_ipc
-
-    sysv_ipc.Semaphore(int(key)).remove()
-
-
-def _remove_path(path: str) -> None:
-    with contextlib.suppress(IsADirectoryError):
-        os.unlink(path)
-
-
-_REMOVERS = {
-    "posix_mq": _remove_posix_mq,
-    "posix_sem": _remove_posix_sem,
-    "posix_shm": _remove_posix_shm,
-    "sysv_mq": _remove_sysv_mq,
-    "sysv_shm": _remove_sysv_shm,
-    "sysv_sem": _remove_sysv_sem,
-    "path": _remove_path,
-}

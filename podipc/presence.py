@@ -18,7 +18,7 @@ File: {directory}/podipc.presence.{token}.{role} (mode as the channel's `mode`).
 Its first line is the holder's pid and hostname, for humans; the lock is the signal.
 Each further line names an IPC object the holder created (`record`), so that
 `podipc clean` can remove what a SIGKILLed side left behind: `KIND NAME`, where KIND
-is one of OBJECT_KINDS; or states a property for the peer: `declares WORD`.
+is a kind a transport declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ PRESENCE_DIRECTORY = "/dev/shm"
 PRESENCE_PREFIX = "podipc.presence."
 ROLES = ("producer", "consumer")
 PROBE_INTERVAL_SECONDS = 0.02
-OBJECT_KINDS = ("posix_mq", "posix_sem", "posix_shm", "sysv_mq", "sysv_shm", "sysv_sem", "path")
 DECLARATION = "declares"
 
 
@@ -150,11 +149,14 @@ class Presence:
     def record(self, kind: str, name: str) -> None:
         """Note an IPC object this side created, for `podipc clean` should this side die.
 
-        kind: one of OBJECT_KINDS; name: the queue/semaphore/segment name, the SysV key
-        (decimal), or an absolute file path.
+        kind: a kind some transport declares (podipc.transport.object_kinds()); name: the
+        queue/semaphore/segment name, the SysV key (decimal), or an absolute file path.
         """
-        if kind not in OBJECT_KINDS:
-            raise ValueError(f"kind must be one of {OBJECT_KINDS}, not {kind!r}")
+        from podipc.transport import object_kinds
+
+        kinds = object_kinds()
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {tuple(kinds)}, not {kind!r}")
         if self._fd >= 0:
             os.write(self._fd, f"{kind} {name}\n".encode())
 

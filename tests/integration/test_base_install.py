@@ -159,7 +159,7 @@ def test_channels_lists_every_channel_and_zmq_as_unusable(base_python: Path) -> 
     assert "Traceback" not in table.stderr
     rows = {row["scheme"]: row for row in map(json.loads, run(base_python, "channels", "--json").stdout.splitlines())}
     assert not rows["zmq+tcp"]["usable"] and not rows["zmq+ipc"]["usable"]
-    assert "pyzmq" in rows["zmq+tcp"]["reason"] or "podipc[zmq]" in rows["zmq+tcp"]["reason"], rows["zmq+tcp"]
+    assert "pip install 'podipc[zmq]'" in rows["zmq+tcp"]["reason"], rows["zmq+tcp"]
     assert rows["shm"]["usable"] and rows["mq"]["usable"], rows
 
 
@@ -196,15 +196,16 @@ def test_doctor_json_runs_and_its_tables_name_the_extra(base_python: Path) -> No
     assert report.returncode == 0, report.stderr
     assert {verdict["scheme"] for verdict in json.loads(report.stdout)["channels"]} >= {"shm", "mq", "zmq+tcp"}
     tables = run(base_python, "doctor")
-    assert tables.returncode == 3
-    assert tables.stderr.strip().splitlines() == [tables.stderr.strip()]
-    assert "pip install 'podipc[doctor]'" in tables.stderr
+    assert tables.returncode != 0
+    assert tables.stderr.strip().splitlines() == [
+        "podipc: error: podipc doctor needs the rich package: pip install 'podipc[doctor]'"
+    ]
 
 
 def test_bench_without_its_extra_says_which_extra_to_install(base_python: Path) -> None:
     result = run(base_python, "bench", "--quick")
-    assert result.returncode == 3
+    assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        "podipc: error: podipc bench needs rich, not installed here: pip install 'podipc[bench]'"
+        "podipc: error: podipc bench needs the rich package: pip install 'podipc[bench]'"
     ]
     assert result.stdout == ""

@@ -31,12 +31,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import podipc
-from podipc import shm_ring
 from podipc.address import parse_address
 from podipc.cli import EXIT_CODES
 from podipc.errors import PeerTimeout, ProtocolError
 from podipc.framing import HELLO
 from podipc.presence import Presence
+from podipc.transports.shm import layout as shm_ring
 from tests.commands import PODIPC
 
 from .harness import leftovers, url_for, wait_until

@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 import podipc
 from podipc.clean import find_leftovers
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, ProtocolError, Timeout
-from podipc.shm_ring import (
+from podipc.transports import shm
+from podipc.transports.shm import fence, segment
+from podipc.transports.shm.layout import (
     HEADER_SIZE,
     KIND_DATA,
     KIND_END,
@@ -40,7 +42,6 @@ from podipc.shm_ring import (
     encode_header,
     record_size,
 )
-from podipc.transports import shm
 
 pytestmark = pytest.mark.timeout(60)
 FORK = multiprocessing.get_context("fork")
@@ -209,6 +210,8 @@ def test_loan_and_commit_send_in_place_with_a_shorter_length(name: str) -> None:
     with podipc.consumer(url(name), **SMALL_RING) as consumer:
         producer = podipc.producer(url(name), **SMALL_RING)
         assert isinstance(producer, shm.ShmProducer)
+        with pytest.raises(ValueError, match="0 bytes or more"):
+            producer.loan(-1)
         for round_number in range(20):  # goes around the 4 KiB ring several times
             buffer = producer.loan(1000, timeout=5)
             buffer[:5] = b"hello"
@@ -398,6 +401,34 @@ def test_record_decoder_fuzzed_stays_inside_the_ring(
         assert record.next_read_index - read_index == record_size(record.length) <= capacity
 
 
+# --- memory ordering ----------------------------------------------------------
+
+
+def test_threads_fencing_at_once_never_release_each_others_lock() -> None:
+    """A producer closing in one thread while its consumer sleeps in another both fence."""
+    errors: list[BaseException] = []
+
+    def fence_often() -> None:
+        try:
+            for _ in range(20000):
+                fence.full_fence()
+        except BaseException as exc:
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads between the fence's release and its acquire
+    try:
+        threads = [threading.Thread(target=fence_often) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert not any(thread.is_alive() for thread in threads)
+
+
 # --- objects, modes, availability --------------------------------------------
 
 
@@ -423,8 +454,8 @@ def test_objects_have_the_mode_and_vanish_after_a_clean_stream(name: str) -> Non
 def test_unavailable_dev_shm_says_how_to_mount_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert shm.availability() is None
     assert shm.host_max_message_size() == shm.DEFAULT_CAPACITY // 2
-    monkeypatch.setattr(shm, "SHM_DIRECTORY", str(tmp_path / "missing"))
-    assert "emptyDir with medium: Memory at /dev/shm with a sizeLimit" in (shm.availability() or "")
+    monkeypatch.setattr(segment, "SHM_DIRECTORY", str(tmp_path / "missing"))
+    assert "emptyDir with medium: Memory at /dev/shm and a sizeLimit" in (shm.availability() or "")
     with pytest.raises(ChannelUnavailable, match="sizeLimit"):
         podipc.consumer("shm:///podipc-test-shm-missing")
 

@@ -1,7 +1,8 @@
 """The shm:// ring layout: header and record encoding and their checked decoding.
 
-Kept apart from the channel so the decoder can be fuzzed on its own, and so the
-layout (docs/wire/shm.md) has one definition. Everything is little-endian.
+Pure functions over bytes, kept apart from the mapping and the endpoints so the
+decoder can be fuzzed on its own, and so the layout (docs/wire/shm.md) has one
+definition. Everything is little-endian.
 
     offset  size  field                     written by
     0       8     magic b"PODIPCSH"          consumer (creation)

@@ -1,0 +1,54 @@
+"""The shm:// options, the ring geometry they give, and what a default ring needs here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from podipc.channel import Option, parse_seconds, parse_size
+from podipc.errors import AddressError
+from podipc.transport import DEV_SHM_FIX
+from podipc.transports.shm.layout import check_geometry
+from podipc.transports.shm.segment import availability_for
+
+DEFAULT_CAPACITY = 8 * 1024 * 1024
+DEFAULT_SPIN_SECONDS = 0.0005
+MAX_MESSAGE_SOURCE = "shm max_message_size (default capacity // 2)"
+MAX_MESSAGE_FIX = f"raise capacity= and max_message_size= on both sides; {DEV_SHM_FIX} if it is too small"
+
+OPTIONS = (
+    Option(
+        "capacity", parse_size, DEFAULT_CAPACITY, "ring size in bytes (set by the consumer, which creates the ring)"
+    ),
+    Option(
+        "max_message_size", parse_size, None, "largest message in bytes (default capacity // 2, at most capacity - 8)"
+    ),
+    Option("spin", parse_seconds, DEFAULT_SPIN_SECONDS, "seconds to busy-poll before sleeping on a semaphore"),
+)
+
+
+def default_max_message_size(capacity: int) -> int:
+    """The max message size of a ring of `capacity` bytes when none is given: half of it."""
+    return capacity // 2 // 8 * 8
+
+
+def ring_geometry(settings: Mapping[str, Any], url: str) -> tuple[int, int]:
+    """Capacity and max message size from the options, checked; AddressError when unusable."""
+    capacity = int(settings["capacity"])
+    given = settings["max_message_size"]
+    max_message_size = default_max_message_size(capacity) if given is None else int(given)
+    try:
+        check_geometry(capacity, max_message_size)
+    except ValueError as exc:
+        raise AddressError(f"{url}: {exc}") from exc
+    return capacity, max_message_size
+
+
+def availability() -> str | None:
+    """None when shm:// works here (a default ring fits /dev/shm), else why not and the fix."""
+    return availability_for(DEFAULT_CAPACITY, "a default ring")
+
+
+def host_max_message_size() -> int:
+    """The default max message size here: half the default ring."""
+    return default_max_message_size(DEFAULT_CAPACITY)

@@ -1,0 +1,352 @@
+"""The two ends of a mapped ring: RingWriter (the producer's) and RingReader (the consumer's).
+
+They own the index arithmetic of the layout (podipc.transports.shm.layout) and the
+memory-ordering fences (podipc.transports.shm.fence), and leave waiting and waking to
+their Waiter. Each keeps its own index in a Python int. The writer also keeps how far
+it may write before it must load the read index again, so a send that finds room loads
+no shared word; the reader loads the write index once per message (caching it too was
+measured: it saves a load when messages queue up, and costs more than that in a
+request/reply exchange). Neither makes a system call unless the peer sleeps.
+
+The hot paths (RingWriter.write, RingReader.take) check the common case inline with
+the word indices as literals (a constant load is cheaper than a global one) and hand
+everything else to the general code below them: wrap records, the end of stream,
+waiting, and garbage, which layout.decode_record reports as ProtocolError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from typing import Literal, overload
+
+from podipc.channel import deadline_after
+from podipc.errors import EndOfStream
+from podipc.transports.shm.fence import WEAK_MEMORY_ORDER, full_fence
+from podipc.transports.shm.layout import (
+    CONSUMER_CLOSED,
+    CONSUMER_FLAGS_WORD,
+    CONSUMER_WAITING_WORD,
+    HEADER_SIZE,
+    KIND_END,
+    KIND_WRAP,
+    PRODUCER_ATTACHED,
+    PRODUCER_ENDED,
+    PRODUCER_FLAGS_WORD,
+    PRODUCER_WAITING_WORD,
+    READ_INDEX_WORD,
+    RECORD_HEADER_SIZE,
+    WRITE_INDEX_WORD,
+    RingHeader,
+    decode_record,
+    record_size,
+)
+from podipc.transports.shm.segment import Segment
+from podipc.transports.shm.waiter import PeerCheck, Waiter
+
+INLINE_POLLS = range(64)
+"""Polls of the write index inside take() before it asks the waiter: a reply often comes within a microsecond."""
+
+if sys.byteorder != "little":  # pragma: no cover - the ring is little-endian and the hot paths use native words
+    raise ImportError("shm:// needs a little-endian CPU")
+
+
+class RingWriter:
+    """Writes records into a ring and publishes them; waits for room through its Waiter."""
+
+    def __init__(
+        self, segment: Segment, header: RingHeader, spin_seconds: float, check_consumer: PeerCheck, location: str
+    ) -> None:
+        """Take over the ring `segment` whose checked header is `header`, and mark the producer attached."""
+        mapping = segment.mapping
+        self._words = mapping.words
+        self._map = mapping.map
+        self._buffer = mapping.buffer
+        self._capacity = header.capacity
+        self._write_index = header.write_index
+        self._read_index = header.read_index
+        """The consumer's read index as last loaded."""
+        self._write_limit = header.read_index + header.capacity
+        """How far the write index may go without loading the read index again; -1 while a loan is out."""
+        self._loan: memoryview | None = None
+        self._loan_size = 0
+        self._waiter = Waiter(
+            mapping.words,
+            READ_INDEX_WORD,
+            PRODUCER_WAITING_WORD,
+            segment.space,
+            CONSUMER_WAITING_WORD,
+            segment.data,
+            spin_seconds,
+            check_consumer,
+            f"{location}: no room in the ring within the timeout (the consumer is slow)",
+        )
+        self._words[PRODUCER_FLAGS_WORD] = header.producer_flags | PRODUCER_ATTACHED
+
+    def write(self, data: bytes | bytearray | memoryview, length: int, timeout: float | None) -> None:
+        """Write one message of `length` bytes (the caller checked the ring's max message size).
+
+        Waits at most `timeout` seconds for room (None: no limit); raises Timeout, PeerGone,
+        and RuntimeError while a loan is out.
+        """
+        capacity = self._capacity
+        write_index = self._write_index
+        position = write_index % capacity
+        size = 8 + ((length + 7) & -8)
+        if position + size > capacity or write_index + size > self._write_limit:
+            self.write_until(data, length, None if timeout is None else deadline_after(timeout))
+            return
+        words = self._words
+        offset = HEADER_SIZE + position
+        words[offset >> 3] = length
+        self._map[offset + 8 : offset + 8 + length] = data
+        write_index += size
+        if WEAK_MEMORY_ORDER:
+            full_fence()
+        words[8] = write_index  # WRITE_INDEX_WORD
+        self._write_index = write_index
+        if words[10]:  # CONSUMER_WAITING_WORD
+            self._waiter.wake_peer()
+
+    def write_until(self, data: bytes | bytearray | memoryview, length: int, deadline: float | None) -> None:
+        """Write one message of `length` bytes, waiting for room until the monotonic `deadline` (None: no limit)."""
+        if self._loan is not None:
+            raise RuntimeError("commit() the loaned buffer before sending")
+        size = record_size(length)
+        offset = self._reserve(size, deadline)
+        self._words[offset >> 3] = length
+        self._map[offset + RECORD_HEADER_SIZE : offset + RECORD_HEADER_SIZE + length] = data
+        self._publish(size)
+
+    def loan(self, size: int, timeout: float | None) -> memoryview:
+        """A writable view of `size` bytes in the ring (the caller checked the size), for commit() to send."""
+        if self._loan is not None:
+            raise RuntimeError("commit() the previous loan first")
+        capacity = self._capacity
+        write_index = self._write_index
+        position = write_index % capacity
+        needed = record_size(size)
+        if position + needed > capacity or write_index + needed > self._write_limit:
+            offset = self._reserve(needed, None if timeout is None else deadline_after(timeout))
+        else:
+            offset = HEADER_SIZE + position
+        start = offset + RECORD_HEADER_SIZE
+        loan = self._loan = self._buffer[start : start + size]
+        self._loan_size = size
+        self._write_limit = -1  # every write takes the slow path, which refuses it until commit()
+        return loan
+
+    def commit(self, length: int | None) -> None:
+        """Send the loaned view as one message of `length` bytes (None: all of it)."""
+        loan = self._loan
+        if loan is None:
+            raise RuntimeError("nothing is loaned; call loan(size) first")
+        length = self._loan_size if length is None else length
+        if not 0 <= length <= self._loan_size:
+            raise ValueError(f"commit length {length} outside 0..{self._loan_size}")
+        self._loan = None
+        self._write_limit = self._read_index + self._capacity
+        loan.release()
+        position = self._write_index % self._capacity
+        self._words[(HEADER_SIZE + position) >> 3] = length
+        self._publish(record_size(length))
+
+    def drop_loan(self) -> None:
+        """Forget a loan that will not be committed (its view stops working)."""
+        if self._loan is not None:
+            self._loan.release()
+            self._loan = None
+            self._write_limit = self._read_index + self._capacity
+
+    def end(self, deadline: float | None) -> None:
+        """Write and publish the end of stream (waiting for room until `deadline`); a loan is dropped."""
+        self.drop_loan()
+        offset = self._reserve(RECORD_HEADER_SIZE, deadline)
+        self._words[offset >> 3] = KIND_END << 32
+        self._words[PRODUCER_FLAGS_WORD] |= PRODUCER_ENDED
+        self._publish(RECORD_HEADER_SIZE)
+
+    def drain(self, deadline: float | None) -> None:
+        """Wait until the consumer has taken everything published (until the monotonic `deadline`)."""
+        self._wait_for_room(self._capacity, deadline)
+
+    def consumer_closed(self) -> bool:
+        """True when the consumer left before the end of stream (its closed flag)."""
+        return bool(self._words[CONSUMER_FLAGS_WORD] & CONSUMER_CLOSED)
+
+    def _reserve(self, size: int, deadline: float | None) -> int:
+        """Wait for `size` contiguous bytes (writing a wrap record when needed); their segment offset."""
+        capacity = self._capacity
+        position = self._write_index % capacity
+        if position + size > capacity:
+            self._wait_for_room(capacity - position, deadline)
+            self._words[(HEADER_SIZE + position) >> 3] = KIND_WRAP << 32
+            self._publish(capacity - position)
+            position = 0
+        self._wait_for_room(size, deadline)
+        return HEADER_SIZE + position
+
+    def _wait_for_room(self, size: int, deadline: float | None) -> None:
+        """Wait until the consumer's read index leaves `size` bytes free after the write index."""
+        enough = self._write_index + size - self._capacity
+        read_index: int = self._words[READ_INDEX_WORD]
+        if read_index < enough:
+            read_index = self._waiter.wait(0, enough, deadline)
+        self._read_index = read_index
+        self._write_limit = read_index + self._capacity  # never waits with a loan out
+
+    def _publish(self, size: int) -> None:
+        """Publish the `size` bytes written after the write index, and wake a sleeping consumer."""
+        write_index = self._write_index + size
+        self._write_index = write_index
+        words = self._words
+        if WEAK_MEMORY_ORDER:
+            full_fence()
+        words[WRITE_INDEX_WORD] = write_index
+        if words[CONSUMER_WAITING_WORD]:
+            self._waiter.wake_peer()
+
+
+class RingReader:
+    """Takes records from a ring, hands their payloads out (copied or in place) and frees them for the writer."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        capacity: int,
+        max_message_size: int,
+        spin_seconds: float,
+        check_producer: PeerCheck,
+        location: str,
+        on_end: Callable[[], None],
+    ) -> None:
+        """Read the new, empty ring `segment`; `on_end` runs when the end of stream is taken, before EndOfStream."""
+        mapping = segment.mapping
+        self._words = mapping.words
+        self._map = mapping.map
+        self._view = mapping.readonly
+        self._capacity = capacity
+        self._max_message_size = max_message_size
+        self._read_index = 0
+        """The index after the last record taken: published, or ahead of the published one while a view is held."""
+        self._held: memoryview | None = None
+        self._on_end = on_end
+        self._end_message = f"{location}: the producer ended the stream"
+        self._waiter = Waiter(
+            mapping.words,
+            WRITE_INDEX_WORD,
+            CONSUMER_WAITING_WORD,
+            segment.data,
+            PRODUCER_WAITING_WORD,
+            segment.space,
+            spin_seconds,
+            check_producer,
+            f"{location}: no message within the timeout",
+        )
+
+    @overload
+    def take(self, timeout: float | None, in_place: Literal[False]) -> bytes: ...
+
+    @overload
+    def take(self, timeout: float | None, in_place: Literal[True]) -> memoryview: ...
+
+    @overload
+    def take(self, timeout: float | None, in_place: bool) -> bytes | memoryview: ...
+
+    def take(self, timeout: float | None, in_place: bool) -> bytes | memoryview:
+        """The next message, waiting at most `timeout` seconds (None: no limit); the one receive path.
+
+        in_place=False: a copy, and its bytes go back to the writer at once. in_place=True:
+        a read-only view into the ring, held until the next take() or release(). Either way
+        a view still held from before is released first. Raises EndOfStream after the
+        last message (once `on_end` has run), Timeout, PeerGone/PeerTimeout, ProtocolError.
+        """
+        words = self._words
+        read_index = self._read_index
+        held = self._held
+        if held is not None:
+            self._held = None
+            try:  # noqa: SIM105 - a with-statement costs more on this path
+                held.release()
+            except BufferError:  # the caller made views of it; they stay usable but may change
+                pass
+            if WEAK_MEMORY_ORDER:
+                full_fence()
+            words[16] = read_index  # READ_INDEX_WORD: freed before waiting, or the writer might wait for it
+            if words[18]:  # PRODUCER_WAITING_WORD
+                self._waiter.wake_peer()
+        write_index = words[8]  # WRITE_INDEX_WORD
+        if write_index == read_index:
+            for _ in INLINE_POLLS:
+                write_index = words[8]
+                if write_index != read_index:
+                    break
+            else:
+                write_index = self._waiter.wait(
+                    read_index, read_index + 1, None if timeout is None else deadline_after(timeout)
+                )
+        if WEAK_MEMORY_ORDER:
+            full_fence()
+        capacity = self._capacity
+        position = read_index % capacity
+        offset = HEADER_SIZE + position
+        length = words[offset >> 3]  # a data record's header word is its length (kind 0 in the high half)
+        if length <= self._max_message_size:
+            size = 8 + ((length + 7) & -8)
+            if position + size <= capacity and size <= write_index - read_index <= capacity:
+                start = offset + 8
+                read_index += size
+                self._read_index = read_index
+                if in_place:
+                    view = self._view[start : start + length]
+                    self._held = view
+                    return view
+                data = self._map[start : start + length]
+                if WEAK_MEMORY_ORDER:
+                    full_fence()
+                words[16] = read_index  # READ_INDEX_WORD
+                if words[18]:  # PRODUCER_WAITING_WORD
+                    self._waiter.wake_peer()
+                return data
+        return self._pass_marker(read_index, write_index, timeout, in_place)
+
+    def release(self) -> None:
+        """Release a held view without handing its bytes back (the reader is leaving)."""
+        if self._held is not None:
+            # BufferError: the caller made views of it; they stay usable but may change
+            with contextlib.suppress(BufferError):
+                self._held.release()
+            self._held = None
+
+    def leave_early(self) -> None:
+        """Tell the writer this reader is gone before the end of stream: set the closed flag and wake it."""
+        self._words[CONSUMER_FLAGS_WORD] |= CONSUMER_CLOSED
+        self._waiter.wake_peer()
+
+    def producer_attached(self) -> bool:
+        """True once a producer has marked the ring attached."""
+        return bool(self._words[PRODUCER_FLAGS_WORD] & PRODUCER_ATTACHED)
+
+    def _pass_marker(
+        self, read_index: int, write_index: int, timeout: float | None, in_place: bool
+    ) -> bytes | memoryview:
+        """Step over a wrap record (then take the next message) or take the end of stream; garbage: ProtocolError."""
+        record = decode_record(self._view, self._capacity, self._max_message_size, read_index, write_index)
+        # decode_record accepts a data record exactly where take() took it already: this one is a marker
+        self._advance(record.next_read_index)
+        if record.kind == KIND_END:
+            self._on_end()
+            raise EndOfStream(self._end_message)
+        assert record.kind == KIND_WRAP
+        return self.take(timeout, in_place)
+
+    def _advance(self, read_index: int) -> None:
+        """Publish `read_index` (the bytes before it are free) and wake a writer waiting for room."""
+        words = self._words
+        if WEAK_MEMORY_ORDER:
+            full_fence()
+        words[READ_INDEX_WORD] = read_index
+        self._read_index = read_index
+        if words[PRODUCER_WAITING_WORD]:
+            self._waiter.wake_peer()
