@@ -5,7 +5,7 @@ run as other users, from other images and vendors. Before a side uses a queue, s
 semaphore, socket file, spool directory or presence file that already exists, it asks
 whether the object is trusted:
 
-    owned by this process's effective UID, granting nothing to "other"       -> trusted
+    owned by this process's effective UID                                    -> trusted
     the channel opted into group sharing (a `mode` with group bits, e.g.
     0660), the object's group is one of ours, it grants nothing to "other"   -> trusted
     anything else                                                            -> ChannelUnavailable
@@ -79,13 +79,10 @@ class Trust:
         """None when an object of owner `uid`, group `gid`, permission bits `mode` is trusted; else why not, and the fix.
 
         `creator`: the creating UID where the object keeps one (SysV), which must be ours too.
+        Our own objects are trusted whatever their mode (only we, or root, could have set it);
+        use grants_others() where an object of ours open to other users must be refused too.
         """
         owner = owner_text(uid, gid, mode)
-        if mode & OTHER_PERMISSIONS:
-            return (
-                f"lets every user of the pod in ({owner}); podipc never uses such an object: "
-                "remove it (as its owner) and let podipc create it again with mode=0600, or 0660 to share a group"
-            )
         owners = {uid} if creator is None else {uid, creator}
         if owners == {self.uid}:
             return None
@@ -96,6 +93,11 @@ class Trust:
         if gid not in self.groups:
             ours = ", ".join(group_text(group) for group in sorted(self.groups))
             return f"belongs to another user ({owner}) and its group is not one of ours ({ours}); {FOREIGN_FIX}"
+        if grants_others(mode):
+            return (
+                f"belongs to another user and lets every user of the pod in ({owner}); podipc never shares such "
+                "an object: remove it (as its owner) and let podipc create it again with mode=0660"
+            )
         return None
 
     def check(self, what: str, uid: int, gid: int, mode: int, creator: int | None = None) -> None:
@@ -110,6 +112,11 @@ class Trust:
         if kind not in kinds:
             raise wrong_kind(what, status, kinds)
         self.check(what, status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode))
+
+
+def grants_others(mode: int) -> bool:
+    """True when permission bits `mode` grant anything to users outside the owner and the group."""
+    return bool(mode & OTHER_PERMISSIONS)
 
 
 def kind_problem(status: os.stat_result, kinds: tuple[int, ...]) -> str:
