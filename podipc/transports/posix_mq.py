@@ -67,6 +67,7 @@ from podipc.errors import (
     PodIPCError,
     Timeout,
 )
+from podipc.ownership import Trust
 from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
 from podipc.proc import read_int_or
 
@@ -370,13 +371,15 @@ class PosixMQConsumer(Consumer):
         """Check limits, create the queue, then claim the consumer's presence."""
         depth, self.max_message_size = _check_limits(self.settings)
         mode = int(self.settings["mode"])
-        if probe(presence_path(token, "consumer")) is PeerState.ALIVE:
+        if probe(presence_path(token, "consumer"), Trust.for_mode(mode)) is PeerState.ALIVE:
             raise ChannelUnavailable(
                 f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer"
             )
         queue = self._open_queue(token, depth, mode)
         try:
-            self._presence = Presence(token, "consumer", mode, handover_wait=float(self.settings["wait"]))
+            self._presence = Presence(
+                token, "consumer", mode, handover_wait=float(self.settings["wait"]), channel=self.address.location
+            )
             self._presence.record("posix_mq", self.name)
             self._peer = PeerTracker(self._presence)
         except BaseException:
@@ -386,8 +389,9 @@ class PosixMQConsumer(Consumer):
 
     def _open_queue(self, token: str, depth: int, mode: int) -> Any:
         """Create the queue, first unlinking one left behind by a run whose side died."""
-        producer_state = probe(presence_path(token, "producer"))
-        consumer_state = probe(presence_path(token, "consumer"))
+        trust = Trust.for_mode(mode)
+        producer_state = probe(presence_path(token, "producer"), trust)
+        consumer_state = probe(presence_path(token, "consumer"), trust)
         if PeerState.GONE in (producer_state, consumer_state):
             try:
                 posix_ipc.unlink_message_queue(self.name)

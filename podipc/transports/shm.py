@@ -85,7 +85,8 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
-from podipc.presence import PROBE_INTERVAL_SECONDS, PeerState, Presence
+from podipc.ownership import Trust
+from podipc.presence import PROBE_INTERVAL_SECONDS, PeerState, Presence, remove_if_gone
 from podipc.shm_ring import (
     CONSUMER_CLOSED,
     CONSUMER_FLAGS_WORD,
@@ -249,20 +250,9 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
-def _remove_dead_presence(path: str) -> None:
-    """Remove a presence file whose holder died; never a held one (nor one a new holder renamed in)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino == os.stat(path).st_ino:
-            os.unlink(path)
-    except OSError:  # held (alive), or already gone
-        pass
-    finally:
-        os.close(fd)
+def _remove_dead_presence(path: str, trust: Trust) -> None:
+    """Remove a presence file whose holder died; never a held one (nor one a new holder linked in)."""
+    remove_if_gone(path, trust)
 
 
 def _post(semaphore: posix_ipc.Semaphore) -> None:
@@ -617,7 +607,13 @@ class ShmConsumer(Consumer):
             self._closed = True
             raise ChannelUnavailable(f"{address.location}: {problem}")
         try:
-            self._presence = Presence(address.token, "consumer", self.mode, handover_wait=float(self.settings["wait"]))
+            self._presence = Presence(
+                address.token,
+                "consumer",
+                self.mode,
+                handover_wait=float(self.settings["wait"]),
+                channel=address.location,
+            )
             self._presence.record("posix_shm", "/" + address.name)
             for semaphore_name in self._semaphore_names:
                 self._presence.record("posix_sem", semaphore_name)
@@ -955,7 +951,9 @@ class ShmConsumer(Consumer):
             for name in self._semaphore_names:
                 _unlink_semaphore(name)
         if self._presence is not None:
-            _remove_dead_presence(self._presence.peer_path)  # left by a killed producer; nobody else would
+            _remove_dead_presence(
+                self._presence.peer_path, self._presence.trust
+            )  # left by a killed producer; nobody else would
             self._presence.close()
             self._presence = None
 

@@ -75,6 +75,7 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
+from podipc.ownership import Trust
 from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
 from podipc.proc import read_int_or
 
@@ -492,13 +493,15 @@ class SysVMQConsumer(Consumer):
         """Check limits, create the queue, then claim the consumer's presence."""
         queue_bytes, self.max_message_size = _check_limits(self.settings)
         mode = int(self.settings["mode"])
-        if probe(presence_path(token, "consumer")) is PeerState.ALIVE:
+        if probe(presence_path(token, "consumer"), Trust.for_mode(mode)) is PeerState.ALIVE:
             raise ChannelUnavailable(
                 f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer"
             )
         queue = self._open_queue(token, queue_bytes, mode)
         try:
-            self._presence = Presence(token, "consumer", mode, handover_wait=float(self.settings["wait"]))
+            self._presence = Presence(
+                token, "consumer", mode, handover_wait=float(self.settings["wait"]), channel=self.address.location
+            )
             self._presence.record("sysv_mq", str(self.key))
             self._peer = PeerTracker(self._presence)
         except BaseException:
@@ -508,7 +511,8 @@ class SysVMQConsumer(Consumer):
 
     def _open_queue(self, token: str, queue_bytes: int, mode: int) -> Any:
         """Create the queue, first removing one left behind by a run whose side died."""
-        states = (probe(presence_path(token, "producer")), probe(presence_path(token, "consumer")))
+        trust = Trust.for_mode(mode)
+        states = (probe(presence_path(token, "producer"), trust), probe(presence_path(token, "consumer"), trust))
         # receive into a buffer of msgmax: no message a sender can put in is too large to take out
         buffer_size = max(host_max_message_size(), self.max_message_size)
         what = f"cannot create the queue of {self.address.location} (key {self.key})"

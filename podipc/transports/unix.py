@@ -135,7 +135,9 @@ class UnixConsumer(StreamConsumer):
     def _record_for_clean(self, path: str) -> None:
         """Note the socket file in a presence record, so `podipc clean` can remove it should we be killed."""
         try:
-            self._record = Presence(self.address.token, "consumer", int(self.settings["mode"]))
+            self._record = Presence(
+                self.address.token, "consumer", int(self.settings["mode"]), channel=self.address.location
+            )
         except ChannelUnavailable:
             return  # no writable /dev/shm: the file is still replaced as stale by the next consumer
         self._record.record("path", path)
