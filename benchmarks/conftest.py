@@ -10,7 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from podipc.transport import transport_for
+
 NAMES = itertools.count()
+SOCKET_KINDS = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
 
 
 def free_port(kind: int) -> int:
@@ -31,14 +34,6 @@ def short_directory() -> Iterator[str]:
 def channel_url(scheme: str, directory: str) -> str:
     """A fresh URL of a scheme, unique in this run."""
     unique = f"podipc-benchmarks-{os.getpid()}-{next(NAMES)}"
-    if scheme in ("tcp", "zmq+tcp"):
-        return f"{scheme}://127.0.0.1:{free_port(socket.SOCK_STREAM)}"
-    if scheme == "udp":
-        return f"udp://127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
-    if scheme in ("unix", "zmq+ipc"):
-        return f"{scheme}://{directory}/{next(NAMES)}.sock"
-    if scheme == "file":
-        return f"file://{directory}/spool"
-    if scheme == "sysvmq":
-        return f"sysvmq://{unique}"
-    return f"{scheme}:///{unique}"
+    return transport_for(scheme).fresh_url(
+        scheme, unique, lambda: f"{directory}/{next(NAMES)}", lambda protocol: free_port(SOCKET_KINDS[protocol])
+    )

@@ -5,6 +5,8 @@
 
 Writes, in benchmarks/results/:
     bench.json       the report (schema: podipc/bench/schema.json), hardware included
+    targets.json     this project's targets judged from it (benchmarks/targets.py; schema:
+                     benchmarks/targets.schema.json); the README's targets table too
     bench.md         the same as Markdown: where it ran, targets, latency and throughput
                      (also copied into the "Latest results" section of docs/bench.md)
     bench.png        latency percentiles and throughput per subject and size
@@ -19,12 +21,19 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: benchmarks.targets is importable
+
+from benchmarks import targets as project_targets  # noqa: E402 - after the path is set
+
+README = ROOT / "README.md"
 
 
-def run_bench(quick: bool, duration: float | None = None) -> dict[str, object]:
+def run_bench(quick: bool, duration: float | None = None) -> dict[str, Any]:
     """`podipc bench --peers --format json`, written to results/bench.json; the report."""
     output = RESULTS / "bench.json"
     command = [
@@ -45,46 +54,69 @@ def run_bench(quick: bool, duration: float | None = None) -> dict[str, object]:
     if duration is not None:
         command += ["--duration", str(duration)]
     subprocess.run(command, check=True, cwd=ROOT)
-    report: dict[str, object] = json.loads(output.read_text())
+    report: dict[str, Any] = json.loads(output.read_text())
     return report
 
 
-def rerender() -> dict[str, object]:
-    """The existing results/bench.json with its targets recomputed, and its plot redrawn."""
-    from podipc.bench.report import add_targets, plot
+def rerender() -> dict[str, Any]:
+    """The existing results/bench.json, its plot redrawn."""
+    from podipc.bench.report import plot
 
-    path = RESULTS / "bench.json"
-    report = add_targets(json.loads(path.read_text()))
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    report: dict[str, Any] = json.loads((RESULTS / "bench.json").read_text())
     plot(report, str(RESULTS / "bench.png"))
     return report
 
 
-def write_markdown(report: dict[str, object]) -> None:
-    """results/bench.md from the report."""
+def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """This project's targets from the report, written to results/targets.json."""
+    judged = project_targets.compute_targets(report)
+    document = {"report": "bench.json", "targets": judged}
+    (RESULTS / "targets.json").write_text(json.dumps(document, indent=2) + "\n")
+    return judged
+
+
+def results_markdown(report: dict[str, Any], judged: list[dict[str, Any]]) -> str:
+    """The report as Markdown with the targets after where it ran."""
     from podipc.bench.report import render_markdown
 
+    text = render_markdown(report)
+    section = f"## Targets\n\n{project_targets.markdown(judged)}\n\n"
+    head, latency, rest = text.partition("## Latency")
+    return head + section + latency + rest
+
+
+def write_markdown(report: dict[str, Any], judged: list[dict[str, Any]]) -> None:
+    """results/bench.md from the report and its targets."""
     heading = "# podipc bench results\n\nWritten by `python benchmarks/run.py`; the machine may have been shared.\n\n"
-    (RESULTS / "bench.md").write_text(heading + render_markdown(report))
+    (RESULTS / "bench.md").write_text(heading + results_markdown(report, judged))
 
 
 DOCS = ROOT / "docs" / "bench.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def update_docs(report: dict[str, object]) -> None:
-    """Replace the "Latest results" section of docs/bench.md with this run's targets, tables and plot."""
-    from podipc.bench.report import render_markdown
-
-    text = DOCS.read_text()
-    if START not in text or END not in text:
+def replace_between(path: Path, start: str, end: str, body: str) -> None:
+    """Replace what lies between the markers start and end in a file (left alone without them)."""
+    text = path.read_text()
+    if start not in text or end not in text:
         return
-    body = render_markdown(report).replace("## ", "### ")
-    section = (
-        f"{START}\n![latency and throughput per subject and size](../benchmarks/results/bench.png)\n\n{body}\n{END}"
-    )
-    head, rest = text.split(START, 1)
-    DOCS.write_text(head + section + rest.split(END, 1)[1])
+    head, rest = text.split(start, 1)
+    path.write_text(f"{head}{start}\n{body}{end}{rest.split(end, 1)[1]}")
+
+
+def update_docs(report: dict[str, Any], judged: list[dict[str, Any]]) -> None:
+    """Replace the "Latest results" section of docs/bench.md with this run's targets, tables and plot."""
+    body = results_markdown(report, judged).replace("## ", "### ")
+    plot = "![latency and throughput per subject and size](../benchmarks/results/bench.png)"
+    replace_between(DOCS, START, END, f"{plot}\n\n{body}\n")
+
+
+README_START, README_END = "<!-- targets:start -->", "<!-- targets:end -->"
+
+
+def update_readme(judged: list[dict[str, Any]]) -> None:
+    """Replace the README's targets table (sizes a channel cannot carry left out)."""
+    replace_between(README, README_START, README_END, project_targets.markdown(judged, applicable_only=True) + "\n")
 
 
 def run_hot_paths() -> None:
@@ -127,15 +159,14 @@ def main() -> int:
     )
     arguments = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    report = rerender() if arguments.render_only else run_bench(arguments.quick, arguments.duration)
+    judged = judge(report)
+    write_markdown(report, judged)
+    update_docs(report, judged)
+    update_readme(judged)
     if arguments.render_only:
-        report = rerender()
-        write_markdown(report)
-        update_docs(report)
         sys.stdout.write((RESULTS / "bench.md").read_text())
         return 0
-    report = run_bench(arguments.quick, arguments.duration)
-    write_markdown(report)
-    update_docs(report)
     if not arguments.skip_hot_paths:
         run_hot_paths()
     sys.stdout.write((RESULTS / "bench.md").read_text())

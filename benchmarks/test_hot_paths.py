@@ -17,8 +17,9 @@ import pytest
 import podipc
 from benchmarks.conftest import channel_url
 from podipc import framing
+from podipc.transport import schemes
 
-SCHEMES = ("tcp", "udp", "unix", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc")
+SCHEMES = schemes()
 SIZES = (64, 4096)
 SOCKET_BUFFER_ROOM = 32768
 

@@ -1,11 +1,14 @@
 """Parse and format channel URLs into Address values.
 
-One scheme per channel:
+Each transport declares its schemes and the address form of each
+(podipc.transport.AddressForm), and the URL is parsed by that form:
 
-    tcp://HOST:PORT          udp://HOST:PORT          zmq+tcp://HOST:PORT
-    unix:///abs/path.sock    unix://@abstract-name    zmq+ipc:///abs/path.sock
-    mq:///name               sysvmq://KEY             shm:///name
-    file:///abs/spool/dir
+    HOST:PORT                  tcp://127.0.0.1:7000, udp://..., zmq+tcp://...
+    /absolute/directory        file:///shared/spool
+    /absolute/path.sock        zmq+ipc:///shared/zmq.sock (at most 107 bytes)
+    ... or @name               unix:///shared/podipc.sock, unix://@abstract-name
+    /name                      mq:///name, shm:///name
+    KEY                        sysvmq://1234, sysvmq://0x4d2, sysvmq://name
 
 Query options (`?depth=10&mode=0660`) tune a channel; which options a channel
 accepts is declared by the channel itself (see podipc.channel.Option).
@@ -21,11 +24,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from podipc.errors import AddressError
-
-SCHEMES = ("tcp", "udp", "unix", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc")
-NETWORK_SCHEMES = frozenset({"tcp", "udp", "zmq+tcp"})
-PATH_SCHEMES = frozenset({"unix", "file", "zmq+ipc"})
-NAME_SCHEMES = frozenset({"mq", "shm"})
+from podipc.transport import AddressForm, find_transport, schemes
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 NAME_MAX = 255
@@ -78,34 +77,35 @@ def parse_address(url: str) -> Address:
         raise AddressError(f"{url!r} is not a channel URL; expected SCHEME://..., e.g. tcp://127.0.0.1:7000")
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
-    if scheme not in SCHEMES:
-        raise AddressError(
-            f"unknown scheme {scheme!r} in {url!r}{suggest(scheme, SCHEMES)}; known: {', '.join(SCHEMES)}"
-        )
+    transport = find_transport(scheme)
+    if transport is None:
+        known = schemes()
+        raise AddressError(f"unknown scheme {scheme!r} in {url!r}{suggest(scheme, known)}; known: {', '.join(known)}")
     location, _, query = rest.partition("?")
     options = _parse_query(url, query)
-    if scheme in NETWORK_SCHEMES:
+    form = transport.schemes[scheme]
+    if form is AddressForm.HOST_PORT:
         host, port = _parse_host_port(url, location)
         return Address(url=url, scheme=scheme, host=host, port=port, options=options)
-    if scheme == "unix" and location.startswith("@"):
+    if form is AddressForm.SOCKET_PATH_OR_ABSTRACT and location.startswith("@"):
         name = location[1:]
         _check_name(url, name, UNIX_PATH_MAX - 1)
         return Address(url=url, scheme=scheme, name=name, abstract=True, options=options)
-    if scheme in PATH_SCHEMES:
+    if form.names_path:
         path = _parse_path(url, location)
-        if scheme != "file" and len(path.encode()) > UNIX_PATH_MAX:
+        if form.names_socket_file and len(path.encode()) > UNIX_PATH_MAX:
             raise AddressError(
                 f"socket path {path!r} is {len(path.encode())} bytes; a Unix socket path holds at most "
                 f"{UNIX_PATH_MAX} bytes: use a shorter path (or unix://@name)"
             )
         return Address(url=url, scheme=scheme, path=path, options=options)
-    if scheme in NAME_SCHEMES:
+    if form is AddressForm.NAME:
         if not location.startswith("/"):
             raise AddressError(f"{url!r}: expected {scheme}:///name (three slashes)")
         name = location[1:]
         _check_name(url, name, NAME_MAX - 1)
         return Address(url=url, scheme=scheme, name=name, options=options)
-    return Address(url=url, scheme=scheme, name=location, key=_parse_sysv_key(url, location), options=options)
+    return Address(url=url, scheme=scheme, name=location, key=_parse_sysv_key(url, scheme, location), options=options)
 
 
 def _parse_query(url: str, query: str) -> dict[str, str]:
@@ -155,9 +155,9 @@ def _check_name(url: str, name: str, limit: int) -> None:
         raise AddressError(f"{url!r}: name is {len(name)} characters; at most {limit}")
 
 
-def _parse_sysv_key(url: str, text: str) -> int:
+def _parse_sysv_key(url: str, scheme: str, text: str) -> int:
     if not text:
-        raise AddressError(f"{url!r}: expected sysvmq://KEY (a number like 1234 or 0x4d2, or a name)")
+        raise AddressError(f"{url!r}: expected {scheme}://KEY (a number like 1234 or 0x4d2, or a name)")
     try:
         key = int(text, 0)
     except ValueError:

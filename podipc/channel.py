@@ -1,4 +1,4 @@
-"""Producer and Consumer base classes, channel options, deadlines and the scheme registry.
+"""Producer and Consumer base classes, channel options, deadlines, and opening a channel by URL.
 
 A channel module (podipc/transports/*.py) subclasses Producer and Consumer and
 implements the private hooks `_send`, `_recv`, `_close` and `_abort`. The public
@@ -9,12 +9,14 @@ Rendezvous rule, the same on every channel: opening never blocks on the peer.
 A side creates what is its own and returns; the first send or receive waits for
 the peer, at most until `wait` seconds after opening (PeerTimeout), or until the
 call's own timeout (Timeout), whichever comes first.
+
+Which classes serve a URL scheme, and what `channels()` says about each, comes from the
+transports' descriptors (podipc.transport), never from a list here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -23,26 +25,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar
 
-from podipc.address import SCHEMES, Address, parse_address, suggest
+from podipc.address import Address, parse_address, suggest
 from podipc.errors import AddressError, ChannelClosed, ChannelUnavailable, EndOfStream, MessageTooLarge
 from podipc.ownership import check_mode_option
+from podipc.transport import transport_for, transports
 
 DEFAULT_WAIT_SECONDS = 30.0
 DEFAULT_MODE = 0o600
-
-REGISTRY: dict[str, tuple[str, str, str]] = {
-    "tcp": ("podipc.transports.tcp", "TCPProducer", "TCPConsumer"),
-    "udp": ("podipc.transports.udp", "UDPProducer", "UDPConsumer"),
-    "unix": ("podipc.transports.unix", "UnixProducer", "UnixConsumer"),
-    "mq": ("podipc.transports.posix_mq", "PosixMQProducer", "PosixMQConsumer"),
-    "sysvmq": ("podipc.transports.sysv_mq", "SysVMQProducer", "SysVMQConsumer"),
-    "shm": ("podipc.transports.shm", "ShmProducer", "ShmConsumer"),
-    "file": ("podipc.transports.spool", "SpoolProducer", "SpoolConsumer"),
-    "zmq+tcp": ("podipc.transports.zmq", "ZMQProducer", "ZMQConsumer"),
-    "zmq+ipc": ("podipc.transports.zmq", "ZMQProducer", "ZMQConsumer"),
-}
-
-DEPENDENCY_OF_MODULE = {"posix_ipc": "posix_ipc", "sysv_ipc": "sysv_ipc", "zmq": "pyzmq"}
 
 
 # --- deadlines -------------------------------------------------------------
@@ -347,31 +336,16 @@ class Consumer(_Endpoint):
         self.close()
 
 
-# --- registry --------------------------------------------------------------
-
-
-def _load_module(scheme: str) -> Any:
-    module_name = REGISTRY[scheme][0]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = (exc.name or "").split(".")[0]
-        if missing in DEPENDENCY_OF_MODULE:
-            raise ChannelUnavailable(
-                f"{scheme}:// needs the Python package {DEPENDENCY_OF_MODULE[missing]!r}: "
-                f"pip install {DEPENDENCY_OF_MODULE[missing]}"
-            ) from exc
-        raise
+# --- opening by URL ----------------------------------------------------------
 
 
 def channel_class(scheme: str, role: str) -> type[Producer] | type[Consumer]:
-    """The Producer or Consumer class registered for a scheme; imports only that channel's module."""
-    if scheme not in REGISTRY:
-        raise AddressError(f"unknown scheme {scheme!r}{suggest(scheme, SCHEMES)}; known: {', '.join(SCHEMES)}")
-    module = _load_module(scheme)
-    _, producer_name, consumer_name = REGISTRY[scheme]
-    cls: type[Producer] | type[Consumer] = getattr(module, producer_name if role == "producer" else consumer_name)
-    return cls
+    """The Producer or Consumer class of a scheme's transport; imports only that transport's endpoints.
+
+    Raises AddressError for an unknown scheme, ChannelUnavailable when a package it needs is missing.
+    """
+    transport = transport_for(scheme)
+    return transport.producer_class() if role == "producer" else transport.consumer_class()
 
 
 def producer(url: str, **options: object) -> Producer:
@@ -403,34 +377,35 @@ class ChannelInfo:
     reason: str
     max_message_size: int | None
     example: str
-
-
-EXAMPLES = {
-    "tcp": "tcp://127.0.0.1:7000",
-    "udp": "udp://127.0.0.1:7001",
-    "unix": "unix:///shared/podipc.sock",
-    "mq": "mq:///podipc",
-    "sysvmq": "sysvmq://podipc",
-    "shm": "shm:///podipc",
-    "file": "file:///shared/spool",
-    "zmq+tcp": "zmq+tcp://127.0.0.1:7002",
-    "zmq+ipc": "zmq+ipc:///shared/zmq.sock",
-}
+    transport: str = ""
+    """The name of the transport that serves the scheme (podipc.transport.Transport.name)."""
+    reliable: bool = True
+    capabilities: tuple[str, ...] = ()
 
 
 def channels() -> list[ChannelInfo]:
-    """List every scheme, whether it is usable on this host, and the reason (with the fix) when not.
-
-    Each channel module provides `availability() -> str | None` (None: usable, else why
-    not and the fix) and `host_max_message_size() -> int` (the default limit here).
-    """
+    """List every scheme, whether it is usable on this host, and the reason (with the fix) when not."""
     rows = []
-    for scheme in SCHEMES:
-        try:
-            module = _load_module(scheme)
-            problem = module.availability()
-            limit = int(module.host_max_message_size())
-        except ChannelUnavailable as exc:
-            problem, limit = str(exc), None
-        rows.append(ChannelInfo(scheme, problem is None, problem or "", limit, EXAMPLES[scheme]))
+    for transport in transports():
+        problem = transport.problem()
+        limit: int | None = None
+        if transport.missing_requirement() is None:
+            try:
+                limit = int(transport.limit.host_default())
+            except ChannelUnavailable as exc:
+                problem = problem or str(exc)
+        capabilities = tuple(sorted(capability.value for capability in transport.capabilities))
+        rows += [
+            ChannelInfo(
+                scheme,
+                problem is None,
+                problem or "",
+                limit,
+                transport.example_for(scheme),
+                transport.name,
+                transport.reliable,
+                capabilities,
+            )
+            for scheme in transport.schemes
+        ]
     return rows

@@ -8,17 +8,19 @@ removed only when all of these hold:
 
 - the presence file is a regular file written by our own user (root cleans root's own);
 - its `channel` line names a channel whose token is the one in the file's name;
-- the object is one podipc creates for that channel (channel_objects), never an
-  arbitrary path or key named in the file;
+- the object is one podipc creates for that channel (what its transport declares:
+  podipc.transport.Transport.channel_objects), never an arbitrary path or key named in the file;
 - the object itself is still ours (owner, and creator for SysV), and no live side of any
   channel names it;
 - links are never followed: files are looked at with lstat and opened with O_NOFOLLOW.
 
 Everything else found at a presence path (another user's file, a FIFO, a symlink, a record
 naming objects it cannot prove) is refused, with the reason (`survey().refused`; the CLI
-prints them). One exception to "recorded objects only", confined to a spool directory
-whose dead producer's presence file is there: its `podipc.part.*` temporaries (half-written
-messages, never data) go too; the spool's message files stay (docs/wire/file.md).
+prints them). One exception to "recorded objects only", confined to the directory of a
+dead side's presence file: temporaries its transport declares (podipc.transport.Temporaries:
+the spool's `podipc.part.*`, half-written messages, never data) go too, when ours; the
+spool's message files stay (docs/wire/file.md). How each kind of object is removed, and
+how its owner is found, is declared by the transports (podipc.transport.ObjectKind).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from podipc.address import Address, parse_address
 from podipc.errors import AddressError, PodIPCError
@@ -45,14 +46,7 @@ from podipc.presence import (
     lock_state,
     remove_if_gone,
 )
-
-# A file:// spool holds its presence files under this token; a dead spool producer may leave
-# half-written temporaries (docs/wire/file.md), which are never messages.
-SPOOL_PRESENCE_TOKEN = "spool"
-SPOOL_TEMPORARY_PREFIX = "podipc.part."
-POSIX_SHM_DIRECTORY = "/dev/shm"
-"""Where Linux keeps POSIX shared memory (NAME) and named semaphores (sem.NAME)."""
-MQUEUE_DIRECTORY = "/dev/mqueue"
+from podipc.transport import PATH_OBJECT, object_kinds, transport_for, transports
 
 
 @dataclass(frozen=True)
@@ -65,6 +59,8 @@ class Leftover:
     holder: str
     guards: tuple[str, ...] = field(default=(), compare=False)
     """The channel's presence files: if one is alive again at removal, the object is kept."""
+    temporary: bool = field(default=False, compare=False)
+    """A temporary its transport declares (a regular file), not a recorded object."""
 
     def describe(self) -> str:
         """A one-line human description."""
@@ -117,18 +113,7 @@ class _Entry:
 
 def channel_objects(address: Address) -> frozenset[tuple[str, str]]:
     """The IPC objects podipc creates for a channel, as (kind, name): the only ones clean may remove for it."""
-    if address.scheme == "mq":
-        return frozenset({("posix_mq", "/" + address.name)})
-    if address.scheme == "sysvmq":
-        return frozenset({("sysv_mq", str(address.key))})
-    if address.scheme == "shm":
-        from podipc.transports.shm import semaphore_names
-
-        semaphores = {("posix_sem", name) for name in semaphore_names(address.name)}
-        return frozenset({("posix_shm", "/" + address.name), *semaphores})
-    if address.scheme in ("unix", "zmq+ipc") and not address.abstract:
-        return frozenset({("path", address.path)})
-    return frozenset()
+    return frozenset(transport_for(address.scheme).channel_objects(address))
 
 
 def survey(directories: Iterable[str] = (PRESENCE_DIRECTORY,)) -> Survey:
@@ -218,13 +203,12 @@ def _survey_dead_side(
         else:
             found.refused.append(Refusal(kind, name, reason, entry.path))
             refused = True
-    if entry.token == SPOOL_PRESENCE_TOKEN and entry.role == "producer":
-        for part in _spool_temporaries(directory):
-            problem = _path_problem(part, (stat.S_IFREG,))
-            if problem is None:
-                found.leftovers.append(Leftover("path", part, entry.path, holder, guards))
-            else:
-                found.refused.append(Refusal("path", part, problem, entry.path))
+    for part in _temporaries(directory, entry.token, entry.role):
+        problem = _path_problem(part, (stat.S_IFREG,))
+        if problem is None:
+            found.leftovers.append(Leftover("path", part, entry.path, holder, guards, temporary=True))
+        else:
+            found.refused.append(Refusal("path", part, problem, entry.path))
     if not refused:  # otherwise the record stays: it is the evidence of what is left
         found.leftovers.append(Leftover("path", entry.path, entry.path, holder, guards))
 
@@ -329,13 +313,21 @@ def _parse_record(lines: list[str]) -> tuple[str, str, list[tuple[str, str]]]:
     return holder, channel, objects
 
 
-def _spool_temporaries(directory: str) -> list[str]:
-    """The half-written message files a dead spool producer left in its spool directory."""
+def _temporaries(directory: str, token: str, role: str) -> list[str]:
+    """The temporaries a dead side of this token and role left in its directory, as its transport declares them."""
+    prefixes = tuple(
+        transport.temporaries.prefix
+        for transport in transports()
+        if transport.temporaries is not None
+        and (transport.temporaries.presence_token, transport.temporaries.role) == (token, role)
+    )
+    if not prefixes:
+        return []
     try:
         entries = os.listdir(directory)
     except OSError:
         return []
-    return sorted(os.path.join(directory, entry) for entry in entries if entry.startswith(SPOOL_TEMPORARY_PREFIX))
+    return sorted(os.path.join(directory, entry) for entry in entries if entry.startswith(prefixes))
 
 
 # --- is the object ours? -------------------------------------------------------
@@ -370,88 +362,18 @@ def _owner_problem(uid: int, gid: int, mode: int, creator: int | None = None) ->
     return f"not ours ({owner_text(uid, gid, mode)}); left alone"
 
 
-def _object_problem(kind: str, name: str) -> str | None:
+def _object_problem(kind_name: str, name: str) -> str | None:
     """None when the object is ours (or already gone); else why clean must not remove it."""
+    kind = object_kinds().get(kind_name)
+    if kind is None:
+        return f"unknown kind of object {kind_name!r}"
+    if kind is PATH_OBJECT:
+        return _path_problem(name, (stat.S_IFSOCK,))  # the socket file of unix:// or zmq+ipc://
     try:
-        return _OWNERSHIP[kind](name)
-    except KeyError:
-        return f"unknown kind of object {kind!r}"
-    except Exception as exc:  # a malformed name (a key that is no number): not provably ours
-        return f"cannot check its owner: {exc}"
-
-
-def _posix_mq_problem(name: str) -> str | None:
-    if os.path.ismount(MQUEUE_DIRECTORY):
-        return _path_problem(MQUEUE_DIRECTORY + name, (stat.S_IFREG,))
-    import posix_ipc
-
-    try:
-        queue = posix_ipc.MessageQueue(name)
-    except posix_ipc.ExistentialError:
-        return None
-    except posix_ipc.PermissionsError:
-        return "not ours (we may not open it); left alone"
-    try:
-        status = os.fstat(queue.mqd)
-    finally:
-        queue.close()
-    return _owner_problem(status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode))
-
-
-def _posix_shm_problem(name: str) -> str | None:
-    return _path_problem(POSIX_SHM_DIRECTORY + name, (stat.S_IFREG,))
-
-
-def _posix_sem_problem(name: str) -> str | None:
-    return _path_problem(f"{POSIX_SHM_DIRECTORY}/sem.{name.lstrip('/')}", (stat.S_IFREG,))
-
-
-def _sysv_problem(opener: Callable[[int], Any]) -> Callable[[str], str | None]:
-    def problem(key: str) -> str | None:
-        import sysv_ipc
-
-        try:
-            item = opener(int(key))
-        except sysv_ipc.ExistentialError:
-            return None
-        except sysv_ipc.PermissionsError:
-            return "not ours (we may not open it); left alone"
-        return _owner_problem(item.uid, item.gid, item.mode & 0o777, creator=item.cuid)
-
-    return problem
-
-
-def _sysv_mq(key: int) -> Any:
-    import sysv_ipc
-
-    return sysv_ipc.MessageQueue(key)
-
-
-def _sysv_shm(key: int) -> Any:
-    import sysv_ipc
-
-    return sysv_ipc.SharedMemory(key)
-
-
-def _sysv_sem(key: int) -> Any:
-    import sysv_ipc
-
-    return sysv_ipc.Semaphore(key)
-
-
-def _socket_problem(path: str) -> str | None:
-    return _path_problem(path, (stat.S_IFSOCK,))
-
-
-_OWNERSHIP: dict[str, Callable[[str], str | None]] = {
-    "posix_mq": _posix_mq_problem,
-    "posix_sem": _posix_sem_problem,
-    "posix_shm": _posix_shm_problem,
-    "sysv_mq": _sysv_problem(_sysv_mq),
-    "sysv_shm": _sysv_problem(_sysv_shm),
-    "sysv_sem": _sysv_problem(_sysv_sem),
-    "path": _socket_problem,
-}
+        owner = kind.owner_of(name)
+    except Exception as exc:  # we may not open it, or a malformed name: not provably ours
+        return f"cannot tell its owner ({type(exc).__name__}: {exc}); left alone"
+    return None if owner is None else _owner_problem(owner.uid, owner.gid, owner.mode, owner.creator)
 
 
 # --- removal -------------------------------------------------------------------
@@ -468,16 +390,15 @@ def remove(leftover: Leftover) -> bool:
     if os.path.basename(leftover.name).startswith(PRESENCE_PREFIX) and leftover.kind == "path":
         return _remove_presence_file(leftover.name)
     if leftover.kind == "path":
-        spool_part = os.path.basename(leftover.name).startswith(SPOOL_TEMPORARY_PREFIX)
-        _remove_file(leftover, (stat.S_IFREG,) if spool_part else (stat.S_IFSOCK,))
+        _remove_file(leftover, (stat.S_IFREG,) if leftover.temporary else (stat.S_IFSOCK,))
         return True
     problem = _object_problem(leftover.kind, leftover.name)
     if problem is not None:
         raise PodIPCError(f"cannot remove {leftover.describe()}: {problem}")
     try:
-        _REMOVERS[leftover.kind](leftover.name)
-    except KeyError as exc:
-        raise PodIPCError(f"unknown kind of leftover {leftover.kind!r} in {leftover.recorded_in}") from exc
+        object_kinds()[leftover.kind].remove(leftover.name)
+    except FileNotFoundError:
+        pass
     except PermissionError as exc:
         raise PodIPCError(f"cannot remove {leftover.describe()}: {exc.strerror}; run as its owner") from exc
     except Exception as exc:
@@ -520,43 +441,3 @@ def _remove_presence_file(path: str) -> bool:
     if remove_if_gone(path, _own_trust()):
         return True
     return not os.path.lexists(path)
-
-
-def _remove_posix_mq(name: str) -> None:
-    import posix_ipc
-
-    posix_ipc.unlink_message_queue(name)
-
-
-def _remove_posix_sem(name: str) -> None:
-    import posix_ipc
-
-    posix_ipc.unlink_semaphore(name)
-
-
-def _remove_posix_shm(name: str) -> None:
-    import posix_ipc
-
-    posix_ipc.unlink_shared_memory(name)
-
-
-def _remove_sysv_mq(key: str) -> None:
-    _sysv_mq(int(key)).remove()
-
-
-def _remove_sysv_shm(key: str) -> None:
-    _sysv_shm(int(key)).remove()
-
-
-def _remove_sysv_sem(key: str) -> None:
-    _sysv_sem(int(key)).remove()
-
-
-_REMOVERS = {
-    "posix_mq": _remove_posix_mq,
-    "posix_sem": _remove_posix_sem,
-    "posix_shm": _remove_posix_shm,
-    "sysv_mq": _remove_sysv_mq,
-    "sysv_shm": _remove_sysv_shm,
-    "sysv_sem": _remove_sysv_sem,
-}

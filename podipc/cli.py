@@ -1,18 +1,23 @@
 """The `podipc` command: parse options, call the library, print. No channel logic lives here.
 
+The core commands (produce, consume, run, channels, clean) are here; `bench` and
+`doctor` live beside their libraries (podipc/bench/cli.py, podipc/doctor/cli.py) and are
+imported only when used, so a missing optional package of theirs is one line naming
+the extra to install, and `produce`/`consume` start without loading them.
+
 Every option can also come from the environment (PODIPC_...), because manifests set
 roles by environment. Errors become one line on stderr and a non-zero exit code.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import click
 
@@ -30,7 +35,10 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
+from podipc.extras import install_hint
 from podipc.payloads import RateLimiter, StreamSummary, generated_messages, stdin_chunks
+from podipc.tables import text_table
+from podipc.transport import channel_table
 
 EXIT_CODES: dict[type[PodIPCError], int] = {
     AddressError: 2,
@@ -53,16 +61,20 @@ def exit_code_of(error: PodIPCError) -> int:
     return 1
 
 
-class ChannelFailure(click.ClickException):
+class OneLineError(click.ClickException):
+    """An error click prints as one line, 'podipc: error: ...', on stderr."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        """Print 'podipc: error: ...' on one line."""
+        click.echo(f"podipc: error: {self.format_message()}", err=True)
+
+
+class ChannelFailure(OneLineError):
     """A PodIPCError turned into one line on stderr and its exit code."""
 
     def __init__(self, error: PodIPCError) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
         self.exit_code = exit_code_of(error)
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        """Print 'podipc: error: ...' on one line."""
-        click.echo(f"podipc: error: {self.format_message()}", err=True)
 
 
 @contextmanager
@@ -72,6 +84,19 @@ def podipc_errors() -> Iterator[None]:
         yield
     except PodIPCError as error:
         raise ChannelFailure(error) from error
+
+
+@contextmanager
+def optional_packages(command: str) -> Iterator[None]:
+    """Turn a missing package that a podipc extra installs into one line naming that extra."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        hint = install_hint(package, command) if package else None
+        if hint is None:
+            raise
+        raise OneLineError(f"podipc {command} needs the {package} package: {hint}") from error
 
 
 class AddressParam(click.ParamType):  # type: ignore[type-arg]
@@ -97,7 +122,45 @@ def print_summary(summary: StreamSummary, **extra: object) -> None:
     click.echo(json.dumps(summary.as_dict(**extra), separators=(", ", ": ")))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class PodipcGroup(click.Group):
+    """The podipc command group: the core commands, plus commands imported from their packages when used."""
+
+    lazy_commands: ClassVar[dict[str, str]] = {"bench": "podipc.bench.cli:bench", "doctor": "podipc.doctor.cli:doctor"}
+    """Command name -> 'module:attribute' of a click command (their modules import only click and core)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The core commands and the lazily imported ones, sorted."""
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """A core command, or import a lazily registered one."""
+        reference = self.lazy_commands.get(cmd_name)
+        if reference is None:
+            return super().get_command(ctx, cmd_name)
+        module_name, _, attribute = reference.partition(":")
+        try:
+            with optional_packages(cmd_name):
+                command: click.Command = getattr(importlib.import_module(module_name), attribute)
+        except OneLineError as missing:
+            return _unavailable_command(cmd_name, missing)
+        return command
+
+
+def _unavailable_command(name: str, missing: OneLineError) -> click.Command:
+    """A command that cannot load here: listed with the reason, and failing with it in one line when run."""
+
+    def fail(**_: object) -> None:
+        raise missing
+
+    return click.Command(
+        name,
+        callback=fail,
+        help=f"Unavailable here: {missing.message}",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+
+
+@click.group(cls=PodipcGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(podipc.__version__, "--version", prog_name="podipc")
 def main() -> None:
     """podipc: messages between the containers of one Kubernetes pod."""
@@ -285,28 +348,38 @@ def receive_all(
             write(message)
 
 
+CHANNEL_COLUMNS = ("scheme", "usable", "max message (bytes)", "example", "why not / fix")
+
+
 @main.command(name="channels")
 @click.option("--json", "as_json", is_flag=True, envvar="PODIPC_JSON", help="One JSON object per channel.")
-def channels_command(as_json: bool) -> None:
+@click.option(
+    "--markdown",
+    "as_markdown",
+    is_flag=True,
+    help="Print the README's channel table: what each channel declares, not what works on this host.",
+)
+def channels_command(as_json: bool, as_markdown: bool) -> None:
     """List every channel, whether it works on this host, and how to fix it when not."""
+    if as_markdown:
+        click.echo(channel_table(), nl=False)
+        return
     rows = podipc.channels()
     if as_json:
         for row in rows:
             click.echo(json.dumps(row.__dict__))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("scheme", "usable", "max message (bytes)", "example", "why not / fix")
-    for row in rows:
-        table.add_row(
+    cells = [
+        (
             row.scheme,
             "yes" if row.usable else "no",
             "" if row.max_message_size is None else f"{row.max_message_size:,}",
             row.example,
             row.reason,
         )
-    Console(width=200).print(table)
+        for row in rows
+    ]
+    click.echo(text_table(CHANNEL_COLUMNS, cells))
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -370,322 +443,6 @@ def clean(dry_run: bool, directories: tuple[str, ...], as_json: bool) -> None:
         click.echo("nothing to clean")
     if failures:
         raise click.ClickException(f"{failures} leftover(s) could not be removed")
-
-
-@main.command(name="doctor")
-@click.option("--json", "as_json", is_flag=True, envvar="PODIPC_JSON", help="Print the report as one JSON line.")
-@click.option(
-    "--require",
-    "required",
-    multiple=True,
-    metavar="SCHEME",
-    envvar="PODIPC_REQUIRE",
-    help="Exit 3 when this channel (e.g. shm, mq) cannot work here; repeatable.",
-)
-@click.option(
-    "--url",
-    "urls",
-    multiple=True,
-    envvar="PODIPC_DOCTOR_URLS",
-    help="A channel URL to check (path length, shared volume...); repeatable; PODIPC_URL is checked too.",
-)
-@click.option(
-    "--serve",
-    "serve_address",
-    is_flag=False,
-    flag_value="127.0.0.1:7099",
-    default=None,
-    metavar="[ADDRESS]",
-    envvar="PODIPC_DOCTOR_SERVE",
-    help="Publish this container's facts for a peer at ADDRESS ([HOST:]PORT, default 127.0.0.1:7099).",
-)
-@click.option(
-    "--peer",
-    "peer_address",
-    is_flag=False,
-    flag_value="127.0.0.1:7099",
-    default=None,
-    metavar="[ADDRESS]",
-    envvar="PODIPC_DOCTOR_PEER",
-    help="Compare with the container serving at ADDRESS (default 127.0.0.1:7099).",
-)
-@click.option(
-    "--exchange",
-    multiple=True,
-    type=click.Path(file_okay=False),
-    envvar="PODIPC_DOCTOR_EXCHANGE",
-    help="Also publish/look in this directory (a volume both mount): compares pods sharing nothing else.",
-)
-@click.option(
-    "--wait",
-    type=click.FloatRange(0),
-    default=30.0,
-    show_default=True,
-    envvar="PODIPC_DOCTOR_WAIT",
-    help="With --peer: seconds to look for the server.",
-)
-@click.option(
-    "--serve-for",
-    type=click.FloatRange(0),
-    default=None,
-    envvar="PODIPC_DOCTOR_SERVE_FOR",
-    help="With --serve: stop after this many seconds (default: until stopped).",
-)
-@click.option("--once", is_flag=True, envvar="PODIPC_DOCTOR_ONCE", help="With --serve: stop after the first peer.")
-def doctor(
-    as_json: bool,
-    required: tuple[str, ...],
-    urls: tuple[str, ...],
-    serve_address: str | None,
-    peer_address: str | None,
-    exchange: tuple[str, ...],
-    wait: float,
-    serve_for: float | None,
-    once: bool,
-) -> None:
-    """Report what this pod shares, what each channel can do here, and how to fix what it cannot."""
-    from podipc import doctor as checkup
-
-    if serve_address and peer_address:
-        raise click.UsageError("--serve and --peer exclude each other: run one in each container")
-    try:
-        rendezvous = checkup.parse_rendezvous(serve_address or peer_address or checkup.DEFAULT_ADDRESS)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--serve/--peer") from exc
-    report = checkup.examine(checkup.configured_urls(urls), required)
-    if peer_address:
-        report.peer = checkup.find_peer(report.facts, rendezvous, exchange, wait)
-    if serve_address:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the published objects are withdrawn
-        with checkup.DoctorServer(report.facts, rendezvous, exchange) as server:
-            report.serving = {"address": str(rendezvous), "token": server.token, "published": server.published}
-            print_doctor_report(report, as_json)
-            served = server.serve(serve_for, once)
-        if not as_json:
-            click.echo(f"podipc doctor: served {served} peer(s) at {rendezvous}", err=True)
-    else:
-        print_doctor_report(report, as_json)
-    if report.unmet:
-        raise ChannelFailure(ChannelUnavailable("required channel unusable here: " + " | ".join(report.unmet)))
-    if report.peer is not None and not report.peer.found:
-        raise ChannelFailure(PeerTimeout(report.peer.problems[0]))
-
-
-def print_doctor_report(report: Any, as_json: bool) -> None:
-    """Print a doctor report as one JSON line or as tables."""
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), separators=(",", ":")))
-        return
-    from rich.console import Console
-
-    from podipc.doctor.render import render
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    for part in render(report):
-        console.print(part)
-
-
-def _bench_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-@main.command()
-@click.option(
-    "--channels",
-    default="all",
-    show_default=True,
-    envvar=["PODIPC_BENCH_CHANNELS", "PODIPC_CHANNELS"],
-    help="Comma-separated schemes to measure (tcp,udp,unix,mq,sysvmq,shm,file,zmq+tcp,zmq+ipc) or 'all'; "
-    "peer names (raw-tcp, raw-ring, iceoryx2...) may be listed too.",
-)
-@click.option(
-    "--sizes",
-    default="64,4KiB,64KiB,1MiB",
-    show_default=True,
-    envvar=["PODIPC_BENCH_SIZES", "PODIPC_SIZES"],
-    help="Comma-separated message sizes in bytes (suffixes KiB, MiB); at least 8 bytes each.",
-)
-@click.option(
-    "--mode",
-    "bench_mode",
-    type=click.Choice(["latency", "throughput", "both"]),
-    default="both",
-    show_default=True,
-    envvar=["PODIPC_BENCH_MODE"],
-    help="Ping-pong round trips, one-way streaming, or both.",
-)
-@click.option(
-    "--duration",
-    type=click.FloatRange(0.01),
-    default=None,
-    envvar=["PODIPC_BENCH_DURATION"],
-    help="Seconds of measuring per cell (default 0.5; 0.08 with --quick).",
-)
-@click.option(
-    "--idle",
-    "idle_seconds",
-    type=click.FloatRange(0),
-    default=None,
-    envvar=["PODIPC_BENCH_IDLE"],
-    help="Seconds of the idle-consumer CPU probe, at the smallest size (default 1; 0.2 with --quick).",
-)
-@click.option("--quick", is_flag=True, envvar=["PODIPC_BENCH_QUICK"], help="Short cells: the whole run in seconds.")
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(["table", "json", "csv", "markdown"]),
-    default="table",
-    show_default=True,
-    envvar=["PODIPC_BENCH_FORMAT", "PODIPC_FORMAT"],
-    help="Report format.",
-)
-@click.option(
-    "--output",
-    "-o",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    envvar=["PODIPC_BENCH_OUTPUT", "PODIPC_OUTPUT"],
-    help="Write the report to FILE instead of stdout.",
-)
-@click.option(
-    "--plot",
-    "plot_path",
-    type=click.Path(dir_okay=False, writable=True),
-    default=None,
-    envvar=["PODIPC_BENCH_PLOT"],
-    help="Also write a PNG plot (needs matplotlib: podipc[plot]).",
-)
-@click.option(
-    "--peers",
-    is_flag=True,
-    envvar=["PODIPC_BENCH_PEERS"],
-    help="Also measure raw primitives and other libraries (pyzmq, multiprocessing, faster-fifo, iceoryx2).",
-)
-@click.option(
-    "--role",
-    type=click.Choice(["local", "server", "client"]),
-    default="local",
-    show_default=True,
-    envvar=["PODIPC_BENCH_ROLE", "PODIPC_ROLE"],
-    help="local: start the peer process here; server/client: one per container of a pod.",
-)
-@click.option(
-    "--control-host",
-    default="127.0.0.1",
-    show_default=True,
-    envvar=["PODIPC_BENCH_CONTROL_HOST"],
-    help="Address of the control connection (the server listens, the client connects).",
-)
-@click.option(
-    "--control-port",
-    type=click.IntRange(1, 65535),
-    default=47700,
-    show_default=True,
-    envvar=["PODIPC_BENCH_CONTROL_PORT"],
-    help="Port of the control connection (pod mode).",
-)
-@click.option(
-    "--wait",
-    type=click.FloatRange(0),
-    default=60.0,
-    show_default=True,
-    envvar=["PODIPC_BENCH_WAIT", "PODIPC_WAIT"],
-    help="Seconds to wait for the other container.",
-)
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False),
-    default="",
-    envvar=["PODIPC_BENCH_DIR"],
-    help="Directory both containers share, for socket and spool paths (default: a new one in /dev/shm).",
-)
-@click.option("--quiet", "-q", is_flag=True, envvar=["PODIPC_BENCH_QUIET", "PODIPC_QUIET"], help="No progress bar.")
-def bench(
-    channels: str,
-    sizes: str,
-    bench_mode: str,
-    duration: float | None,
-    idle_seconds: float | None,
-    quick: bool,
-    output_format: str,
-    output: str | None,
-    plot_path: str | None,
-    peers: bool,
-    role: str,
-    control_host: str,
-    control_port: int,
-    wait: float,
-    directory: str,
-    quiet: bool,
-) -> None:
-    """Compare channels inside one pod: latency, throughput and CPU per channel and message size."""
-    from podipc.bench import report as bench_report
-    from podipc.bench import runner
-    from podipc.channel import parse_size
-
-    try:
-        chosen = list(podipc.address.SCHEMES) if channels.strip() == "all" else _bench_list(channels)
-        plan = runner.Plan(
-            channels=chosen,
-            sizes=[parse_size(size) for size in _bench_list(sizes)],
-            modes=list(runner.MODES) if bench_mode == "both" else [bench_mode],
-            seconds=duration if duration is not None else (runner.QUICK_SECONDS if quick else runner.DEFAULT_SECONDS),
-            idle_seconds=idle_seconds
-            if idle_seconds is not None
-            else (runner.QUICK_IDLE_SECONDS if quick else runner.DEFAULT_IDLE_SECONDS),
-            quick=quick,
-            peers=peers,
-            role=role,
-            control_host=control_host,
-            control_port=control_port,
-            wait=wait,
-            directory=directory,
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-    if role == "server":
-        with podipc_errors():
-            runner.run_server(plan, None if quiet else lambda line: click.echo(line, err=True))
-        return
-    with podipc_errors(), _bench_progress(quiet) as progress:
-        result = runner.run(plan, progress)
-    text = bench_report.render(result, output_format)
-    if output:
-        with open(output, "w", encoding="utf-8") as file:
-            file.write(text)
-    else:
-        click.echo(text, nl=False)
-    if plot_path:
-        try:
-            bench_report.plot(result, plot_path)
-        except bench_report.PlotUnavailable as exc:
-            raise click.ClickException(str(exc)) from exc
-
-
-@contextmanager
-def _bench_progress(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A rich progress bar on stderr when it is a terminal (and not --quiet); else no hook."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description:<32}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as progress:
-        task = progress.add_task("bench", total=None)
-
-        def update(description: str, done: int, total: int) -> None:
-            progress.update(task, description=description, completed=done, total=total)
-
-        yield update
 
 
 if __name__ == "__main__":

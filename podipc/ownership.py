@@ -60,6 +60,28 @@ KIND_NAMES = {
 
 
 @dataclass(frozen=True)
+class Owner:
+    """Who owns an object and what it permits: from fstat/lstat, or a SysV object's ipc_perm."""
+
+    uid: int
+    gid: int
+    mode: int
+    """Permission bits (0o777)."""
+    creator: int | None = None
+    """The creating UID where the object keeps one (SysV)."""
+
+    @classmethod
+    def of_status(cls, status: os.stat_result) -> Owner:
+        """The owner of a file from its (l/f)stat."""
+        return cls(status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode))
+
+    def text(self) -> str:
+        """'owner uid 1000 (alice), gid 1000 (pod), mode 0640[, created by ...]'."""
+        made = "" if self.creator is None or self.creator == self.uid else f", created by {user_text(self.creator)}"
+        return owner_text(self.uid, self.gid, self.mode) + made
+
+
+@dataclass(frozen=True)
 class Trust:
     """Whose objects one side accepts: its own user's, and with group sharing those of a common group."""
 

@@ -39,8 +39,8 @@ Its first line is the holder's pid and hostname, for humans, and an id drawn at 
 (which tells two holders apart when a file system reuses inode numbers); the lock is the signal.
 The second, `channel LOCATION`, names the channel (its URL without the query), so that
 `podipc clean` can derive which objects belong to it. Each further line names an IPC
-object the holder created (`record`): `KIND NAME`, where KIND is one of OBJECT_KINDS;
-or states a property for the peer: `declares WORD`.
+object the holder created (`record`): `KIND NAME`, where KIND is a kind a transport
+declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ PRESENCE_PREFIX = "podipc.presence."
 TEMPORARY_SUFFIX = ".tmp"
 ROLES = ("producer", "consumer")
 PROBE_INTERVAL_SECONDS = 0.02
-OBJECT_KINDS = ("posix_mq", "posix_sem", "posix_shm", "sysv_mq", "sysv_shm", "sysv_sem", "path")
 DECLARATION = "declares"
 CHANNEL = "channel"
 DEFAULT_MODE = 0o600
@@ -312,12 +311,15 @@ class Presence:
     def record(self, kind: str, name: str) -> None:
         """Note an IPC object this side created, for `podipc clean` should this side die.
 
-        kind: one of OBJECT_KINDS; name: the queue/semaphore/segment name, the SysV key
-        (decimal), or an absolute file path. `podipc clean` removes it only if it belongs to
-        the channel named at the claim (`channel`).
+        kind: a kind some transport declares (podipc.transport.object_kinds()); name: the
+        queue/semaphore/segment name, the SysV key (decimal), or an absolute file path.
+        `podipc clean` removes it only if it belongs to the channel named at the claim (`channel`).
         """
-        if kind not in OBJECT_KINDS:
-            raise ValueError(f"kind must be one of {OBJECT_KINDS}, not {kind!r}")
+        from podipc.transport import object_kinds
+
+        kinds = object_kinds()
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {tuple(kinds)}, not {kind!r}")
         if self._fd >= 0:
             os.write(self._fd, f"{kind} {name}\n".encode())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from podipc.bench.runner import serve_forever_once
+from podipc.bench.server import serve_forever_once
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
-"""Turn a bench report (the JSON-ready mapping from podipc.bench.runner) into targets, tables and a plot.
+"""Turn a bench report (the JSON-ready mapping from podipc.bench.runner) into tables and a plot.
 
-Targets are ratios computed from the same run, each with its limit and whether it was
-met; a target whose cells did not run says why instead (met is null).
+The bench reports figures; it does not judge them. The project's own pass/fail targets
+live in the repository (benchmarks/targets.py), not in the package.
 """
 
 from __future__ import annotations
@@ -9,24 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable
 from typing import Any
 
-CHANNELS = ("tcp", "udp", "unix", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc")
-KERNEL_BACKED = ("tcp", "udp", "unix", "mq", "sysvmq")
-SMALL_SIZE = 64
-LARGE_SIZE = 65536
-SMALL_LIMIT = 1.15
-LARGE_LIMIT = 1.05
-IDLE_LIMIT = 0.02
+from podipc.tables import markdown_table, size_label
 
-
-def size_label(size: int) -> str:
-    """64 B, 4 KiB, 1 MiB..."""
-    for unit, factor in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} B"
+__all__ = ["find", "markdown_table", "plot", "render", "size_label"]
 
 
 def find(report: dict[str, Any], subject: str, mode: str, size: int) -> dict[str, Any] | None:
@@ -35,171 +22,6 @@ def find(report: dict[str, Any], subject: str, mode: str, size: int) -> dict[str
         if record["subject"] == subject and record["mode"] == mode and record["size"] == size:
             return record  # type: ignore[no-any-return]
     return None
-
-
-def _figure(report: dict[str, Any], subject: str, mode: str, size: int) -> tuple[float | None, str | None]:
-    """(value, None) for a measured cell, else (None, why): p50 µs for latency, messages/s for throughput."""
-    record = find(report, subject, mode, size)
-    if record is None:
-        hint = ""
-        if subject in CHANNELS and subject not in report["plan"]["channels"]:
-            hint = " (not in --channels)"
-        elif subject not in CHANNELS and not report["plan"]["peers"]:
-            hint = " (run with --peers)"
-        elif size not in report["plan"]["sizes"] or mode not in report["plan"]["modes"]:
-            hint = " (not in --sizes/--mode)"
-        return None, f"not computed: {subject} {mode} at {size_label(size)} was not measured{hint}"
-    if record["status"] == "unsupported":
-        return None, f"not applicable: {record['reason']}"
-    if record["status"] != "ok":
-        return None, f"not computed: {subject} {mode} at {size_label(size)}: {record['status']}: {record['reason']}"
-    if mode == "latency":
-        return float(record["latency"]["p50_us"]), None
-    return float(record["throughput"]["messages_per_second"]), None
-
-
-def _target(
-    target_id: str,
-    description: str,
-    value: float | None,
-    reference: float | None,
-    limit: float,
-    comparison: str,
-    reason: str | None,
-) -> dict[str, Any]:
-    ratio = None
-    met = None
-    if value is not None and reference is not None and reference > 0:
-        ratio = round(value / reference, 4)
-        met = ratio <= limit if comparison == "<=" else ratio >= limit
-        reason = None
-    return {
-        "id": target_id,
-        "description": description,
-        "value": value,
-        "reference": reference,
-        "ratio": ratio,
-        "comparison": comparison,
-        "limit": limit,
-        "met": met,
-        "reason": reason,
-    }
-
-
-def _ratio_target(
-    report: dict[str, Any],
-    target_id: str,
-    description: str,
-    subject: str,
-    reference: str,
-    mode: str,
-    size: int,
-    limit: float,
-    comparison: str,
-    inverse: bool = False,
-) -> dict[str, Any]:
-    value, why = _figure(report, subject, mode, size)
-    base, why_base = _figure(report, reference, mode, size)
-    if inverse and value and base:
-        value, base = base, value  # time per message: the reference's rate over the subject's
-    return _target(target_id, description, value, base, limit, comparison, why or why_base)
-
-
-def compute_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of the project, computed from this run's figures."""
-    targets = [
-        _ratio_target(
-            report,
-            "shm-p50-vs-iceoryx2",
-            "shm:// round-trip p50 at 64 B <= 0.5x iceoryx2's",
-            "shm",
-            "iceoryx2",
-            "latency",
-            SMALL_SIZE,
-            0.5,
-            "<=",
-        ),
-        _ratio_target(
-            report,
-            "shm-p50-vs-ring",
-            "shm:// round-trip p50 at 64 B <= 1.2x the raw busy-poll ring's",
-            "shm",
-            "raw-ring",
-            "latency",
-            SMALL_SIZE,
-            1.2,
-            "<=",
-        ),
-        _idle_target(report),
-        _ratio_target(
-            report,
-            "shm-throughput-vs-iceoryx2",
-            "shm:// one-way throughput at 1 MiB >= iceoryx2's",
-            "shm",
-            "iceoryx2",
-            "throughput",
-            1 << 20,
-            1.0,
-            ">=",
-        ),
-    ]
-    large_sizes = sorted(size for size in report["plan"]["sizes"] if size >= LARGE_SIZE) or [LARGE_SIZE]
-    for channel in KERNEL_BACKED:
-        raw = {"tcp": "raw-tcp", "udp": "raw-udp", "unix": "raw-unix", "mq": "raw-posix-mq", "sysvmq": "raw-sysv-mq"}[
-            channel
-        ]
-        for size, limit in [(SMALL_SIZE, SMALL_LIMIT), *((size, LARGE_LIMIT) for size in large_sizes)]:
-            label = size_label(size)
-            targets.append(
-                _ratio_target(
-                    report,
-                    f"{channel}-p50-{size}",
-                    f"{channel}:// round-trip p50 at {label} <= {limit}x {raw}",
-                    channel,
-                    raw,
-                    "latency",
-                    size,
-                    limit,
-                    "<=",
-                )
-            )
-            targets.append(
-                _ratio_target(
-                    report,
-                    f"{channel}-throughput-{size}",
-                    f"{channel}:// time per message at {label} <= {limit}x {raw} ({raw} msg/s over {channel}'s)",
-                    channel,
-                    raw,
-                    "throughput",
-                    size,
-                    limit,
-                    "<=",
-                    inverse=True,
-                )
-            )
-    return targets
-
-
-def _idle_target(report: dict[str, Any]) -> dict[str, Any]:
-    description = "shm:// idle consumer <= 2 % of a core"
-    size = min(report["plan"]["sizes"])
-    record = find(report, "shm", "latency", size)
-    if record is None or record["status"] != "ok" or record.get("idle") is None:
-        why = (
-            "not computed: shm latency at the smallest size was not measured"
-            if record is None
-            else f"not computed: {record['reason'] or 'no idle probe (--idle 0)'}"
-        )
-        return _target("shm-idle-cpu", description, None, None, IDLE_LIMIT, "<=", why)
-    fraction = float(record["idle"]["core_fraction"])
-    result = _target("shm-idle-cpu", description, fraction, 1.0, IDLE_LIMIT, "<=", None)
-    return result
-
-
-def add_targets(report: dict[str, Any]) -> dict[str, Any]:
-    """The report with its "targets" section (computed from its own figures)."""
-    report["targets"] = compute_targets(report)
-    return report
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -306,34 +128,6 @@ def throughput_rows(report: dict[str, Any], notes: Notes) -> list[list[str]]:
     return rows
 
 
-TARGET_COLUMNS = ("target", "ratio", "limit", "met")
-
-
-def target_rows(report: dict[str, Any]) -> list[list[str]]:
-    """One row per target: its ratio and limit, met or missed, or why it could not be computed."""
-    rows = []
-    for target in report.get("targets", []):
-        if target["met"] is None:
-            rows.append(
-                [
-                    target["description"],
-                    "n/a",
-                    f"{target['comparison']} {target['limit']}",
-                    str(target["reason"]),
-                ]
-            )
-        else:
-            rows.append(
-                [
-                    target["description"],
-                    f"{target['ratio']:.3f}",
-                    f"{target['comparison']} {target['limit']}",
-                    "met" if target["met"] else "MISSED",
-                ]
-            )
-    return rows
-
-
 def environment_lines(report: dict[str, Any]) -> list[str]:
     """A few lines saying where the run happened (hardware, kernel, versions, noise)."""
     client = report["environment"]["client"]
@@ -369,7 +163,6 @@ def render_table(report: dict[str, Any]) -> str:
     for title, columns, rows in (
         ("Latency (round trip)", LATENCY_COLUMNS, latency_rows(report, notes)),
         ("Throughput (one way, counted at the consumer)", THROUGHPUT_COLUMNS, throughput_rows(report, notes)),
-        ("Targets", TARGET_COLUMNS, target_rows(report)),
     ):
         if not rows:
             continue
@@ -386,26 +179,17 @@ def render_table(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def _markdown_table(columns: Iterable[str], rows: list[list[str]]) -> str:
-    columns = list(columns)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def render_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: environment, targets, latency and throughput tables, skipped peers."""
+    """The report as Markdown: environment, latency and throughput tables, skipped peers."""
     parts = ["## Where it ran", "", *(f"- {line}" for line in environment_lines(report)), ""]
-    if report.get("targets"):
-        parts += ["## Targets", "", _markdown_table(TARGET_COLUMNS, target_rows(report)), ""]
     notes = Notes()
     if any(record["mode"] == "latency" for record in report["results"]):
-        parts += ["## Latency (round trip, µs)", "", _markdown_table(LATENCY_COLUMNS, latency_rows(report, notes)), ""]
+        parts += ["## Latency (round trip, µs)", "", markdown_table(LATENCY_COLUMNS, latency_rows(report, notes)), ""]
     if any(record["mode"] == "throughput" for record in report["results"]):
         parts += [
             "## Throughput (one way, counted at the consumer)",
             "",
-            _markdown_table(THROUGHPUT_COLUMNS, throughput_rows(report, notes)),
+            markdown_table(THROUGHPUT_COLUMNS, throughput_rows(report, notes)),
             "",
         ]
     if notes.reasons:

@@ -5,7 +5,8 @@ its ends of each cell and echoes (latency) or streams (throughput); the *client*
 plans, pings or counts, and writes the report. They agree over a control connection
 (podipc.bench.control). In local mode the client starts the server as a subprocess
 (`python -m podipc.bench serve`); in pod mode each runs in its own container
-(`podipc bench --role server` / `--role client`), either first.
+(`podipc bench --role server` / `--role client`), either first. The plan and its cells
+are podipc.bench.cells, the server side podipc.bench.server; this is the client side.
 
 Peers built on multiprocessing objects (Pipe, Queue, faster-fifo) cannot cross
 containers: the client runs their other side in a child process it starts itself
@@ -16,24 +17,41 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any
 
 import podipc
 from podipc.bench import facts
-from podipc.bench.control import DEFAULT_CONTROL_PORT, PROTOCOL_VERSION, Control, ControlListener, connect
-from podipc.bench.peers import LocalSubject, local_context, peer_subjects
+from podipc.bench.cells import (
+    CONTROL_TIMEOUT_SECONDS,
+    DEFAULT_IDLE_SECONDS,
+    DEFAULT_SECONDS,
+    ICEORYX_ROOT,
+    MODES,
+    QUICK_IDLE_SECONDS,
+    QUICK_SECONDS,
+    REPORT_SCHEMA,
+    SERVER_START_TIMEOUT_SECONDS,
+    Cell,
+    CellTimeout,
+    Opener,
+    Plan,
+    abort_ends,
+    all_subjects,
+    describe,
+    free_port,
+    raw_baselines,
+    watchdog,
+)
+from podipc.bench.control import PROTOCOL_VERSION, Control, connect
+from podipc.bench.peers import LocalSubject, local_context
+from podipc.bench.server import open_server_ends, run_server_side, serve_forever_once
 from podipc.bench.stats import (
     SEQUENCE_SIZE,
     LatencySummary,
@@ -42,266 +60,25 @@ from podipc.bench.stats import (
     core_fraction,
 )
 from podipc.bench.subjects import (
-    CHANNEL_SCHEMES,
-    RAW_BASELINE,
     SHARED_PLACES,
     CellPlace,
-    ChannelSubject,
     Receiver,
     Sender,
     Subject,
 )
-from podipc.bench.workloads import Effort, drain, echo, idle, ping, stream
+from podipc.bench.workloads import Effort, drain, idle, ping
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PodIPCError
 
-DEFAULT_SIZES = (64, 4096, 65536, 1 << 20)
-MODES = ("latency", "throughput")
-DEFAULT_SECONDS = 0.5
-QUICK_SECONDS = 0.08
-DEFAULT_IDLE_SECONDS = 1.0
-QUICK_IDLE_SECONDS = 0.2
-MAX_ROUND_TRIPS = 200_000
-MAX_STREAM_MESSAGES = 20_000_000
-CELL_GRACE_SECONDS = 30.0
-"""A cell that runs this much longer than planned is stopped and reported as an error."""
-CONTROL_TIMEOUT_SECONDS = 60.0
-SERVER_START_TIMEOUT_SECONDS = 30.0
-REPORT_SCHEMA = "podipc-bench/1"
-ICEORYX_ROOT = "/tmp/iceoryx2"
-
-
-@dataclass
-class Plan:
-    """What to measure and how; every field has a command-line option."""
-
-    channels: list[str] = field(default_factory=lambda: list(CHANNEL_SCHEMES))
-    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
-    modes: list[str] = field(default_factory=lambda: list(MODES))
-    seconds: float = DEFAULT_SECONDS
-    idle_seconds: float = DEFAULT_IDLE_SECONDS
-    quick: bool = False
-    peers: bool = False
-    role: str = "local"  # local, server or client
-    control_host: str = "127.0.0.1"
-    control_port: int = DEFAULT_CONTROL_PORT
-    wait: float = 60.0
-    directory: str = ""
-    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
-
-    def __post_init__(self) -> None:
-        for size in self.sizes:
-            if size < SEQUENCE_SIZE:
-                raise ValueError(f"size {size}: bench messages are at least {SEQUENCE_SIZE} bytes (sequence number)")
-        known = (*CHANNEL_SCHEMES, *(peer.name for peer in peer_subjects()))
-        unknown = [name for name in self.channels if name not in known]
-        if unknown:
-            raise ValueError(f"unknown channel(s) or peer(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        bad_modes = [mode for mode in self.modes if mode not in MODES]
-        if bad_modes:
-            raise ValueError(f"unknown mode(s) {', '.join(bad_modes)}; known: {', '.join(MODES)}")
-
-    @classmethod
-    def quick_defaults(cls, **overrides: Any) -> Plan:
-        """A plan with the short --quick durations."""
-        return cls(seconds=QUICK_SECONDS, idle_seconds=QUICK_IDLE_SECONDS, quick=True, **overrides)
-
-
-@dataclass
-class Cell:
-    """One measurement: a subject, a mode and a size, with its own addresses."""
-
-    index: int
-    subject: str
-    mode: str
-    size: int
-    seconds: float
-    idle_seconds: float
-    resources: dict[str, str]
-
-    @property
-    def max_count(self) -> int:
-        """The most round trips or messages this cell may run."""
-        return MAX_ROUND_TRIPS if self.mode == "latency" else MAX_STREAM_MESSAGES
-
-    @property
-    def time_limit(self) -> float:
-        """Seconds after which the cell is stopped as hung."""
-        return CELL_GRACE_SECONDS + 3 * self.seconds + self.idle_seconds
-
-
-def all_subjects() -> dict[str, Subject]:
-    """Every channel and every peer, by name."""
-    subjects: dict[str, Subject] = {scheme: ChannelSubject(scheme) for scheme in CHANNEL_SCHEMES}
-    subjects.update({peer.name: peer for peer in peer_subjects()})
-    return subjects
-
-
-def free_port(kind: str) -> int:
-    """A loopback port free right now (tcp or udp), chosen by the kernel."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-    finally:
-        sock.close()
-
-
-# --- the watchdog ---------------------------------------------------------------------
-
-
-class CellTimeout(Exception):
-    """A cell ran past its time limit."""
-
-
-@contextlib.contextmanager
-def watchdog(seconds: float) -> Iterator[None]:
-    """Raise CellTimeout in the main thread after `seconds` (a no-op outside the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(signum: int, frame: FrameType | None) -> None:
-        raise CellTimeout(f"no progress within {seconds:.0f} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def describe(error: BaseException) -> str:
-    """One line naming an error."""
-    return f"{type(error).__name__}: {error}"
-
-
-# --- the server side ---------------------------------------------------------------------
-
-
-@dataclass
-class Opener:
-    """Opens ends of a cell's links, by name (resources) or from inherited objects."""
-
-    subject: Subject
-    cell: Cell
-    links: dict[str, Any] | None = None
-
-    def sender(self, key: str) -> Sender:
-        """The sending end of link `key`."""
-        if self.links is not None:
-            assert isinstance(self.subject, LocalSubject)
-            return self.subject.sender_from(self.links[key])
-        return self.subject.open_sender(self.cell.resources, key, self.cell.size)
-
-    def receiver(self, key: str) -> Receiver:
-        """The receiving end of link `key`."""
-        if self.links is not None:
-            assert isinstance(self.subject, LocalSubject)
-            return self.subject.receiver_from(self.links[key])
-        return self.subject.open_receiver(self.cell.resources, key, self.cell.size)
-
-
-def open_server_ends(opener: Opener) -> tuple[Sender, Receiver | None]:
-    """Latency: receive on a, send on b. Throughput: send on a."""
-    if opener.cell.mode == "latency":
-        receiver = opener.receiver("a")
-        try:
-            return opener.sender("b"), receiver
-        except BaseException:
-            receiver.close()
-            raise
-    return opener.sender("a"), None
-
-
-def run_server_side(subject: Subject, cell: Cell, sender: Sender, receiver: Receiver | None) -> dict[str, Any]:
-    """Echo or stream; the count, wall and CPU seconds of this side."""
-    if receiver is not None:
-        count, effort = echo(receiver, sender, subject.lossy)
-    else:
-        count, effort = stream(sender, cell.size, cell.seconds, cell.max_count)
-    return {"count": count, "wall": effort.wall, "cpu": effort.cpu}
-
-
-def abort_ends(sender: Sender | None, receiver: Receiver | None) -> None:
-    """Free both ends after a failure, ignoring further errors."""
-    if sender is not None:
-        with contextlib.suppress(Exception):
-            sender.abort()
-    if receiver is not None:
-        with contextlib.suppress(Exception):
-            receiver.close()
-
-
-def serve_cell(control: Control, subjects: dict[str, Subject], cell: Cell) -> None:
-    """Open this side of one cell, wait for go, run it, report done."""
-    subject = subjects.get(cell.subject)
-    if subject is None:
-        control.send("failed", status="error", reason=f"the server does not know {cell.subject!r}")
-        return
-    try:
-        sender, receiver = open_server_ends(Opener(subject, cell))
-    except MessageTooLarge as exc:
-        control.send("failed", status="unsupported", reason=str(exc))
-        subject.cleanup(cell.resources)
-        return
-    except ChannelUnavailable as exc:
-        control.send("failed", status="skipped", reason=str(exc))
-        subject.cleanup(cell.resources)
-        return
-    except Exception as exc:  # every failure is reported in the cell, the run goes on
-        control.send("failed", status="error", reason=f"server could not open: {describe(exc)}")
-        subject.cleanup(cell.resources)
-        return
-    control.send("ready")
-    if control.recv(CONTROL_TIMEOUT_SECONDS, expect=("go", "abort"))["type"] == "abort":
-        abort_ends(sender, receiver)
-        subject.cleanup(cell.resources)
-        return
-    try:
-        with watchdog(cell.time_limit + 5):
-            result = run_server_side(subject, cell, sender, receiver)
-    except Exception as exc:  # reported to the client
-        abort_ends(sender, receiver)
-        subject.cleanup(cell.resources)
-        control.send("done", count=0, wall=0.0, cpu=0.0, error=f"server: {describe(exc)}")
-        return
-    control.send("done", error=None, **result)
-
-
-def serve(control: Control) -> None:
-    """Serve one client session: hello, cells until bye."""
-    hello = control.recv(CONTROL_TIMEOUT_SECONDS, expect=("hello",))
-    if hello.get("protocol") != PROTOCOL_VERSION:
-        control.send("failed", status="error", reason=f"protocol {hello.get('protocol')} != {PROTOCOL_VERSION}")
-        return
-    probes = hello.get("probes") or {}
-    sees = {place: os.path.exists(path) for place, path in probes.items() if isinstance(path, str)}
-    control.send("hello", facts=facts.collect(), podipc=podipc.__version__, sees=sees)
-    subjects = all_subjects()
-    while True:
-        message = control.recv(None, expect=("cell", "bye"))
-        if message["type"] == "bye":
-            return
-        serve_cell(control, subjects, Cell(**message["cell"]))
-
-
-def serve_forever_once(host: str, port: int, wait: float, on_listening: Callable[[int], None] | None = None) -> None:
-    """Listen on host:port, serve one client, return."""
-    listener = ControlListener(host, port)
-    try:
-        if on_listening is not None:
-            on_listening(listener.port)
-        control = listener.accept(wait)
-    finally:
-        listener.close()
-    try:
-        serve(control)
-    finally:
-        control.close()
-
+__all__ = [
+    "DEFAULT_IDLE_SECONDS",
+    "DEFAULT_SECONDS",
+    "MODES",
+    "QUICK_IDLE_SECONDS",
+    "QUICK_SECONDS",
+    "Plan",
+    "run",
+    "run_server",
+]
 
 # --- the client side ---------------------------------------------------------------------
 
@@ -353,7 +130,7 @@ def cell_record(subject: Subject, cell: Cell, status: str, reason: str | None = 
     return {
         "subject": subject.name,
         "kind": subject.kind,
-        "baseline": RAW_BASELINE.get(subject.name) if subject.kind == "channel" else None,
+        "baseline": raw_baselines().get(subject.name) if subject.kind == "channel" else None,
         "mode": cell.mode,
         "size": cell.size,
         "status": status,
@@ -641,9 +418,7 @@ def bench_directory(plan: Plan) -> Iterator[str]:
 
 
 def run(plan: Plan, progress: ProgressHook | None = None) -> dict[str, Any]:
-    """Run the bench as planned (local or pod client) and return the report (targets included)."""
-    from podipc.bench.report import add_targets
-
+    """Run the bench as planned (local or pod client) and return the report (figures; no judging)."""
     with bench_directory(plan) as directory:
         plan.directory = directory
         if plan.role == "client":
@@ -665,7 +440,7 @@ def run(plan: Plan, progress: ProgressHook | None = None) -> dict[str, Any]:
                 if process.poll() is None:
                     process.kill()
                     process.wait()
-    return add_targets(report)
+    return report
 
 
 def run_server(plan: Plan, announce: Callable[[str], None] | None = None) -> None:

@@ -16,7 +16,6 @@ drives them all:
 
 from __future__ import annotations
 
-import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -25,8 +24,8 @@ from functools import partial
 from typing import Protocol
 
 import podipc
-from podipc.channel import REGISTRY
-from podipc.errors import ChannelUnavailable, MessageTooLarge, Timeout
+from podipc.errors import MessageTooLarge, Timeout
+from podipc.transport import Capability, transport_for
 
 Buffer = bytes | bytearray | memoryview
 LOSSY_RECV_TIMEOUT_SECONDS = 0.5
@@ -90,6 +89,8 @@ class Subject(ABC):
     zero_copy_receive: bool = False
     shared_places: frozenset[str] = frozenset()
     """Places (SHARED_PLACES keys) both sides must see alike: in a pod, volumes the containers share."""
+    baseline_of: str | None = None
+    """For a raw peer: the podipc scheme it does the job of with no podipc layer (its baseline)."""
 
     @abstractmethod
     def availability(self) -> str | None:
@@ -123,19 +124,6 @@ SHARED_PLACES = {
     "iceoryx2": "/tmp/iceoryx2 (iceoryx2's service registry)",
 }
 """Places a subject may need both sides to share; the client probes each one at the handshake."""
-PATH_SCHEMES = frozenset({"unix", "zmq+ipc", "file"})
-CHANNEL_SCHEMES = ("tcp", "udp", "unix", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc")
-RAW_BASELINE = {
-    "tcp": "raw-tcp",
-    "udp": "raw-udp",
-    "unix": "raw-unix",
-    "mq": "raw-posix-mq",
-    "sysvmq": "raw-sysv-mq",
-    "shm": "raw-ring",
-    "zmq+tcp": "pyzmq-tcp",
-    "zmq+ipc": "pyzmq-ipc",
-}
-"""The peer doing the same job with no podipc layer, for each channel that has one."""
 
 
 class ChannelSender:
@@ -176,19 +164,22 @@ class ChannelReceiver:
 
 
 class ChannelSubject(Subject):
-    """A podipc channel, opened through the public API only."""
+    """A podipc channel, opened through the public API only; what it is comes from its transport's descriptor."""
 
     kind = "channel"
 
     def __init__(self, scheme: str) -> None:
         self.name = scheme
         self.scheme = scheme
-        self.lossy = scheme == "udp"
-        self.zero_copy_receive = scheme == "shm"
-        # every channel but tcp and unix keeps podipc.presence files in /dev/shm
-        self.shared_places = frozenset({"directory"} if scheme in PATH_SCHEMES else set()) | frozenset(
-            set() if scheme in ("tcp", "unix", "file") else {"dev_shm"}
-        )
+        self.transport = transport_for(scheme)
+        self.lossy = not self.transport.reliable
+        self.zero_copy_receive = self.transport.has(Capability.ZERO_COPY_RECEIVE)
+        places = set()
+        if self.transport.schemes[scheme].names_path:
+            places.add("directory")
+        if self.transport.needs_dev_shm:
+            places.add("dev_shm")
+        self.shared_places = frozenset(places)
 
     def availability(self) -> str | None:
         """Why this channel cannot be used here, from its module's availability()."""
@@ -200,27 +191,14 @@ class ChannelSubject(Subject):
         _, limit = _channel_rows()[self.scheme]
         if limit is None or size <= limit:
             return None
-        return f"{self.scheme}:// carries at most {limit} bytes here ({self.scheme} host_max_message_size)"
+        return f"{self.scheme}:// carries at most {limit} bytes here ({self.transport.limit.source})"
 
     def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
         """Fresh URLs for links a and b."""
         return {key: self._url(place, key, free_port) for key in ("a", "b")}
 
     def _url(self, place: CellPlace, key: str, free_port: Callable[[str], int]) -> str:
-        scheme = self.scheme
-        if scheme in ("tcp", "zmq+tcp"):
-            return f"{scheme}://127.0.0.1:{free_port('tcp')}"
-        if scheme == "udp":
-            return f"udp://127.0.0.1:{free_port('udp')}"
-        if scheme == "unix":
-            return f"unix://{place.path(key, '.sock')}"
-        if scheme == "zmq+ipc":
-            return f"zmq+ipc://{place.path(key, '.zmq')}"
-        if scheme == "file":
-            return f"file://{place.path(key, '.spool')}"
-        if scheme == "sysvmq":
-            return f"sysvmq://{place.name(key)}"
-        return f"{scheme}:///{place.name(key)}"
+        return self.transport.fresh_url(self.scheme, place.name(key), lambda: place.path(key, ".ch"), free_port)
 
     def _options(self, size: int) -> dict[str, object]:
         """Each channel runs with its defaults, as a user would get it; only the rendezvous wait is set."""
@@ -250,21 +228,7 @@ _ROWS: dict[str, tuple[str | None, int | None]] = {}
 
 
 def _channel_rows() -> dict[str, tuple[str | None, int | None]]:
-    """(why not usable or None, host max message size) by scheme, computed once per process.
-
-    Like podipc.channels(), but a channel module that fails to load is one row, not a crash.
-    """
+    """(why not usable or None, host max message size) by scheme, computed once per process (podipc.channels())."""
     if not _ROWS:
-        for scheme in CHANNEL_SCHEMES:
-            problem: str | None
-            limit: int | None
-            try:
-                module = importlib.import_module(REGISTRY[scheme][0])
-                problem = module.availability()
-                limit = int(module.host_max_message_size())
-            except ChannelUnavailable as exc:
-                problem, limit = str(exc), None
-            except Exception as exc:
-                problem, limit = f"{scheme}:// does not load here: {type(exc).__name__}: {exc}", None
-            _ROWS[scheme] = (problem, limit)
+        _ROWS.update({row.scheme: (row.reason or None, row.max_message_size) for row in podipc.channels()})
     return _ROWS

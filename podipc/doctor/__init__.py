@@ -2,8 +2,8 @@
 
 Works from inside a container (no lsns, no docker inspect): facts come from /proc and
 the mount table (`facts`), channels are judged against them (`verdict`), and a second
-container running `podipc doctor --serve` is compared by namespace ids and by effect
-(`peer`). `examine()` is the whole local report; the CLI prints it as a table or JSON.
+container running `podipc doctor --serve` (`server`) is compared by namespace ids and
+by effect (`peer`). `examine()` is the whole local report; the CLI prints it as a table or JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from podipc.doctor.facts import NAMESPACES, Facts, gather_facts
-from podipc.doctor.peer import DEFAULT_ADDRESS, DoctorServer, PeerReport, Rendezvous, find_peer, parse_rendezvous
+from podipc.doctor.peer import DEFAULT_ADDRESS, PeerReport, Rendezvous, find_peer, parse_rendezvous
+from podipc.doctor.server import DoctorServer
 from podipc.doctor.verdict import ChannelVerdict, UrlCheck, check_url, judge_channels, unmet_requirements
 
 SCHEMA = "podipc.doctor/1"

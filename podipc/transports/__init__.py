@@ -1,1 +1,5 @@
-"""One module per transport; podipc.channel.REGISTRY names them, and a module never imports another."""
+"""One module (or small package) per transport, each ending with its `TRANSPORT` descriptor.
+
+podipc.transport discovers them here; nothing lists them by hand. A transport never
+imports another: what two share lives in a base they both import (podipc.stream).
+"""

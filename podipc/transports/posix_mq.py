@@ -44,6 +44,10 @@ Semantics:
     An abort (or a consumer's close before the end marker) while the peer lives leaves
     the presence file unlocked, as a crash would, so the peer raises PeerGone even if it
     never saw this side alive; the survivor removes that file when it finishes.
+
+    Code: the endpoints are podipc.queue's QueueProducer and QueueConsumer (what mq:// and
+    sysvmq:// share); this module says how a POSIX queue is opened, created, waited on and
+    removed, and keeps its own hot paths (send and recv with no timeout).
 """
 
 from __future__ import annotations
@@ -57,29 +61,27 @@ from typing import Any, ClassVar
 import posix_ipc
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_count, parse_size, remaining
-from podipc.errors import (
-    ChannelUnavailable,
-    EndOfStream,
-    MessageTooLarge,
-    PeerGone,
-    PeerTimeout,
-    PodIPCError,
-    Timeout,
-)
-from podipc.ownership import Trust
-from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
+from podipc.channel import Option, parse_count, parse_size, remaining
+from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, Timeout
+from podipc.ownership import Owner
 from podipc.proc import read_int_or
+from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
+from podipc.transport import (
+    AddressForm,
+    Capability,
+    Example,
+    KernelFacility,
+    MessageLimit,
+    ObjectKind,
+    ResourceLimit,
+    Transport,
+)
 
 MSG_MAX_PATH = "/proc/sys/fs/mqueue/msg_max"
 MSGSIZE_MAX_PATH = "/proc/sys/fs/mqueue/msgsize_max"
 
 DATA_PRIORITY = 1
 END_PRIORITY = 0
-LIVENESS_SLICE_SECONDS = 0.25
-DRAIN_POLL_FIRST_SECONDS = 0.0002
-DRAIN_POLL_MAX_SECONDS = 0.01
-RENDEZVOUS_POLL_SECONDS = 0.02
 
 SIZE_FIX = "set fs.mqueue.msgsize_max in the pod's securityContext.sysctls (the kubelet must allow it) or use shm://"
 DEPTH_FIX = "set fs.mqueue.msg_max in the pod's securityContext.sysctls (the kubelet must allow it) or lower depth="
@@ -87,8 +89,14 @@ RLIMIT_FIX = (
     "the user's RLIMIT_MSGQUEUE (ulimit -q, 819200 bytes by default) or fs.mqueue.queues_max is used up: "
     "lower depth= or max_message_size=, or remove leftover queues (ls /dev/mqueue after mounting it)"
 )
-
-DATA, END, GARBAGE = "data", "end", "garbage"
+MQUEUE_FIX = (
+    "set fs.mqueue.msgsize_max (and msg_max) in the pod's securityContext.sysctls; the kubelet must allow "
+    "them (--allowed-unsafe-sysctls='fs.mqueue.*'); or use shm://"
+)
+ULIMIT_FIX = (
+    "raise the runtime's default ulimit msgqueue (podman --ulimit msgqueue=N, containerd/CRI-O default_ulimits), "
+    "or open queues with a smaller depth"
+)
 
 
 def host_max_message_size() -> int:
@@ -120,12 +128,8 @@ def availability() -> str | None:
 
 
 def classify(priority: int, data: bytes) -> str:
-    """What a received queue message is: DATA, END (the end marker) or GARBAGE (skipped)."""
-    if priority == DATA_PRIORITY:
-        return DATA
-    if priority == END_PRIORITY and not data:
-        return END
-    return GARBAGE
+    """What a received queue message is: podipc.queue's DATA, END (the end marker) or GARBAGE (skipped)."""
+    return kind_of(priority, data, DATA_PRIORITY, END_PRIORITY)
 
 
 def queue_name(address: Address) -> str:
@@ -135,25 +139,15 @@ def queue_name(address: Address) -> str:
 
 def _check_limits(settings: Mapping[str, Any]) -> tuple[int, int]:
     """The (depth, max_message_size) to use, refused with the fix when above the kernel limits."""
-    kernel_size = host_max_message_size()
-    size = kernel_size if settings["max_message_size"] is None else int(settings["max_message_size"])
-    if size > kernel_size:
-        raise ChannelUnavailable(f"max_message_size={size} is above {MSGSIZE_MAX_PATH} ({kernel_size}); {SIZE_FIX}")
+    size = limit_option(settings, "max_message_size", host_max_message_size(), MSGSIZE_MAX_PATH, SIZE_FIX)
     if size < 1:
         raise ChannelUnavailable("max_message_size must be at least 1 byte for mq://")
-    kernel_depth = host_max_depth()
-    depth = kernel_depth if settings["depth"] is None else int(settings["depth"])
-    if depth > kernel_depth:
-        raise ChannelUnavailable(f"depth={depth} is above {MSG_MAX_PATH} ({kernel_depth}); {DEPTH_FIX}")
-    return depth, size
+    return limit_option(settings, "depth", host_max_depth(), MSG_MAX_PATH, DEPTH_FIX), size
 
 
 def _unavailable(what: str, exc: BaseException) -> PodIPCError:
     if isinstance(exc, posix_ipc.PermissionsError):
-        return ChannelUnavailable(
-            f"{what}: permission denied; the peer runs as another user: share a group (runAsGroup/fsGroup) "
-            "and open both sides with mode=0660"
-        )
+        return permission_denied(what)
     if isinstance(exc, ValueError):
         return ChannelUnavailable(f"{what}: the kernel refused the queue attributes ({exc}); {SIZE_FIX}")
     if isinstance(exc, OSError):
@@ -184,7 +178,7 @@ def _unlink_quietly(name: str) -> None:
         posix_ipc.unlink_message_queue(name)
 
 
-class PosixMQProducer(Producer):
+class PosixMQProducer(QueueProducer):
     """Sends each message as one priority-1 message on the POSIX queue /NAME."""
 
     options: ClassVar[tuple[Option, ...]] = (
@@ -193,29 +187,15 @@ class PosixMQProducer(Producer):
     )
     max_message_source = MSGSIZE_MAX_PATH
     max_message_fix = SIZE_FIX
+    data_mark = DATA_PRIORITY
+    end_mark = END_PRIORITY
 
-    _fast_limit = -1
-    """Largest bytes message send() hands straight to the queue; -1 until connected and after closing."""
+    _nowait_queue: Any = None
+    _send_now: Any = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
+        self.name = queue_name(address)
         super().__init__(address, settings)
-        self._queue: Any = None
-        self._queue_send: Any = None
-        self._nowait_queue: Any = None
-        self._send_now: Any = None
-        try:
-            self._depth, self.max_message_size = _check_limits(self.settings)
-            self.name = queue_name(address)
-            self._presence = Presence(
-                address.token, "producer", int(self.settings["mode"]), handover_wait=float(self.settings["wait"])
-            )
-            self._peer = PeerTracker(self._presence)
-        except BaseException:
-            self._closed = True  # no unclosed warning
-            presence = getattr(self, "_presence", None)
-            if presence is not None:
-                presence.close()
-            raise
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit).
@@ -232,47 +212,26 @@ class PosixMQProducer(Producer):
                 pass  # the checked path below retries and translates
         super().send(data, timeout)
 
-    # --- rendezvous --------------------------------------------------------
+    def _limits(self) -> tuple[int, int]:
+        return _check_limits(self.settings)
 
-    def _connect(self, deadline: float | None) -> None:
-        """Wait for the consumer (its presence, or a queue made by a presence-less consumer) and open the queue."""
-        presence = self._presence
-        location = self.address.location
-        while True:
-            if presence.peer_state() is not PeerState.GONE:
-                try:
-                    queue = posix_ipc.MessageQueue(self.name, 0)
-                    break
-                except posix_ipc.ExistentialError:
-                    pass
-                except (posix_ipc.Error, OSError, ValueError) as exc:
-                    raise _unavailable(f"cannot open the queue {self.name}", exc) from exc
-            limit = self.wait_deadline if deadline is None else min(deadline, self.wait_deadline)
-            left = limit - time.monotonic()
-            if left <= 0:
-                raise PeerTimeout(
-                    f"no consumer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-                )
-            time.sleep(min(RENDEZVOUS_POLL_SECONDS, left))
-        self._queue = queue
-        self._queue_send = queue.send
+    def _open_existing(self) -> Any:
+        try:
+            return posix_ipc.MessageQueue(self.name, 0)
+        except posix_ipc.ExistentialError:
+            return None
+        except (posix_ipc.Error, OSError, ValueError) as exc:
+            raise _unavailable(f"cannot open the queue {self.name}", exc) from exc
+
+    def _queue_limit(self, queue: Any) -> tuple[int, str, str]:
+        source = f"the max_message_size of the queue {self.name} (set by the consumer)"
+        return queue.max_message_size, source, "open the consumer with a larger max_message_size="
+
+    def _attached(self, queue: Any) -> None:
         self._nowait_queue = _open_nowait(self.name)
         self._send_now = self._nowait_queue.send
-        self._peer.attach()
-        if queue.max_message_size < self.max_message_size:
-            self.max_message_size = queue.max_message_size
-            self.max_message_source = f"the max_message_size of the queue {self.name} (set by the consumer)"
-            self.max_message_fix = "open the consumer with a larger max_message_size="
-        self._fast_limit = self.max_message_size
 
-    # --- sending -----------------------------------------------------------
-
-    def _send(self, view: memoryview, deadline: float | None) -> None:
-        if self._queue is None:
-            self._connect(deadline)
-        self._send_waiting(view, DATA_PRIORITY, deadline)
-
-    def _send_waiting(self, view: memoryview | bytes, priority: int, deadline: float | None) -> None:
+    def _put(self, message: memoryview | bytes, mark: int, deadline: float | None) -> None:
         """Send, waiting for room in slices of 0.25 s, probing the consumer between them."""
         send = self._queue_send
         peer = self._peer
@@ -282,15 +241,12 @@ class PosixMQProducer(Producer):
                 LIVENESS_SLICE_SECONDS if deadline is None else min(LIVENESS_SLICE_SECONDS, remaining(deadline) or 0.0)
             )
             try:
-                send(view, left, priority)
+                send(message, left, mark)
                 return
             except posix_ipc.BusyError:
                 pass
             except ValueError as exc:
-                size = memoryview(view).nbytes
-                raise MessageTooLarge(
-                    size, self.max_message_size, self.max_message_source, self.max_message_fix
-                ) from exc
+                raise self._too_large(memoryview(message).nbytes) from exc
             except (posix_ipc.Error, OSError) as exc:
                 raise PeerGone(f"the queue of {location} failed: {exc}") from exc
             if peer.lost():
@@ -298,121 +254,32 @@ class PosixMQProducer(Producer):
             if deadline is not None and time.monotonic() >= deadline:
                 raise Timeout(f"{location}: the queue stayed full (the consumer is not keeping up)")
 
-    # --- closing -----------------------------------------------------------
+    def _queued(self) -> int:
+        return int(self._queue.current_messages)
 
-    def _close(self, deadline: float | None) -> None:
-        self._fast_limit = -1
-        if self._queue is None:
-            self._connect(deadline)
-        self._send_waiting(b"", END_PRIORITY, deadline)
-        self._wait_drained(deadline)
-        self._leave(clean=True)
-
-    def _wait_drained(self, deadline: float | None) -> None:
-        """Wait until the consumer has taken every message, the end marker last."""
-        queue = self._queue
-        peer = self._peer
-        pause = DRAIN_POLL_FIRST_SECONDS
-        next_probe = time.monotonic() + LIVENESS_SLICE_SECONDS
-        while queue.current_messages:
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise Timeout(f"{self.address.location}: the consumer did not take the end of stream in time")
-            if now >= next_probe:
-                next_probe = now + LIVENESS_SLICE_SECONDS
-                if peer.lost() and queue.current_messages:
-                    raise PeerGone(f"the consumer of {self.address.location} left before taking the end of stream")
-            time.sleep(pause)
-            pause = min(pause * 2, DRAIN_POLL_MAX_SECONDS)
-
-    def _abort(self) -> None:
-        self._leave(clean=False)
-
-    def _leave(self, clean: bool) -> None:
-        """Close the queue's descriptors (the consumer unlinks it) and leave."""
-        self._fast_limit = -1
-        queue, self._queue = self._queue, None
-        self._queue_send = self._send_now = None
+    def _detach(self, queue: Any) -> None:
+        """Close the queue's descriptors."""
+        self._send_now = None
         if queue is not None:
             queue.close()
         nowait, self._nowait_queue = self._nowait_queue, None
         if nowait is not None:
             nowait.close()
-        # A producer that never opened the queue sent nothing: it leaves as cleanly as it came.
-        self._presence.leave(clean or queue is None, lambda: _queue_exists(self.name))
+
+    def _queue_exists(self) -> bool:
+        return _queue_exists(self.name)
 
 
-class PosixMQConsumer(Consumer):
+class PosixMQConsumer(QueueConsumer):
     """Creates the POSIX queue /NAME and receives priority-1 messages until the end marker."""
 
     options: ClassVar[tuple[Option, ...]] = PosixMQProducer.options
     max_message_source = MSGSIZE_MAX_PATH
     max_message_fix = SIZE_FIX
 
-    recovered: bool = False
-    """True when opening found a queue left by a dead run and replaced it."""
-
-    _fast = False
-    """True while recv() may take messages straight from the queue: a data message came, no end yet."""
-
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
-        super().__init__(address, settings)
         self.name = queue_name(address)
-        self._taken: tuple[int, bytes] | None = None
-        try:
-            self._queue = self._open(address.token)
-        except BaseException:
-            self._closed = True  # nothing to free; no unclosed warning
-            raise
-        self._receive = self._queue.receive
-        self._messages_seen = False
-
-    def _open(self, token: str) -> Any:
-        """Check limits, create the queue, then claim the consumer's presence."""
-        depth, self.max_message_size = _check_limits(self.settings)
-        mode = int(self.settings["mode"])
-        if probe(presence_path(token, "consumer"), Trust.for_mode(mode)) is PeerState.ALIVE:
-            raise ChannelUnavailable(
-                f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer"
-            )
-        queue = self._open_queue(token, depth, mode)
-        try:
-            self._presence = Presence(
-                token, "consumer", mode, handover_wait=float(self.settings["wait"]), channel=self.address.location
-            )
-            self._presence.record("posix_mq", self.name)
-            self._peer = PeerTracker(self._presence)
-        except BaseException:
-            queue.close()
-            raise
-        return queue
-
-    def _open_queue(self, token: str, depth: int, mode: int) -> Any:
-        """Create the queue, first unlinking one left behind by a run whose side died."""
-        trust = Trust.for_mode(mode)
-        producer_state = probe(presence_path(token, "producer"), trust)
-        consumer_state = probe(presence_path(token, "consumer"), trust)
-        if PeerState.GONE in (producer_state, consumer_state):
-            try:
-                posix_ipc.unlink_message_queue(self.name)
-                self.recovered = True
-            except posix_ipc.ExistentialError:
-                pass
-        what = f"cannot create the queue {self.name}"
-        try:
-            queue = posix_ipc.MessageQueue(self.name, posix_ipc.O_CREX, mode, depth, self.max_message_size)
-        except posix_ipc.ExistentialError:
-            # a presence-less producer (a plain script) made it first: use it as it is
-            try:
-                queue = posix_ipc.MessageQueue(self.name, posix_ipc.O_CREAT, mode, depth, self.max_message_size)
-            except (posix_ipc.Error, OSError, ValueError) as exc:
-                raise _unavailable(what, exc) from exc
-            self.max_message_size = queue.max_message_size
-            return queue
-        except (posix_ipc.Error, OSError, ValueError) as exc:
-            raise _unavailable(what, exc) from exc
-        os.fchmod(queue.mqd, mode)  # mq_open applies the umask; the option says the mode
-        return queue
+        super().__init__(address, settings)
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Receive the next message; raise EndOfStream after the last one, Timeout after `timeout` seconds.
@@ -432,27 +299,47 @@ class PosixMQConsumer(Consumer):
             self._taken = (priority, data)
         return super().recv(timeout)
 
-    def _recv(self, deadline: float | None) -> bytes:
-        taken, self._taken = self._taken, None
-        data = self._recv_waiting(deadline, *taken) if taken is not None else self._recv_waiting(deadline)
-        self._messages_seen = self._fast = True
-        return data
+    def _limits(self) -> tuple[int, int]:
+        return _check_limits(self.settings)
 
-    def _recv_waiting(self, deadline: float | None, priority: int = -1, data: bytes = b"") -> bytes:
-        """Receive in slices of 0.25 s, probing the producer between them; skip garbage; end at the marker.
+    def _remove_stale(self) -> bool:
+        try:
+            posix_ipc.unlink_message_queue(self.name)
+        except posix_ipc.ExistentialError:
+            return False
+        return True
 
-        `priority` and `data`: a message already taken that was not data (-1: none).
-        """
+    def _create_queue(self, capacity: int, mode: int) -> Any:
+        try:
+            queue = posix_ipc.MessageQueue(self.name, posix_ipc.O_CREX, mode, capacity, self.max_message_size)
+        except posix_ipc.ExistentialError:
+            return None
+        except (posix_ipc.Error, OSError, ValueError) as exc:
+            raise _unavailable(f"cannot create the queue {self.name}", exc) from exc
+        os.fchmod(queue.mqd, mode)  # mq_open applies the umask; the option says the mode
+        return queue
+
+    def _adopt_queue(self, capacity: int, mode: int) -> Any:
+        try:
+            queue = posix_ipc.MessageQueue(self.name, posix_ipc.O_CREAT, mode, capacity, self.max_message_size)
+        except (posix_ipc.Error, OSError, ValueError) as exc:
+            raise _unavailable(f"cannot create the queue {self.name}", exc) from exc
+        self.max_message_size = queue.max_message_size
+        return queue
+
+    def _object_record(self) -> tuple[str, str]:
+        return "posix_mq", self.name
+
+    def _discard(self, queue: Any) -> None:
+        queue.close()
+
+    def _receive_slowly(self, deadline: float | None, mark: int, data: bytes) -> bytes:
+        """Receive in slices of 0.25 s, probing the producer between them; skip garbage; end at the marker."""
         receive = self._receive
+        priority = mark
         while True:
-            if priority >= 0:
-                kind = classify(priority, data)
-                if kind is DATA:
-                    return data
-                if kind is END:
-                    self._release(clean=True)
-                    raise EndOfStream(f"{self.address.location}: the producer ended the stream")
-                self.skipped += 1
+            if priority >= 0 and self._is_data(classify(priority, data)):
+                return data
             left = (
                 LIVENESS_SLICE_SECONDS if deadline is None else min(LIVENESS_SLICE_SECONDS, remaining(deadline) or 0.0)
             )
@@ -464,37 +351,61 @@ class PosixMQConsumer(Consumer):
             except (posix_ipc.Error, OSError) as exc:
                 raise PeerGone(f"the queue of {self.address.location} failed: {exc}") from exc
 
-    def _check_producer(self, deadline: float | None) -> None:
-        """After an empty slice: PeerGone, PeerTimeout or Timeout when due."""
-        peer = self._peer
-        location = self.address.location
-        if peer.lost():
-            if self._queue.current_messages == 0:
-                # a clean producer puts the end marker in before it leaves, so an empty queue means it died
-                raise PeerGone(f"the producer of {location} is gone (it died or closed without ending the stream)")
-        elif peer.state is not PeerState.ALIVE and not self._messages_seen and time.monotonic() >= self.wait_deadline:
-            raise PeerTimeout(
-                f"no producer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-            )
-        if deadline is not None and time.monotonic() >= deadline:
-            raise self._timed_out()
+    def _queued(self) -> int:
+        return int(self._queue.current_messages)
 
-    def _timed_out(self) -> Timeout:
-        """The error of a receive whose timeout passed: PeerTimeout while no producer ever appeared."""
-        location = self.address.location
-        if not self._peer.presence.peer_seen and not self._messages_seen:
-            return PeerTimeout(f"no producer appeared on {location} within the timeout")
-        return Timeout(f"{location}: no message within the timeout")
-
-    def _release(self, clean: bool) -> None:
-        """Unlink and close the queue and leave; `clean`: at the end of stream."""
-        self._fast = False
-        queue, self._queue = self._queue, None
-        if queue is None:
-            return
+    def _destroy(self, queue: Any) -> None:
         _unlink_quietly(self.name)
         queue.close()
-        self._presence.leave(clean, lambda: False)
 
-    def _close(self) -> None:
-        self._release(clean=False)
+
+def full_queue() -> tuple[int, str]:
+    """The bytes one queue with default options takes, and how that is counted."""
+    depth, size = host_max_depth(), host_max_message_size()
+    return depth * size, f"one full queue ({depth} x {size} bytes)"
+
+
+def remove_leftover_queue(name: str) -> None:
+    """Unlink a queue a killed consumer left (podipc clean)."""
+    posix_ipc.unlink_message_queue(name)
+
+
+def leftover_queue_owner(name: str) -> Owner | None:
+    """Who owns the queue `name` (podipc clean), None when there is none; PermissionsError when we may not open it."""
+    try:
+        queue = posix_ipc.MessageQueue(name)
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        return Owner.of_status(os.fstat(queue.mqd))
+    finally:
+        queue.close()
+
+
+TRANSPORT = Transport(
+    name="posix_mq",
+    title="POSIX message queue",
+    schemes={"mq": AddressForm.NAME},
+    producer="podipc.transports.posix_mq:PosixMQProducer",
+    consumer="podipc.transports.posix_mq:PosixMQConsumer",
+    examples=(Example("mq:///name", "POSIX message queue"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(host_max_message_size, MSGSIZE_MAX_PATH, MQUEUE_FIX, "`fs.mqueue.msgsize_max` (8192 in a pod)"),
+    options=PosixMQProducer.options,
+    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    availability=availability,
+    unusable_fix=f"{MQUEUE_FIX}; check fs.mqueue.queues_max and RLIMIT_MSGQUEUE against the queues in use",
+    objects=(
+        ObjectKind(
+            "posix_mq",
+            "POSIX message queue",
+            "podipc.transports.posix_mq:remove_leftover_queue",
+            "podipc.transports.posix_mq:leftover_queue_owner",
+        ),
+    ),
+    channel_objects=lambda address: (("posix_mq", queue_name(address)),),
+    kernel=KernelFacility("POSIX message queues", MSGSIZE_MAX_PATH, "CONFIG_POSIX_MQUEUE"),
+    resource_limits=(ResourceLimit("RLIMIT_MSGQUEUE", full_queue, ULIMIT_FIX),),
+    rank=40,
+)

@@ -85,7 +85,7 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
-from podipc.ownership import Trust
+from podipc.ownership import Owner, Trust
 from podipc.presence import PROBE_INTERVAL_SECONDS, PeerState, Presence, remove_if_gone
 from podipc.shm_ring import (
     CONSUMER_CLOSED,
@@ -974,3 +974,88 @@ def availability_for(capacity: int) -> str | None:
     if free < needed:
         return f"{SHM_DIRECTORY} has {free} bytes free, the ring needs {needed}; use a smaller capacity= or {SHM_FIX}"
     return None
+
+
+# --- the transport's descriptor (podipc.transport); one block, to move into the shm package (issue 9) ---
+
+from podipc.transport import (  # noqa: E402 - appended as one block while this module is restructured
+    DEV_SHM_FIX,
+    AddressForm,
+    Capability,
+    Example,
+    MessageLimit,
+    ObjectKind,
+    Transport,
+)
+
+
+def remove_leftover_segment(name: str) -> None:
+    """Unlink a ring segment a killed consumer left, by its shm_open name (podipc clean)."""
+    posix_ipc.unlink_shared_memory(name)
+
+
+def remove_leftover_semaphore(name: str) -> None:
+    """Unlink a wake-up semaphore a killed consumer left (podipc clean)."""
+    posix_ipc.unlink_semaphore(name)
+
+
+def leftover_segment_owner(name: str) -> Owner | None:
+    """Who owns the ring segment of shm_open name `name` (podipc clean), None when there is none."""
+    return _owner_of_file(segment_path(name.lstrip("/")))
+
+
+def leftover_semaphore_owner(name: str) -> Owner | None:
+    """Who owns the named semaphore `name` (podipc clean; Linux keeps it as /dev/shm/sem.NAME), None when none."""
+    return _owner_of_file(os.path.join(SHM_DIRECTORY, "sem." + name.lstrip("/")))
+
+
+def _owner_of_file(path: str) -> Owner | None:
+    try:
+        return Owner.of_status(os.lstat(path))
+    except FileNotFoundError:
+        return None
+
+
+def _channel_objects(address: Address) -> tuple[tuple[str, str], ...]:
+    """The segment and the two semaphores a ring's consumer creates (podipc clean)."""
+    return (("posix_shm", "/" + address.name), *(("posix_sem", name) for name in semaphore_names(address.name)))
+
+
+TRANSPORT = Transport(
+    name="shm",
+    title="shared-memory ring",
+    schemes={"shm": AddressForm.NAME},
+    producer="podipc.transports.shm:ShmProducer",
+    consumer="podipc.transports.shm:ShmConsumer",
+    examples=(Example("shm:///name", "shared-memory ring in /dev/shm"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(
+        host_max_message_size,
+        "half the default ring (capacity option)",
+        f"raise the capacity option (or max_message_size) on both sides; the ring lives in /dev/shm: {DEV_SHM_FIX}",
+        "half the ring's capacity",
+    ),
+    options=OPTIONS,
+    capabilities=frozenset(
+        {Capability.ZERO_COPY_RECEIVE, Capability.ZERO_COPY_SEND, Capability.PRESENCE_FILES, Capability.DATA_IN_DEV_SHM}
+    ),
+    availability=availability,
+    unusable_fix=f"{DEV_SHM_FIX}; or open both sides with a smaller capacity= that fits /dev/shm",
+    objects=(
+        ObjectKind(
+            "posix_shm",
+            "POSIX shared-memory segment",
+            "podipc.transports.shm:remove_leftover_segment",
+            "podipc.transports.shm:leftover_segment_owner",
+        ),
+        ObjectKind(
+            "posix_sem",
+            "POSIX named semaphore",
+            "podipc.transports.shm:remove_leftover_semaphore",
+            "podipc.transports.shm:leftover_semaphore_owner",
+        ),
+    ),
+    channel_objects=_channel_objects,
+    rank=60,
+)

@@ -50,6 +50,10 @@ Semantics:
     An abort (or a consumer's close before the end marker) while the peer lives leaves
     the presence file unlocked, as a crash would, so the peer raises PeerGone even if it
     never saw this side alive; the survivor removes that file when it finishes.
+
+    Code: the endpoints are podipc.queue's QueueProducer and QueueConsumer (what mq:// and
+    sysvmq:// share); this module says how a SysV queue is opened, created, waited on (the
+    watchdog) and removed, and keeps its own hot paths (send and recv with no timeout).
 """
 
 from __future__ import annotations
@@ -64,20 +68,13 @@ from typing import Any, ClassVar
 import sysv_ipc
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_size
-from podipc.errors import (
-    ChannelUnavailable,
-    EndOfStream,
-    MessageTooLarge,
-    PeerGone,
-    PeerTimeout,
-    PodIPCError,
-    ProtocolError,
-    Timeout,
-)
-from podipc.ownership import Trust
-from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
+from podipc.channel import Option, parse_size
+from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError, Timeout
+from podipc.ownership import Owner
+from podipc.presence import PeerState, PeerTracker
 from podipc.proc import read_int_or
+from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
+from podipc.transport import AddressForm, Capability, Example, KernelFacility, MessageLimit, ObjectKind, Transport
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 MSGMNB_PATH = "/proc/sys/kernel/msgmnb"
@@ -88,11 +85,9 @@ DATA_TYPE = 1
 END_TYPE = 2
 WAKE_TYPE = 3
 
-LIVENESS_SLICE_SECONDS = 0.25
 WATCHDOG_TICK_SECONDS = 0.05
 POLL_FIRST_SECONDS = 0.00005
 POLL_MAX_SECONDS = 0.002
-RENDEZVOUS_POLL_SECONDS = 0.02
 
 SIZE_FIX = (
     "set kernel.msgmax (and kernel.msgmnb) in the pod's securityContext.sysctls (the kubelet must allow it) "
@@ -100,8 +95,12 @@ SIZE_FIX = (
 )
 QUEUE_FIX = "set kernel.msgmnb in the pod's securityContext.sysctls (the kubelet must allow it) or lower queue_bytes="
 LIMIT_FIX = "the SysV queue limit /proc/sys/kernel/msgmni may be used up: remove leftover queues (ipcs -q, ipcrm -q ID)"
+SYSCTL_FIX = (
+    "set kernel.msgmax and kernel.msgmnb in the pod's securityContext.sysctls; the kubelet must allow them "
+    "(--allowed-unsafe-sysctls='kernel.msg*'); or use shm://"
+)
 
-DATA, END, WAKE, GARBAGE = "data", "end", "wake", "garbage"
+WAKE = "wake"
 
 
 def host_max_message_size() -> int:
@@ -127,26 +126,16 @@ def availability() -> str | None:
 
 
 def classify(mtype: int, data: bytes) -> str:
-    """What a received queue message is: DATA, END (the end marker), WAKE (the consumer's own) or GARBAGE."""
-    if mtype == DATA_TYPE:
-        return DATA
-    if mtype == END_TYPE and not data:
-        return END
+    """What a received queue message is: WAKE (the consumer's own), or podipc.queue's DATA, END or GARBAGE."""
     if mtype == WAKE_TYPE and not data:
         return WAKE
-    return GARBAGE
+    return kind_of(mtype, data, DATA_TYPE, END_TYPE)
 
 
 def _check_limits(settings: Mapping[str, Any]) -> tuple[int, int]:
     """The (queue_bytes, max_message_size) to use, refused with the fix when above the kernel limits."""
-    kernel_size = host_max_message_size()
-    size = kernel_size if settings["max_message_size"] is None else int(settings["max_message_size"])
-    if size > kernel_size:
-        raise ChannelUnavailable(f"max_message_size={size} is above {MSGMAX_PATH} ({kernel_size}); {SIZE_FIX}")
-    kernel_bytes = host_queue_bytes()
-    queue_bytes = kernel_bytes if settings["queue_bytes"] is None else int(settings["queue_bytes"])
-    if queue_bytes > kernel_bytes:
-        raise ChannelUnavailable(f"queue_bytes={queue_bytes} is above {MSGMNB_PATH} ({kernel_bytes}); {QUEUE_FIX}")
+    size = limit_option(settings, "max_message_size", host_max_message_size(), MSGMAX_PATH, SIZE_FIX)
+    queue_bytes = limit_option(settings, "queue_bytes", host_queue_bytes(), MSGMNB_PATH, QUEUE_FIX)
     if size > queue_bytes:
         raise ChannelUnavailable(
             f"max_message_size={size} does not fit the queue capacity {queue_bytes} ({MSGMNB_PATH} or "
@@ -157,10 +146,7 @@ def _check_limits(settings: Mapping[str, Any]) -> tuple[int, int]:
 
 def _unavailable(what: str, exc: BaseException) -> PodIPCError:
     if isinstance(exc, sysv_ipc.PermissionsError):
-        return ChannelUnavailable(
-            f"{what}: permission denied; the peer runs as another user: share a group (runAsGroup/fsGroup) "
-            "and open both sides with mode=0660"
-        )
+        return permission_denied(what)
     return ChannelUnavailable(f"{what}: {exc}; {LIMIT_FIX}")
 
 
@@ -180,6 +166,14 @@ def _queue_exists(key: int) -> bool:
 def _remove_quietly(queue: Any) -> None:
     with contextlib.suppress(sysv_ipc.ExistentialError, OSError):
         queue.remove()
+
+
+def _messages_in(queue: Any) -> int:
+    """Messages in the queue now (0 once it is removed)."""
+    try:
+        return int(queue.current_messages)
+    except (sysv_ipc.Error, OSError):
+        return 0
 
 
 class _Watchdog:
@@ -260,7 +254,7 @@ class _Watchdog:
         self.alarm.set()
 
 
-class SysVMQProducer(Producer):
+class SysVMQProducer(QueueProducer):
     """Sends each message as one mtype-1 message on the SysV queue KEY."""
 
     options: ClassVar[tuple[Option, ...]] = (
@@ -269,28 +263,15 @@ class SysVMQProducer(Producer):
     )
     max_message_source = MSGMAX_PATH
     max_message_fix = SIZE_FIX
+    data_mark = DATA_TYPE
+    end_mark = END_TYPE
+    drain_poll_first_seconds = POLL_FIRST_SECONDS
 
-    _fast_limit = -1
-    """Largest bytes message send() hands straight to the queue; -1 until connected and after closing."""
+    _watch: _Watchdog | None = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
+        self.key = address.key
         super().__init__(address, settings)
-        self._queue: Any = None
-        self._queue_send: Any = None
-        self._watch: _Watchdog | None = None
-        try:
-            _, self.max_message_size = _check_limits(self.settings)
-            self.key = address.key
-            self._presence = Presence(
-                address.token, "producer", int(self.settings["mode"]), handover_wait=float(self.settings["wait"])
-            )
-            self._peer = PeerTracker(self._presence)
-        except BaseException:
-            self._closed = True  # no unclosed warning
-            presence = getattr(self, "_presence", None)
-            if presence is not None:
-                presence.close()
-            raise
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit).
@@ -310,65 +291,42 @@ class SysVMQProducer(Producer):
                 watch.blocked = False  # type: ignore[union-attr]
         super().send(data, timeout)
 
-    # --- rendezvous --------------------------------------------------------
+    def _limits(self) -> tuple[int, int]:
+        return _check_limits(self.settings)
 
-    def _connect(self, deadline: float | None) -> None:
-        """Wait for the consumer (its presence, or a queue made by a presence-less consumer) and open the queue."""
-        presence = self._presence
-        location = self.address.location
-        queue = None
-        while queue is None:
-            if presence.peer_state() is not PeerState.GONE:
-                try:
-                    queue = sysv_ipc.MessageQueue(self.key, 0, 0, self.max_message_size)
-                except sysv_ipc.ExistentialError:
-                    queue = None
-                except (sysv_ipc.Error, OSError) as exc:
-                    raise _unavailable(f"cannot open the queue of {location}", exc) from exc
-                if queue is not None:
-                    break
-            limit = self.wait_deadline if deadline is None else min(deadline, self.wait_deadline)
-            left = limit - time.monotonic()
-            if left <= 0:
-                raise PeerTimeout(
-                    f"no consumer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-                )
-            time.sleep(min(RENDEZVOUS_POLL_SECONDS, left))
-        capacity = queue.max_size
-        if capacity < self.max_message_size:
-            self.max_message_size = capacity
-            self.max_message_source = f"the capacity (msg_qbytes) of the queue of {location} (set by the consumer)"
-            self.max_message_fix = "open the consumer with a larger queue_bytes="
-        self._queue = queue
-        self._queue_send = queue.send
-        self._peer.attach()
+    def _open_existing(self) -> Any:
+        try:
+            return sysv_ipc.MessageQueue(self.key, 0, 0, self.max_message_size)
+        except sysv_ipc.ExistentialError:
+            return None
+        except (sysv_ipc.Error, OSError) as exc:
+            raise _unavailable(f"cannot open the queue of {self.address.location}", exc) from exc
+
+    def _queue_limit(self, queue: Any) -> tuple[int, str, str]:
+        source = f"the capacity (msg_qbytes) of the queue of {self.address.location} (set by the consumer)"
+        return queue.max_size, source, "open the consumer with a larger queue_bytes="
+
+    def _attached(self, queue: Any) -> None:
         self._watch = _Watchdog(queue, self._peer, "producer", self.wait_deadline)
         self._watch.messages_seen = True
-        self._fast_limit = self.max_message_size
 
-    # --- sending -----------------------------------------------------------
-
-    def _send(self, view: memoryview, deadline: float | None) -> None:
-        if self._queue is None:
-            self._connect(deadline)
+    def _put(self, message: memoryview | bytes, mark: int, deadline: float | None) -> None:
         if deadline is None:
-            self._send_blocking(view, DATA_TYPE)
+            self._send_blocking(message, mark)
         else:
-            self._send_polling(view, DATA_TYPE, deadline)
+            self._send_polling(message, mark, deadline)
 
-    def _send_blocking(self, view: memoryview, mtype: int) -> None:
+    def _send_blocking(self, message: memoryview | bytes, mtype: int) -> None:
         """Send, blocking while the queue is full; the watchdog fails the call if the consumer dies."""
         watch = self._watch
         assert watch is not None
         while True:
             watch.blocked = True
             try:
-                self._queue_send(view, True, mtype)
+                self._queue_send(message, True, mtype)
                 return
             except ValueError as exc:
-                raise MessageTooLarge(
-                    view.nbytes, self.max_message_size, self.max_message_source, self.max_message_fix
-                ) from exc
+                raise self._too_large(len(message)) from exc
             except (sysv_ipc.Error, OSError) as exc:
                 if not _interrupted(exc):
                     raise self._failed(exc) from exc
@@ -386,7 +344,7 @@ class SysVMQProducer(Producer):
             return _unavailable(f"cannot send to the queue of {location}", exc)
         return PeerGone(f"the queue of {location} failed: {exc}")
 
-    def _send_polling(self, view: memoryview | bytes, mtype: int, deadline: float) -> None:
+    def _send_polling(self, message: memoryview | bytes, mtype: int, deadline: float) -> None:
         """Send before `deadline`: non-blocking attempts with growing sleeps, probing the consumer."""
         send = self._queue_send
         peer = self._peer
@@ -394,14 +352,12 @@ class SysVMQProducer(Producer):
         next_probe = time.monotonic() + LIVENESS_SLICE_SECONDS
         while True:
             try:
-                send(view, False, mtype)
+                send(message, False, mtype)
                 return
             except sysv_ipc.BusyError:
                 pass
             except ValueError as exc:
-                raise MessageTooLarge(
-                    len(view), self.max_message_size, self.max_message_source, self.max_message_fix
-                ) from exc
+                raise self._too_large(len(message)) from exc
             except (sysv_ipc.Error, OSError) as exc:
                 raise self._failed(exc) from exc
             now = time.monotonic()
@@ -414,135 +370,30 @@ class SysVMQProducer(Producer):
             time.sleep(min(pause, deadline - now))
             pause = min(pause * 2, POLL_MAX_SECONDS)
 
-    # --- closing -----------------------------------------------------------
+    def _queued(self) -> int:
+        return _messages_in(self._queue)
 
-    def _close(self, deadline: float | None) -> None:
-        self._fast_limit = -1
-        if deadline is None:  # the base class always gives one; stay bounded regardless
-            deadline = time.monotonic() + float(self.settings["wait"])
-        if self._queue is None:
-            self._connect(deadline)
-        self._send_polling(b"", END_TYPE, deadline)
-        self._wait_taken(deadline)
-        self._leave(clean=True)
-
-    def _wait_taken(self, deadline: float) -> None:
-        """Wait until the consumer has taken the end marker: the queue is empty or removed."""
-        queue = self._queue
-        peer = self._peer
-        pause = POLL_FIRST_SECONDS
-        next_probe = time.monotonic() + LIVENESS_SLICE_SECONDS
-        while True:
-            try:
-                if not queue.current_messages:
-                    return
-            except (sysv_ipc.Error, OSError):
-                return  # removed: the consumer removes the queue when it takes the end marker
-            now = time.monotonic()
-            if now >= deadline:
-                raise Timeout(f"{self.address.location}: the consumer did not take the end of stream in time")
-            if now >= next_probe:
-                next_probe = now + LIVENESS_SLICE_SECONDS
-                if peer.lost() and peer.state is PeerState.GONE:
-                    raise PeerGone(f"the consumer of {self.address.location} died before taking the end of stream")
-            time.sleep(pause)
-            pause = min(pause * 2, POLL_MAX_SECONDS * 5)
-
-    def _abort(self) -> None:
-        self._leave(clean=False)
-
-    def _leave(self, clean: bool) -> None:
-        """Stop the watchdog and leave (the consumer removes the queue)."""
-        self._fast_limit = -1
+    def _detach(self, queue: Any) -> None:
+        """Stop the watchdog."""
         if self._watch is not None:
             self._watch.stop()
             self._watch = None
-        attached = self._queue is not None
-        self._queue = None
-        self._queue_send = None
-        # A producer that never opened the queue sent nothing: it leaves as cleanly as it came.
-        self._presence.leave(clean or not attached, lambda: _queue_exists(self.key))
+
+    def _queue_exists(self) -> bool:
+        return _queue_exists(self.key)
 
 
-class SysVMQConsumer(Consumer):
+class SysVMQConsumer(QueueConsumer):
     """Creates the SysV queue KEY and receives mtype-1 messages until the end marker."""
 
     options: ClassVar[tuple[Option, ...]] = SysVMQProducer.options
     max_message_source = MSGMAX_PATH
     max_message_fix = SIZE_FIX
 
-    recovered: bool = False
-    """True when opening found a queue left by a dead run and replaced it."""
-
-    _fast = False
-    """True while recv() may take messages straight from the queue: a data message came, no end yet."""
-
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
-        super().__init__(address, settings)
         self.key = address.key
-        try:
-            self._queue = self._open(address.token)
-        except BaseException:
-            self._closed = True  # nothing to free; no unclosed warning
-            raise
-        self._receive = self._queue.receive
-        self._taken: tuple[int, bytes] | None = None
+        super().__init__(address, settings)
         self._watch = _Watchdog(self._queue, self._peer, "consumer", self.wait_deadline)
-
-    def _open(self, token: str) -> Any:
-        """Check limits, create the queue, then claim the consumer's presence."""
-        queue_bytes, self.max_message_size = _check_limits(self.settings)
-        mode = int(self.settings["mode"])
-        if probe(presence_path(token, "consumer"), Trust.for_mode(mode)) is PeerState.ALIVE:
-            raise ChannelUnavailable(
-                f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer"
-            )
-        queue = self._open_queue(token, queue_bytes, mode)
-        try:
-            self._presence = Presence(
-                token, "consumer", mode, handover_wait=float(self.settings["wait"]), channel=self.address.location
-            )
-            self._presence.record("sysv_mq", str(self.key))
-            self._peer = PeerTracker(self._presence)
-        except BaseException:
-            _remove_quietly(queue)
-            raise
-        return queue
-
-    def _open_queue(self, token: str, queue_bytes: int, mode: int) -> Any:
-        """Create the queue, first removing one left behind by a run whose side died."""
-        trust = Trust.for_mode(mode)
-        states = (probe(presence_path(token, "producer"), trust), probe(presence_path(token, "consumer"), trust))
-        # receive into a buffer of msgmax: no message a sender can put in is too large to take out
-        buffer_size = max(host_max_message_size(), self.max_message_size)
-        what = f"cannot create the queue of {self.address.location} (key {self.key})"
-        if PeerState.GONE in states:
-            try:
-                stale = sysv_ipc.MessageQueue(self.key)
-            except sysv_ipc.ExistentialError:
-                stale = None
-            except (sysv_ipc.Error, OSError) as exc:
-                raise _unavailable(what, exc) from exc
-            if stale is not None:
-                _remove_quietly(stale)
-                self.recovered = True
-        try:
-            queue = sysv_ipc.MessageQueue(self.key, sysv_ipc.IPC_CREX, mode, buffer_size)
-        except sysv_ipc.ExistentialError:
-            # a presence-less producer (a plain script) made it first: use it as it is
-            try:
-                return sysv_ipc.MessageQueue(self.key, sysv_ipc.IPC_CREAT, mode, buffer_size)
-            except (sysv_ipc.Error, OSError) as exc:
-                raise _unavailable(what, exc) from exc
-        except (sysv_ipc.Error, OSError) as exc:
-            raise _unavailable(what, exc) from exc
-        if queue_bytes != queue.max_size:
-            try:
-                queue.max_size = queue_bytes
-            except (sysv_ipc.Error, OSError) as exc:
-                _remove_quietly(queue)
-                raise _unavailable(f"cannot set queue_bytes={queue_bytes}", exc) from exc
-        return queue
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Receive the next message; raise EndOfStream after the last one, Timeout after `timeout` seconds.
@@ -565,36 +416,73 @@ class SysVMQConsumer(Consumer):
                 self._taken = (mtype, data)
         return super().recv(timeout)
 
-    def _recv(self, deadline: float | None) -> bytes:
-        taken, self._taken = self._taken, None
-        mtype, data = taken if taken is not None else (-1, b"")
+    def _limits(self) -> tuple[int, int]:
+        return _check_limits(self.settings)
+
+    def _remove_stale(self) -> bool:
+        try:
+            stale = sysv_ipc.MessageQueue(self.key)
+        except sysv_ipc.ExistentialError:
+            return False
+        except (sysv_ipc.Error, OSError) as exc:
+            raise _unavailable(self._cannot_create(), exc) from exc
+        _remove_quietly(stale)
+        return True
+
+    def _cannot_create(self) -> str:
+        return f"cannot create the queue of {self.address.location} (key {self.key})"
+
+    def _buffer_size(self) -> int:
+        """Receive into a buffer of msgmax: no message a sender can put in is too large to take out."""
+        return max(host_max_message_size(), self.max_message_size)
+
+    def _create_queue(self, capacity: int, mode: int) -> Any:
+        try:
+            queue = sysv_ipc.MessageQueue(self.key, sysv_ipc.IPC_CREX, mode, self._buffer_size())
+        except sysv_ipc.ExistentialError:
+            return None
+        except (sysv_ipc.Error, OSError) as exc:
+            raise _unavailable(self._cannot_create(), exc) from exc
+        if capacity != queue.max_size:
+            try:
+                queue.max_size = capacity
+            except (sysv_ipc.Error, OSError) as exc:
+                _remove_quietly(queue)
+                raise _unavailable(f"cannot set queue_bytes={capacity}", exc) from exc
+        return queue
+
+    def _adopt_queue(self, capacity: int, mode: int) -> Any:
+        try:
+            return sysv_ipc.MessageQueue(self.key, sysv_ipc.IPC_CREAT, mode, self._buffer_size())
+        except (sysv_ipc.Error, OSError) as exc:
+            raise _unavailable(self._cannot_create(), exc) from exc
+
+    def _object_record(self) -> tuple[str, str]:
+        return "sysv_mq", str(self.key)
+
+    def _discard(self, queue: Any) -> None:
+        _remove_quietly(queue)
+
+    def _receive_slowly(self, deadline: float | None, mark: int, data: bytes) -> bytes:
         watch = self._watch
         watch.set_deadline(deadline)
         try:
-            data = self._recv_loop(deadline, mtype, data)
+            data = self._receive_until_data(deadline, mark, data)
         finally:
             watch.wake_at = None
-        watch.messages_seen = self._fast = True
+        watch.messages_seen = True
         return data
 
-    def _recv_loop(self, deadline: float | None, mtype: int, data: bytes) -> bytes:
-        """Receive until a data message: end at the marker, skip garbage, check the producer after a wake-up.
-
-        `mtype` and `data`: a message already taken (-1: none).
-        """
+    def _receive_until_data(self, deadline: float | None, mtype: int, data: bytes) -> bytes:
+        """Receive until a data message: end at the marker, skip garbage, check the producer after a wake-up."""
         watch = self._watch
         receive = self._receive
         while True:
             if mtype >= 0:
                 kind = classify(mtype, data)
-                if kind is DATA:
+                if self._is_data(kind):
                     return data
-                if kind is END:
-                    self._release(clean=True)
-                    raise EndOfStream(f"{self.address.location}: the producer ended the stream")
-                if kind is GARBAGE:
-                    self.skipped += 1
-                else:
+                if kind is WAKE:
                     self._check_producer(deadline)
             if deadline is not None:
                 try:
@@ -623,47 +511,50 @@ class SysVMQConsumer(Consumer):
         return PeerGone(f"the queue of {location} failed: {exc}")
 
     def _queued(self) -> int:
-        """Messages in the queue now (0 once it is removed)."""
-        try:
-            return int(self._queue.current_messages)
-        except (sysv_ipc.Error, OSError):
-            return 0
+        return _messages_in(self._queue)
 
-    def _check_producer(self, deadline: float | None) -> None:
-        """After a wake-up: PeerGone, PeerTimeout or Timeout when due."""
-        peer = self._peer
-        location = self.address.location
-        if peer.lost():
-            if self._queued() == 0:
-                # a clean producer puts the end marker in before it leaves, so an empty queue means it died
-                raise PeerGone(f"the producer of {location} is gone (it died or closed without ending the stream)")
-        elif (
-            peer.state is not PeerState.ALIVE
-            and not self._watch.messages_seen
-            and time.monotonic() >= self.wait_deadline
-        ):
-            raise PeerTimeout(
-                f"no producer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-            )
-        if deadline is not None and time.monotonic() >= deadline:
-            raise self._timed_out()
-
-    def _timed_out(self) -> Timeout:
-        """The error of a receive whose timeout passed: PeerTimeout while no producer ever appeared."""
-        location = self.address.location
-        if not self._peer.presence.peer_seen and not self._watch.messages_seen:
-            return PeerTimeout(f"no producer appeared on {location} within the timeout")
-        return Timeout(f"{location}: no message within the timeout")
-
-    def _release(self, clean: bool) -> None:
-        """Remove the queue and leave; `clean`: at the end of stream."""
-        self._fast = False
-        queue, self._queue = self._queue, None
-        if queue is None:
-            return
+    def _destroy(self, queue: Any) -> None:
         self._watch.stop()
         _remove_quietly(queue)
-        self._presence.leave(clean, lambda: False)
 
-    def _close(self) -> None:
-        self._release(clean=False)
+
+def remove_leftover_queue(key: str) -> None:
+    """Remove a queue a killed consumer left, by its decimal key (podipc clean)."""
+    sysv_ipc.MessageQueue(int(key)).remove()
+
+
+def leftover_queue_owner(key: str) -> Owner | None:
+    """Who owns and who created the queue of decimal `key` (podipc clean), None when there is none."""
+    try:
+        queue = sysv_ipc.MessageQueue(int(key))
+    except sysv_ipc.ExistentialError:
+        return None
+    return Owner(queue.uid, queue.gid, queue.mode & 0o777, creator=queue.cuid)
+
+
+TRANSPORT = Transport(
+    name="sysv_mq",
+    title="SysV message queue",
+    schemes={"sysvmq": AddressForm.SYSV_KEY},
+    producer="podipc.transports.sysv_mq:SysVMQProducer",
+    consumer="podipc.transports.sysv_mq:SysVMQConsumer",
+    examples=(Example("sysvmq://KEY", "SysV message queue", "KEY: a number, or a name hashed to one"),),
+    reliable=True,
+    ordered=True,
+    limit=MessageLimit(host_max_message_size, MSGMAX_PATH, SYSCTL_FIX, "`kernel.msgmax` (8192)"),
+    options=SysVMQProducer.options,
+    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    availability=availability,
+    unusable_fix=f"{SYSCTL_FIX}; check kernel.msgmni against the queues in use",
+    objects=(
+        ObjectKind(
+            "sysv_mq",
+            "SysV message queue",
+            "podipc.transports.sysv_mq:remove_leftover_queue",
+            "podipc.transports.sysv_mq:leftover_queue_owner",
+        ),
+    ),
+    channel_objects=lambda address: (("sysv_mq", str(address.key)),),
+    kernel=KernelFacility("SysV message queues", MSGMAX_PATH, "CONFIG_SYSVIPC"),
+    rank=50,
+)

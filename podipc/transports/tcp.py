@@ -32,8 +32,9 @@ from podipc.channel import Option
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+from podipc.transport import AddressForm, Example, Transport, option_limit
 
-__all__ = ["TCPConsumer", "TCPProducer", "availability", "host_max_message_size"]
+__all__ = ["TRANSPORT", "TCPConsumer", "TCPProducer", "availability", "host_max_message_size"]
 
 
 def availability() -> str | None:
@@ -108,3 +109,21 @@ class TCPProducer(StreamProducer):
             connection.close()
             raise
         return connection
+
+
+TRANSPORT = Transport(
+    name="tcp",
+    title="TCP stream",
+    schemes={"tcp": AddressForm.HOST_PORT},
+    producer="podipc.transports.tcp:TCPProducer",
+    consumer="podipc.transports.tcp:TCPConsumer",
+    examples=(Example("tcp://127.0.0.1:7000", "loopback TCP", "the pod's shared network namespace"),),
+    reliable=True,
+    ordered=True,
+    limit=option_limit(DEFAULT_MAX_MESSAGE_SIZE),
+    options=STREAM_OPTIONS,
+    capabilities=frozenset(),
+    availability=availability,
+    unusable_fix="the container cannot create TCP sockets (a seccomp profile?): allow socket(AF_INET)",
+    rank=10,
+)

@@ -56,6 +56,7 @@ from podipc.address import Address
 from podipc.channel import Consumer, Option, Producer, parse_size, remaining
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError, Timeout
 from podipc.presence import PeerState, Presence
+from podipc.transport import AddressForm, Capability, Example, MessageLimit, Transport
 
 UDP_DATAGRAM_LIMIT = 65507  # 65535 - 20 (IPv4 header) - 8 (UDP header)
 MAGIC = b"pu"
@@ -474,3 +475,27 @@ class UDPConsumer(Consumer):
 
     def _close(self) -> None:
         self._finish()
+
+
+TRANSPORT = Transport(
+    name="udp",
+    title="UDP datagrams",
+    schemes={"udp": AddressForm.HOST_PORT},
+    producer="podipc.transports.udp:UDPProducer",
+    consumer="podipc.transports.udp:UDPConsumer",
+    examples=(Example("udp://127.0.0.1:7001", "loopback UDP"),),
+    reliable=False,
+    reliability_note="may drop, counted in `lost`",
+    ordered=True,
+    limit=MessageLimit(
+        host_max_message_size,
+        LIMIT_SOURCE,
+        LIMIT_FIX,
+        f"{UDP_DATAGRAM_LIMIT:,} B minus an {HEADER_SIZE} B header",
+    ),
+    options=(RECEIVE_BUFFER_OPTION,),
+    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    availability=availability,
+    port_protocol="udp",
+    rank=20,
+)

@@ -42,8 +42,9 @@ from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.presence import Presence
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+from podipc.transport import PATH_OBJECT, AddressForm, Example, Transport, option_limit
 
-__all__ = ["UnixConsumer", "UnixProducer", "availability", "host_max_message_size"]
+__all__ = ["TRANSPORT", "UnixConsumer", "UnixProducer", "availability", "host_max_message_size"]
 
 PROBE_SECONDS = 1.0
 """How long a consumer's probe of an existing socket file may take to connect."""
@@ -233,3 +234,26 @@ class UnixProducer(StreamProducer):
         if error.errno == errno.EACCES:
             return ChannelUnavailable(f"no permission to connect to {self.address.location}; {SHARE_FIX}")
         return super()._unreachable(error)
+
+
+TRANSPORT = Transport(
+    name="unix",
+    title="Unix stream socket",
+    schemes={"unix": AddressForm.SOCKET_PATH_OR_ABSTRACT},
+    producer="podipc.transports.unix:UnixProducer",
+    consumer="podipc.transports.unix:UnixConsumer",
+    examples=(
+        Example("unix:///shared/podipc.sock", "Unix socket on an emptyDir"),
+        Example("unix://@name", "abstract Unix socket", "scoped to the network namespace: no volume"),
+    ),
+    reliable=True,
+    ordered=True,
+    limit=option_limit(DEFAULT_MAX_MESSAGE_SIZE),
+    options=STREAM_OPTIONS,
+    capabilities=frozenset(),
+    availability=availability,
+    unusable_fix="the container cannot create Unix sockets (a seccomp profile?): allow socket(AF_UNIX)",
+    objects=(PATH_OBJECT,),
+    channel_objects=lambda address: () if address.abstract else (("path", address.path),),
+    rank=30,
+)

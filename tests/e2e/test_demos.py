@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from podipc.address import SCHEMES
+from podipc.transport import schemes
 
 from .pods import K8S_DIR, PlayedPods, play
 
@@ -81,5 +81,5 @@ def test_bench_job_reports_every_channel_in_the_client_log(podipc_image: str) ->
         report = pods.logs("client")
         description = pods.describe()
     assert codes == {"client": 0, "server": 0}, f"{codes}\n{description}"
-    for scheme in SCHEMES:
+    for scheme in schemes():
         assert f"| {scheme} | 64 B |" in report, f"no {scheme} row in the report:\n{report}"

@@ -25,9 +25,36 @@ from typing import Any
 
 import podipc
 from podipc.address import parse_address
+from podipc.transport import AddressForm, schemes, transport_for
 
-SCHEMES = ("tcp", "udp", "unix", "unix-abstract", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc")
-RELIABLE = tuple(scheme for scheme in SCHEMES if scheme != "udp")
+ABSTRACT_SUFFIX = "-abstract"
+"""A scheme with this suffix (unix-abstract) is its abstract socket form: unix://@name."""
+
+
+def _with_abstract_variants() -> tuple[str, ...]:
+    listed: list[str] = []
+    for scheme in schemes():
+        listed.append(scheme)
+        if transport_for(scheme).schemes[scheme] is AddressForm.SOCKET_PATH_OR_ABSTRACT:
+            listed.append(scheme + ABSTRACT_SUFFIX)
+    return tuple(listed)
+
+
+SCHEMES = _with_abstract_variants()
+"""Every scheme (from the transports' descriptors), with unix-abstract after unix."""
+RELIABLE = tuple(scheme for scheme in SCHEMES if transport_for(scheme.removesuffix(ABSTRACT_SUFFIX)).reliable)
+
+
+def creates_no_file(scheme: str) -> bool:
+    """True for a socket the kernel alone holds (tcp, unix-abstract): no file, IPC object or presence file."""
+    if scheme.endswith(ABSTRACT_SUFFIX):
+        return True
+    transport = transport_for(scheme)
+    return transport.schemes[scheme] is AddressForm.HOST_PORT and not transport.needs_dev_shm
+
+
+SOCKETS_ONLY = tuple(scheme for scheme in SCHEMES if creates_no_file(scheme))
+"""The schemes whose channels leave nothing to clean and have no permissions (tcp, unix-abstract)."""
 PORTS = itertools.count(18000 + (os.getpid() % 200) * 10)
 NAMES = itertools.count()
 INDEX = struct.Struct(">Q")
@@ -46,20 +73,12 @@ def short_directory() -> str:
 def url_for(scheme: str, **options: object) -> str:
     """A fresh, unique URL of a scheme (unix-abstract: unix://@name), with query options."""
     unique = f"podipc-contract-{os.getpid()}-{next(NAMES)}"
-    if scheme in ("tcp", "udp", "zmq+tcp"):
-        base = f"{scheme}://127.0.0.1:{next(PORTS)}"
-    elif scheme == "unix":
-        base = f"unix://{short_directory()}/s.sock"
-    elif scheme == "unix-abstract":
-        base = f"unix://@{unique}"
-    elif scheme == "zmq+ipc":
-        base = f"zmq+ipc://{short_directory()}/z.sock"
-    elif scheme == "file":
-        base = f"file://{short_directory()}/spool"
-    elif scheme == "sysvmq":
-        base = f"sysvmq://{unique}"
+    if scheme.endswith(ABSTRACT_SUFFIX):
+        base = f"{scheme.removesuffix(ABSTRACT_SUFFIX)}://@{unique}"
     else:
-        base = f"{scheme}:///{unique}"
+        base = transport_for(scheme).fresh_url(
+            scheme, unique, lambda: os.path.join(short_directory(), "c"), lambda protocol: next(PORTS)
+        )
     query = "&".join(f"{key}={value}" for key, value in options.items())
     return f"{base}?{query}" if query else base
 

@@ -23,7 +23,7 @@ import sysv_ipc
 import podipc
 from podipc.address import parse_address
 
-from .harness import CONTEXT, SCHEMES, leftovers, payload, url_for, wait_until
+from .harness import CONTEXT, SCHEMES, SOCKETS_ONLY, leftovers, payload, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 PODIPC = [sys.executable, "-c", "from podipc.cli import main; main()"]
@@ -104,7 +104,7 @@ def mine(entries: list[dict[str, str]], url: str) -> list[dict[str, str]]:
     return [entry for entry in entries if any(mark and mark in entry["name"] for mark in marks)]
 
 
-NOTHING_TO_LEAVE = ("tcp", "unix-abstract")  # the kernel frees a dead process's sockets; no presence files
+NOTHING_TO_LEAVE = SOCKETS_ONLY  # the kernel frees a dead process's sockets; no presence files
 CASES = [scheme for scheme in SCHEMES if scheme not in NOTHING_TO_LEAVE]
 
 

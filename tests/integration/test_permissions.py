@@ -25,9 +25,9 @@ import sysv_ipc
 
 import podipc
 from podipc.address import parse_address
-from podipc.channel import REGISTRY
+from podipc.transport import AddressForm, schemes, transport_for, transports
 
-from .harness import CONTEXT, INDEX, SideResult, leftovers, payload, wait_until
+from .harness import ABSTRACT_SUFFIX, CONTEXT, INDEX, SOCKETS_ONLY, SideResult, leftovers, payload, wait_until
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -39,19 +39,31 @@ PRODUCER_UID, CONSUMER_UID = 4241, 4242
 SIZES = [0, 1, 7, 100, 1000, 4000] * 20
 FIX_WORDS = ("0660",)
 GROUP_WORDS = ("fsGroup", "runAsGroup")
-PERMISSION_SCHEMES = ("unix", "mq", "sysvmq", "shm", "file", "zmq+ipc")
-# udp and zmq+tcp create no object but the presence files in /dev/shm that tell a dead peer:
-# they need mode=0660 across UIDs too. tcp and abstract unix sockets have no permissions at all.
-PRESENCE_ONLY_SCHEMES = ("udp", "zmq+tcp")
-NO_PERMISSION_SCHEMES = ("tcp", "unix-abstract")
+
+
+# From the transports' descriptors: a channel named by a path, a name or a key creates objects
+# with `mode` (unix, mq, sysvmq, shm, file, zmq+ipc); one on a port creates none, but when it keeps
+# presence files in /dev/shm to tell a dead peer (udp, zmq+tcp) those need mode=0660 across UIDs
+# too. tcp and abstract unix sockets have no permissions at all.
+def _on_a_port(scheme: str) -> bool:
+    return transport_for(scheme).schemes[scheme] is AddressForm.HOST_PORT
+
+
+PERMISSION_SCHEMES = tuple(scheme for scheme in schemes() if not _on_a_port(scheme))
+PRESENCE_ONLY_SCHEMES = tuple(
+    scheme for scheme in schemes() if _on_a_port(scheme) and transport_for(scheme).needs_dev_shm
+)
+NO_PERMISSION_SCHEMES = SOCKETS_ONLY
 PORTS = itertools.count(19400 + (os.getpid() % 100) * 4)
 NAMES = itertools.count()
 
 # The channel modules are imported before forking, so that a child that dropped root
 # needs no read access to anything new.
 # (Python's own lazily imported codecs too: the interpreter may live where another UID cannot read.)
-for _module in ["encodings.ascii", "encodings.latin_1", *(entry[0] for entry in REGISTRY.values())]:
+for _module in ["encodings.ascii", "encodings.latin_1"]:
     importlib.import_module(_module)
+for _transport in transports():
+    _transport.producer_class(), _transport.consumer_class()
 
 
 @pytest.fixture
@@ -67,15 +79,12 @@ def shared_directory() -> Iterator[str]:
 def url_of(scheme: str, directory: str, **options: object) -> str:
     """A fresh URL of `scheme` whose files (if any) live in `directory`."""
     unique = f"podipc-test-perm-{os.getpid()}-{next(NAMES)}"
-    base = {
-        "unix": f"unix://{directory}/s.sock",
-        "zmq+ipc": f"zmq+ipc://{directory}/z.sock",
-        "file": f"file://{directory}/spool",
-        "mq": f"mq:///{unique}",
-        "sysvmq": f"sysvmq://{unique}",
-        "shm": f"shm:///{unique}",
-        "unix-abstract": f"unix://@{unique}",
-    }.get(scheme) or f"{scheme}://127.0.0.1:{next(PORTS)}"
+    if scheme.endswith(ABSTRACT_SUFFIX):
+        base = f"{scheme.removesuffix(ABSTRACT_SUFFIX)}://@{unique}"
+    else:
+        base = transport_for(scheme).fresh_url(
+            scheme, unique, lambda: os.path.join(directory, "c"), lambda protocol: next(PORTS)
+        )
     query = "&".join(f"{key}={value}" for key, value in options.items())
     return f"{base}?{query}" if query else base
 
@@ -164,16 +173,7 @@ def known(scheme: str, reason: str) -> Any:
 
 
 ABANDONED_PRESENCE = "both refused sides abandon their presence file on abort; nobody removes it"
-REFUSAL_CASES = [
-    "unix",
-    "mq",
-    "sysvmq",
-    "shm",
-    "file",
-    "zmq+ipc",
-    "udp",
-    "zmq+tcp",
-]
+REFUSAL_CASES = [*PERMISSION_SCHEMES, *PRESENCE_ONLY_SCHEMES]
 
 
 @pytest.mark.parametrize("scheme", REFUSAL_CASES)

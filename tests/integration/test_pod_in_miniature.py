@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .harness import leftovers, url_for, wait_until
+from .harness import SCHEMES, leftovers, url_for, wait_until
 
 pytestmark = [
     pytest.mark.namespaces,
@@ -75,9 +75,7 @@ def finish(process: subprocess.Popen[str]) -> tuple[dict[str, object], dict[str,
     return json.loads(stdout.strip().splitlines()[-1]), dict(zip(NAMESPACES, line.split()[1:], strict=True))
 
 
-@pytest.mark.parametrize(
-    "scheme", ["tcp", "udp", "unix", "unix-abstract", "mq", "sysvmq", "shm", "file", "zmq+tcp", "zmq+ipc"]
-)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_pair_in_a_miniature_pod_shares_net_and_ipc_but_not_pid_or_mount(pod: int, scheme: str) -> None:
     url = url_for(scheme, wait=20)
     rate = ["--rate", "2000"] if scheme == "udp" else []

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
 from podipc.cli import EXIT_CODES, exit_code_of, main
 from podipc.errors import AddressError, PeerGone, PeerTimeout, PodIPCError, Timeout
+from podipc.extras import install_hint
 
 
-@pytest.mark.parametrize("command", [[], ["produce"], ["consume"], ["channels"], ["run"]])
+@pytest.mark.parametrize(
+    "command", [[], ["produce"], ["consume"], ["channels"], ["run"], ["clean"], ["bench"], ["doctor"]]
+)
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0
@@ -76,3 +81,41 @@ def test_channels_lists_every_scheme_as_json() -> None:
         "zmq+ipc",
     ]
     assert all(row["usable"] or row["reason"] for row in rows)
+
+
+def without(package: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run `podipc ARGUMENTS` in a process where `package` cannot be imported."""
+    script = f"import sys; sys.modules[{package!r}] = None\nfrom podipc.cli import main\nmain(prog_name='podipc')\n"
+    return subprocess.run(
+        [sys.executable, "-c", script, *arguments], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("package", "arguments"),
+    [
+        ("rich", ["bench", "--quick", "--channels", "tcp", "--sizes", "64"]),
+        ("psutil", ["doctor"]),
+        ("psutil", ["doctor", "--json"]),
+        ("rich", ["doctor"]),
+    ],
+)
+def test_bench_and_doctor_without_an_optional_package_fail_in_one_line_naming_what_to_install(
+    package: str, arguments: list[str]
+) -> None:
+    result = without(package, *arguments)
+
+    command = arguments[0]
+    assert result.returncode == 1, result.stderr
+    assert (
+        result.stderr
+        == f"podipc: error: podipc {command} needs the {package} package: {install_hint(package, command)}\n"
+    )
+
+
+def test_core_commands_work_without_the_optional_packages_of_bench_and_doctor() -> None:
+    for package in ("rich", "psutil"):
+        result = without(package, "channels")
+        assert result.returncode == 0 and "tcp://127.0.0.1:7000" in result.stdout, result.stderr
+        help_text = without(package, "--help").stdout
+        assert "produce" in help_text and "doctor" in help_text

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from podipc.channel import REGISTRY
+from podipc import transport as transport_module
 from podipc.cli import main
 from podipc.doctor import JSON_SCHEMA, examine
 from podipc.doctor.facts import (
@@ -32,7 +32,6 @@ from podipc.doctor.facts import (
     parse_mountinfo,
 )
 from podipc.doctor.peer import (
-    DoctorServer,
     Rendezvous,
     decide,
     decode_document,
@@ -40,7 +39,9 @@ from podipc.doctor.peer import (
     find_peer,
     parse_rendezvous,
 )
-from podipc.doctor.verdict import SHM_FIX, check_url, judge_channel, judge_channels, unmet_requirements
+from podipc.doctor.server import DoctorServer
+from podipc.doctor.verdict import check_url, judge_channel, judge_channels, unmet_requirements
+from podipc.transport import DEV_SHM_FIX, Requirement, transport_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -157,9 +158,7 @@ def test_missing_dev_shm_makes_shm_unusable_with_the_emptydir_fix() -> None:
 
     verdict = judge_channel("shm", facts)
 
-    if verdict.reason.endswith("not in this build of podipc"):
-        pytest.skip("shm:// not written yet")
-    assert not verdict.usable and verdict.fix == SHM_FIX and "medium: Memory" in verdict.fix
+    assert not verdict.usable and verdict.fix == DEV_SHM_FIX and "medium: Memory" in verdict.fix
 
 
 def test_disk_backed_dev_shm_is_noted_with_the_fix() -> None:
@@ -179,7 +178,7 @@ def test_small_rlimit_msgqueue_makes_mq_unusable_with_the_ulimit_fix() -> None:
     verdict = judge_channel("mq", facts)
 
     assert not verdict.usable
-    assert "RLIMIT_MSGQUEUE" in verdict.reason or "not in this build" in verdict.reason
+    assert "RLIMIT_MSGQUEUE" in verdict.reason and "ulimit msgqueue" in verdict.fix
 
 
 def test_missing_mqueue_sysctls_say_the_kernel_lacks_posix_queues() -> None:
@@ -190,21 +189,34 @@ def test_missing_mqueue_sysctls_say_the_kernel_lacks_posix_queues() -> None:
     assert not verdict.usable and verdict.max_message_size is None
 
 
-def test_a_channel_module_that_is_not_there_yet_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(REGISTRY, "tcp", ("podipc.transports.not_written_yet", "P", "C"))
+def replace_transport(monkeypatch: pytest.MonkeyPatch, scheme: str, **changes: object) -> None:
+    """Make the transport of `scheme` look different (changes to its descriptor) for one test."""
+    changed = replace(transport_for(scheme), **changes)
+    listed = tuple(changed if scheme in item.schemes else item for item in transport_module.transports())
+    monkeypatch.setattr(transport_module, "transports", lambda: listed)
+
+
+def test_a_transport_whose_check_breaks_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> str | None:
+        raise RuntimeError("not written yet")
+
+    replace_transport(monkeypatch, "tcp", availability=broken)
 
     verdict = judge_channel("tcp", gather_facts())
 
     assert not verdict.usable
-    assert verdict.reason == "podipc.transports.not_written_yet is not in this build of podipc"
+    assert verdict.reason == "tcp availability check failed: RuntimeError: not written yet"
+    assert verdict.fix == "report it as a podipc bug"
 
 
-def test_a_channel_module_missing_a_dependency_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(REGISTRY, "tcp", ("zmq.not_a_module_of_pyzmq", "P", "C"))
+def test_a_transport_missing_a_package_names_the_extra_that_installs_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    replace_transport(monkeypatch, "tcp", requires=(Requirement("not_a_module_here", "not-a-package", "extra"),))
 
     verdict = judge_channel("tcp", gather_facts())
 
-    assert not verdict.usable and verdict.fix == "pip install pyzmq"
+    assert not verdict.usable and verdict.max_message_size is None
+    assert verdict.reason == "unavailable here: the not-a-package package is not installed"
+    assert verdict.fix == "pip install 'podipc[extra]'"
 
 
 def test_long_socket_path_asks_for_a_shorter_one() -> None:

@@ -16,7 +16,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from podipc.address import SCHEMES, parse_address
+from podipc.address import parse_address
+from podipc.transport import Capability, transport_for
+from podipc.transport import schemes as podipc_schemes
 from tests.e2e.pods import adapt_for_podman, containers_conf_with_sysctls, load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +32,6 @@ KUBERNETES_VERSIONS = [kubernetes_validate.latest_version(), "1.28"]  # the newe
 IMAGE = "localhost/podipc:dev"
 USER_ID = 10001
 PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-SHARED_VOLUME_SCHEMES = {"unix", "file", "zmq+ipc"}
 SAFE_SYSCTLS_PREFIXES = ("fs.mqueue.",)
 
 
@@ -192,7 +193,7 @@ def test_every_channel_has_a_pod() -> None:
     for path in CHANNEL_MANIFESTS:
         ((_, spec),) = pods_in(path)
         schemes.add(parse_address(env_of(spec["containers"][0])["PODIPC_URL"]).scheme)
-    assert schemes == set(SCHEMES)
+    assert schemes == set(podipc_schemes())
 
 
 @pytest.mark.parametrize("path", CHANNEL_MANIFESTS, ids=name_of)
@@ -218,13 +219,15 @@ def test_channel_pod_shares_what_its_channel_needs(path: Path) -> None:
     address = parse_address(env_of(spec["containers"][0])["PODIPC_URL"])
     volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
     mounts = [mounts_of(container) for container in spec["containers"]]
-    if address.scheme in SHARED_VOLUME_SCHEMES:
-        directory = str(Path(address.path).parent) if address.scheme != "file" else address.path
+    transport = transport_for(address.scheme)
+    form = transport.schemes[address.scheme]
+    if form.names_path and not address.abstract:
+        directory = str(Path(address.path).parent) if form.names_socket_file else address.path
         for container_mounts in mounts:
             shared = [mount for mount in container_mounts if directory == mount or directory.startswith(mount + "/")]
             assert shared, f"{address.path} is not on a volume in every container"
             assert "emptyDir" in volumes[container_mounts[shared[0]]]
-    elif address.scheme == "shm":
+    elif transport.has(Capability.DATA_IN_DEV_SHM):
         for container_mounts in mounts:
             volume = volumes[container_mounts["/dev/shm"]]
             assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]

@@ -31,7 +31,7 @@ from podipc.errors import (
     Timeout,
 )
 from podipc.payloads import StreamSummary, generated_messages
-from podipc.transports.spool import (
+from podipc.transports.spool.wire import (
     MAX_SEQUENCE,
     SpoolName,
     done_name,

@@ -160,7 +160,8 @@ def test_second_producer_is_refused(socket_dir: Path) -> None:
 
 
 NOBODY_PRODUCER = """
-import os, sys, podipc, podipc.transports.unix
+import os, sys, podipc, podipc.transport
+podipc.transport.transports()  # every transport module loaded while the interpreter's files are readable
 os.setgid(65534)
 os.setuid(65534)
 try:

@@ -308,17 +308,46 @@ def test_a_stale_ipc_socket_file_is_recovered_and_a_live_or_foreign_one_refused(
     assert regular.read_text() == "keep me"
 
 
-def test_the_zmq_module_names_the_install_when_pyzmq_is_missing() -> None:
-    script = (
-        "import sys; sys.modules['zmq'] = None\n"
-        "import podipc\n"
-        "try:\n    podipc.consumer('zmq+tcp://127.0.0.1:17169')\n"
-        "except podipc.ChannelUnavailable as exc:\n    print(exc)\n"
+WITHOUT_PYZMQ = "import sys; sys.modules['zmq'] = None  # pyzmq cannot be imported\n"
+INSTALL_ZMQ = "pip install 'podipc[zmq]'"
+
+
+def without_pyzmq(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run a Python script in a process where `import zmq` fails."""
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_PYZMQ + script, *arguments], capture_output=True, timeout=60, text=True
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=30, text=True).stdout
-    assert "pip install pyzmq" in out
+
+
+@pytest.mark.parametrize("role", ["producer", "consumer"])
+def test_opening_without_pyzmq_is_unavailable_with_the_extra_to_install_never_an_import_error(role: str) -> None:
+    script = (
+        "import podipc\n"
+        f"try:\n    podipc.{role}(sys.argv[1])\n"
+        "except podipc.ChannelUnavailable as exc:\n    print('unavailable:', exc)\n"
+    )
+    for url in ("zmq+tcp://127.0.0.1:17169", "zmq+ipc:///tmp/podipc-no-pyzmq.sock"):
+        completed = without_pyzmq(script, url)
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.startswith("unavailable:") and INSTALL_ZMQ in completed.stdout, completed.stdout
     rows = {row.scheme: row for row in podipc.channels()}
     assert rows["zmq+tcp"].usable and rows["zmq+tcp"].max_message_size == 64 * MiB
+
+
+def test_without_pyzmq_channels_and_doctor_say_unavailable_here_and_the_other_channels_work() -> None:
+    cli = "from podipc.cli import main\nmain(prog_name='podipc')\n"
+    listed = without_pyzmq(cli, "channels", "--json")
+    rows = {row["scheme"]: row for row in map(json.loads, listed.stdout.splitlines())}
+    for scheme in ("zmq+tcp", "zmq+ipc"):
+        assert not rows[scheme]["usable"] and rows[scheme]["reason"].startswith("unavailable here")
+        assert INSTALL_ZMQ in rows[scheme]["reason"]
+    assert rows["tcp"]["usable"] and rows["shm"]["usable"]
+    report = json.loads(without_pyzmq(cli, "doctor", "--json").stdout)
+    verdicts = {verdict["scheme"]: verdict for verdict in report["channels"]}
+    assert verdicts["zmq+ipc"]["reason"].startswith("unavailable here") and verdicts["zmq+ipc"]["fix"] == INSTALL_ZMQ
+    failed = without_pyzmq(cli, "produce", "zmq+tcp://127.0.0.1:17169", "--count", "1")
+    assert failed.returncode == 3 and failed.stderr.count("\n") == 1 and INSTALL_ZMQ in failed.stderr
+    assert "Traceback" not in failed.stderr
 
 
 def doc_script(name: str) -> str:

@@ -8,7 +8,9 @@ Address:
              max_message_size=BYTES (default 64MiB; the consumer sets ZMQ_MAXMSGSIZE to it)
 
 Requires:
-    pyzmq (`pip install pyzmq`), libzmq >= 4.1 with ipc support for zmq+ipc://.
+    pyzmq (`pip install 'podipc[zmq]'`), libzmq >= 4.1 with ipc support for zmq+ipc://.
+    This module imports pyzmq; the transport's descriptor (podipc.transports.zmq) does not,
+    so podipc works without pyzmq and says how to install it.
 
 Semantics:
     One podipc message is one single-frame zmq message: boundaries and order kept,
@@ -65,12 +67,11 @@ from typing import Any, ClassVar
 import zmq
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_count, parse_size
+from podipc.channel import Consumer, Option, Producer
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError, Timeout
 from podipc.presence import PeerState, PeerTracker, Presence
+from podipc.transports.zmq import LIMIT_FIX, LIMIT_SOURCE, OPTIONS
 
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
-DEFAULT_HIGH_WATER_MARK = 1000
 CONTROL_PREFIX = b"podipc"
 RCVMORE = zmq.RCVMORE
 START_OF_STREAM = (CONTROL_PREFIX, b"sos")
@@ -88,26 +89,6 @@ MAX_BUDGET = 256  # messages sent between two looks at the clock, at most
 STARTS_STREAMS = "start-of-stream"
 PRODUCER_LINGER_MS = 0
 CONSUMER_LINGER_MS = 500
-
-LIMIT_SOURCE = "the zmq max_message_size option"
-LIMIT_FIX = "raise it on both sides, e.g. ?max_message_size=256MiB"
-
-OPTIONS = (
-    Option("hwm", parse_count, DEFAULT_HIGH_WATER_MARK, "messages queued per direction before send blocks"),
-    Option("max_message_size", parse_size, DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes (ZMQ_MAXMSGSIZE)"),
-)
-
-
-def availability() -> str | None:
-    """None when pyzmq (and libzmq's ipc transport) are usable here, else why not and the fix."""
-    if not zmq.has("ipc"):
-        return f"libzmq {zmq.zmq_version()} lacks the ipc transport: zmq+ipc:// cannot work; use zmq+tcp://"
-    return None
-
-
-def host_max_message_size() -> int:
-    """The default largest message: the max_message_size option's default (64 MiB)."""
-    return DEFAULT_MAX_MESSAGE_SIZE
 
 
 def endpoint_of(address: Address) -> str:
