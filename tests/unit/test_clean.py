@@ -234,3 +234,33 @@ def test_a_fifo_or_a_link_at_a_presence_path_is_reported_never_opened_or_followe
         assert f"refused: path {fifo}: it is a FIFO" in result.stdout
         assert f"refused: path {link}: it is a symbolic link" in result.stdout
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.islink(link) and target.read_text() == "keep me"
+
+
+def test_every_transport_says_which_objects_a_channel_creates_and_who_owns_one() -> None:
+    from podipc.transport import PATH_OBJECT, object_kinds, transports
+
+    for transport in transports():
+        declared = {kind.name for kind in transport.objects}
+        for scheme in transport.schemes:
+            example = next(example.url for example in transport.examples if example.url.startswith(f"{scheme}://"))
+            address = parse_address(example.replace("KEY", "1234"))
+            assert {kind for kind, _ in transport.channel_objects(address)} <= declared, transport.name
+    for kind in object_kinds().values():
+        if kind is not PATH_OBJECT:
+            assert kind.owner, f"{kind.name} does not say who owns an object"
+            assert kind.owner_of("/podipc-test-never-created" if kind.name.startswith("posix") else "2147483000") is None
+
+
+def test_the_owner_of_an_object_of_ours_is_us() -> None:
+    from podipc.transport import object_kinds
+
+    name = f"/{unique('owner')}"
+    posix_ipc.MessageQueue(name, posix_ipc.O_CREX, mode=0o600).close()
+    sysv_queue = sysv_ipc.MessageQueue(None, sysv_ipc.IPC_CREX, mode=0o600)
+    try:
+        owners = [object_kinds()["posix_mq"].owner_of(name), object_kinds()["sysv_mq"].owner_of(str(sysv_queue.key))]
+        assert [(owner.uid, owner.mode) for owner in owners if owner] == [(os.geteuid(), 0o600)] * 2
+        assert owners[1] is not None and owners[1].creator == os.geteuid()
+    finally:
+        posix_ipc.unlink_message_queue(name)
+        sysv_queue.remove()
