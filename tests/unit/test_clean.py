@@ -248,7 +248,9 @@ def test_every_transport_says_which_objects_a_channel_creates_and_who_owns_one()
     for kind in object_kinds().values():
         if kind is not PATH_OBJECT:
             assert kind.owner, f"{kind.name} does not say who owns an object"
-            assert kind.owner_of("/podipc-test-never-created" if kind.name.startswith("posix") else "2147483000") is None
+            assert (
+                kind.owner_of("/podipc-test-never-created" if kind.name.startswith("posix") else "2147483000") is None
+            )
 
 
 def test_the_owner_of_an_object_of_ours_is_us() -> None:
