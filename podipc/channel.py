@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 
 from podipc.address import Address, parse_address, suggest
 from podipc.errors import AddressError, ChannelClosed, ChannelUnavailable, EndOfStream, MessageTooLarge
+from podipc.ownership import check_mode_option
 from podipc.transport import transport_for, transports
 
 DEFAULT_WAIT_SECONDS = 30.0
 DEFAULT_MODE = 0o600
-WORLD_WRITABLE = 0o002
 
 
 # --- deadlines -------------------------------------------------------------
@@ -106,16 +106,11 @@ def parse_count(value: object) -> int:
 
 
 def parse_mode(value: object) -> int:
-    """A file mode: octal text ('0660', '660') or an int; never world-writable."""
+    """A file mode: octal text ('0660', '660') or an int; owner rw, never anything for "other" users."""
     if isinstance(value, bool):
         raise ValueError("expected an octal mode like 0600")
     mode = value if isinstance(value, int) else int(str(value), 8)
-    if not 0 <= mode <= 0o777:
-        raise ValueError("expected an octal mode like 0600 or 0660")
-    if mode & WORLD_WRITABLE:
-        raise ValueError("world-writable modes are refused; share a group instead (mode=0660 with fsGroup)")
-    if not mode & 0o600 == 0o600:
-        raise ValueError("the owner needs read and write (0600 at least)")
+    check_mode_option(mode)
     return mode
 
 

@@ -422,34 +422,34 @@ def run(ctx: click.Context, role: str) -> None:
 def clean(dry_run: bool, directories: tuple[str, ...], as_json: bool) -> None:
     """Remove what killed podipc processes left behind (queues, segments, semaphores, socket and lock files).
 
-    Only objects a podipc process recorded as its own, and only when no live side of
-    that channel remains, are touched.
+    Only what it can prove: objects a dead podipc process of this same user recorded for its
+    channel, and only when no live side of that channel remains. Anything else at a presence
+    path (another user's file, a FIFO, a link, an object it cannot prove) is refused, with why.
     """
-    from podipc.clean import find_leftovers, remove
+    from podipc.clean import remove, survey
 
-    leftovers = find_leftovers(("/dev/shm", *directories))
+    found = survey(("/dev/shm", *directories))
     failures = 0
-    for leftover in leftovers:
+    for leftover in found.leftovers:
         action = "would remove" if dry_run else "removed"
         if not dry_run:
             try:
-                remove(leftover)
+                if not remove(leftover):
+                    action = "kept (its channel is alive again)"
             except PodIPCError as error:
                 action, failures = f"failed: {error}", failures + 1
         if as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "kind": leftover.kind,
-                        "name": leftover.name,
-                        "holder": leftover.holder,
-                        "action": action.split(":")[0],
-                    }
-                )
-            )
+            record = {"kind": leftover.kind, "name": leftover.name, "holder": leftover.holder}
+            click.echo(json.dumps({**record, "action": action.split(":")[0].split(" (")[0]}))
         else:
             click.echo(f"{action}: {leftover.describe()}")
-    if not leftovers and not as_json:
+    for refusal in found.refused:
+        if as_json:
+            record = {"kind": refusal.kind, "name": refusal.name, "holder": "", "action": "refused"}
+            click.echo(json.dumps({**record, "reason": refusal.reason}))
+        else:
+            click.echo(f"refused: {refusal.describe()}")
+    if not found.leftovers and not found.refused and not as_json:
         click.echo("nothing to clean")
     if failures:
         raise click.ClickException(f"{failures} leftover(s) could not be removed")

@@ -11,14 +11,36 @@ non-blocking attempt:
     file present, lock free      -> GONE     (its holder died without cleaning up)
 
 flock locks belong to the open file description, so two sides in one process
-exclude each other too. The file is locked before it is renamed into place, so
-it is never seen unlocked while its owner lives.
+exclude each other too.
+
+Claiming a role is atomic, so at most one process holds it however many start at once:
+a temporary file is created (O_EXCL|O_NOFOLLOW), locked, written, then hard-linked into
+place (`link` fails if anything is there: never check-then-rename). When the link finds
+a file, it is probed: ALIVE refuses the claim; GONE (a dead holder's) is taken over by
+locking it, checking it is still the file at the path, unlinking it and linking again.
+The file is never seen unlocked while its owner lives.
+
+Every presence file is opened without following a link and without blocking
+(O_NOFOLLOW|O_NONBLOCK), must be a regular file, and must be trusted
+(podipc.ownership: ours, or a common group's when the channel's mode shares one): a
+FIFO, symlink, directory or another user's file at a presence path is a one-line
+ChannelUnavailable naming its owner, never a hang or a traceback.
+
+A process that forks keeps nothing of its presences in the child: their descriptors are
+closed there (os.register_at_fork), so a parent's death is seen while its child lives,
+and a child's close() never removes the parent's file.
+
+One peer-death monitor per process (`Presence.watch`): a daemon thread, started when the
+first presence is watched and ended when none is, probes each watched peer every
+WATCH_INTERVAL_SECONDS and calls the watcher's callback once when the peer is lost.
 
 File: {directory}/podipc.presence.{token}.{role} (mode as the channel's `mode`).
-Its first line is the holder's pid and hostname, for humans; the lock is the signal.
-Each further line names an IPC object the holder created (`record`), so that
-`podipc clean` can remove what a SIGKILLed side left behind: `KIND NAME`, where KIND
-is a kind a transport declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
+Its first line is the holder's pid and hostname, for humans, and an id drawn at the claim
+(which tells two holders apart when a file system reuses inode numbers); the lock is the signal.
+The second, `channel LOCATION`, names the channel (its URL without the query), so that
+`podipc clean` can derive which objects belong to it. Each further line names an IPC
+object the holder created (`record`): `KIND NAME`, where KIND is a kind a transport
+declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
 """
 
 from __future__ import annotations
@@ -27,18 +49,38 @@ import contextlib
 import enum
 import fcntl
 import os
+import secrets
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from podipc.channel import remaining
 from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
+from podipc.ownership import Trust, open_checked, owner_text
 
 PRESENCE_DIRECTORY = "/dev/shm"
 PRESENCE_PREFIX = "podipc.presence."
+TEMPORARY_SUFFIX = ".tmp"
 ROLES = ("producer", "consumer")
 PROBE_INTERVAL_SECONDS = 0.02
 DECLARATION = "declares"
+CHANNEL = "channel"
+DEFAULT_MODE = 0o600
+RECORD_LIMIT_BYTES = 64 * 1024
+"""At most this much of a presence file is read (a record is a few lines)."""
+CLAIM_SECONDS = 5.0
+"""How long a claim keeps trying while other claimers take turns at a dead holder's file."""
+CLAIM_RETRY_SECONDS = 0.005
+ALIVE_CONFIRM_SECONDS = 0.1
+"""A lock on the file at a role's path counts as a live holder once it stays this long on the same file
+(a peer's probe or a claimer taking over a dead holder's file holds one only for an instant)."""
+WATCH_INTERVAL_SECONDS = 0.2
+"""How often the peer-death monitor probes each watched peer (a loss is seen within about this)."""
+MONITOR_THREAD_NAME = "podipc-peer-watch"
+IDENTITY_BYTES = 256
+"""The first line of a presence file is read up to this many bytes to tell holders apart."""
 
 
 class PeerState(enum.Enum):
@@ -54,24 +96,60 @@ def presence_path(token: str, role: str, directory: str = PRESENCE_DIRECTORY) ->
     return os.path.join(directory, f"{PRESENCE_PREFIX}{token}.{role}")
 
 
-def probe(path: str) -> PeerState:
-    """Probe a presence file: ABSENT, ALIVE (locked) or GONE (left behind by a dead holder)."""
+def open_presence(path: str, trust: Trust | None = None) -> int | None:
+    """Open a presence file read-only, never following a link or blocking; None when there is none.
+
+    Raises ChannelUnavailable (owner and fix) for anything but a regular file we trust: `trust`
+    (default: this user's files only; a Presence passes its own, which shares a group with mode=0660).
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return open_checked(path, os.O_RDONLY, trust or Trust.for_mode(DEFAULT_MODE), f"the presence file {path}")
     except FileNotFoundError:
-        return PeerState.ABSENT
-    except PermissionError as exc:
-        raise ChannelUnavailable(
-            f"cannot read {path}: {exc.strerror}; the peer runs as another user: share a group "
-            "(runAsGroup/fsGroup) and open both sides with mode=0660"
-        ) from exc
+        return None
+
+
+def lock_state(fd: int) -> PeerState:
+    """ALIVE when the open presence file is locked by its holder, else GONE (takes a shared lock: close to drop it)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return PeerState.ALIVE
+    return PeerState.GONE
+
+
+Identity = tuple[int, int, bytes]
+"""What tells one holder's presence file from another's: device, inode and its first line (with a claim id)."""
+
+
+def probe(path: str, trust: Trust | None = None) -> PeerState:
+    """Probe a presence file: ABSENT, ALIVE (locked) or GONE (left behind by a dead holder).
+
+    Raises ChannelUnavailable for a link, FIFO, directory or a file we do not trust (see open_presence).
+    """
+    fd = open_presence(path, trust)
+    if fd is None:
+        return PeerState.ABSENT
+    try:
+        return lock_state(fd)
     finally:
         os.close(fd)
-    return PeerState.GONE
+
+
+def probe_identity(path: str, trust: Trust | None = None) -> tuple[PeerState, Identity | None]:
+    """Probe a presence file and tell which holder's it is (None when ABSENT); raises as probe() does.
+
+    Inode numbers alone do not tell a new holder from a dead one on file systems that reuse
+    them at once; the first line carries an id drawn at each claim.
+    """
+    fd = open_presence(path, trust)
+    if fd is None:
+        return PeerState.ABSENT, None
+    try:
+        status = os.fstat(fd)
+        first_line = os.pread(fd, IDENTITY_BYTES, 0).partition(b"\n")[0]
+        return lock_state(fd), (status.st_dev, status.st_ino, first_line)
+    finally:
+        os.close(fd)
 
 
 class Presence:
@@ -81,38 +159,56 @@ class Presence:
         self,
         token: str,
         role: str,
-        mode: int = 0o600,
+        mode: int = DEFAULT_MODE,
         directory: str = PRESENCE_DIRECTORY,
         handover_wait: float = 0.0,
+        channel: str | None = None,
     ) -> None:
-        """Claim this role's presence file.
+        """Claim this role's presence file, atomically: at most one holder per role, however many start at once.
 
+        mode: permissions of the file; with group bits (0660) a common group's files are trusted too.
         handover_wait: for channels whose streams do not survive a restart. A producer whose
         predecessor died while the consumer is still attached waits up to this many seconds
         for that consumer to notice (it sees the dead predecessor's file GONE) and leave, so a
         restarted producer never splices a new stream onto the dead one; a consumer removes a
         dead producer's file, since a new consumer starts a new stream. 0 (file://, which
         resumes streams instead): claim at once.
+        channel: the channel's location (URL without query), written for `podipc clean`, which
+        removes only objects it can derive from it.
+
+        Raises ChannelUnavailable: the role is held, or its path holds something not ours.
+        PeerTimeout: the handover did not happen within handover_wait.
         """
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.role = role
         self.path = presence_path(token, role, directory)
         self.peer_path = presence_path(token, ROLES[1 - ROLES.index(role)], directory)
+        self.trust = Trust.for_mode(mode)
+        """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""
         self.peer_seen = False
+        self.opened_in = os.getpid()
+        self._fd = -1
+        self._watch: _Watch | None = None
         if handover_wait > 0 and role == "producer":
             self._wait_for_handover(handover_wait)
         elif handover_wait > 0:
-            remove_if_gone(self.peer_path)  # a dead producer's file: a new consumer starts a new stream
-        self._fd = self._claim(mode)
+            remove_if_gone(self.peer_path, self.trust)  # a dead producer's file: a new consumer starts a new stream
+        self._fd = self._claim(mode, _header(channel))
+        _live_presences.add(self)
+
+    @property
+    def inherited(self) -> bool:
+        """True in a process forked after this presence was claimed: it holds nothing there."""
+        return self.opened_in != os.getpid()
 
     def _wait_for_handover(self, seconds: float) -> None:
         """Wait while our dead predecessor's peer is still attached (same peer file, still locked)."""
-        if probe(self.path) is not PeerState.GONE or probe(self.peer_path) is not PeerState.ALIVE:
+        if probe(self.path, self.trust) is not PeerState.GONE:
             return
-        attached = file_identity(self.peer_path)
+        state, attached = probe_identity(self.peer_path, self.trust)
         deadline = time.monotonic() + seconds
-        while probe(self.peer_path) is PeerState.ALIVE and file_identity(self.peer_path) == attached:
+        while state is PeerState.ALIVE and probe_identity(self.peer_path, self.trust) == (state, attached):
             if time.monotonic() >= deadline:
                 peer = ROLES[1 - ROLES.index(self.role)]
                 raise PeerTimeout(
@@ -121,36 +217,103 @@ class Presence:
                 )
             time.sleep(PROBE_INTERVAL_SECONDS)
 
-    def _claim(self, mode: int) -> int:
-        if probe(self.path) is PeerState.ALIVE:
-            raise ChannelUnavailable(
-                f"another {self.role} is attached to this channel ({self.path} is locked); "
-                "a channel has one producer and one consumer"
-            )
-        temporary = f"{self.path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    def _claim(self, mode: int, header: bytes) -> int:
+        """Create, lock and write a temporary file, then link it into place (see the module docstring)."""
+        temporary = f"{self.path}.{os.getpid()}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            fd = os.open(temporary, flags, mode)
         except OSError as exc:
             raise ChannelUnavailable(
                 f"cannot create {temporary}: {exc.strerror}; podipc needs a writable "
                 f"{os.path.dirname(self.path)} shared by the pod's containers"
             ) from exc
+        _held_descriptors.add(fd)
         try:
             os.fchmod(fd, mode)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-            os.rename(temporary, self.path)
+            os.write(fd, header)
+            self._link_into_place(temporary)
         except BaseException:
-            os.close(fd)
-            _unlink_quietly(temporary)
+            _release(fd)
             raise
+        finally:
+            _unlink_quietly(temporary)
         return fd
+
+    def _link_into_place(self, temporary: str) -> None:
+        deadline = time.monotonic() + CLAIM_SECONDS
+        while True:
+            try:
+                os.link(temporary, self.path, follow_symlinks=False)
+                return
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise ChannelUnavailable(
+                    f"cannot claim {self.path}: {exc.strerror}; podipc needs a directory shared by the pod's "
+                    "containers that supports hard links (a tmpfs or an emptyDir)"
+                ) from exc
+            self._take_over_if_gone()
+            if time.monotonic() >= deadline:
+                raise ChannelUnavailable(
+                    f"could not claim {self.path} within {CLAIM_SECONDS:g} s: other {self.role}s of this channel "
+                    "keep claiming it (a channel has one producer and one consumer)"
+                )
+
+    def _take_over_if_gone(self) -> None:
+        """Deal with the file found at our path so that the next link may succeed: unlink it if its holder died.
+
+        Returns at once (to link again) when the path is free or another claimer has it for an
+        instant. Raises ChannelUnavailable when a live holder has it, or it is not a trusted
+        presence file of ours to remove.
+        """
+        fd = open_presence(self.path, self.trust)
+        if fd is None:
+            return
+        try:
+            if not self._lock_for_takeover(fd) or _identity_of(fd) != file_identity(self.path):
+                return  # contended, or replaced meanwhile: look again
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                status = os.fstat(fd)
+                owner = owner_text(status.st_uid, status.st_gid, status.st_mode & 0o777)
+                raise ChannelUnavailable(
+                    f"cannot take over {self.path}, left by a dead {self.role} ({owner}): {exc.strerror}; "
+                    "run `podipc clean` as its owner"
+                ) from exc
+        finally:
+            os.close(fd)
+
+    def _lock_for_takeover(self, fd: int) -> bool:
+        """Take the dead holder's file's lock. False: someone else has it for an instant; raises if a holder lives."""
+        identity = _identity_of(fd)
+        locked_since = time.monotonic()
+        while lock_state(fd) is PeerState.ALIVE:
+            if file_identity(self.path) != identity:
+                return False
+            if time.monotonic() - locked_since >= ALIVE_CONFIRM_SECONDS:
+                raise ChannelUnavailable(
+                    f"another {self.role} is attached to this channel ({self.path} is locked); "
+                    "a channel has one producer and one consumer"
+                )
+            time.sleep(CLAIM_RETRY_SECONDS)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(CLAIM_RETRY_SECONDS)  # a peer probing, or another claimer taking over
+            return False
+        return True
 
     def record(self, kind: str, name: str) -> None:
         """Note an IPC object this side created, for `podipc clean` should this side die.
 
         kind: a kind some transport declares (podipc.transport.object_kinds()); name: the
         queue/semaphore/segment name, the SysV key (decimal), or an absolute file path.
+        `podipc clean` removes it only if it belongs to the channel named at the claim (`channel`).
         """
         from podipc.transport import object_kinds
 
@@ -165,12 +328,22 @@ class Presence:
         if self._fd >= 0:
             os.write(self._fd, f"{DECLARATION} {word}\n".encode())
 
+    def _probe_peer(self) -> PeerState:
+        return probe(self.peer_path, self.trust)
+
     def peer_state(self) -> PeerState:
-        """Probe the peer now; remembers whether it was ever seen alive."""
-        state = probe(self.peer_path)
+        """Probe the peer now; remembers whether it was ever seen alive.
+
+        Raises ChannelUnavailable when the peer's path holds something not trusted (see probe).
+        """
+        state = self._probe_peer()
         if state is PeerState.ALIVE:
             self.peer_seen = True
         return state
+
+    def peer_declares(self, word: str) -> bool:
+        """True when the peer's presence file (alive or left behind, and trusted) declares `word`."""
+        return declares(self.peer_path, word, self.trust)
 
     def peer_lost(self) -> bool:
         """True when the peer was seen alive before and is no longer."""
@@ -200,12 +373,46 @@ class Presence:
             peer = ROLES[1 - ROLES.index(self.role)]
             raise PeerGone(f"the {peer} of {what} is gone (it died or closed without ending the stream)")
 
-    def close(self) -> None:
-        """Leave: remove the file, then drop the lock. Idempotent."""
+    def watch(self, on_lost: Callable[[], None], tracker: PeerTracker | None = None) -> None:
+        """Have the process's peer-death monitor call `on_lost()` once when the peer is lost.
+
+        Lost: the peer was there (seen alive, or came and died between two probes) and is not
+        any more: it died, left without this side knowing why (the transport decides whether a
+        clean end explains it), or was replaced by another holder, or its path now holds
+        something we do not trust. Seen within about WATCH_INTERVAL_SECONDS.
+
+        `on_lost` runs on the monitor thread: it must be quick and never block (set the
+        endpoint's state, wake its waker); an exception it raises is dropped. `tracker`: the
+        PeerTracker whose notion of "our peer" to use (default: a new one, taking the peer
+        there now, or the first to come, as ours). Watching again replaces the callback.
+        No thread runs, and nothing is probed, while no presence of the process is watched.
+        Raises ChannelUnavailable when the peer's path holds something not trusted.
+        """
         if self._fd < 0:
             return
-        _unlink_quietly(self.path)
-        os.close(self._fd)
+        self.unwatch()
+        self._watch = _MONITOR.add(tracker or PeerTracker(self), on_lost)
+
+    def unwatch(self) -> None:
+        """Stop watching the peer; once this returns, `on_lost` is not running and will not be called. Idempotent.
+
+        (Called from `on_lost` itself, it returns at once.)
+        """
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            _MONITOR.remove(watch)
+
+    def close(self) -> None:
+        """Leave: stop watching, remove the file, then drop the lock. Idempotent.
+
+        In a forked child it does nothing: the file and lock are the parent's.
+        """
+        self.unwatch()
+        if self._fd < 0:
+            return
+        if _identity_of(self._fd) == file_identity(self.path):
+            _unlink_quietly(self.path)
+        _release(self._fd)
         self._fd = -1
 
     def leave(self, clean: bool, peer_file_is_evidence: Callable[[], bool]) -> None:
@@ -215,15 +422,15 @@ class Presence:
         stale object (`peer_file_is_evidence()`, e.g. the dead consumer's queue still exists).
         """
         try:
-            peer = probe(self.peer_path)
-        except ChannelUnavailable:  # the peer's file is another user's: we cannot tell, so leave cleanly
+            peer = self._probe_peer()
+        except ChannelUnavailable:  # the peer's file is not one we trust: we cannot tell, so leave cleanly
             peer = PeerState.ABSENT
         if clean or peer is not PeerState.ALIVE:
             self.close()
         else:
             self.abandon()
         if peer is PeerState.GONE and not peer_file_is_evidence():
-            remove_if_gone(self.peer_path)
+            remove_if_gone(self.peer_path, self.trust)
 
     def abandon(self) -> None:
         """Leave as a crash would: drop the lock but keep the file, so the peer sees GONE. Idempotent.
@@ -232,18 +439,36 @@ class Presence:
         and went (a clean close() looks ABSENT, like never having come). The peer removes
         the file with remove_if_gone() when it finishes.
         """
+        self.unwatch()
         if self._fd < 0:
             return
-        os.close(self._fd)
+        _release(self._fd)
         self._fd = -1
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: hold nothing of the parent's (its descriptor is closed by the fork hook)."""
+        self._fd = -1
+        self._watch = None
+
+
+def _header(channel: str | None) -> bytes:
+    header = f"{os.getpid()} {socket.gethostname()} {secrets.token_hex(8)}\n"
+    if channel is not None and "\n" not in channel:
+        header += f"{CHANNEL} {channel}\n"
+    return header.encode()
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of a file, or None when it is not there."""
+    """(device, inode) of the file at `path` itself (a link is not followed), or None when nothing is there."""
     try:
-        status = os.stat(path)
+        status = os.lstat(path)
     except OSError:
         return None
+    return status.st_dev, status.st_ino
+
+
+def _identity_of(fd: int) -> tuple[int, int]:
+    status = os.fstat(fd)
     return status.st_dev, status.st_ino
 
 
@@ -252,15 +477,16 @@ class PeerTracker:
 
     Presence.peer_lost() needs the peer to have been seen alive, but a fast peer can come,
     send and die between two probes. A GONE file that is not the stale one found at open
-    (a different inode) is a peer that came and died, seen or not; an ALIVE file with
-    another inode than the one first seen is a new peer that replaced ours.
+    (another holder's: see probe_identity) is a peer that came and died, seen or not; an
+    ALIVE file of another holder than the one first seen is a new peer that replaced ours.
     """
 
     def __init__(self, presence: Presence) -> None:
         self.presence = presence
-        self.alive: tuple[int, int] | None = None
+        self.alive: Identity | None = None
         self.state = PeerState.ABSENT
-        self.stale = file_identity(presence.peer_path) if probe(presence.peer_path) is PeerState.GONE else None
+        state, identity = probe_identity(presence.peer_path, presence.trust)
+        self.stale = identity if state is PeerState.GONE else None
         self.lost()
 
     def attach(self) -> None:
@@ -269,37 +495,58 @@ class PeerTracker:
         self.lost()
 
     def lost(self) -> bool:
-        """Probe now: True when the peer was there and no longer is (died, left without ending, replaced)."""
-        state = self.state = self.presence.peer_state()
+        """Probe now: True when the peer was there and no longer is (died, left without ending, replaced).
+
+        Raises ChannelUnavailable when the peer's path holds something not trusted.
+        """
+        state, identity = probe_identity(self.presence.peer_path, self.presence.trust)
+        self.state = state
         if state is PeerState.ALIVE:
-            identity = file_identity(self.presence.peer_path)
+            self.presence.peer_seen = True
             if self.alive is None:
                 self.alive = identity
             return identity != self.alive
         if self.presence.peer_seen:
             return True
-        return state is PeerState.GONE and file_identity(self.presence.peer_path) != self.stale
+        return state is PeerState.GONE and identity != self.stale
 
 
-def declares(path: str, word: str) -> bool:
-    """True when the presence file at `path` (alive or left behind) declares `word`."""
+def read_record(path: str, trust: Trust | None = None) -> list[str]:
+    """The lines of a presence file (alive or left behind); [] when there is none or it cannot be trusted."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as record:
-            return f"{DECLARATION} {word}" in record.read().splitlines()
+        fd = open_presence(path, trust)
+    except ChannelUnavailable:
+        return []
+    if fd is None:
+        return []
+    try:
+        return os.read(fd, RECORD_LIMIT_BYTES).decode("utf-8", "replace").splitlines()
     except OSError:
+        return []
+    finally:
+        os.close(fd)
+
+
+def declares(path: str, word: str, trust: Trust | None = None) -> bool:
+    """True when the presence file at `path` (alive or left behind, and trusted: see open_presence) declares `word`."""
+    return f"{DECLARATION} {word}" in read_record(path, trust)
+
+
+def remove_if_gone(path: str, trust: Trust | None = None) -> bool:
+    """Remove a presence file whose holder is gone (died or abandoned it); never a held one. True if removed.
+
+    Never removes what is not a trusted presence file (see open_presence), nor a file a new
+    holder linked in meanwhile.
+    """
+    try:
+        fd = open_presence(path, trust)
+    except ChannelUnavailable:
         return False
-
-
-def remove_if_gone(path: str) -> bool:
-    """Remove a presence file whose holder is gone (died or abandoned it); never a held one. True if removed."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    if fd is None:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # still the file we locked (no new holder renamed its own over it)?
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+        if _identity_of(fd) != file_identity(path):
             return False
         os.unlink(path)
     except OSError:
@@ -312,3 +559,129 @@ def remove_if_gone(path: str) -> bool:
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+# --- fork: a child holds nothing of its parent's presences ---------------------
+
+_held_descriptors: set[int] = set()
+"""Every presence descriptor this process holds (claimed, or being claimed)."""
+_live_presences: weakref.WeakSet[Presence] = weakref.WeakSet()
+
+
+def _release(fd: int) -> None:
+    _held_descriptors.discard(fd)
+    os.close(fd)
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: close the parent's presence descriptors, so only the parent keeps its locks."""
+    for presence in list(_live_presences):
+        presence._forget_after_fork()
+    for fd in list(_held_descriptors):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_descriptors.clear()
+    _MONITOR.forget_after_fork()
+
+
+# --- the peer-death monitor ----------------------------------------------------
+
+
+class _Watch:
+    """One watched peer: its tracker and the callback due once on its loss."""
+
+    __slots__ = ("active", "on_lost", "tracker")
+
+    def __init__(self, tracker: PeerTracker, on_lost: Callable[[], None]) -> None:
+        self.tracker = tracker
+        self.on_lost = on_lost
+        self.active = True
+
+    def lost(self) -> bool:
+        try:
+            return self.tracker.lost()
+        except Exception:  # the peer's path now holds something not ours (or vanished oddly): our peer is gone
+            return True
+
+    def fire(self) -> None:
+        with contextlib.suppress(Exception):  # one endpoint's failing callback must not stop the others' watch
+            self.on_lost()
+
+
+class _PeerMonitor:
+    """The one thread per process that probes the peers of watched presences."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        """Guards _watches and _thread."""
+        self._dispatch = threading.Lock()
+        """Held while a watch is probed and its callback runs, so unwatch() can wait for it."""
+        self._watches: list[_Watch] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, tracker: PeerTracker, on_lost: Callable[[], None]) -> _Watch:
+        watch = _Watch(tracker, on_lost)
+        with self._lock:
+            self._watches.append(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=MONITOR_THREAD_NAME, daemon=True)
+                self._thread.start()
+        return watch
+
+    def remove(self, watch: _Watch) -> None:
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._watches.remove(watch)
+            monitor = self._thread
+        if threading.current_thread() is monitor:
+            watch.active = False  # from a callback: the dispatch lock is ours already
+            return
+        with self._dispatch:
+            watch.active = False
+
+    def running(self) -> bool:
+        """True while the monitor thread runs (some presence is watched, or was until an instant ago)."""
+        with self._lock:
+            return self._thread is not None
+
+    def _run(self) -> None:
+        try:
+            while self._sweep():
+                time.sleep(WATCH_INTERVAL_SECONDS)
+        except BaseException:  # interpreter shutdown tearing modules down under a daemon thread
+            return
+
+    def _sweep(self) -> bool:
+        """Probe every watched peer once; False (and the thread ends) when nothing is watched."""
+        with self._lock:
+            watches = list(self._watches)
+            if not watches:
+                self._thread = None
+                return False
+        for watch in watches:
+            with self._dispatch:
+                if not watch.active or not watch.lost():
+                    continue
+                watch.active = False
+                with self._lock, contextlib.suppress(ValueError):
+                    self._watches.remove(watch)
+                watch.fire()
+        return True
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: no thread, nothing watched, fresh locks (the parent's may have been held)."""
+        self._reset()
+
+
+_MONITOR = _PeerMonitor()
+
+
+def monitor_running() -> bool:
+    """True while this process's peer-death monitor thread runs (for tests and diagnostics)."""
+    return _MONITOR.running()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

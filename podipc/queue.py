@@ -65,6 +65,7 @@ from typing import Any, ClassVar
 from podipc.address import Address
 from podipc.channel import Consumer, Producer
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout, Timeout
+from podipc.ownership import Trust
 from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
 
 LIVENESS_SLICE_SECONDS = 0.25
@@ -317,13 +318,15 @@ class QueueConsumer(Consumer):
         """Check limits, create the queue, then claim the consumer's presence."""
         capacity, self.max_message_size = self._limits()
         mode = int(self.settings["mode"])
-        if probe(presence_path(token, "consumer")) is PeerState.ALIVE:
+        if probe(presence_path(token, "consumer"), Trust.for_mode(mode)) is PeerState.ALIVE:
             raise ChannelUnavailable(
                 f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer"
             )
         queue = self._open_queue(token, capacity, mode)
         try:
-            self._presence = Presence(token, "consumer", mode, handover_wait=float(self.settings["wait"]))
+            self._presence = Presence(
+                token, "consumer", mode, handover_wait=float(self.settings["wait"]), channel=self.address.location
+            )
             self._presence.record(*self._object_record())
             self._peer = PeerTracker(self._presence)
         except BaseException:
@@ -333,7 +336,8 @@ class QueueConsumer(Consumer):
 
     def _open_queue(self, token: str, capacity: int, mode: int) -> Any:
         """Create the queue, first removing one left behind by a run whose side died."""
-        states = (probe(presence_path(token, "producer")), probe(presence_path(token, "consumer")))
+        trust = Trust.for_mode(mode)
+        states = (probe(presence_path(token, "producer"), trust), probe(presence_path(token, "consumer"), trust))
         if PeerState.GONE in states and self._remove_stale():
             self.recovered = True
         queue = self._create_queue(capacity, mode)

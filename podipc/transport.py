@@ -36,7 +36,9 @@ from podipc.errors import AddressError, ChannelUnavailable
 from podipc.tables import markdown_table, size_label
 
 if TYPE_CHECKING:
+    from podipc.address import Address
     from podipc.channel import Consumer, Option, Producer
+    from podipc.ownership import Owner
 
 TRANSPORTS_PACKAGE = "podipc.transports"
 DESCRIPTOR_NAME = "TRANSPORT"
@@ -168,17 +170,32 @@ class ObjectKind:
     remover: str
     """'module:function' taking the recorded name; raises FileNotFoundError (or the IPC package's
     ExistentialError) when the object is already gone. Imported only when something is removed."""
+    owner: str = ""
+    """'module:function' taking the recorded name and returning its podipc.ownership.Owner, None when
+    it is gone (podipc clean removes only objects still ours). '': a file, which clean itself lstats."""
 
     def remove(self, name: str) -> None:
         """Remove one object of this kind by its recorded name."""
         module_name, _, attribute = self.remover.partition(":")
         getattr(importlib.import_module(module_name), attribute)(name)
 
+    def owner_of(self, name: str) -> Owner | None:
+        """Who owns the object of this kind named `name` now (None: it is gone); raises OSError or the
+        IPC package's error when it cannot be told (e.g. we may not open it)."""
+        module_name, _, attribute = self.owner.partition(":")
+        owner: Owner | None = getattr(importlib.import_module(module_name), attribute)(name)
+        return owner
+
 
 def remove_path(path: str) -> None:
     """Remove a file (a socket file, a presence file, a temporary); a directory is left alone."""
     with contextlib.suppress(IsADirectoryError):
         os.unlink(path)
+
+
+def no_objects(address: Address) -> tuple[tuple[str, str], ...]:
+    """The channel_objects of a transport that creates none."""
+    return ()
 
 
 PATH_OBJECT = ObjectKind("path", "file", "podipc.transport:remove_path")
@@ -254,6 +271,9 @@ class Transport:
     """The change that makes it usable when `availability` reports a problem."""
     objects: tuple[ObjectKind, ...] = ()
     """What it creates that a SIGKILLed side leaves behind, and how `podipc clean` removes it."""
+    channel_objects: Callable[[Address], tuple[tuple[str, str], ...]] = no_objects
+    """The (kind, name) of every object a side of the channel at this address creates (kinds from
+    `objects`): all that `podipc clean` may remove for that channel, whatever a record names."""
     temporaries: Temporaries | None = None
     requires: tuple[Requirement, ...] = ()
     kernel: KernelFacility | None = None

@@ -63,6 +63,7 @@ import posix_ipc
 from podipc.address import Address
 from podipc.channel import Option, parse_count, parse_size, remaining
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, Timeout
+from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
 from podipc.transport import (
@@ -369,6 +370,18 @@ def remove_leftover_queue(name: str) -> None:
     posix_ipc.unlink_message_queue(name)
 
 
+def leftover_queue_owner(name: str) -> Owner | None:
+    """Who owns the queue `name` (podipc clean), None when there is none; PermissionsError when we may not open it."""
+    try:
+        queue = posix_ipc.MessageQueue(name)
+    except posix_ipc.ExistentialError:
+        return None
+    try:
+        return Owner.of_status(os.fstat(queue.mqd))
+    finally:
+        queue.close()
+
+
 TRANSPORT = Transport(
     name="posix_mq",
     title="POSIX message queue",
@@ -383,7 +396,15 @@ TRANSPORT = Transport(
     capabilities=frozenset({Capability.PRESENCE_FILES}),
     availability=availability,
     unusable_fix=f"{MQUEUE_FIX}; check fs.mqueue.queues_max and RLIMIT_MSGQUEUE against the queues in use",
-    objects=(ObjectKind("posix_mq", "POSIX message queue", "podipc.transports.posix_mq:remove_leftover_queue"),),
+    objects=(
+        ObjectKind(
+            "posix_mq",
+            "POSIX message queue",
+            "podipc.transports.posix_mq:remove_leftover_queue",
+            "podipc.transports.posix_mq:leftover_queue_owner",
+        ),
+    ),
+    channel_objects=lambda address: (("posix_mq", queue_name(address)),),
     kernel=KernelFacility("POSIX message queues", MSGSIZE_MAX_PATH, "CONFIG_POSIX_MQUEUE"),
     resource_limits=(ResourceLimit("RLIMIT_MSGQUEUE", full_queue, ULIMIT_FIX),),
     rank=40,

@@ -70,6 +70,7 @@ import sysv_ipc
 from podipc.address import Address
 from podipc.channel import Option, parse_size
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError, Timeout
+from podipc.ownership import Owner
 from podipc.presence import PeerState, PeerTracker
 from podipc.proc import read_int_or
 from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
@@ -522,6 +523,15 @@ def remove_leftover_queue(key: str) -> None:
     sysv_ipc.MessageQueue(int(key)).remove()
 
 
+def leftover_queue_owner(key: str) -> Owner | None:
+    """Who owns and who created the queue of decimal `key` (podipc clean), None when there is none."""
+    try:
+        queue = sysv_ipc.MessageQueue(int(key))
+    except sysv_ipc.ExistentialError:
+        return None
+    return Owner(queue.uid, queue.gid, queue.mode & 0o777, creator=queue.cuid)
+
+
 TRANSPORT = Transport(
     name="sysv_mq",
     title="SysV message queue",
@@ -536,7 +546,15 @@ TRANSPORT = Transport(
     capabilities=frozenset({Capability.PRESENCE_FILES}),
     availability=availability,
     unusable_fix=f"{SYSCTL_FIX}; check kernel.msgmni against the queues in use",
-    objects=(ObjectKind("sysv_mq", "SysV message queue", "podipc.transports.sysv_mq:remove_leftover_queue"),),
+    objects=(
+        ObjectKind(
+            "sysv_mq",
+            "SysV message queue",
+            "podipc.transports.sysv_mq:remove_leftover_queue",
+            "podipc.transports.sysv_mq:leftover_queue_owner",
+        ),
+    ),
+    channel_objects=lambda address: (("sysv_mq", str(address.key)),),
     kernel=KernelFacility("SysV message queues", MSGMAX_PATH, "CONFIG_SYSVIPC"),
     rank=50,
 )

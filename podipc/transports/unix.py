@@ -136,7 +136,9 @@ class UnixConsumer(StreamConsumer):
     def _record_for_clean(self, path: str) -> None:
         """Note the socket file in a presence record, so `podipc clean` can remove it should we be killed."""
         try:
-            self._record = Presence(self.address.token, "consumer", int(self.settings["mode"]))
+            self._record = Presence(
+                self.address.token, "consumer", int(self.settings["mode"]), channel=self.address.location
+            )
         except ChannelUnavailable:
             return  # no writable /dev/shm: the file is still replaced as stale by the next consumer
         self._record.record("path", path)
@@ -252,5 +254,6 @@ TRANSPORT = Transport(
     availability=availability,
     unusable_fix="the container cannot create Unix sockets (a seccomp profile?): allow socket(AF_UNIX)",
     objects=(PATH_OBJECT,),
+    channel_objects=lambda address: () if address.abstract else (("path", address.path),),
     rank=30,
 )

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
-from podipc.presence import PeerState, Presence, presence_path, probe
+from podipc.presence import (
+    MONITOR_THREAD_NAME,
+    PeerState,
+    PeerTracker,
+    Presence,
+    declares,
+    monitor_running,
+    presence_path,
+    probe,
+    remove_if_gone,
+)
 
 
 def hold_presence(directory: str, ready: multiprocessing.synchronize.Event) -> None:
@@ -55,7 +71,7 @@ def test_a_second_holder_of_the_same_role_is_refused(tmp_path: pytest.TempPathFa
 
 def test_a_stale_file_of_a_dead_holder_is_taken_over(tmp_path: pytest.TempPathFactory) -> None:
     path = presence_path("token", "producer", str(tmp_path))
-    with open(path, "w") as stale:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as stale:
         stale.write("123 gone\n")
     assert probe(path) is PeerState.GONE
     producer = Presence("token", "producer", directory=str(tmp_path))
@@ -147,3 +163,289 @@ def test_leaving_cleanly_removes_our_file_and_an_abort_while_the_peer_lives_aban
     assert consumer.peer_state() is PeerState.GONE  # the peer learns we came and went
     consumer.leave(clean=True, peer_file_is_evidence=lambda: False)
     assert os.listdir(tmp_path) == []  # our file, and the GONE one that is no evidence
+
+
+# --- an atomic claim: at most one holder, however many start at once ---------------------
+
+CLAIMERS = 30
+
+
+def claim_at_once(directory: str, start: Any, results: Any, stop: Any) -> None:
+    """Wait for the start signal, claim the producer role, report the outcome, hold it until told to stop."""
+    start.wait()
+    try:
+        presence = Presence("token", "producer", directory=directory)
+    except ChannelUnavailable as error:
+        results.put(("refused", str(error)))
+        return
+    except BaseException as error:  # a traceback would be a defect
+        results.put(("crashed", repr(error)))
+        return
+    results.put(("holder", os.getpid()))
+    stop.wait(60)
+    presence.close()
+
+
+def race_claims(directory: str) -> list[tuple[str, object]]:
+    """Start CLAIMERS processes, release them at the same instant, and collect what each got."""
+    context = multiprocessing.get_context("fork")
+    start, stop, results = context.Event(), context.Event(), context.Queue()
+    claimers = [context.Process(target=claim_at_once, args=(directory, start, results, stop)) for _ in range(CLAIMERS)]
+    for claimer in claimers:
+        claimer.start()
+    time.sleep(0.2)  # all of them blocked on the start event
+    start.set()
+    outcomes = [results.get(timeout=30) for _ in claimers]
+    stop.set()
+    for claimer in claimers:
+        claimer.join(10)
+    return outcomes
+
+
+@pytest.mark.parametrize("before", ["nothing", "a dead holder's file"])
+def test_thirty_simultaneous_claims_give_exactly_one_holder(tmp_path: Path, before: str) -> None:
+    directory = str(tmp_path)
+    for _ in range(3):
+        if before != "nothing":
+            Presence("token", "producer", directory=directory).abandon()
+        outcomes = race_claims(directory)
+        holders = [outcome for outcome in outcomes if outcome[0] == "holder"]
+        refused = [outcome for outcome in outcomes if outcome[0] == "refused"]
+        assert len(holders) == 1, outcomes
+        assert len(refused) == CLAIMERS - 1, outcomes
+        assert all("another producer is attached" in str(message) for _, message in refused), refused
+        assert not [name for name in os.listdir(directory) if name.endswith(".tmp")]
+        assert probe(presence_path("token", "producer", directory)) is PeerState.ABSENT  # the holder left cleanly
+
+
+# --- hostile things at a presence path: one-line ChannelUnavailable, never a hang -------------
+
+
+def plant(kind: str, path: str, directory: Path) -> None:
+    """Put a FIFO, a symlink, a directory or a world-readable file where a presence file belongs."""
+    if kind == "fifo":
+        os.mkfifo(path, 0o666)
+    elif kind == "symlink":
+        target = directory / "target"
+        target.write_text("x")
+        os.symlink(target, path)
+    elif kind == "directory":
+        os.mkdir(path)
+    else:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644), "w") as handle:
+            handle.write("1 evil\n")
+        os.chmod(path, 0o644)
+        os.chown(path, OTHER_UID, OTHER_UID)
+
+
+OTHER_UID = 4243  # no account needed: root may chown to any id
+HOSTILE = [
+    "fifo",
+    "symlink",
+    "directory",
+    pytest.param(
+        "another user's file",
+        marks=pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root"),
+    ),
+]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_something_hostile_at_our_path_refuses_the_claim_in_one_line(tmp_path: Path, kind: str) -> None:
+    path = presence_path("token", "consumer", str(tmp_path))
+    plant(kind, path, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ChannelUnavailable) as caught:
+        Presence("token", "consumer", directory=str(tmp_path), handover_wait=2)
+    assert time.monotonic() - started < 2
+    message = str(caught.value)
+    assert "\n" not in message and path in message and "owner uid" in message
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_something_hostile_at_the_peers_path_is_reported_by_every_probe(tmp_path: Path, kind: str) -> None:
+    directory = str(tmp_path)
+    consumer = Presence("token", "consumer", directory=directory)
+    plant(kind, consumer.peer_path, tmp_path)
+    for attempt in (consumer.peer_state, lambda: probe(consumer.peer_path), lambda: PeerTracker(consumer)):
+        with pytest.raises(ChannelUnavailable, match="owner uid"):
+            attempt()
+    assert declares(consumer.peer_path, "anything") is False
+    assert remove_if_gone(consumer.peer_path) is False
+    assert os.path.lexists(consumer.peer_path)
+    consumer.leave(clean=True, peer_file_is_evidence=lambda: False)  # leaving never fails on it
+    assert not os.path.exists(consumer.path)
+
+
+def test_a_presence_file_shared_with_mode_0660_is_trusted_by_a_side_that_shares_the_group(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    producer = Presence("token", "producer", mode=0o660, directory=directory)
+    consumer = Presence("token", "consumer", mode=0o660, directory=directory)
+    assert consumer.peer_state() is PeerState.ALIVE and producer.peer_state() is PeerState.ALIVE
+    producer.close()
+    consumer.close()
+
+
+def test_the_record_names_the_channel_for_clean(tmp_path: Path) -> None:
+    presence = Presence("token", "consumer", directory=str(tmp_path), channel="mq:///jobs")
+    presence.record("posix_mq", "/jobs")
+    with open(presence.path) as record:
+        assert record.read().splitlines()[1:] == ["channel mq:///jobs", "posix_mq /jobs"]
+    presence.close()
+
+
+# --- fork: a child never keeps its parent's liveness ---------------------------------------
+
+
+def fork_then_wait(directory: str, ready: Any, grandchild: Any) -> None:
+    """Claim the producer role, fork a long-lived child, and wait to be killed."""
+    presence = Presence("token", "producer", directory=directory)
+    child = os.fork()
+    if child == 0:
+        assert presence.inherited
+        presence.close()  # in the child: frees nothing of the parent's
+        time.sleep(60)
+        os._exit(0)
+    grandchild.value = child
+    time.sleep(0.2)  # let the child's close() run: it must not have removed the file
+    ready.set()
+    signal.pause()
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_presence_alive(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    context = multiprocessing.get_context("fork")
+    ready, grandchild = context.Event(), context.Value("i", 0)
+    parent = context.Process(target=fork_then_wait, args=(directory, ready, grandchild))
+    parent.start()
+    consumer = Presence("token", "consumer", directory=directory)
+    try:
+        assert ready.wait(10)
+        assert consumer.peer_state() is PeerState.ALIVE  # the child's close() left the parent's file alone
+        lost = threading.Event()
+        consumer.watch(lost.set)
+        os.kill(parent.pid or 0, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert lost.wait(2), "the parent's death went unseen while its child lives"
+        assert time.monotonic() - killed_at < 2
+        assert consumer.peer_state() is PeerState.GONE
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild.value, signal.SIGKILL)
+        parent.join(5)
+        consumer.close()
+
+
+# --- the peer-death monitor ----------------------------------------------------------------
+
+
+def monitor_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == MONITOR_THREAD_NAME]
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def hold_until_killed(directory: str, ready: Any) -> None:
+    Presence("token", "producer", directory=directory)
+    ready.set()
+    signal.pause()
+
+
+def test_the_watch_calls_back_once_within_two_seconds_of_a_peer_killed(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    holder = context.Process(target=hold_until_killed, args=(directory, ready))
+    holder.start()
+    assert ready.wait(10)
+    consumer = Presence("token", "consumer", directory=directory)
+    calls: list[float] = []
+    consumer.watch(lambda: calls.append(time.monotonic()))
+    assert monitor_threads()
+    time.sleep(0.5)
+    assert calls == []  # alive: no call
+    os.kill(holder.pid or 0, signal.SIGKILL)
+    killed_at = time.monotonic()
+    holder.join()
+    assert wait_for(lambda: bool(calls), 2)
+    assert calls[0] - killed_at < 2
+    time.sleep(0.5)
+    assert len(calls) == 1  # once
+    assert wait_for(lambda: not monitor_threads(), 2), "the monitor keeps running with nothing to watch"
+    consumer.close()
+
+
+def test_a_peer_replaced_or_come_and_gone_between_probes_is_a_loss(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    consumer = Presence("token", "consumer", directory=directory)
+    replaced, came_and_went = threading.Event(), threading.Event()
+    first = Presence("token", "producer", directory=directory)
+    consumer.watch(replaced.set)
+    time.sleep(0.3)
+    first.abandon()
+    remove_if_gone(first.path)
+    second = Presence("token", "producer", directory=directory)
+    assert replaced.wait(2)
+    second.close()
+    consumer.watch(came_and_went.set)  # watching anew: nobody there yet
+    quick = Presence("token", "producer", directory=directory)
+    quick.abandon()  # came and died before the monitor ever probed it alive
+    assert came_and_went.wait(2)
+    consumer.close()
+
+
+def test_unwatch_stops_the_calls_and_a_failing_callback_stops_nobody_elses(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    producer = Presence("token", "producer", directory=directory)
+    consumer = Presence("token", "consumer", directory=directory)
+    other_producer = Presence("other", "producer", directory=directory)
+    other_consumer = Presence("other", "consumer", directory=directory)
+    unwatched: list[int] = []
+    consumer.watch(lambda: unwatched.append(1))
+    consumer.unwatch()
+    consumer.unwatch()
+
+    def fail() -> None:
+        raise RuntimeError("a transport's bug")
+
+    seen = threading.Event()
+    producer.watch(fail)
+    other_consumer.watch(seen.set)
+    consumer.close()  # producer's peer leaves: its callback raises
+    time.sleep(0.5)
+    other_producer.abandon()
+    assert seen.wait(2), "one failing callback stopped the monitor"
+    assert unwatched == []
+    producer.close()
+    other_consumer.close()
+    assert wait_for(lambda: not monitor_threads(), 2)
+
+
+def test_no_monitor_thread_runs_until_something_is_watched_nor_in_a_forked_child(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    producer = Presence("token", "producer", directory=directory)
+    consumer = Presence("token", "consumer", directory=directory)
+    assert wait_for(lambda: not monitor_threads(), 2)
+    consumer.watch(lambda: None)
+    assert monitor_running()
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        threads = len(monitor_threads()) + (1 if monitor_running() else 0)
+        os.write(writer, bytes([threads]))
+        os._exit(0)
+    os.close(writer)
+    assert os.read(reader, 1) == b"\x00"
+    os.close(reader)
+    os.waitpid(child, 0)
+    consumer.close()
+    producer.close()
+    assert wait_for(lambda: not monitor_running() and not monitor_threads(), 2)

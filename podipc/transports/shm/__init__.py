@@ -93,7 +93,7 @@ from podipc.transports.shm.options import (
     default_max_message_size,
     host_max_message_size,
 )
-from podipc.transports.shm.segment import SHM_DIRECTORY, availability_for, free_bytes, segment_path
+from podipc.transports.shm.segment import SHM_DIRECTORY, availability_for, channel_objects, free_bytes, segment_path
 
 TRANSPORT = Transport(
     name="shm",
@@ -117,9 +117,20 @@ TRANSPORT = Transport(
     availability=availability,
     unusable_fix=f"{DEV_SHM_FIX}; or open both sides with a smaller capacity= that fits /dev/shm",
     objects=(
-        ObjectKind("posix_shm", "POSIX shared-memory segment", "podipc.transports.shm.segment:remove_leftover_segment"),
-        ObjectKind("posix_sem", "POSIX named semaphore", "podipc.transports.shm.segment:remove_leftover_semaphore"),
+        ObjectKind(
+            "posix_shm",
+            "POSIX shared-memory segment",
+            "podipc.transports.shm.segment:remove_leftover_segment",
+            "podipc.transports.shm.segment:leftover_segment_owner",
+        ),
+        ObjectKind(
+            "posix_sem",
+            "POSIX named semaphore",
+            "podipc.transports.shm.segment:remove_leftover_semaphore",
+            "podipc.transports.shm.segment:leftover_semaphore_owner",
+        ),
     ),
+    channel_objects=channel_objects,
     rank=60,
 )
 

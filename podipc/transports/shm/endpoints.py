@@ -176,7 +176,13 @@ class ShmConsumer(_RingSide, Consumer):
             self._closed = True
             raise ChannelUnavailable(f"{address.location}: {problem}")
         try:
-            self._presence = Presence(address.token, "consumer", self.mode, handover_wait=float(self.settings["wait"]))
+            self._presence = Presence(
+                address.token,
+                "consumer",
+                self.mode,
+                handover_wait=float(self.settings["wait"]),
+                channel=address.location,
+            )
             self._presence.record("posix_shm", "/" + address.name)
             for semaphore_name in semaphore_names(address.name):
                 self._presence.record("posix_sem", semaphore_name)
@@ -270,5 +276,5 @@ class ShmConsumer(_RingSide, Consumer):
             segment.close()
         if presence is not None:
             Segment.unlink_semaphores(self.address.name)
-            remove_if_gone(presence.peer_path)  # left by a killed producer; nobody else would remove it
+            remove_if_gone(presence.peer_path, presence.trust)  # left by a killed producer; nobody else would remove it
             presence.close()

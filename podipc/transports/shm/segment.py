@@ -22,6 +22,7 @@ import posix_ipc
 
 from podipc.address import Address
 from podipc.errors import AddressError, ChannelUnavailable, PeerGone, PeerTimeout, ProtocolError
+from podipc.ownership import Owner
 from podipc.presence import PROBE_INTERVAL_SECONDS
 from podipc.transport import DEV_SHM_FIX
 from podipc.transports.shm.layout import HEADER_SIZE, RingHeader, decode_header, encode_header, segment_size
@@ -79,6 +80,28 @@ def remove_leftover_segment(name: str) -> None:
 def remove_leftover_semaphore(name: str) -> None:
     """Unlink a wake-up semaphore a killed consumer left (podipc clean; raises if gone)."""
     posix_ipc.unlink_semaphore(name)
+
+
+def leftover_segment_owner(name: str) -> Owner | None:
+    """Who owns the ring segment of shm_open name `name` (podipc clean), None when there is none."""
+    return _owner_of_file(segment_path(name.lstrip("/")))
+
+
+def leftover_semaphore_owner(name: str) -> Owner | None:
+    """Who owns the named semaphore `name` (podipc clean; Linux keeps it as /dev/shm/sem.NAME), None when none."""
+    return _owner_of_file(os.path.join(SHM_DIRECTORY, "sem." + name.lstrip("/")))
+
+
+def _owner_of_file(path: str) -> Owner | None:
+    try:
+        return Owner.of_status(os.lstat(path))
+    except FileNotFoundError:
+        return None
+
+
+def channel_objects(address: Address) -> tuple[tuple[str, str], ...]:
+    """The segment and the two semaphores a ring's consumer creates (podipc clean)."""
+    return (("posix_shm", "/" + address.name), *(("posix_sem", name) for name in semaphore_names(address.name)))
 
 
 class Mapping:

@@ -217,7 +217,7 @@ class SpoolConsumer(SpoolSide, Consumer):
             if (
                 parsed.kind == "presence"
                 and name.endswith(".tmp")
-                and probe(os.path.join(self.path, name)) is PeerState.GONE
+                and probe(os.path.join(self.path, name), self._presence.trust) is PeerState.GONE
             ):
                 remove_quietly(name, dir_fd)  # a claim cut short by a kill: nobody holds its lock
             if parsed.kind in ("message", "malformed"):

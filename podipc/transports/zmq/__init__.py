@@ -61,6 +61,7 @@ TRANSPORT = Transport(
     availability=availability,
     unusable_fix="install a pyzmq built with a libzmq that has the ipc transport, or use zmq+tcp://",
     objects=(PATH_OBJECT,),
+    channel_objects=lambda address: (("path", address.path),) if address.scheme == "zmq+ipc" else (),
     requires=(Requirement(module="zmq", distribution="pyzmq", extra="zmq"),),
     rank=80,
 )

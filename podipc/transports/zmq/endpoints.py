@@ -70,7 +70,7 @@ import zmq
 from podipc.address import Address
 from podipc.channel import Consumer, Option, Producer
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError, Timeout
-from podipc.presence import PeerState, PeerTracker, Presence, declares
+from podipc.presence import PeerState, PeerTracker, Presence
 from podipc.transports.zmq import LIMIT_FIX, LIMIT_SOURCE, OPTIONS
 
 CONTROL_PREFIX = b"podipc"
@@ -123,7 +123,9 @@ class _ZMQEndpoint:
     def _open_socket(self, address: Address, settings: Mapping[str, Any], role: str) -> None:
         self._what = address.location
         self._socket_file = ""
-        self._presence = Presence(address.token, role, settings["mode"], handover_wait=float(settings["wait"]))
+        self._presence = Presence(
+            address.token, role, settings["mode"], handover_wait=float(settings["wait"]), channel=address.location
+        )
         try:
             self._context = SHARED_CONTEXT.acquire()
         except BaseException:
@@ -485,7 +487,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         zmq reconnected the producer of a consumer that died (restarted at once) to this one.
         """
         self._presence.peer_state()
-        if _starts_streams(self._presence.peer_path):
+        if self._presence.peer_declares(STARTS_STREAMS):
             raise PeerGone(
                 f"{self._what}: this consumer joined a stream under way (the producer's first message to it was "
                 "not the start of stream): the consumer the stream began with died, what it held is lost, and "
@@ -577,11 +579,6 @@ def _check_stale_socket_file(path: str) -> None:
     finally:
         probe.close()
     raise ChannelUnavailable(f"{path} is a live socket of another process; a channel has one consumer")
-
-
-def _starts_streams(presence_path: str) -> bool:
-    """True when a producer's presence file (alive or left by a killed one) is a podipc producer's."""
-    return declares(presence_path, STARTS_STREAMS)
 
 
 def _unlink_quietly(path: str) -> None:
