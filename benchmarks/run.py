@@ -10,8 +10,11 @@ Writes, in benchmarks/results/:
     bench.md         the same as Markdown: where it ran, targets, latency and throughput
                      (also copied into the "Latest results" section of docs/bench.md)
     bench.png        latency percentiles and throughput per subject and size
-    hot-paths.json   pytest-benchmark figures of framing and in-process send/receive
-    hot-paths.txt    the same as the pytest-benchmark table
+    hot-paths-stats.json  pytest-benchmark statistics of framing and in-process send/receive
+                          (min, median, mean, quartiles, ops, rounds per benchmark; no raw timings)
+    hot-paths.txt         the same as the pytest-benchmark table
+    hot-paths.json        pytest-benchmark's own output with every round's timing (tens of MB):
+                          a local artefact, kept out of git by .gitignore
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def run_bench(quick: bool, duration: float | None = None) -> dict[str, Any]:
     command = [
         sys.executable,
         "-m",
-        "podipc.cli",
+        "podipc",
         "bench",
         "--peers",
         "--format",
@@ -119,8 +122,21 @@ def update_readme(judged: list[dict[str, Any]]) -> None:
     replace_between(README, README_START, README_END, project_targets.markdown(judged, applicable_only=True) + "\n")
 
 
+RAW_HOT_PATHS = RESULTS / "hot-paths.json"
+HOT_PATH_STATISTICS = RESULTS / "hot-paths-stats.json"
+
+
+def write_hot_path_statistics() -> None:
+    """results/hot-paths-stats.json: pytest-benchmark's JSON without the per-round timings and CPU flags."""
+    report = json.loads(RAW_HOT_PATHS.read_text())
+    report["machine_info"].get("cpu", {}).pop("flags", None)
+    for benchmark in report["benchmarks"]:
+        benchmark["stats"].pop("data", None)
+    HOT_PATH_STATISTICS.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def run_hot_paths() -> None:
-    """The pytest-benchmark suite, figures to results/hot-paths.json and .txt."""
+    """The pytest-benchmark suite: raw figures to results/hot-paths.json, statistics and the table beside it."""
     completed = subprocess.run(
         [
             sys.executable,
@@ -133,7 +149,7 @@ def run_hot_paths() -> None:
             "--benchmark-only",
             "--benchmark-max-time=0.5",
             "--benchmark-columns=min,median,mean,ops,rounds",
-            f"--benchmark-json={RESULTS / 'hot-paths.json'}",
+            f"--benchmark-json={RAW_HOT_PATHS}",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -144,6 +160,7 @@ def run_hot_paths() -> None:
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout + completed.stderr)
         raise SystemExit(completed.returncode)
+    write_hot_path_statistics()
 
 
 def main() -> int:
@@ -155,7 +172,7 @@ def main() -> int:
     parser.add_argument(
         "--render-only",
         action="store_true",
-        help="re-render bench.md, bench.png and docs from the existing bench.json (no measuring)",
+        help="re-render bench.md, bench.png, docs and hot-paths-stats.json from the existing results (no measuring)",
     )
     arguments = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -165,6 +182,8 @@ def main() -> int:
     update_docs(report, judged)
     update_readme(judged)
     if arguments.render_only:
+        if RAW_HOT_PATHS.exists():
+            write_hot_path_statistics()
         sys.stdout.write((RESULTS / "bench.md").read_text())
         return 0
     if not arguments.skip_hot_paths:

@@ -66,14 +66,14 @@ python_version_of_base() {
 }
 
 build_wheels() {
-    # Into $1/wheels: podipc's own wheel, then its dependencies for Python $2.
+    # Into $1/wheels: podipc's own wheel, then its dependencies with every extra (podipc[all]) for Python $2.
     local wheels=$1/wheels version=$2 host_version
     mkdir -p "$wheels"
     rm -f "$wheels"/podipc-*.whl
     host_version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     run_quietly "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps "$ROOT" -w "$wheels"
     local project_wheel
-    project_wheel=$(ls "$wheels"/podipc-*.whl)
+    project_wheel="$(ls "$wheels"/podipc-*.whl)[all]"
     # Dependencies already there from an earlier run are reused without asking the index.
     if "$PYTHON" -m pip download --quiet --disable-pip-version-check --no-index --find-links "$wheels" \
         --only-binary=:all: --python-version "$version" -d "$wheels" "$project_wheel" >/dev/null 2>&1; then
@@ -86,16 +86,22 @@ build_wheels() {
         # Another Python than the host's: take the manylinux wheels built for it from the index.
         run_quietly "$PYTHON" -m pip download --quiet --disable-pip-version-check --find-links "$wheels" \
             --only-binary=:all: --python-version "$version" --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             --platform manylinux2010_x86_64 --platform manylinux1_x86_64 -d "$wheels" "$project_wheel"
     fi
+}
+
+project_version() {
+    # The one place the version lives: pyproject.toml's [project] version.
+    "$PYTHON" -c 'import tomllib, sys; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
+        "$ROOT/pyproject.toml"
 }
 
 build_image() {
     local context=$1 digest=$2
     run_quietly podman build --quiet --layers \
         --build-arg BASE_IMAGE="$BASE_IMAGE" \
-        --build-arg VERSION="$("$PYTHON" -c 'import tomllib,sys; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$ROOT/pyproject.toml")" \
+        --build-arg VERSION="$(project_version)" \
         --build-arg REVISION="$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)" \
         --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
         --label "$INPUTS_LABEL=$digest" \

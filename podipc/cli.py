@@ -74,7 +74,17 @@ class ChannelFailure(OneLineError):
 
     def __init__(self, error: PodIPCError) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
-        self.exit_code = exit_code_of(error)
+        self._exit_code = exit_code_of(error)
+
+    # click declares exit_code a ClassVar; ours depends on the error, so it is a property.
+    @property
+    def exit_code(self) -> int:
+        """The documented exit code of the error (see EXIT_CODES)."""
+        return self._exit_code
+
+    @exit_code.setter
+    def exit_code(self, code: int) -> None:
+        self._exit_code = code
 
 
 @contextmanager

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Set up podipc on a fresh Debian 12 machine: Debian packages, a virtualenv in .venv, podipc with its extras.
-# Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "plot,peers"; the tests use "test,plot,peers,dev")
+# Usage: bash scripts/setup.sh [EXTRAS]   (EXTRAS defaults to "all"; the tests use "all,test,dev")
+#
+# Every Python package comes in at the version scripts/constraints.txt pins, so ruff, mypy and
+# pytest answer the same on every machine (its header says how to move the pins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-plot,peers}"
+extras="${1:-all}"
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-packages=(python3-venv python3-dev gcc util-linux iproute2 procps)
+# For the tests: util-linux (unshare, nsenter, ipcs), iproute2 (ip), libcap2-bin (capsh, the reference
+# for the doctor's capability names), git (which files the repository tracks).
+packages=(python3-venv python3-dev gcc util-linux iproute2 procps libcap2-bin git)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
@@ -23,5 +28,5 @@ if [ ! -d /dev/mqueue ] || ! mountpoint -q /dev/mqueue; then
 fi
 
 python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[${extras}]"
+.venv/bin/python -m pip install -q --constraint scripts/constraints.txt --upgrade pip setuptools
+.venv/bin/python -m pip install -q --constraint scripts/constraints.txt -e ".[${extras}]"

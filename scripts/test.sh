@@ -3,6 +3,6 @@
 # Extra arguments go to pytest, e.g. bash scripts/test.sh -m "not e2e"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,plot,peers,dev
+bash scripts/setup.sh all,test,dev
 if [ -f .ci/podman-setup.sh ]; then bash .ci/podman-setup.sh; fi
 exec .venv/bin/python -m pytest "$@"

@@ -1,7 +1,7 @@
 """The `podipc doctor` command: its options, then podipc.doctor does the work.
 
 Registered on the main group by podipc.cli (imported when `doctor` is used). Only click
-and podipc's core are imported here: the doctor (psutil) and its tables (rich) load
+and podipc's core are imported here: the doctor and its tables (rich) load
 inside the command, so a missing optional package is one line naming the extra that
 installs it.
 """

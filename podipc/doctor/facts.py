@@ -1,6 +1,6 @@
 """Gather what this container sees: namespaces, /dev/shm and volumes, IPC limits, identity.
 
-Everything here is read from /proc, the mount table and the standard library or psutil,
+Everything here is read from /proc, the mount table and the standard library,
 so it works inside a container where `lsns`, `docker inspect` or the kubelet are out of reach.
 Namespace ids are the inode numbers of /proc/self/ns/*; they are comparable between the
 containers of one host, which is what makes a peer comparison possible.
@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
 import socket
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import psutil
 
 from podipc.address import UNIX_PATH_MAX
 from podipc.proc import read_int
@@ -169,7 +168,7 @@ def is_volume(path: str, entry: dict[str, str]) -> bool:
 def describe_mount(path: str, entry: dict[str, str]) -> Mount:
     """A Mount from its mountinfo entry plus its size and free space."""
     try:
-        usage = psutil.disk_usage(path)
+        usage = shutil.disk_usage(path)
         size: int | None = int(usage.total)
         free: int | None = int(usage.free)
     except OSError:
@@ -221,7 +220,6 @@ def proc_status_field(name: str) -> str | None:
 
 def read_identity() -> Identity:
     """Effective uid/gid, supplementary groups, umask and effective capabilities of this process."""
-    process = psutil.Process()
     umask = proc_status_field("Umask")
     if umask is None:  # kernels before 4.7 lack the field; setting and restoring is the only other way
         current = os.umask(0o022)
@@ -229,8 +227,8 @@ def read_identity() -> Identity:
         umask = f"{current:04o}"
     capabilities = proc_status_field("CapEff")
     return Identity(
-        uid=process.uids().effective,
-        gid=process.gids().effective,
+        uid=os.geteuid(),
+        gid=os.getegid(),
         groups=sorted(os.getgroups()),
         umask=umask,
         capabilities=decode_capabilities(int(capabilities, 16)) if capabilities else [],

@@ -54,7 +54,6 @@ import copy
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -66,6 +65,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.commands import system_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
@@ -86,7 +87,7 @@ class PodError(AssertionError):
 
 def podman_available() -> bool:
     """Whether the podman command is installed here."""
-    return shutil.which("podman") is not None
+    return system_tool("podman") is not None
 
 
 def podman(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from podipc.transport import schemes
@@ -64,17 +62,8 @@ def test_isolation_demo_consumers_cannot_reach_the_other_pod(podipc_image: str) 
         assert summaries[consumer]["error"].startswith("PeerTimeout"), summaries[consumer]
 
 
-def bench_available(image: str) -> bool:
-    result = subprocess.run(
-        ["podman", "run", "--rm", image, "bench", "--help"], capture_output=True, text=True, timeout=120, check=False
-    )
-    return result.returncode == 0
-
-
 @pytest.mark.timeout(300)
 def test_bench_job_reports_every_channel_in_the_client_log(podipc_image: str) -> None:
-    if not bench_available(podipc_image):
-        pytest.skip("`podipc bench` is not in the image yet (issue 3)")
     quick = {"PODIPC_BENCH_QUICK": "true", "PODIPC_BENCH_SIZES": "64,4KiB"}
     with play(K8S_DIR / "bench" / "bench-job.yaml", env={"*": quick}) as pods:
         codes = exit_codes(pods, "client", "server", timeout=240)

@@ -22,6 +22,7 @@ import pytest
 from benchmarks.targets import compute_targets
 from podipc.bench.stats import LatencySummary, SequenceChecker, ThroughputSummary
 from podipc.transport import schemes
+from tests.commands import PODIPC
 
 ROOT = Path(__file__).parents[2]
 SCHEMA = json.loads((ROOT / "podipc" / "bench" / "schema.json").read_text())
@@ -30,7 +31,7 @@ DEFAULT_SIZES = (64, 4096, 65536, 1 << 20)
 LOSSY = {"udp", "raw-udp"}
 ABSURD_MICROSECONDS = 10_000_000.0
 ABSURD_MEGABYTES_PER_SECOND = 1_000_000.0
-BENCH = [sys.executable, "-m", "podipc.cli", "bench"]
+BENCH = [*PODIPC, "bench"]
 
 
 def run_bench(*arguments: str, timeout: float = 120.0, prefix: list[str] | None = None) -> dict[str, Any]:

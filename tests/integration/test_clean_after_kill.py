@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -22,11 +21,11 @@ import sysv_ipc
 
 import podipc
 from podipc.address import parse_address
+from tests.commands import PODIPC
 
 from .harness import CONTEXT, SCHEMES, SOCKETS_ONLY, leftovers, payload, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(90)
-PODIPC = [sys.executable, "-c", "from podipc.cli import main; main()"]
 
 
 def steady_producer(url: str, sent: Any) -> None:

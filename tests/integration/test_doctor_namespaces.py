@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,16 +19,17 @@ from typing import Any
 
 import pytest
 
+from tests.commands import PODIPC, system_tool
+
 pytestmark = [
     pytest.mark.namespaces,
     pytest.mark.timeout(90),
     pytest.mark.skipif(
-        os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
+        os.geteuid() != 0 or not system_tool("unshare") or not system_tool("nsenter"),
         reason="needs root and util-linux unshare/nsenter",
     ),
 ]
 
-PODIPC = os.path.join(os.path.dirname(sys.executable), "podipc")
 ADDRESS = "127.0.0.1:7191"  # inside fresh network namespaces; the port also names /dev/shm/podipc-doctor-7191.json
 OWN_DEV_SHM = 'mount -t tmpfs -o size=64m,mode=1777 shm /dev/shm && exec "$0" "$@"'
 
@@ -70,7 +69,7 @@ def container(pod_pid: int, *doctor_args: str, own_dev_shm: bool = False) -> sub
                "unshare", "--pid", "--mount", "--fork", "--mount-proc", "--"]  # fmt: skip
     if own_dev_shm:
         command += ["sh", "-c", OWN_DEV_SHM]
-    command += [PODIPC, "doctor", "--json", *doctor_args]
+    command += [*PODIPC, "doctor", "--json", *doctor_args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
+from tests.commands import PODIPC, system_tool
+
 from .harness import SCHEMES, leftovers, url_for, wait_until
 
 pytestmark = [
     pytest.mark.namespaces,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and util-linux unshare"),
+    pytest.mark.skipif(os.geteuid() != 0 or not system_tool("unshare"), reason="needs root and util-linux unshare"),
 ]
 
 NAMESPACES = ("net", "ipc", "pid", "mnt")
-PODIPC = os.path.join(os.path.dirname(sys.executable), "podipc")
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def container(pod_pid: int, *podipc_args: str) -> subprocess.Popen[str]:
         "sh",
         "-c",
         script,
-        PODIPC,
+        *PODIPC,
         *podipc_args,
     ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

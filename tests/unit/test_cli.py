@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -95,8 +96,6 @@ def without(package: str, *arguments: str) -> subprocess.CompletedProcess[str]:
     ("package", "arguments"),
     [
         ("rich", ["bench", "--quick", "--channels", "tcp", "--sizes", "64"]),
-        ("psutil", ["doctor"]),
-        ("psutil", ["doctor", "--json"]),
         ("rich", ["doctor"]),
     ],
 )
@@ -111,6 +110,15 @@ def test_bench_and_doctor_without_an_optional_package_fail_in_one_line_naming_wh
         result.stderr
         == f"podipc: error: podipc {command} needs the {package} package: {install_hint(package, command)}\n"
     )
+
+
+def test_doctor_reads_its_facts_with_the_standard_library_alone() -> None:
+    result = without("psutil", "doctor", "--json")
+
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)["facts"]
+    assert facts["identity"]["uid"] == os.geteuid() and facts["identity"]["gid"] == os.getegid()
+    assert facts["dev_shm"]["size"] > 0 and facts["dev_shm"]["free"] is not None
 
 
 def test_core_commands_work_without_the_optional_packages_of_bench_and_doctor() -> None:

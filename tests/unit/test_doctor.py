@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -42,6 +41,7 @@ from podipc.doctor.peer import (
 from podipc.doctor.server import DoctorServer
 from podipc.doctor.verdict import check_url, judge_channel, judge_channels, unmet_requirements
 from podipc.transport import DEV_SHM_FIX, Requirement, transport_for
+from tests.commands import needs_system_tool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -92,10 +92,10 @@ def test_capabilities_of_the_container_default_set_are_named() -> None:
     assert decode_capabilities(0) == []
 
 
-@pytest.mark.skipif(not shutil.which("capsh"), reason="needs capsh (libcap2-bin) as the reference")
 @pytest.mark.parametrize("mask", [0xA80425FB, 0x1FFFFFFFFFF, 1 << 21, 0x5555555555])
 def test_capability_names_agree_with_capsh(mask: int) -> None:
-    decoded = subprocess.run(["capsh", f"--decode={mask:#x}"], capture_output=True, text=True, check=True).stdout
+    capsh = needs_system_tool("capsh", "libcap2-bin")
+    decoded = subprocess.run([capsh, f"--decode={mask:#x}"], capture_output=True, text=True, check=True).stdout
 
     assert decode_capabilities(mask) == decoded.strip().split("=", 1)[1].upper().split(",")
 

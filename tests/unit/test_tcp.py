@@ -23,6 +23,7 @@ import pytest
 
 import podipc
 from podipc.framing import ACK, END_OF_STREAM, HELLO, encode_frame, encode_header
+from tests.commands import PODIPC
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,7 +60,7 @@ def tcp_url(**options: object) -> str:
 
 def cli(*args: str) -> list[str]:
     """The podipc command line, run by this interpreter."""
-    return [sys.executable, "-m", "podipc.cli", *args]
+    return [*PODIPC, *args]
 
 
 def summary(output: bytes) -> dict[str, object]:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import podipc
 from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX
+from tests.commands import PODIPC
 
 udp: Any = importlib.import_module("podipc.transports.udp")
 
@@ -216,13 +217,13 @@ def test_a_burst_into_a_tiny_receive_buffer_counts_what_was_lost() -> None:
 def test_the_cli_consumer_summary_reports_lost_datagrams() -> None:
     url = udp_url(rcvbuf=4096)
     consumer = subprocess.Popen(
-        [sys.executable, "-m", "podipc.cli", "consume", url, "--timeout", "20"],
+        [*PODIPC, "consume", url, "--timeout", "20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     producer = subprocess.run(
-        [sys.executable, "-m", "podipc.cli", "produce", url, "--count", "3000", "--size", "1000"],
+        [*PODIPC, "produce", url, "--count", "3000", "--size", "1000"],
         capture_output=True,
         timeout=30,
     )

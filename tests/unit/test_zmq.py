@@ -26,6 +26,7 @@ import zmq
 
 import podipc
 from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX, Presence
+from tests.commands import PODIPC
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -396,8 +397,7 @@ for _ in channel:
 def test_a_consumer_restarted_at_once_ends_the_stream_instead_of_taking_its_tail(url_of: object) -> None:
     url = url_of(wait=3)  # type: ignore[operator]
     first = subprocess.Popen([sys.executable, "-c", KILLED_CONSUMER, url], stdout=subprocess.PIPE)
-    cli = [sys.executable, "-c", "from podipc.cli import main; main()"]
-    produce = [*cli, "produce", url, "--count", "2000", "--size", "64", "--rate", "200"]
+    produce = [*PODIPC, "produce", url, "--count", "2000", "--size", "64", "--rate", "200"]
     producer = subprocess.Popen(produce, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert first.stdout is not None and first.stdout.readline().strip() == b"64"
     time.sleep(0.5)

@@ -26,7 +26,8 @@ Semantics:
     in `Consumer.skipped`; the frames of other multipart messages (which podipc never
     sends) arrive as separate messages, since only a b"podipc" frame is looked at twice. A frame
     larger than max_message_size makes libzmq drop that connection (ZMQ_MAXMSGSIZE), so
-    a peer claiming a huge size never makes the consumer allocate it.
+    a peer claiming a huge size never makes the consumer allocate it. The consumer takes
+    ZMTP 3 peers only (ZMTP3_ONLY_DOMAIN): bytes that are not ZMTP never occupy its PAIR socket.
 
     Max message: the max_message_size option (default 64 MiB), on both sides.
     `recv_view()` hands out libzmq's own buffer (read-only, no copy) when a message is
@@ -89,6 +90,13 @@ MAX_BUDGET = 256  # messages sent between two looks at the clock, at most
 STARTS_STREAMS = "start-of-stream"
 PRODUCER_LINGER_MS = 0
 CONSUMER_LINGER_MS = 500
+# libzmq takes any first byte but 0xFF for a ZMTP 1.0 greeting, which has no handshake to fail:
+# an HTTP probe or other garbage became the PAIR socket's one peer at once, and a producer
+# connecting before that pipe was torn down was refused by PAIR while its connection stayed
+# up, so its stream (end of stream included) went nowhere. With a ZAP domain set, libzmq
+# refuses ZMTP 1.0/2.0 greetings; no ZAP handler lives in podipc's context, so ZMTP 3 peers
+# connect as before.
+ZMTP3_ONLY_DOMAIN = b"podipc"
 
 
 def endpoint_of(address: Address) -> str:
@@ -359,6 +367,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         try:
             sock.setsockopt(zmq.LINGER, CONSUMER_LINGER_MS)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+            sock.setsockopt(zmq.ZAP_DOMAIN, ZMTP3_ONLY_DOMAIN)
             sock.setsockopt(zmq.RCVTIMEO, int(LIVENESS_SLICE_SECONDS * 1000))
             if address.scheme == "zmq+ipc":
                 self._bind_socket_file(address.path, int(settings["mode"]))
