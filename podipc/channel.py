@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import math
 import os
+import select
 import threading
 import time
 import warnings
@@ -40,7 +41,7 @@ from podipc.errors import (
     PodIPCError,
     Timeout,
 )
-from podipc.waking import POLLIN, Waker, is_ready, wait_for
+from podipc.waking import POLLIN, POLLOUT, Waker, is_ready, wait_for
 
 DEFAULT_WAIT_SECONDS = 30.0
 DEFAULT_MODE = 0o600
@@ -294,6 +295,8 @@ class _Endpoint(ABC):
     """How to lift the limit, said in MessageTooLarge."""
     _peer_seen: bool = False
     _freed = False
+    _mirror: select.epoll | None = None
+    _mirrored: tuple[int, int] | None = None
     _role = "endpoint"
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
@@ -317,6 +320,8 @@ class _Endpoint(ABC):
         self._pid = os.getpid()
         self._call_lock = threading.RLock()
         self._waker: Waker | None = None
+        self._contract = type(self)._has_try_hooks()
+        """True when the transport implements the non-blocking hooks (else only the old blocking ones)."""
         _open_endpoints.add(self)
 
     @property
@@ -398,6 +403,8 @@ class _Endpoint(ABC):
         if not self._freed:
             self._freed = True
             self._free()
+            if self._mirror is not None:
+                self._mirror.close()
 
     @classmethod
     def _has_try_hooks(cls) -> bool:
@@ -466,25 +473,48 @@ class _Endpoint(ABC):
     def fileno(self) -> int:
         """A descriptor that becomes readable when the next send/receive may succeed (for selectors, add_reader).
 
-        Stable for the endpoint's life. Readiness is a hint, like zmq's FD: after it fires,
-        call try_recv()/try_send() until they return None/False. Raises ChannelUnavailable
-        on channels that have no descriptor (podipc.wait() still handles them).
+        Stable for the endpoint's life: an epoll descriptor that follows the transport's
+        readiness (sockets come and go underneath), created on the first call. Readiness
+        is a hint, like zmq's FD: after it fires, call try_recv()/try_send() until they
+        return None/False (a consumer may hold several messages already read). Raises
+        ChannelUnavailable on channels that have no descriptor (podipc.wait() and
+        podipc.aio still handle them).
         """
         if self._state:
             self._check_usable()
-        readiness = self._readiness()
-        if readiness is None or readiness[0] < 0:
+        if not self._contract:
             raise ChannelUnavailable(
                 f"{self.address.scheme}:// has no readiness descriptor yet; use podipc.wait() or podipc.aio"
             )
-        return readiness[0]
+        mirror = self._mirror
+        if mirror is None:
+            with _WAKER_CREATION:
+                mirror = self._mirror
+                if mirror is None:
+                    mirror = self._mirror = select.epoll()
+                    self._sync_mirror()
+        return mirror.fileno()
 
-    def _wait_target(self) -> tuple[int, int]:
-        """(fd, events) podipc.wait() polls for this endpoint; fd -1 when it has none."""
+    def _readiness_changed(self) -> None:
+        """Transport hook to call when `_readiness()` now names another fd or other events (cheap without fileno())."""
+        if self._mirror is not None:
+            self._sync_mirror()
+
+    def _sync_mirror(self) -> None:
+        mirror = self._mirror
+        assert mirror is not None
         readiness = self._readiness()
-        if readiness is None or readiness[0] < 0:
-            return -1, 0
-        return readiness[0], POLLIN
+        fd, events = (readiness[0], readiness[1]) if readiness is not None else (-1, 0)
+        wanted = (fd, (select.EPOLLOUT if events & POLLOUT else 0) | (select.EPOLLIN if events & POLLIN else 0))
+        if wanted == self._mirrored:
+            return
+        if self._mirrored is not None:
+            with contextlib.suppress(OSError):  # already gone when its fd was closed
+                mirror.unregister(self._mirrored[0])
+        self._mirrored = None
+        if wanted[0] >= 0:
+            mirror.register(wanted[0], wanted[1])
+            self._mirrored = wanted
 
     # --- closing ----------------------------------------------------------
 
@@ -596,6 +626,8 @@ def _forget_after_fork() -> None:
             endpoint._drop_inherited()
         if endpoint._waker is not None:
             endpoint._waker.close()
+        if endpoint._mirror is not None:
+            endpoint._mirror.close()
     _open_endpoints.clear()
 
 
@@ -650,13 +682,43 @@ class Producer(_Endpoint):
 
         Raises as send() does; PeerTimeout once the `wait` deadline passed with no consumer.
         """
-        try:
-            self.send(data, 0)
-        except PeerTimeout:
-            raise
-        except Timeout:
+        if not self._contract:
+            try:
+                self.send(data, 0)
+            except PeerTimeout:
+                raise
+            except Timeout:
+                return False
+            return True
+        lock = self._call_lock
+        if not lock.acquire(False):
             return False
-        return True
+        try:
+            if self._state:
+                self._check_usable()
+            view = self._checked_view(data)
+            if self._try_send(view):
+                return True
+            if not self._peer_seen and time.monotonic() >= self.wait_deadline:
+                raise self._peer_timeout()
+            return False
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, (ChannelClosed, MessageTooLarge)):
+                raise self._closed_error() from error
+            raise
+        finally:
+            lock.release()
+            if self._state:
+                self._after_call()
+
+    def _checked_view(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """`data` as a flat byte view, refused with MessageTooLarge when above the limit."""
+        view = data if type(data) is memoryview else memoryview(data)
+        if view.nbytes > self.max_message_size:
+            raise MessageTooLarge(view.nbytes, self.max_message_size, self.max_message_source, self.max_message_fix)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        return view
 
     def _acquire_contended(self, timeout: float | None) -> None:
         """Wait for another thread's call to leave (at most `timeout`)."""
@@ -843,17 +905,41 @@ class Consumer(_Endpoint):
         return peeked
 
     def try_recv(self) -> bytes | None:
-        """The next message if one is there now, else None; never waits.
+        """The next message if one is there now, else None; never waits (not even for another thread's call).
 
         Raises as recv() does (EndOfStream at the end, PeerTimeout once the `wait` deadline
         passed with no producer).
         """
-        try:
-            return self.recv(0)
-        except PeerTimeout:
-            raise
-        except Timeout:
+        if not self._contract:
+            try:
+                return self.recv(0)
+            except PeerTimeout:
+                raise
+            except Timeout:
+                return None
+        lock = self._call_lock
+        if not lock.acquire(False):
             return None
+        try:
+            if self._state:
+                peeked = self._take_state()
+                if peeked is not None:
+                    return peeked
+            message = self._try_recv()
+            if message is None and not self._peer_seen and time.monotonic() >= self.wait_deadline:
+                raise self._peer_timeout()
+            return message
+        except EndOfStream:
+            self._ended = True
+            raise
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, ChannelClosed):
+                raise self._closed_error() from error
+            raise
+        finally:
+            lock.release()
+            if self._state:
+                self._after_call()
 
     def _acquire_contended(self, timeout: float | None) -> None:
         if timeout is None:
@@ -906,11 +992,6 @@ class Consumer(_Endpoint):
     def _keep(self, result: bytes | BaseException) -> None:
         self._peeked = result
         self._state = 1
-
-    def _wait_target(self) -> tuple[int, int]:
-        if self._state and (self._ended_flag or self._peeked is not None or self._closing):
-            return -2, 0  # ready now
-        return super()._wait_target()
 
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """Receive the next message as a read-only memoryview, valid until the next receive.

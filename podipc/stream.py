@@ -12,8 +12,7 @@ so a producer can start sending before the consumer's first recv. The first
 connection that sends the podipc HELLO is attached (answered with HELLO); later ones
 get BUSY; connections whose first bytes are not HELLO are dropped and counted, and a
 consumer that then times out says so (PeerTimeout names the bytes it saw). Readiness:
-an epoll descriptor holding the acceptor's "attached" eventfd, then the connection.
-A recv without a timeout reads the blocking socket directly (the fast path);
+the acceptor's "attached" eventfd, then the connection. A recv without a timeout reads the blocking socket directly (the fast path);
 close() from elsewhere wakes it with shutdown(SHUT_RD).
 
 Producer: connects (non-blocking) on its first send, try_send or close, retrying until
@@ -21,8 +20,13 @@ the `wait` deadline since the consumer may start later, sends HELLO and waits fo
 answer. Its socket is non-blocking: a frame that went out only partly counts as sent,
 its rest is kept and goes out first on the next send or close, so a Timeout (or a
 ChannelClosed from a close elsewhere) always means that nothing of that message was
-sent. Readiness: an epoll descriptor holding the socket (for writing, or for reading
-while it awaits the hello answer or the end-of-stream ack).
+sent. Readiness: the socket (for writing, or for reading while it awaits the hello
+answer or the end-of-stream ack); before it connects, a retry time.
+
+Neither side keeps its socket registered anywhere while it does not wait: a wait-queue
+entry on a socket makes every send or receive of the peer run a wakeup callback, which
+costs the other side measurably. fileno() (the base's stable epoll mirror) is created
+only when asked for.
 """
 
 from __future__ import annotations
@@ -95,8 +99,7 @@ NOT_LISTENING_ERRNOS = frozenset(
 _SEND_FLAGS = socket.MSG_NOSIGNAL
 _DONTWAIT = socket.MSG_DONTWAIT
 _pack_header = HEADER.pack
-_EPOLLIN = select.EPOLLIN
-_EPOLLOUT = select.EPOLLOUT
+_POLLOUT = select.POLLOUT
 _ATTACHED = (1).to_bytes(8, "little")
 
 
@@ -297,15 +300,12 @@ class StreamConsumer(Consumer):
         self._buffered_frame = self._reader.buffered_frame
         self._read_frame = self._reader.read_frame
         self._connection: socket.socket | None = None
-        self._nonblocking: _DontWait | None = None
+        self._dontwait: _DontWait | None = None
         self._acceptor: _Acceptor | None = None
         self._listener: socket.socket | None = None
-        self._epoll: select.epoll | None = None
         try:
             self._listener = self._listen()
             self._acceptor = _Acceptor(self._listener, self._configure_connection, self._what)
-            self._epoll = select.epoll()
-            self._epoll.register(self._acceptor.attached_fd, _EPOLLIN)
         except BaseException:
             self._closed = True
             self._freed = True
@@ -352,11 +352,11 @@ class StreamConsumer(Consumer):
         frame = self._buffered_frame()
         if frame is not None:
             return frame
-        source = self._nonblocking
+        source = self._dontwait
         if source is None:
             if not self._adopt():
                 return None
-            source = self._nonblocking
+            source = self._dontwait
             assert source is not None
         try:
             return self._read_frame(source)
@@ -380,18 +380,18 @@ class StreamConsumer(Consumer):
         connection = acceptor.attached
         if connection is None:
             return False
-        epoll = self._epoll
-        assert epoll is not None
-        epoll.unregister(acceptor.attached_fd)
-        epoll.register(connection, _EPOLLIN)
-        self._nonblocking = _DontWait(connection)
+        self._dontwait = _DontWait(connection)
         self._connection = connection
         self._peer_seen = True
+        self._readiness_changed()
         return True
 
     def _readiness(self) -> tuple[int, int, float | None]:
-        epoll = self._epoll
-        return (epoll.fileno() if epoll is not None else -1), POLLIN, None
+        connection = self._connection
+        if connection is not None:
+            return connection.fileno(), POLLIN, None
+        acceptor = self._acceptor
+        return (acceptor.attached_fd if acceptor is not None else -1), POLLIN, None
 
     def _peer_timeout(self) -> PeerTimeout:
         rejections = self._acceptor.describe_rejections() if self._acceptor is not None else ""
@@ -425,10 +425,7 @@ class StreamConsumer(Consumer):
             self._connection = None
         elif acceptor is not None and acceptor.attached is not None:
             acceptor.attached.close()
-        self._nonblocking = None
-        if self._epoll is not None:
-            self._epoll.close()
-            self._epoll = None
+        self._dontwait = None
         self._close_listener()
 
     def _close_listener(self) -> None:
@@ -442,11 +439,11 @@ class StreamConsumer(Consumer):
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.drop_inherited()
-        for held in (self._connection, self._listener, self._epoll):
+        for held in (self._connection, self._listener):
             if held is not None:
                 held.close()
-        self._connection = self._listener = self._epoll = None
-        self._nonblocking = None
+        self._connection = self._listener = None
+        self._dontwait = None
         self._freed = True
 
 
@@ -479,8 +476,7 @@ class StreamProducer(Producer):
         """Ready and nothing pending: send() may go straight to the socket."""
         self._sock_send: Any = None
         self._sendmsg: Any = None
-        self._interest = 0
-        self._epoll: select.epoll | None = select.epoll()
+        self._interest = POLLIN
 
     # hooks for transports
     def _connection_socket(self) -> tuple[socket.socket, Any]:
@@ -521,7 +517,7 @@ class StreamProducer(Producer):
         try:
             sent = self._socket.sendmsg([header, view], (), _SEND_FLAGS)  # type: ignore[union-attr]
         except BlockingIOError:
-            self._want(_EPOLLOUT)
+            self._want(_POLLOUT)
             return False
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
@@ -549,25 +545,25 @@ class StreamProducer(Producer):
         if pieces:
             self._pending = memoryview(b"".join(bytes(piece) for piece in pieces))
             self._fast = False
-            self._want(_EPOLLOUT)
+            self._want(_POLLOUT)
 
     def _keep_rest(self, header: bytes, view: memoryview, sent: int) -> None:
         self._pending = memoryview(b"".join(bytes(piece) for piece in _skip([header, view], sent)))
         self._fast = False
-        self._want(_EPOLLOUT)
+        self._want(_POLLOUT)
 
     def _flush(self) -> bool:
         """Send what a previous frame left pending; True when nothing is left."""
         try:
             sent = self._socket.send(self._pending, _SEND_FLAGS)  # type: ignore[union-attr]
         except BlockingIOError:
-            self._want(_EPOLLOUT)
+            self._want(_POLLOUT)
             return False
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
         self._pending = self._pending[sent:]
         if self._pending:
-            self._want(_EPOLLOUT)
+            self._want(_POLLOUT)
             return False
         if self._phase == _READY:
             self._fast = True
@@ -578,7 +574,7 @@ class StreamProducer(Producer):
             return False
         if self._pending and not self._flush():
             return False
-        self._want(_EPOLLOUT)
+        self._want(_POLLOUT)
         return True
 
     # --- connecting and the handshake -----------------------------------------
@@ -607,7 +603,7 @@ class StreamProducer(Producer):
             self._phase = _CONNECTING
             if code == 0:
                 return self._connected()
-            self._want(_EPOLLOUT)
+            self._want(_POLLOUT)
             return False
         sock.close()
         self._refused(OSError(code, os.strerror(code)))
@@ -615,9 +611,7 @@ class StreamProducer(Producer):
 
     def _adopt(self, sock: socket.socket) -> None:
         self._socket = sock
-        self._interest = 0
-        assert self._epoll is not None
-        self._epoll.register(sock, 0)
+        self._readiness_changed()
 
     def _refused(self, error: OSError) -> None:
         """A connection attempt failed: retry later if the consumer may still come, else raise."""
@@ -635,7 +629,7 @@ class StreamProducer(Producer):
             try:
                 sock.getpeername()
             except OSError:  # still in progress (a spurious wake)
-                self._want(_EPOLLOUT)
+                self._want(_POLLOUT)
                 return False
             return self._connected()
         self._drop_socket()
@@ -646,11 +640,8 @@ class StreamProducer(Producer):
     def _drop_socket(self) -> None:
         sock, self._socket = self._socket, None
         if sock is not None:
-            if self._epoll is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.unregister(sock)
             sock.close()
-        self._interest = 0
+            self._readiness_changed()
 
     def _connected(self) -> bool:
         sock = self._socket
@@ -677,7 +668,7 @@ class StreamProducer(Producer):
             try:
                 chunk = sock.recv(len(HELLO) - len(answer))
             except BlockingIOError:
-                self._want(_EPOLLIN)
+                self._want(POLLIN)
                 return False
             except ConnectionResetError as exc:
                 raise ProtocolError(
@@ -706,7 +697,7 @@ class StreamProducer(Producer):
         self._sock_send = sock.send
         self._sendmsg = sock.sendmsg
         self._fast = not self._pending
-        self._want(_EPOLLOUT)
+        self._want(_POLLOUT)
         return True
 
     def _peer_timeout(self) -> PeerTimeout:
@@ -724,16 +715,16 @@ class StreamProducer(Producer):
     # --- readiness, closing ---------------------------------------------------
 
     def _want(self, events: int) -> None:
-        if events != self._interest and self._socket is not None and self._epoll is not None:
-            self._epoll.modify(self._socket, events)
+        """Say what the socket must become ready for before the next attempt (POLLIN or POLLOUT)."""
+        if events != self._interest:
             self._interest = events
+            self._readiness_changed()
 
     def _readiness(self) -> tuple[int, int, float | None]:
-        epoll = self._epoll
-        fd = epoll.fileno() if epoll is not None else -1
-        if self._phase == _UNCONNECTED:
-            return fd, POLLIN, max(0.0, self._retry_at - time.monotonic())
-        return fd, POLLIN, None
+        sock = self._socket
+        if sock is None:
+            return -1, 0, max(0.0, self._retry_at - time.monotonic())
+        return sock.fileno(), self._interest, None
 
     def _try_close(self) -> bool:
         if self._phase < _READY and not self._progress():
@@ -754,7 +745,7 @@ class StreamProducer(Producer):
         try:
             answer = sock.recv(1)
         except BlockingIOError:
-            self._want(_EPOLLIN)
+            self._want(POLLIN)
             return False
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
@@ -769,16 +760,11 @@ class StreamProducer(Producer):
         self._drop_socket()
         self._fast = False
         self._sock_send = self._sendmsg = None
-        if self._epoll is not None:
-            self._epoll.close()
-            self._epoll = None
 
     def _drop_inherited(self) -> None:
-        for held in (self._socket, self._epoll):
-            if held is not None:
-                held.close()
+        if self._socket is not None:
+            self._socket.close()
         self._socket = None
-        self._epoll = None
         self._fast = False
         self._freed = True
 
