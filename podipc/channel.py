@@ -20,6 +20,7 @@ import importlib
 import math
 import os
 import select
+import sys
 import threading
 import time
 import warnings
@@ -27,7 +28,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, ClassVar
 
 from podipc.address import SCHEMES, Address, parse_address, suggest
@@ -305,6 +306,9 @@ class _Endpoint(ABC):
     _finished = False
     _freed = False
     _close_deadline: float | None = None
+    _gate_waiters = 0
+    _gate_cond: threading.Condition | None = None
+    _async_closing = False
     _waker: Waker | None = None
     _mirror: select.epoll | None = None
     _mirrored: tuple[int, int] | None = None
@@ -322,7 +326,7 @@ class _Endpoint(ABC):
         self._state = 0
         """Non-zero when a call must take the slow path; details in the flags below."""
         self._pid = os.getpid()
-        self._call_lock = threading.RLock()
+        self._token: list[None] = [None]
         self._contract = type(self)._has_try_hooks()
         """True when the transport implements the non-blocking hooks (else only the old blocking ones)."""
         _open_endpoints.add(self)
@@ -341,7 +345,7 @@ class _Endpoint(ABC):
             self._state = 1
 
     def _flags_set(self) -> bool:
-        return self._closing or self._forked or self._deferred or self._peer_lost
+        return self._closing or self._forked or self._deferred or self._peer_lost or self._gate_waiters > 0
 
     def _closed_error(self) -> ChannelClosed:
         if self._forked:
@@ -548,14 +552,79 @@ class _Endpoint(ABC):
     @abstractmethod
     def _complete_closing(self) -> None: ...
 
-    def _close_holding_lock(self) -> None:
-        """Take the call lock (calls leave, woken) and finish; else leave the finish to the last call out."""
-        lock = self._call_lock
-        if lock._is_owned():  # type: ignore[attr-defined]
-            # a signal handler (or callback) interrupted a call on this very thread: that call finishes on exit
+    # --- the call gate ----------------------------------------------------
+    # One call at a time per side. The token is a one-element list: pop() takes it,
+    # append() gives it back; each is one C call, atomic under the GIL, together ~25 ns
+    # where threading.Lock's acquire+release costs ~70 ns (x2 in the hot path's real
+    # context), which alone would exceed the 5 % budget on a 64-byte stream recv.
+    # A thread that finds the token taken waits on a Condition and says so in
+    # `_gate_waiters` (which sets `_state`, so the leaving call's exit check notifies it).
+
+    def _enter(self, timeout: float | None) -> None:
+        """Take the token, waiting at most `timeout` seconds (None: no limit) for another thread's call to leave."""
+        token = self._token
+        try:
+            token.pop()
+            return
+        except IndexError:
+            pass
+        if self._inside_call_here(3):  # above _inside_call_here, _enter and the call that wants the token
+            raise RuntimeError(
+                f"{type(self).__name__} for {self.address.location}: a call began while another one runs on this "
+                "thread (from a signal handler?); only close() and abort() may be called there"
+            )
+        deadline = deadline_after(timeout)
+        condition = self._gate_condition()
+        with condition:
+            self._gate_waiters += 1
+            self._state = 1
+            try:
+                while True:
+                    try:
+                        token.pop()
+                        return
+                    except IndexError:
+                        pass
+                    left = remaining(deadline)
+                    if left is not None and left <= 0:
+                        raise Timeout(
+                            f"another thread kept using {type(self).__name__} for {self.address.location} "
+                            "for the whole timeout"
+                        )
+                    condition.wait(left)
+            finally:
+                self._gate_waiters -= 1
+                self._settle()
+
+    def _gate_condition(self) -> threading.Condition:
+        condition = self._gate_cond
+        if condition is None:
+            with _WAKER_CREATION:
+                condition = self._gate_cond
+                if condition is None:
+                    condition = self._gate_cond = threading.Condition()
+        return condition
+
+    def _inside_call_here(self, depth: int) -> bool:
+        """True when this thread is inside a call on this endpoint further up its stack (a signal handler interrupted it)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False  # Python runs signal handlers in the main thread only
+        frame: FrameType | None = sys._getframe(depth)
+        while frame is not None:
+            if frame.f_code in _CALL_CODES and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _close_holding_gate(self) -> None:
+        """Take the token (blocked calls leave, woken) and finish; else leave the finish to the last call out."""
+        if self._async_closing or self._inside_call_here(2):
+            # a signal handler (or loop callback) interrupted a call on this very thread: it finishes on its exit
             self._defer()
             return
-        if not lock.acquire(True, CALLS_LEAVE_SECONDS):
+        try:
+            self._enter(CALLS_LEAVE_SECONDS)
+        except Timeout:
             self._defer()
             self._after_call()
             return
@@ -564,29 +633,41 @@ class _Endpoint(ABC):
                 self._waker.drain()  # the calls have left; what we wait on now must not wake at once
             self._finish_closing()
         finally:
-            lock.release()
+            self._token.append(None)
+            if self._state:
+                self._after_call()
 
     def _defer(self) -> None:
         self._deferred = True
         self._state = 1
 
     def _after_call(self) -> None:
-        """At a call's exit with the state set: run a deferred finish if this is the last one out."""
+        """At a call's exit with the state set: wake a thread waiting for the token; run a deferred finish."""
+        if self._gate_waiters:
+            self._notify_waiter()
         if not self._deferred:
             return
-        lock = self._call_lock
-        if lock._is_owned() or not lock.acquire(False):  # type: ignore[attr-defined]
-            return  # an outer call on this thread, or another thread's call, finishes on its exit
+        token = self._token
         try:
-            if not self._deferred:
-                return
-            self._deferred = False
-            self._settle()
-            if self._waker is not None:
-                self._waker.drain()
-            self._finish_closing()
+            token.pop()
+        except IndexError:
+            return  # another call is inside: it finishes on its exit
+        try:
+            if self._deferred:
+                self._deferred = False
+                self._settle()
+                if self._waker is not None:
+                    self._waker.drain()
+                self._finish_closing()
         finally:
-            lock.release()
+            token.append(None)
+            if self._gate_waiters:
+                self._notify_waiter()
+
+    def _notify_waiter(self) -> None:
+        condition = self._gate_condition()
+        with condition:
+            condition.notify()
 
     def abort(self) -> None:
         """Free what this side holds without ending the stream (the peer sees PeerGone). Idempotent.
@@ -598,7 +679,7 @@ class _Endpoint(ABC):
             self._closed = True
             return
         if self._begin_closing(abort=True):
-            self._close_holding_lock()
+            self._close_holding_gate()
 
     def __del__(self) -> None:
         if getattr(self, "_closed", True):
@@ -624,7 +705,9 @@ def _forget_after_fork() -> None:
         endpoint._forked = True
         endpoint._closed = True
         endpoint._state = 1
-        endpoint._call_lock = threading.RLock()  # a lock held by a parent thread would never be released here
+        endpoint._token = [None]  # a token held by a parent thread would never come back here
+        endpoint._gate_waiters = 0
+        endpoint._gate_cond = None
         with contextlib.suppress(Exception):
             endpoint._drop_inherited()
         if endpoint._waker is not None:
@@ -659,11 +742,11 @@ class Producer(_Endpoint):
             PeerGone: the consumer died or went away.
             ChannelClosed: the producer was closed (also while this call waited), or inherited across fork().
         """
-        lock = self._call_lock
-        if timeout is None:
-            lock.acquire()  # without arguments: 25 ns cheaper than acquire(False)
-        elif not lock.acquire(False):
-            self._acquire_contended(timeout)
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
         try:
             if self._state:
                 self._check_usable()
@@ -678,7 +761,7 @@ class Producer(_Endpoint):
                 raise self._closed_error() from error
             raise
         finally:
-            lock.release()
+            token.append(None)
             if self._state:
                 self._after_call()
 
@@ -695,8 +778,12 @@ class Producer(_Endpoint):
             except Timeout:
                 return False
             return True
-        lock = self._call_lock
-        if not lock.acquire(False):
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            if self._closing or self._forked:
+                raise self._closed_error() from None
             return False
         try:
             if self._state:
@@ -712,7 +799,7 @@ class Producer(_Endpoint):
                 raise self._closed_error() from error
             raise
         finally:
-            lock.release()
+            token.append(None)
             if self._state:
                 self._after_call()
 
@@ -724,13 +811,6 @@ class Producer(_Endpoint):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         return view
-
-    def _acquire_contended(self, timeout: float | None) -> None:
-        """Wait for another thread's call to leave (at most `timeout`)."""
-        if timeout is None:
-            self._call_lock.acquire()
-        elif not self._call_lock.acquire(True, timeout):
-            raise Timeout(f"another thread kept sending on {self.address.location} for the whole timeout")
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
         """Send blocking until `deadline`: try, then wait on readiness and the waker (old hook; override or keep)."""
@@ -751,8 +831,11 @@ class Producer(_Endpoint):
     def poll(self, timeout: float | None = 0.0) -> bool:
         """True when a send would not wait (there is room), waiting at most `timeout` seconds for that (None: no limit)."""
         deadline = deadline_after(timeout)
-        lock = self._call_lock
-        self._acquire_contended(timeout)
+        token = self._token
+        try:
+            self._enter(timeout)
+        except Timeout:
+            return False
         try:
             while True:
                 if self._state:
@@ -766,7 +849,7 @@ class Producer(_Endpoint):
                 except Timeout:
                     return False
         finally:
-            lock.release()
+            token.append(None)
             if self._state:
                 self._after_call()
 
@@ -791,7 +874,7 @@ class Producer(_Endpoint):
         wait = float(self.settings["wait"])
         seconds = timeout if timeout is not None else (None if wait == math.inf else wait)
         self._close_deadline = deadline_after(seconds)
-        self._close_holding_lock()
+        self._close_holding_gate()
 
     def _complete_closing(self) -> None:
         if self._aborting:
@@ -874,11 +957,11 @@ class Consumer(_Endpoint):
             PeerGone: the producer died before ending the stream.
             ChannelClosed: the consumer was closed (also while this call waited), or inherited across fork().
         """
-        lock = self._call_lock
-        if timeout is None:
-            lock.acquire()  # without arguments: 25 ns cheaper than acquire(False)
-        elif not lock.acquire(False):
-            self._acquire_contended(timeout)
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
         try:
             if self._state:
                 peeked = self._take_state()
@@ -893,7 +976,7 @@ class Consumer(_Endpoint):
                 raise self._closed_error() from error
             raise
         finally:
-            lock.release()
+            token.append(None)
             if self._state:
                 self._after_call()
 
@@ -924,8 +1007,12 @@ class Consumer(_Endpoint):
                 raise
             except Timeout:
                 return None
-        lock = self._call_lock
-        if not lock.acquire(False):
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            if self._closing or self._forked:
+                raise self._closed_error() from None
             return None
         try:
             if self._state:
@@ -944,15 +1031,9 @@ class Consumer(_Endpoint):
                 raise self._closed_error() from error
             raise
         finally:
-            lock.release()
+            token.append(None)
             if self._state:
                 self._after_call()
-
-    def _acquire_contended(self, timeout: float | None) -> None:
-        if timeout is None:
-            self._call_lock.acquire()
-        elif not self._call_lock.acquire(True, timeout):
-            raise Timeout(f"another thread kept receiving on {self.address.location} for the whole timeout")
 
     def _recv(self, deadline: float | None) -> bytes:
         """Receive blocking until `deadline`: try, then wait on readiness and the waker (old hook; override or keep)."""
@@ -971,8 +1052,11 @@ class Consumer(_Endpoint):
 
         A message found is kept for the next recv(); so are EndOfStream and errors.
         """
-        lock = self._call_lock
-        self._acquire_contended(timeout)
+        token = self._token
+        try:
+            self._enter(timeout)
+        except Timeout:
+            return False
         try:
             if self._state and (self._ended_flag or self._peeked is not None or self._closing or self._forked):
                 return True
@@ -992,7 +1076,7 @@ class Consumer(_Endpoint):
             self._keep(message)
             return True
         finally:
-            lock.release()
+            token.append(None)
             if self._state:
                 self._after_call()
 
@@ -1022,7 +1106,7 @@ class Consumer(_Endpoint):
             self._closed = True
             return
         if self._begin_closing(abort=False):
-            self._close_holding_lock()
+            self._close_holding_gate()
 
     def _complete_closing(self) -> None:
         self._close()
@@ -1130,3 +1214,19 @@ def channels() -> list[ChannelInfo]:
             problem, limit = str(exc), None
         rows.append(ChannelInfo(scheme, problem is None, problem or "", limit, EXAMPLES[scheme]))
     return rows
+
+
+_CALL_CODES = frozenset(
+    function.__code__
+    for function in (
+        Producer.send,
+        Producer.try_send,
+        Producer.poll,
+        Consumer.recv,
+        Consumer.try_recv,
+        Consumer.poll,
+        _Endpoint._close_holding_gate,
+        _Endpoint._after_call,
+    )
+)
+"""The frames of calls that hold (or wait for) an endpoint's token; see _Endpoint._inside_call_here."""

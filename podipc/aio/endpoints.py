@@ -237,15 +237,21 @@ class AsyncProducer(_AsyncEndpoint):
         wait = float(endpoint.settings["wait"])
         deadline = deadline_after(timeout if timeout is not None else (None if wait == math.inf else wait))
         endpoint._close_deadline = deadline
-        lock = endpoint._call_lock
-        if lock._is_owned() or not lock.acquire(False):  # type: ignore[attr-defined]
-            # a thread (or an outer call on this thread) is inside: finish the sync way, off the loop
-            await asyncio.to_thread(endpoint._close_holding_lock)
+        token = endpoint._token
+        try:
+            token.pop()
+        except IndexError:
+            # a thread is inside a call: finish the sync way, off the loop
+            await asyncio.to_thread(endpoint._close_holding_gate)
             return
+        endpoint._async_closing = True  # closers on this thread (loop callbacks) leave the finish to us
         try:
             await self._end_stream(endpoint, deadline)
         finally:
-            lock.release()
+            endpoint._async_closing = False
+            token.append(None)
+            if endpoint._state:
+                endpoint._after_call()
 
     async def _end_stream(self, endpoint: Producer, deadline: float | None) -> None:
         if endpoint._finished:
