@@ -461,7 +461,13 @@ class _Endpoint(ABC):
         fd, events, retry_after = readiness if readiness is not None else (-1, 0, NO_READINESS_POLL_SECONDS)
         if retry_after is not None:
             seconds = retry_after if seconds is None else min(seconds, retry_after)
-        waker_fd = self._waker_fd()
+        if closing:
+            # the waker stays readable once closing began (never drained: a waiter on another thread or
+            # loop must not miss it), so the close's own waits leave it out and look for an abort this often
+            seconds = ABORT_CHECK_SECONDS if seconds is None else min(seconds, ABORT_CHECK_SECONDS)
+            waker_fd = -1
+        else:
+            waker_fd = self._waker_fd()
         if self._state:  # after the waker exists: a closer that set the state before it existed is seen here
             self._check_waiting(closing)
         wait_for(fd, events, waker_fd, seconds)
@@ -629,8 +635,6 @@ class _Endpoint(ABC):
             self._after_call()
             return
         try:
-            if self._waker is not None:
-                self._waker.drain()  # the calls have left; what we wait on now must not wake at once
             self._finish_closing()
         finally:
             self._token.append(None)
@@ -656,8 +660,6 @@ class _Endpoint(ABC):
             if self._deferred:
                 self._deferred = False
                 self._settle()
-                if self._waker is not None:
-                    self._waker.drain()
                 self._finish_closing()
         finally:
             token.append(None)
@@ -693,6 +695,8 @@ class _Endpoint(ABC):
         return f"<{type(self).__name__} {self.address.location} {state}>"
 
 
+ABORT_CHECK_SECONDS = 0.05
+"""How often a graceful close() that waits for the consumer looks whether abort() was called meanwhile."""
 NO_READINESS_POLL_SECONDS = 0.01
 """How often a wait re-tries a transport that gives no readiness descriptor."""
 _WAKER_CREATION = threading.Lock()

@@ -1,8 +1,9 @@
 """The waker of an endpoint and the one poll wait every blocking call uses.
 
 A Waker is an eventfd: `wake()` may be called from any thread, a signal handler or an
-event-loop callback (one write(2), nothing else), and makes the eventfd readable until
-`drain()`. A blocked call polls its readiness descriptor together with the waker, so a
+event-loop callback (one write(2), nothing else), and makes the eventfd readable for
+good: a waker is only woken when the endpoint closes, and never drained, so no waiter on
+another thread or event loop can miss it. A blocked call polls its readiness descriptor together with the waker, so a
 close() elsewhere ends the wait at once.
 
 `wait_for` uses select.poll: when a signal arrives, Python runs its handler and, unless
@@ -39,13 +40,6 @@ class Waker:
         if fd >= 0:
             with contextlib.suppress(OSError):  # the counter cannot overflow in practice; EAGAIN is harmless
                 os.write(fd, _WAKE)
-
-    def drain(self) -> None:
-        """Make the eventfd unreadable again."""
-        fd = self._fd
-        if fd >= 0:
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 8)
 
     def close(self) -> None:
         """Close the eventfd. Idempotent."""

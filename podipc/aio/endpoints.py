@@ -36,7 +36,11 @@ class _Watch:
         fd, events, retry_after = readiness
         if retry_after is not None:
             seconds = retry_after if seconds is None else min(seconds, retry_after)
-        waker_fd = endpoint._waker_fd()
+        if closing:  # the waker stays readable once closing began; look for an abort this often instead
+            seconds = channel.ABORT_CHECK_SECONDS if seconds is None else min(seconds, channel.ABORT_CHECK_SECONDS)
+            waker_fd = -1
+        else:
+            waker_fd = endpoint._waker_fd()
         if endpoint._state:
             endpoint._check_waiting(closing)
         loop = asyncio.get_running_loop()
@@ -63,7 +67,8 @@ class _Watch:
         self._loop = loop
         if fd >= 0:
             (loop.add_writer if writable else loop.add_reader)(fd, self._fire)
-        loop.add_reader(waker_fd, self._fire)
+        if waker_fd >= 0:
+            loop.add_reader(waker_fd, self._fire)
         self._registered = wanted
 
     def _unregister(self) -> None:
@@ -74,7 +79,8 @@ class _Watch:
         fd, writable, waker_fd = registered
         if fd >= 0:
             (loop.remove_writer if writable else loop.remove_reader)(fd)
-        loop.remove_reader(waker_fd)
+        if waker_fd >= 0:
+            loop.remove_reader(waker_fd)
 
     def _fire(self) -> None:
         self._unregister()  # level-triggered: the woken tasks register again if they must wait more
@@ -131,6 +137,24 @@ class _AsyncEndpoint:
         self._sync = endpoint
         self._watch = _Watch(endpoint)
         self._worker = None if endpoint._contract else _Worker(endpoint.address.location)
+        self._closing: asyncio.Future[None] | None = None
+        """Resolved by close()/abort(): wakes tasks awaiting the helper thread (channels without readiness)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _on_worker(self, work: asyncio.Future[T]) -> T:
+        """Await the helper thread's result, or raise ChannelClosed as soon as this side is closed."""
+        loop = asyncio.get_running_loop()
+        closing = self._closing
+        if closing is None or self._loop is not loop:
+            self._loop = loop
+            closing = self._closing = loop.create_future()
+            if self._sync.closed:
+                _resolve(closing)
+        waiting: set[asyncio.Future[Any]] = {asyncio.shield(work), closing}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise ChannelClosed(f"{type(self._sync).__name__} for {self._sync.address.location} is closed")
 
     @property
     def endpoint(self) -> Producer | Consumer:
@@ -168,6 +192,9 @@ class _AsyncEndpoint:
         self._stop_worker()
 
     def _wake_waiters(self) -> None:
+        closing, closing_loop = self._closing, self._loop
+        if closing is not None and closing_loop is not None and not closing_loop.is_closed():
+            closing_loop.call_soon_threadsafe(_resolve, closing)
         loop = self._watch._loop
         if loop is None or loop.is_closed():
             return
@@ -206,7 +233,7 @@ class AsyncProducer(_AsyncEndpoint):
         """
         endpoint = self._sync
         if self._worker is not None:
-            await asyncio.shield(self._worker.submit(endpoint.send, bytes(data), timeout))
+            await self._on_worker(self._worker.submit(endpoint.send, bytes(data), timeout))
             return
         if endpoint.try_send(data):
             return
@@ -257,8 +284,6 @@ class AsyncProducer(_AsyncEndpoint):
         if endpoint._finished:
             return
         endpoint._finished = True
-        if endpoint._waker is not None:
-            endpoint._waker.drain()
         try:
             if endpoint._aborting:
                 raise ChannelClosed(f"{type(endpoint).__name__} for {endpoint.address.location} was aborted")
@@ -337,7 +362,7 @@ class AsyncConsumer(_AsyncEndpoint):
                 self._inflight = self._worker.submit(self._sync.recv, left)
             inflight = self._inflight
             try:
-                message = await asyncio.shield(inflight)
+                message = await self._on_worker(inflight)
             except PeerTimeout:
                 self._inflight = None
                 raise
@@ -348,8 +373,8 @@ class AsyncConsumer(_AsyncEndpoint):
                     raise
                 continue  # it was started by a cancelled call with a shorter timeout than ours
             except BaseException:
-                if inflight.done():
-                    self._inflight = None
+                # cancelled (even just as the receive finished) or closed: the receive in flight, and the
+                # message it may have taken, serve the next recv()
                 raise
             self._inflight = None
             return message
