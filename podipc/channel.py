@@ -235,13 +235,16 @@ class _Endpoint(ABC):
       if needed, flush what is pending, send the end marker, take the ack); True when the
       consumer has taken the end of stream.
     - `_readiness() -> tuple[int, int, float | None]`: what to wait on before the next
-      attempt: (fd, poll events, retry_after). `fd` is STABLE for the endpoint's life (it is
-      what fileno() returns; an epoll fd is the usual way to keep it stable while sockets
-      come and go), ready when the next attempt may succeed (spurious wakes are fine, missed
-      ones are not). `retry_after`: seconds after which to try again even without an event
+      attempt: (fd, POLLIN or POLLOUT, retry_after); fd -1 when there is nothing to watch
+      yet. Ready when the next attempt may succeed (spurious wakes are fine, missed ones are
+      not). It may name another fd over time (a socket connected, a peer attached): call
+      `_readiness_changed()` then; the base keeps fileno() stable with an epoll mirror made
+      only on demand. Keep the fd registered nowhere while not waiting (a wait-queue entry
+      makes every peer's send or receive run a wakeup callback: measured +20 % per message
+      on unix://). `retry_after`: seconds after which to try again even without an event
       (a connect backoff), or None. A transport whose kernel object has no descriptor
-      provides one (an eventfd fed by a helper thread, a FIFO, inotify); until it does,
-      it returns (-1, 0, seconds) and the base polls at that period.
+      provides one (an eventfd fed by a helper thread, a FIFO, inotify), or returns
+      (-1, 0, seconds) and the base re-tries at that period.
     - `_free()`: free everything this side holds (fds, mappings, files it owns). Called
       exactly once, and only when no call is inside the endpoint ("last one out frees").
     - `_interrupt()` (optional): wake a call blocked in the kernel on a faster path than
@@ -251,11 +254,19 @@ class _Endpoint(ABC):
       endpoint's descriptors; never unlink, never send, never touch shared state.
     - `_peer_seen` (attribute): set True once the peer has appeared (the base's PeerTimeout
       rule reads it); `_peer_timeout() -> PeerTimeout` (optional) to say more than the default.
+    - `_readiness_changed()` (the base's, for the transport to call): whenever `_readiness()`
+      starts naming another fd or other events, so the fileno() mirror follows.
+    - Peer loss: a monitor (presence.watch) calls `endpoint._signal_peer_lost()` from its
+      thread; that sets `_peer_lost`, sets `_state` and wakes blocked calls, and the
+      transport's next attempt decides what it means (drain what is queued, then PeerGone).
+
+    A transport is on this contract when it overrides `_readiness` (that is how the base and
+    podipc.aio tell); it then declares `waits_forever = True` once wait=None works for it.
 
     A transport may keep a faster blocking path by overriding `_send(view, deadline)` /
     `_recv(deadline)` (call the base's for everything but its fast case) as long as
     `_interrupt()` wakes it. Transports not yet on this contract override `_send`, `_recv`,
-    `_close` and `_abort` directly (the old hooks); they get the call lock, the state check
+    `_close` and `_abort` directly (the old hooks); they get the call gate, the state check
     and fork safety, but a blocked call on them wakes only when its own call returns (close
     then waits CALLS_LEAVE_SECONDS and leaves the release to that call), and aio runs them
     on one helper thread per endpoint.
@@ -268,13 +279,14 @@ class _Endpoint(ABC):
       means forever) passed and the peer was never seen; otherwise Timeout when the call's
       own timeout ran out (even before the peer appeared). PeerTimeout subclasses Timeout.
       Once the peer was seen, only Timeout (and PeerGone, EndOfStream).
-    - Threads: each side has one call lock (producer: send and close; consumer: recv), so an
-      endpoint shared by threads delivers each message whole and once, in order per thread.
-      The hot path adds the lock and one check of `_state` (non-zero: closing, forked,
-      ended, a polled message waiting, a deferred release, peer lost).
+    - Threads: each side has one call gate, a lock (producer: send and close; consumer:
+      recv), so an endpoint shared by threads delivers each message whole and once, in order
+      per thread. The hot path adds the gate (a one-element token list, see `_enter`) and
+      one check of `_state` (non-zero: closing, forked, ended, a polled message waiting, a
+      deferred release, peer lost, threads waiting for the gate).
     - Shutdown from anywhere: close()/abort() from any thread, a signal handler or an
       event-loop callback mark the endpoint closing, wake its waker and `_interrupt()`,
-      then take the call lock: every blocked call raises ChannelClosed (within ~100 ms on
+      then take the call gate: every blocked call raises ChannelClosed (within ~100 ms on
       transports of this contract). A producer closed while a send waited: that send raises
       ChannelClosed having sent nothing, and close still ends the stream (end marker, ack).
       Resources are freed only once no call is inside; a close from a signal handler that
@@ -929,9 +941,6 @@ class Consumer(_Endpoint):
     _role = "consumer"
     _ended_flag = False
     _peeked: bytes | BaseException | None = None
-
-    def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
-        super().__init__(address, settings)
 
     @property
     def ended(self) -> bool:
