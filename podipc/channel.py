@@ -231,6 +231,9 @@ class _Endpoint(ABC):
       message, or None when there is none now. At the end of stream it acknowledges what
       the wire needs and raises EndOfStream. A message is either returned or left in place:
       an attempt never half-consumes one (that is what makes asyncio cancellation safe).
+    - `_try_flush() -> bool` (producer, when `_try_send` can leave a tail pending): push the
+      pending tail without blocking; True when nothing is pending. A blocking send calls it
+      until done while it has time; podipc.aio flushes in the background.
     - `_try_close() -> bool` (producer): one non-blocking step of ending the stream (connect
       if needed, flush what is pending, send the end marker, take the ack); True when the
       consumer has taken the end of stream.
@@ -833,6 +836,44 @@ class Producer(_Endpoint):
         try_send = self._try_send
         while not try_send(view):
             self._await_readiness(deadline)
+        if not self._try_flush():
+            self._finish_sending(deadline)
+
+    def _finish_sending(self, deadline: float | None) -> None:
+        """The message is sent but its tail is pending: push it out while the call has time, else leave it.
+
+        A blocking send must not leave bytes behind that only a later call would push (the
+        consumer could be waiting for them while we wait for its answer).
+        """
+        try:
+            while True:
+                self._await_readiness(deadline)
+                if self._try_flush():
+                    return
+        except (Timeout, ChannelClosed):
+            return  # counts as sent: the tail goes out first on the next send or close
+
+    def _try_flush(self) -> bool:
+        """Push out what an attempt left pending, without blocking; True when nothing is pending (hook)."""
+        return True
+
+    def _flush_now(self) -> bool:
+        """One flush attempt under the call gate (for podipc.aio); False when the gate is busy or bytes remain."""
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            if self._closing or self._forked:
+                raise self._closed_error() from None
+            return False
+        try:
+            if self._state:
+                self._check_usable()
+            return self._try_flush()
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
 
     def _try_send(self, view: memoryview) -> bool:
         raise NotImplementedError(f"{type(self).__name__} implements neither _send nor _try_send")

@@ -569,6 +569,9 @@ class StreamProducer(Producer):
             self._fast = True
         return True
 
+    def _try_flush(self) -> bool:
+        return not self._pending or self._flush()
+
     def _try_prepare(self) -> bool:
         if self._phase != _READY and not self._progress():
             return False

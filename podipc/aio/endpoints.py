@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import podipc.channel as channel
 from podipc.channel import Consumer, Producer, deadline_after, remaining
-from podipc.errors import ChannelClosed, EndOfStream, PeerTimeout, Timeout
+from podipc.errors import ChannelClosed, EndOfStream, PeerTimeout, PodIPCError, Timeout
 from podipc.waking import POLLOUT
 
 T = TypeVar("T")
@@ -92,6 +92,11 @@ class _Watch:
         self._fire()
 
 
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -110,7 +115,11 @@ class _Worker:
         """Run `function(*args)` on the thread after what was submitted before; an asyncio future of its result."""
         result: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((function, args, result))
-        return asyncio.wrap_future(result)
+        future = asyncio.wrap_future(result)
+        # its error may be read by a later call, or never (the endpoint was closed first): either way it
+        # must not be logged from a garbage collection that can strike anywhere, even inside ast.parse
+        future.add_done_callback(_mark_retrieved)
+        return future
 
     def stop(self) -> None:
         """Let the thread end after the jobs queued so far."""
@@ -150,7 +159,7 @@ class _AsyncEndpoint:
             closing = self._closing = loop.create_future()
             if self._sync.closed:
                 _resolve(closing)
-        waiting: set[asyncio.Future[Any]] = {asyncio.shield(work), closing}
+        waiting: set[asyncio.Future[Any]] = {work, closing}  # wait() never cancels them, even when we are
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             return work.result()
@@ -220,6 +229,7 @@ class AsyncProducer(_AsyncEndpoint):
 
     def __init__(self, endpoint: Producer) -> None:
         super().__init__(endpoint)
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def resumed_at(self) -> int:
@@ -235,14 +245,27 @@ class AsyncProducer(_AsyncEndpoint):
         if self._worker is not None:
             await self._on_worker(self._worker.submit(endpoint.send, bytes(data), timeout))
             return
-        if endpoint.try_send(data):
-            return
-        deadline = deadline_after(timeout)
-        watch = self._watch
-        while True:
-            await watch.wait(endpoint._seconds_to_wait(deadline))
-            if endpoint.try_send(data):
-                return
+        if not endpoint.try_send(data):
+            deadline = deadline_after(timeout)
+            watch = self._watch
+            while True:
+                await watch.wait(endpoint._seconds_to_wait(deadline))
+                if endpoint.try_send(data):
+                    break
+        if self._flusher is None and not endpoint._flush_now():
+            # the message is sent; its tail goes out in the background, so send() never has to be
+            # cancelled after the message was accepted (a cancelled send sent nothing)
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_in_background())
+
+    async def _flush_in_background(self) -> None:
+        endpoint = self._sync
+        try:
+            while not endpoint._flush_now():
+                await self._watch.wait(None)
+        except PodIPCError:
+            pass  # closed or the consumer is gone: the next call or aclose() says so
+        finally:
+            self._flusher = None
 
     async def aclose(self, timeout: float | None = None) -> None:
         """End the stream without blocking the loop: wait (at most `timeout`, else `wait`) for the consumer's ack.

@@ -365,3 +365,31 @@ def test_works_under_anyio_on_the_asyncio_backend(scheme: str) -> None:
         return received
 
     assert anyio.run(main, backend="asyncio") == [payload(index, 50) for index in range(100)]
+
+
+def echo(inbound: str, outbound: str) -> None:
+    """Send back every message from `inbound` on `outbound` until the end of stream."""
+    with podipc.consumer(inbound) as inbox, podipc.producer(outbound) as out:
+        for message in inbox:
+            out.send(message)
+
+
+@pytest.mark.parametrize("scheme", AIO_SCHEMES)
+def test_an_async_send_of_a_large_message_arrives_whole_without_another_call(scheme: str) -> None:
+    there, back = url_for(scheme), url_for(scheme)
+    echoer = CONTEXT.Process(target=echo, args=(there, back))
+    echoer.start()
+
+    async def main() -> None:
+        async with podipc.aio.producer(there) as out, podipc.aio.consumer(back) as inbox:
+            for index in range(5):
+                message = payload(index, 1 << 20)
+                await out.send(message)
+                assert await inbox.recv(timeout=30) == message
+            await out.aclose()
+            with pytest.raises(podipc.EndOfStream):
+                await inbox.recv(timeout=30)
+
+    asyncio.run(main())
+    echoer.join(30)
+    assert echoer.exitcode == 0

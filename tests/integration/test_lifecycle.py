@@ -78,6 +78,16 @@ def consume_when_told(url: str, start_reading: Any, results: Any) -> None:
     results.put((count, digest.hexdigest(), ending))
 
 
+def spawn_consumer(url: str, reading: bool) -> tuple[Any, Any, Any]:
+    """A consume_when_told process on `url`: (process, the event that lets it read, its results queue)."""
+    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
+    if reading:
+        start_reading.set()
+    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
+    consumer.start()
+    return consumer, start_reading, results
+
+
 def consume_tags(url: str, results: Any) -> None:
     """Read to the end; report every (thread, sequence) tag and whether each message's body was intact."""
     tags, damaged = [], 0
@@ -183,9 +193,7 @@ def fill_until_blocked(producer: podipc.Producer, digest: Any) -> Blocked:
 
 def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_stream(scheme: str) -> None:
     url = url_for(scheme)
-    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
-    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
-    consumer.start()
+    consumer, start_reading, results = spawn_consumer(url, reading=False)
     producer = podipc.producer(url)
     digest = hashlib.sha256()
     blocked = fill_until_blocked(producer, digest)
@@ -205,9 +213,7 @@ def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_strea
 
 def test_abort_from_another_thread_wakes_a_blocked_send_and_the_consumer_sees_peer_gone(scheme: str) -> None:
     url = url_for(scheme)
-    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
-    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
-    consumer.start()
+    consumer, start_reading, results = spawn_consumer(url, reading=False)
     producer = podipc.producer(url)
     blocked = fill_until_blocked(producer, hashlib.sha256())
     aborted_at = time.monotonic()
@@ -246,9 +252,7 @@ def test_close_from_a_signal_handler_wakes_the_recv_it_interrupted_and_frees_aft
 
 def test_close_from_a_signal_handler_during_a_blocked_send_ends_the_stream_as_the_send_leaves(scheme: str) -> None:
     url = url_for(scheme)
-    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
-    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
-    consumer.start()
+    consumer, start_reading, results = spawn_consumer(url, reading=False)
     producer = podipc.producer(url)
     digest = hashlib.sha256()
 
@@ -319,10 +323,7 @@ def test_recv_with_timeout_zero_returns_each_of_ten_waiting_messages(scheme: str
 
 def test_send_with_timeout_zero_goes_out_on_an_idle_connection(scheme: str) -> None:
     url = url_for(scheme)
-    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
-    start_reading.set()
-    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
-    consumer.start()
+    consumer, _, results = spawn_consumer(url, reading=True)
     digest = hashlib.sha256()
     with podipc.producer(url) as producer:
         deadline = time.monotonic() + 30
@@ -488,10 +489,7 @@ def use_inherited(endpoint: Any, results: Any) -> None:
 
 def test_a_forked_child_cannot_use_the_parents_endpoints_and_the_parents_stream_goes_on(scheme: str) -> None:
     url = url_for(scheme)
-    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
-    start_reading.set()
-    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
-    consumer.start()
+    consumer, _, results = spawn_consumer(url, reading=True)
     digest = hashlib.sha256()
     with podipc.producer(url) as producer:
         for index in range(100):
@@ -606,10 +604,7 @@ print(json.dumps({"count": count, "signal": stop.received, "ended": inbox.ended}
 
 def test_sigterm_to_a_producer_under_close_on_signals_ends_the_stream_gracefully(scheme: str) -> None:
     url = url_for(scheme)
-    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
-    start_reading.set()
-    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
-    consumer.start()
+    consumer, _, results = spawn_consumer(url, reading=True)
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = SIGTERMED_PRODUCER.format(tests=tests)
     producer = subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, text=True)
@@ -701,3 +696,31 @@ def test_wait_returns_the_ready_endpoints_across_mixed_channels(scheme: str) -> 
             producer.abort()
         for consumer in consumers:
             consumer.close()
+
+
+# --- large messages ----------------------------------------------------------------
+
+
+def echo(inbound: str, outbound: str) -> None:
+    """Send back every message from `inbound` on `outbound` until the end of stream."""
+    with podipc.consumer(inbound) as inbox, podipc.producer(outbound) as out:
+        for message in inbox:
+            out.send(message)
+
+
+def test_a_send_returns_only_when_a_large_message_can_arrive_whole(scheme: str) -> None:
+    """A frame larger than the socket buffer must not wait for a later call to finish going out."""
+    there, back = url_for(scheme), url_for(scheme)
+    echoer = CONTEXT.Process(target=echo, args=(there, back))
+    echoer.start()
+    with podipc.producer(there) as out, podipc.consumer(back) as inbox:
+        for index in range(5):
+            message = payload(index, 1 << 20)
+            out.send(message, timeout=30)  # a timed send takes the attempt-and-wait path
+            assert inbox.recv(timeout=30) == message
+            out.send(message)
+            assert inbox.recv(timeout=30) == message
+        out.close()
+        assert list(inbox) == []
+    echoer.join(30)
+    assert echoer.exitcode == 0
