@@ -250,8 +250,8 @@ def test_cancelled_sends_send_all_or_nothing_across_a_thousand_messages(scheme: 
             for message in inbox:
                 digest.update(message)
                 count += 1
-                if count % 50 == 0:
-                    time.sleep(0.01)  # let the producer's buffer fill, so sends must wait
+                if count % 5 == 0:
+                    time.sleep(0.005)  # let the producer's buffer fill (tcp's are large), so sends must wait
         results.put((count, digest.hexdigest()))
 
     consumer = CONTEXT.Process(target=slow_consumer)
@@ -273,7 +273,7 @@ def test_cancelled_sends_send_all_or_nothing_across_a_thousand_messages(scheme: 
     cancelled = asyncio.run(main())
     assert results.get(timeout=60) == (1000, digest_of(sizes))
     consumer.join(30)
-    assert cancelled > 10
+    assert cancelled > 50
 
 
 # --- closing from the loop --------------------------------------------------------------
