@@ -504,9 +504,10 @@ class _Endpoint(ABC):
         Stable for the endpoint's life: an epoll descriptor that follows the transport's
         readiness (sockets come and go underneath), created on the first call. Readiness
         is a hint, like zmq's FD: after it fires, call try_recv()/try_send() until they
-        return None/False (a consumer may hold several messages already read). Raises
-        ChannelUnavailable on channels that have no descriptor (podipc.wait() and
-        podipc.aio still handle them).
+        return None/False (a consumer may hold several messages already read). A stream
+        producer has something to watch only once it began connecting: call poll() or
+        try_send() once first. Raises ChannelUnavailable on channels that have no
+        descriptor (podipc.wait() and podipc.aio still handle them).
         """
         if self._state:
             self._check_usable()
