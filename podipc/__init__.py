@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 
 from podipc.address import Address, parse_address
 from podipc.channel import ChannelInfo, Consumer, Producer, channels, consumer, producer
@@ -18,6 +20,8 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
+from podipc.readiness import wait
+from podipc.signals import close_on_signals
 
 try:
     __version__ = version("podipc")
@@ -40,8 +44,18 @@ __all__ = [
     "ProtocolError",
     "Timeout",
     "__version__",
+    "aio",
     "channels",
+    "close_on_signals",
     "consumer",
     "parse_address",
     "producer",
+    "wait",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    """podipc.aio is imported on first use (it imports asyncio, which sync programs need not pay for)."""
+    if name == "aio":
+        return importlib.import_module("podipc.aio")
+    raise AttributeError(f"module 'podipc' has no attribute {name!r}")

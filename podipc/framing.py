@@ -132,7 +132,20 @@ class FrameReader:
         ProtocolError for a length above max_message_size; errors of `source` (timeouts)
         pass through and leave the reader ready to go on.
         """
-        if not self._end and self._payload_length < 0:
+        end = self._end
+        if end:
+            # frames already buffered (a large payload in progress keeps the buffer empty)
+            start = self._start
+            if end - start >= HEADER_SIZE:
+                length = self._unpack_from(self._buffer, start)[0]
+                stop = start + HEADER_SIZE + length
+                if stop <= end and length <= self.max_message_size:
+                    if stop == end:
+                        self._start = self._end = 0
+                    else:
+                        self._start = stop
+                    return self._view[start + HEADER_SIZE : stop].tobytes()
+        elif self._payload_length < 0:
             received = source.recv_into(self._view, self._receive_size)
             if not received:
                 self._raise_truncated(0)

@@ -1,20 +1,32 @@
 """The stream-socket Producer and Consumer that tcp:// and unix:// share.
 
-A transport subclass says only how to listen (`_listen`) and how to connect
-(`_connect_once`); everything else is here: the hello handshake, frames
-(podipc.framing), end of stream with its ack, timeouts and error translation.
+A transport subclass says only how to listen (`_listen`) and which socket to connect
+to (`_connection_socket`); everything else is here: the hello handshake, frames
+(podipc.framing), end of stream with its ack, and error translation. Both sides
+implement the endpoint contract of podipc.channel (non-blocking attempts, a stable
+readiness descriptor, release only when no call is inside); they are the reference
+implementation other transports follow.
 
 Consumer: listens at open; a small acceptor thread answers connections from then on,
 so a producer can start sending before the consumer's first recv. The first
 connection that sends the podipc HELLO is attached (answered with HELLO); later ones
 get BUSY; connections whose first bytes are not HELLO are dropped and counted, and a
-consumer that then times out says so (PeerTimeout names the bytes it saw).
+consumer that then times out says so (PeerTimeout names the bytes it saw). Readiness:
+the acceptor's "attached" eventfd, then the connection. A recv without a timeout reads the blocking socket directly (the fast path);
+close() from elsewhere wakes it with shutdown(SHUT_RD).
 
-Producer: connects on its first send (or close), retrying until the `wait` deadline
-since the consumer may start later, sends HELLO and waits for the answer. A frame
-that went out partly before a send's deadline is still counted as sent: its rest is
-kept and goes out first on the next send or close, so a Timeout always means that
-nothing of that message was sent.
+Producer: connects (non-blocking) on its first send, try_send or close, retrying until
+the `wait` deadline since the consumer may start later, sends HELLO and waits for the
+answer. Its socket is non-blocking: a frame that went out only partly counts as sent,
+its rest is kept and goes out first on the next send or close, so a Timeout (or a
+ChannelClosed from a close elsewhere) always means that nothing of that message was
+sent. Readiness: the socket (for writing, or for reading while it awaits the hello
+answer or the end-of-stream ack); before it connects, a retry time.
+
+Neither side keeps its socket registered anywhere while it does not wait: a wait-queue
+entry on a socket makes every send or receive of the peer run a wakeup callback, which
+costs the other side measurably. fileno() (the base's stable epoll mirror) is created
+only when asked for.
 """
 
 from __future__ import annotations
@@ -26,12 +38,11 @@ import select
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, earliest, remaining
+from podipc.channel import Consumer, Option, Producer
 from podipc.errors import (
     ChannelUnavailable,
     EndOfStream,
@@ -39,7 +50,6 @@ from podipc.errors import (
     PeerTimeout,
     PodIPCError,
     ProtocolError,
-    Timeout,
 )
 from podipc.framing import (
     ACK,
@@ -53,6 +63,7 @@ from podipc.framing import (
     check_max_message_size,
     end_of_stream_frame,
 )
+from podipc.waking import POLLIN, wait_for
 
 MAX_MESSAGE_OPTION = Option(
     "max_message_size",
@@ -86,17 +97,10 @@ NOT_LISTENING_ERRNOS = frozenset(
 )
 
 _SEND_FLAGS = socket.MSG_NOSIGNAL
+_DONTWAIT = socket.MSG_DONTWAIT
 _pack_header = HEADER.pack
-_open_endpoints: weakref.WeakSet[StreamProducer | StreamConsumer] = weakref.WeakSet()
-
-
-def _forget_after_fork() -> None:
-    """In a forked child, drop the copies of the parent's sockets without touching the parent's stream."""
-    for endpoint in list(_open_endpoints):
-        endpoint._drop_inherited()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
+_POLLOUT = select.POLLOUT
+_ATTACHED = (1).to_bytes(8, "little")
 
 
 def peer_gone(error: OSError, what: str, peer: str) -> PeerGone:
@@ -109,17 +113,20 @@ def peer_gone(error: OSError, what: str, peer: str) -> PeerGone:
 
 
 class _Acceptor:
-    """Answers connections on a listening socket in a thread: attaches one producer, refuses the rest."""
+    """Answers connections on a listening socket in a thread: attaches one producer, refuses the rest.
+
+    Makes `attached_fd` (an eventfd) readable once a producer is attached or listening failed.
+    """
 
     def __init__(self, listener: socket.socket, configure: Any, name: str) -> None:
         self.listener = listener
         self.configure = configure
         self.attached: socket.socket | None = None
-        self.attached_event = threading.Event()
         self.rejected = 0
         self.first_rejected: bytes | None = None
         self.refused_busy = 0
         self.failure: OSError | None = None
+        self.attached_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._pending: dict[int, tuple[socket.socket, bytearray, float]] = {}
         self._thread = threading.Thread(target=self._run, name=f"podipc-acceptor {name}", daemon=True)
@@ -133,19 +140,26 @@ class _Acceptor:
             os.write(self._wake_write, b"x")
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(ACCEPTOR_JOIN_SECONDS)
-        os.close(self._wake_write)
-        os.close(self._wake_read)
-        self._wake_write = self._wake_read = -1
+        self._close_descriptors()
 
     def drop_inherited(self) -> None:
-        """After fork: the thread is not here; close the pipe and pending copies only."""
+        """After fork: the thread is not here; close the pipe, the eventfd and pending copies only."""
         for connection, _, _ in self._pending.values():
             connection.close()
         self._pending.clear()
+        if self.attached is not None:
+            self.attached.close()
+        self._close_descriptors()
+
+    def _close_descriptors(self) -> None:
         if self._wake_write >= 0:
             os.close(self._wake_write)
             os.close(self._wake_read)
-            self._wake_write = self._wake_read = -1
+            os.close(self.attached_fd)
+            self._wake_write = self._wake_read = self.attached_fd = -1
+
+    def _signal(self) -> None:
+        os.write(self.attached_fd, _ATTACHED)
 
     def _run(self) -> None:
         poller = select.poll()
@@ -164,7 +178,7 @@ class _Acceptor:
                 self._expire(poller)
         except OSError as exc:  # the listener broke: tell the waiting recv
             self.failure = exc
-            self.attached_event.set()
+            self._signal()
         finally:
             for connection, _, _ in self._pending.values():
                 connection.close()
@@ -215,11 +229,12 @@ class _Acceptor:
         try:
             connection.send(HELLO, _SEND_FLAGS)
             self.configure(connection)
+            connection.setblocking(True)
         except OSError as exc:
             self._reject(connection, HELLO, exc)
             return
         self.attached = connection
-        self.attached_event.set()
+        self._signal()
 
     def _reject(self, connection: socket.socket, first_bytes: bytes, error: OSError | None = None) -> None:
         self.rejected += 1
@@ -254,10 +269,26 @@ class _Acceptor:
         return "".join(parts)
 
 
+class _DontWait:
+    """A blocking socket read once without waiting (MSG_DONTWAIT): what FrameReader reads in an attempt."""
+
+    __slots__ = ("_socket",)
+
+    def __init__(self, connection: socket.socket) -> None:
+        self._socket = connection
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
+        return self._socket.recv_into(buffer, nbytes, _DONTWAIT)
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        return self._socket.recv(bufsize, flags | _DONTWAIT)
+
+
 class StreamConsumer(Consumer):
     """The consumer of a stream-socket channel: listens at open, reads frames from one producer."""
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    waits_forever: ClassVar[bool] = True
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -269,7 +300,7 @@ class StreamConsumer(Consumer):
         self._buffered_frame = self._reader.buffered_frame
         self._read_frame = self._reader.read_frame
         self._connection: socket.socket | None = None
-        self._blocking = True
+        self._dontwait: _DontWait | None = None
         self._acceptor: _Acceptor | None = None
         self._listener: socket.socket | None = None
         try:
@@ -277,9 +308,11 @@ class StreamConsumer(Consumer):
             self._acceptor = _Acceptor(self._listener, self._configure_connection, self._what)
         except BaseException:
             self._closed = True
+            self._freed = True
+            if self._acceptor is not None:
+                self._acceptor.stop()
             self._close_listener()
             raise
-        _open_endpoints.add(self)
 
     # hooks for transports
     def _listen(self) -> socket.socket:
@@ -299,83 +332,89 @@ class StreamConsumer(Consumer):
 
     _rejected_at_close = 0
 
-    def _recv(self, deadline: float | None) -> bytes:
-        if deadline is None and self._blocking:
-            connection = self._connection
-            if connection is not None:
-                try:
-                    return self._read_frame(connection)
-                except PodIPCError as error:
-                    self._after_error(error)
-                    raise
-                except OSError as exc:
-                    raise peer_gone(exc, self._what, "producer") from exc
-        return self._recv_slowly(deadline)
+    # --- the endpoint contract ---------------------------------------------
 
-    def _recv_slowly(self, deadline: float | None) -> bytes:
+    def _recv(self, deadline: float | None) -> bytes:
+        connection = self._connection
+        if deadline is None and connection is not None:
+            try:  # the fast path: a blocking read, woken by _interrupt() when closed from elsewhere
+                return self._read_frame(connection)
+            except EndOfStream:
+                self._finish_stream()
+                raise
+            except PodIPCError:
+                raise
+            except OSError as exc:
+                raise peer_gone(exc, self._what, "producer") from exc
+        return Consumer._recv(self, deadline)
+
+    def _try_recv(self) -> bytes | None:
         frame = self._buffered_frame()
         if frame is not None:
             return frame
-        connection = self._connection
-        if connection is None:
-            connection = self._wait_for_producer(deadline)
+        source = self._dontwait
+        if source is None:
+            if not self._adopt():
+                return None
+            source = self._dontwait
+            assert source is not None
         try:
-            if deadline is None:
-                if not self._blocking:
-                    connection.settimeout(None)
-                    self._blocking = True
-                return self._read_frame(connection)
-            self._blocking = False
-            return self._read_frame(_DeadlineSocket(connection, deadline))
-        except PodIPCError as error:
-            self._after_error(error)
+            return self._read_frame(source)
+        except BlockingIOError:
+            return None
+        except EndOfStream:
+            self._finish_stream()
             raise
-        except TimeoutError as exc:
-            raise Timeout(f"no message on {self._what} within the timeout") from exc
+        except PodIPCError:
+            raise
         except OSError as exc:
             raise peer_gone(exc, self._what, "producer") from exc
 
-    def _after_error(self, error: PodIPCError) -> None:
-        """At the end of stream, acknowledge it and free everything."""
-        if isinstance(error, EndOfStream):
-            self._finish()
-
-    def _wait_for_producer(self, deadline: float | None) -> socket.socket:
+    def _adopt(self) -> bool:
+        """Take the connection the acceptor attached, if any; raise if listening failed."""
         acceptor = self._acceptor
         if acceptor is None:
             raise PeerGone(f"{self._what}: the consumer has stopped listening")
-        limit = earliest(deadline, self.wait_deadline)
-        acceptor.attached_event.wait(remaining(limit))
         if acceptor.failure is not None:
             raise ChannelUnavailable(f"{self._what}: listening failed: {acceptor.failure}") from acceptor.failure
         connection = acceptor.attached
         if connection is None:
-            if deadline is not None and deadline < self.wait_deadline:
-                raise Timeout(f"no producer attached to {self._what} within the timeout")
-            raise PeerTimeout(
-                f"no producer connected to {self._what} within the wait timeout "
-                f"(wait={self.settings['wait']:g}s){acceptor.describe_rejections()}"
-            )
-        connection.setblocking(True)
-        self._blocking = True
+            return False
+        self._dontwait = _DontWait(connection)
         self._connection = connection
-        return connection
+        self._peer_seen = True
+        self._readiness_changed()
+        return True
 
-    def _finish(self) -> None:
-        """The end of stream arrived: acknowledge it and free everything."""
+    def _readiness(self) -> tuple[int, int, float | None]:
         connection = self._connection
         if connection is not None:
-            try:
-                connection.settimeout(None)
+            return connection.fileno(), POLLIN, None
+        acceptor = self._acceptor
+        return (acceptor.attached_fd if acceptor is not None else -1), POLLIN, None
+
+    def _peer_timeout(self) -> PeerTimeout:
+        rejections = self._acceptor.describe_rejections() if self._acceptor is not None else ""
+        return PeerTimeout(
+            f"no producer connected to {self._what} within the wait timeout "
+            f"(wait={self.settings['wait']:g}s){rejections}"
+        )
+
+    def _interrupt(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RD)
+
+    def _finish_stream(self) -> None:
+        """The end of stream arrived: acknowledge it and free everything (we are the call inside)."""
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(OSError):
                 connection.send(ACK, _SEND_FLAGS)
-            except OSError:
-                pass
-        self._release()
+        self._free_once()
 
-    def _close(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
+    def _free(self) -> None:
         acceptor = self._acceptor
         if acceptor is not None:
             acceptor.stop()
@@ -386,8 +425,8 @@ class StreamConsumer(Consumer):
             self._connection = None
         elif acceptor is not None and acceptor.attached is not None:
             acceptor.attached.close()
+        self._dontwait = None
         self._close_listener()
-        _open_endpoints.discard(self)
 
     def _close_listener(self) -> None:
         if self._listener is None:
@@ -404,40 +443,20 @@ class StreamConsumer(Consumer):
             if held is not None:
                 held.close()
         self._connection = self._listener = None
-        self._closed = True
-
-
-class _DeadlineSocket:
-    """A socket seen through a deadline: every receive waits at most until then."""
-
-    __slots__ = ("_deadline", "_socket")
-
-    def __init__(self, connection: socket.socket, deadline: float) -> None:
-        self._socket = connection
-        self._deadline = deadline
-
-    def _arm(self) -> None:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline passed")
-        self._socket.settimeout(left)
-
-    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
-        self._arm()
-        return self._socket.recv_into(buffer, nbytes)
-
-    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
-        self._arm()
-        return self._socket.recv(bufsize, flags)
+        self._dontwait = None
+        self._freed = True
 
 
 # --- producer --------------------------------------------------------------
+
+_UNCONNECTED, _CONNECTING, _HELLO, _READY, _ENDING, _DONE = range(6)
 
 
 class StreamProducer(Producer):
     """The producer of a stream-socket channel: connects on first use, sends frames."""
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    waits_forever: ClassVar[bool] = True
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -446,181 +465,214 @@ class StreamProducer(Producer):
         self.max_message_fix = f"raise max_message_size= on both sides (at most {MAX_FRAME_LENGTH})"
         self._what = address.location
         self._socket: socket.socket | None = None
+        self._phase = _UNCONNECTED
         self._answer = bytearray()
-        self._ready = False
+        self._answer_deadline = 0.0
+        self._retry_at = 0.0
+        self._retry_pause = CONNECT_RETRY_FIRST_SECONDS
+        self._last_error: OSError | None = None
+        self._pending = memoryview(b"")
         self._fast = False
-        """Connected, blocking and nothing pending: send() may go straight to the socket."""
-        self._blocking = True
-        self._pending = b""
-        self._sendall: Any = None
+        """Ready and nothing pending: send() may go straight to the socket."""
+        self._sock_send: Any = None
         self._sendmsg: Any = None
-        _open_endpoints.add(self)
+        self._interest = POLLIN
 
-    def _connect_once(self, timeout: float | None) -> socket.socket:
-        """One connection attempt; OSError with an errno in NOT_LISTENING_ERRNOS means try again."""
+    # hooks for transports
+    def _connection_socket(self) -> tuple[socket.socket, Any]:
+        """A new socket of the right family, and the address to connect it to."""
         raise NotImplementedError
 
     def _unreachable(self, error: OSError) -> ChannelUnavailable:
         """The error for a connection attempt that retrying cannot fix."""
         return ChannelUnavailable(f"cannot connect to {self._what}: {error.strerror or error}")
 
+    # --- sending -------------------------------------------------------------
+
     def _send(self, view: memoryview, deadline: float | None) -> None:
-        if deadline is None and self._fast:
+        if self._fast:
             nbytes = len(view)
             try:
                 if nbytes <= COALESCE_SIZE:
-                    self._sendall(_pack_header(nbytes) + view, _SEND_FLAGS)
+                    sent = self._sock_send(_pack_header(nbytes) + view, _SEND_FLAGS)
                 else:
                     sent = self._sendmsg([_pack_header(nbytes), view], (), _SEND_FLAGS)
-                    if sent != nbytes + HEADER_SIZE:
-                        self._send_pieces([_pack_header(nbytes), view], sent)
+            except BlockingIOError:
+                pass  # no room: nothing went out; wait below
             except OSError as exc:
                 raise peer_gone(exc, self._what, "consumer") from exc
-            return
-        self._send_slowly(view, deadline)
-
-    def _send_pieces(self, pieces: list[Any], sent: int = 0) -> None:
-        """Send buffers with sendmsg until all are out (blocking socket); `sent` bytes went out already."""
-        sendmsg = self._socket.sendmsg  # type: ignore[union-attr]
-        left = sum(memoryview(piece).nbytes for piece in pieces) - sent
-        while left:
-            pieces = _skip(pieces, sent)
-            sent = sendmsg(pieces, (), _SEND_FLAGS)
-            left -= sent
-
-    def _send_slowly(self, view: memoryview, deadline: float | None) -> None:
-        self._ensure_ready(deadline)
-        sock = self._socket
-        assert sock is not None
-        pieces = [_pack_header(len(view)), view]
-        try:
-            if self._pending:
-                self._flush_pending(deadline)
-            if deadline is None:
-                self._set_blocking(sock)
-                self._send_pieces(pieces)
-                self._fast = True
+            else:
+                if sent != nbytes + HEADER_SIZE:
+                    self._finish_frame(_pack_header(nbytes), view, sent, deadline)
                 return
-            self._fast = False
-            self._send_before(sock, pieces, deadline)
-        except PodIPCError:
-            raise
+        Producer._send(self, view, deadline)
+
+    def _try_send(self, view: memoryview) -> bool:
+        if self._phase != _READY and not self._progress():
+            return False
+        if self._pending and not self._flush():
+            return False
+        nbytes = len(view)
+        header = _pack_header(nbytes)
+        try:
+            sent = self._socket.sendmsg([header, view], (), _SEND_FLAGS)  # type: ignore[union-attr]
+        except BlockingIOError:
+            self._want(_POLLOUT)
+            return False
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
+        if sent != nbytes + HEADER_SIZE:
+            self._keep_rest(header, view, sent)
+        return True
 
-    def _send_before(self, sock: socket.socket, pieces: list[Any], deadline: float) -> None:
-        """Send a frame; Timeout if none of it went out by the deadline, else keep its rest pending."""
-        self._blocking = False
-        left = sum(memoryview(piece).nbytes for piece in pieces)
-        sent_any = False
-        while left:
-            wait = deadline - time.monotonic()
-            try:
-                if wait <= 0:
-                    raise TimeoutError
-                sock.settimeout(wait)
-                sent = sock.sendmsg(pieces, (), _SEND_FLAGS)
-            except TimeoutError as exc:
-                if not sent_any:
-                    raise Timeout(f"no room on {self._what} within the timeout: the consumer is not reading") from exc
-                self._pending = b"".join(bytes(piece) for piece in pieces)
-                return
-            sent_any = True
-            left -= sent
-            pieces = _skip(pieces, sent)
-
-    def _flush_pending(self, deadline: float | None) -> None:
-        """Finish the frame a previous send left partly sent (Timeout if it cannot)."""
+    def _finish_frame(self, header: bytes, view: memoryview, sent: int, deadline: float | None) -> None:
+        """A frame went out partly: send the rest from the caller's buffer while we may wait, else keep it pending."""
         sock = self._socket
         assert sock is not None
-        view = memoryview(self._pending)
-        sent_total = 0
-        try:
-            while sent_total < len(view):
-                if deadline is None:
-                    self._set_blocking(sock)
-                else:
-                    wait = deadline - time.monotonic()
-                    if wait <= 0:
-                        raise TimeoutError
-                    self._blocking = False
-                    sock.settimeout(wait)
-                sent_total += sock.send(view[sent_total:], _SEND_FLAGS)
-        except TimeoutError as exc:
-            self._pending = bytes(view[sent_total:])
-            raise Timeout(
-                f"no room on {self._what} within the timeout: the consumer is not reading "
-                "(the previous message is still going out)"
-            ) from exc
-        self._pending = b""
-
-    def _set_blocking(self, sock: socket.socket) -> None:
-        if not self._blocking:
-            sock.settimeout(None)
-            self._blocking = True
-
-    def _ensure_ready(self, deadline: float | None) -> None:
-        """Connect and complete the handshake, waiting for the consumer as the rendezvous rule says."""
-        if self._ready:
-            return
-        if self._socket is None:
-            self._socket = self._connect(deadline)
+        pieces = _skip([header, view], sent)
+        waker_fd = self._waker_fd()
+        while pieces:
+            if self._state or (deadline is not None and time.monotonic() >= deadline):
+                break  # closing or out of time: the frame counts as sent, its rest goes out first later
+            wait_for(sock.fileno(), select.POLLOUT, waker_fd, None if deadline is None else deadline - time.monotonic())
             try:
-                self._socket.send(HELLO, _SEND_FLAGS)
+                sent = sock.sendmsg(pieces, (), _SEND_FLAGS)
+            except BlockingIOError:
+                continue
             except OSError as exc:
                 raise peer_gone(exc, self._what, "consumer") from exc
-            self._answer_deadline = max(self.wait_deadline, time.monotonic() + HELLO_ANSWER_SECONDS)
-        self._await_answer(deadline)
+            pieces = _skip(pieces, sent)
+        if pieces:
+            self._pending = memoryview(b"".join(bytes(piece) for piece in pieces))
+            self._fast = False
+            self._want(_POLLOUT)
+
+    def _keep_rest(self, header: bytes, view: memoryview, sent: int) -> None:
+        self._pending = memoryview(b"".join(bytes(piece) for piece in _skip([header, view], sent)))
+        self._fast = False
+        self._want(_POLLOUT)
+
+    def _flush(self) -> bool:
+        """Send what a previous frame left pending; True when nothing is left."""
+        try:
+            sent = self._socket.send(self._pending, _SEND_FLAGS)  # type: ignore[union-attr]
+        except BlockingIOError:
+            self._want(_POLLOUT)
+            return False
+        except OSError as exc:
+            raise peer_gone(exc, self._what, "consumer") from exc
+        self._pending = self._pending[sent:]
+        if self._pending:
+            self._want(_POLLOUT)
+            return False
+        if self._phase == _READY:
+            self._fast = True
+        return True
+
+    def _try_flush(self) -> bool:
+        return not self._pending or self._flush()
+
+    def _try_prepare(self) -> bool:
+        if self._phase != _READY and not self._progress():
+            return False
+        if self._pending and not self._flush():
+            return False
+        self._want(_POLLOUT)
+        return True
+
+    # --- connecting and the handshake -----------------------------------------
+
+    def _progress(self) -> bool:
+        """One non-blocking step of connecting and the hello handshake; True once ready to send."""
+        if self._phase == _UNCONNECTED and not self._start_connect():
+            return False
+        if self._phase == _CONNECTING and not self._check_connected():
+            return False
+        if self._phase == _HELLO and not self._read_answer():
+            return False
+        if self._phase in (_ENDING, _DONE):
+            raise self._closed_error()
+        return self._phase == _READY
+
+    def _start_connect(self) -> bool:
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        sock, where = self._connection_socket()
+        sock.setblocking(False)
+        code = sock.connect_ex(where)
+        if code in (0, errno.EINPROGRESS):
+            self._adopt(sock)
+            self._phase = _CONNECTING
+            if code == 0:
+                return self._connected()
+            self._want(_POLLOUT)
+            return False
+        sock.close()
+        self._refused(OSError(code, os.strerror(code)))
+        return False
+
+    def _adopt(self, sock: socket.socket) -> None:
+        self._socket = sock
+        self._readiness_changed()
+
+    def _refused(self, error: OSError) -> None:
+        """A connection attempt failed: retry later if the consumer may still come, else raise."""
+        if error.errno not in NOT_LISTENING_ERRNOS:
+            raise self._unreachable(error) from error
+        self._last_error = error
+        self._retry_at = time.monotonic() + self._retry_pause
+        self._retry_pause = min(self._retry_pause * 2, CONNECT_RETRY_MAX_SECONDS)
+
+    def _check_connected(self) -> bool:
         sock = self._socket
-        sock.settimeout(None)
-        self._blocking = True
-        self._sendall = sock.sendall
-        self._sendmsg = sock.sendmsg
-        self._ready = True
-        self._fast = not self._pending
-
-    def _connect(self, deadline: float | None) -> socket.socket:
-        limit = earliest(deadline, self.wait_deadline)
-        pause = CONNECT_RETRY_FIRST_SECONDS
-        last_error: OSError | None = None
-        while True:
+        assert sock is not None
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
             try:
-                left = remaining(limit)
-                return self._connect_once(None if left is None else max(left, CONNECT_RETRY_FIRST_SECONDS))
-            except OSError as exc:
-                if exc.errno not in NOT_LISTENING_ERRNOS and not isinstance(exc, TimeoutError):
-                    raise self._unreachable(exc) from exc
-                last_error = exc
-            left = remaining(limit)
-            if left is not None and left <= 0:
-                if deadline is not None and limit == deadline and deadline < self.wait_deadline:
-                    raise Timeout(f"no consumer listening at {self._what} within the timeout") from last_error
-                raise PeerTimeout(
-                    f"no consumer listening at {self._what} within the wait timeout (wait={self.settings['wait']:g}s): "
-                    f"{last_error.strerror if last_error is not None else ''}; start the consumer or raise wait="
-                ) from last_error
-            time.sleep(pause if left is None else min(pause, left))
-            pause = min(pause * 2, CONNECT_RETRY_MAX_SECONDS)
+                sock.getpeername()
+            except OSError:  # still in progress (a spurious wake)
+                self._want(_POLLOUT)
+                return False
+            return self._connected()
+        self._drop_socket()
+        self._phase = _UNCONNECTED
+        self._refused(OSError(code, os.strerror(code)))
+        return False
 
-    def _await_answer(self, deadline: float | None) -> None:
+    def _drop_socket(self) -> None:
+        sock, self._socket = self._socket, None
+        if sock is not None:
+            sock.close()
+            self._readiness_changed()
+
+    def _connected(self) -> bool:
+        sock = self._socket
+        assert sock is not None
+        self._configure(sock)
+        try:
+            sock.send(HELLO, _SEND_FLAGS)  # 8 bytes into an empty buffer: all or an error
+        except OSError as exc:
+            raise peer_gone(exc, self._what, "consumer") from exc
+        self._phase = _HELLO
+        # a consumer that accepted just before the wait deadline still gets time to answer
+        self._answer_deadline = max(self.wait_deadline, time.monotonic() + HELLO_ANSWER_SECONDS)
+        self.wait_deadline = self._answer_deadline
+        return self._read_answer()
+
+    def _configure(self, sock: socket.socket) -> None:
+        """Options for a connected socket (transport hook; tcp sets TCP_NODELAY)."""
+
+    def _read_answer(self) -> bool:
         sock = self._socket
         assert sock is not None
         answer = self._answer
-        limit = earliest(deadline, self._answer_deadline)
         while len(answer) < len(HELLO):
-            left = remaining(limit)
             try:
-                if left is not None and left <= 0:
-                    raise TimeoutError
-                sock.settimeout(left)
                 chunk = sock.recv(len(HELLO) - len(answer))
-            except TimeoutError as exc:
-                if deadline is not None and deadline < self._answer_deadline:
-                    raise Timeout(f"the consumer at {self._what} did not answer within the timeout") from exc
-                raise PeerTimeout(
-                    f"connected to {self._what}, but no podipc consumer answered the hello within the wait "
-                    f"timeout; is a podipc consumer listening there?"
-                ) from exc
+            except BlockingIOError:
+                self._want(POLLIN)
+                return False
             except ConnectionResetError as exc:
                 raise ProtocolError(
                     f"{self._what} reset the connection instead of answering the podipc hello; "
@@ -643,57 +695,81 @@ class StreamProducer(Producer):
                 f"{self._what} answered {bytes(answer)!r} instead of the podipc hello {HELLO!r}; "
                 "it is not a podipc consumer (or speaks another version)"
             )
+        self._phase = _READY
+        self._peer_seen = True
+        self._sock_send = sock.send
+        self._sendmsg = sock.sendmsg
+        self._fast = not self._pending
+        self._want(_POLLOUT)
+        return True
 
-    def _close(self, deadline: float | None) -> None:
-        self._ensure_ready(deadline)
+    def _peer_timeout(self) -> PeerTimeout:
+        if self._phase == _HELLO:
+            return PeerTimeout(
+                f"connected to {self._what}, but no podipc consumer answered the hello within the wait "
+                f"timeout; is a podipc consumer listening there?"
+            )
+        reason = self._last_error.strerror if self._last_error is not None else ""
+        return PeerTimeout(
+            f"no consumer listening at {self._what} within the wait timeout (wait={self.settings['wait']:g}s): "
+            f"{reason}; start the consumer or raise wait="
+        )
+
+    # --- readiness, closing ---------------------------------------------------
+
+    def _want(self, events: int) -> None:
+        """Say what the socket must become ready for before the next attempt (POLLIN or POLLOUT)."""
+        if events != self._interest:
+            self._interest = events
+            self._readiness_changed()
+
+    def _readiness(self) -> tuple[int, int, float | None]:
+        sock = self._socket
+        if sock is None:
+            return -1, 0, max(0.0, self._retry_at - time.monotonic())
+        return sock.fileno(), self._interest, None
+
+    def _try_close(self) -> bool:
+        if self._phase < _READY and not self._progress():
+            return False
+        if self._phase == _READY:
+            if self._pending and not self._flush():
+                return False
+            self._pending = memoryview(end_of_stream_frame())
+            self._fast = False
+            self._phase = _ENDING
+        if self._pending and not self._flush():
+            return False
+        return self._read_ack()
+
+    def _read_ack(self) -> bool:
         sock = self._socket
         assert sock is not None
         try:
-            if self._pending:
-                self._flush_pending(deadline)
-            self._send_end(sock, deadline)
-            self._await_ack(sock, deadline)
-        except PodIPCError:
-            raise
-        except TimeoutError as exc:
-            raise Timeout(f"the consumer at {self._what} did not take the end of stream within the timeout") from exc
+            answer = sock.recv(1)
+        except BlockingIOError:
+            self._want(POLLIN)
+            return False
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
-        self._release()
-
-    def _send_end(self, sock: socket.socket, deadline: float | None) -> None:
-        if deadline is None:
-            self._set_blocking(sock)
-        else:
-            sock.settimeout(max(remaining(deadline) or 0.0, 1e-6))
-        sock.sendall(end_of_stream_frame(), _SEND_FLAGS)
-
-    def _await_ack(self, sock: socket.socket, deadline: float | None) -> None:
-        sock.settimeout(None if deadline is None else max(remaining(deadline) or 0.0, 1e-6))
-        answer = sock.recv(1)
         if not answer:
             raise PeerGone(f"the consumer of {self._what} closed the connection before taking the end of stream")
         if answer != ACK:
             raise ProtocolError(f"{self._what} answered the end of stream with {answer!r} instead of {ACK!r}")
+        self._phase = _DONE
+        return True
 
-    def _abort(self) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-        self._ready = self._fast = False
-        self._sendall = None
-        self._sendmsg = None
-        _open_endpoints.discard(self)
+    def _free(self) -> None:
+        self._drop_socket()
+        self._fast = False
+        self._sock_send = self._sendmsg = None
 
     def _drop_inherited(self) -> None:
         if self._socket is not None:
             self._socket.close()
-            self._socket = None
-        self._ready = self._fast = False
-        self._closed = True
+        self._socket = None
+        self._fast = False
+        self._freed = True
 
 
 def _skip(pieces: list[Any], count: int) -> list[Any]:

@@ -98,17 +98,12 @@ class TCPProducer(StreamProducer):
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
 
-    def _connect_once(self, timeout: float | None) -> socket.socket:
+    def _connection_socket(self) -> tuple[socket.socket, tuple[str, int]]:
         family, endpoint = _endpoint(self.address.host, self.address.port)
-        connection = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            connection.settimeout(timeout)
-            connection.connect(endpoint)
-            _no_delay(connection)
-        except BaseException:
-            connection.close()
-            raise
-        return connection
+        return socket.socket(family, socket.SOCK_STREAM), endpoint
+
+    def _configure(self, sock: socket.socket) -> None:
+        _no_delay(sock)
 
 
 TRANSPORT = Transport(

@@ -220,15 +220,8 @@ class UnixProducer(StreamProducer):
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
 
-    def _connect_once(self, timeout: float | None) -> socket.socket:
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connection.settimeout(timeout)
-            connection.connect(socket_address(self.address))
-        except BaseException:
-            connection.close()
-            raise
-        return connection
+    def _connection_socket(self) -> tuple[socket.socket, str]:
+        return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), socket_address(self.address)
 
     def _unreachable(self, error: OSError) -> ChannelUnavailable:
         if error.errno == errno.EACCES:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import math
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -186,3 +188,99 @@ def test_deadlines() -> None:
 def test_unknown_scheme_suggests_the_closest() -> None:
     with pytest.raises(AddressError, match="did you mean 'udp'"):
         podipc.producer("upd://127.0.0.1:7000")
+
+
+@pytest.mark.parametrize("forever", [None, "inf", "Infinity", "forever", "none", math.inf])
+def test_wait_none_or_inf_means_forever(forever: object) -> None:
+    address = parse_address("tcp://127.0.0.1:9")
+    assert resolve_options(address, (), {"wait": forever})["wait"] == math.inf
+
+
+def test_a_transport_not_yet_on_the_contract_refuses_wait_forever_with_one_line() -> None:
+    address = parse_address("tcp://127.0.0.1:9")
+    settings = resolve_options(address, MemoryProducer.options, {"wait": None})
+    with pytest.raises(AddressError, match=r"wait=forever is not supported by tcp:// yet"):
+        MemoryProducer(address, settings, MemoryChannel())
+
+
+class ReenteringConsumer(MemoryConsumer):
+    """A consumer whose receive runs `during` on the same thread, as a signal handler would."""
+
+    during: Any = None
+
+    def _recv(self, deadline: float | None) -> bytes:
+        if self.during is not None:
+            during, self.during = self.during, None
+            during()
+        return super()._recv(deadline)
+
+
+def make_reentering() -> tuple[MemoryProducer, ReenteringConsumer]:
+    address = parse_address("tcp://127.0.0.1:9")
+    channel = MemoryChannel()
+    producer = MemoryProducer(address, resolve_options(address, MemoryProducer.options, {}), channel)
+    consumer = ReenteringConsumer(address, resolve_options(address, (), {}), channel)
+    return producer, consumer
+
+
+def test_close_from_a_handler_inside_a_call_frees_only_when_the_call_leaves() -> None:
+    producer, consumer = make_reentering()
+    producer.send(b"taken")
+    seen: list[int] = []
+
+    def handler() -> None:
+        consumer.close()
+        seen.append(consumer.closed_count)
+
+    consumer.during = handler
+    assert consumer.recv() == b"taken"  # the message it had already begun to take
+    assert seen == [0]  # not freed while the call was inside
+    assert consumer.closed_count == 1  # freed as it left
+    with pytest.raises(ChannelClosed):
+        consumer.recv()
+    producer.abort()
+
+
+def test_a_call_begun_from_a_handler_inside_a_call_is_refused_clearly() -> None:
+    producer, consumer = make_reentering()
+    producer.send(b"one")
+    producer.send(b"two")
+    errors: list[BaseException] = []
+
+    def handler() -> None:
+        try:
+            consumer.recv()
+        except RuntimeError as error:
+            errors.append(error)
+
+    consumer.during = handler
+    assert consumer.recv() == b"one"
+    assert "only close() and abort() may be called there" in str(errors[0])
+    assert consumer.recv() == b"two"
+    consumer.close()
+    producer.abort()
+
+
+def test_a_forked_child_is_told_to_open_again_and_its_close_touches_nothing() -> None:
+    producer, consumer, _ = make_pair()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            producer.send(b"from the child")
+            message = b"sent"
+        except ChannelClosed as error:
+            message = str(error).encode()
+        producer.close()
+        consumer.close()
+        os.write(write, message)
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1000).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert f"opened in process {os.getpid()} before fork(); open it again in the child" in answer
+    producer.send(b"parent")
+    producer.close()
+    assert list(consumer) == [b"parent"]
+    consumer.close()

@@ -1,0 +1,726 @@
+"""The endpoint contract (issues 11, 12): shutdown from anywhere, timeout=0, the timeout rule, threads, fork,
+signals and readiness, across real processes.
+
+Every scheme in CONTRACT_SCHEMES runs every test. A transport that implements the endpoint contract
+(podipc.channel._Endpoint's docstring) adds its scheme here and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import podipc
+
+from .harness import CONTEXT, leftovers, payload, url_for, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract")
+"""Schemes whose transports implement the endpoint contract; the later transports add theirs."""
+WAKE_SECONDS = 0.1
+"""Issue 11: a blocked call wakes within 100 ms of close()/abort()."""
+TAG = struct.Struct(">II")
+
+
+@pytest.fixture(params=CONTRACT_SCHEMES)
+def scheme(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+# --- helpers run in other processes ------------------------------------------------
+
+
+def send_then_hold(url: str, count: int, done: Any) -> None:
+    """Send `count` messages, then keep the connection open until told to end the stream."""
+    with contextlib.suppress(podipc.PeerGone), podipc.producer(url) as channel:
+        for index in range(count):
+            channel.send(payload(index, 100))
+        done.wait(60)
+
+
+def send_paced(url: str, count: int, pause: float) -> None:
+    """Send `count` messages `pause` seconds apart, then end the stream."""
+    with podipc.producer(url) as channel:
+        for index in range(count):
+            channel.send(payload(index, 100))
+            time.sleep(pause)
+
+
+def consume_when_told(url: str, start_reading: Any, results: Any) -> None:
+    """Attach, wait for the signal to read, then read to the end; report (count, sha256, how it ended)."""
+    digest, count = hashlib.sha256(), 0
+    ending = "end of stream"
+    with podipc.consumer(url, wait=60) as channel:
+        channel.poll(60)
+        start_reading.wait(60)
+        try:
+            for message in channel:
+                digest.update(message)
+                count += 1
+        except podipc.PodIPCError as error:
+            ending = type(error).__name__
+    results.put((count, digest.hexdigest(), ending))
+
+
+def spawn_consumer(url: str, reading: bool) -> tuple[Any, Any, Any]:
+    """A consume_when_told process on `url`: (process, the event that lets it read, its results queue)."""
+    start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
+    if reading:
+        start_reading.set()
+    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
+    consumer.start()
+    return consumer, start_reading, results
+
+
+def consume_tags(url: str, results: Any) -> None:
+    """Read to the end; report every (thread, sequence) tag and whether each message's body was intact."""
+    tags, damaged = [], 0
+    with podipc.consumer(url, wait=60) as channel:
+        for message in channel:
+            thread, sequence = TAG.unpack_from(message)
+            tags.append((thread, sequence))
+            damaged += message != tagged(thread, sequence)
+    results.put((tags, damaged))
+
+
+def tagged(thread: int, sequence: int) -> bytes:
+    """A message that names its thread and sequence and whose body depends on both."""
+    return TAG.pack(thread, sequence) + payload(thread * 100_003 + sequence, 24 + sequence % 200)
+
+
+# --- shutdown from anywhere ------------------------------------------------------
+
+
+class Blocked:
+    """Run `call` in a thread and record what it raised and when."""
+
+    def __init__(self, call: Any) -> None:
+        self.error: BaseException | None = None
+        self.returned = False
+        self.woke_at = 0.0
+        self.thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self.thread.start()
+
+    def _run(self, call: Any) -> None:
+        try:
+            call()
+            self.returned = True
+        except BaseException as error:
+            self.error = error
+        self.woke_at = time.monotonic()
+
+    def join(self) -> None:
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the blocked call never woke"
+
+
+@pytest.fixture
+def attached_consumer(scheme: str) -> Iterator[tuple[podipc.Consumer, str]]:
+    """A consumer in this process with a producer process attached (one message taken), holding the stream open."""
+    url = url_for(scheme)
+    consumer = podipc.consumer(url)
+    done = CONTEXT.Event()
+    producer = CONTEXT.Process(target=send_then_hold, args=(url, 1, done))
+    producer.start()
+    assert consumer.recv(timeout=30) == payload(0, 100)
+    yield consumer, url
+    consumer.close()
+    done.set()
+    producer.join(30)
+
+
+def test_close_from_another_thread_wakes_a_recv_blocked_on_an_attached_producer(
+    attached_consumer: tuple[podipc.Consumer, str],
+) -> None:
+    consumer, _ = attached_consumer
+    blocked = Blocked(consumer.recv)
+    time.sleep(0.3)
+    closed_at = time.monotonic()
+    consumer.close()
+    blocked.join()
+    assert isinstance(blocked.error, podipc.ChannelClosed)
+    assert blocked.woke_at - closed_at < WAKE_SECONDS
+
+
+def test_close_from_another_thread_wakes_a_recv_waiting_for_the_producer(scheme: str) -> None:
+    url = url_for(scheme, wait=60)
+    consumer = podipc.consumer(url)
+    blocked = Blocked(consumer.recv)
+    time.sleep(0.3)
+    closed_at = time.monotonic()
+    consumer.close()
+    blocked.join()
+    assert isinstance(blocked.error, podipc.ChannelClosed)
+    assert blocked.woke_at - closed_at < WAKE_SECONDS
+    assert wait_until(lambda: not leftovers(url), 5)
+
+
+def fill_until_blocked(producer: podipc.Producer, digest: Any) -> Blocked:
+    """Send in a thread until a send blocks; the digest covers every send that returned."""
+    sent = [0]
+
+    def send_forever() -> None:
+        while True:
+            message = payload(sent[0], 4096)
+            producer.send(message)
+            digest.update(message)
+            sent[0] += 1
+
+    blocked = Blocked(send_forever)
+    previous = -1
+    while previous != sent[0]:  # the count stops moving once a send blocks
+        previous = sent[0]
+        time.sleep(0.3)
+    assert sent[0] > 0
+    return blocked
+
+
+def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_stream(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    producer = podipc.producer(url)
+    digest = hashlib.sha256()
+    blocked = fill_until_blocked(producer, digest)
+    closed_at = time.monotonic()
+    closer = Blocked(lambda: producer.close(timeout=30))
+    blocked.join()
+    assert isinstance(blocked.error, podipc.ChannelClosed)
+    assert blocked.woke_at - closed_at < WAKE_SECONDS
+    start_reading.set()
+    closer.join()
+    assert closer.returned, closer.error
+    count, received, ending = results.get(timeout=60)
+    consumer.join(30)
+    assert ending == "end of stream"
+    assert received == digest.hexdigest(), f"the consumer got {count} messages, not what the producer sent"
+
+
+def test_abort_from_another_thread_wakes_a_blocked_send_and_the_consumer_sees_peer_gone(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    producer = podipc.producer(url)
+    blocked = fill_until_blocked(producer, hashlib.sha256())
+    aborted_at = time.monotonic()
+    producer.abort()
+    blocked.join()
+    assert isinstance(blocked.error, podipc.ChannelClosed)
+    assert blocked.woke_at - aborted_at < WAKE_SECONDS
+    start_reading.set()
+    _, _, ending = results.get(timeout=60)
+    consumer.join(30)
+    assert ending == "PeerGone"
+
+
+def test_close_from_a_signal_handler_wakes_the_recv_it_interrupted_and_frees_after(scheme: str) -> None:
+    url = url_for(scheme, wait=60)
+    consumer = podipc.consumer(url)
+    handled: list[float] = []
+
+    def close_now(signum: int, frame: object) -> None:
+        handled.append(time.monotonic())
+        consumer.close()
+
+    previous = signal.signal(signal.SIGALRM, close_now)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(podipc.ChannelClosed):
+            consumer.recv()
+        woke_at = time.monotonic()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert woke_at - handled[0] < WAKE_SECONDS
+    with podipc.consumer(url):  # the address was freed as the interrupted recv left
+        pass
+
+
+def test_close_from_a_signal_handler_during_a_blocked_send_ends_the_stream_as_the_send_leaves(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    producer = podipc.producer(url)
+    digest = hashlib.sha256()
+
+    def close_now(signum: int, frame: object) -> None:
+        start_reading.set()
+        producer.close(timeout=30)
+
+    previous = signal.signal(signal.SIGALRM, close_now)
+    sent = 0
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        with pytest.raises(podipc.ChannelClosed):
+            while True:
+                message = payload(sent, 4096)
+                producer.send(message)
+                digest.update(message)
+                sent += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    count, received, ending = results.get(timeout=60)
+    consumer.join(30)
+    assert (count, received, ending) == (sent, digest.hexdigest(), "end of stream")
+
+
+def test_two_hundred_closes_from_another_thread_never_crash_or_hang(scheme: str) -> None:
+    for round_number in range(200):
+        url = url_for(scheme, wait=60)
+        consumer = podipc.consumer(url)
+        producer = None
+        if round_number % 2:
+            producer = podipc.producer(url)
+            producer.send(b"one")
+            assert consumer.recv(timeout=30) == b"one"
+        blocked = Blocked(consumer.recv)
+        time.sleep(0.002 * (round_number % 5))
+        consumer.close()
+        blocked.join()
+        assert isinstance(blocked.error, podipc.ChannelClosed), blocked.error
+        if producer is not None:
+            producer.abort()
+
+
+# --- timeout=0, the timeout rule, waiting forever ---------------------------------
+
+
+def test_recv_with_timeout_zero_returns_each_of_ten_waiting_messages(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer = podipc.consumer(url)
+    done = CONTEXT.Event()
+    producer = CONTEXT.Process(target=send_then_hold, args=(url, 10, done))
+    producer.start()
+    try:
+        assert consumer.poll(30)
+        time.sleep(0.3)  # all ten are in the socket buffer now
+        assert [consumer.recv(timeout=0) for _ in range(10)] == [payload(index, 100) for index in range(10)]
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0)
+        assert consumer.try_recv() is None
+        done.set()
+        with pytest.raises(podipc.EndOfStream):
+            consumer.recv(timeout=30)
+    finally:
+        done.set()
+        producer.join(30)
+        consumer.close()
+
+
+def test_send_with_timeout_zero_goes_out_on_an_idle_connection(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer, _, results = spawn_consumer(url, reading=True)
+    digest = hashlib.sha256()
+    with podipc.producer(url) as producer:
+        deadline = time.monotonic() + 30
+        while not producer.try_send(b"first"):  # connecting and the hello take a few attempts
+            assert time.monotonic() < deadline
+            producer.poll(0.1)
+        digest.update(b"first")
+        time.sleep(0.2)
+        producer.send(b"second", timeout=0)
+        assert producer.try_send(b"third")
+        digest.update(b"second" + b"third")
+    count, received, ending = results.get(timeout=60)
+    consumer.join(30)
+    assert (count, received, ending) == (3, digest.hexdigest(), "end of stream")
+
+
+def elapsed(call: Any) -> tuple[BaseException | None, float]:
+    started = time.monotonic()
+    try:
+        call()
+    except podipc.PodIPCError as error:
+        return error, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def test_the_calls_own_timeout_raises_timeout_even_before_the_peer_appeared(scheme: str) -> None:
+    consumer = podipc.consumer(url_for(scheme, wait=30))
+    error, seconds = elapsed(lambda: consumer.recv(timeout=0.3))
+    consumer.close()
+    assert type(error) is podipc.Timeout and 0.25 <= seconds < 2
+    producer = podipc.producer(url_for(scheme, wait=30))
+    error, seconds = elapsed(lambda: producer.send(b"x", timeout=0.3))
+    producer.abort()
+    assert type(error) is podipc.Timeout and 0.25 <= seconds < 2
+
+
+def test_the_wait_deadline_raises_peer_timeout_when_it_comes_first(scheme: str) -> None:
+    consumer = podipc.consumer(url_for(scheme, wait=0.3))
+    error, seconds = elapsed(lambda: consumer.recv(timeout=10))
+    assert isinstance(error, podipc.PeerTimeout) and 0.25 <= seconds < 2
+    with pytest.raises(podipc.PeerTimeout):
+        consumer.try_recv()
+    consumer.close()
+    producer = podipc.producer(url_for(scheme, wait=0.3))
+    error, seconds = elapsed(lambda: producer.send(b"x", timeout=10))
+    assert isinstance(error, podipc.PeerTimeout) and 0.25 <= seconds < 2
+    with pytest.raises(podipc.PeerTimeout):
+        producer.try_send(b"x")
+    producer.abort()
+
+
+def test_try_calls_before_the_wait_deadline_say_not_yet(scheme: str) -> None:
+    url = url_for(scheme, wait=30)
+    consumer = podipc.consumer(url)
+    assert consumer.try_recv() is None
+    assert not consumer.poll(0)
+    consumer.close()
+
+
+def test_once_the_peer_was_seen_a_timeout_is_never_peer_timeout(
+    attached_consumer: tuple[podipc.Consumer, str],
+) -> None:
+    consumer, _ = attached_consumer
+    consumer.wait_deadline = time.monotonic() - 1  # long past: only the call's own timeout counts now
+    error, _ = elapsed(lambda: consumer.recv(timeout=0.2))
+    assert type(error) is podipc.Timeout
+
+
+@pytest.mark.parametrize("forever", [None, "inf", "forever", "none"])
+def test_wait_forever_never_raises_peer_timeout(scheme: str, forever: object) -> None:
+    url = url_for(scheme)
+    consumer = podipc.consumer(url, wait=forever)
+    assert consumer.wait_deadline == math.inf
+    error, _ = elapsed(lambda: consumer.recv(timeout=0.3))
+    assert type(error) is podipc.Timeout
+    producer = CONTEXT.Process(target=send_paced, args=(url, 1, 0.0))
+    producer.start()
+    try:
+        assert list(consumer) == [payload(0, 100)]
+    finally:
+        producer.join(30)
+        consumer.close()
+
+
+def test_wait_forever_in_the_url(scheme: str) -> None:
+    producer = podipc.producer(url_for(scheme, wait="inf"))
+    assert producer.wait_deadline == math.inf
+    error, _ = elapsed(lambda: producer.send(b"x", timeout=0.3))
+    producer.abort()
+    assert type(error) is podipc.Timeout
+
+
+# --- threads -------------------------------------------------------------------
+
+
+def test_four_threads_sharing_a_producer_deliver_every_message_whole_once_and_in_order_per_thread(scheme: str) -> None:
+    url = url_for(scheme)
+    results = CONTEXT.Queue()
+    consumer = CONTEXT.Process(target=consume_tags, args=(url, results))
+    consumer.start()
+    threads_count, per_thread = 4, 3000
+    with podipc.producer(url) as producer:
+        senders = [
+            threading.Thread(target=lambda n=n: [producer.send(tagged(n, i)) for i in range(per_thread)])
+            for n in range(threads_count)
+        ]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(60)
+    tags, damaged = results.get(timeout=60)
+    consumer.join(30)
+    assert damaged == 0
+    assert len(tags) == threads_count * per_thread
+    for n in range(threads_count):
+        assert [sequence for thread, sequence in tags if thread == n] == list(range(per_thread))
+
+
+def test_three_threads_sharing_a_consumer_get_every_message_once(scheme: str) -> None:
+    url = url_for(scheme)
+    count = 6000
+    consumer = podipc.consumer(url)
+    producer = CONTEXT.Process(target=send_paced, args=(url, count, 0.0))
+    producer.start()
+    taken: list[list[bytes]] = [[], [], []]
+
+    def take(into: list[bytes]) -> None:
+        try:
+            while True:
+                into.append(consumer.recv(timeout=30))
+        except podipc.EndOfStream:
+            pass
+
+    readers = [threading.Thread(target=take, args=(into,)) for into in taken]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(60)
+    producer.join(30)
+    consumer.close()
+    assert sorted(m for part in taken for m in part) == sorted(payload(index, 100) for index in range(count))
+    for part in taken:  # order per thread: each thread saw increasing indexes
+        indexes = [struct.unpack_from(">Q", message)[0] for message in part]
+        assert indexes == sorted(indexes)
+
+
+# --- fork ------------------------------------------------------------------------
+
+
+def use_inherited(endpoint: Any, results: Any) -> None:
+    """In a forked child: using the parent's endpoint must say to open it again; close() must touch nothing."""
+    try:
+        if isinstance(endpoint, podipc.Producer):
+            endpoint.send(b"from the child")
+        else:
+            endpoint.recv(timeout=1)
+    except podipc.ChannelClosed as error:
+        results.put(str(error))
+    else:
+        results.put("no error")
+    endpoint.close()
+
+
+def test_a_forked_child_cannot_use_the_parents_endpoints_and_the_parents_stream_goes_on(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer, _, results = spawn_consumer(url, reading=True)
+    digest = hashlib.sha256()
+    with podipc.producer(url) as producer:
+        for index in range(100):
+            producer.send(payload(index, 300))
+            digest.update(payload(index, 300))
+        answers = CONTEXT.Queue()
+        child = CONTEXT.Process(target=use_inherited, args=(producer, answers))
+        child.start()
+        message = answers.get(timeout=30)
+        child.join(30)
+        assert child.exitcode == 0
+        assert f"opened in process {os.getpid()} before fork(); open it again in the child" in message
+        for index in range(100, 200):
+            producer.send(payload(index, 300))
+            digest.update(payload(index, 300))
+    assert results.get(timeout=60) == (200, digest.hexdigest(), "end of stream")
+    consumer.join(30)
+
+
+def test_a_forked_child_cannot_use_the_parents_consumer_and_the_parent_reads_on(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer = podipc.consumer(url)
+    producer = CONTEXT.Process(target=send_paced, args=(url, 50, 0.01))
+    producer.start()
+    received = [consumer.recv(timeout=30)]
+    answers = CONTEXT.Queue()
+    child = CONTEXT.Process(target=use_inherited, args=(consumer, answers))
+    child.start()
+    assert "before fork(); open it again in the child" in answers.get(timeout=30)
+    child.join(30)
+    received += list(consumer)
+    producer.join(30)
+    consumer.close()
+    assert received == [payload(index, 100) for index in range(50)]
+
+
+# --- signals ---------------------------------------------------------------------
+
+
+def test_a_handler_that_only_sets_a_flag_leaves_blocking_calls_working(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer = podipc.consumer(url)
+    producer = CONTEXT.Process(target=send_paced, args=(url, 20, 0.05))
+    ticks = [0]
+
+    def tick(signum: int, frame: object) -> None:
+        ticks[0] += 1
+
+    previous = signal.signal(signal.SIGALRM, tick)
+    producer.start()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.005, 0.005)
+        received = list(consumer)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        producer.join(30)
+        consumer.close()
+    assert received == [payload(index, 100) for index in range(20)]
+    assert ticks[0] > 20
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_handler_that_raises_gets_through_a_blocked_recv_promptly(scheme: str) -> None:
+    consumer = podipc.consumer(url_for(scheme, wait=60))
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            consumer.recv()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 1.0
+    assert consumer.try_recv() is None  # still usable
+    consumer.close()
+
+
+SIGTERMED_PRODUCER = """
+import hashlib, json, sys, time, podipc
+sys.path.insert(0, {tests!r})
+from integration.harness import payload
+digest, count = hashlib.sha256(), 0
+with podipc.producer(sys.argv[1]) as out, podipc.close_on_signals(out) as stop:
+    while True:
+        message = payload(count, 100)
+        out.send(message)
+        digest.update(message)
+        count += 1
+        time.sleep(0.001)
+print(json.dumps({{"count": count, "sha256": digest.hexdigest(), "signal": stop.received}}), flush=True)
+"""
+
+SIGTERMED_CONSUMER = """
+import json, sys, podipc
+count = 0
+with podipc.consumer(sys.argv[1]) as inbox, podipc.close_on_signals(inbox) as stop:
+    print("ready", flush=True)
+    for message in inbox:
+        count += 1
+print(json.dumps({"count": count, "signal": stop.received, "ended": inbox.ended}), flush=True)
+"""
+
+
+def test_sigterm_to_a_producer_under_close_on_signals_ends_the_stream_gracefully(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer, _, results = spawn_consumer(url, reading=True)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = SIGTERMED_PRODUCER.format(tests=tests)
+    producer = subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    producer.send_signal(signal.SIGTERM)
+    output, _ = producer.communicate(timeout=10)
+    assert producer.returncode == 0
+    summary = json.loads(output)
+    assert summary["signal"] == signal.SIGTERM and summary["count"] > 10
+    assert results.get(timeout=30) == (summary["count"], summary["sha256"], "end of stream")
+    consumer.join(30)
+
+
+def test_sigterm_to_a_consumer_under_close_on_signals_stops_it_quietly(scheme: str) -> None:
+    url = url_for(scheme, wait=60)
+    consumer = subprocess.Popen([sys.executable, "-c", SIGTERMED_CONSUMER, url], stdout=subprocess.PIPE, text=True)
+    assert consumer.stdout is not None
+    assert consumer.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    signalled = time.monotonic()
+    consumer.send_signal(signal.SIGTERM)
+    output, _ = consumer.communicate(timeout=10)
+    assert time.monotonic() - signalled < 2
+    assert consumer.returncode == 0
+    assert '"signal": 15' in output and '"ended": false' in output
+    assert wait_until(lambda: not leftovers(url), 5)
+
+
+# --- readiness -------------------------------------------------------------------
+
+
+def test_fileno_works_with_a_selector(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer = podipc.consumer(url)
+    producer = podipc.producer(url)
+    selector = selectors.DefaultSelector()
+    selector.register(consumer.fileno(), selectors.EVENT_READ)
+    try:
+        assert selector.select(0.2) == []
+        producer.send(b"ready?")
+        assert selector.select(10)
+        assert consumer.try_recv() == b"ready?"
+        fd = consumer.fileno()
+        producer.send(b"again")
+        assert consumer.fileno() == fd
+        assert selector.select(10)
+        assert consumer.recv(timeout=10) == b"again"
+    finally:
+        selector.close()
+        producer.abort()
+        consumer.close()
+
+
+def test_poll_says_whether_recv_would_wait_and_keeps_the_message(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer = podipc.consumer(url)
+    producer = podipc.producer(url)
+    assert not consumer.poll(0.2)
+    producer.send(b"kept")
+    assert consumer.poll(10)
+    assert consumer.poll(0)
+    assert consumer.recv(timeout=0) == b"kept"
+    assert producer.poll(5)
+    closer = Blocked(lambda: producer.close(timeout=10))
+    assert consumer.poll(5)
+    with pytest.raises(podipc.EndOfStream):
+        consumer.recv(timeout=0)
+    closer.join()
+    assert closer.returned, closer.error
+    consumer.close()
+
+
+def test_wait_returns_the_ready_endpoints_across_mixed_channels(scheme: str) -> None:
+    urls = [url_for(scheme), url_for("tcp"), url_for("mq")]
+    consumers = [podipc.consumer(url) for url in urls]
+    producers = [podipc.producer(url) for url in urls]
+    try:
+        assert podipc.wait(consumers, timeout=0.2) == []
+        producers[0].send(b"first")
+        assert podipc.wait(consumers, timeout=10) == [consumers[0]]
+        assert consumers[0].recv(timeout=0) == b"first"
+        producers[2].send(b"third")  # mq:// has no readiness descriptor yet: wait() checks it periodically
+        assert podipc.wait(consumers, timeout=10) == [consumers[2]]
+        assert consumers[2].recv(timeout=1) == b"third"
+        producers[1].send(b"second")
+        assert podipc.wait(consumers, timeout=10) == [consumers[1]]
+    finally:
+        for producer in producers:
+            producer.abort()
+        for consumer in consumers:
+            consumer.close()
+
+
+# --- large messages ----------------------------------------------------------------
+
+
+def echo(inbound: str, outbound: str) -> None:
+    """Send back every message from `inbound` on `outbound` until the end of stream."""
+    with podipc.consumer(inbound) as inbox, podipc.producer(outbound) as out:
+        for message in inbox:
+            out.send(message)
+
+
+def test_a_send_returns_only_when_a_large_message_can_arrive_whole(scheme: str) -> None:
+    """A frame larger than the socket buffer must not wait for a later call to finish going out."""
+    there, back = url_for(scheme), url_for(scheme)
+    echoer = CONTEXT.Process(target=echo, args=(there, back))
+    echoer.start()
+    with podipc.producer(there) as out, podipc.consumer(back) as inbox:
+        for index in range(5):
+            message = payload(index, 1 << 20)
+            out.send(message, timeout=30)  # a timed send takes the attempt-and-wait path
+            assert inbox.recv(timeout=30) == message
+            out.send(message)
+            assert inbox.recv(timeout=30) == message
+        out.close()
+        assert list(inbox) == []
+    echoer.join(30)
+    assert echoer.exitcode == 0
