@@ -93,7 +93,14 @@ from podipc.transports.shm.options import (
     default_max_message_size,
     host_max_message_size,
 )
-from podipc.transports.shm.segment import SHM_DIRECTORY, availability_for, channel_objects, free_bytes, segment_path
+from podipc.transports.shm.segment import (
+    FIFO_KIND,
+    SHM_DIRECTORY,
+    availability_for,
+    channel_objects,
+    free_bytes,
+    segment_path,
+)
 
 TRANSPORT = Transport(
     name="shm",
@@ -128,6 +135,12 @@ TRANSPORT = Transport(
             "POSIX named semaphore",
             "podipc.transports.shm.segment:remove_leftover_semaphore",
             "podipc.transports.shm.segment:leftover_semaphore_owner",
+        ),
+        ObjectKind(
+            FIFO_KIND,
+            "wake-up FIFO of a shm ring",
+            "podipc.transports.shm.segment:remove_leftover_fifo",
+            "podipc.transports.shm.segment:leftover_fifo_owner",
         ),
     ),
     channel_objects=channel_objects,
