@@ -36,6 +36,7 @@ from podipc.errors import (
 )
 from podipc.ownership import Trust
 from podipc.presence import PeerState, PeerTracker, Presence, remove_if_gone
+from podipc.transports.shm.fence import WEAK_MEMORY_ORDER, full_fence
 from podipc.transports.shm.layout import (
     CONSUMER_WAITING_WORD,
     PRODUCER_WAITING_WORD,
@@ -103,6 +104,12 @@ class _RingSide:
         self._segment = None
         return capacity
 
+    def _opened(self) -> None:
+        """Count the `wait` option from now, when opening (claims, the ring's creation) is done."""
+        endpoint: Any = self
+        endpoint.opened_at = time.monotonic()
+        endpoint.wait_deadline = endpoint.opened_at + float(endpoint.settings["wait"])
+
     def _check_segment(self) -> None:
         """ProtocolError when the segment was truncated (the monitor may have said so)."""
         segment = self._segment
@@ -126,6 +133,7 @@ class ShmProducer(_RingSide, Producer):
         except BaseException:
             self._closed = self._freed = True
             raise
+        self._opened()
 
     # --- sending ------------------------------------------------------------------
 
@@ -157,10 +165,28 @@ class ShmProducer(_RingSide, Producer):
                 length = -1
             if self._state or writer is None or length < 0:
                 self._send_slowly(data, timeout)
-            elif length > self.max_message_size:
+                return
+            if length > self.max_message_size:
                 raise self._too_large(length)
-            else:
-                writer.write(data, length, timeout)
+            # RingWriter's fast case, inline: one more call here would cost as much as the call gate does
+            capacity = writer._capacity
+            write_index = writer._write_index
+            position = write_index % capacity
+            size = 8 + ((length + 7) & -8)
+            if position + size > capacity or write_index + size > writer._write_limit:
+                writer.write_until(data, length, None if timeout is None else deadline_after(timeout))
+                return
+            words = writer._words
+            offset = 256 + position  # HEADER_SIZE
+            words[offset >> 3] = length
+            writer._map[offset + 8 : offset + 8 + length] = data
+            write_index += size
+            if WEAK_MEMORY_ORDER:
+                full_fence()
+            words[8] = write_index  # WRITE_INDEX_WORD
+            writer._write_index = write_index
+            if words[10]:  # CONSUMER_WAITING_WORD
+                writer._waiter.wake_peer()
         except PodIPCError as error:
             if self._closing and not isinstance(error, (ChannelClosed, MessageTooLarge)):
                 raise self._closed_error() from error
@@ -338,8 +364,11 @@ class ShmProducer(_RingSide, Producer):
         """The consumer's read index once outside [low, high): the wait of the blocking path (see WaitFor)."""
         wait = self._waiter.wait  # type: ignore[union-attr]
         while True:
-            seconds = self._seconds_to_wait(deadline)
-            value = wait(low, high, None if seconds is None else time.monotonic() + seconds)
+            if deadline is None and self._peer_seen:  # the common case, without the deadline arithmetic
+                value = wait(low, high, None)
+            else:
+                seconds = self._seconds_to_wait(deadline)
+                value = wait(low, high, None if seconds is None else time.monotonic() + seconds)
             if value is not None:
                 return value
 
@@ -362,6 +391,8 @@ class ShmProducer(_RingSide, Producer):
         writer, waiter = self._writer, self._waiter
         if writer is None or waiter is None:
             return -1, 0, ATTACH_RETRY_SECONDS
+        if self._peer_lost:
+            return -1, 0, 0.0  # the next attempt says what happened (and touches nothing of a truncated ring)
         if waiter.fifo is None:  # a ring made without FIFOs (a plain consumer): look again now and then
             return -1, 0, waiter.retry_after()
         if writer.arm() is not None:
@@ -372,9 +403,10 @@ class ShmProducer(_RingSide, Producer):
         writer = self._writer or self._try_attach()
         if writer is None:
             return False
+        if self._peer_lost:
+            self._check_segment()
         if not writer.ended:
             if self._peer_lost or writer.consumer_closed():
-                self._check_segment()
                 raise self._consumer_gone()
             if not writer.try_end():
                 return False
@@ -382,14 +414,14 @@ class ShmProducer(_RingSide, Producer):
             self._stream_taken = True
             return True
         if self._peer_lost or writer.consumer_closed():
-            self._check_segment()
             raise self._consumer_gone()
         return False
 
     def _interrupt(self) -> None:
         waiter = self._waiter
         if waiter is not None:
-            waiter.interrupt()
+            waiter.interrupt()  # a spinning wait
+            waiter.wake_self()  # a selector on fileno() (a poll wakes on the waker too); the next attempt says why
 
     def _signal_peer_lost(self) -> None:
         Producer._signal_peer_lost(self)
@@ -439,6 +471,7 @@ class ShmConsumer(_RingSide, Consumer):
             self._free()
             self._closed = self._freed = True
             raise
+        self._opened()
 
     def _open_ring(self, capacity: int) -> None:
         address = self.address
@@ -579,9 +612,12 @@ class ShmConsumer(_RingSide, Consumer):
         """The producer's write index once outside [low, high): the wait of the blocking path (see WaitFor)."""
         wait = self._waiter.wait  # type: ignore[union-attr]
         while True:
-            self._note_peer()
-            seconds = self._seconds_to_wait(deadline)
-            value = wait(low, high, None if seconds is None else time.monotonic() + seconds)
+            if deadline is None and self._peer_seen:  # the common case, without the deadline arithmetic
+                value = wait(low, high, None)
+            else:
+                self._note_peer()
+                seconds = self._seconds_to_wait(deadline)
+                value = wait(low, high, None if seconds is None else time.monotonic() + seconds)
             if value is not None:
                 return value
 
@@ -616,6 +652,8 @@ class ShmConsumer(_RingSide, Consumer):
         reader, waiter = self._reader, self._waiter
         if reader is None or waiter is None or waiter.fifo is None or self._ended_flag:
             return -1, 0, None
+        if self._peer_lost:
+            return -1, 0, 0.0  # the next attempt says what happened (and touches nothing of a truncated ring)
         if reader.arm() is not None:
             waiter.wake_self()
         return waiter.fifo.fd, POLLIN, waiter.retry_after()
@@ -623,7 +661,8 @@ class ShmConsumer(_RingSide, Consumer):
     def _interrupt(self) -> None:
         waiter = self._waiter
         if waiter is not None:
-            waiter.interrupt()
+            waiter.interrupt()  # a spinning wait
+            waiter.wake_self()  # a selector on fileno() (a poll wakes on the waker too); the next attempt says why
 
     def _signal_peer_lost(self) -> None:
         Consumer._signal_peer_lost(self)
@@ -652,7 +691,7 @@ class ShmConsumer(_RingSide, Consumer):
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.release()
-            if not self._ended_flag:
+            if not self._ended_flag and self._segment is not None and not self._segment.truncated():
                 reader.leave_early()
         self._leave_channel()
         segment, self._segment = self._segment, None

@@ -10,10 +10,15 @@ loads the write index once per message (caching it too was measured: it saves a 
 when messages queue up, and costs more than that in a request/reply exchange). Neither
 makes a system call unless the peer waits.
 
-The hot paths (RingWriter.write, RingReader.take) check the common case inline with
-the word indices as literals (a constant load is cheaper than a global one) and hand
-everything else to the general code below them: wrap records, the end of stream,
-waiting, and garbage, which layout.decode_record reports as ProtocolError.
+The hot paths check the common case inline with the word indices as literals (a constant
+load is cheaper than a global one) and hand everything else to the general code: wrap
+records, the end of stream, waiting, and garbage, which layout.decode_record reports as
+ProtocolError. The writer's fast case (room before the end of the ring and within
+`_write_limit`: write the record, store the write index, wake a waiting consumer) is
+inline in ShmProducer.send, which reads and updates `_capacity`, `_write_index`,
+`_write_limit`, `_words`, `_map` and `_waiter` (a call more there would cost as much as
+the call gate); everything else comes here through write_until. RingReader.take is the
+consumer's one blocking receive path.
 
 The non-blocking attempts (RingWriter.try_write/try_end, RingReader.try_take) never
 wait: when they find no room (no message) they arm the waiter, so the peer writes the
@@ -86,31 +91,6 @@ class RingWriter:
         self.ended = False
         """True once the end record is published."""
         self._words[PRODUCER_FLAGS_WORD] = header.producer_flags | PRODUCER_ATTACHED
-
-    def write(self, data: bytes | bytearray | memoryview, length: int, timeout: float | None) -> None:
-        """Write one message of `length` bytes (the caller checked the ring's max message size).
-
-        Waits at most `timeout` seconds for room (None: no limit); raises what WaitFor
-        raises, and RuntimeError while a loan is out.
-        """
-        capacity = self._capacity
-        write_index = self._write_index
-        position = write_index % capacity
-        size = 8 + ((length + 7) & -8)
-        if position + size > capacity or write_index + size > self._write_limit:
-            self.write_until(data, length, None if timeout is None else deadline_after(timeout))
-            return
-        words = self._words
-        offset = HEADER_SIZE + position
-        words[offset >> 3] = length
-        self._map[offset + 8 : offset + 8 + length] = data
-        write_index += size
-        if WEAK_MEMORY_ORDER:
-            full_fence()
-        words[8] = write_index  # WRITE_INDEX_WORD
-        self._write_index = write_index
-        if words[10]:  # CONSUMER_WAITING_WORD
-            self._waiter.wake_peer()
 
     def write_until(self, data: bytes | bytearray | memoryview, length: int, deadline: float | None) -> None:
         """Write one message of `length` bytes, waiting for room until the monotonic `deadline` (None: no limit)."""

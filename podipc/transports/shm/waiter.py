@@ -250,7 +250,11 @@ class Waiter:
                 raise problem
 
     def _sleep(self, low: int, high: int, deadline: float | None) -> int | None:
-        """Wait on the FIFO and the waker in bounded steps until the peer's index moves, asking `check` between."""
+        """Wait on the FIFO and the waker in bounded steps until the peer's index moves, asking `check` between.
+
+        An error leaves the waiting word as it is (the peer then writes the FIFO once more):
+        after a truncation the mapping must not be touched again.
+        """
         poller = select.poll()
         poller.register(self._waker_fd(), select.POLLIN)  # before the first check: a close after it wakes the poll
         fifo = self.fifo
@@ -265,18 +269,17 @@ class Waiter:
                 if value is not None and not low <= value < high:
                     return value
                 self._problem(low, high)
-                value = words[watched]
-                if not low <= value < high:
-                    return value
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
+                    self.disarm()
                     return None
                 seconds = sleep if deadline is None else min(sleep, deadline - now)
                 poller.poll(max(0, int(seconds * 1000 + 0.999)))  # a signal: its handler ran, or raised through
                 self._after_sleep()
                 sleep = min(sleep * 2, LONGEST_SLEEP_SECONDS)
-        finally:
-            self.disarm()
+        except BaseException:
+            self.armed = False
+            raise
 
     def arm(self, low: int, high: int) -> int | None:
         """Ask to be woken through the FIFO; the peer's index if it is outside [low, high) already, else None.
@@ -299,15 +302,17 @@ class Waiter:
         if low <= value < high:
             return None
         self.disarm()
+        self._retry = FIRST_SLEEP_SECONDS
         return value
 
     def disarm(self) -> None:
-        """Stop asking for a FIFO wake-up (the attempt after a wait found what it waited for)."""
+        """Stop asking for a FIFO wake-up (an attempt after a wait); a wake-up the peer sent resets retry_after()."""
         if self.armed:
             self.armed = False
             if self._words[self._waiting_word] == WAITING_FIFO:
                 self._words[self._waiting_word] = 0
-            self._retry = FIRST_SLEEP_SECONDS
+            else:
+                self._retry = FIRST_SLEEP_SECONDS
 
     def retry_after(self) -> float:
         """Seconds a descriptor waiter may wait before trying again anyway (bounded, growing while nothing comes)."""
