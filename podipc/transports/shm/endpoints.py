@@ -122,7 +122,11 @@ class ShmProducer(_RingSide, Producer):
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        self._take_options(address, self.settings)
+        try:
+            self._take_options(address, self.settings)
+        except BaseException:
+            self._closed = self._freed = True
+            raise
         mode = int(self.settings["mode"])
         self._trust = Trust.for_mode(mode)
         self._writer: RingWriter | None = None
@@ -455,7 +459,11 @@ class ShmConsumer(_RingSide, Consumer):
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        capacity = self._take_options(address, self.settings)
+        try:
+            capacity = self._take_options(address, self.settings)
+        except BaseException:
+            self._closed = self._freed = True
+            raise
         self.mode = int(self.settings["mode"])
         self._trust = Trust.for_mode(self.mode)
         self._reader: RingReader | None = None

@@ -382,10 +382,9 @@ def _open_fifo(path: str, trust: Trust) -> WakeFifo | None:
     """The consumer's FIFO at `path`, checked; None when there is none (a ring made without FIFOs)."""
     what = f"the wake-up FIFO {path}"
     try:
-        fd = open_checked(path, os.O_RDWR, trust, what, (stat.S_IFIFO,))
+        return WakeFifo(open_checked(path, os.O_RDWR, trust, what, (stat.S_IFIFO,)))
     except FileNotFoundError:
         return None
-    return WakeFifo.adopt(fd, trust, what)
 
 
 def _remove_found(path: str, what: str) -> None:

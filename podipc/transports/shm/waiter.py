@@ -40,14 +40,12 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import stat
 import time
 from collections.abc import Callable
 
 import posix_ipc
 
 from podipc.errors import PodIPCError
-from podipc.ownership import Trust, check_fd
 from podipc.transports.shm.fence import full_fence
 from podipc.transports.shm.layout import WAITING_FIFO
 
@@ -130,16 +128,6 @@ class WakeFifo:
             raise
         try:
             os.fchmod(fd, mode)  # the umask may have narrowed it
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd)
-
-    @classmethod
-    def adopt(cls, fd: int, trust: Trust, what: str) -> WakeFifo:
-        """Take an fd opened with ownership.open_checked(kinds=(S_IFIFO,)): checked again, owned from here on."""
-        try:
-            check_fd(fd, trust, what, (stat.S_IFIFO,))
         except BaseException:
             os.close(fd)
             raise
