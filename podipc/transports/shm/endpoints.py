@@ -557,6 +557,7 @@ class ShmConsumer(_RingSide, Consumer):
         The view is released (and its bytes handed back to the producer) by the next call;
         keep bytes(view) to hold on to a message. Raises what recv() raises.
         """
+        # recv's call gate again, inline: a helper shared by the two would cost a call on both hot paths
         token = self._token
         try:
             token.pop()
