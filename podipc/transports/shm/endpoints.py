@@ -6,12 +6,13 @@ presence is alive and its segment is there, it maps it, checks it and becomes a
 RingWriter's owner. The consumer creates the segment at open, reads it through a
 RingReader, and removes what it created at the end of stream or when it is freed.
 
-The hot paths: send() and recv() take the call gate's token inline and go straight to
-RingWriter.write / RingReader.take unless the endpoint's state is set; their blocking
-waits spin (`_interrupt()` raises the waiter's alert), then poll the side's FIFO with the
-endpoint's waker. The non-blocking hooks (_try_send, _try_recv, _try_close) arm the side's FIFO when they
-find no room or no message, and `_readiness()` names that FIFO, so podipc.aio,
-podipc.wait and selectors wait on a descriptor without a thread.
+The hot paths: send() and recv() take the call gate's token inline and, unless the
+endpoint's state is set, write the record themselves (RingWriter's fast case) or go
+straight to RingReader.take; their blocking waits spin (`_interrupt()` raises the
+waiter's alert), then poll the side's FIFO with the endpoint's waker. The non-blocking
+hooks (_try_send, _try_recv, _try_close) arm the side's FIFO when they find no room or no
+message, and `_readiness()` names that FIFO, so podipc.aio, podipc.wait and selectors
+wait on a descriptor without a thread.
 
 Liveness comes from the process's peer monitor (presence.watch): a lost peer, or a
 segment found truncated, sets the endpoint's state and wakes it; the next call decides
