@@ -24,7 +24,7 @@ from typing import Any
 
 from podipc.bench.cells import raw_baselines
 from podipc.bench.report import find, markdown_table, size_label
-from podipc.bench.spread import figure_of, paired_ratios
+from podipc.bench.spread import figures_by_run, paired_ratios, run_columns
 from podipc.bench.subjects import HELPER_THREAD
 from podipc.transport import schemes
 
@@ -71,10 +71,10 @@ class Comparison:
         return "latency" if self.figure.startswith(("latency.", "idle.")) else "throughput"
 
 
-def runs_of(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The runs of a record (a report of schema 1 has none: the record is its one run)."""
-    runs: list[dict[str, Any]] = record.get("runs") or [dict(record, run=0)]
-    return runs
+def runs_of(record: dict[str, Any]) -> dict[str, list[Any]]:
+    """The run columns of a record (a report of schema 1 has none: the record is its one run)."""
+    runs: dict[str, list[Any]] | None = record.get("runs")
+    return runs if runs is not None else run_columns([dict(record, run=0, sequence=0)])
 
 
 def median_of(values: list[float]) -> float:
@@ -111,7 +111,7 @@ def _record(report: dict[str, Any], subject: str, mode: str, size: int) -> tuple
 
 
 def _median_figure(record: dict[str, Any], figure: str) -> float | None:
-    values = [value for value in (figure_of(run, figure) for run in runs_of(record)) if value is not None]
+    values = list(figures_by_run(runs_of(record), figure).values())
     return round(median_of(values), 6) if values else None
 
 

@@ -67,9 +67,9 @@ def _percent(fraction: float | None) -> str:
 
 def _runs(record: dict[str, Any]) -> str:
     """How many runs gave the figures, e.g. '5' or '4 of 5'."""
-    runs = record.get("runs") or [record]
-    ok = sum(1 for run in runs if run["status"] == "ok")
-    return str(ok) if ok == len(runs) else f"{ok} of {len(runs)}"
+    statuses = (record.get("runs") or {}).get("status") or [record["status"]]
+    ok = statuses.count("ok")
+    return str(ok) if ok == len(statuses) else f"{ok} of {len(statuses)}"
 
 
 def _range(record: dict[str, Any], figure: str, style: str) -> str:
@@ -329,7 +329,7 @@ def render_csv(report: dict[str, Any]) -> str:
         row: dict[str, Any] = {
             key: record.get(key) for key in ("subject", "kind", "api", "baseline", "mode", "size", "status", "reason")
         }
-        row["runs"] = len(record.get("runs") or [record])
+        row["runs"] = len((record.get("runs") or {}).get("status") or [record["status"]])
         row["wakeup"] = record.get("wakeup")
         if record.get("ticker"):
             row["ticker_lag_p99_ms"] = record["ticker"]["lag_p99_ms"]
@@ -358,10 +358,27 @@ def render_csv(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
+def render_json(value: Any, indent: str = "") -> str:
+    """JSON laid out for reading: nested objects and lists indented, a flat one (scalars only) on one line."""
+    if isinstance(value, dict) and value and not _flat(value.values()):
+        inner = indent + "  "
+        items = ",\n".join(f"{inner}{json.dumps(key)}: {render_json(item, inner)}" for key, item in value.items())
+        return f"{{\n{items}\n{indent}}}"
+    if isinstance(value, list) and value and not _flat(value):
+        inner = indent + "  "
+        items = ",\n".join(f"{inner}{render_json(item, inner)}" for item in value)
+        return f"[\n{items}\n{indent}]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _flat(values: Any) -> bool:
+    return all(not isinstance(value, (dict, list)) for value in values)
+
+
 def render(report: dict[str, Any], output_format: str) -> str:
     """The report in one of: table, json, csv, markdown."""
     if output_format == "json":
-        return json.dumps(report, indent=2) + "\n"
+        return render_json(report) + "\n"
     if output_format == "csv":
         return render_csv(report)
     if output_format == "markdown":

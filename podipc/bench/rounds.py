@@ -8,8 +8,8 @@ of the group is settled (or `--max-repeat` rounds ran). Outcomes that cannot cha
 (skipped: not available here; unsupported: the size does not fit) are not repeated.
 
 The report keeps one record per subject, mode and size: its figures over the ok runs
-(counts summed, everything else the median), the spread of every figure, the paired
-ratios against its baseline, and the runs themselves.
+(counts summed, everything else the median), the spread of its main figures, the paired
+ratios against its baseline, and the runs themselves as columns (one list per figure).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from podipc.bench.spread import Spread, combine, paired_ratios, spread_of
+from podipc.bench.spread import Spread, combine, paired_ratios, run_columns, spread_of
 from podipc.bench.subjects import Subject
 
 FIGURE_GROUPS = ("latency", "throughput", "cpu", "idle", "ticker")
@@ -26,24 +26,21 @@ FIGURE_GROUPS = ("latency", "throughput", "cpu", "idle", "ticker")
 SPREAD_FIGURES = {
     "latency": (
         "latency.p50_us",
-        "latency.p90_us",
         "latency.p99_us",
         "latency.p999_us",
         "latency.mean_us",
-        "latency.max_us",
         "cpu.client_core_fraction",
         "cpu.server_core_fraction",
         "idle.core_fraction",
     ),
     "throughput": (
         "throughput.messages_per_second",
-        "throughput.megabytes_per_second",
         "cpu.client_core_fraction",
         "cpu.server_core_fraction",
         "ticker.lag_p99_ms",
     ),
 }
-"""The figures whose spread over the runs the report gives, by mode."""
+"""The figures whose spread over the runs a record gives, by mode (every run's figures are in its run columns)."""
 RATIO_FIGURES = {
     "latency": ("latency.p50_us", "latency.p99_us"),
     "throughput": ("throughput.messages_per_second",),
@@ -103,7 +100,7 @@ def record_from_runs(
     spreads = ((figure, spread_of(ok, figure, level)) for figure in SPREAD_FIGURES[mode])
     record["spread"] = {figure: spread.as_dict() for figure, spread in spreads if spread is not None}
     record["ratios"] = {}
-    record["runs"] = runs
+    record["runs"] = run_columns(runs)
     return record
 
 

@@ -471,6 +471,7 @@ def run_client(plan: Plan, control: Control, progress: ProgressHook | None = Non
             "seconds_per_cell": plan.seconds,
             "idle_seconds": plan.idle_seconds,
             "repeat": plan.repeat,
+            "ci_level_percent": plan.confidence_level,
             "max_repeat": plan.most_runs,
             "confidence": None
             if plan.confidence is None

@@ -104,7 +104,10 @@ def student_t_quantile(probability: float, freedom: int) -> float:
 
 @dataclass
 class Spread:
-    """How one figure varied over the runs of a cell: median, range, quartiles, mean and its t interval."""
+    """How one figure varied over the runs of a cell: median, range, quartiles, mean and its t interval.
+
+    The interval's level is the report's (plan.confidence, else DEFAULT_CONFIDENCE_LEVEL).
+    """
 
     n: int
     median: float
@@ -115,8 +118,6 @@ class Spread:
     mean: float
     stdev: float | None
     """Sample standard deviation (None for one run)."""
-    ci_level: float
-    """Confidence level of the interval, percent."""
     ci_low: float | None
     ci_high: float | None
     ci_width_percent: float | None
@@ -144,7 +145,6 @@ class Spread:
             q3=_round(percentile(ordered, 75.0)),
             mean=_round(mean),
             stdev=None if stdev is None else _round(stdev),
-            ci_level=level,
             ci_low=None if low is None else _round(low),
             ci_high=None if high is None else _round(high),
             ci_width_percent=None if width is None else round(width, 3),
@@ -166,6 +166,16 @@ def _round(value: float) -> float:
 
 # --- figures of runs -----------------------------------------------------------------------
 
+RUN_FIGURES = {
+    "latency": ("round_trips", "lost", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "min_us", "mean_us"),
+    "throughput": ("sent", "received", "lost", "reordered", "duplicated", "seconds", "messages_per_second"),
+    "cpu": ("client_core_fraction", "server_core_fraction"),
+    "idle": ("core_fraction",),
+    "ticker": ("ticks", "lag_p50_ms", "lag_p99_ms", "lag_max_ms"),
+}
+"""What the report keeps of each run, by figures object (a record's own objects keep every field, as medians)."""
+RUN_FIELDS = ("run", "sequence", "status", "reason", "elapsed_seconds")
+
 
 def figure_of(run: Mapping[str, Any], figure: str) -> float | None:
     """The value of `figure` ('latency.p50_us', 'throughput.messages_per_second'...) in an ok run, else None."""
@@ -185,17 +195,38 @@ def spread_of(runs: Iterable[Mapping[str, Any]], figure: str, level: float) -> S
     return Spread.of(values, level) if values else None
 
 
+def run_columns(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """The runs of a cell as columns: 'run', 'status'... and each kept figure ('latency.p50_us': one value per run)."""
+    columns: dict[str, list[Any]] = {field: [run[field] for run in runs] for field in RUN_FIELDS}
+    for group, keys in RUN_FIGURES.items():
+        if any(run.get(group) for run in runs):
+            for key in keys:
+                columns[f"{group}.{key}"] = [(run.get(group) or {}).get(key) for run in runs]
+    return columns
+
+
+def figures_by_run(columns: Mapping[str, Sequence[Any]], figure: str) -> dict[int, float]:
+    """{run number: value of `figure`} over the ok runs of a record's run columns that have it."""
+    values = columns.get(figure) or ()
+    return {
+        run: float(value)
+        for run, status, value in zip(columns.get("run", ()), columns.get("status", ()), values, strict=False)
+        if status == "ok" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def paired_ratios(
-    runs: Sequence[Mapping[str, Any]], reference_runs: Sequence[Mapping[str, Any]], figure: str, inverse: bool = False
+    columns: Mapping[str, Sequence[Any]],
+    reference_columns: Mapping[str, Sequence[Any]],
+    figure: str,
+    inverse: bool = False,
 ) -> list[float]:
     """figure(run k) / figure(reference run k) for every k where both runs are ok (reference / subject if inverse)."""
-    by_run = {run.get("run", index): run for index, run in enumerate(reference_runs)}
+    references = figures_by_run(reference_columns, figure)
     ratios = []
-    for index, run in enumerate(runs):
-        value = figure_of(run, figure)
-        reference = by_run.get(run.get("run", index))
-        base = figure_of(reference, figure) if reference is not None else None
-        if value is None or base is None:
+    for run, value in figures_by_run(columns, figure).items():
+        base = references.get(run)
+        if base is None:
             continue
         numerator, denominator = (base, value) if inverse else (value, base)
         if denominator > 0:
