@@ -89,16 +89,18 @@ def _record(report: dict[str, Any], subject: str, mode: str, size: int) -> tuple
     record = find(report, subject, mode, size)
     if record is None:
         plan = report["plan"]
+        channel = subject.removeprefix("aio-").removeprefix("batch-")
         hint = ""
         if subject.startswith("aio-") and plan.get("api", "sync") != "async":
             hint = " (run with --api async)"
         elif subject.startswith("batch-") and not plan.get("batch"):
             hint = " (run with --batch N)"
-        elif subject in schemes() and subject not in plan["channels"]:
-            hint = " (not in --channels)"
-        elif "?" in subject and subject not in plan["channels"]:
-            hint = f" (add {subject} to --channels)"
-        elif subject not in schemes() and not subject.startswith(("aio-", "batch-")) and not plan["peers"]:
+        elif channel.partition("?")[0] in schemes():
+            if channel not in plan["channels"]:
+                hint = f" ({channel} not in --channels)"
+            elif size not in plan["sizes"] or mode not in plan["modes"]:
+                hint = " (not in --sizes/--mode)"
+        elif not plan["peers"] and subject not in plan["channels"]:
             hint = " (run with --peers)"
         elif size not in plan["sizes"] or mode not in plan["modes"]:
             hint = " (not in --sizes/--mode)"

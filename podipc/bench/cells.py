@@ -19,7 +19,7 @@ from typing import Any
 
 from podipc.bench.control import DEFAULT_CONTROL_PORT
 from podipc.bench.peers import LocalSubject, peer_subjects
-from podipc.bench.spread import APIS, DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_REPEAT, MIN_CONFIDENCE_RUNS, MOST_REPEATS
+from podipc.bench.spread import APIS, DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_REPEAT, MOST_REPEATS
 from podipc.bench.stats import (
     SEQUENCE_SIZE,
 )
@@ -71,7 +71,7 @@ class Plan:
     directory: str = ""
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     repeat: int = 1
-    """Runs of every cell (with `confidence`: the fewest)."""
+    """Runs of every cell (with `confidence`: the fewest, at least 2; the CLI's default then is MIN_CONFIDENCE_RUNS)."""
     max_repeat: int | None = None
     """With `confidence`: the most runs of a cell (default DEFAULT_MAX_REPEAT)."""
     confidence: float | None = None
@@ -104,12 +104,10 @@ class Plan:
 
     def _check_repeats(self) -> None:
         if self.confidence is not None:
-            if self.repeat == 1:
-                self.repeat = MIN_CONFIDENCE_RUNS
             if self.max_repeat is None:
                 self.max_repeat = max(DEFAULT_MAX_REPEAT, self.repeat)
-            if not 0 < self.confidence <= 100 or not 50 <= self.confidence_level < 100:
-                raise ValueError("confidence: a level from 50 to 99.9 percent and a width above 0 up to 100 percent")
+            if not self.confidence > 0 or not 50 <= self.confidence_level < 100:
+                raise ValueError("confidence: a level from 50 to below 100 percent and a width above 0 percent")
             if self.repeat < 2:
                 raise ValueError("confidence needs at least 2 runs of every cell (--repeat 2 or more)")
         elif self.max_repeat is not None:
