@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from podipc.bench.stats import SEQUENCE, SEQUENCE_SIZE, SequenceChecker, cpu_seconds
 from podipc.bench.subjects import BatchReceiver, BatchSender, Buffer, Receiver, Sender
 from podipc.errors import EndOfStream
 
+T = TypeVar("T")
 WARMUP_ROUND_TRIPS = 20
 CLOCK_CHECK_EVERY = 16
 """Streaming checks the clock once every this many messages."""
@@ -124,19 +127,25 @@ def stream(sender: Sender, size: int, seconds: float, max_messages: int) -> tupl
     return sent, Effort.since(wall_start, cpu_start)
 
 
-def drain(receiver: Receiver, checker: SequenceChecker, numbered: bool, lossy: bool) -> tuple[float, Effort]:
-    """Receive until the end of stream, checking sequence numbers: seconds from first to last message, effort."""
-    recv = receiver.recv
+def first_message(receive: Callable[[], T], lossy: bool) -> T | None:
+    """The first receive of a stream (None: it ended at once); a lossy link may time out for a while first."""
     first_wait = time.monotonic() + FIRST_MESSAGE_WAIT_SECONDS
     while True:
         try:
-            message = recv()
-            break
+            return receive()
         except EndOfStream:
-            return 0.0, Effort(0.0, 0.0)
+            return None
         except TimeoutError:
             if not lossy or time.monotonic() > first_wait:
                 raise
+
+
+def drain(receiver: Receiver, checker: SequenceChecker, numbered: bool, lossy: bool) -> tuple[float, Effort]:
+    """Receive until the end of stream, checking sequence numbers: seconds from first to last message, effort."""
+    recv = receiver.recv
+    message = first_message(recv, lossy)
+    if message is None:
+        return 0.0, Effort(0.0, 0.0)
     clock = time.perf_counter
     wall_start, cpu_start = clock(), cpu_seconds()
     add, unpack = checker.add, SEQUENCE.unpack_from
@@ -251,16 +260,9 @@ def drain_batches(
 ) -> tuple[float, Effort]:
     """drain(), up to `batch` messages per recv_many call: seconds from first to last message, effort."""
     receive_many = receiver.recv_many
-    first_wait = time.monotonic() + FIRST_MESSAGE_WAIT_SECONDS
-    while True:
-        try:
-            messages = receive_many(batch)
-            break
-        except EndOfStream:
-            return 0.0, Effort(0.0, 0.0)
-        except TimeoutError:
-            if not lossy or time.monotonic() > first_wait:
-                raise
+    messages = first_message(partial(receive_many, batch), lossy)
+    if messages is None:
+        return 0.0, Effort(0.0, 0.0)
     clock = time.perf_counter
     wall_start, cpu_start = clock(), cpu_seconds()
     last = wall_start
