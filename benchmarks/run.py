@@ -217,10 +217,11 @@ def run_hot_paths() -> None:
         check=False,
     )
     (RESULTS / "hot-paths.txt").write_text(completed.stdout)
+    if RAW_HOT_PATHS.exists():
+        write_hot_path_statistics()  # of the benchmarks that ran, even when some failed
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout + completed.stderr)
         raise SystemExit(completed.returncode)
-    write_hot_path_statistics()
 
 
 def main() -> int:

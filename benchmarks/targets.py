@@ -206,13 +206,17 @@ def absolute_target(
     record, why = _record(report, subject, mode, size)
     if record is None:
         return target(target_id, description, comparison, limit, reason=why)
-    value = _median_figure(record, figure)
-    if value is None:
+    values = list(figures_by_run(runs_of(record), figure).values())
+    if not values:
         why = f"not computed: {subject} {mode} at {size_label(size)} has no {figure}"
         if figure.startswith("idle."):
             why += " (idle probe at the smallest size only; --idle 0 turns it off)"
         return target(target_id, description, comparison, limit, reason=why, note=_note(record))
-    return target(target_id, description, comparison, limit, value=value, reference=unit, note=_note(record))
+    ratios = [value / unit for value in values]  # one per run: the range shows how far the runs strayed
+    value = round(median_of(values), 6)
+    return target(
+        target_id, description, comparison, limit, value=value, reference=unit, ratios=ratios, note=_note(record)
+    )
 
 
 def compute_targets(report: dict[str, Any], previous: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -28,7 +28,6 @@ SPREAD_FIGURES = {
         "latency.p50_us",
         "latency.p99_us",
         "latency.p999_us",
-        "latency.mean_us",
         "cpu.client_core_fraction",
         "cpu.server_core_fraction",
         "idle.core_fraction",

@@ -104,7 +104,7 @@ def student_t_quantile(probability: float, freedom: int) -> float:
 
 @dataclass
 class Spread:
-    """How one figure varied over the runs of a cell: median, range, quartiles, mean and its t interval.
+    """How one figure varied over the runs of a cell: median, range, mean, and the mean's t interval.
 
     The interval's level is the report's (plan.confidence, else DEFAULT_CONFIDENCE_LEVEL).
     """
@@ -113,8 +113,6 @@ class Spread:
     median: float
     min: float
     max: float
-    q1: float
-    q3: float
     mean: float
     stdev: float | None
     """Sample standard deviation (None for one run)."""
@@ -138,15 +136,13 @@ class Spread:
             width = 200.0 * half / abs(mean) if mean else (0.0 if half == 0 else math.inf)
         return cls(
             n=len(ordered),
-            median=_round(percentile(ordered, 50.0)),
-            min=_round(ordered[0]),
-            max=_round(ordered[-1]),
-            q1=_round(percentile(ordered, 25.0)),
-            q3=_round(percentile(ordered, 75.0)),
-            mean=_round(mean),
-            stdev=None if stdev is None else _round(stdev),
-            ci_low=None if low is None else _round(low),
-            ci_high=None if high is None else _round(high),
+            median=_round(percentile(ordered, 50.0), SPREAD_DIGITS),
+            min=_round(ordered[0], SPREAD_DIGITS),
+            max=_round(ordered[-1], SPREAD_DIGITS),
+            mean=_round(mean, SPREAD_DIGITS),
+            stdev=None if stdev is None else _round(stdev, SPREAD_DIGITS),
+            ci_low=None if low is None else _round(low, SPREAD_DIGITS),
+            ci_high=None if high is None else _round(high, SPREAD_DIGITS),
             ci_width_percent=None if width is None else round(width, 3),
         )
 
@@ -159,9 +155,13 @@ class Spread:
         return asdict(self)
 
 
-def _round(value: float) -> float:
-    """Six significant digits: enough for any figure here, short in the JSON."""
-    return float(f"{value:.6g}") if math.isfinite(value) else value
+def _round(value: float, digits: int = 6) -> float:
+    """`digits` significant digits: enough for any figure here, short in the JSON."""
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+
+
+SPREAD_DIGITS = 5
+"""Significant digits of a spread's statistics (a run-to-run spread is never known better)."""
 
 
 # --- figures of runs -----------------------------------------------------------------------
