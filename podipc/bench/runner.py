@@ -397,15 +397,17 @@ class Session:
             for subject in group.subjects:
                 earlier = runs[subject.name]
                 if earlier and earlier[-1]["status"] in FINAL_STATUSES:
+                    self.expected -= round_number < plan.repeat  # counted in the estimate, never run
                     continue
                 earlier.append(self.run_cell(subject, self.cells.make(subject, group, round_number)))
             records = self.records(group, runs)
             rounds_run = round_number + 1
             if rounds_run >= plan.repeat and (plan.confidence is None or group_settled(records, plan.confidence)):
                 return records
-            self.expected += sum(
-                1 for subject in group.subjects if runs[subject.name][-1]["status"] not in FINAL_STATUSES
-            )
+            if rounds_run >= plan.repeat:  # one more round than the estimate counted
+                self.expected += sum(
+                    runs[subject.name][-1]["status"] not in FINAL_STATUSES for subject in group.subjects
+                )
         return records
 
     def records(self, group: Group, runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

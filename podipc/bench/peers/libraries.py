@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,6 +25,9 @@ from podipc.errors import EndOfStream
 # --- pyzmq --------------------------------------------------------------------------
 
 
+_MONITORS = itertools.count()
+
+
 class LeaveWatch:
     """Sees the PULL a PUSH socket is connected to leave (a socket monitor's disconnect event).
 
@@ -36,7 +40,7 @@ class LeaveWatch:
     def __init__(self, socket: Any) -> None:
         import zmq
 
-        endpoint = f"inproc://podipc-bench-leave-{id(socket)}"
+        endpoint = f"inproc://podipc-bench-leave-{os.getpid()}-{next(_MONITORS)}"
         socket.monitor(endpoint, zmq.EVENT_DISCONNECTED)
         self.events: Any = zmq.Context.instance().socket(zmq.PAIR)
         self.events.connect(endpoint)
