@@ -1,19 +1,29 @@
-"""Run `podipc bench --peers` (and the pytest-benchmark hot paths) and write benchmarks/results/.
+"""Run `podipc bench` (every channel, peers, asyncio, batches, spool durability, repeated) and the hot paths.
 
-    python benchmarks/run.py            # full run: about 2-3 minutes on 2 cores
-    python benchmarks/run.py --quick    # a smoke run in under a minute
+    python benchmarks/run.py                 # everything the README and docs/bench.md show, in one run
+    python benchmarks/run.py --quick         # a smoke run of the same plan (short cells, 2 runs each)
+    python benchmarks/run.py --render-only   # re-render from the existing results (no measuring)
+
+The bench runs every cell `--repeat` times (default 5), the subjects of each mode and size
+taking turns (A B A B ...), so every ratio is a median of runs made side by side; with
+`--confidence 99,5` it adds runs (up to `--max-repeat`) until the figures settle, as
+netperf's -I/-i do. Plan: every channel, `file?sync=batch` and `file?sync=always` (issue
+13's durable spool), `--peers` (raw primitives and libraries), `--api async` (the podipc.aio
+twin of every channel and zmq.asyncio), `--batch 256` (send_many/recv_many; cells whose
+channel lacks them say so). On 2 quiet cores the default takes about 30-40 minutes.
 
 Writes, in benchmarks/results/:
     bench.json       the report (schema: podipc/bench/schema.json), hardware included
     targets.json     this project's targets judged from it (benchmarks/targets.py; schema:
-                     benchmarks/targets.schema.json); the README's targets table too
+                     benchmarks/targets.schema.json), including "no regression" targets
+                     against the bench.json this run replaces; the README's targets table too
     bench.md         the same as Markdown: where it ran, targets, latency and throughput
                      (also copied into the "Latest results" section of docs/bench.md)
     bench.png        latency percentiles and throughput per subject and size
     hot-paths-stats.json  pytest-benchmark statistics of framing and in-process send/receive
                           (min, median, mean, quartiles, ops, rounds per benchmark; no raw timings)
     hot-paths.txt         the same as the pytest-benchmark table
-    hot-paths.json        pytest-benchmark's own output with every round's timing (tens of MB):
+    hot-paths.json        pytest-benchmark's own output with every round's timing:
                           a local artefact, kept out of git by .gitignore
 """
 
@@ -36,15 +46,29 @@ from benchmarks import targets as project_targets  # noqa: E402 - after the path
 README = ROOT / "README.md"
 
 
-def run_bench(quick: bool, duration: float | None = None) -> dict[str, Any]:
-    """`podipc bench --peers --format json`, written to results/bench.json; the report."""
-    output = RESULTS / "bench.json"
+SPOOL_VARIANTS = ("file?sync=batch", "file?sync=always")
+"""Issue 13: the spool at each durability level it is judged at (skipped, with the reason, where file:// lacks it)."""
+DEFAULT_REPEAT = 5
+QUICK_REPEAT = 2
+BATCH = 256
+
+
+def bench_command(arguments: argparse.Namespace, output: Path) -> list[str]:
+    """The `podipc bench` command line of a full run."""
     command = [
         sys.executable,
         "-m",
         "podipc",
         "bench",
+        "--channels",
+        ",".join(("all", *SPOOL_VARIANTS)),
         "--peers",
+        "--api",
+        "async",
+        "--batch",
+        str(BATCH),
+        "--repeat",
+        str(arguments.repeat or (QUICK_REPEAT if arguments.quick else DEFAULT_REPEAT)),
         "--format",
         "json",
         "--output",
@@ -52,12 +76,30 @@ def run_bench(quick: bool, duration: float | None = None) -> dict[str, Any]:
         "--plot",
         str(RESULTS / "bench.png"),
     ]
-    if quick:
+    if arguments.quick:
         command.append("--quick")
-    if duration is not None:
-        command += ["--duration", str(duration)]
-    subprocess.run(command, check=True, cwd=ROOT)
+    if arguments.duration is not None:
+        command += ["--duration", str(arguments.duration)]
+    if arguments.confidence:
+        command += ["--confidence", arguments.confidence]
+    if arguments.max_repeat is not None:
+        command += ["--max-repeat", str(arguments.max_repeat)]
+    return command
+
+
+def run_bench(arguments: argparse.Namespace) -> dict[str, Any]:
+    """The full `podipc bench`, written to results/bench.json; the report."""
+    output = RESULTS / "bench.json"
+    subprocess.run(bench_command(arguments, output), check=True, cwd=ROOT)
     report: dict[str, Any] = json.loads(output.read_text())
+    return report
+
+
+def previous_report(path: Path) -> dict[str, Any] | None:
+    """The report this run replaces (for the no-regression targets), or None when there is none."""
+    if not path.exists():
+        return None
+    report: dict[str, Any] = json.loads(path.read_text())
     return report
 
 
@@ -70,9 +112,9 @@ def rerender() -> dict[str, Any]:
     return report
 
 
-def judge(report: dict[str, Any]) -> list[dict[str, Any]]:
+def judge(report: dict[str, Any], previous: dict[str, Any] | None) -> list[dict[str, Any]]:
     """This project's targets from the report, written to results/targets.json."""
-    judged = project_targets.compute_targets(report)
+    judged = project_targets.compute_targets(report, previous)
     document = {"report": "bench.json", "targets": judged}
     (RESULTS / "targets.json").write_text(json.dumps(document, indent=2) + "\n")
     return judged
@@ -83,7 +125,10 @@ def results_markdown(report: dict[str, Any], judged: list[dict[str, Any]]) -> st
     from podipc.bench.report import render_markdown
 
     text = render_markdown(report)
-    section = f"## Targets\n\n{project_targets.markdown(judged)}\n\n"
+    notes = "".join(f"- {note}\n" for note in project_targets.notes(judged))
+    section = (
+        f"## Targets\n\n{TARGETS_LEGEND}\n\n{project_targets.markdown(judged)}\n\n{notes}{chr(10) if notes else ''}"
+    )
     head, latency, rest = text.partition("## Latency")
     return head + section + latency + rest
 
@@ -117,9 +162,24 @@ def update_docs(report: dict[str, Any], judged: list[dict[str, Any]]) -> None:
 README_START, README_END = "<!-- targets:start -->", "<!-- targets:end -->"
 
 
-def update_readme(judged: list[dict[str, Any]]) -> None:
-    """Replace the README's targets table (sizes a channel cannot carry left out)."""
-    replace_between(README, README_START, README_END, project_targets.markdown(judged, applicable_only=True) + "\n")
+TARGETS_LEGEND = (
+    "ratio: the median of the ratios of runs made side by side (run k of the subject with run k of the "
+    "reference); range: the smallest and largest of those ratios."
+)
+
+
+def update_readme(report: dict[str, Any], judged: list[dict[str, Any]]) -> None:
+    """Replace the README's targets table (sizes a channel cannot carry left out) and the line that says how it was run."""
+    plan = report["plan"]
+    runs = f"medians of {plan.get('repeat', 1)} paired runs" if plan.get("max_repeat", 1) > 1 else "one run"
+    head = (
+        f"Latest run on this project's machine ({report['environment']['client']['cpus_usable']} CPUs, "
+        f"`python benchmarks/run.py`, {plan['seconds_per_cell']} s per cell; {runs}, side by side; "
+        "sizes a channel cannot carry are left out):\n\n"
+    )
+    notes = "".join(f"- {note}\n" for note in project_targets.notes(judged))
+    table = project_targets.markdown(judged, applicable_only=True)
+    replace_between(README, README_START, README_END, f"{head}{table}\n{chr(10) + notes if notes else ''}")
 
 
 RAW_HOT_PATHS = RESULTS / "hot-paths.json"
@@ -157,18 +217,33 @@ def run_hot_paths() -> None:
         check=False,
     )
     (RESULTS / "hot-paths.txt").write_text(completed.stdout)
+    if RAW_HOT_PATHS.exists():
+        write_hot_path_statistics()  # of the benchmarks that ran, even when some failed
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout + completed.stderr)
         raise SystemExit(completed.returncode)
-    write_hot_path_statistics()
 
 
 def main() -> int:
     """Parse options, run, write results, print the Markdown."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short cells (podipc bench --quick)")
+    parser.add_argument("--quick", action="store_true", help="short cells and 2 runs each (podipc bench --quick)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per cell (podipc bench --duration)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help=f"runs of every cell (default {DEFAULT_REPEAT}; --quick {QUICK_REPEAT})",
+    )
+    parser.add_argument("--confidence", default=None, help="LEVEL[,WIDTH]: podipc bench --confidence (netperf's -I)")
+    parser.add_argument("--max-repeat", type=int, default=None, help="with --confidence: the most runs of a cell")
     parser.add_argument("--skip-hot-paths", action="store_true", help="do not run the pytest-benchmark suite")
+    parser.add_argument(
+        "--previous",
+        type=Path,
+        default=None,
+        help="the report to judge regressions against (default: the bench.json this run replaces)",
+    )
     parser.add_argument(
         "--render-only",
         action="store_true",
@@ -176,11 +251,13 @@ def main() -> int:
     )
     arguments = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = rerender() if arguments.render_only else run_bench(arguments.quick, arguments.duration)
-    judged = judge(report)
+    previous_path = arguments.previous or (RESULTS / "bench.json")
+    previous = None if arguments.render_only and arguments.previous is None else previous_report(previous_path)
+    report = rerender() if arguments.render_only else run_bench(arguments)
+    judged = judge(report, previous)
     write_markdown(report, judged)
     update_docs(report, judged)
-    update_readme(judged)
+    update_readme(report, judged)
     if arguments.render_only:
         if RAW_HOT_PATHS.exists():
             write_hot_path_statistics()

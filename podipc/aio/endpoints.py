@@ -18,6 +18,11 @@ from podipc.waking import POLLOUT
 
 T = TypeVar("T")
 
+FAIRNESS_SECONDS = 0.0005
+"""A task that sends or receives without ever waiting yields to its loop at least this often, so a
+consumer at full rate never starves the loop's other tasks (a 1 ms ticker keeps its beat). The yield
+comes before an attempt, never after one: a task cancelled there has taken or sent nothing."""
+
 
 class _Watch:
     """Wakes the tasks of one endpoint that wait for its readiness descriptor or its waker, on one loop."""
@@ -149,6 +154,14 @@ class _AsyncEndpoint:
         self._closing: asyncio.Future[None] | None = None
         """Resolved by close()/abort(): wakes tasks awaiting the helper thread (channels without readiness)."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._yielded_at = 0.0
+
+    async def _take_turns(self) -> None:
+        """Yield to the loop when this endpoint has run for FAIRNESS_SECONDS without waiting."""
+        now = asyncio.get_running_loop().time()
+        if now - self._yielded_at >= FAIRNESS_SECONDS:
+            await asyncio.sleep(0)
+            self._yielded_at = asyncio.get_running_loop().time()
 
     async def _on_worker(self, work: asyncio.Future[T]) -> T:
         """Await the helper thread's result, or raise ChannelClosed as soon as this side is closed."""
@@ -245,6 +258,7 @@ class AsyncProducer(_AsyncEndpoint):
         if self._worker is not None:
             await self._on_worker(self._worker.submit(endpoint.send, bytes(data), timeout))
             return
+        await self._take_turns()
         if not endpoint.try_send(data):
             deadline = deadline_after(timeout)
             watch = self._watch
@@ -364,6 +378,7 @@ class AsyncConsumer(_AsyncEndpoint):
         endpoint = self._sync
         if self._worker is not None:
             return await self._recv_on_worker(timeout)
+        await self._take_turns()
         message = endpoint.try_recv()
         if message is not None:
             return message
@@ -373,6 +388,7 @@ class AsyncConsumer(_AsyncEndpoint):
             await watch.wait(endpoint._seconds_to_wait(deadline))
             message = endpoint.try_recv()
             if message is not None:
+                self._yielded_at = asyncio.get_running_loop().time()
                 return message
 
     async def _recv_on_worker(self, timeout: float | None) -> bytes:

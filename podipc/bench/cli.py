@@ -15,6 +15,14 @@ from contextlib import contextmanager
 
 import click
 
+from podipc.bench.spread import (
+    APIS,
+    DEFAULT_CONFIDENCE_LEVEL,
+    DEFAULT_CONFIDENCE_WIDTH,
+    DEFAULT_MAX_REPEAT,
+    MIN_CONFIDENCE_RUNS,
+    MOST_REPEATS,
+)
 from podipc.channel import parse_size
 from podipc.cli import optional_packages, podipc_errors
 from podipc.transport import schemes
@@ -31,7 +39,8 @@ def _bench_list(value: str) -> list[str]:
     show_default=True,
     envvar=["PODIPC_BENCH_CHANNELS", "PODIPC_CHANNELS"],
     help="Comma-separated schemes to measure (those `podipc channels` lists) or 'all'; "
-    "peer names (raw-tcp, raw-ring, iceoryx2...) may be listed too.",
+    "peer names (raw-tcp, raw-ring, iceoryx2...) may be listed too, and channels with URL options "
+    "(file?sync=batch) or the aio-/batch- prefix (aio-unix).",
 )
 @click.option(
     "--sizes",
@@ -65,6 +74,47 @@ def _bench_list(value: str) -> list[str]:
     help="Seconds of the idle-consumer CPU probe, at the smallest size (default 1; 0.2 with --quick).",
 )
 @click.option("--quick", is_flag=True, envvar=["PODIPC_BENCH_QUICK"], help="Short cells: the whole run in seconds.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(1, MOST_REPEATS),
+    default=None,
+    envvar=["PODIPC_BENCH_REPEAT"],
+    help="Runs of every cell, the subjects of a mode and size taking turns (A B A B); figures are medians, "
+    "ratios medians of side-by-side pairs (default 1; with --confidence the fewest runs, default 3).",
+)
+@click.option(
+    "--confidence",
+    "confidence",
+    default=None,
+    metavar="LEVEL[,WIDTH]",
+    envvar=["PODIPC_BENCH_CONFIDENCE"],
+    help="netperf's -I: add runs until the LEVEL % confidence interval of every key figure and ratio is at most "
+    "WIDTH % of its mean (default width 10), or --max-repeat runs were made. E.g. 99,5.",
+)
+@click.option(
+    "--max-repeat",
+    type=click.IntRange(2, MOST_REPEATS),
+    default=None,
+    envvar=["PODIPC_BENCH_MAX_REPEAT"],
+    help=f"With --confidence: the most runs of a cell (netperf's -i; default {DEFAULT_MAX_REPEAT}).",
+)
+@click.option(
+    "--api",
+    type=click.Choice(list(APIS)),
+    default="sync",
+    show_default=True,
+    envvar=["PODIPC_BENCH_API"],
+    help="async: also measure each channel's podipc.aio endpoints (aio-SCHEME) in an asyncio loop beside the sync "
+    "ones, and zmq.asyncio with --peers.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(0),
+    default=0,
+    envvar=["PODIPC_BENCH_BATCH"],
+    help="Also measure each channel's send_many/recv_many (batch-SCHEME, one way) with this many messages per call "
+    "(fewer above 4 MiB a batch); 0: not.",
+)
 @click.option(
     "--format",
     "output_format",
@@ -143,6 +193,11 @@ def bench(
     duration: float | None,
     idle_seconds: float | None,
     quick: bool,
+    repeat: int | None,
+    confidence: str | None,
+    max_repeat: int | None,
+    api: str,
+    batch: int,
     output_format: str,
     output: str | None,
     plot_path: str | None,
@@ -162,7 +217,8 @@ def bench(
         if output_format == "table" or _wants_progress(quiet):
             importlib.import_module("rich")  # the table and the progress bar need it: say so before measuring
     try:
-        chosen = list(schemes()) if channels.strip() == "all" else _bench_list(channels)
+        width, level = _confidence(confidence)
+        chosen = [name for item in _bench_list(channels) for name in (schemes() if item == "all" else [item])]
         plan = runner.Plan(
             channels=chosen,
             sizes=[parse_size(size) for size in _bench_list(sizes)],
@@ -172,6 +228,12 @@ def bench(
             if idle_seconds is not None
             else (runner.QUICK_IDLE_SECONDS if quick else runner.DEFAULT_IDLE_SECONDS),
             quick=quick,
+            repeat=repeat if repeat is not None else (MIN_CONFIDENCE_RUNS if confidence else 1),
+            max_repeat=max_repeat,
+            confidence=width,
+            confidence_level=level,
+            api=api,
+            batch=batch,
             peers=peers,
             role=role,
             control_host=control_host,
@@ -198,6 +260,17 @@ def bench(
             bench_report.plot(result, plot_path)
         except bench_report.PlotUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
+
+
+def _confidence(text: str | None) -> tuple[float | None, float]:
+    """(width, level) from --confidence LEVEL[,WIDTH] (netperf's -I); (None, level) without it."""
+    if not text:
+        return None, DEFAULT_CONFIDENCE_LEVEL
+    level, _, width = text.partition(",")
+    try:
+        return (float(width) if width else DEFAULT_CONFIDENCE_WIDTH), float(level)
+    except ValueError:
+        raise ValueError(f"--confidence {text!r}: LEVEL[,WIDTH] in percent, e.g. 99,5") from None
 
 
 def _wants_progress(quiet: bool) -> bool:

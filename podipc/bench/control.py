@@ -19,7 +19,7 @@ from typing import Any
 
 from podipc.errors import PeerGone, PeerTimeout, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_CONTROL_PORT = 47700
 MAX_LINE_BYTES = 1 << 20
 CONNECT_RETRY_SECONDS = 0.05

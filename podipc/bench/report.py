@@ -39,6 +39,9 @@ LATENCY_COLUMNS = (
     "client CPU",
     "server CPU",
     "idle CPU",
+    "runs",
+    "p50 range µs",
+    "p50 vs baseline",
 )
 THROUGHPUT_COLUMNS = (
     "subject",
@@ -51,11 +54,44 @@ THROUGHPUT_COLUMNS = (
     "duplicated",
     "client CPU",
     "server CPU",
+    "runs",
+    "msg/s range",
+    "msg/s vs baseline",
+    "ticker lag p99 ms",
 )
 
 
 def _percent(fraction: float | None) -> str:
     return "" if fraction is None else f"{fraction * 100:.0f} %"
+
+
+def _runs(record: dict[str, Any]) -> str:
+    """How many runs gave the figures, e.g. '5' or '4 of 5'."""
+    statuses = (record.get("runs") or {}).get("status") or [record["status"]]
+    ok = statuses.count("ok")
+    return str(ok) if ok == len(statuses) else f"{ok} of {len(statuses)}"
+
+
+def _range(record: dict[str, Any], figure: str, style: str) -> str:
+    """'min..max' of a figure over the runs (blank for one run)."""
+    spread = (record.get("spread") or {}).get(figure)
+    if not spread or spread["n"] < 2:
+        return ""
+    return f"{spread['min']:{style}}..{spread['max']:{style}}"
+
+
+def _ratio(record: dict[str, Any], figure: str) -> str:
+    """The median paired ratio against the baseline, its range over the pairs, and the baseline's name."""
+    ratio = (record.get("ratios") or {}).get(figure)
+    if not ratio:
+        return ""
+    spread = f" ({ratio['min']:.2f}..{ratio['max']:.2f})" if ratio["n"] > 1 else ""
+    return f"{ratio['median']:.2f}x{spread} {ratio['reference']}"
+
+
+def _lag(record: dict[str, Any]) -> str:
+    ticker = record.get("ticker")
+    return "" if not ticker or ticker["lag_p99_ms"] is None else f"{ticker['lag_p99_ms']:.2f}"
 
 
 class Notes:
@@ -96,6 +132,9 @@ def latency_rows(report: dict[str, Any], notes: Notes) -> list[list[str]]:
                 _percent(cpu["client_core_fraction"]),
                 _percent(cpu["server_core_fraction"]),
                 _percent(idle["core_fraction"]) if idle else "",
+                _runs(record),
+                _range(record, "latency.p50_us", ".1f"),
+                _ratio(record, "latency.p50_us"),
             ]
         )
     return rows
@@ -123,9 +162,50 @@ def throughput_rows(report: dict[str, Any], notes: Notes) -> list[list[str]]:
                 f"{flow['duplicated']:,}",
                 _percent(cpu["client_core_fraction"]),
                 _percent(cpu["server_core_fraction"]),
+                _runs(record),
+                _range(record, "throughput.messages_per_second", ",.0f"),
+                _ratio(record, "throughput.messages_per_second"),
+                _lag(record),
             ]
         )
     return rows
+
+
+def asyncio_lines(report: dict[str, Any]) -> list[str]:
+    """How each asyncio subject's receiver waited: on a readiness descriptor, or through a helper thread."""
+    seen: dict[str, str] = {}
+    for record in report["results"]:
+        if record.get("api") == "async" and record.get("wakeup") and record["subject"] not in seen:
+            seen[record["subject"]] = record["wakeup"]
+    return [
+        f"{subject}: "
+        + (
+            "waits on a readiness descriptor in the event loop (no thread hop per message)"
+            if wakeup == "readiness"
+            else "not on the async contract yet: podipc.aio runs its blocking calls on one helper thread"
+        )
+        for subject, wakeup in seen.items()
+    ]
+
+
+def repeat_lines(report: dict[str, Any]) -> list[str]:
+    """What the figures of a repeated run are (nothing for a single run)."""
+    plan = report["plan"]
+    if plan.get("max_repeat", 1) <= 1:
+        return []
+    confidence = plan.get("confidence")
+    runs = (
+        f"{plan['repeat']} to {plan['max_repeat']} runs per cell, until the {confidence['level_percent']:g} % "
+        f"confidence interval of each p50 and msg/s (and its ratio) was at most {confidence['width_percent']:g} % "
+        "of the mean"
+        if confidence
+        else f"{plan['repeat']} runs per cell"
+    )
+    return [
+        f"Repeated: {runs}; the subjects of each mode and size took turns (A B A B ...). Figures are medians over the "
+        "runs (counts are totals); ranges are min..max over the runs; ratios against the baseline are medians of the "
+        "ratios of runs made side by side, with their range."
+    ]
 
 
 def environment_lines(report: dict[str, Any]) -> list[str]:
@@ -174,14 +254,14 @@ def render_table(report: dict[str, Any]) -> str:
         console.print(line, highlight=False)
     for skipped in report["skipped"]:
         console.print(f"skipped {skipped['subject']}: {skipped['reason']}")
-    for line in environment_lines(report):
+    for line in [*asyncio_lines(report), *repeat_lines(report), *environment_lines(report)]:
         console.print(line, highlight=False)
     return buffer.getvalue()
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: environment, latency and throughput tables, skipped peers."""
-    parts = ["## Where it ran", "", *(f"- {line}" for line in environment_lines(report)), ""]
+    parts = ["## Where it ran", "", *(f"- {line}" for line in [*repeat_lines(report), *environment_lines(report)]), ""]
     notes = Notes()
     if any(record["mode"] == "latency" for record in report["results"]):
         parts += ["## Latency (round trip, µs)", "", markdown_table(LATENCY_COLUMNS, latency_rows(report, notes)), ""]
@@ -194,6 +274,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if notes.reasons:
         parts += ["Notes:", "", *(f"- {line}" for line in notes.lines()), ""]
+    if asyncio_lines(report):
+        parts += ["## asyncio ends", "", *(f"- {line}" for line in asyncio_lines(report)), ""]
     if report["skipped"]:
         parts += ["## Skipped", "", *(f"- {item['subject']}: {item['reason']}" for item in report["skipped"]), ""]
     return "\n".join(parts)
@@ -202,6 +284,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 CSV_COLUMNS = (
     "subject",
     "kind",
+    "api",
     "baseline",
     "mode",
     "size",
@@ -227,6 +310,13 @@ CSV_COLUMNS = (
     "server_cpu_seconds",
     "server_core_fraction",
     "idle_core_fraction",
+    "runs",
+    "ratio_figure",
+    "ratio_median",
+    "ratio_min",
+    "ratio_max",
+    "wakeup",
+    "ticker_lag_p99_ms",
 )
 
 
@@ -237,8 +327,18 @@ def render_csv(report: dict[str, Any]) -> str:
     writer.writeheader()
     for record in report["results"]:
         row: dict[str, Any] = {
-            key: record[key] for key in ("subject", "kind", "baseline", "mode", "size", "status", "reason")
+            key: record.get(key) for key in ("subject", "kind", "api", "baseline", "mode", "size", "status", "reason")
         }
+        row["runs"] = len((record.get("runs") or {}).get("status") or [record["status"]])
+        row["wakeup"] = record.get("wakeup")
+        if record.get("ticker"):
+            row["ticker_lag_p99_ms"] = record["ticker"]["lag_p99_ms"]
+        figure = "latency.p50_us" if record["mode"] == "latency" else "throughput.messages_per_second"
+        ratio = (record.get("ratios") or {}).get(figure)
+        if ratio:
+            row.update(
+                ratio_figure=figure, ratio_median=ratio["median"], ratio_min=ratio["min"], ratio_max=ratio["max"]
+            )
         if record["latency"]:
             latency = dict(record["latency"])
             row["round_trips_lost"] = latency.pop("lost")
@@ -258,10 +358,27 @@ def render_csv(report: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
+def render_json(value: Any, indent: str = "") -> str:
+    """JSON laid out for reading: nested objects and lists indented, a flat one (scalars only) on one line."""
+    if isinstance(value, dict) and value and not _flat(value.values()):
+        inner = indent + "  "
+        items = ",\n".join(f"{inner}{json.dumps(key)}: {render_json(item, inner)}" for key, item in value.items())
+        return f"{{\n{items}\n{indent}}}"
+    if isinstance(value, list) and value and not _flat(value):
+        inner = indent + "  "
+        items = ",\n".join(f"{inner}{render_json(item, inner)}" for item in value)
+        return f"[\n{items}\n{indent}]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _flat(values: Any) -> bool:
+    return all(not isinstance(value, (dict, list)) for value in values)
+
+
 def render(report: dict[str, Any], output_format: str) -> str:
     """The report in one of: table, json, csv, markdown."""
     if output_format == "json":
-        return json.dumps(report, indent=2) + "\n"
+        return render_json(report) + "\n"
     if output_format == "csv":
         return render_csv(report)
     if output_format == "markdown":

@@ -15,6 +15,7 @@ containers: the client runs their other side in a child process it starts itself
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -24,11 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
+from itertools import count
 from typing import Any
 
 import podipc
-from podipc.bench import facts
+from podipc.bench import aio, facts
 from podipc.bench.cells import (
+    BATCH_BYTES,
     CONTROL_TIMEOUT_SECONDS,
     DEFAULT_IDLE_SECONDS,
     DEFAULT_SECONDS,
@@ -38,19 +41,20 @@ from podipc.bench.cells import (
     QUICK_SECONDS,
     REPORT_SCHEMA,
     SERVER_START_TIMEOUT_SECONDS,
+    Catalog,
     Cell,
     CellTimeout,
     Opener,
     Plan,
+    abort_async_ends,
     abort_ends,
-    all_subjects,
     describe,
     free_port,
-    raw_baselines,
     watchdog,
 )
 from podipc.bench.control import PROTOCOL_VERSION, Control, connect
 from podipc.bench.peers import LocalSubject, local_context
+from podipc.bench.rounds import FINAL_STATUSES, Group, add_ratios, group_settled, plan_groups, record_from_runs
 from podipc.bench.server import open_server_ends, run_server_side, serve_forever_once
 from podipc.bench.stats import (
     SEQUENCE_SIZE,
@@ -61,12 +65,16 @@ from podipc.bench.stats import (
 )
 from podipc.bench.subjects import (
     SHARED_PLACES,
+    AsyncReceiver,
+    AsyncSender,
+    BatchReceiver,
     CellPlace,
+    ChannelSubject,
     Receiver,
     Sender,
     Subject,
 )
-from podipc.bench.workloads import Effort, drain, idle, ping
+from podipc.bench.workloads import Effort, drain, drain_batches, idle, ping
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PodIPCError
 
 __all__ = [
@@ -96,17 +104,25 @@ def measure_latency(cell: Cell, sender: Sender, receiver: Receiver, lossy: bool)
 
 
 def measure_throughput(cell: Cell, receiver: Receiver, lossy: bool) -> dict[str, Any]:
-    """Count the stream at the consumer."""
+    """Count the stream at the consumer (in batches of recv_many for batch subjects)."""
     checker = SequenceChecker()
     try:
-        seconds, effort = drain(receiver, checker, cell.size >= SEQUENCE_SIZE, lossy)
+        if isinstance(receiver, BatchReceiver):
+            seconds, effort = drain_batches(receiver, checker, cell.size, max(cell.batch, 1), lossy)
+        else:
+            seconds, effort = drain(receiver, checker, cell.size >= SEQUENCE_SIZE, lossy)
     finally:
         receiver.close()
     return {"checker": checker, "seconds": seconds, "effort": effort}
 
 
-def open_client_ends(opener: Opener) -> tuple[Sender | None, Receiver]:
-    """Latency: send on a, receive on b. Throughput: receive on a."""
+Ends = tuple[Sender | None, Receiver] | tuple[AsyncSender | None, AsyncReceiver]
+
+
+def open_client_ends(opener: Opener) -> Ends:
+    """Latency: send on a, receive on b. Throughput: receive on a. Asyncio ends for subjects with api 'async'."""
+    if opener.subject.api == "async":
+        return _open_async_client_ends(opener)
     if opener.cell.mode == "latency":
         sender = opener.sender("a")
         try:
@@ -117,36 +133,65 @@ def open_client_ends(opener: Opener) -> tuple[Sender | None, Receiver]:
     return None, opener.receiver("a")
 
 
-def run_client_side(subject: Subject, cell: Cell, sender: Sender | None, receiver: Receiver) -> dict[str, Any]:
-    """Run this side's loop of the cell."""
+def _open_async_client_ends(opener: Opener) -> tuple[AsyncSender | None, AsyncReceiver]:
+    if opener.cell.mode == "latency":
+        sender = opener.async_sender("a")
+        try:
+            return sender, opener.async_receiver("b")
+        except BaseException:
+            sender.abort()
+            raise
+    return None, opener.async_receiver("a")
+
+
+def abort_client_ends(subject: Subject, sender: Any, receiver: Any) -> None:
+    """Free the client's ends after a failure."""
+    if subject.api == "async":
+        abort_async_ends(sender, receiver)
+    else:
+        abort_ends(sender, receiver)
+
+
+def run_client_side(subject: Subject, cell: Cell, sender: Any, receiver: Any) -> dict[str, Any]:
+    """Run this side's loop of the cell (in an asyncio loop of its own for asyncio subjects)."""
     with watchdog(cell.time_limit):
+        if subject.api == "async":
+            return asyncio.run(_measure_async(subject, cell, sender, receiver))
         if sender is not None:
             return measure_latency(cell, sender, receiver, subject.lossy)
         return measure_throughput(cell, receiver, subject.lossy)
 
 
-def cell_record(subject: Subject, cell: Cell, status: str, reason: str | None = None) -> dict[str, Any]:
-    """The report entry of a cell, without figures yet."""
+async def _measure_async(
+    subject: Subject, cell: Cell, sender: AsyncSender | None, receiver: AsyncReceiver
+) -> dict[str, Any]:
+    if sender is not None:
+        return await aio.measure_latency(sender, receiver, cell.size, cell.seconds, cell.max_count, cell.idle_seconds)
+    return await aio.measure_throughput(receiver, cell.size, subject.lossy)
+
+
+def run_record(status: str, reason: str | None = None) -> dict[str, Any]:
+    """One run of a cell, without figures yet (podipc.bench.rounds merges the runs of a subject, mode and size)."""
     return {
-        "subject": subject.name,
-        "kind": subject.kind,
-        "baseline": raw_baselines().get(subject.name) if subject.kind == "channel" else None,
-        "mode": cell.mode,
-        "size": cell.size,
+        "run": 0,
+        "sequence": 0,
         "status": status,
         "reason": reason,
         "latency": None,
         "throughput": None,
         "cpu": None,
         "idle": None,
+        "ticker": None,
+        "wakeup": None,
         "elapsed_seconds": 0.0,
     }
 
 
 def fill_figures(record: dict[str, Any], cell: Cell, measured: dict[str, Any], server: dict[str, Any]) -> None:
-    """Put the figures of a finished cell into its record."""
+    """Put the figures of a finished cell into its run record."""
     effort: Effort = measured["effort"]
     server_wall, server_cpu = float(server.get("wall", 0.0)), float(server.get("cpu", 0.0))
+    record["wakeup"] = measured.get("wakeup")
     if cell.mode == "latency":
         if not measured["samples"]:
             record.update(status="error", reason="no round trip completed")
@@ -163,6 +208,7 @@ def fill_figures(record: dict[str, Any], cell: Cell, measured: dict[str, Any], s
         record["throughput"] = ThroughputSummary.build(
             int(server.get("count", 0)), measured["checker"], cell.size, measured["seconds"], cell.size >= SEQUENCE_SIZE
         ).as_dict()
+        record["ticker"] = measured.get("ticker")
     record["cpu"] = {
         "client_seconds": round(effort.cpu, 4),
         "client_wall_seconds": round(effort.wall, 4),
@@ -178,24 +224,24 @@ def run_remote_cell(control: Control, subject: Subject, cell: Cell) -> dict[str,
     control.send("cell", cell=asdict(cell))
     answer = control.recv(CONTROL_TIMEOUT_SECONDS, expect=("ready", "failed"))
     if answer["type"] == "failed":
-        return cell_record(subject, cell, answer["status"], answer["reason"])
+        return run_record(answer["status"], answer["reason"])
     try:
         sender, receiver = open_client_ends(Opener(subject, cell))
     except MessageTooLarge as exc:
         control.send("abort")
-        return cell_record(subject, cell, "unsupported", str(exc))
+        return run_record("unsupported", str(exc))
     except ChannelUnavailable as exc:
         control.send("abort")
-        return cell_record(subject, cell, "skipped", str(exc))
+        return run_record("skipped", str(exc))
     except Exception as exc:  # reported in the cell
         control.send("abort")
-        return cell_record(subject, cell, "error", f"client could not open: {describe(exc)}")
+        return run_record("error", f"client could not open: {describe(exc)}")
     control.send("go")
-    record = cell_record(subject, cell, "ok")
+    record = run_record("ok")
     try:
         measured = run_client_side(subject, cell, sender, receiver)
     except Exception as exc:  # reported in the cell
-        abort_ends(sender, receiver)
+        abort_client_ends(subject, sender, receiver)
         record.update(status="error", reason=f"client: {describe(exc)}")
         measured = None
     done = control.recv(cell.time_limit + CONTROL_TIMEOUT_SECONDS, expect=("done",))
@@ -224,7 +270,7 @@ def run_local_cell(subject: LocalSubject, cell: Cell) -> dict[str, Any]:
     results_reader, results_writer = context.Pipe(duplex=False)
     child = context.Process(target=_local_child, args=(subject, cell, links, results_writer), daemon=True)
     child.start()
-    record = cell_record(subject, cell, "ok")
+    record = run_record("ok")
     measured = None
     try:
         sender, receiver = open_client_ends(Opener(subject, cell, links))
@@ -250,33 +296,33 @@ def run_local_cell(subject: LocalSubject, cell: Cell) -> dict[str, Any]:
 # --- planning and the whole run ---------------------------------------------------------
 
 
-def plan_cells(plan: Plan, subjects: dict[str, Subject]) -> list[tuple[Subject, Cell]]:
-    """Every (subject, cell) of the plan, in report order, with fresh addresses for each."""
-    place_directory = plan.directory
-    cells: list[tuple[Subject, Cell]] = []
-    chosen = [subjects[name] for name in plan.channels]
-    if plan.peers:
-        chosen += [subject for subject in subjects.values() if subject.kind != "channel" and subject not in chosen]
-    smallest = min(plan.sizes)
-    # every subject at one mode and size runs back to back, so a channel and its raw peer
-    # see the same background load on a shared machine
-    for mode in plan.modes:
-        for size in plan.sizes:
-            for subject in chosen:
-                index = len(cells)
-                place = CellPlace(plan.run_id, index, place_directory)
-                cell = Cell(
-                    index=index,
-                    subject=subject.name,
-                    mode=mode,
-                    size=size,
-                    seconds=plan.seconds,
-                    idle_seconds=plan.idle_seconds if mode == "latency" and size == smallest else 0.0,
-                    resources={},
-                )
-                cells.append((subject, cell))
-                cell.resources = subject.resources(place, free_port) if subject.availability() is None else {}
-    return cells
+class CellMaker:
+    """Makes the cells of a run: each with its own index, addresses and names."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.smallest = min(plan.sizes)
+        self.indexes = count()
+
+    def make(self, subject: Subject, group: Group, run: int) -> Cell:
+        """Cell `run` of `subject` in `group`, with fresh resources."""
+        plan = self.plan
+        index = next(self.indexes)
+        batched = isinstance(subject, ChannelSubject) and subject.batch
+        cell = Cell(
+            index=index,
+            subject=subject.name,
+            mode=group.mode,
+            size=group.size,
+            seconds=plan.seconds,
+            idle_seconds=plan.idle_seconds if group.mode == "latency" and group.size == self.smallest else 0.0,
+            resources={},
+            run=run,
+            batch=min(plan.batch, max(1, BATCH_BYTES // group.size)) if batched else 0,
+        )
+        place = CellPlace(plan.run_id, index, plan.directory)
+        cell.resources = subject.resources(place, free_port) if subject.availability() is None else {}
+        return cell
 
 
 def skip_reason(subject: Subject, cell: Cell, pod_mode: bool, unshared: dict[str, str]) -> tuple[str, str] | None:
@@ -329,6 +375,72 @@ ProgressHook = Callable[[str, int, int], None]
 """Called before each cell with (description, cells done, cells in all)."""
 
 
+class Session:
+    """The client's side of one bench run: the plan, the server, and the order cells ran in."""
+
+    def __init__(self, plan: Plan, control: Control, unshared: dict[str, str], progress: ProgressHook | None) -> None:
+        self.plan = plan
+        self.control = control
+        self.unshared = unshared
+        self.progress = progress
+        self.pod_mode = plan.role == "client"
+        self.cells = CellMaker(plan)
+        self.sequence = count()
+        self.done = 0
+        self.expected = 0
+
+    def run_group(self, group: Group) -> list[dict[str, Any]]:
+        """Round after round of the group's subjects, until enough runs; one record per subject."""
+        plan = self.plan
+        runs: dict[str, list[dict[str, Any]]] = {subject.name: [] for subject in group.subjects}
+        for round_number in range(plan.most_runs):
+            for subject in group.subjects:
+                earlier = runs[subject.name]
+                if earlier and earlier[-1]["status"] in FINAL_STATUSES:
+                    self.expected -= round_number < plan.repeat  # counted in the estimate, never run
+                    continue
+                earlier.append(self.run_cell(subject, self.cells.make(subject, group, round_number)))
+            records = self.records(group, runs)
+            rounds_run = round_number + 1
+            if rounds_run >= plan.repeat and (plan.confidence is None or group_settled(records, plan.confidence)):
+                return records
+            if rounds_run >= plan.repeat:  # one more round than the estimate counted
+                self.expected += sum(
+                    runs[subject.name][-1]["status"] not in FINAL_STATUSES for subject in group.subjects
+                )
+        return records
+
+    def records(self, group: Group, runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The group's records from the runs so far, with their paired ratios."""
+        level = self.plan.confidence_level
+        records = [
+            record_from_runs(subject, group.mode, group.size, runs[subject.name], level) for subject in group.subjects
+        ]
+        add_ratios(records, level)
+        return records
+
+    def run_cell(self, subject: Subject, cell: Cell) -> dict[str, Any]:
+        """One run of one cell (or why it cannot run), numbered in the order runs happened."""
+        if self.progress is not None:
+            label = f"{subject.name} {cell.mode} {cell.size} B" + (
+                f" #{cell.run + 1}" if self.plan.most_runs > 1 else ""
+            )
+            self.progress(label, self.done, max(self.expected, self.done + 1))
+        reason = skip_reason(subject, cell, self.pod_mode, self.unshared)
+        if reason is not None:
+            record = run_record(*reason)
+        else:
+            started = time.perf_counter()
+            if isinstance(subject, LocalSubject):
+                record = run_local_cell(subject, cell)
+            else:
+                record = run_remote_cell(self.control, subject, cell)
+            record["elapsed_seconds"] = round(time.perf_counter() - started, 3)
+        record.update(run=cell.run, sequence=next(self.sequence))
+        self.done += 1
+        return record
+
+
 def run_client(plan: Plan, control: Control, progress: ProgressHook | None = None) -> dict[str, Any]:
     """Run every cell of the plan against a connected server; the report as a JSON-ready mapping."""
     started = time.time()
@@ -337,31 +449,14 @@ def run_client(plan: Plan, control: Control, progress: ProgressHook | None = Non
         server_hello = control.recv(CONTROL_TIMEOUT_SECONDS, expect=("hello", "failed"))
     if server_hello["type"] == "failed":
         raise PodIPCError(f"bench server refused: {server_hello['reason']}")
-    unshared = unshared_places(probes, server_hello.get("sees", {}))
-    subjects = all_subjects()
-    cells = plan_cells(plan, subjects)
-    pod_mode = plan.role == "client"
-    records = []
-    skipped: dict[str, str] = {}
-    for done_count, (subject, cell) in enumerate(cells):
-        if progress is not None:
-            progress(f"{subject.name} {cell.mode} {cell.size} B", done_count, len(cells))
-        reason = skip_reason(subject, cell, pod_mode, unshared)
-        if reason is not None:
-            records.append(cell_record(subject, cell, *reason))
-            if reason[0] == "skipped":
-                skipped[subject.name] = reason[1]
-            continue
-        cell_started = time.perf_counter()
-        if isinstance(subject, LocalSubject):
-            record = run_local_cell(subject, cell)
-        else:
-            record = run_remote_cell(control, subject, cell)
-        record["elapsed_seconds"] = round(time.perf_counter() - cell_started, 3)
-        records.append(record)
+    session = Session(plan, control, unshared_places(probes, server_hello.get("sees", {})), progress)
+    groups = plan_groups(Catalog().planned(plan), plan.modes, plan.sizes)
+    session.expected = sum(len(group.subjects) for group in groups) * plan.repeat
+    records = [record for group in groups for record in session.run_group(group)]
     control.send("bye")
     if progress is not None:
-        progress("done", len(cells), len(cells))
+        progress("done", session.done, session.done)
+    skipped = {record["subject"]: record["reason"] for record in records if record["status"] == "skipped"}
     return {
         "schema": REPORT_SCHEMA,
         "podipc_version": podipc.__version__,
@@ -371,12 +466,20 @@ def run_client(plan: Plan, control: Control, progress: ProgressHook | None = Non
         "plan": {
             "channels": plan.channels,
             "peers": plan.peers,
+            "api": plan.api,
+            "batch": plan.batch,
             "sizes": plan.sizes,
             "modes": plan.modes,
             "seconds_per_cell": plan.seconds,
             "idle_seconds": plan.idle_seconds,
+            "repeat": plan.repeat,
+            "ci_level_percent": plan.confidence_level,
+            "max_repeat": plan.most_runs,
+            "confidence": None
+            if plan.confidence is None
+            else {"level_percent": plan.confidence_level, "width_percent": plan.confidence},
             "quick": plan.quick,
-            "mode": "pod" if pod_mode else "local",
+            "mode": "pod" if session.pod_mode else "local",
             "run_id": plan.run_id,
         },
         "environment": {"client": facts.collect(), "server": server_hello.get("facts", {})},

@@ -12,14 +12,15 @@ from typing import Any
 
 import podipc
 from podipc.bench import facts
-from podipc.bench.cells import CONTROL_TIMEOUT_SECONDS, Cell, Opener, abort_ends, all_subjects, describe, watchdog
+from podipc.bench.cells import CONTROL_TIMEOUT_SECONDS, Catalog, Cell, Opener, abort_ends, describe, watchdog
 from podipc.bench.control import PROTOCOL_VERSION, Control, ControlListener
 from podipc.bench.subjects import (
+    BatchSender,
     Receiver,
     Sender,
     Subject,
 )
-from podipc.bench.workloads import echo, stream
+from podipc.bench.workloads import echo, stream, stream_batches
 from podipc.errors import ChannelUnavailable, MessageTooLarge
 
 
@@ -39,12 +40,14 @@ def run_server_side(subject: Subject, cell: Cell, sender: Sender, receiver: Rece
     """Echo or stream; the count, wall and CPU seconds of this side."""
     if receiver is not None:
         count, effort = echo(receiver, sender, subject.lossy)
+    elif isinstance(sender, BatchSender):
+        count, effort = stream_batches(sender, cell.size, cell.seconds, cell.max_count, max(cell.batch, 1))
     else:
         count, effort = stream(sender, cell.size, cell.seconds, cell.max_count)
     return {"count": count, "wall": effort.wall, "cpu": effort.cpu}
 
 
-def serve_cell(control: Control, subjects: dict[str, Subject], cell: Cell) -> None:
+def serve_cell(control: Control, subjects: Catalog, cell: Cell) -> None:
     """Open this side of one cell, wait for go, run it, report done."""
     subject = subjects.get(cell.subject)
     if subject is None:
@@ -89,7 +92,7 @@ def serve(control: Control) -> None:
     probes = hello.get("probes") or {}
     sees = {place: os.path.exists(path) for place, path in probes.items() if isinstance(path, str)}
     control.send("hello", facts=facts.collect(), podipc=podipc.__version__, sees=sees)
-    subjects = all_subjects()
+    subjects = Catalog()
     while True:
         message = control.recv(None, expect=("cell", "bye"))
         if message["type"] == "bye":

@@ -23,7 +23,7 @@ MISSING_TRACK_LIMIT = 1_000_000
 """Gaps beyond this many missing sequence numbers are counted as lost without tracking late arrivals."""
 
 
-def percentile(sorted_values: Sequence[int], fraction_percent: float) -> float:
+def percentile(sorted_values: Sequence[float], fraction_percent: float) -> float:
     """The `fraction_percent` percentile of already sorted values, by linear interpolation."""
     if not sorted_values:
         raise ValueError("no values")
@@ -102,6 +102,11 @@ class SequenceChecker:
             self.reordered += 1
         else:
             self.duplicated += 1
+
+    def add_run(self, count: int) -> None:
+        """Account for `count` messages numbered expected, expected + 1, ... (checked by the caller)."""
+        self.received += count
+        self.expected += count
 
     def _gap(self, start: int, stop: int) -> None:
         room = MISSING_TRACK_LIMIT - len(self.missing)

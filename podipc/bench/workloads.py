@@ -1,4 +1,4 @@
-"""The loops of a bench cell, the same for every subject: ping, echo, stream, drain, idle.
+"""The loops of a bench cell, the same for every subject: ping, echo, stream, drain, idle (and batches).
 
 Each loop takes a Sender and/or Receiver (podipc.bench.subjects) and hoists every
 lookup out of its hot path, so a podipc channel and its raw peer are driven by the
@@ -8,12 +8,17 @@ very same bytecode.
 from __future__ import annotations
 
 import time
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from podipc.bench.stats import SEQUENCE, SEQUENCE_SIZE, SequenceChecker, cpu_seconds
-from podipc.bench.subjects import Receiver, Sender
+from podipc.bench.subjects import BatchReceiver, BatchSender, Buffer, Receiver, Sender
 from podipc.errors import EndOfStream
 
+T = TypeVar("T")
 WARMUP_ROUND_TRIPS = 20
 CLOCK_CHECK_EVERY = 16
 """Streaming checks the clock once every this many messages."""
@@ -122,19 +127,25 @@ def stream(sender: Sender, size: int, seconds: float, max_messages: int) -> tupl
     return sent, Effort.since(wall_start, cpu_start)
 
 
-def drain(receiver: Receiver, checker: SequenceChecker, numbered: bool, lossy: bool) -> tuple[float, Effort]:
-    """Receive until the end of stream, checking sequence numbers: seconds from first to last message, effort."""
-    recv = receiver.recv
+def first_message(receive: Callable[[], T], lossy: bool) -> T | None:
+    """The first receive of a stream (None: it ended at once); a lossy link may time out for a while first."""
     first_wait = time.monotonic() + FIRST_MESSAGE_WAIT_SECONDS
     while True:
         try:
-            message = recv()
-            break
+            return receive()
         except EndOfStream:
-            return 0.0, Effort(0.0, 0.0)
+            return None
         except TimeoutError:
             if not lossy or time.monotonic() > first_wait:
                 raise
+
+
+def drain(receiver: Receiver, checker: SequenceChecker, numbered: bool, lossy: bool) -> tuple[float, Effort]:
+    """Receive until the end of stream, checking sequence numbers: seconds from first to last message, effort."""
+    recv = receiver.recv
+    message = first_message(recv, lossy)
+    if message is None:
+        return 0.0, Effort(0.0, 0.0)
     clock = time.perf_counter
     wall_start, cpu_start = clock(), cpu_seconds()
     add, unpack = checker.add, SEQUENCE.unpack_from
@@ -180,3 +191,94 @@ def idle(receiver: Receiver, seconds: float) -> Effort:
     wall_start, cpu_start = time.perf_counter(), cpu_seconds()
     receiver.idle(seconds)
     return Effort.since(wall_start, cpu_start)
+
+
+# --- batches: send_many / recv_many --------------------------------------------------------
+
+JOIN_CHECK_MAX_SIZE = 4096
+"""Batches of messages up to this size have their sequence numbers checked in one pass over the joined bytes."""
+
+
+class NumberedBatch:
+    """`count` message buffers of `size` bytes in one bytearray, numbered in one slice assignment when size allows."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        memory = memoryview(bytearray(size * count))
+        self.buffers = [memory[index * size : (index + 1) * size] for index in range(count)]
+        self.numbers = memory.cast("Q")[:: size // SEQUENCE_SIZE] if size % SEQUENCE_SIZE == 0 else None
+
+    def number(self, first: int, count: int) -> list[memoryview]:
+        """Number the first `count` buffers first, first + 1, ...; those buffers."""
+        numbers = self.numbers
+        if numbers is not None and count == len(self.buffers):
+            numbers[:] = array("Q", range(first, first + count))
+        else:
+            pack_into = SEQUENCE.pack_into
+            for index in range(count):
+                pack_into(self.buffers[index], 0, first + index)
+        return self.buffers if count == len(self.buffers) else self.buffers[:count]
+
+
+def stream_batches(sender: BatchSender, size: int, seconds: float, max_messages: int, batch: int) -> tuple[int, Effort]:
+    """stream(), `batch` numbered messages per send_many call: sent, effort."""
+    numbered = NumberedBatch(size, batch)
+    number, send_many = numbered.number, sender.send_many
+    clock = time.perf_counter
+    wall_start, cpu_start = clock(), cpu_seconds()
+    sender.send(number(0, 1)[0])  # message 0 waits for the consumer
+    sent = 1
+    end = clock() + seconds
+    while sent < max_messages:
+        count = min(batch, max_messages - sent)
+        send_many(number(sent, count))
+        sent += count
+        if clock() >= end:
+            break
+    sender.close()
+    return sent, Effort.since(wall_start, cpu_start)
+
+
+def check_batch(checker: SequenceChecker, messages: Sequence[Buffer], size: int) -> None:
+    """Account for a batch: in one pass when it is the next run of numbers, else message by message."""
+    count = len(messages)
+    if count > 1 and size <= JOIN_CHECK_MAX_SIZE and size % SEQUENCE_SIZE == 0:
+        joined = b"".join(messages)
+        if len(joined) == count * size:
+            numbers = memoryview(joined).cast("Q")[:: size // SEQUENCE_SIZE]
+            first = checker.expected
+            if numbers[0] == first and numbers.tolist() == list(range(first, first + count)):
+                checker.add_run(count)
+                return
+    add, unpack = checker.add, SEQUENCE.unpack_from
+    for message in messages:
+        add(unpack(message)[0])
+
+
+def drain_batches(
+    receiver: BatchReceiver, checker: SequenceChecker, size: int, batch: int, lossy: bool
+) -> tuple[float, Effort]:
+    """drain(), up to `batch` messages per recv_many call: seconds from first to last message, effort."""
+    receive_many = receiver.recv_many
+    messages = first_message(partial(receive_many, batch), lossy)
+    if messages is None:
+        return 0.0, Effort(0.0, 0.0)
+    clock = time.perf_counter
+    wall_start, cpu_start = clock(), cpu_seconds()
+    last = wall_start
+    try:
+        while True:
+            check_batch(checker, messages, size)
+            try:
+                messages = receive_many(batch)
+            except TimeoutError:
+                if not lossy:
+                    raise
+                if clock() - last >= LOSSY_QUIET_SECONDS_AT_END:
+                    break
+                messages = ()
+                continue
+            last = clock()
+    except EndOfStream:
+        last = last if lossy else clock()
+    return last - wall_start, Effort.since(wall_start, cpu_start)

@@ -3,7 +3,8 @@
 Each peer is written the way a careful person would by hand: length-prefixed frames
 and MSG_WAITALL on stream sockets, one datagram per message on UDP, posix_ipc and
 sysv_ipc queues used directly, a busy-poll mmap ring (podipc.bench.ring), pyzmq
-PUSH/PULL, multiprocessing Pipe and Queue, faster-fifo, and iceoryx2 publish-subscribe.
+PUSH/PULL (and zmq.asyncio PULL for `--api async`), multiprocessing Pipe and Queue,
+faster-fifo, and iceoryx2 publish-subscribe.
 An empty message (or the peer's own marker) ends a stream, so bench messages are
 never empty (they carry an 8-byte sequence number).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
-from podipc.bench.peers.libraries import FasterFifo, LocalSubject, MPPipe, MPQueue, PyZMQ
+from podipc.bench.peers.libraries import FasterFifo, LocalSubject, MPPipe, MPQueue, PyZMQ, PyZMQAsyncio
 from podipc.bench.peers.queues import RawPosixMQ, RawSysVMQ
 from podipc.bench.peers.shared_memory import Iceoryx2, RawRing
 from podipc.bench.peers.sockets import RawTCP, RawUDP, RawUnix
@@ -36,6 +37,8 @@ def peer_subjects() -> list[Subject]:
         RawRing(),
         PyZMQ("tcp"),
         PyZMQ("ipc"),
+        PyZMQAsyncio("tcp"),
+        PyZMQAsyncio("ipc"),
         Iceoryx2(),
         MPPipe(),
         MPQueue(),

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from podipc.bench.peers.sockets import CLOSE_WAIT_SECONDS, RawTCP, missing_package
 from podipc.bench.subjects import (
+    READINESS,
+    AsyncReceiver,
+    AsyncSender,
+    Buffer,
     CellPlace,
     Receiver,
     Sender,
@@ -19,25 +25,67 @@ from podipc.errors import EndOfStream
 # --- pyzmq --------------------------------------------------------------------------
 
 
+_MONITORS = itertools.count()
+
+
+class LeaveWatch:
+    """Sees the PULL a PUSH socket is connected to leave (a socket monitor's disconnect event).
+
+    A PUSH over ipc:// that closes while its pipe is at the high-water mark loses the tail
+    of the stream even with a linger (libzmq 4.3.5; a slow consumer, such as a zmq.asyncio
+    PULL, hits it every time). So a sender ends its stream as the raw socket peers do: the
+    end frame, then it waits for the receiver to leave, then it closes.
+    """
+
+    def __init__(self, socket: Any) -> None:
+        import zmq
+
+        endpoint = f"inproc://podipc-bench-leave-{os.getpid()}-{next(_MONITORS)}"
+        socket.monitor(endpoint, zmq.EVENT_DISCONNECTED)
+        self.events: Any = zmq.Context.instance().socket(zmq.PAIR)
+        self.events.connect(endpoint)
+
+    def wait(self, seconds: float) -> None:
+        """Wait (at most `seconds`) until the receiver has disconnected."""
+        self.events.poll(int(seconds * 1000))
+
+    def close(self, socket: Any) -> None:
+        """Stop monitoring."""
+        with contextlib.suppress(Exception):
+            socket.disable_monitor()
+        self.events.close(linger=0)
+
+
+def push_socket(context: Any, endpoint: str) -> Any:
+    """A connecting PUSH socket: at most 1000 messages queued, the first send waits for a connected peer."""
+    import zmq
+
+    socket = context.socket(zmq.PUSH)
+    socket.setsockopt(zmq.SNDHWM, 1000)
+    socket.setsockopt(zmq.IMMEDIATE, 1)
+    socket.connect(endpoint)
+    return socket
+
+
 class ZMQSender:
     """A PUSH socket that connects; an empty frame ends the stream."""
 
     def __init__(self, endpoint: str) -> None:
         import zmq
 
-        self.socket: Any = zmq.Context.instance().socket(zmq.PUSH)
-        self.socket.setsockopt(zmq.SNDHWM, 1000)
-        self.socket.setsockopt(zmq.IMMEDIATE, 1)  # the first send waits for a connected peer
-        self.socket.connect(endpoint)
+        self.socket: Any = push_socket(zmq.Context.instance(), endpoint)
+        self.leave = LeaveWatch(self.socket)
         self.send: Callable[..., Any] = self.socket.send
 
     def close(self) -> None:
-        """Send the end frame and close, lingering until it is delivered."""
+        """Send the end frame, wait for the receiver to leave, close."""
         self.socket.send(b"")
-        self.socket.close(linger=int(CLOSE_WAIT_SECONDS * 1000))
+        self.leave.wait(CLOSE_WAIT_SECONDS)
+        self.abort()
 
     def abort(self) -> None:
         """Close at once."""
+        self.leave.close(self.socket)
         self.socket.close(linger=0)
 
 
@@ -67,10 +115,15 @@ class ZMQReceiver:
 
     def close(self) -> None:
         """Close the socket."""
-        self.socket.close(linger=0)
-        if self.endpoint.startswith("ipc://"):
-            with contextlib.suppress(OSError):
-                os.unlink(self.endpoint[len("ipc://") :])
+        close_pull(self.socket, self.endpoint)
+
+
+def close_pull(socket: Any, endpoint: str) -> None:
+    """Close a bound PULL socket at once and remove its ipc socket file."""
+    socket.close(linger=0)
+    if endpoint.startswith("ipc://"):
+        with contextlib.suppress(OSError):
+            os.unlink(endpoint[len("ipc://") :])
 
 
 class PyZMQ(RawTCP):
@@ -101,6 +154,88 @@ class PyZMQ(RawTCP):
     def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
         """PULL, bind."""
         return ZMQReceiver(resources[key])
+
+
+class AsyncZMQSender:
+    """A zmq.asyncio PUSH socket that connects; an empty frame ends the stream."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+        import zmq.asyncio
+
+        self.socket: Any = push_socket(zmq.asyncio.Context.shadow(zmq.Context.instance()), endpoint)
+        self.leave = LeaveWatch(self.socket)
+        self.send: Callable[[Buffer], Any] = self.socket.send
+
+    async def close(self) -> None:
+        """Send the end frame, wait for the receiver to leave (off the loop), close."""
+        await self.socket.send(b"")
+        await asyncio.to_thread(self.leave.wait, CLOSE_WAIT_SECONDS)
+        self.abort()
+
+    def abort(self) -> None:
+        """Close at once."""
+        self.leave.close(self.socket)
+        self.socket.close(linger=0)
+
+
+class AsyncZMQReceiver:
+    """A zmq.asyncio PULL socket that binds (the loop watches its FD)."""
+
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+        import zmq.asyncio
+
+        context = zmq.asyncio.Context.shadow(zmq.Context.instance())
+        self.socket: Any = context.socket(zmq.PULL)
+        self.socket.bind(endpoint)
+        self.endpoint = endpoint
+        receive = self.socket.recv
+
+        async def recv() -> bytes:
+            data: bytes = await receive()
+            if not data:
+                raise EndOfStream("zmq: end frame")
+            return data
+
+        self.recv = recv
+
+    async def idle(self, seconds: float) -> None:
+        """Poll for a frame that should not come."""
+        if await self.socket.poll(int(seconds * 1000)):
+            raise RuntimeError("a message arrived during the idle probe")
+
+    async def close(self) -> None:
+        """Close the socket."""
+        close_pull(self.socket, self.endpoint)
+
+    def abort(self) -> None:
+        """Close the socket."""
+        close_pull(self.socket, self.endpoint)
+
+    def wakeup(self) -> str:
+        """zmq.asyncio waits on the socket's FD in the loop."""
+        return READINESS
+
+
+class PyZMQAsyncio(PyZMQ):
+    """pyzmq's zmq.asyncio PULL (and PUSH for round trips) in an asyncio loop; the other side plain pyzmq."""
+
+    api = "async"
+
+    def __init__(self, transport: str) -> None:
+        super().__init__(transport)
+        self.name = f"pyzmq-asyncio-{transport}"
+        self.baseline_of = None
+        self.baseline = f"pyzmq-{transport}"
+
+    def open_async_sender(self, resources: Mapping[str, str], key: str, size: int) -> AsyncSender:
+        """zmq.asyncio PUSH, connect."""
+        return AsyncZMQSender(resources[key])
+
+    def open_async_receiver(self, resources: Mapping[str, str], key: str, size: int) -> AsyncReceiver:
+        """zmq.asyncio PULL, bind."""
+        return AsyncZMQReceiver(resources[key])
 
 
 # --- multiprocessing-based libraries (parent and child only) ---------------------------
