@@ -252,8 +252,9 @@ class _Endpoint(ABC):
 
     A transport may keep a faster blocking path by overriding `_send(view, deadline)` /
     `_recv(deadline)` (call the base's for everything but its fast case) as long as
-    `_interrupt()` wakes it. Transports not yet on this contract override `_send`, `_recv`,
-    `_close` and `_abort` directly (the old hooks); they get the call gate, the state check
+    `_interrupt()` wakes it. A transport that overrides a public call itself (shm's send and
+    recv take the token inline) declares it with `register_calls()`. Transports not yet on
+    this contract override `_send`, `_recv`, `_close` and `_abort` directly (the old hooks); they get the call gate, the state check
     and fork safety, but a blocked call on them wakes only when its own call returns (close
     then waits CALLS_LEAVE_SECONDS and leaves the release to that call), and aio runs them
     on one helper thread per endpoint.
@@ -1241,7 +1242,7 @@ def channels() -> list[ChannelInfo]:
     return rows
 
 
-_CALL_CODES = frozenset(
+_CALL_CODES = set(
     function.__code__
     for function in (
         Producer.send,
@@ -1255,3 +1256,11 @@ _CALL_CODES = frozenset(
     )
 )
 """The frames of calls that hold (or wait for) an endpoint's token; see _Endpoint._inside_call_here."""
+
+
+def register_calls(*functions: Callable[..., Any]) -> None:
+    """Count a transport's own public calls (a fast path that takes the token itself, e.g. shm's send) as calls.
+
+    So a close() from a signal handler that interrupted one of them leaves the release to its exit.
+    """
+    _CALL_CODES.update(function.__code__ for function in functions)

@@ -30,7 +30,7 @@ from .harness import CONTEXT, leftovers, payload, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract")
+CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract", "shm")
 """Schemes whose transports implement the endpoint contract; the later transports add theirs."""
 WAKE_SECONDS = 0.1
 """Issue 11: a blocked call wakes within 100 ms of close()/abort()."""

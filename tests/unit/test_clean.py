@@ -187,10 +187,13 @@ def test_a_live_channel_spelled_differently_keeps_its_objects(tmp_path: Path) ->
 def test_channel_objects_are_what_each_transport_creates() -> None:
     assert channel_objects(parse_address("mq:///jobs")) == {("posix_mq", "/jobs")}
     assert channel_objects(parse_address("sysvmq://0x10")) == {("sysv_mq", "16")}
+    token = parse_address("shm:///ring").token
     assert channel_objects(parse_address("shm:///ring")) == {
         ("posix_shm", "/ring"),
         ("posix_sem", "/ring.data"),
         ("posix_sem", "/ring.space"),
+        ("wake_fifo", f"/dev/shm/podipc.wake.{token}.data"),
+        ("wake_fifo", f"/dev/shm/podipc.wake.{token}.space"),
     }
     assert channel_objects(parse_address("unix:///run/a.sock")) == {("path", "/run/a.sock")}
     assert channel_objects(parse_address("zmq+ipc:///run/z.sock")) == {("path", "/run/z.sock")}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import mmap
 import multiprocessing
 import os
 import re
 import resource
+import selectors
 import signal
 import stat
 import subprocess
@@ -20,14 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import posix_ipc
 import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import podipc
+from podipc.address import parse_address
 from podipc.clean import find_leftovers
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, ProtocolError, Timeout
+from podipc.presence import Presence
 from podipc.transports import shm
 from podipc.transports.shm import fence, segment
 from podipc.transports.shm.layout import (
@@ -541,3 +546,291 @@ def test_plain_script_consumer_from_the_docs_takes_a_podipc_stream(name: str, tm
         received.append(output[offset + 4 : offset + 4 + length])
         offset += 4 + length
     assert received == payloads
+
+
+# --- limits (issue 10: found by a peer written from the docs) ------------------------------------
+
+
+def test_a_message_of_exactly_the_rings_max_size_fits_and_a_larger_one_names_the_ring(name: str) -> None:
+    with podipc.consumer(url(name), capacity=4096, max_message_size=2001) as consumer:
+        producer = podipc.producer(url(name))  # its own default limit is larger: the ring's counts
+        producer.send(b"x" * 2001, timeout=5)
+        assert consumer.recv(5) == b"x" * 2001
+        with pytest.raises(MessageTooLarge) as refused:
+            producer.send(b"x" * 2002, timeout=5)
+        assert f"the max message size of the ring shm:///{name} (set by its consumer) 2001" in str(refused.value)
+        assert "default" not in str(refused.value)
+        assert producer.try_send(b"y" * 2001)
+        with pytest.raises(MessageTooLarge):
+            producer.try_send(b"y" * 2002)
+        assert consumer.recv(5) == b"y" * 2001
+        producer.abort()
+
+
+def test_a_producer_takes_messages_larger_than_its_own_default_when_the_ring_allows_them(name: str) -> None:
+    with podipc.consumer(url(name), capacity=65536, max_message_size=65000) as consumer:
+        producer = podipc.producer(url(name), capacity=4096)  # alone it would refuse above 2048
+        message = os.urandom(60000)
+        producer.send(message, timeout=5)
+        assert consumer.recv(5) == message
+        producer.abort()
+
+
+def test_record_lengths_are_capped_below_4_gib_with_a_clear_error() -> None:
+    assert shm.default_max_message_size(8 << 30) == (1 << 32) - 8
+    with pytest.raises(podipc.AddressError, match=r"4 GiB - 1 \(a record's u32 length\)"):
+        podipc.consumer("shm:///podipc-test-shm-huge", capacity="8GiB", max_message_size=1 << 32)
+    header = bytearray(encode_header(4096, 2048))
+    header[24:32] = ((1 << 32) + 8).to_bytes(8, "little")
+    header[16:24] = (1 << 33).to_bytes(8, "little")
+    with pytest.raises(ProtocolError, match="u32"):
+        decode_header(bytes(header), HEADER_SIZE + (1 << 33))
+
+
+def test_forged_headers_are_protocol_errors_not_crashes() -> None:
+    near_the_end = bytearray(encode_header(4096, 2048))
+    for word in (64, 128):  # write and read index both 2**64 - 8
+        near_the_end[word : word + 8] = ((1 << 64) - 8).to_bytes(8, "little")
+    with pytest.raises(ProtocolError, match="2\\*\\*63"):
+        decode_header(bytes(near_the_end), HEADER_SIZE + 4096)
+    with pytest.raises(ProtocolError, match="not a multiple of 8"):
+        decode_header(encode_header(4096, 2048), HEADER_SIZE + 4096 + 3)
+
+
+# --- trust: what is at the ring's paths ------------------------------------------------------------
+
+
+def test_a_file_at_the_rings_path_that_is_not_a_ring_is_refused_and_left_alone(name: str) -> None:
+    path = f"/dev/shm/{name}"
+    with open(path, "wb") as mine:
+        mine.write(b"my own notes, not a ring")
+    try:
+        with pytest.raises(ChannelUnavailable, match="is not a podipc ring"):
+            podipc.consumer(url(name), **SMALL_RING)
+        with open(path, "rb") as kept:
+            assert kept.read() == b"my own notes, not a ring"
+        assert leftovers(name) == [path]
+    finally:
+        os.unlink(path)
+
+
+@pytest.mark.parametrize("what", ["a regular file", "a symlink"])
+def test_something_else_at_the_wake_up_fifos_path_is_refused(name: str, what: str) -> None:
+    path = segment.fifo_paths(parse_address(url(name)).token)[0]
+    if what == "a symlink":
+        os.symlink("/etc/passwd", path)
+    else:
+        with open(path, "wb"):
+            pass
+    try:
+        with pytest.raises(ChannelUnavailable, match="not a FIFO"):
+            podipc.consumer(url(name), **SMALL_RING)
+        assert os.path.lexists(path)
+    finally:
+        os.unlink(path)
+
+
+# --- waking: FIFOs, plain peers, readiness ---------------------------------------------------------
+
+
+def test_a_peer_that_only_posts_the_semaphore_still_wakes_a_blocked_recv(name: str) -> None:
+    """A plain peer may ignore the FIFO (value 2 in the waiting word) and post /NAME.data: bounded waits catch it."""
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        ring = shm.ShmConsumer  # the layout, written by hand as a minimal plain producer would
+        assert isinstance(consumer, ring)
+        with open(f"/dev/shm/{name}", "r+b") as file:
+            mapped = mmap.mmap(file.fileno(), HEADER_SIZE + 4096)
+        words = memoryview(mapped).cast("Q")
+        semaphore = posix_ipc.Semaphore(f"/{name}.data")
+        presence = Presence(parse_address(url(name)).token, "producer")  # alive, as a plain producer's lock says
+        words[9] |= 1  # attached
+
+        def plain_send_later() -> None:
+            time.sleep(0.6)  # the consumer's waits have grown long by now
+            RECORD_HEADER.pack_into(mapped, HEADER_SIZE, 5, KIND_DATA)
+            mapped[HEADER_SIZE + 8 : HEADER_SIZE + 13] = b"plain"
+            words[8] = 16
+            if words[10]:
+                words[10] = 0
+                semaphore.release()  # not what the waiting word asked for (2: the FIFO)
+
+        sender = threading.Thread(target=plain_send_later)
+        sender.start()
+        began = time.monotonic()
+        assert consumer.recv(10) == b"plain"
+        assert time.monotonic() - began < 0.6 + 0.5  # at most one bounded wait (0.25 s) late
+        sender.join()
+        semaphore.close()
+        words.release()
+        mapped.close()
+        presence.close()
+
+
+def test_a_full_ring_makes_the_producer_wait_on_a_descriptor_that_fires_when_room_frees(name: str) -> None:
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        producer = podipc.producer(url(name), **SMALL_RING)
+        sent = 0
+        while producer.try_send(bytes(1000)):
+            sent += 1
+        assert sent == 4  # a 4 KiB ring holds four 1008-byte records
+        assert podipc.wait([producer], timeout=0.2) == []
+        assert not producer.poll(0.1)
+        selector = selectors.DefaultSelector()
+        selector.register(producer.fileno(), selectors.EVENT_READ)
+        assert selector.select(0.1) == []
+        assert consumer.recv(5) == bytes(1000)
+        assert selector.select(5)
+        assert podipc.wait([producer], timeout=5) == [producer]
+        assert producer.try_send(bytes(1000))
+        selector.close()
+        producer.abort()
+
+
+def test_asyncio_on_shm_uses_the_fifo_and_no_helper_thread(name: str) -> None:
+    import asyncio
+
+    import podipc.aio
+
+    async def main() -> list[bytes]:
+        async with podipc.aio.consumer(url(name), **SMALL_RING) as inbox:
+            assert inbox._worker is None
+            producer = start(produce, name, [b"a", b"bb", bytes(1500)] * 50, SMALL_RING)
+            received = [message async for message in inbox]
+            producer.join(10)
+            assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("podipc-aio")]
+            return received
+
+    assert asyncio.run(main()) == [b"a", b"bb", bytes(1500)] * 50
+
+
+def idle_async_consumer(ring: str, ready: Any, result: Any) -> None:
+    import asyncio
+
+    import podipc.aio
+
+    async def main() -> tuple[float, float]:
+        async with podipc.aio.consumer(url(ring), **SMALL_RING) as inbox:
+            ready.set()
+            assert await inbox.recv(10) == b"wake"
+            began, usage = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+            with contextlib.suppress(Timeout):
+                await inbox.recv(4)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            return after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime, time.monotonic() - began
+
+    result.put(asyncio.run(main()))
+
+
+def test_an_idle_async_consumer_uses_under_1_percent_of_a_core(name: str) -> None:
+    ready, result = FORK.Event(), FORK.Queue()
+    consumer = start(idle_async_consumer, name, ready, result)
+    with podipc.producer(url(name), **SMALL_RING) as producer:
+        assert ready.wait(10)
+        producer.send(b"wake", timeout=5)
+        cpu, idle_seconds = result.get(timeout=20)
+        print(f"idle async consumer CPU: {cpu / idle_seconds:.3%} of a core over {idle_seconds:.1f} s")
+        assert idle_seconds >= 3.9 and cpu / idle_seconds < 0.01
+        producer.abort()
+    consumer.join(10)
+
+
+# --- shutdown from anywhere (issue 11) --------------------------------------------------------------
+
+
+def test_two_hundred_closes_and_aborts_of_a_producer_blocked_on_a_full_ring_never_crash(name: str) -> None:
+    consumer = podipc.consumer(url(name), **SMALL_RING)
+    for round_number in range(200):
+        producer = podipc.producer(url(name), **SMALL_RING, wait=10)
+        while producer.try_send(bytes(1000)):
+            pass
+        errors: list[BaseException] = []
+
+        def blocked_send(producer: podipc.Producer = producer, errors: list[BaseException] = errors) -> None:
+            try:
+                producer.send(bytes(1000))
+            except BaseException as error:
+                errors.append(error)
+
+        sender = threading.Thread(target=blocked_send)
+        sender.start()
+        time.sleep(0.001 * (round_number % 4))
+        producer.abort()
+        sender.join(5)
+        assert not sender.is_alive() and len(errors) == 1 and isinstance(errors[0], podipc.ChannelClosed), errors
+        consumer.close()  # the aborted stream is over; the next round starts a new one
+        consumer = podipc.consumer(url(name), **SMALL_RING)
+    consumer.close()
+
+
+def test_two_hundred_executor_receives_cancelled_then_closed_never_crash(name: str) -> None:
+    """The pattern of issue 11: run_in_executor(None, inbox.recv, 0.25), cancel the task, close the consumer."""
+    import asyncio
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for round_number in range(200):
+            inbox = podipc.consumer(url(name), **SMALL_RING, wait=10)
+            task = asyncio.ensure_future(loop.run_in_executor(None, inbox.recv, 0.25))
+            await asyncio.sleep(0.001 * (round_number % 5))
+            task.cancel()
+            inbox.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
+def crash_probe(role: str, ring: str, events: Any, results: Any) -> None:
+    """One side of a truncated ring: report what it raised (a SIGBUS would kill the process instead)."""
+    try:
+        if role == "consumer":
+            with podipc.consumer(url(ring), **SMALL_RING) as consumer:
+                events["ready"].set()
+                assert consumer.recv(10) == b"first"
+                consumer.recv(20)  # waiting, idle, when the ring is truncated
+        else:
+            with podipc.producer(url(ring), **SMALL_RING) as producer:
+                producer.send(b"first", timeout=10)
+                events["sent"].set()
+                events["truncated"].wait(20)
+                time.sleep(1.0)  # the peer monitor looks every 0.2 s
+                producer.send(b"after the truncation")
+        results.put((role, "no error"))
+    except podipc.PodIPCError as error:
+        results.put((role, f"{type(error).__name__}: {error}"))
+
+
+def test_a_truncated_ring_is_a_protocol_error_for_a_waiting_consumer_and_an_idle_producer(name: str) -> None:
+    events = {key: FORK.Event() for key in ("ready", "sent", "truncated")}
+    results = FORK.Queue()
+    consumer = start(crash_probe, "consumer", name, events, results)
+    assert events["ready"].wait(10)
+    producer = start(crash_probe, "producer", name, events, results)
+    assert events["sent"].wait(10)
+    time.sleep(0.5)
+    os.truncate(f"/dev/shm/{name}", 0)
+    events["truncated"].set()
+    outcomes = dict(results.get(timeout=20) for _ in range(2))
+    consumer.join(10)
+    producer.join(10)
+    assert (consumer.exitcode, producer.exitcode) == (0, 0)  # -7 would be SIGBUS
+    for role in ("consumer", "producer"):
+        assert outcomes[role].startswith("ProtocolError") and "truncated" in outcomes[role], outcomes
+
+
+def test_a_handler_calling_sys_exit_gets_through_a_blocked_recv_at_once(name: str) -> None:
+    script = f"""
+import signal, sys, time, podipc
+consumer = podipc.consumer("shm:///{name}", capacity=4096, max_message_size=1500)
+signal.signal(signal.SIGALRM, lambda *_: sys.exit(3))
+signal.setitimer(signal.ITIMER_REAL, 0.3)
+began = time.monotonic()
+try:
+    consumer.recv()
+finally:
+    print(round(time.monotonic() - began, 3), flush=True)
+    consumer.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3, done.stderr
+    assert float(done.stdout) < 0.6

@@ -6,30 +6,58 @@ Address
     Query options (or keyword arguments):
       capacity=8MiB         ring bytes (consumer; the producer adopts the ring's); the pod's
                             /dev/shm is 64 MiB by default and shared by every container
-      max_message_size=...  largest message in bytes; default capacity // 2; at most capacity - 8
-      spin=0.0005           seconds to poll an empty (or full) ring before sleeping on a semaphore
+      max_message_size=...  largest message in bytes; default capacity // 2; at most
+                            capacity - 8 and 4 GiB - 1 (a record's length is a u32)
+      spin=0.0005           seconds to poll an empty (or full) ring before waiting on a FIFO
                             (the first 5 us spin, the rest yields the CPU between polls)
-      wait=30, mode=0600    common options (see podipc.channel)
+      wait=30, mode=0600    common options (see podipc.channel); wait=none waits forever
 
 Requires
     A writable /dev/shm shared by both containers (a pod's containers share it through
     the IPC namespace), large enough for the ring; the Python package posix_ipc (named
-    semaphores for the wake-ups).
+    semaphores, which plain peers may sleep on).
 
 Semantics
     Boundaries and order kept, reliable, no copies on the way but the producer's write
     into the ring (recv_view() hands out the ring itself; loan()/commit() writes in place).
     Max message: the max_message_size option (default capacity // 2), fixed by the
-    consumer when it creates the ring; the producer takes the ring's value on attach.
-    The consumer creates the segment /dev/shm/NAME and the semaphores /NAME.data and
-    /NAME.space (files sem.NAME.* in /dev/shm), all with `mode`, and unlinks them at the
-    end of stream or when it closes. A segment left by a killed consumer (its lock is
-    free) is replaced on open. Both sides hold a podipc.presence file, so a peer killed
-    with SIGKILL is noticed (PeerGone) within a quarter of a second while blocked.
-    A killed producer's presence file is removed by the consumer when it leaves. A
-    consumer that leaves early makes the producer fail with PeerGone once the ring is
-    full, or at close (the end of stream is never taken).
+    consumer when it creates the ring; the producer takes the ring's value on attach and
+    checks each message against it (MessageTooLarge names the ring).
+    The consumer creates the segment /dev/shm/NAME, the semaphores /NAME.data and
+    /NAME.space (files sem.NAME.* in /dev/shm) and the wake-up FIFOs
+    /dev/shm/podipc.wake.TOKEN.data and .space, all with `mode`, and unlinks them at the
+    end of stream or when it closes. Objects left by a killed consumer (its lock is free)
+    are replaced on open. Both sides hold a podipc.presence file; the process's peer
+    monitor (presence.watch) sees a peer killed with SIGKILL within about 0.2 s, while
+    blocked and while sending at full speed: a consumer then takes what is in the ring and
+    raises PeerGone, a producer raises PeerGone at its next call. A consumer that leaves
+    early makes the producer fail with PeerGone the same way.
+    Trust: every object found instead of created (the peer's presence file, the segment,
+    semaphores, FIFOs) must be this user's, or with mode=0660 a common group's, and of
+    the right kind; otherwise ChannelUnavailable names its owner and nothing of it is
+    read, written or removed. A segment truncated under a side is a ProtocolError where
+    the side can tell (attach, after each wait, the monitor's check every 0.2 s); a side
+    touching the ring in between dies with SIGBUS (docs/wire/shm.md says what remains).
     Wire format and plain-script peers: docs/wire/shm.md.
+
+Lifecycle (the endpoint contract of podipc.channel)
+    Threads: send/loan/commit (producer) and recv/recv_view (consumer) take the side's
+    call gate, so an endpoint shared by threads writes and reads the single-producer
+    ring one call at a time: each message whole and once, in order per thread.
+    Shutdown from anywhere: close()/abort() from any thread, a signal handler or a loop
+    callback wakes every blocked call within milliseconds (a spinning wait sees an alert,
+    a waiting one its waker); the mapping, semaphores and FIFOs are freed only once no
+    call is inside. Signals: a blocked call waits in poll(), so a handler that only sets a
+    flag leaves it waiting, and one that raises (sys.exit) gets through at once.
+    timeout=0 tries once; wait=None waits for the peer forever; fork: an inherited
+    endpoint raises ChannelClosed and the child closes only its copies (its copy of the
+    segment's descriptor above all, whose lock says the consumer lives).
+    Readiness: the side's FIFO. An attempt that finds no message (no room) stores 2 in
+    the side's waiting word, and the peer writes the FIFO once it moves: fileno(),
+    poll(), podipc.wait() and podipc.aio wait on it with no helper thread. The peer makes
+    no system call while this side is not waiting. Waits are bounded (at most 0.25 s), so
+    a wake-up lost to a race, or a plain peer that only posts the semaphore, costs at most
+    that; a selector on fileno() should use a timeout for the same reason.
 
 Zero copy
     ShmConsumer.recv_view(timeout) returns a read-only memoryview into the ring; the
@@ -40,34 +68,17 @@ Zero copy
 The package, one job per module
     layout     the wire layout: header and record encoding, checked decoding (fuzzed alone)
     fence      memory ordering: when this CPU needs a fence, and the fence
-    waiter     Doorbell (a named semaphore) and Waiter, used by both sides: the one place
-               a side spins (after take()'s few inline polls), sleeps and wakes its peer
-    segment    the objects in /dev/shm: create, replace stale, attach, unlink; the mapping
-    ring       RingWriter and RingReader: index arithmetic, fences, the hot paths; one
-               receive path (RingReader.take) behind recv and recv_view
+    waiter     Doorbell (a plain peer's semaphore), WakeFifo, and Waiter, used by both
+               sides: the one place a side spins, arms its FIFO, waits and wakes its peer
+    segment    the objects in /dev/shm: trust, create, replace stale, attach, size check,
+               unlink; the mapping
+    ring       RingWriter and RingReader: index arithmetic, fences, the hot paths, the
+               non-blocking attempts; one blocking receive path (RingReader.take)
     options    the URL options and the ring geometry they give
-    endpoints  ShmProducer and ShmConsumer: presence, attach/create, liveness, closing
+    endpoints  ShmProducer and ShmConsumer: the call gate on the hot paths, presence and
+               the peer monitor, attach/create, readiness, closing and freeing
 
 Where what comes next goes (seams, not built yet)
-    Shutdown from any thread (issue 11). Waking: Waiter gets interrupt(), which sets a
-    flag its spin loop reads with the clock and its sleep loop reads every round, and
-    rings the waiter's own doorbell (one store and a sem_post: safe from any thread or a
-    signal handler), so a blocked call leaves with ChannelClosed at once; take()'s
-    inline polls are bounded and need no check. Freeing: Segment.close() is the only
-    unmap and the only close of the semaphores a sleeper may be blocked in (sem_close
-    under a sleeping sem_timedwait is today's SIGSEGV), so it must run once no call is
-    inside: the endpoint counts calls in, and the last one out frees. The endpoints'
-    _teardown/_abort already do the protocol steps (end record, closed flag, unlink) and
-    then Segment.close() last; `_reader`/`_writer` set to None is already the closed
-    test of the hot paths, so none of this adds a check per message. A non-blocking
-    attempt (timeout=0, try_recv) is take() stopping where it would call the waiter;
-    threads sharing an endpoint need a call lock around write()/take().
-    An awaitable wake-up (issue 12). Doorbell is the only thing that sleeps and rings.
-    A doorbell with a file descriptor both containers can open (a FIFO in /dev/shm, or an
-    abstract socket) replaces the semaphore behind the same ring()/sleep(); Waiter then
-    gives fileno() and a poll (set the waiting word, fence, re-check, do not sleep) for
-    selectors and podipc.aio, which then retry the non-blocking attempt. The waiting-word
-    protocol, and with it the wire format, stay as they are.
     Batches (issue 13). RingWriter separates reserving and writing a record (_reserve)
     from publishing it (_publish): send_many writes records back to back and publishes
     the write index once (one fence, one wake check). recv_many loads the write index
@@ -76,9 +87,9 @@ Where what comes next goes (seams, not built yet)
     Broadcast, one writer and N readers (issue 14). Each reader owns a read-index word
     and a waiting word (a reader table, in a new layout version); RingWriter's write
     limit becomes the slowest reader's index + capacity (_wait_for_room waits for their
-    minimum), it rings each reader whose waiting word is set, and each RingReader has
-    its own Waiter and doorbell. Readers hand out views (take(in_place=True)), and a
-    reader's release frees room only when it was the slowest.
+    minimum), it wakes each reader whose waiting word is set (each with its own FIFO),
+    and each RingReader has its own Waiter. Readers hand out views (take(in_place=True)),
+    and a reader's release frees room only when it was the slowest.
 """
 
 from __future__ import annotations
@@ -93,7 +104,14 @@ from podipc.transports.shm.options import (
     default_max_message_size,
     host_max_message_size,
 )
-from podipc.transports.shm.segment import SHM_DIRECTORY, availability_for, channel_objects, free_bytes, segment_path
+from podipc.transports.shm.segment import (
+    FIFO_KIND,
+    SHM_DIRECTORY,
+    availability_for,
+    channel_objects,
+    free_bytes,
+    segment_path,
+)
 
 TRANSPORT = Transport(
     name="shm",
@@ -112,7 +130,13 @@ TRANSPORT = Transport(
     ),
     options=OPTIONS,
     capabilities=frozenset(
-        {Capability.ZERO_COPY_RECEIVE, Capability.ZERO_COPY_SEND, Capability.PRESENCE_FILES, Capability.DATA_IN_DEV_SHM}
+        {
+            Capability.ZERO_COPY_RECEIVE,
+            Capability.ZERO_COPY_SEND,
+            Capability.PRESENCE_FILES,
+            Capability.DATA_IN_DEV_SHM,
+            Capability.READINESS_FD,
+        }
     ),
     availability=availability,
     unusable_fix=f"{DEV_SHM_FIX}; or open both sides with a smaller capacity= that fits /dev/shm",
@@ -128,6 +152,12 @@ TRANSPORT = Transport(
             "POSIX named semaphore",
             "podipc.transports.shm.segment:remove_leftover_semaphore",
             "podipc.transports.shm.segment:leftover_semaphore_owner",
+        ),
+        ObjectKind(
+            FIFO_KIND,
+            "wake-up FIFO of a shm ring",
+            "podipc.transports.shm.segment:remove_leftover_fifo",
+            "podipc.transports.shm.segment:leftover_fifo_owner",
         ),
     ),
     channel_objects=channel_objects,

@@ -1,10 +1,22 @@
 """ShmProducer and ShmConsumer: the life of each side around the ring (see the package docstring).
 
-The producer claims its presence at open and attaches on its first send (or close): it
-waits for the consumer, maps its segment and becomes a RingWriter's owner. The consumer
-creates the segment at open, reads it through a RingReader, and removes everything at
-the end of stream or when it closes. Checks that need the peer's liveness (presence
-files, the closed flag, the segment's identity) live here and are handed to the waiter.
+Both implement the endpoint contract of podipc.channel. The producer claims its presence
+at open and attaches on its first attempt to send (or close): when the consumer's
+presence is alive and its segment is there, it maps it, checks it and becomes a
+RingWriter's owner. The consumer creates the segment at open, reads it through a
+RingReader, and removes what it created at the end of stream or when it is freed.
+
+The hot paths: send() and recv() take the call gate's token inline and, unless the
+endpoint's state is set, write the record themselves (RingWriter's fast case) or go
+straight to RingReader.take; their blocking waits spin (`_interrupt()` raises the
+waiter's alert), then poll the side's FIFO with the endpoint's waker. The non-blocking
+hooks (_try_send, _try_recv, _try_close) arm the side's FIFO when they find no room or no
+message, and `_readiness()` names that FIFO, so podipc.aio, podipc.wait and selectors
+wait on a descriptor without a thread.
+
+Liveness comes from the process's peer monitor (presence.watch): a lost peer, or a
+segment found truncated, sets the endpoint's state and wakes it; the next call decides
+(a consumer first takes what is in the ring, then raises PeerGone).
 """
 
 from __future__ import annotations
@@ -14,18 +26,65 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, NoReturn
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, deadline_after, remaining
-from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout, Timeout
-from podipc.presence import PeerState, Presence, remove_if_gone
-from podipc.transports.shm.options import MAX_MESSAGE_FIX, MAX_MESSAGE_SOURCE, OPTIONS, ring_geometry
+from podipc.channel import Consumer, Option, Producer, deadline_after, register_calls, remaining
+from podipc.errors import (
+    ChannelClosed,
+    ChannelUnavailable,
+    EndOfStream,
+    MessageTooLarge,
+    PeerGone,
+    PodIPCError,
+)
+from podipc.ownership import Trust
+from podipc.presence import PeerState, PeerTracker, Presence, remove_if_gone
+from podipc.transports.shm.fence import WEAK_MEMORY_ORDER, full_fence
+from podipc.transports.shm.layout import (
+    CONSUMER_WAITING_WORD,
+    PRODUCER_WAITING_WORD,
+    READ_INDEX_WORD,
+    WRITE_INDEX_WORD,
+)
+from podipc.transports.shm.options import (
+    MAX_MESSAGE_FIX,
+    MAX_MESSAGE_SOURCE,
+    OPTIONS,
+    ring_geometry,
+    ring_limit_source,
+)
 from podipc.transports.shm.ring import RingReader, RingWriter
-from podipc.transports.shm.segment import Segment, availability_for, check_name, segment_path, semaphore_names
+from podipc.transports.shm.segment import (
+    FIFO_KIND,
+    Segment,
+    availability_for,
+    check_name,
+    fifo_paths,
+    segment_path,
+    semaphore_names,
+)
+from podipc.transports.shm.waiter import Waiter
+from podipc.waking import POLLIN
+
+ATTACH_RETRY_SECONDS = 0.02
+"""How often a producer that waits for its consumer's ring looks again."""
+
+
+class _RingTracker(PeerTracker):
+    """The peer monitor's view of one side: the peer lost, or the segment truncated under this side."""
+
+    def __init__(self, presence: Presence, segment: Segment) -> None:
+        self._segment = segment
+        super().__init__(presence)
+
+    def lost(self) -> bool:
+        """True when the segment shrank (checked every monitor round) or the peer is lost."""
+        return self._segment.truncated() or super().lost()
 
 
 class _RingSide:
-    """What both sides of a ring share: their options and where the size limit comes from."""
+    """What both sides of a ring share: their options, the wait policy, where the size limit comes from."""
 
     options: ClassVar[tuple[Option, ...]] = OPTIONS
+    waits_forever: ClassVar[bool] = True
     max_message_source = MAX_MESSAGE_SOURCE
     max_message_fix = MAX_MESSAGE_FIX
     max_message_size: int
@@ -33,6 +92,8 @@ class _RingSide:
     """Seconds to poll an empty (or full) ring before sleeping."""
     path: str
     """The segment's file."""
+    _waiter: Waiter | None
+    _segment: Segment | None
 
     def _take_options(self, address: Address, settings: Mapping[str, Any]) -> int:
         """Check the name and the geometry, keep what the side needs; the ring's capacity in bytes."""
@@ -40,7 +101,21 @@ class _RingSide:
         capacity, self.max_message_size = ring_geometry(settings, address.location)
         self.spin_seconds = float(settings["spin"])
         self.path = segment_path(address.name)
+        self._waiter = None
+        self._segment = None
         return capacity
+
+    def _opened(self) -> None:
+        """Count the `wait` option from now, when opening (claims, the ring's creation) is done."""
+        endpoint: Any = self
+        endpoint.opened_at = time.monotonic()
+        endpoint.wait_deadline = endpoint.opened_at + float(endpoint.settings["wait"])
+
+    def _check_segment(self) -> None:
+        """ProtocolError when the segment was truncated (the monitor may have said so)."""
+        segment = self._segment
+        if segment is not None:
+            segment.check_size()
 
 
 class ShmProducer(_RingSide, Producer):
@@ -48,40 +123,138 @@ class ShmProducer(_RingSide, Producer):
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        self._take_options(address, self.settings)
-        self._segment: Segment | None = None
+        try:
+            self._take_options(address, self.settings)
+        except BaseException:
+            self._closed = self._freed = True
+            raise
+        mode = int(self.settings["mode"])
+        self._trust = Trust.for_mode(mode)
         self._writer: RingWriter | None = None
-        """Set once attached; None again once closed."""
-        self._presence = Presence(
-            address.token, "producer", int(self.settings["mode"]), handover_wait=float(self.settings["wait"])
-        )
+        """Set once attached; None again once freed. Non-None with `_state` clear: the fast path may write."""
+        self._stream_taken = False
+        try:
+            self._presence = Presence(address.token, "producer", mode, handover_wait=float(self.settings["wait"]))
+        except BaseException:
+            self._closed = self._freed = True
+            raise
+        self._opened()
+
+    # --- sending ------------------------------------------------------------------
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit).
+        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
 
-        Raises MessageTooLarge, Timeout, PeerGone, PeerTimeout (no consumer within `wait`),
-        ChannelClosed, and RuntimeError while a loan is not committed.
+        Raises:
+            MessageTooLarge: above the ring's max message size (learnt on attach), before anything is sent.
+            Timeout: no room within `timeout` (nothing of the message was sent).
+            PeerTimeout: no consumer appeared within the `wait` option (counted from open).
+            PeerGone: the consumer died, closed, or its ring was replaced.
+            ProtocolError: the consumer's ring breaks the layout, or was truncated.
+            ChannelClosed: the producer was closed (also while this call waited), or inherited across fork().
+            RuntimeError: a loan is not committed yet.
         """
-        writer = self._writer
-        kind = type(data)
-        if kind is bytes or kind is bytearray:
-            length = len(data)
-        elif kind is memoryview and data.c_contiguous:  # type: ignore[union-attr]
-            length = data.nbytes  # type: ignore[union-attr]
-        else:
-            length = -1
-        if length < 0 or writer is None:  # another buffer type, not attached yet, or closed
-            Producer.send(self, data, timeout)
-            return
-        if length > self.max_message_size:
-            raise self._too_large(length)
-        writer.write(data, length, timeout)
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        try:
+            writer = self._writer
+            kind = type(data)
+            if kind is bytes or kind is bytearray:
+                length = len(data)
+            elif kind is memoryview and data.c_contiguous:  # type: ignore[union-attr]
+                length = data.nbytes  # type: ignore[union-attr]
+            else:
+                length = -1
+            if self._state or writer is None or length < 0:
+                self._send_slowly(data, timeout)
+                return
+            if length > self.max_message_size:
+                raise self._too_large(length)
+            # RingWriter's fast case, inline: one more call here would cost as much as the call gate does
+            capacity = writer._capacity
+            write_index = writer._write_index
+            position = write_index % capacity
+            size = 8 + ((length + 7) & -8)
+            if position + size > capacity or write_index + size > writer._write_limit:
+                writer.write_until(data, length, None if timeout is None else deadline_after(timeout))
+                return
+            words = writer._words
+            offset = 256 + position  # HEADER_SIZE
+            words[offset >> 3] = length
+            writer._map[offset + 8 : offset + 8 + length] = data
+            write_index += size
+            if WEAK_MEMORY_ORDER:
+                full_fence()
+            words[8] = write_index  # WRITE_INDEX_WORD
+            writer._write_index = write_index
+            if words[10]:  # CONSUMER_WAITING_WORD
+                writer._waiter.wake_peer()
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, (ChannelClosed, MessageTooLarge)):
+                raise self._closed_error() from error
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+
+    def _send_slowly(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        if self._state:
+            self._check_state()
+        view = data if type(data) is memoryview else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        self._send(view, deadline_after(timeout))
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
         writer = self._writer or self._attach(deadline)
-        if view.nbytes > self.max_message_size:  # the ring's limit, learnt on attach
+        if view.nbytes > self.max_message_size:
             raise self._too_large(view.nbytes)
         writer.write_until(view, view.nbytes, deadline)
+
+    def _checked_view(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """A flat view; the size is checked once attached (the limit is the ring's)."""
+        if self._writer is not None:
+            return Producer._checked_view(self, data)
+        view = data if type(data) is memoryview else memoryview(data)
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+    def _try_send(self, view: memoryview) -> bool:
+        writer = self._writer or self._try_attach()
+        if writer is None:
+            return False
+        if self._state:
+            self._check_state()
+        if view.nbytes > self.max_message_size:
+            raise self._too_large(view.nbytes)
+        waiter = self._waiter
+        if waiter is not None and waiter.armed:  # a wake-up: the segment may have changed while we waited
+            self._check_segment()
+            waiter.disarm()
+        return writer.try_write(view, view.nbytes)
+
+    def _check_state(self) -> None:
+        """The slow path of the state check: closed or forked, the ring truncated, the consumer lost."""
+        self._check_usable()
+        if self._peer_lost:
+            self._check_segment()
+            raise self._consumer_gone()
+
+    def _too_large(self, size: int) -> MessageTooLarge:
+        return MessageTooLarge(size, self.max_message_size, self.max_message_source, self.max_message_fix)
+
+    def _consumer_gone(self) -> PeerGone:
+        writer = self._writer
+        if writer is not None and writer.consumer_closed():
+            return PeerGone(f"the consumer of {self.address.location} closed the channel")
+        return PeerGone(
+            f"the consumer of {self.address.location} is gone (it died or closed without reading the end of stream)"
+        )
+
+    # --- zero copy ----------------------------------------------------------------
 
     def loan(self, size: int, timeout: float | None = None) -> memoryview:
         """A writable view of `size` bytes inside the ring; fill it, then commit(). Zero-copy send.
@@ -90,74 +263,196 @@ class ShmProducer(_RingSide, Producer):
         view is valid until commit(). Raises what send() raises, and RuntimeError while the
         previous loan is not committed.
         """
-        writer = self._writer
-        if writer is None or not 0 <= size <= self.max_message_size:
-            return self._loan_slow(size, timeout)
-        return writer.loan(size, timeout)
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        try:
+            writer = self._writer
+            if self._state or writer is None or not 0 <= size <= self.max_message_size:
+                return self._loan_slowly(size, timeout)
+            return writer.loan(size, timeout)
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, (ChannelClosed, MessageTooLarge)):
+                raise self._closed_error() from error
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
 
-    def _loan_slow(self, size: int, timeout: float | None) -> memoryview:
-        self._check_open()
+    def _loan_slowly(self, size: int, timeout: float | None) -> memoryview:
+        if self._state:
+            self._check_state()
         if size < 0:
             raise ValueError(f"a loan holds 0 bytes or more, not {size}")
-        if size > self.max_message_size:
-            raise self._too_large(size)
         deadline = deadline_after(timeout)
         writer = self._writer or self._attach(deadline)
-        if size > self.max_message_size:  # the ring's limit, learnt on attach
+        if size > self.max_message_size:
             raise self._too_large(size)
         return writer.loan(size, remaining(deadline))
 
     def commit(self, length: int | None = None) -> None:
         """Send the loaned buffer as one message of `length` bytes (default: all it holds).
 
-        Raises RuntimeError when nothing is loaned, ValueError for a length beyond the loan.
+        Raises RuntimeError when nothing is loaned, ValueError for a length beyond the loan,
+        ChannelClosed once closed (the loan was dropped).
         """
-        writer = self._writer
-        if writer is None:
-            raise RuntimeError("nothing is loaned; call loan(size) first")
-        writer.commit(length)
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(None)
+        try:
+            if self._state:
+                self._check_state()
+            writer = self._writer
+            if writer is None:
+                raise RuntimeError("nothing is loaned; call loan(size) first")
+            writer.commit(length)
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
 
-    def _too_large(self, size: int) -> MessageTooLarge:
-        return MessageTooLarge(size, self.max_message_size, self.max_message_source, self.max_message_fix)
+    # --- attaching ----------------------------------------------------------------
 
     def _attach(self, deadline: float | None) -> RingWriter:
-        """Wait for the consumer and its segment, map it, check its header; the writer from now on."""
-        location = self.address.location
-        self._presence.wait_for_peer(deadline, self.wait_deadline, location)
-        limit = self.wait_deadline if deadline is None else min(deadline, self.wait_deadline)
-        segment, header = Segment.attach(self.address.name, location, limit)
-        self._segment = segment
-        self.max_message_size = header.max_message_size
-        self._writer = RingWriter(segment, header, self.spin_seconds, self._consumer_problem, location)
-        return self._writer
+        """Wait (until `deadline`, or the `wait` deadline: PeerTimeout) for the consumer's ring; the writer."""
+        while True:
+            writer = self._try_attach()
+            if writer is not None:
+                return writer
+            self._await_readiness(deadline)
 
-    def _consumer_problem(self) -> PeerGone | None:
-        """PeerGone when the consumer closed, died or replaced the segment; None while it is there."""
-        writer, segment = self._writer, self._segment
-        assert writer is not None and segment is not None
-        closed = writer.consumer_closed()
-        if not closed and self._presence.peer_state() is PeerState.ALIVE and segment.same_file():
+    def _try_attach(self) -> RingWriter | None:
+        """Attach now if the consumer lives and its ring is there (checked); else None."""
+        presence = self._presence
+        if presence.peer_state() is not PeerState.ALIVE:
             return None
-        why = "closed the channel" if closed else "is gone (it died or closed without reading the end of stream)"
-        return PeerGone(f"the consumer of {self.address.location} {why}")
-
-    def _close(self, deadline: float | None) -> None:
-        writer = self._writer or self._attach(deadline)
-        writer.end(deadline)
+        found = Segment.try_attach(self.address, self._trust)
+        if found is None:
+            return None
+        segment, header = found
         try:
-            writer.drain(deadline)
-        except Timeout as exc:
-            raise Timeout(f"{self.address.location}: the consumer did not take the end of stream in time") from exc
-        self._abort()
+            words = segment.mapping.words
+            waiter = Waiter(
+                words,
+                READ_INDEX_WORD,
+                PRODUCER_WAITING_WORD,
+                segment.space_fifo,
+                CONSUMER_WAITING_WORD,
+                segment.data,
+                segment.data_fifo,
+                self.spin_seconds,
+                self._ring_check,
+                segment.check_size,
+                self._waker_fd,
+            )
+            writer = RingWriter(segment, header, waiter, self._wait_for_index)
+            presence.watch(self._signal_peer_lost, _RingTracker(presence, segment))
+        except BaseException:
+            presence.unwatch()
+            segment.close()
+            raise
+        self._segment = segment
+        self._waiter = waiter
+        self.max_message_size = header.max_message_size
+        self.max_message_source = ring_limit_source(self.address.location)
+        self._peer_seen = True
+        self._writer = writer
+        self._readiness_changed()
+        return writer
 
-    def _abort(self) -> None:
+    def _wait_for_index(self, low: int, high: int, deadline: float | None) -> int:
+        """The consumer's read index once outside [low, high): the wait of the blocking path (see WaitFor)."""
+        wait = self._waiter.wait  # type: ignore[union-attr]
+        while True:
+            if deadline is None and self._peer_seen:  # the common case, without the deadline arithmetic
+                value = wait(low, high, None)
+            else:
+                seconds = self._seconds_to_wait(deadline)
+                value = wait(low, high, None if seconds is None else time.monotonic() + seconds)
+            if value is not None:
+                return value
+
+    def _ring_check(self) -> PodIPCError | None:
+        """For the waiter: ChannelClosed at once when closing; PeerGone if the consumer is lost or left."""
+        if self._closing or self._forked:
+            raise self._closed_error()
+        writer = self._writer
+        if self._peer_lost or (writer is not None and writer.consumer_closed()):
+            self._check_segment()
+            return self._consumer_gone()
+        return None
+
+    # --- the endpoint contract ----------------------------------------------------
+
+    def _try_prepare(self) -> bool:
+        return (self._writer or self._try_attach()) is not None
+
+    def _readiness(self) -> tuple[int, int, float | None]:
+        writer, waiter = self._writer, self._waiter
+        if writer is None or waiter is None:
+            return -1, 0, ATTACH_RETRY_SECONDS
+        if self._peer_lost:
+            return -1, 0, 0.0  # the next attempt says what happened (and touches nothing of a truncated ring)
+        if waiter.fifo is None:  # a ring made without FIFOs (a plain consumer): look again now and then
+            return -1, 0, waiter.retry_after()
+        if writer.arm() is not None:
+            waiter.wake_self()
+        return waiter.fifo.fd, POLLIN, waiter.retry_after()
+
+    def _try_close(self) -> bool:
+        writer = self._writer or self._try_attach()
+        if writer is None:
+            return False
+        if self._peer_lost:
+            self._check_segment()
+        if not writer.ended:
+            if self._peer_lost or writer.consumer_closed():
+                raise self._consumer_gone()
+            if not writer.try_end():
+                return False
+        if writer.drained():
+            self._stream_taken = True
+            return True
+        if self._peer_lost or writer.consumer_closed():
+            raise self._consumer_gone()
+        return False
+
+    def _interrupt(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.interrupt()  # a spinning wait
+            waiter.wake_self()  # a selector on fileno() (a poll wakes on the waker too); the next attempt says why
+
+    def _signal_peer_lost(self) -> None:
+        Producer._signal_peer_lost(self)
+        self._interrupt()
+
+    def _free(self) -> None:
+        presence = self._presence
+        presence.unwatch()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.drop_loan()
         segment, self._segment = self._segment, None
         if segment is not None:
             segment.close()
-        self._presence.close()
+        # an abort leaves our presence file GONE, so the consumer learns we left without ending the stream;
+        # the consumer's file is never ours to remove (it records the ring a dead consumer left)
+        presence.leave(self._stream_taken, lambda: True)
+
+    def _drop_inherited(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.drop_loan()
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            segment.close()
+        self._freed = True
 
 
 class ShmConsumer(_RingSide, Consumer):
@@ -165,53 +460,97 @@ class ShmConsumer(_RingSide, Consumer):
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        capacity = self._take_options(address, self.settings)
+        try:
+            capacity = self._take_options(address, self.settings)
+        except BaseException:
+            self._closed = self._freed = True
+            raise
         self.mode = int(self.settings["mode"])
+        self._trust = Trust.for_mode(self.mode)
         self._reader: RingReader | None = None
-        """Set while the ring is there to read; None after the end of stream or close."""
-        self._segment: Segment | None = None
+        """Set while the ring is there to read; None once freed."""
         self._presence: Presence | None = None
         problem = availability_for(capacity)
         if problem:
-            self._closed = True
+            self._closed = self._freed = True
             raise ChannelUnavailable(f"{address.location}: {problem}")
         try:
-            self._presence = Presence(
-                address.token,
-                "consumer",
-                self.mode,
-                handover_wait=float(self.settings["wait"]),
-                channel=address.location,
-            )
-            self._presence.record("posix_shm", "/" + address.name)
-            for semaphore_name in semaphore_names(address.name):
-                self._presence.record("posix_sem", semaphore_name)
-            Segment.remove_stale(address.name)
-            self._segment = Segment.create(address.name, capacity, self.max_message_size, self.mode, address.location)
+            self._open_ring(capacity)
         except BaseException:
-            self._teardown()
-            self._closed = True
+            self._free()
+            self._closed = self._freed = True
             raise
+        self._opened()
+
+    def _open_ring(self, capacity: int) -> None:
+        address = self.address
+        presence = self._presence = Presence(
+            address.token, "consumer", self.mode, handover_wait=float(self.settings["wait"]), channel=address.location
+        )
+        presence.record("posix_shm", "/" + address.name)
+        for semaphore_name in semaphore_names(address.name):
+            presence.record("posix_sem", semaphore_name)
+        for fifo_path in fifo_paths(address.token):
+            presence.record(FIFO_KIND, fifo_path)
+        Segment.remove_stale(address, self._trust)
+        segment = self._segment = Segment.create(address, capacity, self.max_message_size, self.mode)
+        waiter = self._waiter = Waiter(
+            segment.mapping.words,
+            WRITE_INDEX_WORD,
+            CONSUMER_WAITING_WORD,
+            segment.data_fifo,
+            PRODUCER_WAITING_WORD,
+            segment.space,
+            segment.space_fifo,
+            self.spin_seconds,
+            self._ring_check,
+            segment.check_size,
+            self._waker_fd,
+        )
         self._reader = RingReader(
-            self._segment,
+            segment,
             capacity,
             self.max_message_size,
-            self.spin_seconds,
-            self._producer_problem,
+            waiter,
+            self._wait_for_index,
             address.location,
             self._end_of_stream,
         )
+        presence.watch(self._signal_peer_lost, _RingTracker(presence, segment))
+
+    # --- receiving ----------------------------------------------------------------
 
     def recv(self, timeout: float | None = None) -> bytes:
-        """Receive the next message; wait at most `timeout` seconds (None: no limit).
+        """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
 
-        Raises EndOfStream after the last one, Timeout, PeerGone, PeerTimeout (no producer
-        within `wait`), ProtocolError (a ring that breaks the layout), ChannelClosed.
+        Raises:
+            EndOfStream: after the last message, once the producer ended the stream.
+            Timeout: no message within `timeout`.
+            PeerTimeout: no producer appeared within the `wait` option (counted from open).
+            PeerGone: the producer died before ending the stream (after every message it published).
+            ProtocolError: the ring breaks the layout, or was truncated.
+            ChannelClosed: the consumer was closed (also while this call waited), or inherited across fork().
         """
-        reader = self._reader
-        if reader is None:
-            self._refuse()
-        return reader.take(timeout, False)
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        try:
+            if self._state:
+                return self._recv_slowly(timeout)  # type: ignore[return-value]
+            return self._reader.take(timeout, False)  # type: ignore[union-attr]
+        except EndOfStream:
+            self._ended = True
+            raise
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, ChannelClosed):
+                raise self._closed_error() from error
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
 
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """The next message as a read-only view into the ring, valid until the next recv/recv_view/close.
@@ -219,62 +558,162 @@ class ShmConsumer(_RingSide, Consumer):
         The view is released (and its bytes handed back to the producer) by the next call;
         keep bytes(view) to hold on to a message. Raises what recv() raises.
         """
-        reader = self._reader
-        if reader is None:
-            self._refuse()
-        return reader.take(timeout, True)
+        # recv's call gate again, inline: a helper shared by the two would cost a call on both hot paths
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        try:
+            if self._state:
+                return self._recv_slowly(timeout, in_place=True)  # type: ignore[return-value]
+            return self._reader.take(timeout, True)  # type: ignore[union-attr]
+        except EndOfStream:
+            self._ended = True
+            raise
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, ChannelClosed):
+                raise self._closed_error() from error
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+
+    def _recv_slowly(self, timeout: float | None, in_place: bool = False) -> bytes | memoryview:
+        """recv with the state set: closed, ended, a message poll() kept, the producer lost, threads queued."""
+        peeked = self._take_state()
+        if peeked is not None:
+            return memoryview(peeked) if in_place else peeked
+        reader = self._reading()
+        return reader.take(timeout, in_place)
 
     def _recv(self, deadline: float | None) -> bytes:
+        return self._reading().take(remaining(deadline), False)
+
+    def _reading(self) -> RingReader:
+        """The reader, once the slow-path checks passed (truncation when the monitor flagged something)."""
         reader = self._reader
         if reader is None:
             self._refuse()
-        return reader.take(remaining(deadline), False)
+        if self._peer_lost:
+            self._check_segment()
+        return reader
+
+    def _try_recv(self) -> bytes | None:
+        reader = self._reading()
+        waiter = self._waiter
+        if waiter is not None and waiter.armed:  # a wake-up: the segment may have changed while we waited
+            self._check_segment()
+            waiter.disarm()
+        message = reader.try_take()
+        if message is None:
+            self._note_peer()
+            if self._peer_lost:
+                raise self._producer_gone()
+        return message
 
     def _refuse(self) -> NoReturn:
         """Raise why there is nothing to read: ChannelClosed, or EndOfStream after the end."""
         self._check_open()
         raise EndOfStream(f"{self.address.location}: the producer ended the stream")
 
-    def _producer_problem(self) -> PeerGone | PeerTimeout | None:
-        """PeerGone when the producer attached (or was seen) and is gone; PeerTimeout when it never came."""
+    def _wait_for_index(self, low: int, high: int, deadline: float | None) -> int:
+        """The producer's write index once outside [low, high): the wait of the blocking path (see WaitFor)."""
+        wait = self._waiter.wait  # type: ignore[union-attr]
+        while True:
+            if deadline is None and self._peer_seen:  # the common case, without the deadline arithmetic
+                value = wait(low, high, None)
+            else:
+                self._note_peer()
+                seconds = self._seconds_to_wait(deadline)
+                value = wait(low, high, None if seconds is None else time.monotonic() + seconds)
+            if value is not None:
+                return value
+
+    def _note_peer(self) -> None:
+        """Count the producer as seen once it attached or the monitor saw it alive (the PeerTimeout rule)."""
+        if self._peer_seen:
+            return
         presence, reader = self._presence, self._reader
-        assert presence is not None and reader is not None
-        if presence.peer_state() is PeerState.ALIVE:
-            return None
-        if reader.producer_attached() or presence.peer_seen:
-            return PeerGone(
-                f"the producer of {self.address.location} is gone (it died or aborted without ending the stream)"
-            )
-        if time.monotonic() >= self.wait_deadline:
-            return PeerTimeout(
-                f"no producer appeared on {self.address.location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-            )
+        if (reader is not None and reader.producer_attached()) or (presence is not None and presence.peer_seen):
+            self._peer_seen = True
+            if presence is not None:
+                presence.peer_seen = True  # so the monitor counts its loss, even if it never saw it alive
+
+    def _ring_check(self) -> PodIPCError | None:
+        """For the waiter: ChannelClosed at once when closing; PeerGone once the ring is empty and the producer lost."""
+        if self._closing or self._forked:
+            raise self._closed_error()
+        self._note_peer()
+        if self._peer_lost:
+            self._check_segment()
+            return self._producer_gone()
         return None
 
+    def _producer_gone(self) -> PeerGone:
+        return PeerGone(
+            f"the producer of {self.address.location} is gone (it died or aborted without ending the stream)"
+        )
+
+    # --- the endpoint contract ----------------------------------------------------
+
+    def _readiness(self) -> tuple[int, int, float | None]:
+        reader, waiter = self._reader, self._waiter
+        if reader is None or waiter is None or waiter.fifo is None or self._ended_flag:
+            return -1, 0, None
+        if self._peer_lost:
+            return -1, 0, 0.0  # the next attempt says what happened (and touches nothing of a truncated ring)
+        if reader.arm() is not None:
+            waiter.wake_self()
+        return waiter.fifo.fd, POLLIN, waiter.retry_after()
+
+    def _interrupt(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.interrupt()  # a spinning wait
+            waiter.wake_self()  # a selector on fileno() (a poll wakes on the waker too); the next attempt says why
+
+    def _signal_peer_lost(self) -> None:
+        Consumer._signal_peer_lost(self)
+        self._interrupt()
+
     def _end_of_stream(self) -> None:
+        """The end record was taken (inside a call): remove what we created and leave; the mapping goes at _free."""
         self._ended = True
-        self._teardown()
+        self._leave_channel()
 
-    def _close(self) -> None:
-        self._teardown()
-
-    def _teardown(self) -> None:
-        """Tell a live producer we left, unmap, unlink segment and semaphores, leave. Idempotent.
-
-        Only a consumer that claimed the channel (its presence) unlinks anything.
-        """
-        reader, self._reader = self._reader, None
-        segment, self._segment = self._segment, None
+    def _leave_channel(self) -> None:
+        """Remove the segment, semaphores and FIFOs we created, a dead producer's presence file, and ours."""
         presence, self._presence = self._presence, None
+        if presence is None:
+            return
+        presence.unwatch()
+        if self._segment is not None:
+            self._segment.unlink_created(self.address)
+        remove_if_gone(presence.peer_path, presence.trust)  # left by a killed producer; nobody else would remove it
+        presence.close()
+
+    def _free(self) -> None:
+        presence = self._presence
+        if presence is not None:
+            presence.unwatch()
+        reader, self._reader = self._reader, None
         if reader is not None:
             reader.release()
-            if not self._ended:
+            if not self._ended_flag and self._segment is not None and not self._segment.truncated():
                 reader.leave_early()
+        self._leave_channel()
+        segment, self._segment = self._segment, None
         if segment is not None:
-            if presence is not None:
-                segment.unlink()
             segment.close()
-        if presence is not None:
-            Segment.unlink_semaphores(self.address.name)
-            remove_if_gone(presence.peer_path, presence.trust)  # left by a killed producer; nobody else would remove it
-            presence.close()
+
+    def _drop_inherited(self) -> None:
+        self._reader = None
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            segment.close()  # above all the segment's descriptor: its lock must die with the parent
+        self._freed = True
+
+
+register_calls(ShmProducer.send, ShmProducer.loan, ShmProducer.commit, ShmConsumer.recv, ShmConsumer.recv_view)

@@ -12,11 +12,16 @@ definition. Everything is little-endian.
     24      8     max message size (bytes)   consumer
     64      8     write index                producer
     72      8     producer flags             producer (1 attached, 2 end written)
-    80      8     consumer waiting           consumer sets 1 before sleeping; producer clears it and posts
+    80      8     consumer waiting           consumer sets it before sleeping (how to wake it); producer clears it, wakes
     128     8     read index                 consumer
     136     8     consumer flags             consumer (1 closed)
-    144     8     producer waiting           producer sets 1 before sleeping; consumer clears it and posts
+    144     8     producer waiting           producer sets it before sleeping (how to wake it); consumer clears it, wakes
     256     cap   ring data
+
+A waiting word says how its side wants to be woken: 1 (WAITING_SEMAPHORE) post its
+named semaphore, 2 (WAITING_FIFO) write a byte to its FIFO; any other non-zero value is
+taken as 1. The semaphore is what a side sleeping in a blocking call waits on; the FIFO is
+what a side waiting on a file descriptor (podipc.aio, podipc.wait, fileno()) polls.
 
 The indices count bytes since the ring was created and never wrap (2**64 bytes is
 centuries); a position in the ring is `index % capacity`. The producer owns the
@@ -47,6 +52,11 @@ KIND_WRAP = 1
 KIND_END = 2
 KIND_NAMES = {KIND_DATA: "data", KIND_WRAP: "wrap", KIND_END: "end"}
 
+WAITING_SEMAPHORE = 1
+"""A waiting word's value: the side sleeps on its semaphore; post it."""
+WAITING_FIFO = 2
+"""A waiting word's value: the side polls its FIFO; write one byte to it."""
+
 PRODUCER_ATTACHED = 1
 PRODUCER_ENDED = 2
 CONSUMER_CLOSED = 1
@@ -74,6 +84,10 @@ RECORD_HEADER = struct.Struct("<II")
 
 MIN_CAPACITY = 4096
 MAX_CAPACITY = 1 << 40
+MAX_RECORD_LENGTH = (1 << 32) - 1
+"""A record's length is a u32: no message may be longer, whatever the capacity."""
+MAX_INDEX = 1 << 63
+"""Indices start at 0 and grow by the bytes written (2**63 bytes is centuries); a header claiming more is forged."""
 
 
 def padded(length: int) -> int:
@@ -87,8 +101,8 @@ def record_size(length: int) -> int:
 
 
 def largest_message(capacity: int) -> int:
-    """The largest payload that fits a ring of `capacity` bytes at all."""
-    return capacity - RECORD_HEADER_SIZE
+    """The largest payload a ring of `capacity` bytes can carry: it must fit the ring and a record's u32 length."""
+    return min(capacity - RECORD_HEADER_SIZE, MAX_RECORD_LENGTH)
 
 
 def segment_size(capacity: int) -> int:
@@ -103,8 +117,13 @@ def check_geometry(capacity: int, max_message_size: int) -> None:
             f"capacity must be a multiple of 8 from {MIN_CAPACITY} to {MAX_CAPACITY} bytes, not {capacity}"
         )
     if not 0 <= max_message_size <= largest_message(capacity):
+        bound = (
+            "capacity - 8"
+            if capacity - RECORD_HEADER_SIZE <= MAX_RECORD_LENGTH
+            else "4 GiB - 1 (a record's u32 length)"
+        )
         raise ValueError(
-            f"max_message_size must be at most capacity - 8 = {largest_message(capacity)} bytes, not {max_message_size}"
+            f"max_message_size must be at most {bound} = {largest_message(capacity)} bytes, not {max_message_size}"
         )
 
 
@@ -130,8 +149,8 @@ class RingHeader:
 def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int | None = None) -> RingHeader:
     """Decode and check a ring header; ProtocolError naming the first thing wrong.
 
-    `segment_bytes` is the size of the mapped segment (default: len(buffer)); the
-    ring must fit in it.
+    `segment_bytes` is the size of the segment file (default: len(buffer)); it must be a
+    multiple of 8 and hold the ring.
     """
     view = memoryview(buffer).cast("B")
     available = view.nbytes if segment_bytes is None else segment_bytes
@@ -148,11 +167,15 @@ def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int | N
         check_geometry(capacity, max_message_size)
     except ValueError as exc:
         raise ProtocolError(f"shm ring header: {exc}") from None
+    if available % ALIGNMENT:
+        raise ProtocolError(f"shm segment of {available} bytes is not a multiple of 8: not a podipc ring")
     if segment_size(capacity) > available:
         raise ProtocolError(f"shm ring capacity {capacity} does not fit the {available}-byte segment")
     (write_index,) = INDEX.unpack_from(view, WRITE_INDEX_OFFSET)
     (read_index,) = INDEX.unpack_from(view, READ_INDEX_OFFSET)
     check_indices(read_index, write_index, capacity)
+    if write_index > MAX_INDEX:
+        raise ProtocolError(f"shm ring write index {write_index} is beyond 2**63: a forged header")
     (producer_flags,) = INDEX.unpack_from(view, PRODUCER_FLAGS_OFFSET)
     (consumer_flags,) = INDEX.unpack_from(view, CONSUMER_FLAGS_OFFSET)
     if producer_flags & ~KNOWN_PRODUCER_FLAGS or consumer_flags & ~KNOWN_CONSUMER_FLAGS:

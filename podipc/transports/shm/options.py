@@ -8,12 +8,13 @@ from typing import Any
 from podipc.channel import Option, parse_seconds, parse_size
 from podipc.errors import AddressError
 from podipc.transport import DEV_SHM_FIX
-from podipc.transports.shm.layout import check_geometry
+from podipc.transports.shm.layout import ALIGNMENT, MAX_RECORD_LENGTH, check_geometry
 from podipc.transports.shm.segment import availability_for
 
 DEFAULT_CAPACITY = 8 * 1024 * 1024
 DEFAULT_SPIN_SECONDS = 0.0005
 MAX_MESSAGE_SOURCE = "shm max_message_size (default capacity // 2)"
+"""Where a side's limit comes from before a producer has attached (then: the ring's, see ring_limit_source)."""
 MAX_MESSAGE_FIX = f"raise capacity= and max_message_size= on both sides; {DEV_SHM_FIX} if it is too small"
 
 OPTIONS = (
@@ -21,15 +22,23 @@ OPTIONS = (
         "capacity", parse_size, DEFAULT_CAPACITY, "ring size in bytes (set by the consumer, which creates the ring)"
     ),
     Option(
-        "max_message_size", parse_size, None, "largest message in bytes (default capacity // 2, at most capacity - 8)"
+        "max_message_size",
+        parse_size,
+        None,
+        "largest message in bytes (default capacity // 2, at most capacity - 8 and 4 GiB - 1)",
     ),
     Option("spin", parse_seconds, DEFAULT_SPIN_SECONDS, "seconds to busy-poll before sleeping on a semaphore"),
 )
 
 
 def default_max_message_size(capacity: int) -> int:
-    """The max message size of a ring of `capacity` bytes when none is given: half of it."""
-    return capacity // 2 // 8 * 8
+    """The max message size of a ring of `capacity` bytes when none is given: half of it (at most 4 GiB - 8)."""
+    return min(capacity // 2, MAX_RECORD_LENGTH) // ALIGNMENT * ALIGNMENT
+
+
+def ring_limit_source(location: str) -> str:
+    """Where a producer's limit comes from once attached: the ring's header, set by its consumer."""
+    return f"the max message size of the ring {location} (set by its consumer)"
 
 
 def ring_geometry(settings: Mapping[str, Any], url: str) -> tuple[int, int]:

@@ -1,17 +1,28 @@
 """The two ends of a mapped ring: RingWriter (the producer's) and RingReader (the consumer's).
 
 They own the index arithmetic of the layout (podipc.transports.shm.layout) and the
-memory-ordering fences (podipc.transports.shm.fence), and leave waiting and waking to
-their Waiter. Each keeps its own index in a Python int. The writer also keeps how far
-it may write before it must load the read index again, so a send that finds room loads
-no shared word; the reader loads the write index once per message (caching it too was
-measured: it saves a load when messages queue up, and costs more than that in a
-request/reply exchange). Neither makes a system call unless the peer sleeps.
+memory-ordering fences (podipc.transports.shm.fence). Waiting is the endpoint's: each
+end is given a `WaitFor` (the endpoint's policy: deadlines, the peer's liveness, close)
+and a Waiter (the mechanics: spin, sleep, arm a descriptor, wake the peer). Each keeps
+its own index in a Python int. The writer also keeps how far it may write before it must
+load the read index again, so a send that finds room loads no shared word; the reader
+loads the write index once per message (caching it too was measured: it saves a load
+when messages queue up, and costs more than that in a request/reply exchange). Neither
+makes a system call unless the peer waits.
 
-The hot paths (RingWriter.write, RingReader.take) check the common case inline with
-the word indices as literals (a constant load is cheaper than a global one) and hand
-everything else to the general code below them: wrap records, the end of stream,
-waiting, and garbage, which layout.decode_record reports as ProtocolError.
+The hot paths check the common case inline with the word indices as literals (a constant
+load is cheaper than a global one) and hand everything else to the general code: wrap
+records, the end of stream, waiting, and garbage, which layout.decode_record reports as
+ProtocolError. The writer's fast case (room before the end of the ring and within
+`_write_limit`: write the record, store the write index, wake a waiting consumer) is
+inline in ShmProducer.send, which reads and updates `_capacity`, `_write_index`,
+`_write_limit`, `_words`, `_map` and `_waiter` (a call more there would cost as much as
+the call gate); everything else comes here through write_until. RingReader.take is the
+consumer's one blocking receive path.
+
+The non-blocking attempts (RingWriter.try_write/try_end, RingReader.try_take) never
+wait: when they find no room (no message) they arm the waiter, so the peer writes the
+side's FIFO once it moves, and return False (None); the endpoint polls the FIFO.
 """
 
 from __future__ import annotations
@@ -43,21 +54,23 @@ from podipc.transports.shm.layout import (
     record_size,
 )
 from podipc.transports.shm.segment import Segment
-from podipc.transports.shm.waiter import PeerCheck, Waiter
+from podipc.transports.shm.waiter import Waiter
 
 INLINE_POLLS = range(64)
 """Polls of the write index inside take() before it asks the waiter: a reply often comes within a microsecond."""
+
+WaitFor = Callable[[int, int, "float | None"], int]
+"""The endpoint's wait: (low, high, monotonic deadline or None) -> the peer's index once outside [low, high).
+Raises Timeout/PeerTimeout at the deadlines, ChannelClosed when closed, PeerGone when the peer is lost."""
 
 if sys.byteorder != "little":  # pragma: no cover - the ring is little-endian and the hot paths use native words
     raise ImportError("shm:// needs a little-endian CPU")
 
 
 class RingWriter:
-    """Writes records into a ring and publishes them; waits for room through its Waiter."""
+    """Writes records into a ring and publishes them; waits for room through the endpoint's WaitFor."""
 
-    def __init__(
-        self, segment: Segment, header: RingHeader, spin_seconds: float, check_consumer: PeerCheck, location: str
-    ) -> None:
+    def __init__(self, segment: Segment, header: RingHeader, waiter: Waiter, wait_for: WaitFor) -> None:
         """Take over the ring `segment` whose checked header is `header`, and mark the producer attached."""
         mapping = segment.mapping
         self._words = mapping.words
@@ -71,53 +84,38 @@ class RingWriter:
         """How far the write index may go without loading the read index again; -1 while a loan is out."""
         self._loan: memoryview | None = None
         self._loan_size = 0
-        self._waiter = Waiter(
-            mapping.words,
-            READ_INDEX_WORD,
-            PRODUCER_WAITING_WORD,
-            segment.space,
-            CONSUMER_WAITING_WORD,
-            segment.data,
-            spin_seconds,
-            check_consumer,
-            f"{location}: no room in the ring within the timeout (the consumer is slow)",
-        )
+        self._waiter = waiter
+        self._wait_for = wait_for
+        self._needed_read_index = 0
+        """The read index the last attempt that found no room needed (what arm() waits for)."""
+        self.ended = False
+        """True once the end record is published."""
         self._words[PRODUCER_FLAGS_WORD] = header.producer_flags | PRODUCER_ATTACHED
-
-    def write(self, data: bytes | bytearray | memoryview, length: int, timeout: float | None) -> None:
-        """Write one message of `length` bytes (the caller checked the ring's max message size).
-
-        Waits at most `timeout` seconds for room (None: no limit); raises Timeout, PeerGone,
-        and RuntimeError while a loan is out.
-        """
-        capacity = self._capacity
-        write_index = self._write_index
-        position = write_index % capacity
-        size = 8 + ((length + 7) & -8)
-        if position + size > capacity or write_index + size > self._write_limit:
-            self.write_until(data, length, None if timeout is None else deadline_after(timeout))
-            return
-        words = self._words
-        offset = HEADER_SIZE + position
-        words[offset >> 3] = length
-        self._map[offset + 8 : offset + 8 + length] = data
-        write_index += size
-        if WEAK_MEMORY_ORDER:
-            full_fence()
-        words[8] = write_index  # WRITE_INDEX_WORD
-        self._write_index = write_index
-        if words[10]:  # CONSUMER_WAITING_WORD
-            self._waiter.wake_peer()
 
     def write_until(self, data: bytes | bytearray | memoryview, length: int, deadline: float | None) -> None:
         """Write one message of `length` bytes, waiting for room until the monotonic `deadline` (None: no limit)."""
-        if self._loan is not None:
-            raise RuntimeError("commit() the loaned buffer before sending")
+        self._refuse_during_loan()
         size = record_size(length)
         offset = self._reserve(size, deadline)
+        self._put(offset, data, length)
+
+    def try_write(self, data: bytes | bytearray | memoryview, length: int) -> bool:
+        """Write one message now if there is room for it; else arm the waiter and return False (nothing written)."""
+        self._refuse_during_loan()
+        size = record_size(length)
+        if not self._room_for(size):
+            return False
+        self._put(self._reserve(size, None), data, length)
+        return True
+
+    def _put(self, offset: int, data: bytes | bytearray | memoryview, length: int) -> None:
         self._words[offset >> 3] = length
         self._map[offset + RECORD_HEADER_SIZE : offset + RECORD_HEADER_SIZE + length] = data
-        self._publish(size)
+        self._publish(record_size(length))
+
+    def _refuse_during_loan(self) -> None:
+        if self._loan is not None:
+            raise RuntimeError("commit() the loaned buffer before sending")
 
     def loan(self, size: int, timeout: float | None) -> memoryview:
         """A writable view of `size` bytes in the ring (the caller checked the size), for commit() to send."""
@@ -147,33 +145,65 @@ class RingWriter:
             raise ValueError(f"commit length {length} outside 0..{self._loan_size}")
         self._loan = None
         self._write_limit = self._read_index + self._capacity
-        loan.release()
+        with contextlib.suppress(BufferError):  # the caller made views of it; they stay usable but may change
+            loan.release()
         position = self._write_index % self._capacity
         self._words[(HEADER_SIZE + position) >> 3] = length
         self._publish(record_size(length))
 
     def drop_loan(self) -> None:
         """Forget a loan that will not be committed (its view stops working)."""
-        if self._loan is not None:
-            self._loan.release()
-            self._loan = None
+        loan, self._loan = self._loan, None
+        if loan is not None:
+            with contextlib.suppress(BufferError):
+                loan.release()
             self._write_limit = self._read_index + self._capacity
 
-    def end(self, deadline: float | None) -> None:
-        """Write and publish the end of stream (waiting for room until `deadline`); a loan is dropped."""
+    def try_end(self) -> bool:
+        """Write and publish the end of stream if there is room now (a loan is dropped); else arm, False."""
         self.drop_loan()
-        offset = self._reserve(RECORD_HEADER_SIZE, deadline)
+        if not self._room_for(RECORD_HEADER_SIZE):
+            return False
+        offset = self._reserve(RECORD_HEADER_SIZE, None)
         self._words[offset >> 3] = KIND_END << 32
         self._words[PRODUCER_FLAGS_WORD] |= PRODUCER_ENDED
         self._publish(RECORD_HEADER_SIZE)
+        self.ended = True
+        return True
 
-    def drain(self, deadline: float | None) -> None:
-        """Wait until the consumer has taken everything published (until the monotonic `deadline`)."""
-        self._wait_for_room(self._capacity, deadline)
+    def drained(self) -> bool:
+        """True when the consumer has taken everything published; else arm the waiter for that and False."""
+        self._needed_read_index = self._write_index
+        read_index: int = self._words[READ_INDEX_WORD]
+        return read_index >= self._write_index or self.arm() is not None
 
     def consumer_closed(self) -> bool:
         """True when the consumer left before the end of stream (its closed flag)."""
         return bool(self._words[CONSUMER_FLAGS_WORD] & CONSUMER_CLOSED)
+
+    def arm(self) -> int | None:
+        """Ask the consumer to write our FIFO once the read index reaches what the last attempt needed.
+
+        The read index when it is there already (then the next attempt may succeed), else None.
+        """
+        return self._waiter.arm(0, self._needed_read_index)
+
+    def _room_for(self, size: int) -> bool:
+        """True when a record of `size` bytes (and the wrap before it) fits now; else arm and False."""
+        capacity = self._capacity
+        position = self._write_index % capacity
+        wrap = capacity - position if position + size > capacity else 0
+        needed = self._write_index + wrap + size - capacity
+        read_index: int = self._words[READ_INDEX_WORD]
+        if read_index < needed:
+            self._needed_read_index = needed
+            armed = self.arm()
+            if armed is None:
+                return False
+            read_index = armed
+        self._read_index = read_index
+        self._write_limit = read_index + capacity
+        return True
 
     def _reserve(self, size: int, deadline: float | None) -> int:
         """Wait for `size` contiguous bytes (writing a wrap record when needed); their segment offset."""
@@ -192,12 +222,12 @@ class RingWriter:
         enough = self._write_index + size - self._capacity
         read_index: int = self._words[READ_INDEX_WORD]
         if read_index < enough:
-            read_index = self._waiter.wait(0, enough, deadline)
+            read_index = self._wait_for(0, enough, deadline)
         self._read_index = read_index
         self._write_limit = read_index + self._capacity  # never waits with a loan out
 
     def _publish(self, size: int) -> None:
-        """Publish the `size` bytes written after the write index, and wake a sleeping consumer."""
+        """Publish the `size` bytes written after the write index, and wake a waiting consumer."""
         write_index = self._write_index + size
         self._write_index = write_index
         words = self._words
@@ -216,8 +246,8 @@ class RingReader:
         segment: Segment,
         capacity: int,
         max_message_size: int,
-        spin_seconds: float,
-        check_producer: PeerCheck,
+        waiter: Waiter,
+        wait_for: WaitFor,
         location: str,
         on_end: Callable[[], None],
     ) -> None:
@@ -233,17 +263,8 @@ class RingReader:
         self._held: memoryview | None = None
         self._on_end = on_end
         self._end_message = f"{location}: the producer ended the stream"
-        self._waiter = Waiter(
-            mapping.words,
-            WRITE_INDEX_WORD,
-            CONSUMER_WAITING_WORD,
-            segment.data,
-            PRODUCER_WAITING_WORD,
-            segment.space,
-            spin_seconds,
-            check_producer,
-            f"{location}: no message within the timeout",
-        )
+        self._waiter = waiter
+        self._wait_for = wait_for
 
     @overload
     def take(self, timeout: float | None, in_place: Literal[False]) -> bytes: ...
@@ -255,12 +276,12 @@ class RingReader:
     def take(self, timeout: float | None, in_place: bool) -> bytes | memoryview: ...
 
     def take(self, timeout: float | None, in_place: bool) -> bytes | memoryview:
-        """The next message, waiting at most `timeout` seconds (None: no limit); the one receive path.
+        """The next message, waiting at most `timeout` seconds (None: no limit); the one blocking receive path.
 
         in_place=False: a copy, and its bytes go back to the writer at once. in_place=True:
         a read-only view into the ring, held until the next take() or release(). Either way
         a view still held from before is released first. Raises EndOfStream after the
-        last message (once `on_end` has run), Timeout, PeerGone/PeerTimeout, ProtocolError.
+        last message (once `on_end` has run), what WaitFor raises, ProtocolError.
         """
         words = self._words
         read_index = self._read_index
@@ -283,7 +304,7 @@ class RingReader:
                 if write_index != read_index:
                     break
             else:
-                write_index = self._waiter.wait(
+                write_index = self._wait_for(
                     read_index, read_index + 1, None if timeout is None else deadline_after(timeout)
                 )
         if WEAK_MEMORY_ORDER:
@@ -311,6 +332,47 @@ class RingReader:
                 return data
         return self._pass_marker(read_index, write_index, timeout, in_place)
 
+    def try_take(self) -> bytes | None:
+        """The next message (a copy) if one is there now; else arm the waiter and return None. Never waits.
+
+        Raises EndOfStream after the last message (once `on_end` has run), ProtocolError.
+        """
+        self.release_held()
+        read_index = self._read_index
+        write_index: int = self._words[WRITE_INDEX_WORD]
+        if write_index == read_index:
+            armed = self._waiter.arm(read_index, read_index + 1)
+            if armed is None:
+                return None
+            write_index = armed
+        if WEAK_MEMORY_ORDER:
+            full_fence()
+        record = decode_record(self._view, self._capacity, self._max_message_size, read_index, write_index)
+        if record.kind == KIND_END or record.kind == KIND_WRAP:
+            self._advance(record.next_read_index)
+            if record.kind == KIND_END:
+                self._on_end()
+                raise EndOfStream(self._end_message)
+            return self.try_take()
+        data = self._map[record.payload_offset : record.payload_offset + record.length]
+        self._advance(record.next_read_index)
+        return data
+
+    def has_message(self) -> bool:
+        """True when the write index is ahead of this reader (a message, or the end, may be taken now)."""
+        return self._words[WRITE_INDEX_WORD] != self._read_index
+
+    def arm(self) -> int | None:
+        """Ask the producer to write our FIFO once the write index moves; the write index if it moved already."""
+        read_index = self._read_index
+        return self._waiter.arm(read_index, read_index + 1)
+
+    def release_held(self) -> None:
+        """Release a held view and hand its bytes back to the writer."""
+        if self._held is not None:
+            self.release()
+            self._advance(self._read_index)
+
     def release(self) -> None:
         """Release a held view without handing its bytes back (the reader is leaving)."""
         if self._held is not None:
@@ -322,7 +384,9 @@ class RingReader:
     def leave_early(self) -> None:
         """Tell the writer this reader is gone before the end of stream: set the closed flag and wake it."""
         self._words[CONSUMER_FLAGS_WORD] |= CONSUMER_CLOSED
-        self._waiter.wake_peer()
+        full_fence()
+        if self._words[PRODUCER_WAITING_WORD]:
+            self._waiter.wake_peer()
 
     def producer_attached(self) -> bool:
         """True once a producer has marked the ring attached."""
