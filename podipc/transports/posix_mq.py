@@ -125,9 +125,6 @@ ULIMIT_FIX = (
     "raise the runtime's default ulimit msgqueue (podman --ulimit msgqueue=N, containerd/CRI-O default_ulimits), "
     "or open queues with a smaller depth"
 )
-POLL_FIRST_CALLS = 8
-"""After an attempt found the queue empty (full), this many blocking calls poll() before they try: in a ping-pong
-every receive waits, and a failed non-blocking attempt costs a Python exception on top of the wait."""
 OPTIONS = (
     Option("depth", parse_count, None, "messages the queue holds (default /proc/sys/fs/mqueue/msg_max)"),
     Option("max_message_size", parse_size, None, "largest message in bytes (default msgsize_max)"),
@@ -257,7 +254,6 @@ class PosixMQProducer(QueueProducer):
 
     _send_now: Any = None
     _mqd = -1
-    _poll_first = 0
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.name = queue_name(address)
@@ -279,12 +275,11 @@ class PosixMQProducer(QueueProducer):
             else:
                 try:
                     if not self._state:
-                        if not self._poll_first:
-                            try:
-                                self._send_now(data, None, DATA_PRIORITY)
-                                return
-                            except posix_ipc.BusyError:
-                                self._poll_first = POLL_FIRST_CALLS
+                        try:
+                            self._send_now(data, None, DATA_PRIORITY)
+                            return
+                        except posix_ipc.BusyError:
+                            pass  # full: wait for room below
                         if self._send_waiting(data):
                             return
                 except (posix_ipc.Error, OSError, ValueError):
@@ -296,15 +291,14 @@ class PosixMQProducer(QueueProducer):
         Producer.send(self, data, timeout)
 
     def _send_waiting(self, data: bytes | memoryview) -> bool:
-        """Send `data`, waiting in poll() for room; False (nothing sent) when the checked path must take over.
+        """Send `data` into a queue that was full: wait in poll() for room (or the waker), then try again.
 
-        poll() first: the queue was full lately, and a send that fails costs a Python exception on top of the wait.
+        False (nothing sent) when the checked path must take over: closing, the consumer lost. Raises the
+        queue's own errors (nothing sent).
         """
         send = self._send_now
         wait = self._poller.poll
         while True:
-            if self._poll_first:
-                self._poll_first -= 1
             wait()
             if self._state:
                 return False  # closing, or the consumer was lost: the checked path decides
@@ -312,13 +306,19 @@ class PosixMQProducer(QueueProducer):
                 send(data, None, DATA_PRIORITY)
                 return True
             except posix_ipc.BusyError:
-                self._poll_first = POLL_FIRST_CALLS
+                pass  # another producer of the queue was faster (or a spurious wake)
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
         if deadline is None and self._fast_limit >= 0 and not self._state:
             try:
-                if self._send_waiting(view):
-                    return
+                self._send_now(view, None, DATA_PRIORITY)
+                return
+            except posix_ipc.BusyError:
+                try:
+                    if self._send_waiting(view):
+                        return
+                except (posix_ipc.Error, OSError, ValueError):
+                    pass  # nothing was sent: the checked path translates
             except (posix_ipc.Error, OSError, ValueError):
                 pass  # nothing was sent: the checked path translates
         Producer._send(self, view, deadline)
@@ -393,7 +393,6 @@ class PosixMQConsumer(QueueConsumer):
     max_message_fix = SIZE_FIX
 
     _mqd = -1
-    _poll_first = 0
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.name = queue_name(address)
@@ -421,15 +420,14 @@ class PosixMQConsumer(QueueConsumer):
             else:
                 try:
                     if not self._state:
-                        if not self._poll_first:
-                            try:
-                                data, priority = self._receive()
-                                if priority == DATA_PRIORITY:
-                                    return data  # type: ignore[no-any-return]
-                                self._taken = (priority, data)
-                                self._fast = False
-                            except posix_ipc.BusyError:
-                                self._poll_first = POLL_FIRST_CALLS
+                        try:
+                            data, priority = self._receive()
+                            if priority == DATA_PRIORITY:
+                                return data  # type: ignore[no-any-return]
+                            self._taken = (priority, data)
+                            self._fast = False
+                        except posix_ipc.BusyError:
+                            pass  # empty: wait for a message below
                         if self._fast:
                             message = self._receive_waiting()
                             if message is not None:
@@ -445,7 +443,7 @@ class PosixMQConsumer(QueueConsumer):
     def _recv(self, deadline: float | None) -> bytes:
         if deadline is None and self._fast and not self._state:
             try:
-                data = self._receive_waiting()
+                data = self._receive_waiting()  # its poll() returns at once when a message waits
             except (posix_ipc.Error, OSError):
                 data = None  # nothing was taken: the checked path translates
             if data is not None:
@@ -453,24 +451,21 @@ class PosixMQConsumer(QueueConsumer):
         return Consumer._recv(self, deadline)
 
     def _receive_waiting(self) -> bytes | None:
-        """The next data message, waiting in poll() for it; None when the checked path must take over.
+        """The next data message from a queue that was empty: wait in poll() for one (or the waker), take it.
 
-        poll() first: the queue was empty lately, and a receive that fails costs a Python exception on top of the
-        wait. Raises the queue's own errors (nothing taken).
+        None when the checked path must take over: closing, the producer lost, a message that is not data
+        (kept in `_taken`). Raises the queue's own errors (nothing taken).
         """
         receive = self._receive
         wait = self._poller.poll
         while True:
-            if self._poll_first:
-                self._poll_first -= 1
             wait()
             if self._state:
                 return None  # closing, or the producer was lost: the checked path decides
             try:
                 data, priority = receive()
             except posix_ipc.BusyError:
-                self._poll_first = POLL_FIRST_CALLS
-                continue
+                continue  # another reader of the queue was faster (or a spurious wake)
             if priority == DATA_PRIORITY:
                 return data  # type: ignore[no-any-return]
             self._taken = (priority, data)
@@ -520,7 +515,13 @@ class PosixMQConsumer(QueueConsumer):
             queue.close()
 
     def _remove_found(self, found: QueueIdentity) -> None:
-        _unlink_if_same(self.name, found.ident)
+        try:
+            _unlink_if_same(self.name, found.ident)
+        except posix_ipc.PermissionsError as exc:
+            raise ChannelUnavailable(
+                f"cannot remove the queue {self.name} a dead consumer of {self.address.location} left "
+                f"({found.owner.text()}): {exc}; run `podipc clean` as its owner"
+            ) from exc
 
     def _adopt_queue(self, found: QueueIdentity) -> Any:
         queue = _open(self.name)
