@@ -237,6 +237,16 @@ def _unlink_if_same(name: str, ident: int) -> None:
         queue.close()
 
 
+def _messages_in(queue: Any) -> int:
+    """Messages in `queue` now (0 for None or a queue that failed)."""
+    if queue is None:
+        return 0
+    try:
+        return int(queue.current_messages)
+    except (posix_ipc.Error, OSError):
+        return 0
+
+
 def _close_quietly(queue: Any) -> None:
     if queue is not None:
         with contextlib.suppress(posix_ipc.Error, OSError):
@@ -362,13 +372,7 @@ class PosixMQProducer(QueueProducer):
         return self._mqd, POLLOUT, None
 
     def _queued(self) -> int:
-        queue = self._queue
-        if queue is None:
-            return 0
-        try:
-            return int(queue.current_messages)
-        except (posix_ipc.Error, OSError):
-            return 0
+        return _messages_in(self._queue)
 
     def _release_queue(self, queue: Any) -> None:
         self._send_now = None
@@ -553,13 +557,7 @@ class PosixMQConsumer(QueueConsumer):
         return self._mqd, POLLIN, None
 
     def _queued(self) -> int:
-        queue = self._queue
-        if queue is None:
-            return 0
-        try:
-            return int(queue.current_messages)
-        except (posix_ipc.Error, OSError):
-            return 0
+        return _messages_in(self._queue)
 
     def _destroy(self, queue: Any) -> None:
         _unlink_if_same(self.name, os.fstat(queue.mqd).st_ino)
