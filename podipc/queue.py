@@ -38,10 +38,17 @@ consumer then hands out what is still queued, and raises PeerGone once the queue
 (a clean producer puts the end marker in before it leaves).
 
 Hooks a subclass implements. Producer: `_limits`, `_open_existing`, `_identity`,
-`_queue_limit`, `_attached`, `_put_now`, `_queued`, `_release_queue`, `_queue_exists`,
-`_room_readiness`. Consumer: `_limits`, `_create_queue`, `_inspect_existing`,
-`_remove_found`, `_adopt_queue`, `_identity`, `_object_record`, `_take_now`, `_queued`,
-`_destroy`, `_close_queue`, `_readiness`; optionally `_idle`, `_stop_helpers`.
+`_queue_limit`, `_attached` (binds `_send_now`), `_put_now`, `_release_queue`,
+`_queue_exists`, `_room_readiness`; optionally `_send_waiting`, `_send_checked`.
+Consumer: `_limits`, `_create_queue`, `_inspect_existing`, `_remove_found`,
+`_adopt_queue`, `_identity`, `_object_record`, `_take_now`, `_classify`, `_destroy`,
+`_close_queue`, `_readiness` (and binds `_receive`); optionally `_receive_more`, `_idle`,
+`_stop_helpers`.
+
+Hot paths (STYLE.md #8): `send()` of bytes and `recv()` without a timeout call the queue's
+own send/receive under the call gate, skipping the base class's conversions, and hand
+anything unusual to the checked path of podipc.channel; waiting there is the transport's
+(`_send_waiting`, `_receive_more`): poll() on the mqd, a blocking msgrcv.
 """
 
 from __future__ import annotations
@@ -142,6 +149,16 @@ class QueueIdentity:
     owner: Owner
 
 
+def queued_messages(queue: Any, errors: tuple[type[BaseException], ...]) -> int:
+    """Messages in `queue` now: 0 for None, or when asking fails with one of `errors` (the queue was removed)."""
+    if queue is None:
+        return 0
+    try:
+        return int(queue.current_messages)
+    except errors:
+        return 0
+
+
 def declared_queue(lines: list[str]) -> int | None:
     """The queue identity a consumer's presence record declares (`declares queue ID`), None when it declares none."""
     prefix = f"{DECLARATION} {QUEUE_WORD} "
@@ -164,7 +181,14 @@ class QueueProducer(Producer):
     _queue: Any = None
     _phase = _CONNECTING
     _fast_limit = -1
-    """Largest message send() may hand straight to the queue (the transport's fast path); -1 while it may not."""
+    """Largest message send() may hand straight to the queue (the hot path below); -1 while it may not."""
+    _send_now: Any = None
+    """The queue's own send, bound once connected: `_send_now(data, _send_flag, data_mark)` never waits."""
+    _send_flag: ClassVar[Any] = None
+    _full_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    """What `_send_now` raises on a full queue."""
+    _queue_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    """Everything the queue's library raises (and ValueError): the hot path leaves those to the checked path."""
     _retry_at = 0.0
     _drain_pause = DRAIN_POLL_FIRST_SECONDS
     _consumer_state = PeerState.ABSENT
@@ -216,9 +240,9 @@ class QueueProducer(Producer):
         Raises MessageTooLarge (`_too_large`) or PeerGone (the queue failed or was removed).
         """
 
-    @abstractmethod
     def _queued(self) -> int:
         """Messages in the queue now; 0 once it is removed."""
+        return queued_messages(self._queue, self._queue_errors)
 
     @abstractmethod
     def _release_queue(self, queue: Any) -> None:
@@ -232,9 +256,66 @@ class QueueProducer(Producer):
     def _room_readiness(self) -> tuple[int, int, float | None]:
         """What to wait on for room in the connected queue: (fd, poll events, None)."""
 
+    def _send_waiting(self, data: bytes | memoryview) -> bool:
+        """After `_send_now` found the queue full: wait for room and send (hook); False leaves it to the checked
+        path (nothing sent). May raise `_queue_errors` (nothing sent)."""
+        return False
+
     def _too_large(self, size: int) -> MessageTooLarge:
         """The error for a message of `size` bytes that the queue refused as too large."""
         return MessageTooLarge(size, self.max_message_size, self.max_message_source, self.max_message_fix)
+
+    # --- the hot path ---------------------------------------------------------
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
+
+        Raises as Producer.send does. The common case (bytes, no timeout, connected) is one call of
+        the queue's own send under the call gate, without the base class's conversions (they cost
+        a third of a 64-byte send); a full queue waits as the transport says; anything else takes
+        the checked path.
+        """
+        if timeout is None and type(data) is bytes and len(data) <= self._fast_limit:
+            token = self._token
+            try:
+                token.pop()
+            except IndexError:
+                pass  # another thread's call is inside: the checked path waits its turn
+            else:
+                try:
+                    if not self._state:
+                        try:
+                            self._send_now(data, self._send_flag, self.data_mark)
+                            return
+                        except self._full_errors:
+                            if self._send_waiting(data):
+                                return
+                except self._queue_errors:
+                    pass  # nothing was sent: the checked path translates
+                finally:
+                    token.append(None)
+                    if self._state:
+                        self._after_call()
+        Producer.send(self, data, timeout)
+
+    def _send(self, view: memoryview, deadline: float | None) -> None:
+        if deadline is None and self._fast_limit >= 0 and not self._state:
+            try:
+                self._send_now(view, self._send_flag, self.data_mark)
+                return
+            except self._full_errors:
+                try:
+                    if self._send_waiting(view):
+                        return
+                except self._queue_errors:
+                    pass  # nothing was sent: the checked path translates
+            except self._queue_errors:
+                pass  # nothing was sent: the checked path translates
+        self._send_checked(view, deadline)
+
+    def _send_checked(self, view: memoryview, deadline: float | None) -> None:
+        """Send through the attempts of the endpoint contract, waiting on readiness until `deadline` (hook)."""
+        Producer._send(self, view, deadline)
 
     # --- rendezvous --------------------------------------------------------
 
@@ -373,6 +454,14 @@ class QueueConsumer(Consumer):
     """True while recv() may take messages straight from the queue: data flows, nothing else is pending."""
     _taken: tuple[int, bytes] | None = None
     """A message the fast path took that is not data, for the next attempt."""
+    data_mark: ClassVar[int]
+    """The tag (priority, mtype) of a data message."""
+    _receive: Any = None
+    """The queue's own receive, bound at open: `_receive()` -> (body, tag); raises `_empty_errors` when it
+    finds nothing (a non-blocking mq), or returns when a message comes (a blocking msgrcv)."""
+    _empty_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    _queue_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    """Everything the queue's library raises: the hot path leaves those to the checked path."""
     _end_seen = False
     _next_peer_probe = 0.0
     _presence: Presence | None = None
@@ -426,9 +515,9 @@ class QueueConsumer(Consumer):
     def _classify(self, mark: int, data: bytes) -> str:
         """DATA, END, GARBAGE, or a transport's own kind (skipped, not counted)."""
 
-    @abstractmethod
     def _queued(self) -> int:
         """Messages in the queue now; 0 once it is removed."""
+        return queued_messages(self._queue, self._queue_errors)
 
     @abstractmethod
     def _destroy(self, queue: Any) -> None:
@@ -437,6 +526,18 @@ class QueueConsumer(Consumer):
     @abstractmethod
     def _close_queue(self, queue: Any) -> None:
         """Let go of `queue` without removing it (an adopted queue)."""
+
+    def _receive_more(self, mark: int, data: bytes) -> bytes | None:
+        """Go on after `_receive()` gave (`data`, `mark`) that was not data (mark -1: it gave nothing, or was
+        interrupted): wait and receive until a data message, which it returns (hook).
+
+        None leaves the rest to the checked path: closing, peer lost (`_state`), or a message that is not
+        data, kept in `_taken` with `_fast` cleared. May raise `_queue_errors` (nothing taken).
+        """
+        if mark >= 0:
+            self._taken = (mark, data)
+            self._fast = False
+        return None
 
     def _idle(self) -> None:
         """Called when an attempt found nothing: prepare readiness for the wait that may follow (hook)."""
@@ -545,6 +646,49 @@ class QueueConsumer(Consumer):
             self._destroy(queue)
 
     # --- receiving ---------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
+
+        Raises as Consumer.recv does. The common case (no timeout, data flowing) is one call of the
+        queue's own receive under the call gate, without the base class's layers; waiting is the
+        transport's (`_receive_more`); anything else takes the checked path.
+        """
+        if timeout is None and self._fast:
+            token = self._token
+            try:
+                token.pop()
+            except IndexError:
+                pass  # another thread's call is inside: the checked path waits its turn
+            else:
+                try:
+                    if not self._state:
+                        try:
+                            data, mark = self._receive()
+                        except self._empty_errors:
+                            data, mark = b"", -1
+                        if mark == self.data_mark:
+                            return data  # type: ignore[no-any-return]
+                        message = self._receive_more(mark, data)
+                        if message is not None:
+                            return message
+                except self._queue_errors:
+                    pass  # nothing was taken: the checked path translates
+                finally:
+                    token.append(None)
+                    if self._state:
+                        self._after_call()
+        return Consumer.recv(self, timeout)
+
+    def _recv(self, deadline: float | None) -> bytes:
+        if deadline is None and self._fast and not self._state:
+            try:
+                message = self._receive_more(-1, b"")
+            except self._queue_errors:
+                message = None  # nothing was taken: the checked path translates
+            if message is not None:
+                return message
+        return Consumer._recv(self, deadline)
 
     def _try_recv(self) -> bytes | None:
         taken, self._taken = self._taken, None

@@ -79,7 +79,7 @@ from typing import Any, ClassVar
 import posix_ipc
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_count, parse_size
+from podipc.channel import Option, parse_count, parse_size
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError
 from podipc.ownership import Owner
 from podipc.proc import read_int_or
@@ -237,16 +237,6 @@ def _unlink_if_same(name: str, ident: int) -> None:
         queue.close()
 
 
-def _messages_in(queue: Any) -> int:
-    """Messages in `queue` now (0 for None or a queue that failed)."""
-    if queue is None:
-        return 0
-    try:
-        return int(queue.current_messages)
-    except (posix_ipc.Error, OSError):
-        return 0
-
-
 def _close_quietly(queue: Any) -> None:
     if queue is not None:
         with contextlib.suppress(posix_ipc.Error, OSError):
@@ -261,51 +251,18 @@ class PosixMQProducer(QueueProducer):
     max_message_fix = SIZE_FIX
     data_mark = DATA_PRIORITY
     end_mark = END_PRIORITY
+    _send_flag = None  # no timeout: the descriptor is non-blocking
+    _full_errors = (posix_ipc.BusyError,)
+    _queue_errors = (posix_ipc.Error, OSError, ValueError)
 
-    _send_now: Any = None
     _mqd = -1
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.name = queue_name(address)
         super().__init__(address, settings)
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
-
-        Raises as Producer.send does. The common case (bytes, no timeout, connected) sends under
-        the call gate without the base class's conversions (they cost a third of a 64-byte
-        send), waiting for room in poll(); anything else takes the checked path.
-        """
-        if timeout is None and type(data) is bytes and len(data) <= self._fast_limit:
-            token = self._token
-            try:
-                token.pop()
-            except IndexError:
-                pass  # another thread's call is inside: the checked path waits its turn
-            else:
-                try:
-                    if not self._state:
-                        try:
-                            self._send_now(data, None, DATA_PRIORITY)
-                            return
-                        except posix_ipc.BusyError:
-                            pass  # full: wait for room below
-                        if self._send_waiting(data):
-                            return
-                except (posix_ipc.Error, OSError, ValueError):
-                    pass  # nothing was sent: the checked path translates
-                finally:
-                    token.append(None)
-                    if self._state:
-                        self._after_call()
-        Producer.send(self, data, timeout)
-
     def _send_waiting(self, data: bytes | memoryview) -> bool:
-        """Send `data` into a queue that was full: wait in poll() for room (or the waker), then try again.
-
-        False (nothing sent) when the checked path must take over: closing, the consumer lost. Raises the
-        queue's own errors (nothing sent).
-        """
+        """The queue was full: wait in poll() for room (or the waker), then send."""
         send = self._send_now
         wait = self._poller.poll
         while True:
@@ -317,21 +274,6 @@ class PosixMQProducer(QueueProducer):
                 return True
             except posix_ipc.BusyError:
                 pass  # another producer of the queue was faster (or a spurious wake)
-
-    def _send(self, view: memoryview, deadline: float | None) -> None:
-        if deadline is None and self._fast_limit >= 0 and not self._state:
-            try:
-                self._send_now(view, None, DATA_PRIORITY)
-                return
-            except posix_ipc.BusyError:
-                try:
-                    if self._send_waiting(view):
-                        return
-                except (posix_ipc.Error, OSError, ValueError):
-                    pass  # nothing was sent: the checked path translates
-            except (posix_ipc.Error, OSError, ValueError):
-                pass  # nothing was sent: the checked path translates
-        Producer._send(self, view, deadline)
 
     def _limits(self) -> tuple[int, int]:
         return _check_limits(self.settings)
@@ -371,9 +313,6 @@ class PosixMQProducer(QueueProducer):
     def _room_readiness(self) -> tuple[int, int, float | None]:
         return self._mqd, POLLOUT, None
 
-    def _queued(self) -> int:
-        return _messages_in(self._queue)
-
     def _release_queue(self, queue: Any) -> None:
         self._send_now = None
         self._mqd = -1
@@ -395,6 +334,9 @@ class PosixMQConsumer(QueueConsumer):
     options: ClassVar[tuple[Option, ...]] = OPTIONS
     max_message_source = MSGSIZE_MAX_PATH
     max_message_fix = SIZE_FIX
+    data_mark = DATA_PRIORITY
+    _empty_errors = (posix_ipc.BusyError,)
+    _queue_errors = (posix_ipc.Error, OSError)
 
     _mqd = -1
 
@@ -408,62 +350,14 @@ class PosixMQConsumer(QueueConsumer):
         self._poller.register(self._mqd, POLLIN)
         self._poller.register(self._waker_fd(), POLLIN)
 
-    def recv(self, timeout: float | None = None) -> bytes:
-        """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
-
-        Raises as Consumer.recv does. The common case (no timeout, data flowing) waits in
-        poll() and takes the message under the call gate, without the base class's layers;
-        anything else takes the checked path.
-        """
-        if timeout is None and self._fast:
-            token = self._token
-            try:
-                token.pop()
-            except IndexError:
-                pass  # another thread's call is inside: the checked path waits its turn
-            else:
-                try:
-                    if not self._state:
-                        try:
-                            data, priority = self._receive()
-                            if priority == DATA_PRIORITY:
-                                return data  # type: ignore[no-any-return]
-                            self._taken = (priority, data)
-                            self._fast = False
-                        except posix_ipc.BusyError:
-                            pass  # empty: wait for a message below
-                        if self._fast:
-                            message = self._receive_waiting()
-                            if message is not None:
-                                return message
-                except (posix_ipc.Error, OSError):
-                    pass  # nothing was taken: the checked path translates
-                finally:
-                    token.append(None)
-                    if self._state:
-                        self._after_call()
-        return Consumer.recv(self, timeout)
-
-    def _recv(self, deadline: float | None) -> bytes:
-        if deadline is None and self._fast and not self._state:
-            try:
-                data = self._receive_waiting()  # its poll() returns at once when a message waits
-            except (posix_ipc.Error, OSError):
-                data = None  # nothing was taken: the checked path translates
-            if data is not None:
-                return data
-        return Consumer._recv(self, deadline)
-
-    def _receive_waiting(self) -> bytes | None:
-        """The next data message from a queue that was empty: wait in poll() for one (or the waker), take it.
-
-        None when the checked path must take over: closing, the producer lost, a message that is not data
-        (kept in `_taken`). Raises the queue's own errors (nothing taken).
-        """
+    def _receive_more(self, mark: int, data: bytes) -> bytes | None:
+        """After a receive found the queue empty (mark -1): wait in poll() for a message (or the waker), take it."""
+        if mark >= 0:
+            return QueueConsumer._receive_more(self, mark, data)
         receive = self._receive
         wait = self._poller.poll
         while True:
-            wait()
+            wait()  # returns at once when a message is there
             if self._state:
                 return None  # closing, or the producer was lost: the checked path decides
             try:
@@ -471,10 +365,8 @@ class PosixMQConsumer(QueueConsumer):
             except posix_ipc.BusyError:
                 continue  # another reader of the queue was faster (or a spurious wake)
             if priority == DATA_PRIORITY:
-                return data  # type: ignore[no-any-return]
-            self._taken = (priority, data)
-            self._fast = False
-            return None
+                return data
+            return QueueConsumer._receive_more(self, priority, data)
 
     def _limits(self) -> tuple[int, int]:
         return _check_limits(self.settings)
@@ -555,9 +447,6 @@ class PosixMQConsumer(QueueConsumer):
 
     def _readiness(self) -> tuple[int, int, float | None]:
         return self._mqd, POLLIN, None
-
-    def _queued(self) -> int:
-        return _messages_in(self._queue)
 
     def _destroy(self, queue: Any) -> None:
         _unlink_if_same(self.name, os.fstat(queue.mqd).st_ino)

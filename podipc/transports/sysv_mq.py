@@ -99,7 +99,7 @@ from typing import Any, ClassVar
 import sysv_ipc
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_size
+from podipc.channel import Option, parse_size
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError
 from podipc.ownership import Owner
 from podipc.proc import read_int_or
@@ -111,6 +111,7 @@ from podipc.queue import (
     kind_of,
     limit_option,
     permission_denied,
+    queued_messages,
 )
 from podipc.transport import AddressForm, Capability, Example, KernelFacility, MessageLimit, ObjectKind, Transport
 from podipc.waking import POLLIN, wait_for
@@ -255,14 +256,6 @@ def _queue_exists(key: int) -> bool:
 def _remove_quietly(queue: Any) -> None:
     with contextlib.suppress(sysv_ipc.Error, OSError):
         queue.remove()
-
-
-def _messages_in(queue: Any) -> int:
-    """Messages in the queue now (0 once it is removed)."""
-    try:
-        return int(queue.current_messages)
-    except (sysv_ipc.Error, OSError):
-        return 0
 
 
 def _send_wake(queue: Any) -> None:
@@ -465,8 +458,10 @@ class SysVMQProducer(QueueProducer):
     max_message_fix = SIZE_FIX
     data_mark = DATA_TYPE
     end_mark = END_TYPE
+    _send_flag = False  # IPC_NOWAIT: never block in msgsnd (nothing could wake it), see _send
+    _full_errors = (sysv_ipc.BusyError,)
+    _queue_errors = (sysv_ipc.Error, OSError, ValueError)
 
-    _queue_send: Any = None
     _room: _RoomWatch | None = None
     _full_at: int | None = None
     """The queue's message count when the last attempt found it full; None after a message went in."""
@@ -475,40 +470,8 @@ class SysVMQProducer(QueueProducer):
         self.key = address.key
         super().__init__(address, settings)
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
-
-        Raises as Producer.send does. The common case (bytes, no timeout, connected, room in the
-        queue) is one msgsnd under the call gate, without the base class's conversions (they
-        cost a third of a 64-byte send); anything else takes the checked path.
-        """
-        if timeout is None and type(data) is bytes and len(data) <= self._fast_limit:
-            token = self._token
-            try:
-                token.pop()
-            except IndexError:
-                pass  # another thread's call is inside: the checked path waits its turn
-            else:
-                try:
-                    if not self._state:
-                        self._queue_send(data, False, DATA_TYPE)
-                        return
-                except (sysv_ipc.Error, OSError, ValueError):
-                    pass  # nothing was sent: the checked path waits for room or translates
-                finally:
-                    token.append(None)
-                    if self._state:
-                        self._after_call()
-        Producer.send(self, data, timeout)
-
-    def _send(self, view: memoryview, deadline: float | None) -> None:
-        """One msgsnd with IPC_NOWAIT; a full queue is retried as the module docstring says."""
-        if self._fast_limit >= 0 and not self._state:
-            try:
-                self._queue_send(view, False, DATA_TYPE)
-                return
-            except (sysv_ipc.Error, OSError, ValueError):
-                pass  # nothing was sent: the attempts below wait or translate
+    def _send_checked(self, view: memoryview, deadline: float | None) -> None:
+        """Attempts with IPC_NOWAIT; on a full queue retried after yielding the CPU, then after growing sleeps."""
         try_send = self._try_send
         attempts = 0
         pause = ROOM_SLEEP_FIRST_SECONDS
@@ -551,13 +514,13 @@ class SysVMQProducer(QueueProducer):
         return queue.max_size, source, "open the consumer with a larger queue_bytes="
 
     def _attached(self, queue: Any) -> None:
-        self._queue_send = queue.send
+        self._send_now = queue.send
 
     def _put_now(self, message: memoryview | bytes, mark: int) -> bool:
         try:
-            self._queue_send(message, False, mark)
+            self._send_now(message, False, mark)
         except sysv_ipc.BusyError:
-            self._full_at = _messages_in(self._queue)
+            self._full_at = queued_messages(self._queue, self._queue_errors)
             if self._mirror is not None:
                 self._room_watch().arm(self._full_at)  # fileno() is watched: say when there is room
             return False
@@ -588,7 +551,7 @@ class SysVMQProducer(QueueProducer):
     def _try_prepare(self) -> bool:
         if not self._try_connect():
             return False
-        if self._full_at is not None and _messages_in(self._queue) >= self._full_at:
+        if self._full_at is not None and queued_messages(self._queue, self._queue_errors) >= self._full_at:
             return False
         self._full_at = None
         return True
@@ -598,11 +561,8 @@ class SysVMQProducer(QueueProducer):
         room.arm(self._full_at)
         return room.fd, POLLIN, None
 
-    def _queued(self) -> int:
-        return _messages_in(self._queue) if self._queue is not None else 0
-
     def _release_queue(self, queue: Any) -> None:
-        self._queue_send = None
+        self._send_now = None
         room, self._room = self._room, None
         if room is not None:
             room.stop()
@@ -614,7 +574,7 @@ class SysVMQProducer(QueueProducer):
         room, self._room = self._room, None
         if room is not None:
             room.drop_inherited()
-        self._queue = self._queue_send = None
+        self._queue = self._send_now = None
         self._fast_limit = -1
         self._freed = True
 
@@ -625,6 +585,9 @@ class SysVMQConsumer(QueueConsumer):
     options: ClassVar[tuple[Option, ...]] = OPTIONS
     max_message_source = MSGMAX_PATH
     max_message_fix = SIZE_FIX
+    data_mark = DATA_TYPE
+    _empty_errors = (sysv_ipc.Error,)  # a blocking msgrcv: only EINTR (any other error comes again and is left)
+    _queue_errors = (sysv_ipc.Error, OSError)
 
     _arrivals: _ArrivalWatch | None = None
 
@@ -633,74 +596,26 @@ class SysVMQConsumer(QueueConsumer):
         super().__init__(address, settings)
         self._receive = self._queue.receive
 
-    def recv(self, timeout: float | None = None) -> bytes:
-        """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
+    def _receive_more(self, mark: int, data: bytes) -> bytes | None:
+        """Go on with blocking receives after (`mark`, `data`); a wake-up is looked past once the state was checked.
 
-        Raises as Consumer.recv does. The common case (no timeout, data flowing) is one blocking
-        msgrcv under the call gate, without the base class's layers; close(), abort() and the
-        peer-death monitor wake it with a wake-up message; anything else takes the checked path.
-        """
-        if timeout is None and self._fast:
-            token = self._token
-            try:
-                token.pop()
-            except IndexError:
-                pass  # another thread's call is inside: the checked path waits its turn
-            else:
-                try:
-                    if not self._state:
-                        try:
-                            data, mtype = self._receive()
-                        except (sysv_ipc.Error, OSError) as exc:
-                            if not _interrupted(exc):
-                                raise
-                            data, mtype = b"", -1
-                        if mtype == DATA_TYPE:
-                            return data  # type: ignore[no-any-return]
-                        message = self._receive_blocking(mtype, data)
-                        if message is not None:
-                            return message
-                except (sysv_ipc.Error, OSError):
-                    pass  # nothing was taken: the checked path translates
-                finally:
-                    token.append(None)
-                    if self._state:
-                        self._after_call()
-        return Consumer.recv(self, timeout)
-
-    def _recv(self, deadline: float | None) -> bytes:
-        if deadline is None and self._fast and not self._state:
-            try:
-                message = self._receive_blocking(-1, b"")
-            except (sysv_ipc.Error, OSError):
-                message = None  # nothing was taken: the checked path translates
-            if message is not None:
-                return message
-        return Consumer._recv(self, deadline)
-
-    def _receive_blocking(self, mtype: int, data: bytes) -> bytes | None:
-        """Go on with a blocking receive after taking (`mtype`, `data`) (-1: nothing, the call was interrupted).
-
-        Returns the next data message; None when the checked path must take over (closing, peer lost,
-        a message that is not data: kept in `_taken`). A signal's EINTR runs the handler (a Python call
-        below does) and the receive goes on, unless the handler raised or closed this side.
+        A signal's EINTR (mark -1) runs its handler (a Python call below does) and the receive goes on,
+        unless the handler raised or closed this side.
         """
         receive = self._receive
         while True:
-            if mtype == DATA_TYPE:
+            if mark == DATA_TYPE:
                 return data
-            if mtype >= 0 and classify(mtype, data) is not WAKE:
-                self._taken = (mtype, data)
-                self._fast = False
-                return None
+            if mark >= 0 and classify(mark, data) is not WAKE:
+                return QueueConsumer._receive_more(self, mark, data)
             if self._state:
                 return None
             try:
-                data, mtype = receive()
+                data, mark = receive()
             except (sysv_ipc.Error, OSError) as exc:
                 if not _interrupted(exc):
                     raise
-                mtype = -1
+                mark = -1
 
     def _interrupt(self) -> None:
         arrivals = self._arrivals
@@ -821,9 +736,6 @@ class SysVMQConsumer(QueueConsumer):
         if isinstance(exc, OSError) and exc.errno == errno.E2BIG:
             return ProtocolError(f"{location}: a message is larger than the receive buffer (kernel.msgmax changed?)")
         return PeerGone(f"the queue of {location} failed: {exc}")
-
-    def _queued(self) -> int:
-        return _messages_in(self._queue) if self._queue is not None else 0
 
     def _stop_helpers(self) -> None:
         arrivals, self._arrivals = self._arrivals, None
