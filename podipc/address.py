@@ -8,7 +8,7 @@ Each transport declares its schemes and the address form of each
     /absolute/path.sock        zmq+ipc:///shared/zmq.sock (at most 107 bytes)
     ... or @name               unix:///shared/podipc.sock, unix://@abstract-name
     /name                      mq:///name, shm:///name
-    KEY                        sysvmq://1234, sysvmq://0x4d2, sysvmq://name
+    KEY                        sysvmq://1234, sysvmq://0x4d2, sysvmq://name (see _parse_sysv_key)
 
 Query options (`?depth=10&mode=0660`) tune a channel; which options a channel
 accepts is declared by the channel itself (see podipc.channel.Option).
@@ -30,6 +30,10 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 NAME_MAX = 255
 SYSV_KEY_MAX = 0x7FFFFFFF
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+SYSV_DECIMAL_KEY = re.compile(r"0|[1-9][0-9]*")
+"""A SysV KEY in decimal: no leading zero (so `0123` is a name, never octal), ASCII digits only."""
+SYSV_HEX_KEY = re.compile(r"0[xX][0-9A-Fa-f]+")
+"""A SysV KEY in hexadecimal: 0x or 0X, then hex digits."""
 
 
 @dataclass(frozen=True)
@@ -156,11 +160,18 @@ def _check_name(url: str, name: str, limit: int) -> None:
 
 
 def _parse_sysv_key(url: str, scheme: str, text: str) -> int:
+    """The key of sysvmq://KEY (docs/wire/sysvmq.md): decimal without a leading zero, 0x hex, else a hashed name.
+
+    The grammar is one a C peer follows exactly with two patterns and strtol(KEY, NULL, 10 or 16);
+    anything else (`0123`, `0o17`, `1_000`, `-5`) is a name, hashed by sysv_key_from_name.
+    """
     if not text:
         raise AddressError(f"{url!r}: expected {scheme}://KEY (a number like 1234 or 0x4d2, or a name)")
-    try:
-        key = int(text, 0)
-    except ValueError:
+    if SYSV_DECIMAL_KEY.fullmatch(text):
+        key = int(text, 10)
+    elif SYSV_HEX_KEY.fullmatch(text):
+        key = int(text, 16)
+    else:
         _check_name(url, text, NAME_MAX)
         return sysv_key_from_name(text)
     if not 1 <= key <= SYSV_KEY_MAX:

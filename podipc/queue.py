@@ -1,79 +1,93 @@
-"""The kernel message-queue Producer and Consumer that mq:// and sysvmq:// share.
+"""The kernel message-queue Producer and Consumer that mq:// and sysvmq:// share, on the endpoint contract.
 
 A POSIX queue (mq_open) and a SysV queue (msgget) carry a podipc stream the same way: one
 podipc message is one queue message with no header, marked as data or as the end of stream
 by the queue's own tag (a POSIX priority, a SysV mtype); the consumer creates the queue
 and removes it at the end; a queue cannot tell a dead peer, so both sides hold a
-podipc.presence file and probe the other's. What does not depend on the kind of queue is
-here; a transport subclass says how its queue is opened, created, removed and counted,
-and how a call waits on it (mq:// in timed slices, sysvmq:// blocking for real with a
-watchdog thread that wakes it).
+podipc.presence file and the process's one peer-death monitor (`Presence.watch`) wakes
+an endpoint whose peer died. What does not depend on the kind of queue is here; a
+transport subclass says how its queue is opened, created, removed, counted and waited on.
 
-QueueProducer: the rendezvous (wait for the consumer's presence, or its queue when it
-holds none; open the queue; adopt a smaller limit the consumer set), the end of stream
-(put the end marker, wait until the queue is empty or removed while probing the consumer)
-and leaving (clean, or abandoning the presence file on an abort, as a crash would).
+Both sides implement the endpoint contract of podipc.channel (`_Endpoint`): one
+non-blocking attempt per call (`_try_send`, `_try_recv`, `_try_close`), a readiness
+descriptor (`_readiness`: an mqd is one; a SysV queue gets an eventfd fed by one helper
+thread per endpoint), `_free` once no call is inside, `_drop_inherited` after fork.
 
-QueueConsumer: opening (check the limits, refuse a second consumer, replace a queue a dead
-run left, create the queue or take the one a presence-less producer made, claim the
-presence and record the queue for `podipc clean`), the bookkeeping of the slow receive
-path, the verdict after a wait that brought nothing (PeerGone, PeerTimeout or Timeout) and
-releasing the queue.
+QueueProducer: the rendezvous, one non-blocking step at a time (the consumer's presence is
+alive, or it holds none: a plain script; then its queue is opened, checked to be trusted,
+and matched against the queue the consumer declared), the end of stream (put the end
+marker, then wait until the queue is empty: the consumer took everything) and leaving
+(clean, or abandoning the presence file on an abort, as a crash would).
 
-Hot paths: a transport's `send()` and `recv()` with no timeout bypass this module and the
-Producer/Consumer checks (STYLE.md #8) and fall back to them for anything unusual; the
-base only keeps `_fast_limit` (producer) and `_fast` (consumer) right around them.
+QueueConsumer: opening, which decides whose queue it reads (`_open_queue`):
 
-Hooks a subclass implements. Producer: `_limits`, `_open_existing`, `_queue_limit`,
-`_attached`, `_put`, `_queued`, `_detach`, `_queue_exists`. Consumer: `_limits`,
-`_remove_stale`, `_create_queue`, `_adopt_queue`, `_object_record`, `_discard`,
-`_receive_slowly`, `_queued`, `_destroy`.
+- created here, exclusively (O_EXCL / IPC_EXCL): ours, removed at the end;
+- a queue a podipc consumer of this channel left when it died: its presence file (of our
+  user, or of our group with mode=0660) names this channel, records the queue and declares
+  the queue's identity (`declares queue ID`: the mqueue inode, the SysV msqid), the queue
+  still has that identity and the file's owner: removed and created again (`recovered`);
+- with the `adopt=true` option, a queue someone else made (a plain producer that creates the
+  queue first): used if trusted (ours, or our group's with mode=0660, nothing for other
+  users) and never removed by podipc (`adopted`);
+- anything else is refused (ChannelUnavailable naming its owner): podipc never consumes from,
+  or removes, a queue it cannot prove it created for this channel.
 
-Seams for the issues ahead (named here, not built):
-- Trusted queues (issue 10): a consumer takes a queue in exactly three ways, all chosen in
-  `QueueConsumer._open_queue`: `_create_queue` (made here, exclusively), `_adopt_queue`
-  (one that already existed: today a presence-less producer's, taken as it is) and
-  `_remove_stale` (deleting one a dead run left). The owner and mode checks at open (fstat
-  of the mqd; IPC_STAT uid/mode of a SysV queue) and the rule "never consume or delete a
-  queue podipc cannot prove it created for this channel" belong in those hooks and that
-  one choice; the producer's single way in is `_open_existing`, and `_discard` is where a
-  failed open decides whether the queue was its to remove.
-- Shutdown from any thread, signals, timeout=0 (issue 11): every wait is in a transport
-  loop (`_put`, `_receive_slowly`, the fast paths) or here (`_connect`, `_wait_taken`), and
-  each loop already comes back to a liveness verdict between waits (`_check_producer`, the
-  consumer probe in `_put`). close() from another thread needs a `closing` flag checked at
-  those verdicts plus one wake-up per transport: mq:// waits at most a liveness slice
-  (0.25 s), sysvmq:// has its watchdog put a wake-up message for a blocked consumer and
-  still needs a way to wake a producer blocked in msgsnd. EINTR is classified in one place
-  per transport (sysv_mq._interrupted, which retries; on mq:// posix_ipc.SignalError falls
-  into the PeerGone branch of `_put`/`_receive_slowly` today) and is to be retried there.
-  timeout=0 is already one non-blocking try on both queues once connected (a zero slice on
-  mq://, IPC_NOWAIT on sysvmq://).
-- Readiness (issue 12): a Linux mqd is a file descriptor (readable when a message waits,
-  writable when there is room), so mq:// endpoints can expose it as fileno() through a
-  hook here; a SysV queue has none, so sysvmq:// would signal readiness from its existing
-  watchdog thread (one per endpoint, never one per message) through an eventfd or pipe.
+Then it claims the consumer's presence, records the queue for `podipc clean`, and receives
+data messages until the end marker. Peer loss: the monitor calls `_signal_peer_lost`; a
+consumer then hands out what is still queued, and raises PeerGone once the queue is empty
+(a clean producer puts the end marker in before it leaves).
+
+Hooks a subclass implements. Producer: `_limits`, `_open_existing`, `_identity`,
+`_queue_limit`, `_attached` (binds `_send_now`), `_put_now`, `_release_queue`,
+`_queue_exists`, `_room_readiness`; optionally `_send_waiting`, `_send_checked`.
+Consumer: `_limits`, `_create_queue`, `_inspect_existing`, `_remove_found`,
+`_adopt_queue`, `_identity`, `_object_record`, `_take_now`, `_classify`, `_destroy`,
+`_close_queue`, `_readiness` (and binds `_receive`); optionally `_receive_more`, `_idle`,
+`_stop_helpers`.
+
+Hot paths (STYLE.md #8): `send()` of bytes and `recv()` without a timeout call the queue's
+own send/receive under the call gate, skipping the base class's conversions, and hand
+anything unusual to the checked path of podipc.channel; waiting there is the transport's
+(`_send_waiting`, `_receive_more`): poll() on the mqd, a blocking msgrcv.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from abc import abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Consumer, Producer
-from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout, Timeout
-from podipc.ownership import Trust
-from podipc.presence import PeerState, PeerTracker, Presence, presence_path, probe
+from podipc.channel import Consumer, Option, Producer, parse_bool
+from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout
+from podipc.ownership import Owner, Trust, grants_others
+from podipc.presence import (
+    CHANNEL,
+    DECLARATION,
+    RECORD_LIMIT_BYTES,
+    PeerState,
+    PeerTracker,
+    Presence,
+    lock_state,
+    open_presence,
+    presence_path,
+    probe,
+    read_record,
+)
 
-LIVENESS_SLICE_SECONDS = 0.25
-"""How long a waiting side goes without probing its peer's presence file."""
 RENDEZVOUS_POLL_SECONDS = 0.02
-"""How often a producer looks for the consumer's queue before its first message."""
+"""How often a producer looks for the consumer (its presence and queue) before its first message."""
+PEER_PROBE_SECONDS = 0.02
+"""How often a consumer that has not seen its producer yet probes the producer's presence file."""
+DRAIN_POLL_FIRST_SECONDS = 0.0002
 DRAIN_POLL_MAX_SECONDS = 0.01
-"""The longest sleep of a closing producer waiting for the consumer to empty the queue."""
+"""A closing producer looks whether the consumer emptied the queue this often (doubling from the first)."""
+QUEUE_WORD = "queue"
+"""A consumer's presence file declares `queue ID`: the identity of the queue it created."""
 
 DATA, END, GARBAGE = "data", "end", "garbage"
 """What a received queue message is, as each transport's classify() says."""
@@ -81,6 +95,16 @@ DATA, END, GARBAGE = "data", "end", "garbage"
 SHARE_A_GROUP_FIX = (
     "the peer runs as another user: share a group (runAsGroup/fsGroup) and open both sides with mode=0660"
 )
+
+ADOPT_OPTION = Option(
+    "adopt",
+    parse_bool,
+    False,
+    "consumer: also take a queue that already exists (a plain producer made it), if trusted; podipc never removes it",
+)
+"""The opt-in for plain producers that create the queue before the consumer (both sides accept it)."""
+
+_CONNECTING, _READY, _ENDING, _DONE = range(4)
 
 
 def kind_of(mark: int, data: bytes, data_mark: int, end_mark: int) -> str:
@@ -100,36 +124,85 @@ def limit_option(settings: Mapping[str, Any], option: str, kernel_limit: int, so
     return value
 
 
-def permission_denied(what: str) -> ChannelUnavailable:
-    """The error for a queue another user's mode keeps us out of, with the fix."""
-    return ChannelUnavailable(f"{what}: permission denied; {SHARE_A_GROUP_FIX}")
+def permission_denied(what: str, owner: Owner | None = None) -> ChannelUnavailable:
+    """The error for a queue another user's mode keeps us out of, with its owner when known and the fix."""
+    whose = f" ({owner.text()})" if owner is not None else ""
+    return ChannelUnavailable(f"{what}{whose}: permission denied; {SHARE_A_GROUP_FIX}")
+
+
+def check_queue(trust: Trust, what: str, owner: Owner) -> None:
+    """Raise ChannelUnavailable unless a queue podipc did not create here is trusted and grants "other" nothing."""
+    trust.check(what, owner.uid, owner.gid, owner.mode, creator=owner.creator)
+    if grants_others(owner.mode):
+        raise ChannelUnavailable(
+            f"{what} lets every user of the pod in ({owner.text()}): any of them could read its messages or "
+            "forge some; podipc never uses such a queue: remove it (as its owner) and let the consumer create it "
+            "(mode=0660 shares it with a group)"
+        )
+
+
+@dataclass(frozen=True)
+class QueueIdentity:
+    """Which queue is at a channel's name or key now (the mqueue inode, the SysV msqid) and who owns it."""
+
+    ident: int
+    owner: Owner
+
+
+def queued_messages(queue: Any, errors: tuple[type[BaseException], ...]) -> int:
+    """Messages in `queue` now: 0 for None, or when asking fails with one of `errors` (the queue was removed)."""
+    if queue is None:
+        return 0
+    try:
+        return int(queue.current_messages)
+    except errors:
+        return 0
+
+
+def declared_queue(lines: list[str]) -> int | None:
+    """The queue identity a consumer's presence record declares (`declares queue ID`), None when it declares none."""
+    prefix = f"{DECLARATION} {QUEUE_WORD} "
+    for line in lines:
+        if line.startswith(prefix):
+            with contextlib.suppress(ValueError):
+                return int(line[len(prefix) :])
+    return None
 
 
 class QueueProducer(Producer):
     """Sends a stream as queue messages: finds the consumer's queue, ends the stream, waits until it is taken."""
 
+    waits_forever: ClassVar[bool] = True
     data_mark: ClassVar[int]
     """The tag (priority, mtype) of a data message."""
     end_mark: ClassVar[int]
     """The tag of the end-of-stream message (empty)."""
-    drain_poll_first_seconds: ClassVar[float] = 0.0002
-    """The first sleep of a closing producer waiting for the queue to empty (doubling up to the maximum)."""
 
+    _queue: Any = None
+    _phase = _CONNECTING
     _fast_limit = -1
-    """Largest bytes message send() hands straight to the queue; -1 until connected and after closing."""
+    """Largest message send() may hand straight to the queue (the hot path below); -1 while it may not."""
+    _send_now: Any = None
+    """The queue's own send, bound once connected: `_send_now(data, _send_flag, data_mark)` never waits."""
+    _send_flag: ClassVar[Any] = None
+    _full_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    """What `_send_now` raises on a full queue."""
+    _queue_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    """Everything the queue's library raises (and ValueError): the hot path leaves those to the checked path."""
+    _retry_at = 0.0
+    _drain_pause = DRAIN_POLL_FIRST_SECONDS
+    _consumer_state = PeerState.ABSENT
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        self._queue: Any = None
-        self._queue_send: Any = None
         try:
             _, self.max_message_size = self._limits()
-            self._presence = Presence(
-                address.token, "producer", int(self.settings["mode"]), handover_wait=float(self.settings["wait"])
-            )
+            mode = int(self.settings["mode"])
+            self._trust = Trust.for_mode(mode)
+            self._presence = Presence(address.token, "producer", mode, handover_wait=float(self.settings["wait"]))
             self._peer = PeerTracker(self._presence)
         except BaseException:
-            self._closed = True  # no unclosed warning
+            self._closed = self._freed = True  # nothing to free; no unclosed warning
             presence = getattr(self, "_presence", None)
             if presence is not None:
                 presence.close()
@@ -143,7 +216,14 @@ class QueueProducer(Producer):
 
     @abstractmethod
     def _open_existing(self) -> Any:
-        """The consumer's queue opened for sending, or None while there is none; ChannelUnavailable if refused."""
+        """The channel's queue opened for sending (non-blocking), or None while there is none.
+
+        Raises ChannelUnavailable (owner and fix) when it may not be opened.
+        """
+
+    @abstractmethod
+    def _identity(self, queue: Any) -> QueueIdentity:
+        """The identity and owner of an open queue."""
 
     @abstractmethod
     def _queue_limit(self, queue: Any) -> tuple[int, str, str]:
@@ -154,121 +234,245 @@ class QueueProducer(Producer):
         """Called once `queue` is this producer's and the consumer attached: prepare the hot path."""
 
     @abstractmethod
-    def _put(self, message: memoryview | bytes, mark: int, deadline: float | None) -> None:
-        """Put one message tagged `mark`, waiting for room until `deadline` (None: none) while the consumer lives."""
+    def _put_now(self, message: memoryview | bytes, mark: int) -> bool:
+        """Put one message tagged `mark` without waiting: False when the queue has no room (nothing was put).
 
-    @abstractmethod
+        Raises MessageTooLarge (`_too_large`) or PeerGone (the queue failed or was removed).
+        """
+
     def _queued(self) -> int:
         """Messages in the queue now; 0 once it is removed."""
+        return queued_messages(self._queue, self._queue_errors)
 
     @abstractmethod
-    def _detach(self, queue: Any) -> None:
-        """Let go of `queue` (None if never opened) and of what the hot path holds; the consumer removes the queue."""
+    def _release_queue(self, queue: Any) -> None:
+        """Let go of `queue` (None if never opened) and of what the hot path and readiness hold."""
 
     @abstractmethod
     def _queue_exists(self) -> bool:
         """True while the channel's queue exists (a dead consumer's queue keeps its presence file as evidence)."""
 
+    @abstractmethod
+    def _room_readiness(self) -> tuple[int, int, float | None]:
+        """What to wait on for room in the connected queue: (fd, poll events, None)."""
+
+    def _send_waiting(self, data: bytes | memoryview) -> bool:
+        """After `_send_now` found the queue full: wait for room and send (hook); False leaves it to the checked
+        path (nothing sent). May raise `_queue_errors` (nothing sent)."""
+        return False
+
     def _too_large(self, size: int) -> MessageTooLarge:
         """The error for a message of `size` bytes that the queue refused as too large."""
         return MessageTooLarge(size, self.max_message_size, self.max_message_source, self.max_message_fix)
 
+    # --- the hot path ---------------------------------------------------------
+
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
+
+        Raises as Producer.send does. The common case (bytes, no timeout, connected) is one call of
+        the queue's own send under the call gate, without the base class's conversions (they cost
+        a third of a 64-byte send); a full queue waits as the transport says; anything else takes
+        the checked path.
+        """
+        if timeout is None and type(data) is bytes and len(data) <= self._fast_limit:
+            token = self._token
+            try:
+                token.pop()
+            except IndexError:
+                pass  # another thread's call is inside: the checked path waits its turn
+            else:
+                try:
+                    if not self._state:
+                        try:
+                            self._send_now(data, self._send_flag, self.data_mark)
+                            return
+                        except self._full_errors:
+                            if self._send_waiting(data):
+                                return
+                except self._queue_errors:
+                    pass  # nothing was sent: the checked path translates
+                finally:
+                    token.append(None)
+                    if self._state:
+                        self._after_call()
+        Producer.send(self, data, timeout)
+
+    def _send(self, view: memoryview, deadline: float | None) -> None:
+        if deadline is None and self._fast_limit >= 0 and not self._state:
+            try:
+                self._send_now(view, self._send_flag, self.data_mark)
+                return
+            except self._full_errors:
+                try:
+                    if self._send_waiting(view):
+                        return
+                except self._queue_errors:
+                    pass  # nothing was sent: the checked path translates
+            except self._queue_errors:
+                pass  # nothing was sent: the checked path translates
+        self._send_checked(view, deadline)
+
+    def _send_checked(self, view: memoryview, deadline: float | None) -> None:
+        """Send through the attempts of the endpoint contract, waiting on readiness until `deadline` (hook)."""
+        Producer._send(self, view, deadline)
+
     # --- rendezvous --------------------------------------------------------
 
-    def _connect(self, deadline: float | None) -> None:
-        """Wait for the consumer (its presence, or a queue made by a presence-less consumer) and open the queue."""
+    def _try_connect(self) -> bool:
+        """One step of the rendezvous; True once the consumer's queue is open, trusted and this producer's."""
+        if self._queue is not None:
+            return True
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        self._retry_at = now + RENDEZVOUS_POLL_SECONDS
         presence = self._presence
-        location = self.address.location
-        while True:
-            if presence.peer_state() is not PeerState.GONE:
-                queue = self._open_existing()
-                if queue is not None:
-                    break
-            limit = self.wait_deadline if deadline is None else min(deadline, self.wait_deadline)
-            left = limit - time.monotonic()
-            if left <= 0:
-                raise PeerTimeout(
-                    f"no consumer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-                )
-            time.sleep(min(RENDEZVOUS_POLL_SECONDS, left))
+        state = self._consumer_state = presence.peer_state()
+        if state is PeerState.GONE:
+            return False  # a dead consumer's queue is stale: wait for a new consumer to replace it
+        queue = self._open_existing()
+        if queue is None:
+            return False
+        try:
+            identity = self._identity(queue)
+            check_queue(self._trust, self._queue_words(), identity.owner)
+            if state is PeerState.ALIVE:
+                declared = declared_queue(read_record(presence.peer_path, presence.trust))
+                if declared is not None and declared != identity.ident:
+                    self._release_queue(queue)  # not the live consumer's queue (yet): look again
+                    return False
+        except BaseException:
+            self._release_queue(queue)
+            raise
+        self._connect_to(queue)
+        return True
+
+    def _queue_words(self) -> str:
+        """How errors name the channel's queue."""
+        return f"the queue of {self.address.location}"
+
+    def _connect_to(self, queue: Any) -> None:
         capacity, source, fix = self._queue_limit(queue)
         if capacity < self.max_message_size:
             self.max_message_size = capacity
             self.max_message_source = source
             self.max_message_fix = fix
         self._queue = queue
-        self._queue_send = queue.send
+        self._peer_seen = True
         self._peer.attach()
         self._attached(queue)
+        self._phase = _READY
         self._fast_limit = self.max_message_size
+        self._presence.watch(self._signal_peer_lost, self._peer)
+        self._readiness_changed()
 
-    # --- sending -----------------------------------------------------------
+    def _peer_timeout(self) -> PeerTimeout:
+        location = self.address.location
+        if self._consumer_state is PeerState.GONE:
+            return PeerTimeout(
+                f"the consumer of {location} died and no consumer replaced it within the wait timeout "
+                f"(wait={self.settings['wait']:g}s); its queue waits for the next consumer (or podipc clean)"
+            )
+        return PeerTimeout(
+            f"no consumer appeared on {location} within the wait timeout (wait={self.settings['wait']:g}s); "
+            "start it, or allow longer with ?wait=SECONDS"
+        )
 
-    def _send(self, view: memoryview, deadline: float | None) -> None:
-        if self._queue is None:
-            self._connect(deadline)
-        self._put(view, self.data_mark, deadline)
+    # --- the endpoint contract ----------------------------------------------
 
-    # --- closing -----------------------------------------------------------
+    @property
+    def _sending(self) -> bool:
+        """True once connected and until the end marker is put: a failed attempt means the queue is full."""
+        return self._phase == _READY
 
-    def _close(self, deadline: float | None) -> None:
-        self._fast_limit = -1
-        if deadline is None:  # the base class always gives one; stay bounded regardless
-            deadline = time.monotonic() + float(self.settings["wait"])
-        if self._queue is None:
-            self._connect(deadline)
-        self._put(b"", self.end_mark, deadline)
-        self._wait_taken(deadline)
-        self._leave(clean=True)
+    def _try_prepare(self) -> bool:
+        return self._try_connect()
 
-    def _wait_taken(self, deadline: float) -> None:
-        """Wait until the consumer has taken every message, the end marker last: the queue is empty or removed."""
-        peer = self._peer
-        pause = self.drain_poll_first_seconds
-        next_probe = time.monotonic() + LIVENESS_SLICE_SECONDS
-        while self._queued():
-            now = time.monotonic()
-            if now >= deadline:
-                raise Timeout(f"{self.address.location}: the consumer did not take the end of stream in time")
-            if now >= next_probe:
-                next_probe = now + LIVENESS_SLICE_SECONDS
-                if peer.lost() and self._queued():
+    def _try_send(self, view: memoryview) -> bool:
+        if self._phase != _READY:
+            if self._phase != _CONNECTING:
+                raise self._closed_error()
+            if not self._try_connect():
+                return False
+        if self._peer_lost:
+            raise self._consumer_gone()
+        return self._put_now(view, self.data_mark)
+
+    def _consumer_gone(self) -> PeerGone:
+        return PeerGone(f"the consumer of {self.address.location} is gone (it died or closed before the end of stream)")
+
+    def _readiness(self) -> tuple[int, int, float | None]:
+        phase = self._phase
+        if phase == _READY:
+            return self._room_readiness()
+        if phase == _CONNECTING:
+            return -1, 0, max(0.0, self._retry_at - time.monotonic())
+        return -1, 0, self._drain_pause
+
+    def _try_close(self) -> bool:
+        if self._phase == _CONNECTING and not self._try_connect():
+            return False
+        if self._phase == _READY:
+            if self._peer_lost:
+                raise self._consumer_gone()
+            if not self._put_now(b"", self.end_mark):
+                return False
+            self._phase = _ENDING
+            self._fast_limit = -1
+            self._readiness_changed()
+        if self._phase == _ENDING:
+            if self._queued():
+                if self._peer_lost and self._queued():
                     raise PeerGone(f"the consumer of {self.address.location} left before taking the end of stream")
-            time.sleep(pause)
-            pause = min(pause * 2, DRAIN_POLL_MAX_SECONDS)
+                self._drain_pause = min(self._drain_pause * 2, DRAIN_POLL_MAX_SECONDS)
+                return False
+            self._phase = _DONE
+        return True
 
-    def _abort(self) -> None:
-        self._leave(clean=False)
-
-    def _leave(self, clean: bool) -> None:
-        """Let go of the queue (the consumer removes it) and leave the channel."""
+    def _free(self) -> None:
+        """Let go of the queue (the consumer removes it) and leave the channel: cleanly after the end of stream."""
+        self._presence.unwatch()
         self._fast_limit = -1
         queue, self._queue = self._queue, None
-        self._queue_send = None
-        self._detach(queue)
-        # A producer that never opened the queue sent nothing: it leaves as cleanly as it came.
-        self._presence.leave(clean or queue is None, self._queue_exists)
+        clean = self._phase == _DONE or queue is None  # a producer that never opened the queue sent nothing
+        self._phase = _DONE if clean else _ENDING
+        self._release_queue(queue)
+        self._presence.leave(clean, self._queue_exists)
 
 
 class QueueConsumer(Consumer):
     """Creates the channel's queue, receives data messages until the end marker, then removes the queue."""
 
+    waits_forever: ClassVar[bool] = True
     recovered: bool = False
-    """True when opening found a queue left by a dead run and replaced it."""
+    """True when opening found the queue a dead consumer of this channel left, and replaced it."""
+    adopted: bool = False
+    """True when opening took a queue that already existed (adopt=true): podipc never removes it."""
 
     _fast = False
-    """True while recv() may take messages straight from the queue: a data message came, no end yet."""
+    """True while recv() may take messages straight from the queue: data flows, nothing else is pending."""
+    _taken: tuple[int, bytes] | None = None
+    """A message the fast path took that is not data, for the next attempt."""
+    data_mark: ClassVar[int]
+    """The tag (priority, mtype) of a data message."""
+    _receive: Any = None
+    """The queue's own receive, bound at open: `_receive()` -> (body, tag); raises `_empty_errors` when it
+    finds nothing (a non-blocking mq), or returns when a message comes (a blocking msgrcv)."""
+    _empty_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    _queue_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    """Everything the queue's library raises: the hot path leaves those to the checked path."""
+    _end_seen = False
+    _next_peer_probe = 0.0
+    _presence: Presence | None = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        self._taken: tuple[int, bytes] | None = None
-        self._messages_seen = False
         try:
             self._queue = self._open(address.token)
         except BaseException:
-            self._closed = True  # nothing to free; no unclosed warning
+            self._closed = self._freed = True  # nothing to free; no unclosed warning
             raise
-        self._receive = self._queue.receive
 
     # --- hooks -------------------------------------------------------------
 
@@ -277,127 +481,269 @@ class QueueConsumer(Consumer):
         """(queue capacity, max_message_size) from the settings, refused with the fix above the kernel's limits."""
 
     @abstractmethod
-    def _remove_stale(self) -> bool:
-        """Remove the queue a run whose side died left behind; True if there was one."""
-
-    @abstractmethod
     def _create_queue(self, capacity: int, mode: int) -> Any:
-        """Create the queue exclusively with `capacity` and `mode`; None when it already exists."""
+        """Create the queue exclusively with `capacity` and `mode`, non-blocking; None when it already exists."""
 
     @abstractmethod
-    def _adopt_queue(self, capacity: int, mode: int) -> Any:
-        """Open the queue that already exists (a presence-less producer made it), creating it if it went away."""
+    def _inspect_existing(self) -> QueueIdentity | None:
+        """The identity and owner of the queue at the channel's name or key now; None when there is none.
+
+        Raises ChannelUnavailable (with its owner when known) when it cannot even be looked at.
+        """
+
+    @abstractmethod
+    def _remove_found(self, found: QueueIdentity) -> None:
+        """Remove the queue `found` (a dead consumer's), only if it is still the one at the name or key."""
+
+    @abstractmethod
+    def _adopt_queue(self, found: QueueIdentity) -> Any:
+        """Open the existing queue `found` for receiving (non-blocking); ChannelUnavailable if it changed meanwhile."""
+
+    @abstractmethod
+    def _identity(self, queue: Any) -> QueueIdentity:
+        """The identity and owner of an open queue."""
 
     @abstractmethod
     def _object_record(self) -> tuple[str, str]:
         """The queue as presence.record() notes it for `podipc clean`: (kind, name)."""
 
     @abstractmethod
-    def _discard(self, queue: Any) -> None:
-        """Let go of `queue` when claiming the presence failed after it was opened."""
+    def _take_now(self) -> tuple[int, bytes] | None:
+        """Take the next queue message without waiting: (tag, body), or None when there is none now."""
 
     @abstractmethod
-    def _receive_slowly(self, deadline: float | None, mark: int, data: bytes) -> bytes:
-        """Receive until a data message, waiting until `deadline` while the producer lives.
+    def _classify(self, mark: int, data: bytes) -> str:
+        """DATA, END, GARBAGE, or a transport's own kind (skipped, not counted)."""
 
-        `mark` and `data`: a message the fast path already took that was not data (mark -1: none).
-        Each message taken goes through `_is_data()`; a wait that brings nothing ends in `_check_producer()`.
-        """
-
-    @abstractmethod
     def _queued(self) -> int:
         """Messages in the queue now; 0 once it is removed."""
+        return queued_messages(self._queue, self._queue_errors)
 
     @abstractmethod
     def _destroy(self, queue: Any) -> None:
-        """Remove `queue` and let go of it (and of anything that watches it)."""
+        """Remove `queue` (ours) if it is still the one at the name or key, and let go of it."""
+
+    @abstractmethod
+    def _close_queue(self, queue: Any) -> None:
+        """Let go of `queue` without removing it (an adopted queue)."""
+
+    def _receive_more(self, mark: int, data: bytes) -> bytes | None:
+        """Go on after `_receive()` gave (`data`, `mark`) that was not data (mark -1: it gave nothing, or was
+        interrupted): wait and receive until a data message, which it returns (hook).
+
+        None leaves the rest to the checked path: closing, peer lost (`_state`), or a message that is not
+        data, kept in `_taken` with `_fast` cleared. May raise `_queue_errors` (nothing taken).
+        """
+        if mark >= 0:
+            self._taken = (mark, data)
+            self._fast = False
+        return None
+
+    def _idle(self) -> None:
+        """Called when an attempt found nothing: prepare readiness for the wait that may follow (hook)."""
+
+    def _stop_helpers(self) -> None:
+        """Stop what watches the queue for this side (hook), before the queue is removed or closed."""
 
     # --- opening -----------------------------------------------------------
 
     def _open(self, token: str) -> Any:
-        """Check limits, create the queue, then claim the consumer's presence."""
+        """Check limits, take a queue (see the module docstring), then claim the consumer's presence."""
         capacity, self.max_message_size = self._limits()
         mode = int(self.settings["mode"])
-        if probe(presence_path(token, "consumer"), Trust.for_mode(mode)) is PeerState.ALIVE:
+        trust = Trust.for_mode(mode)
+        path = presence_path(token, "consumer")
+        state = probe(path, trust)
+        if state is PeerState.ALIVE:
             raise ChannelUnavailable(
                 f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer"
             )
-        queue = self._open_queue(token, capacity, mode)
+        left = self._left_by_dead_consumer(path, trust) if state is PeerState.GONE else None
+        queue = self._open_queue(capacity, mode, trust, left)
+        presence = None
         try:
-            self._presence = Presence(
+            presence = Presence(
                 token, "consumer", mode, handover_wait=float(self.settings["wait"]), channel=self.address.location
             )
-            self._presence.record(*self._object_record())
-            self._peer = PeerTracker(self._presence)
+            if not self.adopted:
+                presence.record(*self._object_record())
+                presence.declare(f"{QUEUE_WORD} {self._identity(queue).ident}")
+            self._presence = presence
+            self._peer = PeerTracker(presence)
+            presence.watch(self._signal_peer_lost, self._peer)
         except BaseException:
-            self._discard(queue)
+            if presence is not None:
+                presence.close()
+            self._let_go(queue)
             raise
         return queue
 
-    def _open_queue(self, token: str, capacity: int, mode: int) -> Any:
-        """Create the queue, first removing one left behind by a run whose side died."""
-        trust = Trust.for_mode(mode)
-        states = (probe(presence_path(token, "producer"), trust), probe(presence_path(token, "consumer"), trust))
-        if PeerState.GONE in states and self._remove_stale():
-            self.recovered = True
+    def _left_by_dead_consumer(self, path: str, trust: Trust) -> tuple[int, int] | None:
+        """(queue identity, owner uid) that a dead consumer of this channel recorded, None when nothing proves one."""
+        fd = open_presence(path, trust)
+        if fd is None:
+            return None
+        try:
+            if lock_state(fd) is not PeerState.GONE:
+                return None
+            owner = os.fstat(fd).st_uid
+            lines = os.pread(fd, RECORD_LIMIT_BYTES, 0).decode("utf-8", "replace").splitlines()
+        finally:
+            os.close(fd)
+        kind, name = self._object_record()
+        if f"{CHANNEL} {self.address.location}" not in lines or f"{kind} {name}" not in lines:
+            return None
+        ident = declared_queue(lines)
+        return None if ident is None else (ident, owner)
+
+    def _open_queue(self, capacity: int, mode: int, trust: Trust, left: tuple[int, int] | None) -> Any:
+        """Create the queue; or replace a dead consumer's; or adopt one (adopt=true); else refuse."""
         queue = self._create_queue(capacity, mode)
-        if queue is None:
-            # a presence-less producer (a plain script) made it first: use it as it is
-            queue = self._adopt_queue(capacity, mode)
-        return queue
+        if queue is not None:
+            return queue
+        found = self._inspect_existing()
+        if found is None:  # it went away meanwhile
+            queue = self._create_queue(capacity, mode)
+            if queue is not None:
+                return queue
+            found = self._inspect_existing()
+            if found is None:
+                raise ChannelUnavailable(
+                    f"{self._queue_words()} keeps appearing and vanishing; is another consumer starting?"
+                )
+        if left is not None and (found.ident, found.owner.uid) == left:
+            self._remove_found(found)
+            queue = self._create_queue(capacity, mode)
+            if queue is None:
+                raise ChannelUnavailable(
+                    f"{self._queue_words()} was created again while podipc replaced a dead consumer's queue; "
+                    "is another consumer starting?"
+                )
+            self.recovered = True
+            return queue
+        if self.settings["adopt"]:
+            check_queue(trust, self._queue_words(), found.owner)
+            queue = self._adopt_queue(found)
+            self.adopted = True
+            return queue
+        raise ChannelUnavailable(
+            f"{self._queue_words()} already exists ({found.owner.text()}) and podipc cannot tell that it made it "
+            f"for this channel, so it neither consumes from it nor removes it: remove it (as its owner; `podipc "
+            f"clean` removes what a dead podipc consumer left), use another name, or, to consume a queue a plain "
+            f"producer created, add adopt=true"
+        )
+
+    def _queue_words(self) -> str:
+        """How errors name the channel's queue."""
+        return f"the queue of {self.address.location}"
+
+    def _let_go(self, queue: Any) -> None:
+        """Remove a queue this side created, or close an adopted one."""
+        self._stop_helpers()
+        if self.adopted:
+            self._close_queue(queue)
+        else:
+            self._destroy(queue)
 
     # --- receiving ---------------------------------------------------------
 
+    def recv(self, timeout: float | None = None) -> bytes:
+        """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
+
+        Raises as Consumer.recv does. The common case (no timeout, data flowing) is one call of the
+        queue's own receive under the call gate, without the base class's layers; waiting is the
+        transport's (`_receive_more`); anything else takes the checked path.
+        """
+        if timeout is None and self._fast:
+            token = self._token
+            try:
+                token.pop()
+            except IndexError:
+                pass  # another thread's call is inside: the checked path waits its turn
+            else:
+                try:
+                    if not self._state:
+                        try:
+                            data, mark = self._receive()
+                        except self._empty_errors:
+                            data, mark = b"", -1
+                        if mark == self.data_mark:
+                            return data  # type: ignore[no-any-return]
+                        message = self._receive_more(mark, data)
+                        if message is not None:
+                            return message
+                except self._queue_errors:
+                    pass  # nothing was taken: the checked path translates
+                finally:
+                    token.append(None)
+                    if self._state:
+                        self._after_call()
+        return Consumer.recv(self, timeout)
+
     def _recv(self, deadline: float | None) -> bytes:
+        if deadline is None and self._fast and not self._state:
+            try:
+                message = self._receive_more(-1, b"")
+            except self._queue_errors:
+                message = None  # nothing was taken: the checked path translates
+            if message is not None:
+                return message
+        return Consumer._recv(self, deadline)
+
+    def _try_recv(self) -> bytes | None:
         taken, self._taken = self._taken, None
-        mark, data = taken if taken is not None else (-1, b"")
-        data = self._receive_slowly(deadline, mark, data)
-        self._messages_seen = self._fast = True
-        return data
+        classify = self._classify
+        while True:
+            if taken is None:
+                taken = self._take_now()
+                if taken is None:
+                    self._nothing_now()
+                    return None
+            mark, data = taken
+            taken = None
+            kind = classify(mark, data)
+            if kind is DATA:
+                self._peer_seen = True
+                self._fast = True
+                return data
+            if kind is END:
+                self._end_seen = True
+                self._free_once()
+                raise EndOfStream(f"{self.address.location}: the producer ended the stream")
+            if kind is GARBAGE:
+                self.skipped += 1
 
-    def _is_data(self, kind: str) -> bool:
-        """Account for a message the slow path took: True for data; EndOfStream at the end marker; counts garbage."""
-        if kind is DATA:
-            return True
-        if kind is END:
-            self._release(clean=True)
-            raise EndOfStream(f"{self.address.location}: the producer ended the stream")
-        if kind is GARBAGE:
-            self.skipped += 1
-        return False
-
-    def _check_producer(self, deadline: float | None) -> None:
-        """After a wait that brought nothing: PeerGone, PeerTimeout or Timeout when due."""
-        peer = self._peer
-        location = self.address.location
-        if peer.lost():
-            if self._queued() == 0:
-                # a clean producer puts the end marker in before it leaves, so an empty queue means it died
-                raise PeerGone(f"the producer of {location} is gone (it died or closed without ending the stream)")
-        elif peer.state is not PeerState.ALIVE and not self._messages_seen and time.monotonic() >= self.wait_deadline:
-            raise PeerTimeout(
-                f"no producer appeared on {location} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
+    def _nothing_now(self) -> None:
+        """The queue is empty now: PeerGone once the producer is lost; note a producer that appeared."""
+        if self._peer_lost:
+            # a clean producer puts the end marker in before it leaves, so an empty queue means it died
+            raise PeerGone(
+                f"the producer of {self.address.location} is gone (it died or closed without ending the stream)"
             )
-        if deadline is not None and time.monotonic() >= deadline:
-            raise self._timed_out()
+        if not self._peer_seen:
+            self._look_for_producer()
+        self._fast = False
+        self._idle()
 
-    def _timed_out(self) -> Timeout:
-        """The error of a receive whose timeout passed: PeerTimeout while no producer ever appeared."""
-        location = self.address.location
-        if not self._peer.presence.peer_seen and not self._messages_seen:
-            return PeerTimeout(f"no producer appeared on {location} within the timeout")
-        return Timeout(f"{location}: no message within the timeout")
+    def _look_for_producer(self) -> None:
+        """Set `_peer_seen` once the producer's presence is alive (probed at most every PEER_PROBE_SECONDS)."""
+        presence = self._presence
+        assert presence is not None
+        now = time.monotonic()
+        if presence.peer_seen or (now >= self._next_peer_probe and presence.peer_state() is PeerState.ALIVE):
+            self._peer_seen = True
+        self._next_peer_probe = now + PEER_PROBE_SECONDS
 
     # --- closing -----------------------------------------------------------
 
-    def _release(self, clean: bool) -> None:
-        """Remove the queue and leave; `clean`: at the end of stream."""
+    def _free(self) -> None:
+        """Remove the queue (unless adopted) and leave: cleanly after the end of stream."""
         self._fast = False
+        presence = self._presence
+        if presence is not None:
+            presence.unwatch()
         queue, self._queue = self._queue, None
-        if queue is None:
-            return
-        self._destroy(queue)
-        self._presence.leave(clean, lambda: False)
-
-    def _close(self) -> None:
-        self._release(clean=False)
+        if queue is not None:
+            self._let_go(queue)
+        if presence is not None:
+            presence.leave(self._end_seen, lambda: False)

@@ -91,7 +91,7 @@ class Capability(enum.Enum):
     DATA_IN_DEV_SHM = "messages in /dev/shm"
     """Messages live in /dev/shm: memory-backed is fast, and its size bounds the largest message."""
     READINESS_FD = "readiness fd"
-    """Endpoints expose fileno() for selectors and event loops (a descriptor of their own, no helper thread)."""
+    """Endpoints expose fileno() for selectors and event loops from a descriptor of the kernel object or the transport (no helper thread per message)."""
 
 
 @dataclass(frozen=True)

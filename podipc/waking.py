@@ -47,6 +47,11 @@ class Waker:
         if fd >= 0:
             os.close(fd)
 
+    def __del__(self) -> None:
+        # the endpoint keeps its waker for its whole life (a closer on another thread may still wake it),
+        # so the eventfd goes with the endpoint; without this every endpoint that ever waited leaked one
+        self.close()
+
 
 def wait_for(fd: int, events: int, waker_fd: int, seconds: float | None) -> bool:
     """Wait until `fd` has one of `events`, the waker is woken, or `seconds` pass (None: no limit).

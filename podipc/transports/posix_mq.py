@@ -2,9 +2,11 @@
 
 Address:
     mq:///NAME                the queue /NAME (1-254 characters from A-Z a-z 0-9 . _ -)
-    options: wait=SECONDS (peer rendezvous, default 30), mode=0600 (queue and presence files),
+    options: wait=SECONDS (peer rendezvous, default 30; none/inf: forever), mode=0600 (queue and
+             presence files; 0660 shares them with a group; "other" bits are refused),
              depth=N (messages the queue holds, default /proc/sys/fs/mqueue/msg_max),
-             max_message_size=BYTES (default /proc/sys/fs/mqueue/msgsize_max)
+             max_message_size=BYTES (default /proc/sys/fs/mqueue/msgsize_max),
+             adopt=true (consumer: also take a queue a plain producer created first; see below)
 
 Requires:
     posix_ipc; a kernel with POSIX message queues (every Linux). Mounting the mqueue
@@ -12,7 +14,7 @@ Requires:
 
 Semantics:
     One podipc message is one queue message: boundaries and order are kept, nothing is
-    lost (a full queue blocks the producer). There is no header, so a plain posix_ipc
+    lost (a full queue makes the producer wait). There is no header, so a plain posix_ipc
     script can be a peer (docs/wire/mq.md): data messages have priority 1, the end of
     stream is an empty message of priority 0, which the kernel delivers after every
     priority-1 message. Zero-length data messages (priority 1) are valid data.
@@ -27,33 +29,49 @@ Semantics:
     `depth` is capped by /proc/sys/fs/mqueue/msg_max (10 in a pod); the queue's memory
     (depth x max_message_size) counts against RLIMIT_MSGQUEUE (819200 bytes per user).
 
-    Creates and unlinks: the consumer creates the queue (mode `mode`, 0600 by default)
-    and unlinks it when the stream ends or it closes. The producer opens the queue only
-    once the consumer is there (its presence file, or the queue itself for a consumer
-    that holds no presence), so it never creates a queue nobody will remove. A queue
-    left by a SIGKILLed run (a presence file whose holder died) is unlinked and
-    recreated by the next consumer. depth and max_message_size are applied by the
-    consumer; a producer takes the queue as it finds it (its max_message_size drops to
-    the queue's when that is smaller).
+    Creates and unlinks: the consumer creates the queue exclusively (mode `mode`, 0600 by
+    default) and unlinks it when the stream ends or it closes. It never consumes from or
+    unlinks a queue it cannot prove it created for this channel: one that exists already is
+    refused (ChannelUnavailable naming its owner), unless it is the queue a dead podipc
+    consumer of this channel left (its presence file records the queue and declares its
+    inode, and both have the same owner: unlinked and created again, `recovered`), or the
+    consumer was opened with adopt=true (the queue a plain producer created first: used when
+    it is ours, or our group's with mode=0660, and grants nothing to other users; never
+    unlinked by podipc, `adopted`). The producer opens the queue only once the consumer is
+    there (its presence file, and the queue it declares; or, for a consumer that holds no
+    presence, the queue itself), checked the same way, so it never sends into a queue
+    another user made or could read. depth and max_message_size are applied by the consumer;
+    a producer takes the queue as it finds it (its max_message_size drops to the queue's when
+    that is smaller).
 
-    Liveness: a queue cannot tell a dead peer, so both sides hold a
-    podipc.presence.Presence file in /dev/shm and blocked calls wait in slices of 0.25 s,
-    probing it between slices: a killed peer raises PeerGone within about 0.3 s.
-    `Producer.close()` puts the end marker and waits until the queue is empty, that
-    is until the consumer has taken every message and the marker.
-    An abort (or a consumer's close before the end marker) while the peer lives leaves
-    the presence file unlocked, as a crash would, so the peer raises PeerGone even if it
-    never saw this side alive; the survivor removes that file when it finishes.
+    Waiting and readiness: both sides use non-blocking descriptors and wait with poll() on
+    the queue's descriptor (a Linux mqd is a file descriptor: readable when a message waits,
+    writable when there is room) and the endpoint's waker, so close()/abort() from any
+    thread or a signal handler wakes a blocked call at once, a signal handler runs during
+    a wait (one that raises gets through; posix_ipc's own blocking calls would swallow
+    that), and fileno() and podipc.aio use the mqd itself: no helper thread. Peer death:
+    the process's peer-death monitor (podipc.presence) probes the peer's presence file
+    every 0.2 s and wakes the endpoint: a consumer hands out what is still queued, then
+    raises PeerGone; a producer raises PeerGone. `Producer.close()` puts the end marker,
+    then waits until the queue is empty (the consumer took every message and the marker).
+    An abort (or a consumer's close before the end marker) while the peer lives leaves the
+    presence file unlocked, as a crash would, so the peer raises PeerGone even if it never
+    saw this side alive; the survivor removes that file when it finishes.
+
+    Threads: producers and consumers may be shared by threads (one call at a time per side,
+    podipc.channel); fork: an inherited endpoint refuses use, its close() only closes the
+    child's descriptors.
 
     Code: the endpoints are podipc.queue's QueueProducer and QueueConsumer (what mq:// and
-    sysvmq:// share); this module says how a POSIX queue is opened, created, waited on and
-    removed, and keeps its own hot paths (send and recv with no timeout).
+    sysvmq:// share); this module says how a POSIX queue is opened, created, checked, waited
+    on and removed, and keeps its own hot paths (send and recv with no timeout).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -61,11 +79,19 @@ from typing import Any, ClassVar
 import posix_ipc
 
 from podipc.address import Address
-from podipc.channel import Option, parse_count, parse_size, remaining
-from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, Timeout
+from podipc.channel import Option, parse_count, parse_size
+from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError
 from podipc.ownership import Owner
 from podipc.proc import read_int_or
-from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
+from podipc.queue import (
+    ADOPT_OPTION,
+    QueueConsumer,
+    QueueIdentity,
+    QueueProducer,
+    kind_of,
+    limit_option,
+    permission_denied,
+)
 from podipc.transport import (
     AddressForm,
     Capability,
@@ -76,9 +102,11 @@ from podipc.transport import (
     ResourceLimit,
     Transport,
 )
+from podipc.waking import POLLIN, POLLOUT
 
 MSG_MAX_PATH = "/proc/sys/fs/mqueue/msg_max"
 MSGSIZE_MAX_PATH = "/proc/sys/fs/mqueue/msgsize_max"
+MQUEUE_MOUNT = "/dev/mqueue"
 
 DATA_PRIORITY = 1
 END_PRIORITY = 0
@@ -96,6 +124,11 @@ MQUEUE_FIX = (
 ULIMIT_FIX = (
     "raise the runtime's default ulimit msgqueue (podman --ulimit msgqueue=N, containerd/CRI-O default_ulimits), "
     "or open queues with a smaller depth"
+)
+OPTIONS = (
+    Option("depth", parse_count, None, "messages the queue holds (default /proc/sys/fs/mqueue/msg_max)"),
+    Option("max_message_size", parse_size, None, "largest message in bytes (default msgsize_max)"),
+    ADOPT_OPTION,
 )
 
 
@@ -145,9 +178,9 @@ def _check_limits(settings: Mapping[str, Any]) -> tuple[int, int]:
     return limit_option(settings, "depth", host_max_depth(), MSG_MAX_PATH, DEPTH_FIX), size
 
 
-def _unavailable(what: str, exc: BaseException) -> PodIPCError:
+def _unavailable(what: str, exc: BaseException, name: str = "") -> PodIPCError:
     if isinstance(exc, posix_ipc.PermissionsError):
-        return permission_denied(what)
+        return permission_denied(what, _owner_by_name(name) if name else None)
     if isinstance(exc, ValueError):
         return ChannelUnavailable(f"{what}: the kernel refused the queue attributes ({exc}); {SIZE_FIX}")
     if isinstance(exc, OSError):
@@ -155,159 +188,191 @@ def _unavailable(what: str, exc: BaseException) -> PodIPCError:
     return ChannelUnavailable(f"{what}: {exc}")
 
 
-def _open_nowait(name: str) -> Any:
-    """A second, non-blocking descriptor of an existing queue, for the hot paths."""
+def _owner_by_name(name: str) -> Owner | None:
+    """Who owns the queue `name`, from /dev/mqueue when it is mounted (a queue we may not open); None if unknown."""
     try:
-        queue = posix_ipc.MessageQueue(name, 0)
+        return Owner.of_status(os.lstat(MQUEUE_MOUNT + name))
+    except OSError:
+        return None
+
+
+def _identity(queue: Any) -> QueueIdentity:
+    status = os.fstat(queue.mqd)
+    return QueueIdentity(status.st_ino, Owner.of_status(status))
+
+
+def _open(name: str, *, read: bool = True, write: bool = True) -> Any:
+    """Open the existing queue `name` non-blocking; None when there is none; ChannelUnavailable when refused."""
+    try:
+        queue = posix_ipc.MessageQueue(name, 0, read=read, write=write)
+    except posix_ipc.ExistentialError:
+        return None
     except (posix_ipc.Error, OSError, ValueError) as exc:
-        raise _unavailable(f"cannot open the queue {name}", exc) from exc
+        raise _unavailable(f"cannot open the queue {name}", exc, name) from exc
     queue.block = False
     return queue
 
 
 def _queue_exists(name: str) -> bool:
     try:
-        posix_ipc.MessageQueue(name, 0).close()
-    except (posix_ipc.Error, OSError):
+        posix_ipc.MessageQueue(name, 0, write=False).close()
+    except posix_ipc.ExistentialError:
         return False
+    except (posix_ipc.Error, OSError, ValueError):
+        return True
     return True
 
 
-def _unlink_quietly(name: str) -> None:
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_message_queue(name)
+def _unlink_if_same(name: str, ident: int) -> None:
+    """Unlink the queue `name` if it is still the queue of inode `ident` (never a queue put there since)."""
+    try:
+        queue = posix_ipc.MessageQueue(name, 0, write=False)
+    except (posix_ipc.Error, OSError, ValueError):
+        return
+    try:
+        if os.fstat(queue.mqd).st_ino == ident:
+            with contextlib.suppress(posix_ipc.ExistentialError):
+                posix_ipc.unlink_message_queue(name)
+    finally:
+        queue.close()
+
+
+def _close_quietly(queue: Any) -> None:
+    if queue is not None:
+        with contextlib.suppress(posix_ipc.Error, OSError):
+            queue.close()
 
 
 class PosixMQProducer(QueueProducer):
     """Sends each message as one priority-1 message on the POSIX queue /NAME."""
 
-    options: ClassVar[tuple[Option, ...]] = (
-        Option("depth", parse_count, None, "messages the queue holds (default /proc/sys/fs/mqueue/msg_max)"),
-        Option("max_message_size", parse_size, None, "largest message in bytes (default msgsize_max)"),
-    )
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
     max_message_source = MSGSIZE_MAX_PATH
     max_message_fix = SIZE_FIX
     data_mark = DATA_PRIORITY
     end_mark = END_PRIORITY
+    _send_flag = None  # no timeout: the descriptor is non-blocking
+    _full_errors = (posix_ipc.BusyError,)
+    _queue_errors = (posix_ipc.Error, OSError, ValueError)
 
-    _nowait_queue: Any = None
-    _send_now: Any = None
+    _mqd = -1
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.name = queue_name(address)
         super().__init__(address, settings)
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit).
-
-        The common case (bytes or bytearray, no timeout, connected, room in the queue) is one
-        mq_send on a second, non-blocking descriptor: no checks of the base class, no timeout to
-        convert; a full queue falls back to the checked path, which waits in timed slices.
-        """
-        if timeout is None and (type(data) is bytes or type(data) is bytearray) and len(data) <= self._fast_limit:
+    def _send_waiting(self, data: bytes | memoryview) -> bool:
+        """The queue was full: wait in poll() for room (or the waker), then send."""
+        send = self._send_now
+        wait = self._poller.poll
+        while True:
+            wait()
+            if self._state:
+                return False  # closing, or the consumer was lost: the checked path decides
             try:
-                self._send_now(data, None, DATA_PRIORITY)
-                return
-            except (posix_ipc.Error, OSError, ValueError):
-                pass  # the checked path below retries and translates
-        super().send(data, timeout)
+                send(data, None, DATA_PRIORITY)
+                return True
+            except posix_ipc.BusyError:
+                pass  # another producer of the queue was faster (or a spurious wake)
 
     def _limits(self) -> tuple[int, int]:
         return _check_limits(self.settings)
 
     def _open_existing(self) -> Any:
-        try:
-            return posix_ipc.MessageQueue(self.name, 0)
-        except posix_ipc.ExistentialError:
-            return None
-        except (posix_ipc.Error, OSError, ValueError) as exc:
-            raise _unavailable(f"cannot open the queue {self.name}", exc) from exc
+        return _open(self.name, read=False)
+
+    def _identity(self, queue: Any) -> QueueIdentity:
+        return _identity(queue)
+
+    def _queue_words(self) -> str:
+        return f"the queue {self.name} of {self.address.location}"
 
     def _queue_limit(self, queue: Any) -> tuple[int, str, str]:
         source = f"the max_message_size of the queue {self.name} (set by the consumer)"
         return queue.max_message_size, source, "open the consumer with a larger max_message_size="
 
     def _attached(self, queue: Any) -> None:
-        self._nowait_queue = _open_nowait(self.name)
-        self._send_now = self._nowait_queue.send
+        self._send_now = queue.send
+        self._mqd = queue.mqd
+        # the blocking send waits for room and the waker together: one poll object, kept
+        self._poller = select.poll()
+        self._poller.register(self._mqd, POLLOUT)
+        self._poller.register(self._waker_fd(), POLLIN)
 
-    def _put(self, message: memoryview | bytes, mark: int, deadline: float | None) -> None:
-        """Send, waiting for room in slices of 0.25 s, probing the consumer between them."""
-        send = self._queue_send
-        peer = self._peer
-        location = self.address.location
-        while True:
-            left = (
-                LIVENESS_SLICE_SECONDS if deadline is None else min(LIVENESS_SLICE_SECONDS, remaining(deadline) or 0.0)
-            )
-            try:
-                send(message, left, mark)
-                return
-            except posix_ipc.BusyError:
-                pass
-            except ValueError as exc:
-                raise self._too_large(memoryview(message).nbytes) from exc
-            except (posix_ipc.Error, OSError) as exc:
-                raise PeerGone(f"the queue of {location} failed: {exc}") from exc
-            if peer.lost():
-                raise PeerGone(f"the consumer of {location} is gone (it died or closed before the end of stream)")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Timeout(f"{location}: the queue stayed full (the consumer is not keeping up)")
+    def _put_now(self, message: memoryview | bytes, mark: int) -> bool:
+        try:
+            self._send_now(message, None, mark)
+        except posix_ipc.BusyError:
+            return False
+        except ValueError as exc:
+            raise self._too_large(memoryview(message).nbytes) from exc
+        except (posix_ipc.Error, OSError) as exc:
+            raise PeerGone(f"the queue of {self.address.location} failed: {exc}") from exc
+        return True
 
-    def _queued(self) -> int:
-        return int(self._queue.current_messages)
+    def _room_readiness(self) -> tuple[int, int, float | None]:
+        return self._mqd, POLLOUT, None
 
-    def _detach(self, queue: Any) -> None:
-        """Close the queue's descriptors."""
+    def _release_queue(self, queue: Any) -> None:
         self._send_now = None
-        if queue is not None:
-            queue.close()
-        nowait, self._nowait_queue = self._nowait_queue, None
-        if nowait is not None:
-            nowait.close()
+        self._mqd = -1
+        _close_quietly(queue)
 
     def _queue_exists(self) -> bool:
         return _queue_exists(self.name)
+
+    def _drop_inherited(self) -> None:
+        queue, self._queue = self._queue, None
+        self._fast_limit = -1
+        _close_quietly(queue)  # mq_close of the child's descriptor: the parent's stays open
+        self._freed = True
 
 
 class PosixMQConsumer(QueueConsumer):
     """Creates the POSIX queue /NAME and receives priority-1 messages until the end marker."""
 
-    options: ClassVar[tuple[Option, ...]] = PosixMQProducer.options
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
     max_message_source = MSGSIZE_MAX_PATH
     max_message_fix = SIZE_FIX
+    data_mark = DATA_PRIORITY
+    _empty_errors = (posix_ipc.BusyError,)
+    _queue_errors = (posix_ipc.Error, OSError)
+
+    _mqd = -1
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.name = queue_name(address)
         super().__init__(address, settings)
+        self._receive = self._queue.receive
+        self._mqd = self._queue.mqd
+        # the blocking recv() waits on the queue and the waker together: one poll object, kept
+        self._poller = select.poll()
+        self._poller.register(self._mqd, POLLIN)
+        self._poller.register(self._waker_fd(), POLLIN)
 
-    def recv(self, timeout: float | None = None) -> bytes:
-        """Receive the next message; raise EndOfStream after the last one, Timeout after `timeout` seconds.
-
-        The common case (no timeout, a data message within the slice) is one
-        mq_timedreceive; anything else takes the checked path of the base class. (Trying a
-        non-blocking receive first was measured slower on round trips: the two processes
-        often share a core, so even the work before blocking delays the reply.)
-        """
-        if timeout is None and self._fast:
+    def _receive_more(self, mark: int, data: bytes) -> bytes | None:
+        """After a receive found the queue empty (mark -1): wait in poll() for a message (or the waker), take it."""
+        if mark >= 0:
+            return QueueConsumer._receive_more(self, mark, data)
+        receive = self._receive
+        wait = self._poller.poll
+        while True:
+            wait()  # returns at once when a message is there
+            if self._state:
+                return None  # closing, or the producer was lost: the checked path decides
             try:
-                data, priority = self._receive(LIVENESS_SLICE_SECONDS)
-            except (posix_ipc.Error, OSError):
-                return super().recv(None)  # nothing was taken: the checked path waits and translates
+                data, priority = receive()
+            except posix_ipc.BusyError:
+                continue  # another reader of the queue was faster (or a spurious wake)
             if priority == DATA_PRIORITY:
-                return data  # type: ignore[no-any-return]
-            self._taken = (priority, data)
-        return super().recv(timeout)
+                return data
+            return QueueConsumer._receive_more(self, priority, data)
 
     def _limits(self) -> tuple[int, int]:
         return _check_limits(self.settings)
 
-    def _remove_stale(self) -> bool:
-        try:
-            posix_ipc.unlink_message_queue(self.name)
-        except posix_ipc.ExistentialError:
-            return False
-        return True
+    def _queue_words(self) -> str:
+        return f"the queue {self.name} of {self.address.location}"
 
     def _create_queue(self, capacity: int, mode: int) -> Any:
         try:
@@ -316,47 +381,85 @@ class PosixMQConsumer(QueueConsumer):
             return None
         except (posix_ipc.Error, OSError, ValueError) as exc:
             raise _unavailable(f"cannot create the queue {self.name}", exc) from exc
-        os.fchmod(queue.mqd, mode)  # mq_open applies the umask; the option says the mode
+        try:
+            os.fchmod(queue.mqd, mode)  # mq_open applies the umask; the option says the mode
+            queue.block = False
+        except BaseException:
+            with contextlib.suppress(posix_ipc.Error):
+                queue.unlink()
+            queue.close()
+            raise
         return queue
 
-    def _adopt_queue(self, capacity: int, mode: int) -> Any:
+    def _inspect_existing(self) -> QueueIdentity | None:
         try:
-            queue = posix_ipc.MessageQueue(self.name, posix_ipc.O_CREAT, mode, capacity, self.max_message_size)
+            queue = posix_ipc.MessageQueue(self.name, 0, read=True, write=False)
+        except posix_ipc.ExistentialError:
+            return None
+        except posix_ipc.PermissionsError as exc:
+            owner = _owner_by_name(self.name)
+            whose = owner.text() if owner is not None else "another user's: we may not even open it"
+            raise ChannelUnavailable(
+                f"{self._queue_words()} already exists ({whose}); podipc neither consumes from it nor removes it: "
+                "remove it (as its owner) or use another name"
+            ) from exc
         except (posix_ipc.Error, OSError, ValueError) as exc:
-            raise _unavailable(f"cannot create the queue {self.name}", exc) from exc
-        self.max_message_size = queue.max_message_size
+            raise _unavailable(f"cannot open the queue {self.name}", exc, self.name) from exc
+        try:
+            return _identity(queue)
+        finally:
+            queue.close()
+
+    def _remove_found(self, found: QueueIdentity) -> None:
+        try:
+            _unlink_if_same(self.name, found.ident)
+        except posix_ipc.PermissionsError as exc:
+            raise ChannelUnavailable(
+                f"cannot remove the queue {self.name} a dead consumer of {self.address.location} left "
+                f"({found.owner.text()}): {exc}; run `podipc clean` as its owner"
+            ) from exc
+
+    def _adopt_queue(self, found: QueueIdentity) -> Any:
+        queue = _open(self.name)
+        if queue is None or _identity(queue).ident != found.ident:
+            _close_quietly(queue)
+            raise ChannelUnavailable(f"{self._queue_words()} was replaced while podipc opened it; try again")
+        self.max_message_size = int(queue.max_message_size)
         return queue
+
+    def _identity(self, queue: Any) -> QueueIdentity:
+        return _identity(queue)
 
     def _object_record(self) -> tuple[str, str]:
         return "posix_mq", self.name
 
-    def _discard(self, queue: Any) -> None:
-        queue.close()
+    def _take_now(self) -> tuple[int, bytes] | None:
+        try:
+            data, priority = self._receive()
+        except posix_ipc.BusyError:
+            return None
+        except (posix_ipc.Error, OSError) as exc:
+            raise PeerGone(f"the queue of {self.address.location} failed: {exc}") from exc
+        return priority, data
 
-    def _receive_slowly(self, deadline: float | None, mark: int, data: bytes) -> bytes:
-        """Receive in slices of 0.25 s, probing the producer between them; skip garbage; end at the marker."""
-        receive = self._receive
-        priority = mark
-        while True:
-            if priority >= 0 and self._is_data(classify(priority, data)):
-                return data
-            left = (
-                LIVENESS_SLICE_SECONDS if deadline is None else min(LIVENESS_SLICE_SECONDS, remaining(deadline) or 0.0)
-            )
-            try:
-                data, priority = receive(left)
-            except posix_ipc.BusyError:
-                priority = -1
-                self._check_producer(deadline)
-            except (posix_ipc.Error, OSError) as exc:
-                raise PeerGone(f"the queue of {self.address.location} failed: {exc}") from exc
+    def _classify(self, mark: int, data: bytes) -> str:
+        return classify(mark, data)
 
-    def _queued(self) -> int:
-        return int(self._queue.current_messages)
+    def _readiness(self) -> tuple[int, int, float | None]:
+        return self._mqd, POLLIN, None
 
     def _destroy(self, queue: Any) -> None:
-        _unlink_quietly(self.name)
-        queue.close()
+        _unlink_if_same(self.name, os.fstat(queue.mqd).st_ino)
+        _close_quietly(queue)
+
+    def _close_queue(self, queue: Any) -> None:
+        _close_quietly(queue)
+
+    def _drop_inherited(self) -> None:
+        queue, self._queue = self._queue, None
+        self._fast = False
+        _close_quietly(queue)  # mq_close of the child's descriptor: never unlinked, the parent's stays open
+        self._freed = True
 
 
 def full_queue() -> tuple[int, str]:
@@ -373,7 +476,7 @@ def remove_leftover_queue(name: str) -> None:
 def leftover_queue_owner(name: str) -> Owner | None:
     """Who owns the queue `name` (podipc clean), None when there is none; PermissionsError when we may not open it."""
     try:
-        queue = posix_ipc.MessageQueue(name)
+        queue = posix_ipc.MessageQueue(name, 0, write=False)
     except posix_ipc.ExistentialError:
         return None
     try:
@@ -392,8 +495,8 @@ TRANSPORT = Transport(
     reliable=True,
     ordered=True,
     limit=MessageLimit(host_max_message_size, MSGSIZE_MAX_PATH, MQUEUE_FIX, "`fs.mqueue.msgsize_max` (8192 in a pod)"),
-    options=PosixMQProducer.options,
-    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    options=OPTIONS,
+    capabilities=frozenset({Capability.PRESENCE_FILES, Capability.READINESS_FD}),
     availability=availability,
     unusable_fix=f"{MQUEUE_FIX}; check fs.mqueue.queues_max and RLIMIT_MSGQUEUE against the queues in use",
     objects=(

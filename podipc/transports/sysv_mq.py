@@ -1,25 +1,29 @@
 """sysvmq:// - a System V message queue (msgget) in the pod's shared IPC namespace.
 
 Address:
-    sysvmq://KEY              the queue with IPC key KEY (1..2147483647, decimal or 0x hex)
-    sysvmq://NAME             the key derived from NAME (podipc.address.sysv_key_from_name)
-    options: wait=SECONDS (peer rendezvous, default 30), mode=0600 (queue and presence files),
+    sysvmq://KEY              the queue with IPC key KEY: decimal without a leading zero
+                              (1..2147483647) or 0x hex (0x1..0x7fffffff)
+    sysvmq://NAME             anything else (A-Z a-z 0-9 . _ -) is a name, hashed to a key
+                              (podipc.address.sysv_key_from_name; docs/wire/sysvmq.md)
+    options: wait=SECONDS (peer rendezvous, default 30; none/inf: forever), mode=0600 (queue and
+             presence files; 0660 shares them with a group; "other" bits are refused),
              queue_bytes=BYTES (the queue's capacity, msg_qbytes; default /proc/sys/kernel/msgmnb),
-             max_message_size=BYTES (default /proc/sys/kernel/msgmax)
+             max_message_size=BYTES (default /proc/sys/kernel/msgmax),
+             adopt=true (consumer: also take a queue a plain producer created first; see below)
 
 Requires:
     sysv_ipc; a kernel with SysV IPC (every Linux).
 
 Semantics:
     One podipc message is one queue message: boundaries and order are kept, nothing is
-    lost (a full queue blocks the producer). There is no header, so a plain sysv_ipc
+    lost (a full queue makes the producer wait). There is no header, so a plain sysv_ipc
     script can be a peer (docs/wire/sysvmq.md): data messages have mtype 1, the end of
     stream is an empty message of mtype 2, and the consumer receives with type 0 (FIFO).
     Zero-length data messages (mtype 1) are valid data.
 
     Garbage: a message of any other mtype, or a non-empty mtype-2 message, is skipped
-    and counted in `Consumer.skipped`. mtype 3 is reserved for the consumer's own
-    wake-up messages (below); those are skipped and not counted.
+    and counted in `Consumer.skipped`. An empty mtype-3 message is a wake-up (below): skipped
+    and not counted.
 
     Max message: `max_message_size`, by default the kernel limit /proc/sys/kernel/msgmax
     (8192 in a pod); it must also fit the queue's capacity (kernel.msgmnb, 16384 in a
@@ -28,38 +32,65 @@ Semantics:
     securityContext.sysctls, or use shm://. The consumer always receives into a buffer
     of msgmax bytes, so no message a sender can put in is ever too large to take out.
 
-    Creates and removes: the consumer creates the queue (mode `mode`, 0600 by default)
-    and removes it when the stream ends or it closes. The producer opens the queue only
-    once the consumer is there (its presence file, or the queue itself for a consumer
-    that holds no presence). A queue left by a SIGKILLed run (a presence file whose
-    holder died) is removed and recreated by the next consumer. queue_bytes is the
-    consumer's; a producer takes the queue as it finds it (its max_message_size drops to
-    the queue's capacity when that is smaller).
+    Creates and removes: the consumer creates the queue exclusively (IPC_EXCL, mode `mode`,
+    0600 by default) and removes it when the stream ends or it closes. It never consumes from
+    or removes a queue it cannot prove it created for this channel: one that exists already
+    is refused (ChannelUnavailable naming its owner), unless it is the queue a dead podipc
+    consumer of this channel left (its presence file records the key and declares the msqid,
+    and both have the same owner: removed and created again, `recovered`), or the consumer
+    was opened with adopt=true (a plain producer created it first: used when it is ours, or
+    our group's with mode=0660, and grants nothing to other users; never removed by podipc,
+    `adopted`). The producer opens the queue only once the consumer is there (its presence
+    file and the msqid it declares; or, for a consumer that holds no presence, the queue
+    itself), checked the same way. queue_bytes is the consumer's; a producer takes the queue
+    as it finds it (its max_message_size drops to the queue's capacity when that is smaller).
+    The producer never removes a queue (a dead consumer's stays for the next consumer, which
+    recovers it, or for `podipc clean`).
 
-    Liveness and waiting: msgrcv/msgsnd have no timeout, so blocked calls block for real
-    (no added latency) while a watchdog thread of the endpoint looks at the peer's
-    presence file every 0.25 s. A blocked consumer is woken by an empty mtype-3 message
-    the watchdog puts in its own (empty) queue, when the producer died, when `wait`
-    passes with no producer, or when the call's timeout passes (the thread sleeps until
-    exactly then: it wakes about 4 times a second, so it seldom takes the GIL). A
-    producer blocked on a full queue with no timeout is woken when its consumer died: the
-    watchdog removes the dead consumer's queue (the send then fails: PeerGone). A send
-    with a timeout cannot be woken that way, so it polls: non-blocking attempts with
-    sleeps growing from 50 us to 2 ms. `Producer.close()` puts the end marker and waits
-    until the queue is empty or removed (the consumer removes it at the end marker).
-    An abort (or a consumer's close before the end marker) while the peer lives leaves
-    the presence file unlocked, as a crash would, so the peer raises PeerGone even if it
-    never saw this side alive; the survivor removes that file when it finishes.
+    Waiting, waking and readiness: a SysV queue has no file descriptor, so each endpoint has
+    an eventfd for fileno(), podipc.wait() and podipc.aio, fed by at most one helper thread of
+    that endpoint (started on the first wait for readiness, never one per message, parked
+    while nobody waits):
+    - the consumer's helper blocks in msgrcv with a zero-byte buffer: the kernel wakes it when
+      a message arrives; a non-empty one fails that call with E2BIG and stays queued, an empty
+      one (fully described by its mtype) is kept for the next attempt; either way the eventfd
+      becomes readable. A recv() without a timeout blocks in msgrcv itself (no added
+      latency); close()/abort() from any thread or a signal handler, and the peer-death
+      monitor, wake it by putting an empty mtype-3 message into the consumer's own queue (the
+      queue is empty while a receive blocks, so it always fits); recv() with a timeout waits
+      on the eventfd and the waker.
+    - the producer never blocks in msgsnd (a blocked msgsnd can only be woken by a signal or
+      by removing the queue): it sends with IPC_NOWAIT and, when the queue is full, retries
+      after yielding the CPU, then after sleeps growing from 20 us to 2 ms, watching its waker,
+      so close() from any thread wakes it within 2 ms. Its helper thread, for fileno() and
+      aio, looks at the queue's message count with the same growing sleeps and makes the
+      eventfd readable when the consumer has taken a message.
+    Signals: an interrupted msgrcv (EINTR, "Signaled while waiting") runs the Python handler
+    and is retried, unless the handler raised or closed the endpoint. Peer death: the
+    process's peer-death monitor (podipc.presence) probes the peer's presence file every
+    0.2 s and wakes the endpoint: a consumer hands out what is still queued, then raises
+    PeerGone; a producer raises PeerGone. `Producer.close()` puts the end marker in, then
+    waits until the queue is empty or removed (the consumer removes it at the end marker).
+    An abort (or a consumer's close before the end marker) while the peer lives leaves the
+    presence file unlocked, as a crash would, so the peer raises PeerGone even if it never
+    saw this side alive; the survivor removes that file when it finishes.
+
+    Threads: producers and consumers may be shared by threads (one call at a time per side,
+    podipc.channel), but on one consumer do not mix a blocking recv() in one thread with
+    readiness waits (fileno(), podipc.wait(), aio) in another. fork: an inherited endpoint
+    refuses use; its close() only closes the child's eventfd.
 
     Code: the endpoints are podipc.queue's QueueProducer and QueueConsumer (what mq:// and
-    sysvmq:// share); this module says how a SysV queue is opened, created, waited on (the
-    watchdog) and removed, and keeps its own hot paths (send and recv with no timeout).
+    sysvmq:// share); this module says how a SysV queue is opened, created, checked, waited
+    on (the helper threads) and removed, and keeps its own hot paths (send and recv with no
+    timeout).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -69,15 +100,26 @@ import sysv_ipc
 
 from podipc.address import Address
 from podipc.channel import Option, parse_size
-from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError, Timeout
+from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError
 from podipc.ownership import Owner
-from podipc.presence import PeerState, PeerTracker
 from podipc.proc import read_int_or
-from podipc.queue import LIVENESS_SLICE_SECONDS, QueueConsumer, QueueProducer, kind_of, limit_option, permission_denied
+from podipc.queue import (
+    ADOPT_OPTION,
+    QueueConsumer,
+    QueueIdentity,
+    QueueProducer,
+    kind_of,
+    limit_option,
+    permission_denied,
+    queued_messages,
+)
 from podipc.transport import AddressForm, Capability, Example, KernelFacility, MessageLimit, ObjectKind, Transport
+from podipc.waking import POLLIN, wait_for
 
 MSGMAX_PATH = "/proc/sys/kernel/msgmax"
 MSGMNB_PATH = "/proc/sys/kernel/msgmnb"
+SYSVIPC_MSG_PATH = "/proc/sysvipc/msg"
+"""Every queue of the IPC namespace with its owner, readable by every user (ipcs reads it too)."""
 FALLBACK_MSGMAX = 8192
 FALLBACK_MSGMNB = 16384
 
@@ -85,9 +127,16 @@ DATA_TYPE = 1
 END_TYPE = 2
 WAKE_TYPE = 3
 
-WATCHDOG_TICK_SECONDS = 0.05
-POLL_FIRST_SECONDS = 0.00005
-POLL_MAX_SECONDS = 0.002
+ROOM_SPIN_ATTEMPTS = 64
+"""A producer facing a full queue first retries this many times, yielding the CPU in between."""
+ROOM_SLEEP_FIRST_SECONDS = 0.00002
+ROOM_SLEEP_MAX_SECONDS = 0.002
+"""Then it sleeps this long between attempts, doubling up to the maximum (its helper thread polls the same way)."""
+WAKER_SLEEP_SECONDS = 0.001
+"""Sleeps at least this long wait on the waker (poll), shorter ones in time.sleep: poll() counts milliseconds."""
+PARK_KICK_SECONDS = 0.1
+"""How long a consumer waits for its helper thread to leave msgrcv before putting another wake-up message in."""
+HELPER_JOIN_SECONDS = 2.0
 
 SIZE_FIX = (
     "set kernel.msgmax (and kernel.msgmnb) in the pod's securityContext.sysctls (the kubelet must allow it) "
@@ -99,8 +148,14 @@ SYSCTL_FIX = (
     "set kernel.msgmax and kernel.msgmnb in the pod's securityContext.sysctls; the kubelet must allow them "
     "(--allowed-unsafe-sysctls='kernel.msg*'); or use shm://"
 )
+OPTIONS = (
+    Option("queue_bytes", parse_size, None, "queue capacity in bytes, msg_qbytes (default kernel.msgmnb)"),
+    Option("max_message_size", parse_size, None, "largest message in bytes (default kernel.msgmax)"),
+    ADOPT_OPTION,
+)
 
 WAKE = "wake"
+_ONE = (1).to_bytes(8, "little")
 
 
 def host_max_message_size() -> int:
@@ -126,7 +181,7 @@ def availability() -> str | None:
 
 
 def classify(mtype: int, data: bytes) -> str:
-    """What a received queue message is: WAKE (the consumer's own), or podipc.queue's DATA, END or GARBAGE."""
+    """What a received queue message is: WAKE (a wake-up), or podipc.queue's DATA, END or GARBAGE."""
     if mtype == WAKE_TYPE and not data:
         return WAKE
     return kind_of(mtype, data, DATA_TYPE, END_TYPE)
@@ -155,141 +210,287 @@ def _interrupted(exc: BaseException) -> bool:
     return type(exc) is sysv_ipc.Error and "Signaled" in str(exc)
 
 
+def _owner_in_proc(msqid: int) -> Owner | None:
+    """A queue's owner from /proc/sysvipc/msg (readable by everyone), for a queue whose IPC_STAT we may not do."""
+    try:
+        with open(SYSVIPC_MSG_PATH) as table:
+            rows = table.read().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        fields = row.split()
+        # key msqid perms cbytes qnum lspid lrpid uid gid cuid cgid ...
+        if len(fields) >= 11 and fields[1] == str(msqid):
+            return Owner(int(fields[7]), int(fields[8]), int(fields[2], 8) & 0o777, creator=int(fields[9]))
+    return None
+
+
+def _owner(queue: Any) -> Owner:
+    """Who owns and who created an open queue (IPC_STAT, else /proc/sysvipc/msg); PermissionsError if unknown."""
+    try:
+        return Owner(queue.uid, queue.gid, queue.mode & 0o777, creator=queue.cuid)
+    except sysv_ipc.PermissionsError:
+        owner = _owner_in_proc(queue.id)
+        if owner is None:
+            raise
+        return owner
+
+
+def _identity(queue: Any, what: str) -> QueueIdentity:
+    try:
+        return QueueIdentity(queue.id, _owner(queue))
+    except sysv_ipc.ExistentialError as exc:
+        raise ChannelUnavailable(f"{what} vanished while podipc looked at it; try again") from exc
+    except (sysv_ipc.Error, OSError) as exc:
+        raise permission_denied(what) from exc
+
+
 def _queue_exists(key: int) -> bool:
     try:
-        sysv_ipc.MessageQueue(key)
+        sysv_ipc.MessageQueue(key, 0, 0)
     except (sysv_ipc.Error, OSError):
         return False
     return True
 
 
 def _remove_quietly(queue: Any) -> None:
-    with contextlib.suppress(sysv_ipc.ExistentialError, OSError):
+    with contextlib.suppress(sysv_ipc.Error, OSError):
         queue.remove()
 
 
-def _messages_in(queue: Any) -> int:
-    """Messages in the queue now (0 once it is removed)."""
-    try:
-        return int(queue.current_messages)
-    except (sysv_ipc.Error, OSError):
-        return 0
+def _send_wake(queue: Any) -> None:
+    """Put an empty mtype-3 message into `queue` without waiting (wakes a receiver blocked on the empty queue)."""
+    if queue is not None:
+        with contextlib.suppress(sysv_ipc.Error, OSError):
+            queue.send(b"", False, WAKE_TYPE)
 
 
-class _Watchdog:
-    """Looks after an endpoint's blocking call from a daemon thread: probes the peer, wakes the call when due.
+class _Helper:
+    """An endpoint's one helper thread and its eventfd, the endpoint's readiness descriptor.
 
-    The endpoint's thread sets `blocked` around msgrcv/msgsnd (plain attribute writes: no lock on
-    the hot path). The thread sleeps a liveness slice (0.25 s) at a time, or until the deadline
-    a slow-path receive announces with set_deadline(): few wake-ups, so it rarely takes the GIL.
+    Started on the first arm(); while armed it watches the queue (the subclass says how) and
+    makes the eventfd readable when the endpoint's next attempt may succeed, then parks
+    itself until armed again. arm() drains the eventfd, so it is readable only for news
+    since. Never a thread per message.
     """
 
-    def __init__(self, queue: Any, peer: PeerTracker, role: str, wait_deadline: float) -> None:
-        self.queue = queue
-        self.peer = peer
-        self.role = role
-        self.wait_deadline = wait_deadline
-        self.blocked = False
-        self.wake_at: float | None = None
-        self.messages_seen = False
-        self.stopped = False
-        self.alarm = threading.Event()
-        self.sleeping_until = 0.0
-        self.thread = threading.Thread(target=self.run, name=f"podipc-sysvmq-{role}-watchdog", daemon=True)
-        self.thread.start()
+    def __init__(self, name: str) -> None:
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._name = name
+        self._condition = threading.Condition()
+        self._armed = False
+        self._stopped = False
+        self._thread: threading.Thread | None = None
 
-    def set_deadline(self, deadline: float | None) -> None:
-        """The blocked call's deadline (None: none); the thread re-plans its sleep if it would wake too late."""
-        self.wake_at = deadline
-        if deadline is not None and deadline < self.sleeping_until:
-            self.alarm.set()
+    @property
+    def armed(self) -> bool:
+        """True while the thread watches (or is about to)."""
+        return self._armed
 
-    def run(self) -> None:
-        """Until stopped: wake the blocked call when its deadline passes or the peer is lost."""
-        next_probe = time.monotonic() + LIVENESS_SLICE_SECONDS
-        while not self.stopped:
-            # clear and publish before reading wake_at: a deadline set after the read rings the alarm
-            self.alarm.clear()
-            self.sleeping_until = next_probe
-            wake_at = self.wake_at
-            now = time.monotonic()
-            until = next_probe if wake_at is None else min(next_probe, wake_at)
-            if until > now:
-                self.sleeping_until = until
-                self.alarm.wait(until - now)
-                continue
-            if not self.blocked:
-                if wake_at is not None and now >= wake_at:
-                    self.alarm.wait(WATCHDOG_TICK_SECONDS)  # due, but the call has not blocked yet
-                else:
-                    next_probe = now + LIVENESS_SLICE_SECONDS  # nothing blocked: no probe needed
-                continue
-            if wake_at is not None and now >= wake_at:
-                self.wake()
-                self.alarm.wait(WATCHDOG_TICK_SECONDS)
-                continue
-            next_probe = now + LIVENESS_SLICE_SECONDS
-            try:
-                lost = self.peer.lost()
-            except PodIPCError:
-                lost = True
-            waited_out = self.peer.state is not PeerState.ALIVE and not self.messages_seen and now >= self.wait_deadline
-            if lost or (waited_out and self.role == "consumer"):
-                self.wake()
+    def signal(self) -> None:
+        """Make the eventfd readable."""
+        with contextlib.suppress(OSError):
+            os.write(self.fd, _ONE)
 
-    def wake(self) -> None:
-        """Make the blocked call return."""
-        if self.role == "consumer":
-            # the consumer is blocked, so its queue is empty and has room; if not, it is awake anyway
-            with contextlib.suppress(sysv_ipc.Error, OSError):
-                self.queue.send(b"", False, WAKE_TYPE)
-        elif self.peer.state is PeerState.GONE:
-            # the consumer died holding the queue: removing it fails the blocked msgsnd (EIDRM);
-            # the next consumer would remove it as stale anyway
-            _remove_quietly(self.queue)
+    def _drain(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.fd, 8)
+
+    def _start_watching(self) -> None:
+        """Arm and wake (or start) the thread; call with the condition held."""
+        self._armed = True
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._condition.notify_all()
+
+    def _run(self) -> None:
+        condition = self._condition
+        try:
+            while True:
+                with condition:
+                    while not self._armed and not self._stopped:
+                        condition.wait()
+                    if self._stopped:
+                        return
+                self._watch()
+        except BaseException:  # interpreter shutdown tearing modules down under a daemon thread
+            with condition:
+                self._armed = False
+                condition.notify_all()
+            self.signal()
+
+    def _watch(self) -> None:
+        """Watch until the next attempt may succeed (then disarm and signal), or until parked or stopped."""
+        raise NotImplementedError
+
+    def _kick(self) -> None:
+        """Make a watch that waits in the kernel return (hook)."""
 
     def stop(self) -> None:
-        """End the thread now."""
-        self.stopped = True
-        self.alarm.set()
+        """End the thread (it is joined unless this is it) and close the eventfd. Idempotent."""
+        with self._condition:
+            self._stopped = True
+            armed = self._armed
+            self._condition.notify_all()
+        if armed:
+            self._kick()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(HELPER_JOIN_SECONDS)
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def drop_inherited(self) -> None:
+        """In a forked child (where the thread does not exist): close the child's copy of the eventfd."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class _ArrivalWatch(_Helper):
+    """The consumer's helper: blocks in msgrcv with a zero-byte buffer, which returns when a message arrives.
+
+    A non-empty message fails that call with E2BIG and stays in the queue; an empty one is
+    taken, but says everything it carries (its mtype), so it waits in `slot` for the
+    consumer's next attempt, which looks there first. The consumer parks the watch before it
+    takes anything from the queue itself, so the two never race for a message.
+    """
+
+    def __init__(self, queue: Any, head: Any, name: str) -> None:
+        super().__init__(name)
+        self._queue = queue
+        self._head = head
+        self.slot: tuple[int, bytes] | None = None
+        """An empty message the watch took from the head of the queue: (mtype, b'')."""
+
+    def arm(self) -> None:
+        """Watch for the next message (at once readable when one was kept in `slot`)."""
+        with self._condition:
+            if self._armed or self._stopped:
+                return
+            self._drain()
+            if self.slot is not None:
+                self.signal()
+                return
+            self._start_watching()
+
+    def park(self) -> None:
+        """Stop watching; when this returns the thread is out of msgrcv and will not take anything."""
+        with self._condition:
+            while self._armed:
+                self._kick()
+                self._condition.wait(PARK_KICK_SECONDS)
+
+    def _kick(self) -> None:
+        _send_wake(self._queue)  # the queue is empty while the watch blocks: the wake-up always fits
+
+    def _watch(self) -> None:
+        taken: tuple[int, bytes] | None = None
+        try:
+            data, mtype = self._head.receive()
+            taken = (mtype, data)
+        except sysv_ipc.Error as exc:
+            if _interrupted(exc):
+                return  # a signal delivered to this thread: still armed, look again
+        except OSError:
+            pass  # E2BIG: a non-empty message waits at the head of the queue
+        with self._condition:
+            if taken is not None and classify(*taken) is not WAKE:
+                self.slot = taken
+            self._armed = False
+            self._condition.notify_all()
+        self.signal()
+
+
+class _RoomWatch(_Helper):
+    """The producer's helper: after a send found the queue full, looks at its message count with growing sleeps,
+    and makes the eventfd readable once the consumer took a message (or the queue is gone)."""
+
+    def __init__(self, queue: Any, name: str) -> None:
+        super().__init__(name)
+        self._queue = queue
+        self._full_at = 0
+
+    def arm(self, full_at: int | None) -> None:
+        """Watch for room after a send failed with `full_at` messages queued; None: readable at once."""
+        with self._condition:
+            self._drain()
+            if full_at is None:
+                self._armed = False
+                self.signal()
+                return
+            self._full_at = full_at
+            if not self._armed and not self._stopped:
+                self._start_watching()
+
+    def park(self) -> None:
+        """Stop watching (the thread notices within its current sleep)."""
+        with self._condition:
+            self._armed = False
+
+    def _watch(self) -> None:
+        pause = ROOM_SLEEP_FIRST_SECONDS
+        while True:
+            with self._condition:
+                if not self._armed or self._stopped:
+                    return
+                full_at = self._full_at
+            try:
+                count = int(self._queue.current_messages)
+            except (sysv_ipc.Error, OSError):
+                count = -1  # removed: the next attempt says so
+            if count < full_at:
+                with self._condition:
+                    self._armed = False
+                self.signal()
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, ROOM_SLEEP_MAX_SECONDS)
 
 
 class SysVMQProducer(QueueProducer):
     """Sends each message as one mtype-1 message on the SysV queue KEY."""
 
-    options: ClassVar[tuple[Option, ...]] = (
-        Option("queue_bytes", parse_size, None, "queue capacity in bytes, msg_qbytes (default kernel.msgmnb)"),
-        Option("max_message_size", parse_size, None, "largest message in bytes (default kernel.msgmax)"),
-    )
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
     max_message_source = MSGMAX_PATH
     max_message_fix = SIZE_FIX
     data_mark = DATA_TYPE
     end_mark = END_TYPE
-    drain_poll_first_seconds = POLL_FIRST_SECONDS
+    _send_flag = False  # IPC_NOWAIT: never block in msgsnd (nothing could wake it), see _send
+    _full_errors = (sysv_ipc.BusyError,)
+    _queue_errors = (sysv_ipc.Error, OSError, ValueError)
 
-    _watch: _Watchdog | None = None
+    _room: _RoomWatch | None = None
+    _full_at: int | None = None
+    """The queue's message count when the last attempt found it full; None after a message went in."""
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.key = address.key
         super().__init__(address, settings)
 
-    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
-        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit).
-
-        The common case (bytes or bytearray, no timeout, connected) goes straight to a blocking msgsnd:
-        the base class's checks cost as much as the queue itself at 64 bytes.
-        """
-        if timeout is None and (type(data) is bytes or type(data) is bytearray) and len(data) <= self._fast_limit:
-            watch = self._watch
-            watch.blocked = True  # type: ignore[union-attr]
-            try:
-                self._queue_send(data, True, DATA_TYPE)
-                return
-            except (sysv_ipc.Error, OSError):
-                pass  # not sent: the checked path below retries and translates
-            finally:
-                watch.blocked = False  # type: ignore[union-attr]
-        super().send(data, timeout)
+    def _send_checked(self, view: memoryview, deadline: float | None) -> None:
+        """Attempts with IPC_NOWAIT; on a full queue retried after yielding the CPU, then after growing sleeps."""
+        try_send = self._try_send
+        attempts = 0
+        pause = ROOM_SLEEP_FIRST_SECONDS
+        while not try_send(view):
+            if not self._sending:
+                self._await_readiness(deadline)  # the rendezvous: the base waits its retry time
+                continue
+            seconds = self._seconds_to_wait(deadline)
+            if attempts < ROOM_SPIN_ATTEMPTS:
+                attempts += 1
+                os.sched_yield()
+            elif pause < WAKER_SLEEP_SECONDS:
+                time.sleep(pause if seconds is None else min(pause, seconds))
+                pause *= 2
+            else:
+                wait_for(-1, 0, self._waker_fd(), pause if seconds is None else min(pause, seconds))
+                pause = min(pause * 2, ROOM_SLEEP_MAX_SECONDS)
+            if self._state:
+                self._check_usable()
 
     def _limits(self) -> tuple[int, int]:
         return _check_limits(self.settings)
@@ -300,38 +501,35 @@ class SysVMQProducer(QueueProducer):
         except sysv_ipc.ExistentialError:
             return None
         except (sysv_ipc.Error, OSError) as exc:
-            raise _unavailable(f"cannot open the queue of {self.address.location}", exc) from exc
+            raise _unavailable(f"cannot open {self._queue_words()}", exc) from exc
+
+    def _identity(self, queue: Any) -> QueueIdentity:
+        return _identity(queue, self._queue_words())
+
+    def _queue_words(self) -> str:
+        return f"the queue of {self.address.location} (key {self.key})"
 
     def _queue_limit(self, queue: Any) -> tuple[int, str, str]:
         source = f"the capacity (msg_qbytes) of the queue of {self.address.location} (set by the consumer)"
         return queue.max_size, source, "open the consumer with a larger queue_bytes="
 
     def _attached(self, queue: Any) -> None:
-        self._watch = _Watchdog(queue, self._peer, "producer", self.wait_deadline)
-        self._watch.messages_seen = True
+        self._send_now = queue.send
 
-    def _put(self, message: memoryview | bytes, mark: int, deadline: float | None) -> None:
-        if deadline is None:
-            self._send_blocking(message, mark)
-        else:
-            self._send_polling(message, mark, deadline)
-
-    def _send_blocking(self, message: memoryview | bytes, mtype: int) -> None:
-        """Send, blocking while the queue is full; the watchdog fails the call if the consumer dies."""
-        watch = self._watch
-        assert watch is not None
-        while True:
-            watch.blocked = True
-            try:
-                self._queue_send(message, True, mtype)
-                return
-            except ValueError as exc:
-                raise self._too_large(len(message)) from exc
-            except (sysv_ipc.Error, OSError) as exc:
-                if not _interrupted(exc):
-                    raise self._failed(exc) from exc
-            finally:
-                watch.blocked = False
+    def _put_now(self, message: memoryview | bytes, mark: int) -> bool:
+        try:
+            self._send_now(message, False, mark)
+        except sysv_ipc.BusyError:
+            self._full_at = queued_messages(self._queue, self._queue_errors)
+            if self._mirror is not None:
+                self._room_watch().arm(self._full_at)  # fileno() is watched: say when there is room
+            return False
+        except ValueError as exc:
+            raise self._too_large(memoryview(message).nbytes) from exc
+        except (sysv_ipc.Error, OSError) as exc:
+            raise self._failed(exc) from exc
+        self._full_at = None
+        return True
 
     def _failed(self, exc: BaseException) -> PodIPCError:
         """Translate a failed msgsnd."""
@@ -341,96 +539,98 @@ class SysVMQProducer(QueueProducer):
         ):
             return PeerGone(f"the queue of {location} was removed: its consumer closed or died")
         if isinstance(exc, sysv_ipc.PermissionsError):
-            return _unavailable(f"cannot send to the queue of {location}", exc)
+            return _unavailable(f"cannot send to {self._queue_words()}", exc)
         return PeerGone(f"the queue of {location} failed: {exc}")
 
-    def _send_polling(self, message: memoryview | bytes, mtype: int, deadline: float) -> None:
-        """Send before `deadline`: non-blocking attempts with growing sleeps, probing the consumer."""
-        send = self._queue_send
-        peer = self._peer
-        pause = POLL_FIRST_SECONDS
-        next_probe = time.monotonic() + LIVENESS_SLICE_SECONDS
-        while True:
-            try:
-                send(message, False, mtype)
-                return
-            except sysv_ipc.BusyError:
-                pass
-            except ValueError as exc:
-                raise self._too_large(len(message)) from exc
-            except (sysv_ipc.Error, OSError) as exc:
-                raise self._failed(exc) from exc
-            now = time.monotonic()
-            if now >= deadline:
-                raise Timeout(f"{self.address.location}: the queue stayed full (the consumer is not keeping up)")
-            if now >= next_probe:
-                next_probe = now + LIVENESS_SLICE_SECONDS
-                if peer.lost():
-                    raise PeerGone(f"the consumer of {self.address.location} is gone (it died or closed)")
-            time.sleep(min(pause, deadline - now))
-            pause = min(pause * 2, POLL_MAX_SECONDS)
+    def _room_watch(self) -> _RoomWatch:
+        room = self._room
+        if room is None:
+            room = self._room = _RoomWatch(self._queue, f"podipc-sysvmq-producer {self.address.location}")
+        return room
 
-    def _queued(self) -> int:
-        return _messages_in(self._queue)
+    def _try_prepare(self) -> bool:
+        if not self._try_connect():
+            return False
+        if self._full_at is not None and queued_messages(self._queue, self._queue_errors) >= self._full_at:
+            return False
+        self._full_at = None
+        return True
 
-    def _detach(self, queue: Any) -> None:
-        """Stop the watchdog."""
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
+    def _room_readiness(self) -> tuple[int, int, float | None]:
+        room = self._room_watch()
+        room.arm(self._full_at)
+        return room.fd, POLLIN, None
+
+    def _release_queue(self, queue: Any) -> None:
+        self._send_now = None
+        room, self._room = self._room, None
+        if room is not None:
+            room.stop()
 
     def _queue_exists(self) -> bool:
         return _queue_exists(self.key)
+
+    def _drop_inherited(self) -> None:
+        room, self._room = self._room, None
+        if room is not None:
+            room.drop_inherited()
+        self._queue = self._send_now = None
+        self._fast_limit = -1
+        self._freed = True
 
 
 class SysVMQConsumer(QueueConsumer):
     """Creates the SysV queue KEY and receives mtype-1 messages until the end marker."""
 
-    options: ClassVar[tuple[Option, ...]] = SysVMQProducer.options
+    options: ClassVar[tuple[Option, ...]] = OPTIONS
     max_message_source = MSGMAX_PATH
     max_message_fix = SIZE_FIX
+    data_mark = DATA_TYPE
+    _empty_errors = (sysv_ipc.Error,)  # a blocking msgrcv: only EINTR (any other error comes again and is left)
+    _queue_errors = (sysv_ipc.Error, OSError)
+
+    _arrivals: _ArrivalWatch | None = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.key = address.key
         super().__init__(address, settings)
-        self._watch = _Watchdog(self._queue, self._peer, "consumer", self.wait_deadline)
+        self._receive = self._queue.receive
 
-    def recv(self, timeout: float | None = None) -> bytes:
-        """Receive the next message; raise EndOfStream after the last one, Timeout after `timeout` seconds.
+    def _receive_more(self, mark: int, data: bytes) -> bytes | None:
+        """Go on with blocking receives after (`mark`, `data`); a wake-up is looked past once the state was checked.
 
-        The common case (no timeout, a data message) is one blocking msgrcv; anything else
-        takes the checked path of the base class.
+        A signal's EINTR (mark -1) runs its handler (a Python call below does) and the receive goes on,
+        unless the handler raised or closed this side.
         """
-        if timeout is None and self._fast:
-            watch = self._watch
-            watch.blocked = True
+        receive = self._receive
+        while True:
+            if mark == DATA_TYPE:
+                return data
+            if mark >= 0 and classify(mark, data) is not WAKE:
+                return QueueConsumer._receive_more(self, mark, data)
+            if self._state:
+                return None
             try:
-                data, mtype = self._receive()
-            except (sysv_ipc.Error, OSError):
-                mtype = -1  # nothing was taken: the checked path waits and translates
-            finally:
-                watch.blocked = False
-            if mtype == DATA_TYPE:
-                return data  # type: ignore[no-any-return]
-            if mtype >= 0:
-                self._taken = (mtype, data)
-        return super().recv(timeout)
+                data, mark = receive()
+            except (sysv_ipc.Error, OSError) as exc:
+                if not _interrupted(exc):
+                    raise
+                mark = -1
+
+    def _interrupt(self) -> None:
+        arrivals = self._arrivals
+        if arrivals is None or not arrivals.armed:  # armed: the waiting call polls the waker, which is enough
+            _send_wake(getattr(self, "_queue", None))
+
+    def _signal_peer_lost(self) -> None:
+        super()._signal_peer_lost()
+        self._interrupt()
 
     def _limits(self) -> tuple[int, int]:
         return _check_limits(self.settings)
 
-    def _remove_stale(self) -> bool:
-        try:
-            stale = sysv_ipc.MessageQueue(self.key)
-        except sysv_ipc.ExistentialError:
-            return False
-        except (sysv_ipc.Error, OSError) as exc:
-            raise _unavailable(self._cannot_create(), exc) from exc
-        _remove_quietly(stale)
-        return True
-
-    def _cannot_create(self) -> str:
-        return f"cannot create the queue of {self.address.location} (key {self.key})"
+    def _queue_words(self) -> str:
+        return f"the queue of {self.address.location} (key {self.key})"
 
     def _buffer_size(self) -> int:
         """Receive into a buffer of msgmax: no message a sender can put in is too large to take out."""
@@ -442,7 +642,7 @@ class SysVMQConsumer(QueueConsumer):
         except sysv_ipc.ExistentialError:
             return None
         except (sysv_ipc.Error, OSError) as exc:
-            raise _unavailable(self._cannot_create(), exc) from exc
+            raise _unavailable(f"cannot create {self._queue_words()}", exc) from exc
         if capacity != queue.max_size:
             try:
                 queue.max_size = capacity
@@ -451,58 +651,85 @@ class SysVMQConsumer(QueueConsumer):
                 raise _unavailable(f"cannot set queue_bytes={capacity}", exc) from exc
         return queue
 
-    def _adopt_queue(self, capacity: int, mode: int) -> Any:
+    def _inspect_existing(self) -> QueueIdentity | None:
         try:
-            return sysv_ipc.MessageQueue(self.key, sysv_ipc.IPC_CREAT, mode, self._buffer_size())
+            queue = sysv_ipc.MessageQueue(self.key, 0, 0)
+        except sysv_ipc.ExistentialError:
+            return None
         except (sysv_ipc.Error, OSError) as exc:
-            raise _unavailable(self._cannot_create(), exc) from exc
+            raise _unavailable(f"cannot open {self._queue_words()}", exc) from exc
+        return _identity(queue, self._queue_words())
+
+    def _remove_found(self, found: QueueIdentity) -> None:
+        with contextlib.suppress(sysv_ipc.ExistentialError):
+            queue = sysv_ipc.MessageQueue(self.key, 0, 0)
+            if queue.id == found.ident:
+                try:
+                    queue.remove()  # by msqid: never a queue created at the key since
+                except sysv_ipc.PermissionsError as exc:
+                    raise _unavailable(f"cannot remove the dead consumer's {self._queue_words()}", exc) from exc
+
+    def _adopt_queue(self, found: QueueIdentity) -> Any:
+        try:
+            queue = sysv_ipc.MessageQueue(self.key, 0, 0, self._buffer_size())
+        except (sysv_ipc.Error, OSError) as exc:
+            raise _unavailable(f"cannot open {self._queue_words()}", exc) from exc
+        if queue.id != found.ident:
+            raise ChannelUnavailable(f"{self._queue_words()} was replaced while podipc opened it; try again")
+        return queue
+
+    def _identity(self, queue: Any) -> QueueIdentity:
+        return _identity(queue, self._queue_words())
 
     def _object_record(self) -> tuple[str, str]:
         return "sysv_mq", str(self.key)
 
-    def _discard(self, queue: Any) -> None:
-        _remove_quietly(queue)
-
-    def _receive_slowly(self, deadline: float | None, mark: int, data: bytes) -> bytes:
-        watch = self._watch
-        watch.set_deadline(deadline)
-        try:
-            data = self._receive_until_data(deadline, mark, data)
-        finally:
-            watch.wake_at = None
-        watch.messages_seen = True
-        return data
-
-    def _receive_until_data(self, deadline: float | None, mtype: int, data: bytes) -> bytes:
-        """Receive until a data message: end at the marker, skip garbage, check the producer after a wake-up."""
-        watch = self._watch
-        receive = self._receive
-        while True:
-            if mtype >= 0:
-                kind = classify(mtype, data)
-                if self._is_data(kind):
-                    return data
-                if kind is WAKE:
-                    self._check_producer(deadline)
-            if deadline is not None:
-                try:
-                    data, mtype = receive(False)
-                    continue
-                except sysv_ipc.BusyError:
-                    pass
-                except (sysv_ipc.Error, OSError) as exc:
-                    raise self._failed(exc) from exc
-                if time.monotonic() >= deadline:
-                    raise self._timed_out()
-            watch.blocked = True
+    def _arrival_watch(self) -> _ArrivalWatch:
+        arrivals = self._arrivals
+        if arrivals is None:
+            queue = self._queue
             try:
-                data, mtype = receive()
+                head = sysv_ipc.MessageQueue(self.key, 0, 0, 0)
             except (sysv_ipc.Error, OSError) as exc:
-                if not _interrupted(exc):
-                    raise self._failed(exc) from exc
-                mtype = -1
-            finally:
-                watch.blocked = False
+                raise self._failed(exc) from exc
+            if head.id != queue.id:
+                raise PeerGone(f"{self._queue_words()} was removed (another queue has its key now)")
+            name = f"podipc-sysvmq-consumer {self.address.location}"
+            arrivals = self._arrivals = _ArrivalWatch(queue, head, name)
+        return arrivals
+
+    def _take_now(self) -> tuple[int, bytes] | None:
+        arrivals = self._arrivals
+        if arrivals is not None:
+            if arrivals.armed:
+                arrivals.park()
+            kept = arrivals.slot
+            if kept is not None:
+                arrivals.slot = None
+                return kept
+        try:
+            data, mtype = self._receive(False)
+        except sysv_ipc.BusyError:
+            return None
+        except (sysv_ipc.Error, OSError) as exc:
+            raise self._failed(exc) from exc
+        return mtype, data
+
+    def _classify(self, mark: int, data: bytes) -> str:
+        return classify(mark, data)
+
+    def _idle(self) -> None:
+        self._arrival_watch().arm()
+
+    def _readiness(self) -> tuple[int, int, float | None]:
+        arrivals = self._arrival_watch()
+        if not arrivals.armed:
+            if self._token:
+                self._fast = False
+                arrivals.arm()
+            else:
+                arrivals.signal()  # another thread is inside a call: look again once it left
+        return arrivals.fd, POLLIN, None
 
     def _failed(self, exc: BaseException) -> PodIPCError:
         location = self.address.location
@@ -510,26 +737,38 @@ class SysVMQConsumer(QueueConsumer):
             return ProtocolError(f"{location}: a message is larger than the receive buffer (kernel.msgmax changed?)")
         return PeerGone(f"the queue of {location} failed: {exc}")
 
-    def _queued(self) -> int:
-        return _messages_in(self._queue)
+    def _stop_helpers(self) -> None:
+        arrivals, self._arrivals = self._arrivals, None
+        if arrivals is not None:
+            arrivals.stop()
 
     def _destroy(self, queue: Any) -> None:
-        self._watch.stop()
         _remove_quietly(queue)
+
+    def _close_queue(self, queue: Any) -> None:
+        return None  # a SysV queue holds no descriptor
+
+    def _drop_inherited(self) -> None:
+        arrivals, self._arrivals = self._arrivals, None
+        if arrivals is not None:
+            arrivals.drop_inherited()
+        self._queue = None
+        self._fast = False
+        self._freed = True
 
 
 def remove_leftover_queue(key: str) -> None:
     """Remove a queue a killed consumer left, by its decimal key (podipc clean)."""
-    sysv_ipc.MessageQueue(int(key)).remove()
+    sysv_ipc.MessageQueue(int(key), 0, 0).remove()
 
 
 def leftover_queue_owner(key: str) -> Owner | None:
     """Who owns and who created the queue of decimal `key` (podipc clean), None when there is none."""
     try:
-        queue = sysv_ipc.MessageQueue(int(key))
+        queue = sysv_ipc.MessageQueue(int(key), 0, 0)
     except sysv_ipc.ExistentialError:
         return None
-    return Owner(queue.uid, queue.gid, queue.mode & 0o777, creator=queue.cuid)
+    return _owner(queue)
 
 
 TRANSPORT = Transport(
@@ -538,12 +777,12 @@ TRANSPORT = Transport(
     schemes={"sysvmq": AddressForm.SYSV_KEY},
     producer="podipc.transports.sysv_mq:SysVMQProducer",
     consumer="podipc.transports.sysv_mq:SysVMQConsumer",
-    examples=(Example("sysvmq://KEY", "SysV message queue", "KEY: a number, or a name hashed to one"),),
+    examples=(Example("sysvmq://KEY", "SysV message queue", "KEY: decimal or 0x hex, else a name hashed to one"),),
     reliable=True,
     ordered=True,
     limit=MessageLimit(host_max_message_size, MSGMAX_PATH, SYSCTL_FIX, "`kernel.msgmax` (8192)"),
-    options=SysVMQProducer.options,
-    capabilities=frozenset({Capability.PRESENCE_FILES}),
+    options=OPTIONS,
+    capabilities=frozenset({Capability.PRESENCE_FILES, Capability.READINESS_FD}),
     availability=availability,
     unusable_fix=f"{SYSCTL_FIX}; check kernel.msgmni against the queues in use",
     objects=(

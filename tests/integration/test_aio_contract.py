@@ -1,8 +1,8 @@
 """The async contract (issue 12): podipc.aio over every scheme of the endpoint contract, across real processes.
 
 Both start orders, end of stream, too-large messages, timeouts, peer death, cancellation at random
-points with the sha256 intact, closing from the loop, anyio; plus one channel without a readiness
-descriptor yet (mq://), which runs on the helper-thread fallback.
+points with the sha256 intact, closing from the loop, anyio; plus the channels without a readiness
+descriptor yet (FALLBACK_SCHEMES), which run on the helper-thread fallback.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from .harness import CONTEXT, mixed_sizes, payload, url_for
 
 pytestmark = pytest.mark.timeout(120)
 
-AIO_SCHEMES = ("tcp", "unix", "unix-abstract", "shm")
+AIO_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq")
 """Schemes whose transports implement the endpoint contract (no thread per message in aio)."""
-FALLBACK_SCHEMES = ("mq",)
+FALLBACK_SCHEMES: tuple[str, ...] = ()
 """Schemes without a readiness descriptor yet: aio runs them on one helper thread per endpoint."""
 
 
@@ -39,7 +39,7 @@ def scheme(request: pytest.FixtureRequest) -> str:
 
 
 def size_limit(scheme: str) -> int:
-    return 8192 if scheme == "mq" else 1 << 20
+    return 8192 if scheme in ("mq", "sysvmq") else 1 << 20
 
 
 # --- sides in other processes ------------------------------------------------------
@@ -164,7 +164,7 @@ def test_recv_timeout_then_asyncio_timeout_then_the_message(scheme: str) -> None
     producer.join(30)
 
 
-@pytest.mark.parametrize("scheme", AIO_SCHEMES)  # mq:// still has its own rule until its contract work
+@pytest.mark.parametrize("scheme", AIO_SCHEMES)
 def test_peer_timeout_follows_the_same_rule_as_sync(scheme: str) -> None:
     async def main() -> None:
         async with podipc.aio.consumer(url_for(scheme, wait=0.3)) as inbox:
@@ -242,7 +242,7 @@ def test_cancelled_receives_lose_nothing_across_a_thousand_messages(scheme: str)
 def test_cancelled_sends_send_all_or_nothing_across_a_thousand_messages(scheme: str) -> None:
     # shm's default ring (8 MiB) holds the slow consumer's whole backlog: a smaller ring makes sends wait there too
     url = url_for(scheme, capacity="256KiB") if scheme == "shm" else url_for(scheme)
-    sizes = mixed_sizes(1000, 65536, seed=6)
+    sizes = mixed_sizes(1000, min(size_limit(scheme), 65536), seed=6)
     results = CONTEXT.Queue()
     chance = random.Random(8)
 
@@ -296,7 +296,7 @@ def test_closing_from_a_loop_callback_wakes_every_waiting_task_with_channel_clos
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("scheme", AIO_SCHEMES)  # mq:// blocks in the kernel until its own contract work
+@pytest.mark.parametrize("scheme", AIO_SCHEMES)
 def test_abort_from_another_thread_wakes_a_waiting_send(scheme: str) -> None:
     url = url_for(scheme)
     consumer = podipc.consumer(url)  # attached but never reading
@@ -307,7 +307,7 @@ def test_abort_from_another_thread_wakes_a_waiting_send(scheme: str) -> None:
         with pytest.raises(podipc.ChannelClosed):
             index = 0
             while True:
-                await out.send(payload(index, 65536))
+                await out.send(payload(index, min(size_limit(scheme), 65536)))
                 index += 1
 
     asyncio.run(asyncio.wait_for(main(), 30))
@@ -383,7 +383,7 @@ def test_an_async_send_of_a_large_message_arrives_whole_without_another_call(sch
     async def main() -> None:
         async with podipc.aio.producer(there) as out, podipc.aio.consumer(back) as inbox:
             for index in range(5):
-                message = payload(index, 1 << 20)
+                message = payload(index, size_limit(scheme))  # the largest a kernel queue carries: 8 KiB
                 await out.send(message)
                 assert await inbox.recv(timeout=30) == message
             await out.aclose()

@@ -58,8 +58,6 @@ class QueueKit(ABC):
     """Tags a raw peer may use, for the property tests."""
     adopted_limit_words: ClassVar[str]
     """What MessageTooLarge says of a limit a producer adopted from the consumer's smaller queue."""
-    removes_a_dead_consumers_queue: ClassVar[bool]
-    """True when a producer blocked on a SIGKILLed consumer's queue removes it to wake up."""
 
     @property
     def module(self) -> ModuleType:
@@ -102,6 +100,14 @@ class QueueKit(ABC):
     @abstractmethod
     def raw_send(self, url: str, data: bytes, mark: int) -> None:
         """Put one message tagged `mark` into the channel's queue, as a plain peer would."""
+
+    @abstractmethod
+    def create_raw(self, url: str) -> None:
+        """Create the channel's queue (mode 0600) as another application would."""
+
+    @abstractmethod
+    def raw_receive(self, url: str) -> bytes:
+        """Take the next message out of the channel's queue without waiting (its body)."""
 
     @abstractmethod
     def queue_mode(self, url: str) -> int:
@@ -155,7 +161,6 @@ class PosixMQKit(QueueKit):
     consumer_class = PosixMQConsumer
     data_mark, end_mark = 1, 0
     raw_marks = range(41)
-    removes_a_dead_consumers_queue = False  # it stays as evidence: the next consumer recovers it
 
     # its size: depth messages of up to max_message_size bytes
     limit_source = "/proc/sys/fs/mqueue/msgsize_max"
@@ -192,6 +197,17 @@ class PosixMQKit(QueueKit):
         finally:
             raw.close()
 
+    def create_raw(self, url: str) -> None:
+        posix_ipc.MessageQueue(self.queue_name(url), posix_ipc.O_CREX, 0o600, 4, 64).close()
+
+    def raw_receive(self, url: str) -> bytes:
+        raw = posix_ipc.MessageQueue(self.queue_name(url))
+        try:
+            data: bytes = raw.receive(0)[0]
+            return data
+        finally:
+            raw.close()
+
     def queue_mode(self, url: str) -> int:
         raw = posix_ipc.MessageQueue(self.queue_name(url))
         try:
@@ -207,7 +223,6 @@ class SysVMQKit(QueueKit):
     consumer_class = SysVMQConsumer
     data_mark, end_mark = 1, 2
     raw_marks = range(1, 13)  # mtypes are positive
-    removes_a_dead_consumers_queue = True  # the producer's watchdog removes it to fail the blocked msgsnd
 
     # its size: queue_bytes in all, messages of up to max_message_size bytes
     limit_source = "/proc/sys/kernel/msgmax"
@@ -236,6 +251,13 @@ class SysVMQKit(QueueKit):
 
     def raw_send(self, url: str, data: bytes, mark: int) -> None:
         self.raw_queue(url).send(data, True, mark)
+
+    def create_raw(self, url: str) -> None:
+        sysv_ipc.MessageQueue(parse_address(url).key, sysv_ipc.IPC_CREX, 0o600)
+
+    def raw_receive(self, url: str) -> bytes:
+        data: bytes = self.raw_queue(url).receive(False)[0]
+        return data
 
     def queue_mode(self, url: str) -> int:
         return int(self.raw_queue(url).mode) & 0o777
@@ -276,6 +298,21 @@ def consume_then_hang(url: str, options: dict[str, object], ready: multiprocessi
     ready.set()
     signal.pause()
     consumer.close()
+
+
+def consume_forever(url: str, ready: multiprocessing.synchronize.Event) -> None:
+    """Child process: receive and drop every message until killed."""
+    with podipc.consumer(url, wait=20) as consumer:
+        ready.set()
+        for _ in consumer:
+            pass
+
+
+def consume_after(url: str, delay: float, results: Any) -> None:
+    """Child process: open a consumer, wait `delay` seconds, then read to the end; report the messages."""
+    with podipc.consumer(url, wait=20) as consumer:
+        time.sleep(delay)
+        results.put(list(consumer))
 
 
 def sample_messages(kernel_max: int) -> list[bytes]:

@@ -32,6 +32,8 @@ from tests.unit.queues import (
     FORK,
     KITS,
     QueueKit,
+    consume_after,
+    consume_forever,
     consume_then_hang,
     produce,
     produce_then_hang,
@@ -180,9 +182,7 @@ def test_sigkilled_consumer_makes_the_blocked_producer_raise_peer_gone_within_2s
     finally:
         child.kill()
         child.join()
-        if not queue.removes_a_dead_consumers_queue:
-            queue.scrub(url)  # the dead consumer's queue stays for the next consumer (or clean) to recover
-    # sysvmq: the producer removed the dead consumer's queue to wake up, and nothing is left (see the fixture)
+        queue.scrub(url)  # the dead consumer's queue stays for the next consumer (or clean) to recover
 
 
 def test_a_consumer_replaced_by_a_new_one_makes_the_blocked_producer_raise_peer_gone(queue: QueueKit, url: str) -> None:
@@ -209,6 +209,107 @@ def test_a_consumer_replaced_by_a_new_one_makes_the_blocked_producer_raise_peer_
             if child.pid is not None:
                 child.kill()
                 child.join()
+        queue.scrub(url)
+
+
+def test_a_consumer_killed_while_the_producer_sends_at_full_speed_is_seen_within_2s(queue: QueueKit, url: str) -> None:
+    ready = FORK.Event()
+    child = FORK.Process(target=consume_forever, args=(url, ready))
+    child.start()
+    try:
+        assert ready.wait(10)
+        producer = podipc.producer(url)
+        killed_at: list[float] = []
+
+        def kill() -> None:
+            killed_at.append(time.monotonic())
+            os.kill(child.pid or 0, signal.SIGKILL)
+
+        threading.Timer(0.5, kill).start()
+        sent = 0
+        with pytest.raises(podipc.PeerGone):
+            while True:
+                producer.send(b"x" * 64)
+                sent += 1
+        assert time.monotonic() - killed_at[0] < 2.0
+        assert sent > 100
+        producer.abort()
+    finally:
+        child.kill()
+        child.join()
+        queue.scrub(url)  # the dead consumer's queue stays for the next consumer (or clean) to recover
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_signal_handler_that_raises_gets_through_a_recv_blocked_mid_stream(url: str) -> None:
+    """The fast path too: a handler's exception (sys.exit in a sidecar) is never swallowed, and the stream goes on."""
+    consumer = podipc.consumer(url)
+    producer = podipc.producer(url)
+    producer.send(b"first")
+    assert consumer.recv() == b"first"  # data flowed: recv() now takes the fast path
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            consumer.recv()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 1.0
+    producer.send(b"second")
+    assert consumer.recv() == b"second"
+    producer.abort()
+    consumer.close()
+
+
+def test_a_signal_handler_that_only_sets_a_flag_leaves_a_blocked_send_working(queue: QueueKit, url: str) -> None:
+    results = FORK.Queue()
+    child = FORK.Process(target=consume_after, args=(url, 0.5, results))
+    child.start()
+    ticks = [0]
+
+    def tick(signum: int, frame: object) -> None:
+        ticks[0] += 1
+
+    previous = signal.signal(signal.SIGALRM, tick)
+    messages = [payload for payload in (bytes([index]) * 64 for index in range(200))]
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.005, 0.005)
+        with podipc.producer(url, max_message_size=64) as producer:
+            for message in messages:
+                producer.send(message)  # the queue fills: sends wait for the consumer, signals keep coming
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert results.get(timeout=30) == messages
+    child.join(10)
+    assert ticks[0] > 20
+
+
+def test_a_queue_at_a_dead_consumers_name_that_is_not_its_queue_is_refused_and_kept(queue: QueueKit, url: str) -> None:
+    """A dead consumer's record proves only the queue it declared: another queue put there since is not taken."""
+    ready = FORK.Event()
+    child = FORK.Process(target=consume_then_hang, args=(url, {}, ready))
+    child.start()
+    assert ready.wait(10)
+    os.kill(child.pid or 0, signal.SIGKILL)
+    child.join()
+    queue.remove_queue(url)
+    queue.create_raw(url)  # another application's queue, at the name the dead consumer used
+    queue.raw_send(url, b"the application's", queue.data_mark)
+    try:
+        with pytest.raises(podipc.ChannelUnavailable, match="already exists"):
+            podipc.consumer(url, wait=1)
+        assert queue.raw_receive(url) == b"the application's"
+    finally:
         queue.scrub(url)
 
 
@@ -246,11 +347,13 @@ def test_consumer_without_producer_raises_peer_timeout_after_wait(url: str) -> N
         assert 0.35 <= time.monotonic() - started < 1.5
 
 
-def test_a_recv_timeout_before_any_producer_appeared_is_a_peer_timeout(url: str) -> None:
+def test_a_recv_timeout_before_any_producer_appeared_is_a_plain_timeout(url: str) -> None:
+    """The rule of every channel: the call's own timeout, when it comes first, is Timeout, not PeerTimeout."""
     with podipc.consumer(url) as consumer:
         started = time.monotonic()
-        with pytest.raises(podipc.PeerTimeout):
+        with pytest.raises(podipc.Timeout) as caught:
             consumer.recv(timeout=0.2)
+        assert type(caught.value) is podipc.Timeout
         assert time.monotonic() - started < 1.0
 
 
@@ -316,17 +419,59 @@ def test_garbage_from_a_raw_peer_is_skipped_and_counted(queue: QueueKit, url: st
         assert consumer.skipped == 2
 
 
-def test_the_plain_producer_from_the_docs_feeds_podipc_consume(queue: QueueKit, url: str) -> None:
+PLAIN_LINES = b"".join(f"line {i} {'x' * (i * 53 % 300)}\n".encode() for i in range(200))
+
+
+def run_plain_producer_beside_podipc_consume(
+    queue: QueueKit, url: str, script: str, plain_first: bool, consume_url: str | None = None
+) -> None:
+    """Run a plain producer from the wire doc and `podipc consume`, in the given order; check every line arrived."""
     name = parse_address(url).name
-    lines = b"".join(f"line {i} {'x' * (i * 53 % 300)}\n".encode() for i in range(200))
-    consumer = subprocess.Popen([*PODIPC, "consume", url, "-o", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.3)
-    plain = queue.plain_script("plain-producer")
-    subprocess.run([sys.executable, "-c", plain, name], input=lines, check=True, timeout=30)
+    consume = [*PODIPC, "consume", consume_url or url, "-o", "-"]
+    plain = subprocess.Popen([sys.executable, "-c", script, name], stdin=subprocess.PIPE)
+    if plain_first:
+        time.sleep(0.3)
+    consumer = subprocess.Popen(consume, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert plain.stdin is not None
+    plain.stdin.write(PLAIN_LINES)
+    plain.stdin.close()
     output, errors = consumer.communicate(timeout=30)
+    assert plain.wait(timeout=30) == 0
     assert consumer.returncode == 0, errors
-    assert output == lines
+    assert output == PLAIN_LINES
     assert json.loads(errors)["messages"] == 200
+
+
+@pytest.mark.parametrize("plain_first", [False, True], ids=["consumer-first", "plain-producer-first"])
+def test_the_plain_producer_from_the_docs_feeds_podipc_consume(queue: QueueKit, url: str, plain_first: bool) -> None:
+    """It waits for the consumer's queue, so either may start first."""
+    run_plain_producer_beside_podipc_consume(queue, url, queue.plain_script("plain-producer"), plain_first)
+
+
+def test_a_plain_producer_that_creates_the_queue_feeds_podipc_consume_with_adopt(queue: QueueKit, url: str) -> None:
+    """The documented opt-in: podipc consumes the queue a plain producer created first, and leaves it to it."""
+    script = queue.plain_script("plain-creating-producer")
+    run_plain_producer_beside_podipc_consume(queue, url, script, True, consume_url=f"{url}?adopt=true")
+    assert not queue.queue_exists(url)  # the plain producer removed it; podipc never did
+
+
+def test_without_adopt_a_queue_a_plain_producer_created_is_refused_and_left_alone(queue: QueueKit, url: str) -> None:
+    script = queue.plain_script("plain-creating-producer")
+    plain = subprocess.Popen([sys.executable, "-c", script, parse_address(url).name], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not queue.queue_exists(url):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        result = subprocess.run([*PODIPC, "consume", f"{url}?wait=2"], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 3, result.stderr
+        assert "already exists" in result.stderr and "adopt=true" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert queue.queue_exists(url)
+    finally:
+        plain.kill()
+        plain.wait()
+        queue.remove_queue(url)
 
 
 def test_podipc_produce_feeds_the_plain_consumer_from_the_docs(queue: QueueKit, url: str, tmp_path: Path) -> None:
@@ -360,6 +505,17 @@ def test_cli_streams_random_messages_with_matching_digests(queue: QueueKit, url:
     sent, got = json.loads(produced.stdout), json.loads(output)
     assert sent["messages"] == got["messages"] == 1000
     assert sent["sha256"] == got["sha256"]
+
+
+@pytest.mark.parametrize("name", ["jobs", "a.b", "podipc-test_1", "x" * 60, "..weird..name--", "0x4d2", "1234"])
+def test_the_presence_token_formula_in_the_wire_doc_is_podipcs(queue: QueueKit, name: str) -> None:
+    found = re.search(r"<!-- presence-token -->\s*```python\n(.*?)```", queue.wire_doc.read_text(), re.DOTALL)
+    assert found, f"{queue.wire_doc} lost its presence-token block"
+    scope: dict[str, object] = {}
+    exec(found.group(1), scope)
+    token = scope["presence_token"](name)  # type: ignore[operator]
+    url = f"mq:///{name}" if queue.scheme == "mq" else f"sysvmq://{name}"
+    assert token == parse_address(url).token
 
 
 def test_availability_and_host_limit_come_from_this_host(queue: QueueKit) -> None:

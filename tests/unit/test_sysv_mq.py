@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import sysv_ipc
@@ -18,6 +22,7 @@ from hypothesis import strategies as st
 
 import podipc
 from podipc.address import parse_address, sysv_key_from_name
+from podipc.errors import AddressError
 from podipc.queue import DATA, END, GARBAGE
 from podipc.transports import sysv_mq
 from podipc.transports.sysv_mq import WAKE, classify
@@ -36,6 +41,94 @@ def test_a_name_maps_to_the_documented_key() -> None:
     digest = hashlib.sha256(b"podipc-test-sysv-key").digest()
     assert address.key == sysv_key_from_name("podipc-test-sysv-key") == int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
     assert parse_address("sysvmq://0x4d2").key == 1234
+
+
+@pytest.mark.parametrize("text", ["0123", "0o17", "0b101", "1_000", "-5", "00", "0x", "12a", "x1"])
+def test_octal_and_python_only_number_forms_are_names(text: str) -> None:
+    """No leading zero, no 0o/0b, no underscores: what a C peer reads as a number, podipc does too."""
+    assert parse_address(f"sysvmq://{text}").key == sysv_key_from_name(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"), [("1", 1), ("1234", 1234), ("0x4d2", 1234), ("0X4D2", 1234), ("2147483647", 2**31 - 1)]
+)
+def test_decimal_and_hex_keys_are_numbers(text: str, key: int) -> None:
+    assert parse_address(f"sysvmq://{text}").key == key
+
+
+def key_inputs() -> list[str]:
+    """KEY texts for comparing readings: the awkward ones, then random ones from a digit-heavy alphabet."""
+    fixed = ["0", "1", "01", "0123", "0x", "0x0", "0x1", "0X7fffffff", "0x80000000", "2147483647", "2147483648"]
+    fixed += ["99999999999999999999999", "0x10000000000000000", "0o17", "1_000", "-5", "+5", "1e3", "name", "a.b-c"]
+    chance = random.Random(11)
+    alphabet = "0123456789abcdefxXABCDEF._-+"
+    fixed += ["".join(chance.choice(alphabet) for _ in range(chance.randint(1, 12))) for _ in range(3000)]
+    return fixed
+
+
+def agrees_with_podipc(text: str, c_reading: str) -> bool:
+    """Whether podipc reads sysvmq://TEXT as the doc's C function said: `number N`, `name` (hashed), or `error`."""
+    try:
+        key = parse_address(f"sysvmq://{text}").key
+    except AddressError as error:
+        if c_reading == "name":
+            return "must be 1+ characters" in str(error)  # not a valid name: the C peer must refuse it too
+        return c_reading == "error" and "out of range" in str(error)
+    if c_reading == "name":
+        return key == sysv_key_from_name(text)
+    return c_reading == f"number {key}"
+
+
+def test_the_c_reading_of_keys_in_the_wire_doc_agrees_with_podipc(tmp_path: Path) -> None:
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("needs a C compiler (apt-get install gcc; scripts/setup.sh installs it)")
+    text = SYSV_MQ.wire_doc.read_text()
+    found = re.search(r"<!-- key-c -->\s*```c\n(.*?)```", text, re.DOTALL)
+    assert found, "docs/wire/sysvmq.md lost its key-c block"
+    driver = """
+#include <stdio.h>
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        long key = 0;
+        int kind = sysvmq_numeric_key(argv[i], &key);
+        if (kind == 1) printf("number %ld\\n", key);
+        else if (kind == 0) printf("name\\n");
+        else printf("error\\n");
+    }
+    return 0;
+}
+"""
+    source = tmp_path / "key.c"
+    source.write_text(found.group(1) + driver)
+    program = tmp_path / "key"
+    subprocess.run([compiler, "-std=c99", "-Wall", "-Werror", "-o", str(program), str(source)], check=True)
+    inputs = key_inputs()
+    readings = subprocess.run([str(program), *inputs], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(readings) == len(inputs)
+    differ = [
+        (key, reading) for key, reading in zip(inputs, readings, strict=True) if not agrees_with_podipc(key, reading)
+    ]
+    assert not differ, differ[:10]
+
+
+def test_the_python_reading_of_keys_in_the_wire_doc_agrees_with_podipc() -> None:
+    text = SYSV_MQ.wire_doc.read_text()
+    found = re.search(r"<!-- key-python -->\s*```python\n(.*?)```", text, re.DOTALL)
+    assert found, "docs/wire/sysvmq.md lost its key-python block"
+    scope: dict[str, object] = {}
+    exec(found.group(1), scope)
+    sysvmq_key = scope["sysvmq_key"]
+    for key_text in key_inputs():
+        try:
+            expected: int | None = parse_address(f"sysvmq://{key_text}").key
+        except AddressError:
+            expected = None
+        try:
+            got: int | None = sysvmq_key(key_text)  # type: ignore[operator]
+        except ValueError:
+            got = None
+        assert got == expected, key_text
 
 
 def test_a_numeric_key_works_too() -> None:
