@@ -65,7 +65,10 @@ HOLDER_SCRIPT = f"""
 set -e
 mount -t tmpfs -o size=128m,mode=1777 podipc-shm /dev/shm
 mkdir -p /dev/mqueue && mount -t mqueue podipc-mqueue /dev/mqueue
+mkdir /dev/shm/.host-tmp && mount --bind /tmp /dev/shm/.host-tmp
 mount -t tmpfs -o size=64m,mode=1777 podipc-tmp /tmp
+{{keep_reachable}}
+umount -l /dev/shm/.host-tmp && rmdir /dev/shm/.host-tmp
 mkdir -m 1777 {VOLUME}
 ip link set lo up 2>/dev/null || true
 echo ready
@@ -144,7 +147,7 @@ class Pod:
         self._started: list[subprocess.Popen[str]] = []
         namespaces = ["unshare", "--ipc", "--mount", "--net", "--propagation", "private", "--"]
         self.holder = subprocess.Popen(
-            [*namespaces, "sh", "-c", HOLDER_SCRIPT],
+            [*namespaces, "sh", "-c", HOLDER_SCRIPT.format(keep_reachable=_rebind_under_tmp())],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -293,6 +296,18 @@ def _needed_paths() -> list[str]:
         *(os.path.realpath(path) for path in site.getsitepackages()),
     }
     return sorted(path for path in paths if os.path.exists(path))
+
+
+def _rebind_under_tmp() -> str:
+    """Shell lines that make needed paths under /tmp (a checkout cloned there) visible again over the pod's own /tmp.
+
+    The pod's fresh /tmp hides the host's; the holder binds the host's /tmp at /dev/shm/.host-tmp
+    first, rebinds what is needed from there, then removes that stash.
+    """
+    directories = sorted({path if os.path.isdir(path) else os.path.dirname(path) for path in _needed_paths()})
+    under_tmp = [path for path in directories if path == "/tmp" or path.startswith("/tmp/")]
+    outermost = [path for path in under_tmp if not any(path.startswith(other + "/") for other in under_tmp)]
+    return "\n".join(f"mkdir -p '{path}' && mount --bind '/dev/shm/.host-tmp{path[4:]}' '{path}'" for path in outermost)
 
 
 def _kill_group(process: subprocess.Popen[str]) -> None:
