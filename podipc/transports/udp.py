@@ -414,6 +414,8 @@ class UDPProducer(Producer):
         return fd, POLLIN, max(0.0, self._next_control_at - monotonic())
 
     def _try_close(self) -> bool:
+        if self._phase == _DONE:
+            return True
         if self._phase == _RENDEZVOUS and not self._progress():
             return False
         if self._phase == _READY:
