@@ -393,6 +393,16 @@ def test_the_plain_socket_consumer_from_the_docs_takes_a_podipc_stream(tmp_path:
     assert json.loads(out) == {"messages": [3, 0, 15000], "lost": 0}
 
 
+@pytest.mark.parametrize(
+    "url", ["udp://127.0.0.1:7001", "udp://localhost:7001?wait=3", "UDP://[::1]:7001", "udp://0.0.0.0:65535"]
+)
+def test_the_presence_token_formula_in_the_docs_is_podipcs(tmp_path: Path, url: str) -> None:
+    script = tmp_path / "token.py"
+    script.write_text(doc_script("udp_presence_token.py"))
+    printed = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == podipc.parse_address(url).token
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=64))
 def test_the_datagram_decoder_accepts_only_well_formed_datagrams(datagram: bytes) -> None:
