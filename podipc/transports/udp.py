@@ -110,6 +110,11 @@ RETRY_MAX_SECONDS = 0.1
 ACK_GRACE_SECONDS = 0.05
 """After the consumer is seen gone while closing, how long its end-of-stream ack may still take to arrive."""
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+RECEIVE_MEMORY = struct.Struct("@I")
+"""The first field of SO_MEMINFO: bytes the socket's receive queue is charged (a little late in going down)."""
+SMALLEST_DATAGRAM_CHARGE = 256
+"""Bytes of receive memory the kernel charges at least per queued datagram (its sk_buff alone takes more)."""
 TIMEVAL = struct.Struct("@ll")
 PROC_NET_UDP = {socket.AF_INET: "/proc/net/udp", socket.AF_INET6: "/proc/net/udp6"}
 """Where Linux lists the UDP sockets of this network namespace, with the UID owning each."""
@@ -475,6 +480,8 @@ class UDPConsumer(Consumer):
     """Datagrams that arrived after a later one (reordered or duplicated) and were dropped."""
     _port_closed = False
     _verified = False
+    _unchecked_at_most = 0
+    """After connect(): how many datagrams at most may still be queued from before it (from anyone)."""
     _refusal: str | None = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
@@ -623,6 +630,10 @@ class UDPConsumer(Consumer):
         except OSError as exc:
             self._receive_failed(exc)
             return -1
+        if self._producer is not None:
+            self._unchecked_at_most -= 1
+            if self._unchecked_at_most <= 0:
+                self._verified = True  # a consumer that never finds its socket empty still gets to the fast path
         if self._producer is None:
             decoded = decode(self._view[:size])
             if decoded is not None and decoded[0] == KIND_HELLO:
@@ -634,6 +645,15 @@ class UDPConsumer(Consumer):
             self.skipped += 1
             return -1
         return size
+
+    def _queued_at_most(self) -> int:
+        """An upper bound of the datagrams in the socket's queue now, from the memory they are charged."""
+        try:
+            meminfo = self._sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, RECEIVE_MEMORY.size)
+            charged = int(RECEIVE_MEMORY.unpack(meminfo)[0])
+        except OSError:  # a kernel before 4.6: the whole buffer could be full
+            charged = int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        return charged // SMALLEST_DATAGRAM_CHARGE + 1
 
     def _receive_failed(self, error: OSError) -> None:
         if error.errno not in _REFUSED:
@@ -683,6 +703,7 @@ class UDPConsumer(Consumer):
         except OSError as exc:
             raise PodIPCError(f"{self._what}: cannot answer {host}:{port}: {exc.strerror or exc}") from exc
         self._producer = (host, port)
+        self._unchecked_at_most = self._queued_at_most()
         self._peer_seen = True
         self._reply(KIND_HELLO_ACK)
         self._presence.peer_seen = False  # a producer seen before (one of an earlier stream) is not this one

@@ -58,7 +58,7 @@ time.sleep(120)
 def udp_url(**options: object) -> str:
     """A fresh udp:// URL in this file's port range (17110-17139)."""
     port = next(PORTS)
-    assert port < 17140
+    assert port < 17140, "this file's port range is used up: give it more"
     query = "&".join(f"{key}={value}" for key, value in options.items())
     return f"udp://127.0.0.1:{port}" + (f"?{query}" if query else "")
 
@@ -270,6 +270,14 @@ def test_a_datagram_from_another_socket_queued_behind_the_hello_is_skipped() -> 
             plain.send(udp.encode(udp.KIND_EOS, 1))
             assert list(consumer) == [b"real"]
         assert (consumer.skipped, consumer.lost) == (1, 0)
+
+
+def test_the_bound_on_datagrams_queued_before_connect_is_never_below_their_number() -> None:
+    sizes = [0, 64, 1500, udp.MAX_MESSAGE_SIZE] * 30
+    with podipc.consumer(udp_url()) as consumer, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for count, size in enumerate(sizes, 1):
+            sender.sendto(bytes(size), ("127.0.0.1", consumer.address.port))
+            assert consumer._queued_at_most() >= count
 
 
 def test_the_owners_of_udp_sockets_come_from_the_kernel_table() -> None:
