@@ -621,6 +621,8 @@ with podipc.producer(sys.argv[1]) as out, podipc.close_on_signals(out) as stop:
         out.send(message)
         digest.update(message)
         count += 1
+        if count == 20:
+            print("sending", flush=True)
         time.sleep(0.001)
 print(json.dumps({{"count": count, "sha256": digest.hexdigest(), "signal": stop.received}}), flush=True)
 """
@@ -642,12 +644,15 @@ def test_sigterm_to_a_producer_under_close_on_signals_ends_the_stream_gracefully
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = SIGTERMED_PRODUCER.format(tests=tests)
     producer = subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    assert producer.stdout is not None
+    # its handler is in place and the stream flows (a fixed delay was too short on a loaded machine)
+    assert producer.stdout.readline().strip() == "sending"
+    time.sleep(0.3)
     producer.send_signal(signal.SIGTERM)
     output, _ = producer.communicate(timeout=10)
     assert producer.returncode == 0
     summary = json.loads(output)
-    assert summary["signal"] == signal.SIGTERM and summary["count"] > 10
+    assert summary["signal"] == signal.SIGTERM and summary["count"] > 20
     assert results.get(timeout=30) == (summary["count"], summary["sha256"], "end of stream")
     consumer.join(30)
 
