@@ -244,13 +244,14 @@ def test_cancelled_sends_send_all_or_nothing_across_a_thousand_messages(scheme: 
     sizes = mixed_sizes(1000, min(size_limit(scheme), 65536), seed=6)
     results = CONTEXT.Queue()
     chance = random.Random(8)
+    cancelled_enough = CONTEXT.Event()
 
     def slow_consumer() -> None:
         digest, count = hashlib.sha256(), 0
         if scheme not in RELIABLE:
             # udp sends never wait for room (a datagram that does not fit is dropped and counted in `lost`):
             # they wait only for the consumer to appear, so here they are cancelled while it is not there yet
-            time.sleep(0.5)
+            cancelled_enough.wait(60)
         with podipc.consumer(url) as inbox:
             for message in inbox:
                 digest.update(message)
@@ -273,6 +274,8 @@ def test_cancelled_sends_send_all_or_nothing_across_a_thousand_messages(scheme: 
                         break
                     except TimeoutError:
                         cancelled += 1  # cancelled while waiting: nothing of it was sent; send it again
+                        if cancelled == 100:
+                            cancelled_enough.set()
         return cancelled
 
     cancelled = asyncio.run(main())
