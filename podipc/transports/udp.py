@@ -2,8 +2,9 @@
 
 Address:
     udp://HOST:PORT           the consumer binds HOST:PORT; the producer sends to it
-    options: wait=SECONDS (peer rendezvous, default 30), mode=0600 (presence files),
-             rcvbuf=BYTES (consumer receive buffer asked for, default 8MiB)
+    options: wait=SECONDS (peer rendezvous, default 30; none/inf: forever), mode=0600 (presence
+             files), rcvbuf=BYTES (consumer receive buffer asked for, default 8MiB),
+             spin=SECONDS (how long a consumer polls an empty socket before sleeping, default 0.0001)
 
 Requires:
     nothing beyond the standard library.
@@ -22,41 +23,66 @@ Semantics:
 
     Wire format (docs/wire/udp.md): an 11-byte header `b"pu"`, a kind byte, a
     64-bit big-endian sequence number, then the payload. The producer says HELLO
-    until the consumer answers (or until the consumer's presence file appears),
-    sends DATA, then repeats EOS (carrying the message count) until the consumer
-    acknowledges it, so a lost EOS never hangs either side.
+    until the consumer answers (or until the consumer's presence file shows it is
+    bound), sends DATA, then repeats EOS (carrying the message count) until the
+    consumer acknowledges it, so a lost EOS never hangs either side.
 
-    Garbage: datagrams with a bad magic, kind or length, or (before the HELLO) from
-    any address, are skipped and counted in `Consumer.skipped`. After the HELLO the
-    consumer's socket is connected to the producer, so the kernel itself discards
-    datagrams from other addresses (those are not counted).
+    Trust: a port has no permissions, so podipc checks who owns the sockets it talks
+    to (/proc/net/udp names the UID of every UDP socket of the network namespace):
+    the producer sends nothing to a port bound by another user's socket (ChannelUnavailable
+    naming the owner), the consumer ignores a HELLO from another user's socket (counted
+    in `Consumer.skipped`). Another user means: not our UID, nor the owner of the peer's
+    presence file (which podipc.presence trusts only when it is ours, or a common group's
+    with mode=0660). After the HELLO the consumer's socket is connected to the producer,
+    so the kernel discards datagrams from any other address.
+
+    Garbage: datagrams with a bad magic, kind or length, or before the HELLO (whatever
+    their source), or from another address that queued before the HELLO was answered,
+    are skipped and counted in `Consumer.skipped`.
 
     Liveness: datagrams cannot tell a dead peer, so both sides hold a
-    podipc.presence.Presence file in /dev/shm; a killed producer makes the blocked
-    consumer raise PeerGone within a quarter second, a vanished consumer makes the
-    producer's next send fail (ICMP port unreachable -> PeerGone).
+    podipc.presence.Presence file in /dev/shm, watched by the process's one peer
+    monitor: a producer that dies (or aborts) makes the consumer raise PeerGone once
+    what arrived is read, within about half a second, also while it waits in recv;
+    a vanished consumer makes the producer's next send raise PeerGone (the kernel's
+    ICMP "port unreachable", or the monitor within about 0.2 s, whichever comes first).
 
     Creates: the consumer binds the port (closed when the stream ends or it closes);
     each side creates and removes its presence file.
+
+The endpoint contract (podipc.channel):
+    Readiness is the socket itself: the consumer's for reading; the producer's for
+    reading while it waits for the consumer's answers (with a resend timer as
+    `retry_after`), for writing once attached. No helper thread, so podipc.aio waits
+    on the socket with loop.add_reader. A consumer's blocking recv reads the socket
+    directly (the fast path: after `spin` seconds of polling, a kernel-blocking read of
+    at most FAST_SLICE_SECONDS, then the poll wait); close() from another thread or a
+    signal handler wakes it with shutdown(SHUT_RD). A send never waits for room:
+    loopback hands a datagram to the consumer (or drops it there) within the call; it
+    waits only for the consumer to appear. Endpoints may be shared by threads (one call
+    at a time per side, by the base's gate).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
+import os
+import select
 import socket
 import struct
-import time
+import sys
 from collections.abc import Callable, Mapping
 from time import monotonic
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_size, remaining
-from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError, Timeout
-from podipc.presence import PeerState, Presence
+from podipc.channel import Consumer, Option, Producer, parse_seconds, parse_size
+from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError
+from podipc.ownership import SHARE_FIX, user_text
+from podipc.presence import PeerState, PeerTracker, Presence, open_presence
 from podipc.transport import AddressForm, Capability, Example, MessageLimit, Transport
+from podipc.waking import POLLIN, POLLOUT
 
 UDP_DATAGRAM_LIMIT = 65507  # 65535 - 20 (IPv4 header) - 8 (UDP header)
 MAGIC = b"pu"
@@ -75,16 +101,29 @@ KIND_EOS_ACK = 0x65  # 'e'
 KINDS = frozenset({KIND_DATA, KIND_HELLO, KIND_HELLO_ACK, KIND_EOS, KIND_EOS_ACK})
 
 DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
-LIVENESS_SLICE_SECONDS = 0.25
-MINIMUM_SLICE_SECONDS = 0.0005
+DEFAULT_SPIN_SECONDS = 0.0001
+FAST_SLICE_SECONDS = 0.25
+"""The longest a consumer's fast path blocks in the kernel before it looks at its state and deadline."""
 GATHER_THRESHOLD = 2048  # bytes; larger payloads go out with sendmsg, header and payload uncopied
 RETRY_FIRST_SECONDS = 0.005
 RETRY_MAX_SECONDS = 0.1
+ACK_GRACE_SECONDS = 0.05
+"""After the consumer is seen gone while closing, how long its end-of-stream ack may still take to arrive."""
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+RECEIVE_MEMORY = struct.Struct("@I")
+"""The first field of SO_MEMINFO: bytes the socket's receive queue is charged (a little late in going down)."""
+SMALLEST_DATAGRAM_CHARGE = 256
+"""Bytes of receive memory the kernel charges at least per queued datagram (its sk_buff alone takes more)."""
 TIMEVAL = struct.Struct("@ll")
+PROC_NET_UDP = {socket.AF_INET: "/proc/net/udp", socket.AF_INET6: "/proc/net/udp6"}
+"""Where Linux lists the UDP sockets of this network namespace, with the UID owning each."""
+PROC_UID_FIELD = 7
 
 LIMIT_SOURCE = "the UDP datagram limit"
 LIMIT_FIX = "use tcp:// or shm:// for larger messages"
+_DONTWAIT = socket.MSG_DONTWAIT
+_REFUSED = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
 def availability() -> str | None:
@@ -126,27 +165,94 @@ def _target(address: Address) -> tuple[str, int]:
 def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
     whole = int(seconds)
     micro = int((seconds - whole) * 1_000_000)
-    if whole == 0 and micro == 0:
-        micro = 1  # a zero timeval means "block forever"
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL.pack(whole, micro))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEVAL.pack(whole, max(micro, 1)))
 
 
 def _translate(error: OSError, what: str) -> PodIPCError:
-    if error.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH):
+    if error.errno in _REFUSED:
         return PeerGone(f"the consumer of {what} is gone (port unreachable: {error.strerror})")
     return PodIPCError(f"{what}: {error.strerror or error}")
+
+
+# --- who owns a UDP socket ----------------------------------------------------------
+
+
+def udp_socket_owners(family: socket.AddressFamily, host: str, port: int) -> list[int] | None:
+    """The UIDs owning the UDP sockets of this network namespace bound to `host:port` (or any address, `port`).
+
+    From /proc/net/udp (udp6 for IPv6); None when it cannot be read or `host` is not a numeric address.
+    """
+    try:
+        wanted = socket.inet_pton(family, host)
+        with open(PROC_NET_UDP[family], "rb") as table:
+            lines = table.read().decode("ascii", "replace").splitlines()[1:]
+    except (OSError, KeyError):
+        return None
+    wildcard = bytes(len(wanted))
+    owners = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) <= PROC_UID_FIELD:
+            continue
+        address_hex, _, port_hex = fields[1].partition(":")
+        try:
+            bound = (_proc_address(address_hex), int(port_hex, 16))
+            uid = int(fields[PROC_UID_FIELD])
+        except ValueError:
+            continue
+        if bound[1] == port and bound[0] in (wanted, wildcard):
+            owners.append(uid)
+    return owners
+
+
+def _proc_address(text: str) -> bytes:
+    """An address as /proc/net/udp{,6} prints it (32-bit words in host byte order) as network-order bytes."""
+    if len(text) not in (8, 32):
+        raise ValueError(f"not an address: {text!r}")
+    return b"".join(int(text[start : start + 8], 16).to_bytes(4, sys.byteorder) for start in range(0, len(text), 8))
+
+
+def _presence_owner(presence: Presence) -> int | None:
+    """The UID owning the peer's presence file, when there is one (podipc.presence trusts it, or raises)."""
+    fd = open_presence(presence.peer_path, presence.trust)
+    if fd is None:
+        return None
+    try:
+        return os.fstat(fd).st_uid
+    finally:
+        os.close(fd)
+
+
+def _foreign_owner(presence: Presence, owners: list[int]) -> int | None:
+    """The first of `owners` that is neither us nor the owner of the peer's (trusted) presence file; None if none."""
+    trusted = {presence.trust.uid}
+    if any(uid not in trusted for uid in owners):
+        peer = _presence_owner(presence)
+        if peer is not None:
+            trusted.add(peer)
+    return next((uid for uid in owners if uid not in trusted), None)
 
 
 RECEIVE_BUFFER_OPTION = Option(
     "rcvbuf", parse_size, DEFAULT_RECEIVE_BUFFER, "bytes of socket receive buffer the consumer asks for"
 )
+SPIN_OPTION = Option(
+    "spin", parse_seconds, DEFAULT_SPIN_SECONDS, "seconds a consumer polls an empty socket before it sleeps"
+)
+UDP_OPTIONS = (RECEIVE_BUFFER_OPTION, SPIN_OPTION)
+"""Both sides accept both (the URL is shared); only consumers use them."""
+
+
+# --- producer ---------------------------------------------------------------------------
+
+_RENDEZVOUS, _READY, _ENDING, _DONE = range(4)
 
 
 class UDPProducer(Producer):
     """Sends each message as one datagram to the consumer's port."""
 
-    options: ClassVar[tuple[Option, ...]] = (RECEIVE_BUFFER_OPTION,)  # the URL is shared; only consumers use it
-
+    options: ClassVar[tuple[Option, ...]] = UDP_OPTIONS
+    waits_forever: ClassVar[bool] = True
     max_message_source = LIMIT_SOURCE
     max_message_fix = LIMIT_FIX
 
@@ -154,13 +260,28 @@ class UDPProducer(Producer):
         super().__init__(address, settings)
         self.max_message_size = MAX_MESSAGE_SIZE
         self._what = address.location
-        self._ready = False
+        self._family = _family(address)
+        self._phase = _RENDEZVOUS
+        self._sent = 0
+        """DATA datagrams sent: the sequence number of the next one."""
         self._header = bytearray(HEADER.pack(MAGIC, KIND_DATA, 0))
-        self._sock = socket.socket(_family(address), socket.SOCK_DGRAM)
+        self._hello = encode(KIND_HELLO, 0)
+        self._end_of_stream = b""
+        self._next_control_at = 0.0
+        self._control_pause = RETRY_FIRST_SECONDS
+        self._refused = False
+        """An ICMP refusal came back while ending: the consumer's port is closed."""
+        self._gone_since: float | None = None
+        self._sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
+            self._sock.setblocking(False)
             self._sock.connect(_target(address))
             self._presence = Presence(
-                address.token, "producer", settings["mode"], handover_wait=float(settings["wait"])
+                address.token,
+                "producer",
+                settings["mode"],
+                handover_wait=float(settings["wait"]),
+                channel=address.location,
             )
         except OSError as exc:
             self._sock.close()
@@ -168,152 +289,240 @@ class UDPProducer(Producer):
         except BaseException:
             self._sock.close()
             raise
-        self._sequence_numbers = itertools.count()
 
-    def _send(self, view: memoryview, deadline: float | None) -> None:
-        """The first send: rendezvous, then replace this method by the steady one for this instance."""
-        self._rendezvous(deadline)
-        self._send = self._steady_sender()  # type: ignore[method-assign,assignment]
-        self._send(view, deadline)
+    # --- sending -------------------------------------------------------------
 
     def _steady_sender(self) -> Callable[[memoryview, float | None], None]:
-        """The per-message send, with everything it needs bound once (no attribute lookups per message)."""
-        header, pack_sequence, sequence_numbers = self._header, SEQUENCE.pack_into, self._sequence_numbers
-        send, sendmsg, what = self._sock.send, self._sock.sendmsg, self._what
+        """The per-message send once attached, with everything it needs bound once (no lookups per message)."""
+        header, pack_sequence, what, owner = self._header, SEQUENCE.pack_into, self._what, self
+        send, sendmsg = self._sock.send, self._sock.sendmsg
 
         def send_data(view: memoryview, deadline: float | None) -> None:
-            pack_sequence(header, SEQUENCE_OFFSET, next(sequence_numbers))
+            sequence = owner._sent
+            pack_sequence(header, SEQUENCE_OFFSET, sequence)
             try:
                 if view.nbytes <= GATHER_THRESHOLD:
                     send(header + view)  # one small copy beats sendmsg's setup
                 else:
                     sendmsg((header, view))
+            except BlockingIOError:
+                Producer._send(owner, view, deadline)  # no room in the socket: wait as an attempt would
+                return
             except OSError as exc:
                 raise _translate(exc, what) from exc
+            owner._sent = sequence + 1
 
         return send_data
 
-    def _rendezvous(self, deadline: float | None) -> None:
-        """Say HELLO until the consumer answers or its presence shows it is bound and listening."""
-        hello = encode(KIND_HELLO, 0)
-        pause = RETRY_FIRST_SECONDS
-        while True:
-            self._send_control(hello)
-            if self._presence.peer_state() is PeerState.ALIVE and self._send_control(hello):
-                break  # the consumer binds before its presence appears, so this HELLO is queued for it
-            if self._await_reply(KIND_HELLO_ACK, pause):
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise Timeout(f"{self._what}: no consumer answered before the send timeout")
-            if now >= self.wait_deadline:
-                raise PeerTimeout(
-                    f"no consumer appeared on {self._what} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-                )
-            pause = min(pause * 2, RETRY_MAX_SECONDS)
-        self._presence.peer_state()  # remember a podipc consumer as seen, to tell when it vanishes
-        self._ready = True
+    def _try_send(self, view: memoryview) -> bool:
+        if self._phase != _READY and not self._progress():
+            return False
+        if self._peer_lost:
+            raise self._consumer_gone()
+        sequence = self._sent
+        SEQUENCE.pack_into(self._header, SEQUENCE_OFFSET, sequence)
+        try:
+            if view.nbytes <= GATHER_THRESHOLD:
+                self._sock.send(self._header + view)
+            else:
+                self._sock.sendmsg((self._header, view))
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise _translate(exc, self._what) from exc
+        self._sent = sequence + 1
+        return True
+
+    def _try_prepare(self) -> bool:
+        return self._phase == _READY or self._progress()
+
+    def _signal_peer_lost(self) -> None:
+        self.__dict__.pop("_send", None)  # the next send is an attempt, which says PeerGone
+        super()._signal_peer_lost()
+
+    def _consumer_gone(self) -> PeerGone:
+        return PeerGone(f"the consumer of {self._what} is gone (it died or closed before the end of stream)")
+
+    # --- the rendezvous --------------------------------------------------------
+
+    def _progress(self) -> bool:
+        """One non-blocking step of the rendezvous; True once the consumer is there (then sends go straight out)."""
+        if self._take_replies(KIND_HELLO_ACK):
+            return self._attach()
+        now = monotonic()
+        if now < self._next_control_at:
+            return False
+        self._schedule_control(now)
+        consumer = self._presence.peer_state()
+        # a consumer binds before its presence appears: alive now, it queues this HELLO and answers it when it reads
+        return self._send_control(self._hello) and consumer is PeerState.ALIVE and self._attach()
+
+    def _attach(self) -> bool:
+        """The consumer is there: check who holds its port, then send at full speed and watch it."""
+        host, port = self._sock.getpeername()[:2]
+        owners = udp_socket_owners(self._family, host, port)
+        foreign = None if owners is None else _foreign_owner(self._presence, owners)
+        if foreign is not None:
+            raise ChannelUnavailable(
+                f"{self._what}: the port is held by a socket of {user_text(foreign)}, not by this channel's "
+                f"consumer ({user_text(self._presence.trust.uid)} or the owner of its presence file): podipc "
+                f"sends nothing there; stop that program or use another port ({SHARE_FIX})"
+            )
+        self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # refusals of HELLOs sent before it bound
+        self._phase = _READY
+        self._peer_seen = True
+        self._send = self._steady_sender()  # type: ignore[method-assign,assignment]
+        self._presence.watch(self._signal_peer_lost)
+        self._readiness_changed()
+        return True
+
+    def _schedule_control(self, now: float) -> None:
+        self._next_control_at = now + self._control_pause
+        self._control_pause = min(self._control_pause * 2, RETRY_MAX_SECONDS)
 
     def _send_control(self, datagram: bytes) -> bool:
         """Send a control datagram; False when refused (nobody listened, now or for an earlier one)."""
         self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # a pending refusal would eat this send
         try:
             self._sock.send(datagram)
+        except BlockingIOError:
+            return False
         except OSError as exc:
-            if exc.errno != errno.ECONNREFUSED:
+            if exc.errno not in _REFUSED:
                 raise _translate(exc, self._what) from exc
+            self._refused = True
             return False
         return True
 
-    def _await_reply(self, kind: int, seconds: float) -> bool:
-        """Wait up to `seconds` for a control datagram of `kind`; refusals mean nobody listens yet."""
-        until = time.monotonic() + seconds
+    def _take_replies(self, kind: int) -> bool:
+        """Read every reply queued now (never waits); True when one of `kind` was among them."""
+        found = False
         while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                return False
-            self._sock.settimeout(left)
             try:
                 reply = self._sock.recv(HEADER_SIZE + 1)
-            except TimeoutError:
-                return False
+            except BlockingIOError:
+                return found
             except OSError as exc:
-                if exc.errno == errno.ECONNREFUSED:
-                    return False
-                raise _translate(exc, self._what) from exc
-            finally:
-                self._sock.settimeout(None)
-            decoded = decode(reply)
-            if decoded is not None and decoded[0] == kind:
-                return True
-
-    def _close(self, deadline: float | None) -> None:
-        """Repeat EOS (with the message count) until the consumer acknowledges it."""
-        try:
-            if not self._ready:
-                self._rendezvous(deadline)
-            eos = encode(KIND_EOS, next(self._sequence_numbers))  # the count of DATA sent
-            hello = encode(KIND_HELLO, 0)
-            pause = RETRY_FIRST_SECONDS
-            while True:
-                try:
-                    if pause > RETRY_FIRST_SECONDS:  # unanswered: maybe the HELLO was lost, say it again
-                        self._sock.send(hello)
-                    self._sock.send(eos)
-                except OSError as exc:
+                if exc.errno not in _REFUSED:
                     raise _translate(exc, self._what) from exc
-                if self._await_reply(KIND_EOS_ACK, pause):
-                    return
-                if self._presence.peer_lost():
-                    raise PeerGone(f"the consumer of {self._what} is gone before it took the end of stream")
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise Timeout(f"{self._what}: the consumer did not acknowledge the end of stream in time")
-                pause = min(pause * 2, RETRY_MAX_SECONDS)
-        finally:
-            self._abort()
+                self._refused = True  # one of our datagrams found the port closed; what is queued comes next
+                continue
+            decoded = decode(reply)
+            found = found or (decoded is not None and decoded[0] == kind)
 
-    def _abort(self) -> None:
+    # --- readiness, closing ------------------------------------------------------
+
+    def _readiness(self) -> tuple[int, int, float | None]:
+        fd = self._sock.fileno()
+        if self._phase == _READY:
+            return fd, POLLOUT, None
+        return fd, POLLIN, max(0.0, self._next_control_at - monotonic())
+
+    def _try_close(self) -> bool:
+        if self._phase == _DONE:
+            return True
+        if self._phase == _RENDEZVOUS and not self._progress():
+            return False
+        if self._phase == _READY:
+            self._begin_ending()
+        if self._take_replies(KIND_EOS_ACK):
+            self._phase = _DONE
+            return True
+        now = monotonic()
+        if self._peer_lost or self._refused:
+            # the consumer acknowledges before it leaves, so its ack is queued by now, or comes within the grace
+            if self._gone_since is None:
+                self._gone_since = now
+                self._next_control_at = min(self._next_control_at, now + ACK_GRACE_SECONDS)
+            elif now >= self._gone_since + ACK_GRACE_SECONDS:
+                raise PeerGone(f"the consumer of {self._what} is gone before it took the end of stream")
+        if now >= self._next_control_at:
+            self._send_control(self._hello)  # the first HELLO may have been lost: say it again
+            self._send_control(self._end_of_stream)
+            self._schedule_control(now)
+        return False
+
+    def _begin_ending(self) -> None:
+        self._phase = _ENDING
+        self._end_of_stream = encode(KIND_EOS, self._sent)  # the count of DATA sent
+        self.__dict__.pop("_send", None)
+        self._refused = False
+        self._send_control(self._end_of_stream)
+        self._control_pause = RETRY_FIRST_SECONDS
+        self._schedule_control(monotonic())
+        self._readiness_changed()
+
+    def _free(self) -> None:
+        self.__dict__.pop("_send", None)
+        self._presence.leave(clean=self._phase == _DONE, peer_file_is_evidence=_never)
         self._sock.close()
-        self._presence.close()
+
+    def _drop_inherited(self) -> None:
+        self._sock.close()
+
+
+def _never() -> bool:
+    return False
+
+
+# --- consumer ---------------------------------------------------------------------------
 
 
 class UDPConsumer(Consumer):
     """Binds the port and receives datagrams; counts lost ones, skips garbage."""
 
-    options: ClassVar[tuple[Option, ...]] = (RECEIVE_BUFFER_OPTION,)
+    options: ClassVar[tuple[Option, ...]] = UDP_OPTIONS
+    waits_forever: ClassVar[bool] = True
     max_message_source = LIMIT_SOURCE
     max_message_fix = LIMIT_FIX
 
     late: int = 0
     """Datagrams that arrived after a later one (reordered or duplicated) and were dropped."""
+    _port_closed = False
+    _verified = False
+    _unchecked_at_most = 0
+    """After connect(): how many datagrams at most may still be queued from before it (from anyone)."""
+    _refusal: str | None = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
         self.max_message_size = MAX_MESSAGE_SIZE
         self._what = address.location
+        self._family = _family(address)
         self._expected = 0
-        self._producer: Any = None
+        self._producer: tuple[str, int] | None = None
         self._buffer = bytearray(UDP_DATAGRAM_LIMIT + 1)
         self._view = memoryview(self._buffer)
-        self._slice = LIVENESS_SLICE_SECONDS
-        self._sock = socket.socket(_family(address), socket.SOCK_DGRAM)
+        self._spin = float(settings["spin"])
+        self._sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             self._grow_receive_buffer(int(settings["rcvbuf"]))
-            self._sock.bind(_target(address))
-            _set_receive_timeout(self._sock, LIVENESS_SLICE_SECONDS)
+            self._bind(address)
+            _set_receive_timeout(self._sock, FAST_SLICE_SECONDS)
             self._presence = Presence(
-                address.token, "consumer", settings["mode"], handover_wait=float(settings["wait"])
+                address.token,
+                "consumer",
+                settings["mode"],
+                handover_wait=float(settings["wait"]),
+                channel=address.location,
             )
         except OSError as exc:
             self._sock.close()
-            hint = "; another process uses this port" if exc.errno == errno.EADDRINUSE else ""
-            raise ChannelUnavailable(f"cannot bind {self._what}: {exc.strerror or exc}{hint}") from exc
+            raise ChannelUnavailable(f"cannot open {self._what}: {exc.strerror or exc}") from exc
         except BaseException:
             self._sock.close()
             raise
+        try:
+            self._tracker = PeerTracker(self._presence)
+        except BaseException:
+            self._presence.close()
+            self._sock.close()
+            raise
         self._recv_into = self._sock.recv_into
+        poller = select.poll()
+        poller.register(self._sock, POLLIN)  # polled with timeout 0 only: it never stays on the socket's wait queue
+        self._poll = poller.poll
         self._unpack_sequence = SEQUENCE.unpack_from
-        self._steady = False
 
     def _grow_receive_buffer(self, size: int) -> None:
         try:
@@ -321,19 +530,37 @@ class UDPConsumer(Consumer):
         except OSError:  # no CAP_NET_ADMIN: capped by /proc/sys/net/core/rmem_max
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
+    def _bind(self, address: Address) -> None:
+        host, port = _target(address)
+        try:
+            self._sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            owners = udp_socket_owners(self._family, host, port) or []
+            holders = ", ".join(sorted({user_text(uid) for uid in owners})) or "a process we cannot see"
+            raise ChannelUnavailable(
+                f"cannot bind {self._what}: {exc.strerror}; another socket holds this port ({holders}): "
+                "stop it or use another port"
+            ) from exc
+
     @property
     def receive_buffer_size(self) -> int:
         """Bytes of receive buffer the kernel granted (it reports twice what it accounts)."""
         return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
+    # --- receiving ---------------------------------------------------------------
+
     def _recv(self, deadline: float | None) -> bytes:
-        if self._steady and (deadline is None or deadline - monotonic() >= LIVENESS_SLICE_SECONDS):
-            # one slice of blocking cannot overrun the deadline; _recv_slowly checks it after a slice
+        if self._verified and (deadline is None or deadline - monotonic() >= FAST_SLICE_SECONDS):
+            # the fast path: one blocking read cannot overrun the deadline (SO_RCVTIMEO is one slice)
             buffer = self._buffer
             try:
-                size = self._recv_into(buffer)
+                size = self._recv_into(buffer, 0, _DONTWAIT)
+            except BlockingIOError:
+                size = self._spin_then_block()
             except OSError:
-                return self._recv_slowly(deadline)
+                size = -1
             if (
                 size >= HEADER_SIZE
                 and buffer[2] == KIND_DATA
@@ -343,34 +570,100 @@ class UDPConsumer(Consumer):
             ):
                 self._expected += 1
                 return bytes(self._view[HEADER_SIZE:size])
-            message = self._take(size)
-            if message is not None:
-                return message
-        return self._recv_slowly(deadline)
+            if size >= 0:
+                message = self._take(size)
+                if message is not None:
+                    return message
+        return Consumer._recv(self, deadline)
 
-    def _recv_slowly(self, deadline: float | None) -> bytes:
-        """Receive with a deadline, before the HELLO, or after a gap: slice by slice, checking liveness."""
-        if deadline is not None:
-            self._set_slice(deadline)
-        elif self._slice != LIVENESS_SLICE_SECONDS:
-            self._slice = LIVENESS_SLICE_SECONDS
-            _set_receive_timeout(self._sock, LIVENESS_SLICE_SECONDS)
-        if self._producer is None:
-            self._await_hello(deadline)
-        self._steady = self._slice == LIVENESS_SLICE_SECONDS
+    def _spin_then_block(self) -> int:
+        """Poll the empty socket for `spin` seconds (a peer sending now need not wake us), then block one slice.
+
+        The datagram's size, or -1 when nothing came (or an error is waiting for the attempt path).
+        """
+        spin = self._spin
+        if spin:
+            poll, until = self._poll, monotonic() + spin
+            while not poll(0):
+                if self._state or monotonic() >= until:
+                    break
+        try:
+            return self._recv_into(self._buffer)
+        except OSError:
+            return -1
+
+    def _try_recv(self) -> bytes | None:
         while True:
-            try:
-                size = self._recv_into(self._buffer)
-            except BlockingIOError:
-                self._idle(deadline)
-                continue
-            except ConnectionRefusedError as exc:
-                raise PeerGone(f"the producer of {self._what} is gone (its port is closed)") from exc
-            except OSError as exc:
-                raise PodIPCError(f"{self._what}: {exc.strerror or exc}") from exc
+            if self._verified:
+                try:
+                    size = self._recv_into(self._buffer, 0, _DONTWAIT)
+                except BlockingIOError:
+                    self._check_producer()
+                    return None
+                except OSError as exc:
+                    self._receive_failed(exc)
+                    continue
+            else:
+                checked = self._receive_checking_source()
+                if checked is None:
+                    self._check_producer()
+                    return None
+                if checked < 0:
+                    continue
+                size = checked
             message = self._take(size)
             if message is not None:
                 return message
+
+    def _receive_checking_source(self) -> int | None:
+        """Read one datagram looking at its source: None when none is queued, -1 when skipped, else its size.
+
+        Until the HELLO every datagram's source is checked; after it, until the queue was once empty,
+        because what queued before connect() may come from anywhere.
+        """
+        try:
+            size, source = self._sock.recvfrom_into(self._buffer, 0, _DONTWAIT)
+        except BlockingIOError:
+            if self._producer is not None:
+                self._verified = True  # everything queued before connect() is read: the kernel filters the rest
+            return None
+        except OSError as exc:
+            self._receive_failed(exc)
+            return -1
+        if self._producer is not None:
+            self._unchecked_at_most -= 1
+            if self._unchecked_at_most <= 0:
+                self._verified = True  # a consumer that never finds its socket empty still gets to the fast path
+        if self._producer is None:
+            decoded = decode(self._view[:size])
+            if decoded is not None and decoded[0] == KIND_HELLO:
+                self._answer_hello(source)
+            else:
+                self.skipped += 1
+            return -1
+        if tuple(source[:2]) != self._producer:
+            self.skipped += 1
+            return -1
+        return size
+
+    def _queued_at_most(self) -> int:
+        """An upper bound of the datagrams in the socket's queue now, from the memory they are charged."""
+        try:
+            meminfo = self._sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, RECEIVE_MEMORY.size)
+            charged = int(RECEIVE_MEMORY.unpack(meminfo)[0])
+        except OSError:  # a kernel before 4.6: the whole buffer could be full
+            charged = int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        return charged // SMALLEST_DATAGRAM_CHARGE + 1
+
+    def _receive_failed(self, error: OSError) -> None:
+        if error.errno not in _REFUSED:
+            raise PodIPCError(f"{self._what}: {error.strerror or error}") from error
+        self._port_closed = True  # an answer of ours found the producer's port closed; read what is queued first
+
+    def _check_producer(self) -> None:
+        """Nothing is queued: raise PeerGone if the producer was lost meanwhile (its last datagrams are read)."""
+        if self._peer_lost or self._port_closed:
+            raise PeerGone(f"the producer of {self._what} is gone (it died or closed without ending the stream)")
 
     def _take(self, size: int) -> bytes | None:
         """Handle the datagram of `size` bytes in the buffer: its payload, or None when it was not data."""
@@ -384,67 +677,38 @@ class UDPConsumer(Consumer):
             self.lost += sequence - expected
             self._expected = sequence + 1
             return bytes(self._view[HEADER_SIZE:size])
+        if size == 0 and self._closing:
+            raise self._closed_error()  # shutdown() by a close elsewhere: a blocking read returns nothing
         self._control(self._view[:size])
         return None
 
-    def _await_hello(self, deadline: float | None) -> None:
-        """Skip everything until a producer says HELLO; then talk only to it (connect)."""
-        while True:
-            try:
-                size, source = self._sock.recvfrom_into(self._buffer)
-            except BlockingIOError:
-                self._idle(deadline)
-                continue
-            except OSError as exc:
-                raise PodIPCError(f"{self._what}: {exc.strerror or exc}") from exc
-            decoded = decode(self._view[:size])
-            if decoded is None or decoded[0] != KIND_HELLO:
-                self.skipped += 1
-                continue
-            try:
-                self._sock.connect(source)
-            except OSError as exc:
-                raise PodIPCError(f"{self._what}: cannot answer {source}: {exc.strerror or exc}") from exc
-            self._producer = source
-            self._reply(KIND_HELLO_ACK)
-            self._presence.peer_state()  # a podipc producer holds its presence before its HELLO: seen
+    def _answer_hello(self, source: Any) -> None:
+        """A HELLO before any: if its socket is ours (or the producer's trusted user's), talk only to it from now on."""
+        host, port = source[0], source[1]
+        owners = udp_socket_owners(self._family, host, port)
+        if owners is None:
+            foreign = None  # this system does not say who owns sockets: the handshake alone decides
+        elif not owners:
+            foreign = -1  # its socket is gone already
+        else:
+            foreign = _foreign_owner(self._presence, owners)
+        if foreign is not None:
+            self.skipped += 1
+            if self._refusal is None:
+                whose = "a socket that is gone" if foreign < 0 else f"a socket of {user_text(foreign)}"
+                self._refusal = f"ignored a HELLO from {host}:{port}, {whose}"
             return
-
-    def _set_slice(self, deadline: float) -> None:
-        left = remaining(deadline) or 0.0
-        wanted = min(LIVENESS_SLICE_SECONDS, max(left, MINIMUM_SLICE_SECONDS))
-        if wanted != self._slice:
-            self._slice = wanted
-            _set_receive_timeout(self._sock, wanted)
-
-    def _idle(self, deadline: float | None) -> None:
-        """Nothing arrived in a slice: check the deadline, the rendezvous and the producer's presence."""
-        now = time.monotonic()
-        state = self._presence.peer_state()
-        if state is not PeerState.ALIVE and self._presence.peer_seen:
-            self._gone()
-        if self._producer is None and state is not PeerState.ALIVE and now >= self.wait_deadline:
-            raise PeerTimeout(
-                f"no producer appeared on {self._what} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
-            )
-        if deadline is not None:
-            if now >= deadline:
-                raise Timeout(f"{self._what}: no message within the receive timeout")
-            self._set_slice(deadline)
-
-    def _gone(self) -> None:
-        """The producer's presence vanished: a clean producer sent EOS first, so look once more."""
-        self._slice = MINIMUM_SLICE_SECONDS
-        _set_receive_timeout(self._sock, self._slice)
-        while self._producer is not None:
-            try:
-                size = self._recv_into(self._buffer)
-            except OSError:
-                break
-            decoded = decode(self._view[:size])
-            if decoded is not None and decoded[0] == KIND_EOS:
-                self._control(self._view[:size])
-        raise PeerGone(f"the producer of {self._what} is gone (it died or closed without ending the stream)")
+        try:
+            self._sock.connect(source)
+        except OSError as exc:
+            raise PodIPCError(f"{self._what}: cannot answer {host}:{port}: {exc.strerror or exc}") from exc
+        self._producer = (host, port)
+        self._unchecked_at_most = self._queued_at_most()
+        self._peer_seen = True
+        self._reply(KIND_HELLO_ACK)
+        self._presence.peer_seen = False  # a producer seen before (one of an earlier stream) is not this one
+        self._tracker.attach()
+        self._presence.watch(self._signal_peer_lost, self._tracker)
 
     def _control(self, datagram: memoryview) -> None:
         """Handle a HELLO (repeated) or the EOS; skip anything else. Raises EndOfStream at EOS."""
@@ -460,7 +724,7 @@ class UDPConsumer(Consumer):
                 self.lost += sequence - self._expected
                 self._expected = sequence
             self._reply(KIND_EOS_ACK)
-            self._finish()
+            self._free_once()
             raise EndOfStream(f"{self._what}: the producer ended the stream")
         else:
             self.skipped += 1
@@ -469,12 +733,27 @@ class UDPConsumer(Consumer):
         with contextlib.suppress(OSError):  # the producer repeats what needs an answer
             self._sock.send(encode(kind, self._expected))
 
-    def _finish(self) -> None:
-        self._sock.close()
-        self._presence.close()
+    def _peer_timeout(self) -> PeerTimeout:
+        timeout = super()._peer_timeout()
+        if self._refusal is None:
+            return timeout
+        return PeerTimeout(f"{timeout}; {self._refusal} (podipc takes a HELLO only from its own user's producer)")
 
-    def _close(self) -> None:
-        self._finish()
+    # --- readiness, closing ------------------------------------------------------
+
+    def _readiness(self) -> tuple[int, int, float | None]:
+        return self._sock.fileno(), POLLIN, None
+
+    def _interrupt(self) -> None:
+        with contextlib.suppress(OSError):  # ENOTCONN before the HELLO: the read wakes all the same
+            self._sock.shutdown(socket.SHUT_RD)
+
+    def _free(self) -> None:
+        self._presence.leave(clean=True, peer_file_is_evidence=_never)
+        self._sock.close()
+
+    def _drop_inherited(self) -> None:
+        self._sock.close()
 
 
 TRANSPORT = Transport(
@@ -493,7 +772,7 @@ TRANSPORT = Transport(
         LIMIT_FIX,
         f"{UDP_DATAGRAM_LIMIT:,} B minus an {HEADER_SIZE} B header",
     ),
-    options=(RECEIVE_BUFFER_OPTION,),
+    options=UDP_OPTIONS,
     capabilities=frozenset({Capability.PRESENCE_FILES}),
     availability=availability,
     port_protocol="udp",

@@ -208,7 +208,7 @@ time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("scheme", ["shm", "mq", "sysvmq"])
+@pytest.mark.parametrize("scheme", ["shm", "mq", "sysvmq", "udp"])
 def test_a_producer_killed_after_forking_is_seen_dead_by_another_users_consumer_within_2_s(
     pod: Pod, tenants: Tenants, scheme: str
 ) -> None:

@@ -26,11 +26,11 @@ import pytest
 
 import podipc
 
-from .harness import CONTEXT, leftovers, payload, url_for, wait_until
+from .harness import CONTEXT, RELIABLE, leftovers, payload, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq")
+CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp")
 """Schemes whose transports implement the endpoint contract; the later transports add theirs."""
 WAKE_SECONDS = 0.1
 """Issue 11: a blocked call wakes within 100 ms of close()/abort()."""
@@ -62,12 +62,17 @@ def send_paced(url: str, count: int, pause: float) -> None:
             time.sleep(pause)
 
 
-def consume_when_told(url: str, start_reading: Any, results: Any) -> None:
-    """Attach, wait for the signal to read, then read to the end; report (count, sha256, how it ended)."""
+def consume_when_told(url: str, start_reading: Any, results: Any, open_when_told: bool, wait: float) -> None:
+    """Attach, wait for the signal to read, then read to the end; report (count, sha256, how it ended).
+
+    open_when_told: wait for the signal before even opening (the channel has no consumer until then).
+    """
     digest, count = hashlib.sha256(), 0
     ending = "end of stream"
-    with podipc.consumer(url, wait=60) as channel:
-        channel.poll(60)
+    if open_when_told:
+        start_reading.wait(60)
+    with podipc.consumer(url, wait=wait) as channel:
+        channel.poll(wait)
         start_reading.wait(60)
         try:
             for message in channel:
@@ -78,25 +83,25 @@ def consume_when_told(url: str, start_reading: Any, results: Any) -> None:
     results.put((count, digest.hexdigest(), ending))
 
 
-def spawn_consumer(url: str, reading: bool) -> tuple[Any, Any, Any]:
+def spawn_consumer(url: str, reading: bool, open_when_told: bool = False, wait: float = 60) -> tuple[Any, Any, Any]:
     """A consume_when_told process on `url`: (process, the event that lets it read, its results queue)."""
     start_reading, results = CONTEXT.Event(), CONTEXT.Queue()
     if reading:
         start_reading.set()
-    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results))
+    consumer = CONTEXT.Process(target=consume_when_told, args=(url, start_reading, results, open_when_told, wait))
     consumer.start()
     return consumer, start_reading, results
 
 
 def consume_tags(url: str, results: Any) -> None:
-    """Read to the end; report every (thread, sequence) tag and whether each message's body was intact."""
+    """Read to the end; report every (thread, sequence) tag, how many bodies were damaged, and how many were lost."""
     tags, damaged = [], 0
     with podipc.consumer(url, wait=60) as channel:
         for message in channel:
             thread, sequence = TAG.unpack_from(message)
             tags.append((thread, sequence))
             damaged += message != tagged(thread, sequence)
-    results.put((tags, damaged))
+    results.put((tags, damaged, channel.lost))
 
 
 def tagged(thread: int, sequence: int) -> bytes:
@@ -171,6 +176,29 @@ def test_close_from_another_thread_wakes_a_recv_waiting_for_the_producer(scheme:
     assert wait_until(lambda: not leftovers(url), 5)
 
 
+def waits_for_room(scheme: str) -> bool:
+    """False for udp: its sends never wait for room (a datagram that does not fit is dropped and counted in
+    `lost`, its documented semantics); a udp send waits only for the consumer to appear."""
+    return scheme in RELIABLE
+
+
+def spawn_stalling_consumer(scheme: str, url: str, wait: float = 60) -> tuple[Any, Any, Any]:
+    """A consumer process that makes the producer's sends wait until told to read: attached but not reading
+    (the channel fills), or on udp not even open yet (see waits_for_room)."""
+    return spawn_consumer(url, reading=False, open_when_told=not waits_for_room(scheme), wait=wait)
+
+
+def block_a_send(scheme: str, producer: podipc.Producer, digest: Any) -> Blocked:
+    """A send blocked by a spawn_stalling_consumer: the channel filled (the digest covers what went out), or on
+    udp the first send, waiting for the consumer to appear."""
+    if waits_for_room(scheme):
+        return fill_until_blocked(producer, digest)
+    blocked = Blocked(lambda: producer.send(b"never sent"))
+    time.sleep(0.3)
+    assert blocked.thread.is_alive(), blocked.error
+    return blocked
+
+
 def fill_until_blocked(producer: podipc.Producer, digest: Any) -> Blocked:
     """Send in a thread until a send blocks; the digest covers every send that returned."""
     sent = [0]
@@ -193,10 +221,10 @@ def fill_until_blocked(producer: podipc.Producer, digest: Any) -> Blocked:
 
 def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_stream(scheme: str) -> None:
     url = url_for(scheme)
-    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    consumer, start_reading, results = spawn_stalling_consumer(scheme, url)
     producer = podipc.producer(url)
     digest = hashlib.sha256()
-    blocked = fill_until_blocked(producer, digest)
+    blocked = block_a_send(scheme, producer, digest)
     closed_at = time.monotonic()
     closer = Blocked(lambda: producer.close(timeout=30))
     blocked.join()
@@ -213,9 +241,9 @@ def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_strea
 
 def test_abort_from_another_thread_wakes_a_blocked_send_and_the_consumer_sees_peer_gone(scheme: str) -> None:
     url = url_for(scheme)
-    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    consumer, start_reading, results = spawn_stalling_consumer(scheme, url, wait=2)
     producer = podipc.producer(url)
-    blocked = fill_until_blocked(producer, hashlib.sha256())
+    blocked = block_a_send(scheme, producer, hashlib.sha256())
     aborted_at = time.monotonic()
     producer.abort()
     blocked.join()
@@ -224,7 +252,8 @@ def test_abort_from_another_thread_wakes_a_blocked_send_and_the_consumer_sees_pe
     start_reading.set()
     _, _, ending = results.get(timeout=60)
     consumer.join(30)
-    assert ending == "PeerGone"
+    # udp: the aborted producer never met its consumer, which then finds no producer (and nothing left behind)
+    assert ending == ("PeerGone" if waits_for_room(scheme) else "PeerTimeout")
 
 
 def test_close_from_a_signal_handler_wakes_the_recv_it_interrupted_and_frees_after(scheme: str) -> None:
@@ -252,7 +281,7 @@ def test_close_from_a_signal_handler_wakes_the_recv_it_interrupted_and_frees_aft
 
 def test_close_from_a_signal_handler_during_a_blocked_send_ends_the_stream_as_the_send_leaves(scheme: str) -> None:
     url = url_for(scheme)
-    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    consumer, start_reading, results = spawn_stalling_consumer(scheme, url)
     producer = podipc.producer(url)
     digest = hashlib.sha256()
 
@@ -434,12 +463,14 @@ def test_four_threads_sharing_a_producer_deliver_every_message_whole_once_and_in
             sender.start()
         for sender in senders:
             sender.join(60)
-    tags, damaged = results.get(timeout=60)
+    tags, damaged, lost = results.get(timeout=60)
     consumer.join(30)
     assert damaged == 0
-    assert len(tags) == threads_count * per_thread
+    # udp may drop (counted in `lost`, never on the reliable channels): what arrived plus what was lost is all
+    assert len(tags) + lost == threads_count * per_thread and lost <= threads_count * per_thread // 100
     for n in range(threads_count):
-        assert [sequence for thread, sequence in tags if thread == n] == list(range(per_thread))
+        sequences = [sequence for thread, sequence in tags if thread == n]
+        assert sequences == sorted(set(sequences)) and set(sequences) <= set(range(per_thread))
 
 
 def test_three_threads_sharing_a_consumer_get_every_message_once(scheme: str) -> None:
@@ -464,7 +495,10 @@ def test_three_threads_sharing_a_consumer_get_every_message_once(scheme: str) ->
         reader.join(60)
     producer.join(30)
     consumer.close()
-    assert sorted(m for part in taken for m in part) == sorted(payload(index, 100) for index in range(count))
+    received = [m for part in taken for m in part]
+    # udp may drop (counted in `lost`, never on the reliable channels): what arrived plus what was lost is all
+    assert len(received) + consumer.lost == count and consumer.lost <= count // 100
+    assert len(set(received)) == len(received) and set(received) <= {payload(index, 100) for index in range(count)}
     for part in taken:  # order per thread: each thread saw increasing indexes
         indexes = [struct.unpack_from(">Q", message)[0] for message in part]
         assert indexes == sorted(indexes)
@@ -587,6 +621,8 @@ with podipc.producer(sys.argv[1]) as out, podipc.close_on_signals(out) as stop:
         out.send(message)
         digest.update(message)
         count += 1
+        if count == 20:
+            print("sending", flush=True)
         time.sleep(0.001)
 print(json.dumps({{"count": count, "sha256": digest.hexdigest(), "signal": stop.received}}), flush=True)
 """
@@ -608,12 +644,15 @@ def test_sigterm_to_a_producer_under_close_on_signals_ends_the_stream_gracefully
     tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = SIGTERMED_PRODUCER.format(tests=tests)
     producer = subprocess.Popen([sys.executable, "-c", script, url], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    assert producer.stdout is not None
+    # its handler is in place and the stream flows (a fixed delay was too short on a loaded machine)
+    assert producer.stdout.readline().strip() == "sending"
+    time.sleep(0.3)
     producer.send_signal(signal.SIGTERM)
     output, _ = producer.communicate(timeout=10)
     assert producer.returncode == 0
     summary = json.loads(output)
-    assert summary["signal"] == signal.SIGTERM and summary["count"] > 10
+    assert summary["signal"] == signal.SIGTERM and summary["count"] > 20
     assert results.get(timeout=30) == (summary["count"], summary["sha256"], "end of stream")
     consumer.join(30)
 
@@ -714,7 +753,7 @@ def test_a_send_returns_only_when_a_large_message_can_arrive_whole(scheme: str) 
     echoer = CONTEXT.Process(target=echo, args=(there, back))
     echoer.start()
     with podipc.producer(there) as out, podipc.consumer(back) as inbox:
-        # kernel queues carry at most their max_message_size (8 KiB in a pod): they send their largest
+        # kernel queues carry at most their max_message_size (8 KiB in a pod), udp one datagram: they send their largest
         size = min(1 << 20, out.max_message_size)
         for index in range(5):
             message = payload(index, size)

@@ -58,7 +58,7 @@ time.sleep(120)
 def udp_url(**options: object) -> str:
     """A fresh udp:// URL in this file's port range (17110-17139)."""
     port = next(PORTS)
-    assert port < 17140
+    assert port < 17140, "this file's port range is used up: give it more"
     query = "&".join(f"{key}={value}" for key, value in options.items())
     return f"udp://127.0.0.1:{port}" + (f"?{query}" if query else "")
 
@@ -184,6 +184,132 @@ def test_a_killed_consumer_makes_the_producer_raise_peer_gone_quickly() -> None:
     assert presence_files(url) == []
 
 
+def attached_pair(url: str) -> tuple[Any, Any]:
+    """A producer and a consumer in this process, past the handshake (one message sent and taken)."""
+    consumer = podipc.consumer(url)
+    producer = podipc.producer(url)
+    producer.send(b"first")  # the consumer is bound and present: the HELLO waits in its socket
+    assert consumer.recv(timeout=10) == b"first"
+    return producer, consumer
+
+
+def test_the_end_of_stream_ack_counts_when_the_consumer_took_it_and_left_before_the_producer_looked() -> None:
+    """The flaky test_garbage case, made deterministic: the ack arrives and the consumer leaves between two looks."""
+    producer, consumer = attached_pair(udp_url())
+    assert producer._try_close() is False  # the end of stream is out; no ack yet
+    with pytest.raises(podipc.EndOfStream):
+        consumer.recv(timeout=10)  # takes it, acknowledges, leaves (its presence file and port are gone)
+    assert presence_files(consumer.address.url) == [presence_files(producer.address.url)[0]]
+    producer._signal_peer_lost()  # what the monitor says next
+    assert producer._try_close() is True  # the ack is read before the consumer is called gone
+    producer.close()
+    consumer.close()
+    assert presence_files(producer.address.url) == []
+
+
+def test_what_arrived_before_the_producer_aborted_is_read_then_peer_gone() -> None:
+    producer, consumer = attached_pair(udp_url())
+    for index in range(3):
+        producer.send(message(index, 10))
+    producer.abort()  # its presence file stays behind unlocked: the consumer learns it came and went
+    started = time.monotonic()
+    assert [consumer.recv(timeout=10) for _ in range(3)] == [message(index, 10) for index in range(3)]
+    with pytest.raises(podipc.PeerGone, match=r"producer of .* is gone"):
+        consumer.recv(timeout=10)
+    assert time.monotonic() - started < PEER_GONE_SECONDS
+    consumer.close()
+
+
+HELD_PORT_CONSUMER = """
+import os, sys, time, podipc
+channel = podipc.consumer(sys.argv[1])
+assert channel.recv(timeout=30) == b"first"
+keeper = os.dup(channel._sock.fileno())  # the port stays bound after this process dies: no ICMP will tell
+parent = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == parent:
+        time.sleep(0.05)
+    time.sleep(5)  # the test is over by then
+    os._exit(0)
+print("attached", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_producer_sending_at_full_speed_sees_a_dead_consumer_within_2_s_through_the_monitor() -> None:
+    url = udp_url()
+    consumer = subprocess.Popen([sys.executable, "-c", HELD_PORT_CONSUMER, url], stdout=subprocess.PIPE)
+    try:
+        with podipc.producer(url) as producer:
+            producer.send(b"first")
+            assert consumer.stdout is not None and consumer.stdout.readline() == b"attached\n"
+            consumer.send_signal(signal.SIGKILL)  # its forked child keeps the socket, not the presence
+            killed = time.monotonic()
+            with pytest.raises(podipc.PeerGone, match=r"consumer of .* is gone"):
+                while time.monotonic() - killed < 10:
+                    producer.send(b"more")
+            assert time.monotonic() - killed < PEER_GONE_SECONDS
+            producer.abort()
+    finally:
+        consumer.kill()
+        consumer.wait()
+
+
+def test_a_datagram_from_another_socket_queued_behind_the_hello_is_skipped() -> None:
+    url = udp_url()
+    with podipc.consumer(url) as consumer:
+        target = ("127.0.0.1", consumer.address.port)
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder,
+        ):
+            plain.connect(target)
+            plain.send(udp.encode(udp.KIND_HELLO, 0))
+            intruder.sendto(udp.encode(udp.KIND_DATA, 1000, b"forged"), target)  # queued before connect()
+            plain.send(udp.encode(udp.KIND_DATA, 0, b"real"))
+            plain.send(udp.encode(udp.KIND_EOS, 1))
+            assert list(consumer) == [b"real"]
+        assert (consumer.skipped, consumer.lost) == (1, 0)
+
+
+def test_the_bound_on_datagrams_queued_before_connect_is_never_below_their_number() -> None:
+    sizes = [0, 64, 1500, udp.MAX_MESSAGE_SIZE] * 30
+    with podipc.consumer(udp_url()) as consumer, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for count, size in enumerate(sizes, 1):
+            sender.sendto(bytes(size), ("127.0.0.1", consumer.address.port))
+            assert consumer._queued_at_most() >= count
+
+
+def test_the_owners_of_udp_sockets_come_from_the_kernel_table() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bound:
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        assert udp.udp_socket_owners(socket.AF_INET, "127.0.0.1", port) == [os.geteuid()]
+    assert udp.udp_socket_owners(socket.AF_INET, "127.0.0.1", port) == []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wildcard:
+        wildcard.bind(("0.0.0.0", 0))
+        assert udp.udp_socket_owners(socket.AF_INET, "127.0.0.1", wildcard.getsockname()[1]) == [os.geteuid()]
+    assert udp.udp_socket_owners(socket.AF_INET, "not-an-address", port) is None
+
+
+def test_proc_net_addresses_decode_to_network_order() -> None:
+    little = sys.byteorder == "little"
+    assert udp._proc_address("0100007F" if little else "7F000001") == socket.inet_pton(socket.AF_INET, "127.0.0.1")
+    loopback6 = "00000000000000000000000001000000" if little else "00000000000000000000000000000001"
+    assert udp._proc_address(loopback6) == socket.inet_pton(socket.AF_INET6, "::1")
+    with pytest.raises(ValueError):
+        udp._proc_address("7F0000")
+
+
+def test_a_port_held_by_another_socket_names_its_owner() -> None:
+    url = udp_url()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", podipc.parse_address(url).port))
+        with pytest.raises(podipc.ChannelUnavailable, match=r"another socket holds this port \(uid \d+"):
+            podipc.consumer(url)
+    assert presence_files(url) == []
+
+
 def test_garbage_datagrams_are_skipped_and_counted() -> None:
     url = udp_url()
     with podipc.consumer(url) as consumer:
@@ -273,6 +399,16 @@ def test_the_plain_socket_consumer_from_the_docs_takes_a_podipc_stream(tmp_path:
     out, _ = plain.communicate(timeout=20)
     assert plain.returncode == 0
     assert json.loads(out) == {"messages": [3, 0, 15000], "lost": 0}
+
+
+@pytest.mark.parametrize(
+    "url", ["udp://127.0.0.1:7001", "udp://localhost:7001?wait=3", "UDP://[::1]:7001", "udp://0.0.0.0:65535"]
+)
+def test_the_presence_token_formula_in_the_docs_is_podipcs(tmp_path: Path, url: str) -> None:
+    script = tmp_path / "token.py"
+    script.write_text(doc_script("udp_presence_token.py"))
+    printed = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == podipc.parse_address(url).token
 
 
 @settings(max_examples=400, deadline=None)
