@@ -229,7 +229,8 @@ class _Endpoint(ABC):
       only on demand. Keep the fd registered nowhere while not waiting (a wait-queue entry
       makes every peer's send or receive run a wakeup callback: measured +20 % per message
       on unix://). `retry_after`: seconds after which to try again even without an event
-      (a connect backoff), or None. A transport whose kernel object has no descriptor
+      (a connect backoff), or None; 0 means ready now (an edge-triggered fd, such as
+      zmq's, whose event came already). A transport whose kernel object has no descriptor
       provides one (an eventfd fed by a helper thread, a FIFO, inotify), or returns
       (-1, 0, seconds) and the base re-tries at that period.
     - `_free()`: free everything this side holds (fds, mappings, files it owns). Called
@@ -884,7 +885,12 @@ class Producer(_Endpoint):
                     self._check_usable()
                 if self._try_prepare():
                     readiness = self._readiness()
-                    if readiness is None or readiness[0] < 0 or is_ready(readiness[0], readiness[1]):
+                    if (
+                        readiness is None
+                        or readiness[0] < 0
+                        or readiness[2] == 0
+                        or is_ready(readiness[0], readiness[1])
+                    ):
                         return True
                 try:
                     self._await_readiness(deadline)
