@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from podipc.address import Address, parse_address, suggest
 from podipc.errors import (
@@ -1261,3 +1261,16 @@ _CALL_CODES = frozenset(
     )
 )
 """The frames of calls that hold (or wait for) an endpoint's token; see _Endpoint._inside_call_here."""
+
+CallT = TypeVar("CallT", bound=Callable[..., Any])
+
+
+def holds_the_gate(function: CallT) -> CallT:
+    """Decorator for a transport's own public call that takes the call gate (a fast send or recv_view).
+
+    A close() from a signal handler then sees that it interrupted that call and leaves the
+    release to its exit, as it does for the base's calls (see _Endpoint._inside_call_here).
+    """
+    global _CALL_CODES
+    _CALL_CODES = _CALL_CODES | {function.__code__}
+    return function

@@ -188,9 +188,25 @@ def test_multipart_control_garbage_is_skipped_and_other_multipart_frames_arrive_
         raw.send_multipart([b"podipc", b"eos", b"extra"])
         raw.send_multipart([b"podipc", b"hello"])
         raw.send(b"podipc")  # a single frame is data, whatever it says
+        raw.send_multipart([b"", b"podipc", b""])  # b"podipc" inside a message is data too
+        raw.send_multipart([b"in", b"podipc", b"eos"])  # and never an end of stream
         raw.send(b"data")
         raw.send_multipart([b"podipc", b"eos"])
-        assert list(consumer) == [b"not", b"a", b"message", b"", b"podipc", b"data"]
+        received = list(consumer)
+        assert received == [
+            b"not",
+            b"a",
+            b"message",
+            b"",
+            b"podipc",
+            b"",
+            b"podipc",
+            b"",
+            b"in",
+            b"podipc",
+            b"eos",
+            b"data",
+        ]
         assert consumer.skipped == 2
     raw.close(linger=0)
     context.term()

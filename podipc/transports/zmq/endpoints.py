@@ -100,7 +100,7 @@ from typing import Any, ClassVar, cast
 import zmq
 
 from podipc.address import UNIX_PATH_MAX, Address
-from podipc.channel import Consumer, Option, Producer, _Endpoint
+from podipc.channel import Consumer, Option, Producer, _Endpoint, holds_the_gate
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PodIPCError
 from podipc.ownership import Trust, owner_text
 from podipc.presence import PeerState, PeerTracker, Presence
@@ -188,6 +188,10 @@ class _ZMQEndpoint(_Endpoint):
         try:
             sock.setsockopt(zmq.SNDHWM, int(settings["hwm"]))
             sock.setsockopt(zmq.RCVHWM, int(settings["hwm"]))
+            # every send and receive is one attempt that never blocks in libzmq, also without NOBLOCK
+            # (the hot paths pass no flags: parsing the argument costs measurably at 64 B)
+            sock.setsockopt(zmq.SNDTIMEO, 0)
+            sock.setsockopt(zmq.RCVTIMEO, 0)
             if address.scheme == "zmq+tcp" and ":" in address.host:
                 sock.setsockopt(zmq.IPV6, 1)
             self._zfd = int(sock.get(zmq.FD))
@@ -254,7 +258,8 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         self.max_message_size = int(settings["max_message_size"])
         self._monitor: zmq.Socket[bytes] | None = None
         self._started = False
-        """Rendezvous done and the start of stream sent: send() may go straight to pyzmq."""
+        """Rendezvous done and the start of stream sent: send() may go straight to pyzmq (until then `_state` is set)."""
+        self._state = 1
         self._trust = Trust.for_mode(int(settings["mode"]))
         self._socket_file = address.path if address.scheme == "zmq+ipc" else ""
         self._open_socket(address, settings, "producer")
@@ -283,6 +288,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         self._freed = True
         self._free()
 
+    @holds_the_gate
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (see Producer.send); whole bytes without a timeout go straight to pyzmq.
 
@@ -298,8 +304,8 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                 pass  # another thread's call is inside: wait for the gate on the generic path
             else:
                 try:
-                    if not self._state and self._started and len(data) <= self.max_message_size:
-                        self._send_frame(data, _NOBLOCK)
+                    if not self._state and len(data) <= self.max_message_size:
+                        self._send_frame(data)  # SNDTIMEO 0: never blocks
                         return
                 except zmq.Again:
                     pass  # full: the generic path waits for room
@@ -372,7 +378,11 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         if not self._send_control(START_OF_STREAM):
             return False
         self._started = True
+        self._settle()
         return True
+
+    def _flags_set(self) -> bool:
+        return super()._flags_set() or not self._started
 
     def _send_control(self, frames: tuple[bytes, bytes]) -> bool:
         """Send a two-frame control message if there is room now; False when not (nothing of it was sent)."""
@@ -519,7 +529,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         temporary name and linking it means nothing podipc did not check is ever removed:
         a stale socket file of ours is replaced atomically (rename), anything else refused.
         """
-        stale = check_socket_file(path, Trust.for_mode(mode), "consumer") is not None
+        stale = check_socket_file(path, Trust.for_mode(mode), "consumer")
         directory = os.path.dirname(path) or "/"
         temporary = os.path.join(directory, f".podipc-{secrets.token_hex(6)}")
         if len(temporary.encode()) > UNIX_PATH_MAX:
@@ -529,8 +539,8 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         self._sock.bind(f"ipc://{temporary}")
         try:
             os.chmod(temporary, mode)
-            if stale:
-                os.rename(temporary, path)
+            if stale is not None:
+                _replace_stale(temporary, path, stale)
             else:
                 try:
                     os.link(temporary, path, follow_symlinks=False)
@@ -551,7 +561,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
     def _recv(self, deadline: float | None) -> bytes:
         if self._single_frames:
             try:
-                data = self._recv_frame(_NOBLOCK)
+                data = self._recv_frame()  # RCVTIMEO 0: never blocks
                 if data != CONTROL_PREFIX or not self._more(_RCVMORE):  # asking RCVMORE costs 0.9 us
                     return data
                 self._control(data)
@@ -565,7 +575,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         try:
             while True:
                 if self._single_frames:
-                    data = self._recv_frame(_NOBLOCK)
+                    data = self._recv_frame()
                     if data != CONTROL_PREFIX or not self._more(_RCVMORE):
                         return data
                     self._control(data)
@@ -604,6 +614,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         if not self._peer_seen and self._presence.peer_state() is PeerState.ALIVE:
             self._peer_seen = True
 
+    @holds_the_gate
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """Receive the next message as a read-only view of libzmq's own buffer, without copying it.
 
@@ -727,6 +738,18 @@ def check_socket_file(path: str, trust: Trust, role: str) -> os.stat_result | No
     if role == "consumer" and _is_listening(path):
         raise ChannelUnavailable(f"{path} is a live socket of another process; a channel has one consumer")
     return status
+
+
+def _replace_stale(temporary: str, path: str, stale: os.stat_result) -> None:
+    """Put the bound socket at `path` in place of a stale socket file (checked: trusted, nobody listening)."""
+    try:
+        os.rename(temporary, path)
+    except OSError as exc:
+        owner = owner_text(stale.st_uid, stale.st_gid, stat.S_IMODE(stale.st_mode))
+        raise ChannelUnavailable(
+            f"cannot replace the stale socket file {path} ({owner}): {exc.strerror}; in a directory with the "
+            "sticky bit only its owner may: that user (or root) removes it, e.g. with `podipc clean`"
+        ) from exc
 
 
 def _is_listening(path: str) -> bool:
