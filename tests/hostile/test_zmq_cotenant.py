@@ -230,6 +230,19 @@ def test_she_can_take_the_port_first_and_the_consumer_refuses_in_one_line(pod: P
     listener.kill()
 
 
+def test_she_can_listen_on_the_port_and_a_producer_takes_her_for_a_plain_consumer(pod: Pod, tenants: Tenants) -> None:
+    """A plain pyzmq consumer (no presence file) is found through the socket monitor, so over a port a producer
+    cannot tell her listener from one; it then waits in vain for the end-of-stream ack."""
+    listener = pod.popen([sys.executable, "-c", LISTENER, "tcp://127.0.0.1:7410", "0", "8"], user=tenants.mallory)
+    assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+    result = pod.podipc("produce", f"{TCP_URL}?wait={WAIT_SECONDS}", "--count", "2", "--size", "8", user=tenants.alice)
+    line = assert_one_line_error(result, exit_code=6)  # Timeout: no ack for the end of stream
+    assert "did not take the end of stream" in line, line
+    stdout, _ = listener.communicate(timeout=30)
+    received = stdout.strip().splitlines()[-1]
+    assert received.startswith("[[b'podipc', b'sos'], [b'") and received.endswith("[b'podipc', b'eos']]"), received
+
+
 def test_she_can_send_to_a_consumer_whose_producer_has_not_connected_yet(pod: Pod, tenants: Tenants) -> None:
     """No permissions on a port: a ZMTP 3 peer of any user reaches the consumer (the start-of-stream marker and the
     ZAP domain authenticate nobody). Use zmq+ipc (a 0600/0660 socket file) between users who do not trust each other."""
