@@ -567,8 +567,12 @@ class _Endpoint(ABC):
     # A thread that finds the token taken waits on a Condition and says so in
     # `_gate_waiters` (which sets `_state`, so the leaving call's exit check notifies it).
 
-    def _enter(self, timeout: float | None) -> None:
-        """Take the token, waiting at most `timeout` seconds (None: no limit) for another thread's call to leave."""
+    def _enter(self, timeout: float | None, closer: bool = False) -> None:
+        """Take the token, waiting at most `timeout` seconds (None: no limit) for another thread's call to leave.
+
+        A call (not the closer) that waits for the token raises ChannelClosed once closing began:
+        the closer may hold the token for long (a producer's close waits for the consumer's ack).
+        """
         token = self._token
         try:
             token.pop()
@@ -592,13 +596,16 @@ class _Endpoint(ABC):
                         return
                     except IndexError:
                         pass
+                    if not closer and (self._closing or self._forked):
+                        raise self._closed_error()
                     left = remaining(deadline)
                     if left is not None and left <= 0:
                         raise Timeout(
                             f"another thread kept using {type(self).__name__} for {self.address.location} "
                             "for the whole timeout"
                         )
-                    condition.wait(left)
+                    # a close elsewhere does not notify: look again at this period
+                    condition.wait(ABORT_CHECK_SECONDS if left is None else min(left, ABORT_CHECK_SECONDS))
             finally:
                 self._gate_waiters -= 1
                 self._settle()
@@ -630,7 +637,7 @@ class _Endpoint(ABC):
             self._defer()
             return
         try:
-            self._enter(CALLS_LEAVE_SECONDS)
+            self._enter(CALLS_LEAVE_SECONDS, closer=True)
         except Timeout:
             self._defer()
             self._after_call()

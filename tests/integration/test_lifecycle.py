@@ -211,6 +211,30 @@ def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_strea
     assert received == digest.hexdigest(), f"the consumer got {count} messages, not what the producer sent"
 
 
+def test_a_send_that_finds_the_closer_holding_the_producer_raises_channel_closed_at_once(scheme: str) -> None:
+    """The closer keeps the call gate while it waits for the consumer's ack; a call waiting for the gate must not
+    wait with it (found as a hang of test_close_from_another_thread_wakes_a_blocked_send... on tcp, ~1 run in 6)."""
+    url = url_for(scheme)
+    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    producer = podipc.producer(url)
+    digest = hashlib.sha256()
+    blocked = fill_until_blocked(producer, digest)
+    closer = Blocked(lambda: producer.close(timeout=30))
+    blocked.join()
+    time.sleep(0.3)  # the closer holds the gate now, waiting for an ack the consumer cannot send yet
+    started = time.monotonic()
+    late = Blocked(lambda: producer.send(b"late"))
+    late.join()
+    assert isinstance(late.error, podipc.ChannelClosed), late.error
+    assert late.woke_at - started < WAKE_SECONDS
+    start_reading.set()
+    closer.join()
+    assert closer.returned, closer.error
+    count, received, ending = results.get(timeout=60)
+    consumer.join(30)
+    assert (received, ending) == (digest.hexdigest(), "end of stream"), count
+
+
 def test_abort_from_another_thread_wakes_a_blocked_send_and_the_consumer_sees_peer_gone(scheme: str) -> None:
     url = url_for(scheme)
     consumer, start_reading, results = spawn_consumer(url, reading=False)
