@@ -615,3 +615,33 @@ def test_an_async_task_whose_edge_another_call_took_still_gets_the_message(url_o
     inbox.close()
     assert (taken, then) == (b"one", b"two")
     assert seconds < 1.0, f"the task got the message left behind after {seconds:.2f} s"
+
+
+def test_a_consumer_that_leaves_as_its_ack_travels_still_ends_the_stream_cleanly(url_of: object) -> None:
+    """A consumer acks, then leaves; the producer's peer monitor may see it gone before the ack arrives."""
+    url = url_of()  # type: ignore[operator]
+    held = Presence(podipc.parse_address(url).token, "consumer")  # a consumer's presence, as podipc's holds it
+    context = zmq.Context()
+    raw = context.socket(zmq.PAIR)
+    raw.bind(zmq_endpoint(url))
+    frames: list[list[bytes]] = []
+
+    def consume_then_leave_before_acking() -> None:
+        while not frames or frames[-1] != [b"podipc", b"eos"]:
+            assert raw.poll(10_000)
+            frames.append(raw.recv_multipart())
+        held.close()  # gone for the producer's monitor...
+        time.sleep(0.6)  # ...which probes every 0.2 s
+        raw.send_multipart([b"podipc", b"eos-ack"])  # ...before the ack comes
+
+    consumer = threading.Thread(target=consume_then_leave_before_acking)
+    consumer.start()
+    try:
+        with podipc.producer(url) as producer:
+            producer.send(b"one")
+        consumer.join(10)
+        assert frames == [[b"podipc", b"sos"], [b"one"], [b"podipc", b"eos"]]
+    finally:
+        held.close()
+        raw.close(linger=0)
+        context.term()

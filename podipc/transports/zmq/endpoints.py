@@ -94,6 +94,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, ClassVar, cast
 
@@ -117,6 +118,8 @@ RENDEZVOUS_PROBE_SECONDS = 0.02
 EDGE_RECHECK_SECONDS = 0.1
 """How often a waiter outside the call gate re-tries although zmq's edge-triggered descriptor did not fire."""
 RECONNECT_INTERVAL_MS = 20
+ACK_GRACE_SECONDS = 1.0
+"""How long a closing producer still waits for the end-of-stream ack once the peer monitor saw the consumer leave."""
 # A podipc producer declares this in its presence file: "my streams begin with a start of stream".
 # A raw peer's presence file does not.
 STARTS_STREAMS = "start-of-stream"
@@ -252,6 +255,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
     _ending = False
     """The end of stream went out; waiting for its ack."""
     _acknowledged = False
+    _lost_at: float | None = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         Producer.__init__(self, address, settings)
@@ -442,8 +446,12 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         return PeerGone(f"the consumer of {self._what} is gone (it died or closed without ending the stream)")
 
     def _try_close(self) -> bool:
-        """One step of ending the stream: rendezvous if needed, send the end of stream, take its ack."""
-        if self._peer_lost:
+        """One step of ending the stream: rendezvous if needed, send the end of stream, take its ack.
+
+        A consumer acks, then leaves: the peer monitor may see it gone before its ack arrived
+        here, so a lost consumer gets ACK_GRACE_SECONDS for the ack before it is PeerGone.
+        """
+        if self._peer_lost and not self._ending:
             raise self._consumer_gone()
         sock = self._sock
         try:
@@ -457,12 +465,19 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                 try:
                     answer = sock.recv_multipart(_NOBLOCK)
                 except zmq.Again:
-                    return False  # libzmq processed its commands before EAGAIN: ZMQ_FD fires on the ack
+                    break  # libzmq processed its commands before EAGAIN: ZMQ_FD fires on the ack
                 if tuple(answer) == END_OF_STREAM_ACK:
                     self._acknowledged = True
                     return True
         except zmq.ZMQError as exc:
             raise _translate(exc, self._what) from exc
+        if self._peer_lost:
+            now = time.monotonic()
+            if self._lost_at is None:
+                self._lost_at = now  # a close re-tries every ABORT_CHECK_SECONDS at least
+            elif now - self._lost_at >= ACK_GRACE_SECONDS:
+                raise self._consumer_gone()
+        return False
 
     def _peer_file_is_evidence(self) -> bool:
         return bool(self._socket_file) and os.path.lexists(self._socket_file)
