@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from podipc.address import Address, parse_address, suggest
 from podipc.errors import (
@@ -229,7 +229,8 @@ class _Endpoint(ABC):
       only on demand. Keep the fd registered nowhere while not waiting (a wait-queue entry
       makes every peer's send or receive run a wakeup callback: measured +20 % per message
       on unix://). `retry_after`: seconds after which to try again even without an event
-      (a connect backoff), or None. A transport whose kernel object has no descriptor
+      (a connect backoff), or None; 0 means ready now (an edge-triggered fd, such as
+      zmq's, whose event came already). A transport whose kernel object has no descriptor
       provides one (an eventfd fed by a helper thread, a FIFO, inotify), or returns
       (-1, 0, seconds) and the base re-tries at that period.
     - `_free()`: free everything this side holds (fds, mappings, files it owns). Called
@@ -253,7 +254,7 @@ class _Endpoint(ABC):
     A transport may keep a faster blocking path by overriding `_send(view, deadline)` /
     `_recv(deadline)` (call the base's for everything but its fast case) as long as
     `_interrupt()` wakes it. A transport that overrides a public call itself (shm's send and
-    recv take the token inline) declares it with `register_calls()`. Transports not yet on
+    recv take the token inline) marks it with the `@holds_the_gate` decorator. Transports not yet on
     this contract override `_send`, `_recv`, `_close` and `_abort` directly (the old hooks); they get the call gate, the state check
     and fork safety, but a blocked call on them wakes only when its own call returns (close
     then waits CALLS_LEAVE_SECONDS and leaves the release to that call), and aio runs them
@@ -567,8 +568,12 @@ class _Endpoint(ABC):
     # A thread that finds the token taken waits on a Condition and says so in
     # `_gate_waiters` (which sets `_state`, so the leaving call's exit check notifies it).
 
-    def _enter(self, timeout: float | None) -> None:
-        """Take the token, waiting at most `timeout` seconds (None: no limit) for another thread's call to leave."""
+    def _enter(self, timeout: float | None, closer: bool = False) -> None:
+        """Take the token, waiting at most `timeout` seconds (None: no limit) for another thread's call to leave.
+
+        A call (not the closer) that waits for the token raises ChannelClosed once closing began:
+        the closer may hold the token for long (a producer's close waits for the consumer's ack).
+        """
         token = self._token
         try:
             token.pop()
@@ -592,13 +597,16 @@ class _Endpoint(ABC):
                         return
                     except IndexError:
                         pass
+                    if not closer and (self._closing or self._forked):
+                        raise self._closed_error()
                     left = remaining(deadline)
                     if left is not None and left <= 0:
                         raise Timeout(
                             f"another thread kept using {type(self).__name__} for {self.address.location} "
                             "for the whole timeout"
                         )
-                    condition.wait(left)
+                    # a close elsewhere does not notify: look again at this period
+                    condition.wait(ABORT_CHECK_SECONDS if left is None else min(left, ABORT_CHECK_SECONDS))
             finally:
                 self._gate_waiters -= 1
                 self._settle()
@@ -630,7 +638,7 @@ class _Endpoint(ABC):
             self._defer()
             return
         try:
-            self._enter(CALLS_LEAVE_SECONDS)
+            self._enter(CALLS_LEAVE_SECONDS, closer=True)
         except Timeout:
             self._defer()
             self._after_call()
@@ -885,7 +893,12 @@ class Producer(_Endpoint):
                     self._check_usable()
                 if self._try_prepare():
                     readiness = self._readiness()
-                    if readiness is None or readiness[0] < 0 or is_ready(readiness[0], readiness[1]):
+                    if (
+                        readiness is None
+                        or readiness[0] < 0
+                        or readiness[2] == 0
+                        or is_ready(readiness[0], readiness[1])
+                    ):
                         return True
                 try:
                     self._await_readiness(deadline)
@@ -1257,10 +1270,14 @@ _CALL_CODES = set(
 )
 """The frames of calls that hold (or wait for) an endpoint's token; see _Endpoint._inside_call_here."""
 
+CallT = TypeVar("CallT", bound=Callable[..., Any])
 
-def register_calls(*functions: Callable[..., Any]) -> None:
-    """Count a transport's own public calls (a fast path that takes the token itself, e.g. shm's send) as calls.
 
-    So a close() from a signal handler that interrupted one of them leaves the release to its exit.
+def holds_the_gate(function: CallT) -> CallT:
+    """Decorator for a transport's own public call that takes the call gate (a fast send or recv_view).
+
+    A close() from a signal handler then sees that it interrupted that call and leaves the
+    release to its exit, as it does for the base's calls (see _Endpoint._inside_call_here).
     """
-    _CALL_CODES.update(function.__code__ for function in functions)
+    _CALL_CODES.add(function.__code__)
+    return function

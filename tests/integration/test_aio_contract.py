@@ -27,7 +27,7 @@ from .harness import CONTEXT, RELIABLE, mixed_sizes, payload, url_for
 
 pytestmark = pytest.mark.timeout(120)
 
-AIO_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp")
+AIO_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp", "zmq+tcp", "zmq+ipc")
 """Schemes whose transports implement the endpoint contract (no thread per message in aio)."""
 FALLBACK_SCHEMES: tuple[str, ...] = ()
 """Schemes without a readiness descriptor yet: aio runs them on one helper thread per endpoint."""
@@ -80,13 +80,16 @@ def sync_produce(url: str, sizes: list[int], pause: float = 0.0) -> None:
 
 
 def produce_in_step(url: str, sizes: list[int], taken: Any) -> None:
-    """Send message i only once the consumer took message i-1 (`taken`, a shared count), a moment later: its
-    next receive is always waiting when the message comes, however loaded the machine is."""
+    """Send each message 2 ms after the consumer took the one before, so it always finds the channel empty.
+
+    (With a fixed pace alone, a loaded machine delivers bursts, every receive finds a message
+    waiting and nothing gets cancelled: 87 cancellations in one run, 300 in most.)
+    """
     with podipc.producer(url) as out:
         for index, size in enumerate(sizes):
             while taken.value < index:
                 time.sleep(0.0005)
-            time.sleep(0.001)
+            time.sleep(0.002)
             out.send(payload(index, size))
 
 
@@ -256,8 +259,15 @@ def test_cancelled_receives_lose_nothing_across_a_thousand_messages(scheme: str)
 
 @pytest.mark.parametrize("scheme", AIO_SCHEMES)  # on the helper-thread fallback a cancelled send completes later
 def test_cancelled_sends_send_all_or_nothing_across_a_thousand_messages(scheme: str) -> None:
-    # shm's default ring (8 MiB) holds the slow consumer's whole backlog: a smaller ring makes sends wait there too
-    url = url_for(scheme, capacity="256KiB") if scheme == "shm" else url_for(scheme)
+    # shm's default ring (8 MiB) holds the slow consumer's whole backlog, zmq queues up to `hwm` messages on each
+    # side (1000 by default) before a send waits: smaller ones make sends wait there too
+    url = (
+        url_for(scheme, capacity="256KiB")
+        if scheme == "shm"
+        else url_for(scheme, hwm=4)
+        if scheme.startswith("zmq+")
+        else url_for(scheme)
+    )
     sizes = mixed_sizes(1000, min(size_limit(scheme), 65536), seed=6)
     results = CONTEXT.Queue()
     chance = random.Random(8)

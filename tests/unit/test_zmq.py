@@ -188,9 +188,25 @@ def test_multipart_control_garbage_is_skipped_and_other_multipart_frames_arrive_
         raw.send_multipart([b"podipc", b"eos", b"extra"])
         raw.send_multipart([b"podipc", b"hello"])
         raw.send(b"podipc")  # a single frame is data, whatever it says
+        raw.send_multipart([b"", b"podipc", b""])  # b"podipc" inside a message is data too
+        raw.send_multipart([b"in", b"podipc", b"eos"])  # and never an end of stream
         raw.send(b"data")
         raw.send_multipart([b"podipc", b"eos"])
-        assert list(consumer) == [b"not", b"a", b"message", b"", b"podipc", b"data"]
+        received = list(consumer)
+        assert received == [
+            b"not",
+            b"a",
+            b"message",
+            b"",
+            b"podipc",
+            b"",
+            b"podipc",
+            b"",
+            b"in",
+            b"podipc",
+            b"eos",
+            b"data",
+        ]
         assert consumer.skipped == 2
     raw.close(linger=0)
     context.term()
@@ -385,6 +401,23 @@ def test_the_plain_pyzmq_consumer_from_the_docs_takes_a_podipc_stream(url_of: ob
     assert json.loads(out) == [3, 0, 15000]
 
 
+def test_the_presence_token_formula_of_the_docs_names_podipcs_presence_files(tmp_path: Path) -> None:
+    script = tmp_path / "presence_token.py"
+    script.write_text(doc_script("presence_token.py"))
+    urls = [
+        "zmq+tcp://127.0.0.1:7002",
+        "zmq+tcp://localhost:7002?wait=3",
+        "zmq+tcp://[::1]:7002",
+        "zmq+ipc:///shared/zmq.sock?mode=0660",
+        f"zmq+ipc:///{'deep/' * 20}x.sock",
+    ]
+    for url in urls:
+        printed = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, check=True)
+        assert printed.stdout.strip() == podipc.parse_address(url).token, url
+    with podipc.consumer(urls[0]):  # and that is the file a consumer holds
+        assert presence_files(urls[0]) == [f"{PRESENCE_PREFIX}{podipc.parse_address(urls[0]).token}.consumer"]
+
+
 KILLED_CONSUMER = """
 import sys, podipc
 channel = podipc.consumer(sys.argv[1])
@@ -489,3 +522,126 @@ def test_a_second_start_of_stream_is_a_new_producer_and_ends_the_stream(url_of: 
         assert consumer.skipped == 0
     raw.close(linger=0)
     context.term()
+
+
+# --- the endpoint contract: what is special to zmq --------------------------------------------
+
+PACED = """
+import sys, time, podipc
+sent = 0
+try:
+    with podipc.producer(sys.argv[1]) as out:
+        while True:
+            out.send(b"%d" % sent)  # 1000 msg/s, far below the high-water mark: no send ever waits
+            sent += 1
+            if sent == 100:
+                print("sending", flush=True)
+            time.sleep(0.001)
+except podipc.PeerGone as error:
+    print(f"PeerGone: {error}", flush=True)
+"""
+
+
+def test_a_killed_consumer_is_seen_within_2_s_by_a_producer_whose_sends_never_wait(url_of: object) -> None:
+    url = url_of(hwm=1_000_000)  # type: ignore[operator]
+    consumer = subprocess.Popen([sys.executable, "-c", ATTACHED_CONSUMER, url], stdout=subprocess.PIPE)
+    producer = subprocess.Popen([sys.executable, "-c", PACED, url], stdout=subprocess.PIPE, text=True)
+    assert consumer.stdout is not None and consumer.stdout.readline() == b"attached\n"
+    assert producer.stdout is not None and producer.stdout.readline() == "sending\n"
+    consumer.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    line = producer.stdout.readline()
+    seen_after = time.monotonic() - killed_at
+    producer.wait(30)
+    consumer.wait()
+    assert line.startswith("PeerGone: the consumer of"), line
+    assert seen_after < PEER_GONE_SECONDS, f"seen after {seen_after:.2f} s"
+
+
+def test_a_close_from_a_signal_handler_inside_the_fast_send_ends_the_stream_as_the_send_leaves(
+    url_of: object,
+) -> None:
+    """What a SIGTERM handler calling close() does when it lands inside send()'s own fast path (not the base's)."""
+    url = url_of()  # type: ignore[operator]
+    received: list[bytes] = []
+    with podipc.consumer(url) as consumer:
+        reader = threading.Thread(target=lambda: received.extend(consumer))
+        reader.start()
+        producer = podipc.producer(url)
+        producer.send(b"first")  # rendezvous done: the next send of bytes takes the fast path
+        real_send = producer._send_frame  # type: ignore[attr-defined]
+        closing: list[float] = []
+
+        def send_then_close(data: bytes) -> None:
+            real_send(data)
+            started = time.monotonic()
+            producer.close(timeout=10)  # as a handler would, between two bytecodes of the fast path
+            closing.append(time.monotonic() - started)
+
+        producer._send_frame = send_then_close  # type: ignore[attr-defined]
+        producer.send(b"second")
+        reader.join(10)
+    assert closing and closing[0] < 0.5, closing  # left to the send's exit, not waited for
+    assert received == [b"first", b"second"]
+    assert producer.closed
+
+
+def test_an_async_task_whose_edge_another_call_took_still_gets_the_message(url_of: object) -> None:
+    """zmq's descriptor is edge-triggered: a receive outside the task (another thread, or sync code on the loop)
+    takes the edge the task waits on and leaves a message behind; the task re-checks every EDGE_RECHECK_SECONDS."""
+    import asyncio
+    import select
+
+    import podipc.aio
+
+    url = url_of()  # type: ignore[operator]
+    inbox = podipc.aio.consumer(url)
+    producer = podipc.producer(url)
+
+    async def main() -> tuple[bytes | None, bytes, float]:
+        waiting = asyncio.ensure_future(inbox.recv(timeout=10))
+        await asyncio.sleep(0.2)  # the task waits on the descriptor now
+        producer.send(b"one")
+        producer.send(b"two")
+        taken, deadline = None, time.monotonic() + 5
+        while taken is None and time.monotonic() < deadline:  # the loop does not run the task meanwhile
+            select.select([inbox.fileno()], [], [], 0.5)  # an edge came (a message, or libzmq's own commands)
+            taken = inbox.endpoint.try_recv()  # processes libzmq's commands (the edge is gone), leaves "two"
+        started = time.monotonic()
+        return taken, await waiting, time.monotonic() - started
+
+    taken, then, seconds = asyncio.run(main())
+    producer.abort()
+    inbox.close()
+    assert (taken, then) == (b"one", b"two")
+    assert seconds < 1.0, f"the task got the message left behind after {seconds:.2f} s"
+
+
+def test_a_consumer_that_leaves_as_its_ack_travels_still_ends_the_stream_cleanly(url_of: object) -> None:
+    """A consumer acks, then leaves; the producer's peer monitor may see it gone before the ack arrives."""
+    url = url_of()  # type: ignore[operator]
+    held = Presence(podipc.parse_address(url).token, "consumer")  # a consumer's presence, as podipc's holds it
+    context = zmq.Context()
+    raw = context.socket(zmq.PAIR)
+    raw.bind(zmq_endpoint(url))
+    frames: list[list[bytes]] = []
+
+    def consume_then_leave_before_acking() -> None:
+        while not frames or frames[-1] != [b"podipc", b"eos"]:
+            assert raw.poll(10_000)
+            frames.append(raw.recv_multipart())
+        held.close()  # gone for the producer's monitor...
+        time.sleep(0.6)  # ...which probes every 0.2 s
+        raw.send_multipart([b"podipc", b"eos-ack"])  # ...before the ack comes
+
+    consumer = threading.Thread(target=consume_then_leave_before_acking)
+    consumer.start()
+    try:
+        with podipc.producer(url) as producer:
+            producer.send(b"one")
+        consumer.join(10)
+        assert frames == [[b"podipc", b"sos"], [b"one"], [b"podipc", b"eos"]]
+    finally:
+        held.close()
+        raw.close(linger=0)
+        context.term()

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, NoReturn
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, deadline_after, register_calls, remaining
+from podipc.channel import Consumer, Option, Producer, deadline_after, holds_the_gate, remaining
 from podipc.errors import (
     ChannelClosed,
     ChannelUnavailable,
@@ -142,6 +142,7 @@ class ShmProducer(_RingSide, Producer):
 
     # --- sending ------------------------------------------------------------------
 
+    @holds_the_gate
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
 
@@ -256,6 +257,7 @@ class ShmProducer(_RingSide, Producer):
 
     # --- zero copy ----------------------------------------------------------------
 
+    @holds_the_gate
     def loan(self, size: int, timeout: float | None = None) -> memoryview:
         """A writable view of `size` bytes inside the ring; fill it, then commit(). Zero-copy send.
 
@@ -293,6 +295,7 @@ class ShmProducer(_RingSide, Producer):
             raise self._too_large(size)
         return writer.loan(size, remaining(deadline))
 
+    @holds_the_gate
     def commit(self, length: int | None = None) -> None:
         """Send the loaned buffer as one message of `length` bytes (default: all it holds).
 
@@ -520,6 +523,7 @@ class ShmConsumer(_RingSide, Consumer):
 
     # --- receiving ----------------------------------------------------------------
 
+    @holds_the_gate
     def recv(self, timeout: float | None = None) -> bytes:
         """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
 
@@ -552,6 +556,7 @@ class ShmConsumer(_RingSide, Consumer):
             if self._state:
                 self._after_call()
 
+    @holds_the_gate
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """The next message as a read-only view into the ring, valid until the next recv/recv_view/close.
 
@@ -714,6 +719,3 @@ class ShmConsumer(_RingSide, Consumer):
         if segment is not None:
             segment.close()  # above all the segment's descriptor: its lock must die with the parent
         self._freed = True
-
-
-register_calls(ShmProducer.send, ShmProducer.loan, ShmProducer.commit, ShmConsumer.recv, ShmConsumer.recv_view)
