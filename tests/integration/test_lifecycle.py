@@ -30,11 +30,27 @@ from .harness import CONTEXT, leftovers, payload, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract")
+CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract", "file")
 """Schemes whose transports implement the endpoint contract; the later transports add theirs."""
 WAKE_SECONDS = 0.1
 """Issue 11: a blocked call wakes within 100 ms of close()/abort()."""
 TAG = struct.Struct(">II")
+
+
+SPOOLS = ("file",)
+"""Channels whose producer writes into a spool without a consumer until it holds `depth` messages
+(docs/wire/file.md): where a test needs a send that waits for the consumer, such a producer gets
+depth=1 and one message first (producer_that_waits)."""
+
+
+def producer_that_waits(scheme: str, **options: object) -> podipc.Producer:
+    """A producer whose next send waits for a consumer (a spool's is full already)."""
+    if scheme in SPOOLS:
+        options["depth"] = 1
+    producer = podipc.producer(url_for(scheme, **options))
+    if scheme in SPOOLS:
+        producer.send(b"fills the spool")
+    return producer
 
 
 @pytest.fixture(params=CONTRACT_SCHEMES)
@@ -354,7 +370,7 @@ def test_the_calls_own_timeout_raises_timeout_even_before_the_peer_appeared(sche
     error, seconds = elapsed(lambda: consumer.recv(timeout=0.3))
     consumer.close()
     assert type(error) is podipc.Timeout and 0.25 <= seconds < 2
-    producer = podipc.producer(url_for(scheme, wait=30))
+    producer = producer_that_waits(scheme, wait=30)
     error, seconds = elapsed(lambda: producer.send(b"x", timeout=0.3))
     producer.abort()
     assert type(error) is podipc.Timeout and 0.25 <= seconds < 2
@@ -367,7 +383,7 @@ def test_the_wait_deadline_raises_peer_timeout_when_it_comes_first(scheme: str) 
     with pytest.raises(podipc.PeerTimeout):
         consumer.try_recv()
     consumer.close()
-    producer = podipc.producer(url_for(scheme, wait=0.3))
+    producer = producer_that_waits(scheme, wait=0.3)
     error, seconds = elapsed(lambda: producer.send(b"x", timeout=10))
     assert isinstance(error, podipc.PeerTimeout) and 0.25 <= seconds < 2
     with pytest.raises(podipc.PeerTimeout):
@@ -409,7 +425,7 @@ def test_wait_forever_never_raises_peer_timeout(scheme: str, forever: object) ->
 
 
 def test_wait_forever_in_the_url(scheme: str) -> None:
-    producer = podipc.producer(url_for(scheme, wait="inf"))
+    producer = producer_that_waits(scheme, wait="inf")
     assert producer.wait_deadline == math.inf
     error, _ = elapsed(lambda: producer.send(b"x", timeout=0.3))
     producer.abort()
