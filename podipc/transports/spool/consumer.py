@@ -19,6 +19,7 @@ from podipc.transports.spool.side import SpoolSide, spool_error
 from podipc.transports.spool.wire import (
     CHECKSUM,
     ENDED,
+    HOLDS_PRESENCE,
     KINDS,
     MESSAGE,
     NEXT,
@@ -40,6 +41,7 @@ from podipc.transports.spool.wire import (
     decode_segment_header,
     parse_segment_name,
     record_checksum_holds,
+    scan_segment,
     segment_name,
 )
 
@@ -80,7 +82,7 @@ class SpoolConsumer(SpoolSide, Consumer):
         self._stream_id = 0
         self._next = 0
         self._stream_offset = 0
-        self._flags = 0
+        self._flags = HOLDS_PRESENCE
         self._generation = 0
         self._buffer = b""
         self._view = memoryview(b"")
@@ -165,7 +167,7 @@ class SpoolConsumer(SpoolSide, Consumer):
         if opened is None:
             return False
         fd, header = opened
-        self._flags = 0
+        self._flags = HOLDS_PRESENCE
         self._switch_to(fd, header, SEGMENT_HEADER_SIZE, header.stream_offset, header.first_sequence)
         self.resumed_at = self._next
         return True
@@ -178,11 +180,11 @@ class SpoolConsumer(SpoolSide, Consumer):
         if header.stream_id != stored.stream_id:
             os.close(fd)
             return False  # the position of a stream that is over: this is a new one
-        if first == stored.segment:
+        if first == stored.segment and self._record_follows(fd, header, stored):
             offset, stream_offset = stored.offset, stored.stream_offset
         else:  # its segment is gone: read this one from its start, skipping what was taken
             offset, stream_offset = SEGMENT_HEADER_SIZE, header.stream_offset
-        self._flags = stored.flags
+        self._flags = stored.flags | HOLDS_PRESENCE
         self._switch_to(fd, header, offset, stream_offset, stored.next_sequence)
         self._end_taken = stored.ended
         self.resumed_at = self._next
@@ -190,6 +192,16 @@ class SpoolConsumer(SpoolSide, Consumer):
             if older < first:
                 self._remove_ours(segment_name(older))  # taken whole before: a consumer killed before removing it
         return True
+
+    @staticmethod
+    def _record_follows(fd: int, header: SegmentHeader, stored: Position) -> bool:
+        """True when the segment's valid records lead exactly to the stored offset and sequence.
+
+        After a power loss the segment may be shorter than the position says, and a resumed
+        producer may have written other records there: then the segment is read from its start.
+        """
+        end = scan_segment(fd, header, stored.offset)
+        return end.offset == stored.offset and end.next_sequence == stored.next_sequence
 
     def _open_segment(self, first: int) -> tuple[int, SegmentHeader] | None:
         """Open segment `first` and read its header; None when it is not (all) there yet."""
@@ -415,6 +427,13 @@ class SpoolConsumer(SpoolSide, Consumer):
             return None
         return self._buffer[pos + RECORD_HEADER_SIZE : end]
 
+    def _forget_rest(self) -> None:
+        """Drop what the buffer holds from the read position on (the next look reads the segment again)."""
+        self._base += self._pos
+        self._buffer = b""
+        self._view = memoryview(self._buffer)
+        self._pos = 0
+
     def _fill(self, needed: int) -> bool:
         """Read the segment from the read position on; True when at least `needed` bytes are there."""
         start = self._base + self._pos
@@ -475,6 +494,7 @@ class SpoolConsumer(SpoolSide, Consumer):
         A resuming producer truncates a broken tail (a power loss may leave one); anything
         else that stays broken while the producer lives is damage.
         """
+        self._forget_rest()  # read it again next time: a producer may cut it off and write anew
         assert self._presence is not None
         try:
             alive = self._presence.peer_state() is PeerState.ALIVE

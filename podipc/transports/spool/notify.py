@@ -25,13 +25,14 @@ import os
 import select
 
 IN_MODIFY = 0x00000002
+IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 IN_ONLYDIR = 0x01000000
 IN_DONT_FOLLOW = 0x02000000
-CONSUMER_DIRECTORY_EVENTS = IN_MOVED_TO
-"""A consumer wakes when a segment appears (renamed into place, header written)..."""
+CONSUMER_DIRECTORY_EVENTS = IN_MOVED_TO | IN_CLOSE_WRITE
+"""A consumer wakes when a segment appears (renamed into place with its header, or written whole and closed)..."""
 CONSUMER_SEGMENT_EVENTS = IN_MODIFY
 """...and when the segment it reads grows (a watch on that file: writes elsewhere in the directory, such as a
 presence claim, do not wake it)."""

@@ -12,12 +12,14 @@ from zlib import crc32
 
 from podipc.address import Address
 from podipc.channel import Producer
-from podipc.errors import ChannelClosed, ChannelUnavailable, PodIPCError, ProtocolError
+from podipc.errors import ChannelClosed, ChannelUnavailable, PodIPCError, ProtocolError, Timeout
+from podipc.presence import PeerState
 from podipc.transports.spool.notify import PRODUCER_DIRECTORY_EVENTS, PRODUCER_POSITION_EVENTS
 from podipc.transports.spool.side import SpoolSide, spool_error
 from podipc.transports.spool.wire import (
     CHECKSUM,
     END,
+    HOLDS_PRESENCE,
     MAX_SEQUENCE,
     MESSAGE,
     NEXT,
@@ -140,6 +142,10 @@ class SpoolProducer(SpoolSide, Producer):
         self._room_bytes = 0
         self._position_fd = -1
         self._position_watched = False
+        self._position_generation: int | None = None
+        """The consumer position's generation when this producer first read it (None: not read yet)."""
+        self._consumer_came = False
+        """A consumer committed after this producer opened: its presence gone means it left."""
         try:
             self._open_spool()
         except BaseException:
@@ -147,6 +153,7 @@ class SpoolProducer(SpoolSide, Producer):
             raise
         try:
             self._resume()
+            self._read_consumer_position()  # where a consumer before us stood: a later commit means one came
             if self._sync_any and not self._sync_each:
                 self._batch = BatchSync(self._fd, self._sync_delay, self._batch_failed)
         except OSError as exc:
@@ -311,10 +318,7 @@ class SpoolProducer(SpoolSide, Producer):
         self._read_consumer_position()
         if self._has_room(size):
             return True
-        if self._peer_lost:
-            error = self._peer_gone("consumer")
-            if error is not None:
-                raise error
+        self._check_consumer()
         return False
 
     def _has_room(self, size: int) -> bool:
@@ -332,17 +336,23 @@ class SpoolProducer(SpoolSide, Producer):
             assert self._ready is not None
             path = os.path.join(self.path, POSITION_NAME)
             self._position_watched = self._ready.watch_file(self._position_fd, path, PRODUCER_POSITION_EVENTS)
-        if self._position_fd >= 0:
-            position = decode_position(os.pread(self._position_fd, POSITION_SIZE, 0))
-            if (
-                position is not None
-                and position.stream_id == self._stream_id
-                and position.next_sequence > self._consumer_next
-            ):
-                self._consumer_next = position.next_sequence
-                self._consumer_offset = position.stream_offset
-                self._made_progress()
-        self._room_next = self._consumer_next + self._depth
+        position = decode_position(os.pread(self._position_fd, POSITION_SIZE, 0)) if self._position_fd >= 0 else None
+        generation = position.generation if position is not None else 0
+        if self._position_generation is None:
+            self._position_generation = generation
+        elif generation > self._position_generation and position is not None and position.flags & HOLDS_PRESENCE:
+            self._consumer_came = True
+        if (
+            position is not None
+            and position.stream_id == self._stream_id
+            and position.next_sequence > self._consumer_next
+        ):
+            self._consumer_next = position.next_sequence
+            self._consumer_offset = position.stream_offset
+            self._made_progress()
+        # the fast path sends below these; an ended stream or a failed sync takes the slow path (which raises)
+        blocked = self._stream_ended or self._sync_failure is not None
+        self._room_next = 0 if blocked else self._consumer_next + self._depth
         self._room_bytes = self._consumer_offset + self._max_bytes
 
     def _append_message(self, view: memoryview) -> None:
@@ -446,6 +456,15 @@ class SpoolProducer(SpoolSide, Producer):
             "since the last sync may be lost in a crash"
         )
 
+    def _timeout(self, closing: bool = False) -> Timeout:
+        if closing:
+            return Producer._timeout(self, closing)
+        return Timeout(
+            f"the spool {self.path} stayed full ({self._next - self._consumer_next} messages, "
+            f"{self._stream_offset - self._consumer_offset} bytes of records; depth={self._depth}, "
+            f"max_bytes={self._max_bytes}) until the send timeout"
+        )
+
     def _try_prepare(self) -> bool:
         """True (and the readiness descriptor readable) when a send would not wait for room."""
         try:
@@ -490,11 +509,28 @@ class SpoolProducer(SpoolSide, Producer):
         if os.fstat(self._fd).st_nlink == 0:
             self._acked = True
             return True
-        if self._peer_lost:
-            error = self._peer_gone("consumer")
-            if error is not None:
-                raise error
+        self._read_consumer_position()
+        self._check_consumer()
         return False
+
+    def _check_consumer(self) -> None:
+        """Raise PeerGone when the consumer this side needs is gone (seen by the monitor, or it came and went
+        between two of its probes: it committed since we opened), unless restart_wait lets another take over."""
+        if not self._peer_lost:
+            if not self._consumer_came:
+                return
+            assert self._presence is not None
+            try:
+                alive = self._presence.peer_state() is PeerState.ALIVE
+            except ChannelUnavailable:
+                alive = False
+            if alive:
+                return
+            self._peer_lost = True
+            self._state = 1
+        error = self._peer_gone("consumer")
+        if error is not None:
+            raise error
 
     # --- freeing --------------------------------------------------------------------------
 

@@ -130,6 +130,8 @@ class SpoolSide:
     _lost_at: float | None = None
     _poll_pause = POLL_FIRST_SECONDS
     _created_directory = False
+    _peer_evidence = False
+    """The peer left proof of its work (a consumer's commits of our stream): it counts as seen."""
     _peer_lost: bool
     _state: int
     _settle: Callable[[], None]
@@ -276,6 +278,8 @@ class SpoolSide:
         presence = self._presence
         if presence is None:
             return False
+        if self._peer_evidence:
+            return True
         if not presence.peer_seen:
             with contextlib.suppress(ChannelUnavailable, OSError):
                 presence.peer_state()

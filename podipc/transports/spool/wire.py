@@ -77,6 +77,9 @@ RING = struct.Struct("<Q")
 POSITION_SIZE = 136
 ENDED = 1
 """Position flag: the consumer took the end of stream."""
+HOLDS_PRESENCE = 2
+"""Position flag: this consumer holds podipc.presence.spool.consumer while it lives (a plain consumer may not),
+so a producer may take its presence file's absence for the consumer's leaving."""
 
 
 def segment_name(first_sequence: int) -> str:
@@ -257,10 +260,11 @@ class SegmentEnd(NamedTuple):
     """Its sequence (for END: the message count; for NEXT: the next segment)."""
 
 
-def scan_segment(fd: int, header: SegmentHeader) -> SegmentEnd:
-    """Follow a segment's records from its header to the first one that is missing, torn or invalid."""
+def scan_segment(fd: int, header: SegmentHeader, stop_at: int | None = None) -> SegmentEnd:
+    """Follow a segment's records from its header to the first one that is missing, torn or invalid
+    (or to `stop_at`, a byte offset: the records before it are checked)."""
     offset, expected, last_kind, last_sequence = SEGMENT_HEADER_SIZE, header.first_sequence, 0, 0
-    while True:
+    while stop_at is None or offset < stop_at:
         record = read_header(fd, offset)
         if record is None or not _continues(record, expected, last_kind):
             break
