@@ -191,14 +191,14 @@ class SpoolSide:
             raise ChannelUnavailable(f"{refusal}; file:// needs a directory both containers can write") from exc
         try:
             status = os.fstat(fd)
-            self._trust.check_status(what, status, (stat.S_IFDIR,))
-            if status.st_mode & stat.S_IWOTH:
+            if stat.S_ISDIR(status.st_mode) and status.st_mode & stat.S_IWOTH:
                 owner = owner_text(status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode))
                 raise ChannelUnavailable(
                     f"{what} lets every user of the pod write in it ({owner}): anyone could forge or remove the "
                     f"stream's files; point file:// at a subdirectory podipc creates (file://{self.path}/spool), "
                     f"or remove the write bit for others; {SHARE_FIX}"
                 )
+            self._trust.check_status(what, status, (stat.S_IFDIR,))
         except BaseException:
             os.close(fd)
             raise
