@@ -112,6 +112,35 @@ class SpoolProducer(SpoolSide, Producer):
     """Appends each message as a checksummed record; resumes the stream it finds in the spool."""
 
     role = "producer"
+    # the hot path's attributes as slots: read without a dict lookup, and the instance dict stays small
+    # enough (<= 30 keys) for CPython's shared-key layout
+    __slots__ = (
+        "_acked",
+        "_batch",
+        "_consumer_came",
+        "_consumer_next",
+        "_consumer_offset",
+        "_depth",
+        "_fd",
+        "_max_bytes",
+        "_next",
+        "_offset",
+        "_position_fd",
+        "_position_generation",
+        "_position_watched",
+        "_room_bytes",
+        "_room_next",
+        "_segment",
+        "_segment_limit",
+        "_segment_size",
+        "_stream_ended",
+        "_stream_id",
+        "_stream_offset",
+        "_sync_any",
+        "_sync_delay",
+        "_sync_each",
+        "_sync_failure",
+    )
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -266,11 +295,12 @@ class SpoolProducer(SpoolSide, Producer):
             or length > COALESCE_SIZE
         ):
             return self._try_send_slowly(view)
-        fields = _pack_fields(length, MESSAGE, sequence)
+        body = _pack_fields(length, MESSAGE, sequence) + view
+        record = _pack_checksum(crc32(body)) + body
         try:
-            written = _pwrite(self._fd, _pack_checksum(crc32(view, crc32(fields))) + fields + view, offset)
+            written = _pwrite(self._fd, record, offset)
             if written != size:
-                self._write_rest(offset, written, size, view, fields)
+                self._write_rest(offset, written, record)
             if self._sync_each:
                 os.fdatasync(self._fd)
         except OSError as exc:
@@ -386,17 +416,17 @@ class SpoolProducer(SpoolSide, Producer):
             else:
                 written = os.pwritev(self._fd, [head, payload], offset)
             if written != size:
-                self._write_rest(offset, written, size, payload, fields)
+                self._write_rest(offset, written, head + payload)
         except OSError as exc:
             raise self._write_failed(offset, exc) from exc
         self._offset = offset + size
         self._stream_offset += size
 
-    def _write_rest(self, offset: int, written: int, size: int, payload: bytes | memoryview, fields: bytes) -> None:
+    def _write_rest(self, offset: int, written: int, record: bytes) -> None:
         """A write that went out partly (a signal, a full volume): write the rest, or raise OSError."""
-        record = memoryview(_pack_checksum(crc32(payload, crc32(fields))) + fields + bytes(payload))
-        while written < size:
-            count = os.pwrite(self._fd, record[written:], offset + written)
+        rest = memoryview(record)
+        while written < len(record):
+            count = os.pwrite(self._fd, rest[written:], offset + written)
             if count == 0:
                 raise OSError(28, os.strerror(28))
             written += count
