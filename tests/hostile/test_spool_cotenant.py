@@ -105,6 +105,7 @@ def test_d3_a_symlink_at_the_spool_path_is_never_followed(pod: Pod, tenants: Ten
 
 
 def test_group_sharing_lets_alice_and_bob_share_a_spool_and_keeps_mallory_out(pod: Pod, tenants: Tenants) -> None:
+    assert pod.run(["mkdir", "-m", "0770", f"{pod.volume}/shared"], user=tenants.alice).returncode == 0  # stays
     url = f"file://{pod.volume}/shared?mode=0660&wait=20"
     consumer = pod.popen([sys.executable, "-m", "podipc", "consume", url], user=tenants.bob)
     produced = pod.podipc("produce", url, "--count", "50", "--random", "--seed", "3", user=tenants.alice)
@@ -114,7 +115,8 @@ def test_group_sharing_lets_alice_and_bob_share_a_spool_and_keeps_mallory_out(po
     assert summary(stdout)["sha256"] == summary(produced.stdout)["sha256"]
     # mallory (outside the group) can neither start a stream in it nor read one
     mallory = pod.podipc("produce", url.replace("wait=20", f"wait={WAIT}"), "--count", "1", user=tenants.mallory)
-    assert_one_line_error(mallory, exit_code=3)
+    line = assert_one_line_error(mallory, exit_code=3)
+    assert "podipc-alice" in line, line
 
 
 # --- D1: clean in a spool ----------------------------------------------------------------------
