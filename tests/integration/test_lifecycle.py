@@ -44,13 +44,14 @@ depth=1 and one message first (producer_that_waits)."""
 
 
 def producer_that_waits(scheme: str, **options: object) -> podipc.Producer:
-    """A producer whose next send waits for a consumer (a spool's is full already)."""
-    if scheme in SPOOLS:
-        options["depth"] = 1
-    producer = podipc.producer(url_for(scheme, **options))
-    if scheme in SPOOLS:
-        producer.send(b"fills the spool")
-    return producer
+    """A producer, just opened, whose first send waits for a consumer (a spool's is full already)."""
+    if scheme not in SPOOLS:
+        return podipc.producer(url_for(scheme, **options))
+    url = url_for(scheme, **{**options, "depth": 1})
+    filler = podipc.producer(url)
+    filler.send(b"fills the spool")
+    filler.abort()  # the stream stays in the spool; the producer opened next resumes it, full
+    return podipc.producer(url)
 
 
 @pytest.fixture(params=CONTRACT_SCHEMES)

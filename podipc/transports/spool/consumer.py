@@ -15,7 +15,7 @@ from podipc.channel import Consumer
 from podipc.errors import ChannelUnavailable, EndOfStream, PodIPCError, ProtocolError
 from podipc.presence import PeerState
 from podipc.transports.spool.notify import CONSUMER_DIRECTORY_EVENTS, CONSUMER_SEGMENT_EVENTS
-from podipc.transports.spool.side import SpoolSide, spool_error
+from podipc.transports.spool.side import BatchSync, SpoolSide, spool_error
 from podipc.transports.spool.wire import (
     CHECKSUM,
     ENDED,
@@ -67,6 +67,7 @@ class SpoolConsumer(SpoolSide, Consumer):
     # enough (<= 30 keys) for CPython's shared-key layout
     __slots__ = (
         "_base",
+        "_batch",
         "_buffer",
         "_flags",
         "_generation",
@@ -78,7 +79,6 @@ class SpoolConsumer(SpoolSide, Consumer):
         "_segment",
         "_stream_id",
         "_stream_offset",
-        "_sync_batch",
         "_sync_each",
         "_unrung",
         "_view",
@@ -89,9 +89,9 @@ class SpoolConsumer(SpoolSide, Consumer):
         self.max_message_size = int(self.settings["max_message_size"])
         level = str(self.settings["sync"])
         self._sync_each = level == "always"
-        self._sync_batch = level == "batch"
-        self._sync_delay = float(self.settings["sync_delay"])
-        self._sync_due = 0.0
+        self._batch: BatchSync | None = None
+        if level == "batch":
+            self._batch = BatchSync(self._sync_position, float(self.settings["sync_delay"]), self._batch_failed)
         ring_messages = max(1, min(RING_MESSAGES, int(self.settings["depth"]) // 2))
         self._ring_threshold = max(1, min(RING_BYTES, int(self.settings["max_bytes"]) // 2))
         self._ring_cost = max(1, self._ring_threshold // ring_messages)
@@ -317,15 +317,20 @@ class SpoolConsumer(SpoolSide, Consumer):
         position[slot : slot + POSITION_SLOT_SIZE] = fields + _checksum(crc32(fields))
         if self._sync_each:
             position.flush()
-        elif self._sync_batch:
-            self._sync_in_time()
+            return
+        batch = self._batch
+        if batch is not None:
+            batch.written += 1
+            if batch.parked:
+                batch.kick()
 
-    def _sync_in_time(self) -> None:
-        now = time.monotonic()
-        if now >= self._sync_due:
-            self._sync_due = now + self._sync_delay
-            assert self._map is not None
+    def _sync_position(self) -> None:
+        """msync the position (the sync thread's job; it holds the batch lock)."""
+        if self._map is not None:
             self._map.flush()
+
+    def _batch_failed(self, error: OSError) -> None:
+        """The position could not be synced: only a power loss would tell (it delivers again what was taken)."""
 
     def _ring(self) -> None:
         """Wake a producer that waits for room: rewrite the ring counter (its inotify watch sees it)."""
@@ -355,9 +360,6 @@ class SpoolConsumer(SpoolSide, Consumer):
     def _before_waiting(self) -> None:
         if self._unrung:
             self._ring()
-        if self._sync_batch and self._map is not None:
-            self._sync_due = 0.0
-            self._sync_in_time()
         assert self._ready is not None
         self._ready.drain()
 
@@ -502,7 +504,7 @@ class SpoolConsumer(SpoolSide, Consumer):
         self._advance(size)
         self._flags |= ENDED
         self._took(size, self._next)
-        if (self._sync_each or self._sync_batch) and self._map is not None:
+        if self._map is not None and (self._sync_each or self._batch is not None):
             self._map.flush()
         self._finish()
 
@@ -559,9 +561,16 @@ class SpoolConsumer(SpoolSide, Consumer):
     # --- freeing --------------------------------------------------------------------------
 
     def _close_files(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.stop()
+        with batch.lock if batch is not None else contextlib.nullcontext():
+            if self._map is not None:
+                if batch is not None and batch.written != batch.synced:
+                    with contextlib.suppress(OSError):
+                        self._map.flush()
+                self._map.close()
+                self._map = None
         for fd in (self._segment_fd, self._position_fd):
             if fd >= 0:
                 os.close(fd)
@@ -572,14 +581,12 @@ class SpoolConsumer(SpoolSide, Consumer):
     def _free(self) -> None:
         if self._unrung and self._position_fd >= 0:
             self._ring()
-        if (self._sync_each or self._sync_batch) and self._map is not None:
-            with contextlib.suppress(OSError):
-                self._map.flush()
         self._close_files()
         self._leave(clean=True)
         self._close_spool()
 
     def _drop_inherited(self) -> None:
+        self._batch = None  # its thread is the parent's
         self._close_files()
         self._drop_spool_copies()
         self._freed = True

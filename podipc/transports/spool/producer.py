@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from zlib import crc32
 
@@ -15,7 +13,7 @@ from podipc.channel import Producer
 from podipc.errors import ChannelClosed, ChannelUnavailable, PodIPCError, ProtocolError, Timeout
 from podipc.presence import PeerState
 from podipc.transports.spool.notify import PRODUCER_DIRECTORY_EVENTS, PRODUCER_POSITION_EVENTS
-from podipc.transports.spool.side import SpoolSide, spool_error
+from podipc.transports.spool.side import BatchSync, SpoolSide, spool_error
 from podipc.transports.spool.wire import (
     CHECKSUM,
     END,
@@ -54,58 +52,6 @@ def _exists(name: str, dir_fd: int) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-class BatchSync:
-    """sync=batch: one thread per producer that fdatasyncs the segment at most `delay` seconds after a write.
-
-    The producer bumps `written` after each write and sets `wake` only when the thread is
-    parked (checked under the GIL's sequential order: the thread parks only after seeing
-    nothing unsynced, the producer looks at `parked` after counting its write). `lock` is
-    held while syncing; the producer takes it to change the segment descriptor.
-    """
-
-    def __init__(self, fd: int, delay: float, failed: Callable[[OSError], None]) -> None:
-        self.fd = fd
-        self.delay = delay
-        self.written = 0
-        self.synced = 0
-        self.parked = False
-        self.stopping = False
-        self.wake = threading.Event()
-        self.lock = threading.Lock()
-        self._failed = failed
-        self._thread = threading.Thread(target=self._run, name="podipc-spool-sync", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        last = 0.0
-        while not self.stopping:
-            if self.written == self.synced:
-                self.parked = True
-                if self.written == self.synced and not self.stopping:
-                    self.wake.wait()
-                self.wake.clear()
-                self.parked = False
-                continue
-            pause = last + self.delay - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            mark = self.written
-            with self.lock:
-                if self.fd >= 0:
-                    try:
-                        os.fdatasync(self.fd)
-                    except OSError as exc:
-                        self._failed(exc)
-                        return
-            self.synced = mark
-            last = time.monotonic()
-
-    def stop(self) -> None:
-        """Let the thread end (it does not sync again; the producer syncs last itself)."""
-        self.stopping = True
-        self.wake.set()
 
 
 class SpoolProducer(SpoolSide, Producer):
@@ -184,7 +130,7 @@ class SpoolProducer(SpoolSide, Producer):
             self._resume()
             self._read_consumer_position()  # where a consumer before us stood: a later commit means one came
             if self._sync_any and not self._sync_each:
-                self._batch = BatchSync(self._fd, self._sync_delay, self._batch_failed)
+                self._batch = BatchSync(self._sync_segment, self._sync_delay, self._batch_failed)
         except OSError as exc:
             self._abandon_open()
             raise spool_error(exc, self.path) from exc
@@ -312,7 +258,7 @@ class SpoolProducer(SpoolSide, Producer):
         if batch is not None:
             batch.written += 1
             if batch.parked:
-                batch.wake.set()
+                batch.kick()
         return True
 
     def _try_send_slowly(self, view: memoryview) -> bool:
@@ -401,7 +347,7 @@ class SpoolProducer(SpoolSide, Producer):
         elif self._batch is not None:
             self._batch.written += 1
             if self._batch.parked:
-                self._batch.wake.set()
+                self._batch.kick()
 
     def _append(self, kind: int, sequence: int, payload: bytes | memoryview) -> None:
         """Write one record at the end of the segment (whole, or not at all: a failed write is cut off again)."""
@@ -465,13 +411,16 @@ class SpoolProducer(SpoolSide, Producer):
         batch = self._batch
         with batch.lock if batch is not None else contextlib.nullcontext():
             self._fd = fd
-            if batch is not None:
-                batch.fd = fd
         if previous >= 0:
             os.close(previous)
         self._segment = first
         self._offset = SEGMENT_HEADER_SIZE
         self._segment_limit = self._segment_size
+
+    def _sync_segment(self) -> None:
+        """fdatasync the segment being written (the sync thread's job; it holds the batch lock)."""
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
 
     def _batch_failed(self, error: OSError) -> None:
         """The sync thread's fdatasync failed (its thread): the next send raises it."""
@@ -569,8 +518,6 @@ class SpoolProducer(SpoolSide, Producer):
         if batch is not None:
             batch.stop()
         with batch.lock if batch is not None else contextlib.nullcontext():
-            if batch is not None:
-                batch.fd = -1
             if self._fd >= 0:
                 if self._sync_any and not self._acked:
                     with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -107,6 +108,64 @@ def current_umask() -> int:
 def directory_mode(mode: int) -> int:
     """A directory mode for file mode `mode`: x wherever r (0600 -> 0700, 0660 -> 0770)."""
     return mode | ((mode & 0o444) >> 2)
+
+
+class BatchSync:
+    """sync=batch: one thread per endpoint that syncs what was written at most `delay` seconds after the write.
+
+    The endpoint bumps `written` after each write and calls kick() only when the thread is
+    parked (both read under the GIL's sequential order: the thread parks only after seeing
+    nothing unsynced, the endpoint looks at `parked` after counting its write). `sync()`
+    runs holding `lock`, which the endpoint takes to swap or close what `sync()` uses. A
+    failure is handed to `failed` (on the thread) and ends it.
+    """
+
+    def __init__(self, sync: Callable[[], None], delay: float, failed: Callable[[OSError], None]) -> None:
+        self.delay = delay
+        self.written = 0
+        self.synced = 0
+        self.parked = False
+        self.stopping = False
+        self.lock = threading.Lock()
+        self._wake = threading.Event()
+        self._sync = sync
+        self._failed = failed
+        self._thread = threading.Thread(target=self._run, name="podipc-spool-sync", daemon=True)
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Wake the parked thread: something was written."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        last = 0.0
+        while not self.stopping:
+            if self.written == self.synced:
+                self.parked = True
+                if self.written == self.synced and not self.stopping:
+                    self._wake.wait()
+                self._wake.clear()
+                self.parked = False
+                continue
+            pause = last + self.delay - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            mark = self.written
+            with self.lock:
+                if self.stopping:
+                    return
+                try:
+                    self._sync()
+                except OSError as exc:
+                    self._failed(exc)
+                    return
+            self.synced = mark
+            last = time.monotonic()
+
+    def stop(self) -> None:
+        """Let the thread end without syncing again (the endpoint syncs last itself, holding `lock`)."""
+        self.stopping = True
+        self._wake.set()
 
 
 class SpoolSide:
