@@ -432,6 +432,15 @@ def test_a_position_past_what_survived_a_power_loss_skips_what_was_taken_when_it
     assert spool_names(spool) == []
 
 
+def test_an_end_below_a_position_a_power_loss_left_ahead_still_ends_the_stream(spool: Path) -> None:
+    write_segment(spool, 0, messages_segment(0, [b"m0", b"m1", b"m2"], END))  # the producer ended after 3
+    write_position(spool, Position(9, STREAM_ID, 5, 0, offset_after([b"m0"] * 5), 0, 0))  # 5 were taken
+    with podipc.consumer(f"file://{spool}") as consumer:
+        assert list(consumer) == []
+        assert consumer.ended
+    assert spool_names(spool) == []
+
+
 def test_consumer_raises_peer_gone_soon_after_the_producer_is_killed(spool: Path) -> None:
     url = f"file://{spool}"
     producer = start_python(PRODUCER_SCRIPT, url, 5, 60)

@@ -90,8 +90,6 @@ class SpoolConsumer(SpoolSide, Consumer):
         level = str(self.settings["sync"])
         self._sync_each = level == "always"
         self._batch: BatchSync | None = None
-        if level == "batch":
-            self._batch = BatchSync(self._sync_position, float(self.settings["sync_delay"]), self._batch_failed)
         ring_messages = max(1, min(RING_MESSAGES, int(self.settings["depth"]) // 2))
         self._ring_threshold = max(1, min(RING_BYTES, int(self.settings["max_bytes"]) // 2))
         self._ring_cost = max(1, self._ring_threshold // ring_messages)
@@ -123,6 +121,8 @@ class SpoolConsumer(SpoolSide, Consumer):
         try:
             self._open_position()
             self._locate()
+            if level == "batch":
+                self._batch = BatchSync(self._sync_position, float(self.settings["sync_delay"]), self._batch_failed)
         except OSError as exc:
             self._abandon_open()
             raise spool_error(exc, self.path) from exc
@@ -387,11 +387,7 @@ class SpoolConsumer(SpoolSide, Consumer):
             raise self._gap(sequence)
         if kind == NEXT:
             return self._follow(sequence)
-        if sequence < self._next:
-            raise ProtocolError(
-                f"the stream in {self.path} ends after message {sequence}, but message {self._next - 1} was "
-                "taken already: the spool was changed by hand or by a foreign writer"
-            )
+        # END (below the position too: after a power loss the consumer may have taken messages the stream lost)
         self._take_end(size)
         return None  # not reached: _take_end raises EndOfStream
 
@@ -553,8 +549,9 @@ class SpoolConsumer(SpoolSide, Consumer):
         if self._segment_fd >= 0:
             self._remove_ours(segment_name(self._segment))
         self._remove_ours(POSITION_NAME)
-        if self._presence is not None and self._presence.peer_state() is PeerState.GONE:
-            self._remove_dead_peer_presence()
+        with contextlib.suppress(ChannelUnavailable):
+            if self._presence is not None and self._presence.peer_state() is PeerState.GONE:
+                self._remove_dead_peer_presence()
         self._free_once()
         raise EndOfStream(f"{self.address.location}: the producer ended the stream")
 

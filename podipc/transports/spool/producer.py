@@ -39,6 +39,7 @@ from podipc.transports.spool.wire import (
     segment_name,
 )
 
+RESUME_ATTEMPTS = 3
 COALESCE_SIZE = 16 * 1024
 """A payload up to this size is copied behind its header and written with one pwrite; larger ones use pwritev."""
 _pack_fields = RECORD_FIELDS.pack
@@ -127,7 +128,7 @@ class SpoolProducer(SpoolSide, Producer):
             self._closed = self._freed = True
             raise
         try:
-            self._resume()
+            self._resume_soon()
             self._read_consumer_position()  # where a consumer before us stood: a later commit means one came
             if self._sync_any and not self._sync_each:
                 self._batch = BatchSync(self._sync_segment, self._sync_delay, self._batch_failed)
@@ -148,6 +149,18 @@ class SpoolProducer(SpoolSide, Producer):
         self._close_spool()
 
     # --- resuming -----------------------------------------------------------------------
+
+    def _resume_soon(self) -> None:
+        """Resume; again if the last segment went meanwhile (its consumer took the END and removed the stream)."""
+        for _ in range(RESUME_ATTEMPTS - 1):
+            try:
+                self._resume()
+                return
+            except FileNotFoundError:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+        self._resume()
 
     def _resume(self) -> None:
         """Find the stream's end in the spool (repairing a torn tail), or start a new stream."""

@@ -427,20 +427,15 @@ class SpoolSide:
             remove_if_gone(presence.peer_path, presence.trust)
 
     def _close_spool(self) -> None:
-        """Close the readiness and directory descriptors (presence must be left first)."""
+        """Leave presence (removing our file, if _leave did not), then close the readiness and directory descriptors."""
         presence = self._presence
         if presence is not None:
             presence.unwatch()
             presence.close()
-        if self._ready is not None:
-            self._ready.close()
-            self._ready = None
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+        self._drop_spool_copies()
 
     def _drop_spool_copies(self) -> None:
-        """In a forked child: close the child's copies of the descriptors, touching nothing shared."""
+        """Close the readiness and directory descriptors (in a forked child: its copies, touching nothing shared)."""
         if self._ready is not None:
             self._ready.close()
             self._ready = None
