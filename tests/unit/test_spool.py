@@ -774,3 +774,24 @@ def test_the_records_helper_reads_what_a_producer_wrote(spool: Path) -> None:
         producer.send(b"one")
         producer.abort()
     assert records_of(spool / segment_name(0)) == [(MESSAGE, 0, b"one")]
+
+
+def take_all(url: str, results: object) -> None:
+    with podipc.consumer(url, wait=20) as consumer:
+        results.put(len(list(consumer)))  # type: ignore[attr-defined]
+
+
+def test_a_close_never_takes_a_consumer_that_just_took_the_end_for_gone(tmp_path: Path) -> None:
+    """The consumer removes the END segment (the ack), then leaves: a close looking between the two must see the ack."""
+    context = __import__("multiprocessing").get_context("fork")
+    for round_number in range(40):
+        url = f"file://{tmp_path}/s{round_number}?sync=always"
+        results = context.Queue()
+        consumer = context.Process(target=take_all, args=(url, results))
+        consumer.start()
+        with podipc.producer(url, wait=20) as producer:
+            for _ in range(300):
+                producer.send(b"x" * 64)
+            producer.close(10)  # raised PeerGone now and then before the fix
+        assert results.get(timeout=30) == 300
+        consumer.join(10)

@@ -12,7 +12,7 @@ from zlib import crc32
 
 from podipc.address import Address
 from podipc.channel import Consumer
-from podipc.errors import ChannelUnavailable, EndOfStream, PodIPCError, ProtocolError
+from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PodIPCError, ProtocolError
 from podipc.presence import PeerState
 from podipc.transports.spool.notify import CONSUMER_DIRECTORY_EVENTS, CONSUMER_SEGMENT_EVENTS
 from podipc.transports.spool.side import BatchSync, SpoolSide, spool_error
@@ -342,6 +342,7 @@ class SpoolConsumer(SpoolSide, Consumer):
     def _try_recv_slowly(self) -> bytes | None:
         """Everything but a whole message in the buffer: read on, follow segments, the end, errors, waiting."""
         looked_after_draining = False
+        gone: PeerGone | None = None
         while True:
             result = self._step()
             if result is _AGAIN:
@@ -351,9 +352,13 @@ class SpoolConsumer(SpoolSide, Consumer):
                 self._made_progress()
                 assert isinstance(result, bytes)
                 return result
+            if gone is not None:
+                raise gone
             if looked_after_draining:
-                self._nothing_now()
-                return None
+                gone = self._peer_gone("producer") if self._peer_lost else None
+                if gone is None:
+                    return None
+                continue  # one last look: what it wrote just before it went
             self._before_waiting()
             looked_after_draining = True
 
@@ -362,13 +367,6 @@ class SpoolConsumer(SpoolSide, Consumer):
             self._ring()
         assert self._ready is not None
         self._ready.drain()
-
-    def _nothing_now(self) -> None:
-        """Nothing to take even after looking again: raise PeerGone once the producer is gone for good."""
-        if self._peer_lost:
-            error = self._peer_gone("producer")
-            if error is not None:
-                raise error
 
     def _step(self) -> object:
         """One move: a message (bytes), _AGAIN after a record that is not one, or None when nothing is there yet."""

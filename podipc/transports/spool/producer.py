@@ -10,7 +10,7 @@ from zlib import crc32
 
 from podipc.address import Address
 from podipc.channel import Producer
-from podipc.errors import ChannelClosed, ChannelUnavailable, PodIPCError, ProtocolError, Timeout
+from podipc.errors import ChannelClosed, ChannelUnavailable, PeerGone, PodIPCError, ProtocolError, Timeout
 from podipc.presence import PeerState
 from podipc.transports.spool.notify import PRODUCER_DIRECTORY_EVENTS, PRODUCER_POSITION_EVENTS
 from podipc.transports.spool.side import BatchSync, SpoolSide, spool_error
@@ -307,7 +307,13 @@ class SpoolProducer(SpoolSide, Producer):
         self._read_consumer_position()
         if self._has_room(size):
             return True
-        self._check_consumer()
+        try:
+            self._check_consumer()
+        except PeerGone:
+            self._read_consumer_position()
+            if self._has_room(size):  # it made room and left between our two looks
+                return True
+            raise
         return False
 
     def _has_room(self, size: int) -> bool:
@@ -493,17 +499,25 @@ class SpoolProducer(SpoolSide, Producer):
 
     def _ack_received(self) -> bool:
         """True once the consumer removed the segment holding the end record (its acknowledgement)."""
-        if os.fstat(self._fd).st_nlink == 0:
-            self._acked = True
+        if self._end_removed():
             return True
         assert self._ready is not None
         self._ready.drain()
-        if os.fstat(self._fd).st_nlink == 0:
-            self._acked = True
+        if self._end_removed():
             return True
         self._read_consumer_position()
-        self._check_consumer()
+        try:
+            self._check_consumer()
+        except PeerGone:
+            if self._end_removed():  # it took the end and left between our two looks
+                return True
+            raise
         return False
+
+    def _end_removed(self) -> bool:
+        if os.fstat(self._fd).st_nlink == 0:
+            self._acked = True
+        return self._acked
 
     def _check_consumer(self) -> None:
         """Raise PeerGone when the consumer this side needs is gone (seen by the monitor, or it came and went
