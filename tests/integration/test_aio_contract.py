@@ -27,7 +27,7 @@ from .harness import CONTEXT, RELIABLE, mixed_sizes, payload, url_for
 
 pytestmark = pytest.mark.timeout(120)
 
-AIO_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp", "zmq+tcp", "zmq+ipc")
+AIO_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp", "zmq+tcp", "zmq+ipc", "file")
 """Schemes whose transports implement the endpoint contract (no thread per message in aio)."""
 FALLBACK_SCHEMES: tuple[str, ...] = ()
 """Schemes without a readiness descriptor yet: aio runs them on one helper thread per endpoint."""
@@ -260,14 +260,9 @@ def test_cancelled_receives_lose_nothing_across_a_thousand_messages(scheme: str)
 @pytest.mark.parametrize("scheme", AIO_SCHEMES)  # on the helper-thread fallback a cancelled send completes later
 def test_cancelled_sends_send_all_or_nothing_across_a_thousand_messages(scheme: str) -> None:
     # shm's default ring (8 MiB) holds the slow consumer's whole backlog, zmq queues up to `hwm` messages on each
-    # side (1000 by default) before a send waits: smaller ones make sends wait there too
-    url = (
-        url_for(scheme, capacity="256KiB")
-        if scheme == "shm"
-        else url_for(scheme, hwm=4)
-        if scheme.startswith("zmq+")
-        else url_for(scheme)
-    )
+    # side (1000 by default) and a spool 1024 (docs/wire/file.md) before a send waits: smaller ones make sends wait
+    smaller = {"shm": {"capacity": "256KiB"}, "zmq+tcp": {"hwm": 4}, "zmq+ipc": {"hwm": 4}, "file": {"depth": 8}}
+    url = url_for(scheme, **smaller.get(scheme, {}))
     sizes = mixed_sizes(1000, min(size_limit(scheme), 65536), seed=6)
     results = CONTEXT.Queue()
     chance = random.Random(8)

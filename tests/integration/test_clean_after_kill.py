@@ -72,8 +72,8 @@ def presence_files(url: str) -> list[str]:
 
 
 def what_remains(url: str) -> list[str]:
-    """Everything of this channel still there, message files of an unfinished spool aside (kept by design)."""
-    kept = ("podipc.msg.", "podipc.done.", "podipc.end.", "podipc.directory")
+    """Everything of this channel still there, the stream of an unfinished spool aside (kept by design)."""
+    kept = ("podipc.seg.", "podipc.position", "podipc.directory")
     found = set(leftovers(url)) | set(presence_files(url))
     return sorted(path for path in found if not os.path.basename(path).startswith(kept))
 
@@ -120,9 +120,9 @@ def test_dry_run_lists_what_a_killed_pair_left_and_clean_removes_it(scheme: str)
     url = url_for(scheme)
     kill_a_pair_mid_stream(url)
     spool = spool_directory(url)
-    if spool:  # as a producer killed inside a write leaves it
+    if spool:  # as a producer killed while starting a segment leaves it
         with open(f"{spool}/podipc.part.{10**19:020d}", "wb") as part:
-            part.write(b"half a mess")
+            part.write(b"half a segment header")
     left = what_remains(url)
     assert left, "a killed pair leaves its presence files at least"
     directories = ["--dir", spool_directory(url) or "/dev/shm"]
@@ -151,7 +151,8 @@ def test_dry_run_lists_what_a_killed_pair_left_and_clean_removes_it(scheme: str)
     if spool:
         names = os.listdir(spool)
         assert not [name for name in names if name.startswith(("podipc.part.", "podipc.presence."))], names
-        assert [name for name in names if name.startswith("podipc.msg.")], "the unread messages must stay"
+        assert [name for name in names if name.startswith("podipc.seg.")], "the unread messages must stay"
+        assert "podipc.position" in names, "the consumer's position must stay"
     assert mine(clean("--dry-run", *directories), url) == []
 
 

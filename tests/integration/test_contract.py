@@ -123,7 +123,7 @@ def test_producer_without_consumer_fails_after_the_wait_timeout(scheme: str) -> 
     if scheme == "file":
         # A spool keeps an unfinished stream for a consumer that comes later (docs/wire/file.md).
         kept = sorted(os.path.basename(path) for path in leftovers(url))
-        assert kept == ["podipc.directory", "podipc.end.00000000000000000001", "podipc.msg.00000000000000000000"]
+        assert kept == ["podipc.directory", "podipc.seg.00000000000000000000"]  # the message, then the END record
         shutil.rmtree(parse_address(url).path)
     assert_no_leftovers(url)
 

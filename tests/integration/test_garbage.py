@@ -33,11 +33,13 @@ from hypothesis import strategies as st
 import podipc
 from podipc.address import parse_address
 from podipc.cli import EXIT_CODES
-from podipc.errors import PeerTimeout, ProtocolError
+from podipc.errors import ChannelUnavailable, PeerTimeout, ProtocolError
 from podipc.framing import HELLO
 from podipc.presence import Presence
 from podipc.transports.shm import layout as shm_ring
+from podipc.transports.spool.wire import encode_record, segment_name
 from tests.commands import PODIPC
+from tests.spools import END, MESSAGE, NEXT, messages_segment, write_segment
 
 from .harness import leftovers, url_for, wait_until
 
@@ -322,38 +324,45 @@ def test_a_corrupt_shm_ring_is_a_protocol_error(corruption: str) -> None:
 # --- file spool ------------------------------------------------------------------------------
 
 
-def spool_name(kind: str, sequence: int) -> str:
-    return f"podipc.{kind}.{sequence:020d}"
-
-
-def test_malformed_spool_entries_are_skipped_and_counted_and_good_messages_arrive(tmp_path: Any) -> None:
+def test_oversized_records_are_skipped_and_counted_and_good_messages_arrive(tmp_path: Any) -> None:
     spool = tmp_path / "spool"
-    spool.mkdir(mode=0o700)
-    url = f"file://{spool}?max_message_size=16"
-    (spool / "podipc.msg.12x").write_bytes(b"malformed name")
-    (spool / spool_name("msg", 0)).write_bytes(b"first")
-    os.mkfifo(spool / spool_name("msg", 1), 0o600)  # not a regular file: never opened for reading
-    (spool / spool_name("msg", 2)).write_bytes(b"x" * 17)  # over max_message_size
-    os.symlink("/etc/passwd", spool / spool_name("msg", 3))  # a symlink is refused
-    (spool / spool_name("msg", 4)).write_bytes(b"")
-    (spool / spool_name("end", 5)).write_bytes(b"")
+    messages = [b"first", b"x" * 17, b"", b"y" * 1000, b"last"]  # two over max_message_size=16
+    write_segment(spool, 0, messages_segment(0, messages, END))
+    (spool / "podipc.seg.12x").write_bytes(b"a name that is not a segment's")
     (spool / "unrelated.txt").write_bytes(b"not the spool's")
-    with consuming(url) as consume:
+    with consuming(f"file://{spool}?max_message_size=16") as consume:
         code, summary, lines = consume.finish()
     assert code == 0, lines
-    assert (summary["messages"], summary["bytes"], summary.get("skipped")) == (2, 5, 4), summary
-    assert sorted(os.listdir(spool)) == ["unrelated.txt"]
+    assert (summary["messages"], summary["bytes"], summary.get("skipped")) == (3, 9, 2), summary
+    assert sorted(os.listdir(spool)) == ["podipc.seg.12x", "unrelated.txt"]
 
 
-def test_a_gap_in_the_spool_is_a_protocol_error_once_no_producer_lives(tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    ("garbage", "error", "words"),
+    [
+        ("gap", ProtocolError, ("message 1 is missing",)),
+        ("fifo", ChannelUnavailable, ("FIFO",)),
+        ("symlink", ChannelUnavailable, ("symbolic link",)),
+        ("other stream", ProtocolError, ("another stream",)),
+    ],
+)
+def test_spool_garbage_is_a_one_line_error(tmp_path: Any, garbage: str, error: Any, words: tuple[str, ...]) -> None:
     spool = tmp_path / "spool"
-    spool.mkdir(mode=0o700)
-    (spool / spool_name("msg", 0)).write_bytes(b"zero")
-    (spool / spool_name("msg", 2)).write_bytes(b"two, but where is one?")
+    if garbage == "gap":  # message 1 removed by hand: 0 then 2
+        write_segment(spool, 0, messages_segment(0, [b"zero"]) + encode_record(MESSAGE, 2, b"two"))
+    elif garbage == "other stream":  # NEXT leads to a segment of another stream
+        write_segment(spool, 0, messages_segment(0, [b"zero"], NEXT))
+        write_segment(spool, 1, messages_segment(1, [b"one"], stream_id=99))
+    else:  # what a careless writer may leave where the next segment belongs
+        write_segment(spool, 0, messages_segment(0, [b"zero"], NEXT))
+        if garbage == "fifo":
+            os.mkfifo(spool / segment_name(1), 0o600)
+        else:
+            os.symlink("/etc/passwd", spool / segment_name(1))
     with consuming(f"file://{spool}?wait=2") as consume:
         code, summary, lines = consume.finish()
-    assert_one_line_error(code, lines, ProtocolError)
-    assert summary["messages"] == 1
+    assert_one_line_error(code, lines, error, *words)
+    assert summary.get("messages", 1) == 1
 
 
 # --- fuzzing the decoders not fuzzed by the unit tests --------------------------------------------

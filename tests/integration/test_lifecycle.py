@@ -30,11 +30,28 @@ from .harness import CONTEXT, RELIABLE, leftovers, payload, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp", "zmq+tcp", "zmq+ipc")
+CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp", "zmq+tcp", "zmq+ipc", "file")
 """Schemes whose transports implement the endpoint contract; the later transports add theirs."""
 WAKE_SECONDS = 0.1
 """Issue 11: a blocked call wakes within 100 ms of close()/abort()."""
 TAG = struct.Struct(">II")
+
+
+SPOOLS = ("file",)
+"""Channels whose producer writes into a spool without a consumer until it holds `depth` messages
+(docs/wire/file.md): where a test needs a send that waits for the consumer, such a producer gets
+depth=1 and one message first (producer_that_waits)."""
+
+
+def producer_that_waits(scheme: str, **options: object) -> podipc.Producer:
+    """A producer, just opened, whose first send waits for a consumer (a spool's is full already)."""
+    if scheme not in SPOOLS:
+        return podipc.producer(url_for(scheme, **options))
+    url = url_for(scheme, **{**options, "depth": 1})
+    filler = podipc.producer(url)
+    filler.send(b"fills the spool")
+    filler.abort()  # the stream stays in the spool; the producer opened next resumes it, full
+    return podipc.producer(url)
 
 
 @pytest.fixture(params=CONTRACT_SCHEMES)
@@ -407,7 +424,7 @@ def test_the_calls_own_timeout_raises_timeout_even_before_the_peer_appeared(sche
     error, seconds = elapsed(lambda: consumer.recv(timeout=0.3))
     consumer.close()
     assert type(error) is podipc.Timeout and 0.25 <= seconds < 2
-    producer = podipc.producer(url_for(scheme, wait=30))
+    producer = producer_that_waits(scheme, wait=30)
     error, seconds = elapsed(lambda: producer.send(b"x", timeout=0.3))
     producer.abort()
     assert type(error) is podipc.Timeout and 0.25 <= seconds < 2
@@ -420,7 +437,7 @@ def test_the_wait_deadline_raises_peer_timeout_when_it_comes_first(scheme: str) 
     with pytest.raises(podipc.PeerTimeout):
         consumer.try_recv()
     consumer.close()
-    producer = podipc.producer(url_for(scheme, wait=0.3))
+    producer = producer_that_waits(scheme, wait=0.3)
     error, seconds = elapsed(lambda: producer.send(b"x", timeout=10))
     assert isinstance(error, podipc.PeerTimeout) and 0.25 <= seconds < 2
     with pytest.raises(podipc.PeerTimeout):
@@ -462,7 +479,7 @@ def test_wait_forever_never_raises_peer_timeout(scheme: str, forever: object) ->
 
 
 def test_wait_forever_in_the_url(scheme: str) -> None:
-    producer = podipc.producer(url_for(scheme, wait="inf"))
+    producer = producer_that_waits(scheme, wait="inf")
     assert producer.wait_deadline == math.inf
     error, _ = elapsed(lambda: producer.send(b"x", timeout=0.3))
     producer.abort()

@@ -1,4 +1,5 @@
-"""file:// spool: what is special to it — resuming after kill -9 on either side, atomic files, garbage, cleanup."""
+"""file:// spool: what is special to it — the record format, resuming after kill -9 on either side, segments,
+repair of a torn tail, sync levels, readiness without inotify, cleanup (across real processes)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,23 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import podipc
 from podipc.errors import (
+    AddressError,
     ChannelClosed,
     ChannelUnavailable,
     MessageTooLarge,
@@ -31,17 +33,40 @@ from podipc.errors import (
     Timeout,
 )
 from podipc.payloads import StreamSummary, generated_messages
+from podipc.transports.spool import notify
 from podipc.transports.spool.wire import (
     MAX_SEQUENCE,
-    SpoolName,
-    done_name,
-    end_name,
-    message_name,
-    parse_spool_name,
-    part_name,
-    read_message_file,
+    POSITION_NAME,
+    POSITION_SIZE,
+    SEGMENT_HEADER_SIZE,
+    SLOT_OFFSETS,
+    Position,
+    SegmentHeader,
+    decode_position,
+    decode_segment_header,
+    encode_position,
+    encode_record,
+    encode_segment_header,
+    parse_segment_name,
+    scan_segment,
+    segment_name,
 )
 from tests.commands import PODIPC
+from tests.spools import (
+    END,
+    MESSAGE,
+    NEXT,
+    STREAM_ID,
+    highest_message,
+    messages_in,
+    messages_segment,
+    offset_after,
+    records_of,
+    segments_of,
+    stream_in,
+    write_position,
+    write_segment,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,11 +138,6 @@ def spool_names(directory: Path) -> list[str]:
     return sorted(os.listdir(directory)) if directory.exists() else []
 
 
-def highest_sequence(directory: Path) -> int:
-    sequences = [parsed.sequence for parsed in map(parse_spool_name, spool_names(directory)) if parsed]
-    return max(sequences, default=-1)
-
-
 def expected_summary(count: int, size: int, seed: int) -> tuple[int, str]:
     summary = StreamSummary("expected", "")
     for message in generated_messages(count, size, True, seed):
@@ -141,66 +161,78 @@ def reap_processes() -> Iterator[None]:
         process.communicate()
 
 
-# --- names and records -------------------------------------------------------
+# --- the format ----------------------------------------------------------------------------
 
 
 @given(st.integers(min_value=0, max_value=MAX_SEQUENCE))
-def test_sequenced_names_round_trip_and_sort_in_stream_order(sequence: int) -> None:
-    assert parse_spool_name(message_name(sequence)) == SpoolName("message", sequence)
-    assert parse_spool_name(done_name(sequence)) == SpoolName("done", sequence)
-    assert parse_spool_name(end_name(sequence)) == SpoolName("end", sequence)
-    assert parse_spool_name(part_name(sequence)) == SpoolName("part", -1)
+def test_segment_names_round_trip_and_sort_in_stream_order(sequence: int) -> None:
+    assert parse_segment_name(segment_name(sequence)) == sequence
     if sequence < MAX_SEQUENCE:
-        assert message_name(sequence) < message_name(sequence + 1)
+        assert segment_name(sequence) < segment_name(sequence + 1)
 
 
-@given(st.text(max_size=60))
-def test_name_decoder_accepts_only_twenty_ascii_digits(name: str) -> None:
-    parsed = parse_spool_name(name)
-    spool_prefixes = ("podipc.msg.", "podipc.done.", "podipc.end.", "podipc.part.", "podipc.presence.")
-    if not name.startswith(spool_prefixes) and name != "podipc.directory":
-        assert parsed is None  # never the spool's, so never removed
-        return
-    assert parsed is not None
-    if parsed.kind in ("message", "done", "end"):
-        digits = name.rsplit(".", 1)[1]
-        assert re.fullmatch(r"[0-9]{20}", digits, flags=re.ASCII)
-        assert 0 <= parsed.sequence <= MAX_SEQUENCE
+@given(st.text(max_size=40))
+def test_only_twenty_ascii_digits_name_a_segment(suffix: str) -> None:
+    parsed = parse_segment_name("podipc.seg." + suffix)
+    if re.fullmatch(r"[0-9]{20}", suffix, flags=re.ASCII) and int(suffix) <= MAX_SEQUENCE:
+        assert parsed == int(suffix)
     else:
-        assert parsed.sequence == -1
+        assert parsed is None
 
 
-@given(st.sampled_from(["podipc.msg.", "podipc.done.", "podipc.end."]), st.text(min_size=0, max_size=25))
-def test_name_decoder_calls_malformed_sequences_malformed(prefix: str, digits: str) -> None:
-    parsed = parse_spool_name(prefix + digits)
-    valid = re.fullmatch(r"[0-9]{20}", digits, flags=re.ASCII) is not None
-    assert (parsed is not None and parsed.kind != "malformed") == valid
-    assert parsed is not None
+class memory_file:
+    """An anonymous memory file holding `content`, as a descriptor (the segment readers use pread)."""
+
+    def __init__(self, content: bytes) -> None:
+        self.fd = os.memfd_create("segment")
+        os.write(self.fd, content)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=3000), st.integers(min_value=0, max_value=4000))
-def test_record_decoder_returns_the_file_or_none_when_over_the_limit(content: bytes, limit: int) -> None:
-    with tempfile.TemporaryFile() as file:
-        file.write(content)
-        file.flush()
-        file.seek(0)
-        data, size = read_message_file(file.fileno(), limit)
-    assert size == len(content)
-    assert data == (content if len(content) <= limit else None)
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.integers(min_value=0, max_value=2**64 - 1), st.data())
+def test_a_record_detects_any_changed_byte(payload: bytes, sequence: int, data: st.DataObject) -> None:
+    header = SegmentHeader(sequence, STREAM_ID, 0)
+    record = encode_record(MESSAGE, sequence, payload)
+    damaged = bytearray(record)
+    damaged[data.draw(st.integers(min_value=0, max_value=len(record) - 1))] ^= data.draw(st.integers(1, 255))
+    for body, whole in ((record, True), (bytes(damaged), False)):
+        with memory_file(encode_segment_header(header) + body) as fd:
+            end = scan_segment(fd, header)
+        assert (end.offset == SEGMENT_HEADER_SIZE + len(record)) == whole
 
 
-def test_record_decoder_rejects_what_is_not_a_regular_file() -> None:
-    reader, writer = os.pipe()
-    try:
-        os.write(writer, b"hello")
-        assert read_message_file(reader, 1000)[0] is None
-    finally:
-        os.close(reader)
-        os.close(writer)
+@given(st.integers(min_value=0, max_value=2**64 - 1), st.integers(min_value=1, max_value=2**64 - 1))
+def test_segment_headers_round_trip_and_reject_damage(first: int, stream_id: int) -> None:
+    header = SegmentHeader(first, stream_id, first // 3)
+    data = encode_segment_header(header)
+    assert len(data) == SEGMENT_HEADER_SIZE
+    assert decode_segment_header(data) == header
+    for index in range(40):  # every checked byte
+        damaged = bytearray(data)
+        damaged[index] ^= 0x40
+        assert decode_segment_header(bytes(damaged)) is None
+    assert decode_segment_header(data[:-9]) is None
 
 
-# --- streams across processes ------------------------------------------------
+def test_the_newer_valid_position_slot_wins_and_a_torn_one_is_ignored() -> None:
+    older = Position(5, STREAM_ID, 10, 0, 300, 250, 0)
+    newer = older._replace(generation=6, next_sequence=11, offset=330, stream_offset=280)
+    content = bytearray(POSITION_SIZE)
+    content[SLOT_OFFSETS[0] : SLOT_OFFSETS[0] + 56] = encode_position(newer)
+    content[SLOT_OFFSETS[1] : SLOT_OFFSETS[1] + 56] = encode_position(older)
+    assert decode_position(bytes(content)) == newer
+    content[SLOT_OFFSETS[0] + 20] ^= 1  # a commit torn by a kill in the middle of its store
+    assert decode_position(bytes(content)) == older
+    assert decode_position(bytes(POSITION_SIZE)) is None
+
+
+# --- streams across processes ------------------------------------------------------------------
 
 
 def test_consumer_first_keeps_order_and_boundaries_including_empty_messages(spool: Path) -> None:
@@ -217,43 +249,20 @@ def test_consumer_first_keeps_order_and_boundaries_including_empty_messages(spoo
         received = list(consumer)
     assert producer.wait(20) == 0
     assert received == [b"", b"a", b"", b"\x00" * 3, bytes(range(256)) * 300, b"end"]
-    assert spool_names(spool) == []
-
-
-@pytest.mark.parametrize(
-    ("files", "resumed_at"),
-    [
-        ([done_name(3), done_name(4), message_name(5), end_name(6)], 5),  # killed between rename and unlink
-        ([message_name(2), message_name(3), end_name(4)], 2),  # nothing committed yet in this spool
-        ([done_name(5), end_name(6)], 6),  # every message taken, the end marker not yet
-        ([end_name(7)], 7),  # killed after removing the last done file, before the end marker
-    ],
-)
-def test_consumer_resumes_after_the_last_commit_found_in_the_spool(
-    spool: Path, files: list[str], resumed_at: int
-) -> None:
-    spool.mkdir()
-    for name in files:
-        (spool / name).write_bytes(name.encode())
-    with podipc.consumer(f"file://{spool}") as consumer:
-        assert consumer.resumed_at == resumed_at
-        received = list(consumer)
-    assert received == [name.encode() for name in files if name.startswith("podipc.msg.")]
-    assert consumer.skipped == 0
-    assert spool_names(spool) == []
+    assert not spool.exists()  # podipc made the directory, so the last side out removed it
 
 
 def test_producer_first_writes_into_the_spool_before_the_consumer_opens(spool: Path) -> None:
     url = f"file://{spool}"
     producer = start_python(PRODUCER_SCRIPT, url, 300, 0)
     assert producer.stdout is not None
-    assert producer.stdout.readline().strip() == "sent"  # every message is on disk, no consumer yet
-    assert len([name for name in spool_names(spool) if name.startswith("podipc.msg.")]) == 300
+    assert producer.stdout.readline().strip() == "sent"  # every message is in the spool, no consumer yet
+    assert messages_in(spool) == [indexed_message(index) for index in range(300)]
     with podipc.consumer(url) as consumer:
         received = list(consumer)
     assert producer.wait(20) == 0
     assert received == [indexed_message(index) for index in range(300)]
-    assert not spool.exists()  # podipc made the directory, so podipc removed it
+    assert not spool.exists()
 
 
 def test_large_messages_are_never_read_half_written(spool: Path) -> None:
@@ -272,51 +281,97 @@ def test_large_messages_are_never_read_half_written(spool: Path) -> None:
     assert all(message == bytes([index]) * len(message) for index, message in enumerate(received))
 
 
-def test_part_files_are_invisible_to_the_consumer(spool: Path) -> None:
-    spool.mkdir()
-    (spool / part_name(0)).write_bytes(b"half a mess")
-    with podipc.consumer(f"file://{spool}") as consumer, pytest.raises(Timeout):
-        consumer.recv(timeout=0.3)
-    os.rename(spool / part_name(0), spool / message_name(0))
-    (spool / end_name(1)).touch()
-    with podipc.consumer(f"file://{spool}") as consumer:
-        assert list(consumer) == [b"half a mess"]
+def test_segments_rotate_and_are_removed_once_taken_so_the_spool_stays_small(spool: Path) -> None:
+    url = f"file://{spool}?segment_size=4KiB&depth=16"
+    count, seen = 2000, {"segments": 0, "bytes": 0}
+    producer = start_python(
+        "import sys, podipc\n"
+        "with podipc.producer(sys.argv[1]) as producer:\n"
+        "    for index in range(int(sys.argv[2])):\n"
+        "        producer.send(index.to_bytes(8, 'big') * 12)\n",
+        url,
+        count,
+    )
+    received = []
+    with podipc.consumer(url) as consumer:
+        for message in consumer:
+            received.append(message)
+            if len(received) % 50 == 0:
+                names = spool_names(spool)
+                sizes = [os.stat(spool / name).st_size for name in names if name.startswith("podipc.seg.")]
+                seen["segments"] = max(seen["segments"], len(sizes))
+                seen["bytes"] = max(seen["bytes"], sum(sizes))
+    assert producer.wait(20) == 0
+    assert received == [index.to_bytes(8, "big") * 12 for index in range(count)]
+    # 2000 records of 116 bytes are 56 segments of 4 KiB; depth 16 keeps at most the one read and the one written
+    assert seen["segments"] <= 3 and seen["bytes"] <= 3 * 4096, seen
+    assert not spool.exists()
 
 
-def test_restarted_producer_removes_stale_temporaries_and_resumes_numbering(spool: Path) -> None:
-    spool.mkdir()
-    for sequence in range(3):
-        (spool / message_name(sequence)).write_bytes(b"%d" % sequence)
-    (spool / part_name(3)).write_bytes(b"torn")
-    (spool / "podipc.part.something-else").write_bytes(b"torn")
+def test_a_restarted_producer_cuts_off_a_torn_record_and_resumes_numbering(spool: Path) -> None:
+    data = messages_segment(0, [b"zero", b"one", b"two"])
+    torn = encode_record(MESSAGE, 3, b"three, torn by a kill")[:17]
+    write_segment(spool, 0, data + torn)
     with podipc.producer(f"file://{spool}") as producer:
         assert producer.resumed_at == 3
-        assert not [name for name in spool_names(spool) if name.startswith("podipc.part.")]
-        producer.send(b"3")
+        assert (spool / segment_name(0)).stat().st_size == len(data)
+        producer.send(b"three")
         consumer = start_python(
             "import sys, podipc\nprint([m.decode() for m in podipc.consumer(sys.argv[1])])", f"file://{spool}"
         )
     out, err = consumer.communicate(timeout=20)
-    assert out.strip() == "['0', '1', '2', '3']", err
+    assert out.strip() == "['zero', 'one', 'two', 'three']", err
+
+
+@pytest.mark.parametrize(
+    ("segments", "resumed_at", "ended"),
+    [
+        ({}, 0, False),
+        ({0: messages_segment(0, [b"a"] * 5)}, 5, False),
+        ({0: messages_segment(0, [b"a"] * 5, NEXT)}, 5, False),  # killed between NEXT and the next segment
+        ({0: messages_segment(0, [b"a"] * 5, NEXT), 5: messages_segment(5, [b"b"] * 2, stream_offset=145)}, 7, False),
+        ({0: messages_segment(0, [b"a"] * 5, END)}, 5, True),
+        ({0: messages_segment(0, [b"a"] * 2, NEXT), 2: b"PODIPCSG\x02"}, 2, False),  # a torn segment header
+    ],
+)
+def test_restarted_producer_finds_where_the_stream_ends(
+    spool: Path, segments: dict[int, bytes], resumed_at: int, ended: bool
+) -> None:
+    spool.mkdir()
+    for first, data in segments.items():
+        write_segment(spool, first, data)
+    with podipc.producer(f"file://{spool}") as producer:
+        assert producer.resumed_at == resumed_at
+        if ended:
+            with pytest.raises(ChannelClosed, match="already ended"):
+                producer.send(b"more")
+        else:
+            producer.send(b"next")
+        producer.abort()
+    records = stream_in(spool)
+    if not ended:
+        assert records[-1] == (MESSAGE, resumed_at, b"next")
+        messages = [sequence for kind, sequence, _ in records if kind == MESSAGE]
+        assert messages == list(range(len(messages)))  # no gap, no repeat across segments
 
 
 def test_producer_killed_mid_stream_three_times_then_restarted_gives_the_uninterrupted_digest(spool: Path) -> None:
-    url = f"file://{spool}?restart_wait=20"
+    url = f"file://{spool}?restart_wait=20&segment_size=64KiB"
     produce = ["produce", url, "--count", "3000", "--random", "--size", "3000", "--seed", "11", "--rate", "4000"]
     consumer = start_cli("consume", url)
     for killed_after in (600, 1200, 1800):
         doomed = start_cli(*produce)
-        wait_for(lambda bar=killed_after: highest_sequence(spool) >= bar, what=f"{killed_after} messages in the spool")
+        wait_for(lambda bar=killed_after: highest_message(spool) >= bar, what=f"{killed_after} messages in the spool")
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(10)
-        assert highest_sequence(spool) < 2999, "the producer finished before it was killed"
+        assert highest_message(spool) < 2999, "the producer finished before it was killed"
     last = start_cli(*produce)
     produced, consumed = summary_of(last), summary_of(consumer)
     count, digest = expected_summary(3000, 3000, 11)
     assert 1800 <= int(produced["resumed_at"]) < 3000  # type: ignore[call-overload]
     assert (produced["messages"], produced["sha256"]) == (count, digest)
     assert (consumed["messages"], consumed["sha256"]) == (count, digest)
-    assert spool_names(spool) == []
+    assert not spool.exists()
 
 
 def test_consumer_killed_between_receives_resumes_without_loss_or_duplicates(spool: Path, tmp_path: Path) -> None:
@@ -338,6 +393,51 @@ def test_consumer_killed_between_receives_resumes_without_loss_or_duplicates(spo
         before.append(data[4 : 4 + size])
         data = data[4 + size :]
     assert before + rest == [indexed_message(index) for index in range(500)]
+    assert not spool.exists()
+
+
+@pytest.mark.parametrize(
+    ("taken", "resumed_at"),
+    [
+        (3, 3),  # the usual: the stored offset leads to message 3
+        (0, 0),  # a consumer that committed nothing yet
+    ],
+)
+def test_consumer_resumes_at_its_committed_position(spool: Path, taken: int, resumed_at: int) -> None:
+    messages = [b"m%d" % index for index in range(6)]
+    write_segment(spool, 0, messages_segment(0, messages, END))
+    if taken:
+        write_position(spool, Position(9, STREAM_ID, taken, 0, offset_after(messages[:taken]), 0, 0))
+    with podipc.consumer(f"file://{spool}") as consumer:
+        assert consumer.resumed_at == resumed_at
+        assert list(consumer) == messages[resumed_at:]
+    assert spool_names(spool) == []
+
+
+def test_a_position_past_what_survived_a_power_loss_skips_what_was_taken_when_it_comes_again(spool: Path) -> None:
+    survived = [b"m0", b"m1", b"m2"]  # the consumer had taken m0..m4 (synced) when the power went
+    write_segment(spool, 0, messages_segment(0, survived) + b"\x00" * 40)  # zeros where the rest was
+    write_position(spool, Position(9, STREAM_ID, 5, 0, offset_after([b"m0"] * 5), 0, 0))
+    url = f"file://{spool}?wait=20"
+    with podipc.consumer(url) as consumer:
+        assert consumer.try_recv() is None  # waits for the producer to repair the segment
+        with podipc.producer(url) as producer:
+            assert producer.resumed_at == 3  # the zeros cut off
+            for index in range(3, 8):
+                producer.send(b"m%d" % index)
+            closer = threading.Thread(target=producer.close, args=(20,))
+            closer.start()
+            assert list(consumer) == [b"m5", b"m6", b"m7"]
+            closer.join()
+    assert spool_names(spool) == []
+
+
+def test_an_end_below_a_position_a_power_loss_left_ahead_still_ends_the_stream(spool: Path) -> None:
+    write_segment(spool, 0, messages_segment(0, [b"m0", b"m1", b"m2"], END))  # the producer ended after 3
+    write_position(spool, Position(9, STREAM_ID, 5, 0, offset_after([b"m0"] * 5), 0, 0))  # 5 were taken
+    with podipc.consumer(f"file://{spool}") as consumer:
+        assert list(consumer) == []
+        assert consumer.ended
     assert spool_names(spool) == []
 
 
@@ -352,6 +452,38 @@ def test_consumer_raises_peer_gone_soon_after_the_producer_is_killed(spool: Path
         with pytest.raises(PeerGone):
             consumer.recv(timeout=20)
         assert time.monotonic() - killed_at < 2
+
+
+def test_a_torn_tail_left_by_a_killed_producer_is_waited_on_then_repaired_by_the_next(spool: Path) -> None:
+    write_segment(spool, 0, messages_segment(0, [b"zero", b"one"]) + encode_record(MESSAGE, 2, b"two")[:-2])
+    url = f"file://{spool}?wait=0.5"
+    with podipc.consumer(url) as consumer:
+        assert [consumer.recv(timeout=5), consumer.recv(timeout=5)] == [b"zero", b"one"]
+        with pytest.raises(PeerTimeout):
+            consumer.recv(timeout=5)
+    producer = start_python(PRODUCER_SCRIPT, f"file://{spool}", 1, 0)  # resumes at 2, sends message 2 again
+    with podipc.consumer(f"file://{spool}") as consumer:
+        assert consumer.resumed_at == 2
+        assert list(consumer) == [indexed_message(0)]
+    assert producer.wait(20) == 0
+
+
+def test_a_damaged_record_that_a_live_producer_leaves_is_a_protocol_error(spool: Path) -> None:
+    url = f"file://{spool}?wait=20"
+    with podipc.producer(url) as producer:
+        for message in (b"first", b"second", b"third"):
+            producer.send(message)
+        segment = spool / segment_name(0)
+        data = bytearray(segment.read_bytes())
+        data[offset_after([b"first"]) + 22] ^= 0xFF  # a byte of "second" changes on the volume
+        segment.write_bytes(bytes(data))
+        with podipc.consumer(url) as consumer:
+            assert consumer.recv(timeout=5) == b"first"
+            started = time.monotonic()
+            with pytest.raises(ProtocolError, match="damaged"):
+                consumer.recv(timeout=20)
+            assert 1.5 <= time.monotonic() - started < 6
+        producer.abort()
 
 
 def test_producer_blocked_on_a_full_spool_raises_peer_gone_when_the_consumer_dies(spool: Path, tmp_path: Path) -> None:
@@ -388,9 +520,9 @@ def test_consumer_leaving_mid_stream_fails_the_producer_close_but_a_new_consumer
         with pytest.raises(PeerGone):
             producer.close(timeout=20)
         assert time.monotonic() - left_at < 2
-    stream = [name for name in spool_names(spool) if name.startswith(("podipc.msg.", "podipc.done."))]
-    assert stream == [done_name(2)] + [message_name(index) for index in range(3, 10)]  # kept for a new consumer
-    with podipc.consumer(url) as consumer:  # the end marker stayed too: the stream completes without the producer
+    assert POSITION_NAME in spool_names(spool)  # kept for a new consumer, with the stream and its END record
+    assert stream_in(spool)[-1] == (END, 10, b"")
+    with podipc.consumer(url) as consumer:
         assert consumer.resumed_at == 3
         assert list(consumer) == [indexed_message(index) for index in range(3, 10)]
     assert not spool.exists()
@@ -400,15 +532,14 @@ def test_send_waits_while_depth_or_max_bytes_is_reached(spool: Path) -> None:
     with podipc.producer(f"file://{spool}?depth=2&max_bytes=1000") as producer:
         producer.send(b"x" * 600)
         with pytest.raises(Timeout, match="stayed full"):
-            producer.send(b"x" * 600, timeout=0.2)  # over max_bytes
+            producer.send(b"x" * 600, timeout=0.2)  # 2 x (20 + 600) bytes of records > max_bytes
         producer.send(b"x" * 300)
         with pytest.raises(Timeout, match="stayed full"):
             producer.send(b"", timeout=0.2)  # over depth
         producer.abort()
-    shutil.rmtree(spool)
-    with podipc.producer(f"file://{spool}?max_bytes=10") as producer:
+    with podipc.producer(f"file://{spool.parent / 'big'}?max_bytes=10") as producer:
         producer.send(b"y" * 100)  # larger than max_bytes, but the spool is empty
-        assert (spool / message_name(0)).read_bytes() == b"y" * 100
+        assert messages_in(spool.parent / "big") == [b"y" * 100]
         producer.abort()
 
 
@@ -430,33 +561,18 @@ def test_producer_refuses_a_message_over_max_message_size(spool: Path) -> None:
         with pytest.raises(MessageTooLarge, match="1024"):
             producer.send(b"x" * 1025)
         producer.abort()
-    assert not any(name.startswith("podipc.msg.") for name in spool_names(spool))
+    assert messages_in(spool) == []
 
 
-@pytest.mark.parametrize(
-    ("files", "resumed_at"),
-    [
-        ([], 0),
-        ([done_name(4)], 5),  # the consumer took everything
-        ([done_name(4), message_name(5), message_name(6)], 7),
-        ([done_name(3), done_name(4), message_name(5)], 6),
-    ],
-)
-def test_restarted_producer_finds_the_next_sequence_number_in_the_spool(
-    spool: Path, files: list[str], resumed_at: int
-) -> None:
-    spool.mkdir()
-    for name in files:
-        (spool / name).touch()
-    with podipc.producer(f"file://{spool}") as producer:
-        assert producer.resumed_at == resumed_at
-        producer.send(b"next")
-        assert (spool / message_name(resumed_at)).read_bytes() == b"next"
-        producer.abort()
+def test_a_consumer_skips_and_counts_records_over_its_own_limit(spool: Path) -> None:
+    write_segment(spool, 0, messages_segment(0, [b"small", b"x" * 3000, b"", b"also small"], END))
+    with podipc.consumer(f"file://{spool}?max_message_size=1KiB") as consumer:
+        assert list(consumer) == [b"small", b"", b"also small"]
+        assert consumer.skipped == 1
 
 
 def test_producer_resume_point_is_exact_while_a_consumer_commits_concurrently(spool: Path) -> None:
-    url = f"file://{spool}?restart_wait=30"
+    url = f"file://{spool}?restart_wait=30&segment_size=4KiB"
     with podipc.producer(url, depth=10000) as producer:
         for _ in range(10000):
             producer.send(b"")
@@ -466,7 +582,7 @@ def test_producer_resume_point_is_exact_while_a_consumer_commits_concurrently(sp
     while consumer.poll() is None:
         with podipc.producer(url) as producer:
             resume_points.add(producer.resumed_at)
-            if any(name.startswith("podipc.msg.") for name in os.listdir(spool)):
+            if len(segments_of(spool)) > 1:
                 during_drain += 1
             producer.abort()
     assert summary_of(consumer)["messages"] == 10000
@@ -474,13 +590,13 @@ def test_producer_resume_point_is_exact_while_a_consumer_commits_concurrently(sp
     assert during_drain >= 3, "the consumer drained the spool before the producer could race it"
 
 
-def test_restarted_producer_after_its_end_marker_only_waits_for_the_consumer(spool: Path) -> None:
+def test_restarted_producer_after_its_end_record_only_waits_for_the_consumer(spool: Path) -> None:
     url = f"file://{spool}"
     with podipc.producer(url) as producer:
         producer.send(b"only")
-        with pytest.raises(PeerTimeout):
-            producer.close(timeout=0.2)  # the consumer never came; the end marker stays in the spool
-    assert (spool / end_name(1)).exists()
+        with pytest.raises(Timeout):
+            producer.close(timeout=0.2)  # the consumer never came; the END record stays in the spool
+    assert stream_in(spool)[-1] == (END, 1, b"")
     with podipc.producer(url) as producer:
         assert producer.resumed_at == 1
         with pytest.raises(ChannelClosed, match="already ended"):
@@ -490,47 +606,87 @@ def test_restarted_producer_after_its_end_marker_only_waits_for_the_consumer(spo
     assert out.strip() == "[b'only']", err
 
 
-# --- garbage, leftovers, modes -----------------------------------------------
+# --- options, sync, readiness --------------------------------------------------------------------
 
 
-def test_garbage_files_are_skipped_counted_and_removed(spool: Path) -> None:
+@pytest.mark.parametrize("query", ["sync=sometimes", "fsync=true", "segment_size=100", "max_message_size=5GiB"])
+def test_bad_spool_options_are_refused_with_one_line(spool: Path, query: str) -> None:
+    with pytest.raises(AddressError) as caught:
+        podipc.producer(f"file://{spool}?{query}")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("level", ["always", "batch", "none"])
+def test_every_sync_level_delivers_the_stream_and_leaves_the_directory_empty(spool: Path, level: str) -> None:
     spool.mkdir()
-    (spool / "notes.txt").write_text("not ours, left alone")
-    (spool / "podipc.sock").write_text("another channel's, left alone")
-    (spool / "podipc.presence.spool.producer.123.456.tmp").touch()  # a producer killed while claiming
-    (spool / message_name(0)).write_bytes(b"x" * 2048)  # over max_message_size
-    os.mkfifo(spool / message_name(1))  # would block a careless reader
-    os.symlink("/etc/hostname", spool / message_name(2))
-    (spool / "podipc.msg.12").write_bytes(b"malformed name")
-    (spool / message_name(3)).write_bytes(b"good")
-    (spool / message_name(9)).write_bytes(b"after the end marker")
-    (spool / end_name(4)).touch()
-    with podipc.consumer(f"file://{spool}?max_message_size=1KiB") as consumer:
-        assert list(consumer) == [b"good"]
-        assert consumer.skipped == 5
-    assert spool_names(spool) == ["notes.txt", "podipc.sock"]
-
-
-def test_a_gap_before_the_end_marker_is_a_protocol_error(spool: Path) -> None:
-    spool.mkdir()
-    (spool / message_name(0)).write_bytes(b"zero")
-    (spool / end_name(3)).touch()
-    with podipc.consumer(f"file://{spool}?wait=0.3") as consumer:
-        assert consumer.recv(timeout=5) == b"zero"
-        with pytest.raises(ProtocolError, match="message 1 is missing"):
-            consumer.recv(timeout=5)
-
-
-@pytest.mark.parametrize("query", ["", "?fsync=true"])
-def test_existing_directory_stays_empty_after_a_clean_run(spool: Path, query: str) -> None:
-    spool.mkdir()
-    url = f"file://{spool}{query}"
-    producer = start_python(PRODUCER_SCRIPT, url, 50, 0)
+    url = f"file://{spool}?sync={level}&segment_size=4KiB"
+    producer = start_python(PRODUCER_SCRIPT, url, 200, 0)
     with podipc.consumer(url) as consumer:
-        assert len(list(consumer)) == 50
+        assert list(consumer) == [indexed_message(index) for index in range(200)]
     assert producer.wait(20) == 0
     assert spool.is_dir()
     assert spool_names(spool) == []
+
+
+def test_sync_batch_syncs_an_idle_producer_within_sync_delay(spool: Path) -> None:
+    with podipc.producer(f"file://{spool}?sync=batch&sync_delay=0.2") as producer:
+        batch = producer._batch  # type: ignore[attr-defined]
+        producer.send(b"first")
+        wait_for(lambda: batch.synced == batch.written, timeout=5, what="the first sync")
+        producer.send(b"second")
+        sent_at = time.monotonic()
+        wait_for(lambda: batch.synced == batch.written, timeout=5, what="the sync of an idle producer")
+        assert time.monotonic() - sent_at < 0.2 + 0.5  # sync_delay, and a generous margin for a loaded machine
+        producer.abort()
+
+
+def test_a_consumer_without_inotify_still_receives_by_polling(spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unavailable() -> int:
+        raise OSError(24, "Too many open files (fs.inotify.max_user_instances)")
+
+    monkeypatch.setattr(notify, "inotify_init", unavailable)
+    url = f"file://{spool}"
+    with podipc.consumer(url) as consumer:
+        producer = start_python(PRODUCER_SCRIPT, url, 50, 0)
+        assert list(consumer) == [indexed_message(index) for index in range(50)]
+    assert producer.wait(20) == 0
+
+
+def test_an_idle_consumer_sleeps_on_inotify(spool: Path) -> None:
+    url = f"file://{spool}"
+    with podipc.consumer(url) as consumer, podipc.producer(url) as producer:
+        process = psutil.Process()
+        before = process.cpu_times()
+        with pytest.raises(Timeout):
+            consumer.recv(timeout=1.0)
+        after = process.cpu_times()
+        assert (after.user + after.system) - (before.user + before.system) < 0.05
+        producer.send(b"wakes it")
+        assert consumer.recv(timeout=5) == b"wakes it"
+        producer.abort()
+
+
+# --- leftovers, modes, other formats ----------------------------------------------------------
+
+
+def test_names_the_spool_does_not_use_are_never_touched(spool: Path) -> None:
+    spool.mkdir()
+    (spool / "notes.txt").write_text("not ours, left alone")
+    (spool / "podipc.sock").write_text("another channel's, left alone")
+    (spool / "podipc.seg.12").write_bytes(b"not a segment name")
+    write_segment(spool, 0, messages_segment(0, [b"good"], END))
+    with podipc.consumer(f"file://{spool}") as consumer:
+        assert list(consumer) == [b"good"]
+    assert spool_names(spool) == ["notes.txt", "podipc.seg.12", "podipc.sock"]
+
+
+def test_a_spool_of_the_first_format_is_refused_not_mixed(spool: Path) -> None:
+    spool.mkdir()
+    (spool / "podipc.msg.00000000000000000000").write_bytes(b"an unread message of podipc 0.1")
+    for side in (podipc.producer, podipc.consumer):
+        with pytest.raises(ChannelUnavailable, match="first spool format"):
+            side(f"file://{spool}")
+    assert spool_names(spool) == ["podipc.msg.00000000000000000000"]
 
 
 def test_files_and_directory_get_the_mode_option(spool: Path) -> None:
@@ -551,11 +707,11 @@ def test_files_and_directory_get_the_mode_option(spool: Path) -> None:
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(os.stat(spool).st_mode) == 0o770
-    assert modes[message_name(0)] == 0o660 and modes["podipc.presence.spool.producer"] == 0o660
+    assert modes[segment_name(0)] == 0o660 and modes["podipc.presence.spool.producer"] == 0o660
     assert set(private.values()) == {0o600} and directory == 0o700
 
 
-# --- plain peers per docs/wire/file.md ---------------------------------------
+# --- plain peers per docs/wire/file.md ---------------------------------------------------------
 
 
 def script_from_wire_doc(name: str) -> str:
@@ -577,19 +733,65 @@ def test_plain_producer_from_the_wire_doc_feeds_a_podipc_consumer(spool: Path) -
 
 
 def test_podipc_producer_feeds_the_plain_consumer_from_the_wire_doc(spool: Path, tmp_path: Path) -> None:
-    url = f"file://{spool}"
+    url = f"file://{spool}?segment_size=8KiB"  # several segments: the plain consumer follows NEXT records
     with podipc.producer(url) as producer, open(tmp_path / "plain.out", "w+") as output:
         plain = start_process([sys.executable, "-c", script_from_wire_doc("plain_consumer.py"), str(spool)], output)
-        for message in MIXED_MESSAGES:
+        for message in MIXED_MESSAGES * 3:
             producer.send(message)
     _, err = plain.communicate(timeout=20)
     assert plain.returncode == 0, err
     lines = (tmp_path / "plain.out").read_text().splitlines()
-    assert [bytes.fromhex(line) for line in lines] == MIXED_MESSAGES
-    assert spool_names(spool) == []
+    assert [bytes.fromhex(line) for line in lines] == MIXED_MESSAGES * 3
+    assert not spool.exists()
+
+
+def test_the_plain_consumer_resumes_after_a_podipc_consumer_position(spool: Path, tmp_path: Path) -> None:
+    url = f"file://{spool}?segment_size=4KiB"
+    with podipc.producer(url) as producer:
+        for index in range(300):
+            producer.send(indexed_message(index))
+        with pytest.raises(Timeout):
+            producer.close(timeout=0.1)  # no consumer yet: the stream and its END record stay in the spool
+    with podipc.consumer(url) as consumer:
+        taken = [consumer.recv(timeout=5) for _ in range(120)]
+    with open(tmp_path / "plain.out", "w+") as output:
+        plain = start_process([sys.executable, "-c", script_from_wire_doc("plain_consumer.py"), str(spool)], output)
+        _, err = plain.communicate(timeout=20)
+    assert plain.returncode == 0, err
+    rest = [bytes.fromhex(line) for line in (tmp_path / "plain.out").read_text().splitlines()]
+    assert taken + rest == [indexed_message(index) for index in range(300)]
+    assert spool_names(spool) == ["podipc.directory"]  # the plain consumer leaves podipc's marker
 
 
 def test_digest_helper_matches_a_direct_sha256() -> None:
     count, digest = expected_summary(3, 10, 1)
     assert count == 3
     assert digest == hashlib.sha256(b"".join(generated_messages(3, 10, True, 1))).hexdigest()
+
+
+def test_the_records_helper_reads_what_a_producer_wrote(spool: Path) -> None:
+    with podipc.producer(f"file://{spool}") as producer:
+        producer.send(b"one")
+        producer.abort()
+    assert records_of(spool / segment_name(0)) == [(MESSAGE, 0, b"one")]
+
+
+def take_all(url: str, results: object) -> None:
+    with podipc.consumer(url, wait=20) as consumer:
+        results.put(len(list(consumer)))  # type: ignore[attr-defined]
+
+
+def test_a_close_never_takes_a_consumer_that_just_took_the_end_for_gone(tmp_path: Path) -> None:
+    """The consumer removes the END segment (the ack), then leaves: a close looking between the two must see the ack."""
+    context = __import__("multiprocessing").get_context("fork")
+    for round_number in range(40):
+        url = f"file://{tmp_path}/s{round_number}?sync=always"
+        results = context.Queue()
+        consumer = context.Process(target=take_all, args=(url, results))
+        consumer.start()
+        with podipc.producer(url, wait=20) as producer:
+            for _ in range(300):
+                producer.send(b"x" * 64)
+            producer.close(10)  # raised PeerGone now and then before the fix
+        assert results.get(timeout=30) == 300
+        consumer.join(10)
