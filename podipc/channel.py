@@ -829,7 +829,11 @@ class Producer(_Endpoint):
         Raises as send() does. When it raises after part of the batch went, `error.sent`
         says how many messages of the batch were sent (whole, in order); the rest were not.
         """
-        views = [self._checked_view(message) for message in messages]
+        try:
+            views = [self._checked_view(message) for message in messages]
+        except MessageTooLarge as error:
+            error.sent = 0
+            raise
         token = self._token
         try:
             token.pop()

@@ -31,6 +31,7 @@ only when asked for.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -64,7 +65,7 @@ from podipc.framing import (
     check_max_message_size,
     end_of_stream_frame,
 )
-from podipc.waking import POLLIN, wait_for
+from podipc.waking import POLLIN, is_ready, wait_for
 
 MAX_MESSAGE_OPTION = Option(
     "max_message_size",
@@ -832,7 +833,9 @@ class StreamProducer(Producer):
         try:
             token.pop()
         except IndexError:
-            return IN_USE
+            # a call is inside: a send waiting for room writes the outbox itself when room comes
+            sock = self._socket
+            return IN_USE if sock is None or is_ready(sock.fileno(), _POLLOUT) else NO_ROOM
         try:
             if self._phase != _READY or not self._outbox or self._write_outbox():
                 self._unwatch()
@@ -1152,3 +1155,4 @@ def _forget_flusher_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_flusher_after_fork)
+atexit.register(flush_pending)  # a producer left open at exit: what the kernel takes now still reaches the consumer

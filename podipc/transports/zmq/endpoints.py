@@ -444,7 +444,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
                 LIVENESS_SLICE_SECONDS if deadline is None else min(LIVENESS_SLICE_SECONDS, deadline - time.monotonic())
             )
             try:
-                if left > 0 and self._wait_readable(left):
+                if self._wait_readable(max(0.0, left)):  # a deadline already passed still tries once (timeout=0)
                     data = self._take()
                     if data is not None:
                         return data
