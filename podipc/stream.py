@@ -927,6 +927,7 @@ class StreamProducer(Producer):
     def _connected(self) -> bool:
         sock = self._socket
         assert sock is not None
+        self._verify_peer(sock)
         self._configure(sock)
         try:
             sock.send(HELLO, _SEND_FLAGS)  # 8 bytes into an empty buffer: all or an error
@@ -939,6 +940,9 @@ class StreamProducer(Producer):
 
     def _configure(self, sock: socket.socket) -> None:
         """Options for a connected socket (transport hook; tcp sets TCP_NODELAY)."""
+
+    def _verify_peer(self, sock: socket.socket) -> None:
+        """Check who listens at the other end before saying hello; raise ChannelUnavailable (transport hook; unix)."""
 
     def _read_answer(self) -> bool:
         sock = self._socket
