@@ -12,8 +12,11 @@ so a producer can start sending before the consumer's first recv. The first
 connection that sends the podipc HELLO is attached (answered with HELLO); later ones
 get BUSY; connections whose first bytes are not HELLO are dropped and counted, and a
 consumer that then times out says so (PeerTimeout names the bytes it saw). Readiness:
-the acceptor's "attached" eventfd, then the connection. A recv without a timeout reads the blocking socket directly (the fast path);
-close() from elsewhere wakes it with shutdown(SHUT_RD).
+the acceptor's "attached" eventfd, then the connection. A recv without a timeout reads
+the blocking socket directly (the fast path); close() from elsewhere wakes it with
+shutdown(SHUT_RD). One read takes up to 256 KiB and every frame in it is cut at once
+(podipc.framing): recv() hands them out one by one with no other work, recv_many()
+several at a time.
 
 Producer: connects (non-blocking) on its first send, try_send or close, retrying until
 the `wait` deadline since the consumer may start later, sends HELLO and waits for the
@@ -22,6 +25,20 @@ its rest is kept and goes out first on the next send or close, so a Timeout (or 
 ChannelClosed from a close elsewhere) always means that nothing of that message was
 sent. Readiness: the socket (for writing, or for reading while it awaits the hello
 answer or the end-of-stream ack); before it connects, a retry time.
+
+Coalescing (option `coalesce`, on by default): a small message (COALESCE_SIZE) sent less
+than BURST_START_SECONDS after the previous send returned starts a burst and waits in
+the producer's outbox, as does each small message within BURST_HOLD_SECONDS of the one
+before; the outbox is written in one write at OUTBOX_BYTES. Every other message is
+written within its send(), behind the outbox. The last messages of a burst are written
+by the process's flusher thread (`Flusher`): as soon as it holds the interpreter and no
+call is inside the producer, so at once when the sending thread blocks or sleeps, within
+the interpreter's switch interval while it runs Python code, plus a FLUSH_TICK_SECONDS
+tick when it found a send inside; a stream consumer of the same process writes them
+before it blocks (`flush_pending`); flush() and close() write them at once. What the
+outbox holds counts as sent: a Timeout still means nothing of that message was sent, and
+a kill -9 loses the outbox (at most OUTBOX_BYTES). send_many() writes the outbox and the
+batch's frames in one write (up to GATHER_BYTES at a time).
 
 Neither side keeps its socket registered anywhere while it does not wait: a wait-queue
 entry on a socket makes every send or receive of the peer run a wakeup callback, which

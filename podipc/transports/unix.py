@@ -10,6 +10,8 @@ Address:
                        shared fsGroup when the sides run as different users)
     wait               seconds either side waits for the other to appear (default 30)
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
+    coalesce           join back-to-back small sends into one write (default true; the
+                       producer's option, see podipc.stream and the README's Batches)
 
 Requires:
     Nothing beyond the standard library.
@@ -25,6 +27,14 @@ Semantics:
     left by a killed consumer (nobody listening) is replaced; a live one is refused
     with ChannelUnavailable. The producer connects on its first send or close,
     retrying until `wait`.
+    Trust (podipc.ownership): whatever is at the path must be a socket (a link is never
+    followed) of a user this side trusts (its own; its group's with mode=0660): another
+    user's socket file, stale or live, is never replaced or connected to. The producer
+    also refuses a socket file writable by every user, and checks once connected that
+    the process listening is the file's owner (SO_PEERCRED). An abstract name has no
+    owner: any process of the pod's network namespace may connect, or listen first.
+    Batches: send_many() is one gathered write, recv_many() cuts a whole read; a loop
+    of single sends is coalesced (podipc.stream).
 """
 
 from __future__ import annotations
