@@ -217,7 +217,11 @@ class _Endpoint(ABC):
       an attempt never half-consumes one (that is what makes asyncio cancellation safe).
     - `_try_flush() -> bool` (producer, when `_try_send` can leave a tail pending): push the
       pending tail without blocking; True when nothing is pending. A blocking send calls it
-      until done while it has time; podipc.aio flushes in the background.
+      until done while it has time; podipc.aio flushes in the background; flush() waits for it.
+    - `_try_send_many(views, start) -> int` / `_try_recv_many(max_count) -> list[bytes]`
+      (optional): one non-blocking attempt at a batch, for send_many() and recv_many(); the
+      defaults call `_try_send` / `_try_recv` per message. Override them for real batching
+      (tcp:// and unix://: one gathered write; every frame of a read cut at once).
     - `_try_close() -> bool` (producer): one non-blocking step of ending the stream (connect
       if needed, flush what is pending, send the end marker, take the ack); True when the
       consumer has taken the end of stream.
@@ -252,7 +256,9 @@ class _Endpoint(ABC):
 
     A transport may keep a faster blocking path by overriding `_send(view, deadline)` /
     `_recv(deadline)` (call the base's for everything but its fast case) as long as
-    `_interrupt()` wakes it. Transports not yet on this contract override `_send`, `_recv`,
+    `_interrupt()` wakes it. It may even override send()/recv() for its commonest case
+    (tcp:// and unix:// do: taking the gate, checking `_state`, then the base's call for
+    everything else), marked with `holds_call_gate` so close() from a signal handler sees it. Transports not yet on this contract override `_send`, `_recv`,
     `_close` and `_abort` directly (the old hooks); they get the call gate, the state check
     and fork safety, but a blocked call on them wakes only when its own call returns (close
     then waits CALLS_LEAVE_SECONDS and leaves the release to that call), and aio runs them
