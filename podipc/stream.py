@@ -850,7 +850,9 @@ class StreamProducer(Producer):
         try:
             token.pop()
         except IndexError:
-            # a call is inside: a send waiting for room writes the outbox itself when room comes
+            if self._let_go_if_empty():
+                return FLUSHED  # a call inside that leaves bytes behind hands the producer over again
+            # a send waiting for room writes the outbox itself when room comes
             sock = self._socket
             return IN_USE if sock is None or is_ready(sock.fileno(), _POLLOUT) else NO_ROOM
         try:
@@ -869,6 +871,22 @@ class StreamProducer(Producer):
     def _unwatch(self) -> None:
         self._watched = False
         _UNFLUSHED.discard(self)
+
+    def _let_go_if_empty(self) -> bool:
+        """Without the gate (a call is inside): stop watching if the outbox is empty; False when it holds bytes.
+
+        Every call that makes the outbox non-empty checks `_watched` afterwards and hands
+        the producer over again when it is False; the order of the steps here (clear the
+        flag, look, discard, look again) keeps that true whatever a call inside does meanwhile.
+        """
+        self._watched = False
+        if self._outbox:
+            self._watched = True
+            return False
+        _UNFLUSHED.discard(self)
+        if self._watched:  # a call inside watched it again in between
+            _UNFLUSHED.add(self)
+        return True
 
     def _flusher_fd(self) -> int:
         """The socket the flusher waits on for room (-1 when there is none)."""
