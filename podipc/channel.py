@@ -28,7 +28,7 @@ import time
 import warnings
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, ClassVar, TypeVar
@@ -217,7 +217,11 @@ class _Endpoint(ABC):
       an attempt never half-consumes one (that is what makes asyncio cancellation safe).
     - `_try_flush() -> bool` (producer, when `_try_send` can leave a tail pending): push the
       pending tail without blocking; True when nothing is pending. A blocking send calls it
-      until done while it has time; podipc.aio flushes in the background.
+      until done while it has time; podipc.aio flushes in the background; flush() waits for it.
+    - `_try_send_many(views, start) -> int` / `_try_recv_many(max_count) -> list[bytes]`
+      (optional): one non-blocking attempt at a batch, for send_many() and recv_many(); the
+      defaults call `_try_send` / `_try_recv` per message. Override them for real batching
+      (tcp:// and unix://: one gathered write; every frame of a read cut at once).
     - `_try_close() -> bool` (producer): one non-blocking step of ending the stream (connect
       if needed, flush what is pending, send the end marker, take the ack); True when the
       consumer has taken the end of stream.
@@ -253,9 +257,11 @@ class _Endpoint(ABC):
 
     A transport may keep a faster blocking path by overriding `_send(view, deadline)` /
     `_recv(deadline)` (call the base's for everything but its fast case) as long as
-    `_interrupt()` wakes it. A transport that overrides a public call itself (shm's send and
-    recv take the token inline) marks it with the `@holds_the_gate` decorator. Transports not yet on
-    this contract override `_send`, `_recv`, `_close` and `_abort` directly (the old hooks); they get the call gate, the state check
+    `_interrupt()` wakes it. It may even override a public call for its commonest case
+    (tcp:// and unix:// send and recv, zmq's, shm's send, loan, commit, recv and recv_view: taking
+    the gate, checking `_state`, then the base's call for everything else), marked with
+    `@holds_call_gate` so close() from a signal handler sees it. Transports not yet on this contract override `_send`, `_recv`,
+    `_close` and `_abort` directly (the old hooks); they get the call gate, the state check
     and fork safety, but a blocked call on them wakes only when its own call returns (close
     then waits CALLS_LEAVE_SECONDS and leaves the release to that call), and aio runs them
     on one helper thread per endpoint.
@@ -626,7 +632,7 @@ class _Endpoint(ABC):
             return False  # Python runs signal handlers in the main thread only
         frame: FrameType | None = sys._getframe(depth)
         while frame is not None:
-            if frame.f_code in _CALL_CODES and frame.f_locals.get("self") is self:
+            if frame.f_code in _CALL_CODES and frame.f_locals.get("self") is self and "delegated" not in frame.f_locals:
                 return True
             frame = frame.f_back
         return False
@@ -824,6 +830,119 @@ class Producer(_Endpoint):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         return view
+
+    def send_many(self, messages: Iterable[bytes | bytearray | memoryview], timeout: float | None = None) -> int:
+        """Send every message of `messages`, in order, each whole, as send() would; return how many were sent.
+
+        Where the transport can, the batch leaves in few writes (tcp:// and unix://: gathered
+        writes of many frames); elsewhere the messages go one by one. The iterable is read
+        whole first and every size checked, so MessageTooLarge means nothing was sent (pass
+        batches that fit in memory). `timeout` (seconds; None: no limit, 0: what fits now)
+        covers the whole batch. Threads sharing the producer never put a message between
+        those of a batch.
+
+        Raises as send() does. When it raises after part of the batch went, `error.sent`
+        says how many messages of the batch were sent (whole, in order); the rest were not.
+        """
+        try:
+            views = [self._checked_view(message) for message in messages]
+        except MessageTooLarge as error:
+            error.sent = 0
+            raise
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        sent = 0
+        try:
+            if self._state:
+                self._check_usable()
+            deadline = None if timeout is None else deadline_after(timeout)
+            if not self._contract:
+                send = self._send
+                for view in views:
+                    send(view, deadline)
+                    sent += 1
+                return sent
+            try_send_many = self._try_send_many
+            total = len(views)
+            while sent < total:
+                accepted = try_send_many(views, sent)
+                if accepted == sent:
+                    self._await_readiness(deadline)
+                sent = accepted
+            if not self._try_flush():
+                self._finish_sending(deadline)
+            return sent
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, (ChannelClosed, MessageTooLarge)):
+                closed = self._closed_error()
+                closed.sent = sent
+                raise closed from error
+            error.sent = sent
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+
+    def _try_send_many(self, views: Sequence[memoryview], start: int) -> int:
+        """Hook: ONE non-blocking attempt to send `views[start:]`; the index after the last message accepted.
+
+        Returns `start` when nothing was accepted (the base then waits on `_readiness()`);
+        raises only then. Like `_try_send`, a message is accepted whole or not at all (a
+        frame partly written stays pending in the transport and counts as sent). The
+        default sends one message at a time with `_try_send`; a transport overrides it for
+        real batching (tcp:// and unix://: one gathered write).
+        """
+        try_send = self._try_send
+        index = start
+        try:
+            for view in views[start:]:
+                if not try_send(view):
+                    break
+                index += 1
+        except PodIPCError:
+            if index == start:
+                raise
+        return index
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Hand every message sent so far to the channel now; wait at most `timeout` seconds for room (None: no limit).
+
+        Only channels that hold messages back need it: tcp:// and unix:// coalesce
+        back-to-back sends (see their docs for the bound on how long one waits), and may
+        keep the tail of a frame the kernel took in part. Elsewhere it returns at once.
+
+        Raises:
+            Timeout: the channel had no room for it all within `timeout` (the rest goes out later; nothing is lost).
+            PeerGone: the consumer died or went away.
+            ChannelClosed: the producer was closed, or inherited across fork().
+        """
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        try:
+            if self._state:
+                self._check_usable()
+            if not self._contract or self._try_flush():
+                return
+            deadline = deadline_after(timeout)
+            while True:
+                self._await_readiness(deadline)
+                if self._try_flush():
+                    return
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, ChannelClosed):
+                raise self._closed_error() from error
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
         """Send blocking until `deadline`: try, then wait on readiness and the waker (old hook; override or keep)."""
@@ -1088,6 +1207,90 @@ class Consumer(_Endpoint):
             if self._state:
                 self._after_call()
 
+    def recv_many(self, max_count: int, timeout: float | None = None) -> list[bytes]:
+        """Receive up to `max_count` messages: wait at most `timeout` seconds for the first, then take what is there now.
+
+        Never returns an empty list and never waits for a second message; `timeout` as in
+        recv() (None: no limit, 0: try once now). Where the transport can, the messages
+        come out of one read (tcp:// and unix:// split every frame of a buffer in one pass).
+
+        Raises as recv() does, but only when no message comes first: a batch that reaches
+        the end of stream (or an error) returns its messages, and the next call raises.
+
+        Raises:
+            ValueError: max_count is below 1.
+        """
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise ValueError(f"max_count must be a whole number >= 1, not {max_count!r}")
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        try:
+            if self._state:
+                peeked = self._take_state()
+                if peeked is not None:
+                    return self._and_what_is_there([peeked], max_count)
+            first = self._recv(None if timeout is None else deadline_after(timeout))
+            return self._and_what_is_there([first], max_count)
+        except EndOfStream:
+            self._ended = True
+            raise
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, ChannelClosed):
+                raise self._closed_error() from error
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+
+    def _and_what_is_there(self, messages: list[bytes], max_count: int) -> list[bytes]:
+        """`messages` and up to `max_count` in all of what is there now; an error after them is kept for the next call."""
+        if len(messages) < max_count:
+            try:
+                messages += self._try_recv_many(max_count - len(messages))
+            except EndOfStream:
+                self._ended = True
+            except PodIPCError as error:
+                self._keep(error)
+        return messages
+
+    def _try_recv_many(self, max_count: int) -> list[bytes]:
+        """Hook: up to `max_count` messages that are there now, never waiting; [] when there is none.
+
+        Raises (EndOfStream, PeerGone, ...) only when it takes no message: an attempt that
+        took some returns them and leaves the end of stream or the error to the next call
+        (the default keeps it with `_ended` / `_keep`). The default takes them one by one
+        with `_try_recv` (transports with only the blocking hooks: `_recv` with a deadline
+        that has passed); a transport overrides it to split one read (tcp:// and unix://).
+        """
+        messages: list[bytes] = []
+        take = self._try_recv if self._contract else self._recv_now
+        try:
+            while len(messages) < max_count:
+                message = take()
+                if message is None:
+                    break
+                messages.append(message)
+        except EndOfStream:
+            if not messages:
+                raise
+            self._ended = True
+        except PodIPCError as error:
+            if not messages:
+                raise
+            self._keep(error)
+        return messages
+
+    def _recv_now(self) -> bytes | None:
+        """One receive that does not wait, on a transport with only the blocking hooks; None when there is none."""
+        try:
+            return self._recv(time.monotonic())
+        except Timeout:
+            return None
+
     def _recv(self, deadline: float | None) -> bytes:
         """Receive blocking until `deadline`: try, then wait on readiness and the waker (old hook; override or keep)."""
         try_recv = self._try_recv
@@ -1261,7 +1464,10 @@ _CALL_CODES = set(
         Producer.send,
         Producer.try_send,
         Producer.poll,
+        Producer.send_many,
+        Producer.flush,
         Consumer.recv,
+        Consumer.recv_many,
         Consumer.try_recv,
         Consumer.poll,
         _Endpoint._close_holding_gate,
@@ -1270,14 +1476,16 @@ _CALL_CODES = set(
 )
 """The frames of calls that hold (or wait for) an endpoint's token; see _Endpoint._inside_call_here."""
 
-CallT = TypeVar("CallT", bound=Callable[..., Any])
+_Call = TypeVar("_Call", bound=Callable[..., Any])
 
 
-def holds_the_gate(function: CallT) -> CallT:
-    """Decorator for a transport's own public call that takes the call gate (a fast send or recv_view).
+def holds_call_gate(function: _Call) -> _Call:
+    """Mark a transport's own fast version of a public call (it takes the call gate, as send and recv do).
 
-    A close() from a signal handler then sees that it interrupted that call and leaves the
-    release to its exit, as it does for the base's calls (see _Endpoint._inside_call_here).
+    close() from a signal handler then sees such a call interrupted on its thread (see
+    `_Endpoint._inside_call_here`) and leaves the release to it instead of waiting for it.
+    Where the fast version hands over to the base's call without holding the gate, it sets
+    a local `delegated` first, so that frame no longer counts as holding it.
     """
     _CALL_CODES.add(function.__code__)
     return function

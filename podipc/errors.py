@@ -6,6 +6,9 @@ from __future__ import annotations
 class PodIPCError(Exception):
     """Root of every podipc error, so callers can catch one thing."""
 
+    sent: int | None = None
+    """On an error raised by Producer.send_many: how many messages of the batch were sent (whole, in order) first."""
+
 
 class AddressError(PodIPCError, ValueError):
     """A channel URL or option is malformed, unknown or out of range."""

@@ -11,8 +11,9 @@ On the wire (docs/wire/stream.md has the full story and plain-socket scripts):
 A length above the consumer's max_message_size is a ProtocolError raised before
 anything is allocated, so garbage never costs memory.
 
-FrameReader cuts frames out of a stream: small frames are parsed, several at a time,
-from one reusable buffer filled by `recv_into`; large payloads are read straight into
+FrameReader cuts frames out of a stream: one `recv_into` fills a reusable buffer with
+many small frames, and every complete frame in it is cut in one pass (a run of frames of
+one length by `struct.iter_unpack`, at C speed); large payloads are read straight into
 their own object (`recv(n, MSG_WAITALL)`, no copy in the common case). All state lives
 in the reader, so a timeout raised by the source between two reads loses nothing.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from operator import itemgetter
 from typing import Protocol
 
 from podipc.errors import EndOfStream, PeerGone, ProtocolError
@@ -48,8 +50,12 @@ BUFFER_SIZE = 256 * 1024
 DIRECT_READ_SIZE = 32 * 1024
 """Payloads of at least this many bytes skip the buffer and are received into their own object."""
 
+RUN_STRUCTS = 64
+"""How many frame lengths the reader keeps a run-cutting struct for."""
+
 _END_OF_STREAM_HEADER = HEADER.pack(END_OF_STREAM)
 MSG_WAITALL = socket.MSG_WAITALL
+_payload_of = itemgetter(1)
 
 
 def encode_header(length: int) -> bytes:
@@ -93,6 +99,8 @@ class FrameReader:
             raise ValueError(f"buffer_size must be at least {HEADER_SIZE + DIRECT_READ_SIZE} bytes")
         self.max_message_size = max_message_size
         self.name = name
+        self.ready: list[bytes] = []
+        """Frames cut from the buffer and not yet taken, the next one LAST: `ready.pop()` takes it."""
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._capacity = buffer_size
@@ -104,26 +112,33 @@ class FrameReader:
         self._receive_size = buffer_size
         """How much one receive into the empty buffer asks for: all of it, or only a header after a large frame."""
         self._unpack_from = HEADER.unpack_from
+        self._runs: dict[int, struct.Struct] = {}
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames (including a large payload in progress)."""
-        return self._end - self._start + self._payload_filled
+        cut = sum(HEADER_SIZE + len(frame) for frame in self.ready)
+        return cut + self._end - self._start + self._payload_filled
 
     def buffered_frame(self) -> bytes | None:
         """The next frame if it is already complete in the buffer, else None. Never reads."""
-        start = self._start
-        end = self._end
-        if end - start >= HEADER_SIZE:
-            length = self._unpack_from(self._buffer, start)[0]
-            stop = start + HEADER_SIZE + length
-            if stop <= end and length <= self.max_message_size:
-                if stop == end:
-                    self._start = self._end = 0
-                else:
-                    self._start = stop
-                return self._view[start + HEADER_SIZE : stop].tobytes()
+        ready = self.ready
+        if ready or (self._end - self._start >= HEADER_SIZE and self._cut()):
+            return ready.pop()
         return None
+
+    def buffered_frames(self, max_count: int) -> list[bytes]:
+        """Up to `max_count` frames already complete in the buffer, in order ([] when none). Never reads."""
+        ready = self.ready
+        if not ready and self._end - self._start >= HEADER_SIZE:
+            self._cut()
+        if len(ready) <= max_count:
+            frames = ready[::-1]
+            ready.clear()
+            return frames
+        frames = ready[: -max_count - 1 : -1]
+        del ready[-max_count:]
+        return frames
 
     def read_frame(self, source: StreamSource) -> bytes:
         """The next frame's payload, reading from `source` as needed.
@@ -132,61 +147,108 @@ class FrameReader:
         ProtocolError for a length above max_message_size; errors of `source` (timeouts)
         pass through and leave the reader ready to go on.
         """
-        end = self._end
-        if end:
-            # frames already buffered (a large payload in progress keeps the buffer empty)
-            start = self._start
-            if end - start >= HEADER_SIZE:
-                length = self._unpack_from(self._buffer, start)[0]
-                stop = start + HEADER_SIZE + length
-                if stop <= end and length <= self.max_message_size:
-                    if stop == end:
-                        self._start = self._end = 0
-                    else:
-                        self._start = stop
-                    return self._view[start + HEADER_SIZE : stop].tobytes()
-        elif self._payload_length < 0:
+        ready = self.ready
+        if ready:
+            return ready.pop()
+        if not self._end and self._payload_length < 0:
             received = source.recv_into(self._view, self._receive_size)
             if not received:
                 self._raise_truncated(0)
             self._end = received
             if received >= HEADER_SIZE:
                 length = self._unpack_from(self._buffer, 0)[0]
-                stop = HEADER_SIZE + length
-                if stop <= received and length <= self.max_message_size:
-                    if stop == received:
-                        self._end = 0
-                    else:
-                        self._start = stop
-                    return self._view[HEADER_SIZE:stop].tobytes()
+                if length <= self.max_message_size:
+                    if length + HEADER_SIZE == received:
+                        self._end = 0  # one whole frame: a request or an answer
+                        return self._view[HEADER_SIZE:received].tobytes()
+                    if received == HEADER_SIZE and length >= DIRECT_READ_SIZE:
+                        return self._read_direct(source, length)  # the header of a large frame, alone
+                    if self._cut():
+                        return ready.pop()
         return self._read_frame_slowly(source)
 
-    def _read_frame_slowly(self, source: StreamSource) -> bytes:
+    def _read_direct(self, source: StreamSource, length: int) -> bytes:
+        """The buffer holds just the header of a large frame: receive its payload into its own object."""
+        self._start = self._end = 0
+        self._receive_size = HEADER_SIZE
+        self._payload_length = length
+        data = source.recv(length, MSG_WAITALL)
+        if len(data) == length:
+            self._payload_length = -1
+            return data
+        self._keep_partial_payload(data)
+        return self._read_payload(source)
+
+    def _cut(self) -> bool:
+        """Move every complete frame of the buffer to `ready`, in one pass; True when there was one.
+
+        A run of frames of one length is cut by `struct.iter_unpack` after checking all
+        their headers at once (strided slices); anything else one frame at a time. Stops
+        at a frame not complete yet, the end marker or a length above max_message_size
+        (the slow path deals with those).
+        """
         buffer, view, unpack_from = self._buffer, self._view, self._unpack_from
+        start, end, limit = self._start, self._end, self.max_message_size
+        frames: list[bytes] = []
+        while end - start >= HEADER_SIZE:
+            length = unpack_from(buffer, start)[0]
+            stride = HEADER_SIZE + length
+            count = (end - start) // stride
+            if length > limit or not count:
+                break
+            if count > 1:
+                count = self._run_length(start, stride, count)
+            if count > 1:
+                stop = start + count * stride
+                frames += map(_payload_of, self._run_struct(length).iter_unpack(view[start:stop]))
+            else:
+                stop = start + stride
+                frames.append(view[start + HEADER_SIZE : stop].tobytes())
+            start = stop
+        if not frames:
+            return False
+        if start == end:
+            self._start = self._end = 0
+        else:
+            self._start = start
+        frames.reverse()
+        self.ready += frames
+        return True
+
+    def _run_length(self, start: int, stride: int, count: int) -> int:
+        """How many of the `count` frames that would fit from `start` really have the first one's header."""
+        view = self._view
+        stop = start + count * stride
+        header = view[start : start + HEADER_SIZE].tobytes()
+        run = count
+        for index in range(HEADER_SIZE):
+            column = view[start + index : stop : stride].tobytes()  # byte `index` of every header
+            run = min(run, count - len(column.lstrip(header[index : index + 1])))
+        return run
+
+    def _run_struct(self, length: int) -> struct.Struct:
+        """A struct that cuts one frame of `length` bytes into (header, payload)."""
+        runs = self._runs
+        cutter = runs.get(length)
+        if cutter is None:
+            if len(runs) >= RUN_STRUCTS:
+                runs.clear()
+            cutter = runs[length] = struct.Struct(f">I{length}s")
+        return cutter
+
+    def _read_frame_slowly(self, source: StreamSource) -> bytes:
+        buffer, unpack_from = self._buffer, self._unpack_from
         while True:
             if self._payload_length >= 0:
                 return self._read_payload(source)
             start = self._start
             end = self._end
             if end - start >= HEADER_SIZE:
+                if self._cut():
+                    return self.ready.pop()
                 length = unpack_from(buffer, start)[0]
-                stop = start + HEADER_SIZE + length
-                if stop <= end and length <= self.max_message_size:
-                    if stop == end:
-                        self._start = self._end = 0
-                    else:
-                        self._start = stop
-                    return view[start + HEADER_SIZE : stop].tobytes()
                 if start + HEADER_SIZE == end and DIRECT_READ_SIZE <= length <= self.max_message_size:
-                    self._start = self._end = 0
-                    self._receive_size = HEADER_SIZE
-                    self._payload_length = length
-                    data = source.recv(length, MSG_WAITALL)
-                    if len(data) == length:
-                        self._payload_length = -1
-                        return data
-                    self._keep_partial_payload(data)
-                    continue
+                    return self._read_direct(source, length)
                 self._check_length(length)
                 if length < DIRECT_READ_SIZE:
                     self._receive_size = self._capacity

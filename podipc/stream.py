@@ -12,8 +12,11 @@ so a producer can start sending before the consumer's first recv. The first
 connection that sends the podipc HELLO is attached (answered with HELLO); later ones
 get BUSY; connections whose first bytes are not HELLO are dropped and counted, and a
 consumer that then times out says so (PeerTimeout names the bytes it saw). Readiness:
-the acceptor's "attached" eventfd, then the connection. A recv without a timeout reads the blocking socket directly (the fast path);
-close() from elsewhere wakes it with shutdown(SHUT_RD).
+the acceptor's "attached" eventfd, then the connection. A recv without a timeout reads
+the blocking socket directly (the fast path); close() from elsewhere wakes it with
+shutdown(SHUT_RD). One read takes up to 256 KiB and every frame in it is cut at once
+(podipc.framing): recv() hands them out one by one with no other work, recv_many()
+several at a time.
 
 Producer: connects (non-blocking) on its first send, try_send or close, retrying until
 the `wait` deadline since the consumer may start later, sends HELLO and waits for the
@@ -23,6 +26,20 @@ ChannelClosed from a close elsewhere) always means that nothing of that message 
 sent. Readiness: the socket (for writing, or for reading while it awaits the hello
 answer or the end-of-stream ack); before it connects, a retry time.
 
+Coalescing (option `coalesce`, on by default): a small message (COALESCE_SIZE) sent less
+than BURST_START_SECONDS after the previous send returned starts a burst and waits in
+the producer's outbox, as does each small message within BURST_HOLD_SECONDS of the one
+before; the outbox is written in one write at OUTBOX_BYTES. Every other message is
+written within its send(), behind the outbox. The last messages of a burst are written
+by the process's flusher thread (`Flusher`): as soon as it holds the interpreter and no
+call is inside the producer, so at once when the sending thread blocks or sleeps, within
+the interpreter's switch interval while it runs Python code, plus a FLUSH_TICK_SECONDS
+tick when it found a send inside; a stream consumer of the same process writes them
+before it blocks (`flush_pending`); flush() and close() write them at once. What the
+outbox holds counts as sent: a Timeout still means nothing of that message was sent, and
+a kill -9 loses the outbox (at most OUTBOX_BYTES). send_many() writes the outbox and the
+batch's frames in one write (up to GATHER_BYTES at a time).
+
 Neither side keeps its socket registered anywhere while it does not wait: a wait-queue
 entry on a socket makes every send or receive of the peer run a wakeup callback, which
 costs the other side measurably. fileno() (the base's stable epoll mirror) is created
@@ -31,6 +48,7 @@ only when asked for.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -38,12 +56,13 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer
+from podipc.channel import Consumer, Option, Producer, deadline_after, holds_call_gate, parse_bool
 from podipc.errors import (
+    ChannelClosed,
     ChannelUnavailable,
     EndOfStream,
     PeerGone,
@@ -63,7 +82,7 @@ from podipc.framing import (
     check_max_message_size,
     end_of_stream_frame,
 )
-from podipc.waking import POLLIN, wait_for
+from podipc.waking import POLLIN, is_ready, wait_for
 
 MAX_MESSAGE_OPTION = Option(
     "max_message_size",
@@ -71,10 +90,30 @@ MAX_MESSAGE_OPTION = Option(
     DEFAULT_MAX_MESSAGE_SIZE,
     "largest message in bytes (give both sides the same value; at most 4 GiB - 2)",
 )
-STREAM_OPTIONS = (MAX_MESSAGE_OPTION,)
+COALESCE_OPTION = Option(
+    "coalesce",
+    parse_bool,
+    True,
+    "join back-to-back small sends into one write (false: every send writes at once)",
+)
+STREAM_OPTIONS = (MAX_MESSAGE_OPTION, COALESCE_OPTION)
 
 COALESCE_SIZE = 2048
-"""Messages up to this size are copied behind their header and sent with one send; larger ones use sendmsg."""
+"""Messages up to this size are copied behind their header (and may wait in the outbox); larger ones use sendmsg."""
+OUTBOX_BYTES = 64 * 1024
+"""A burst's outbox is written as soon as it holds this many bytes; a send finding it that full waits for room."""
+BURST_START_SECONDS = 0.5e-6
+"""A small send beginning sooner than this after the previous send returned starts a burst (joins the outbox).
+
+Less than a receive costs (a program that reads an answer between two sends never
+coalesces) and more than a loop's own work between two sends (a tight loop always does).
+"""
+BURST_HOLD_SECONDS = 20e-6
+"""A burst goes on while sends begin sooner than this after the previous one began; a later send writes out."""
+FLUSH_TICK_SECONDS = 0.001
+"""How often the flusher thread looks again at a producer it found busy sending."""
+GATHER_BYTES = 256 * 1024
+"""send_many writes at most this many bytes of small frames per attempt."""
 HELLO_SECONDS = 5.0
 """How long the acceptor gives a new connection to send its HELLO."""
 HELLO_ANSWER_SECONDS = 2.0
@@ -100,6 +139,7 @@ _SEND_FLAGS = socket.MSG_NOSIGNAL
 _DONTWAIT = socket.MSG_DONTWAIT
 _pack_header = HEADER.pack
 _POLLOUT = select.POLLOUT
+_monotonic = time.monotonic
 _ATTACHED = (1).to_bytes(8, "little")
 
 
@@ -297,6 +337,7 @@ class StreamConsumer(Consumer):
         self.max_message_fix = f"raise max_message_size= on both sides (at most {MAX_FRAME_LENGTH})"
         self._what = address.location
         self._reader = FrameReader(self.max_message_size, address.location)
+        self._ready = self._reader.ready
         self._buffered_frame = self._reader.buffered_frame
         self._read_frame = self._reader.read_frame
         self._connection: socket.socket | None = None
@@ -334,19 +375,93 @@ class StreamConsumer(Consumer):
 
     # --- the endpoint contract ---------------------------------------------
 
+    @holds_call_gate
+    def recv(self, timeout: float | None = None) -> bytes:
+        """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
+
+        Raises as Consumer.recv does. This is its fast version for a consumer with a
+        producer attached: the next frame already cut from the last read, else a blocking
+        read when there is no timeout (woken by `_interrupt()` when closed from elsewhere);
+        every other case is Consumer.recv's.
+        """
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            delegated = True  # read from the frame by _inside_call_here
+            return Consumer.recv(self, timeout)
+        try:
+            if not self._state:
+                ready = self._ready
+                if ready:
+                    return ready.pop()
+                if timeout is None:
+                    connection = self._connection
+                    if connection is not None:
+                        if _UNFLUSHED:
+                            flush_pending()  # what this process sent may be what we are waiting for
+                        return self._read_frame(connection)
+        except EndOfStream:
+            self._finish_stream()
+            self._ended = True
+            raise
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, ChannelClosed):
+                raise self._closed_error() from error
+            raise
+        except OSError as exc:
+            if self._closing:
+                raise self._closed_error() from exc
+            raise peer_gone(exc, self._what, "producer") from exc
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
+        return Consumer.recv(self, timeout)
+
+    def _try_recv_many(self, max_count: int) -> list[bytes]:
+        frames = self._reader.buffered_frames(max_count)
+        if len(frames) == max_count or (frames and self._reader.buffered):
+            return frames  # what is left in the buffer is the start of a frame still coming
+        try:
+            frame = self._try_recv()
+        except EndOfStream:
+            if not frames:
+                raise
+            self._ended = True
+            return frames
+        except PodIPCError as error:
+            if not frames:
+                raise
+            self._keep(error)
+            return frames
+        if frame is None:
+            return frames
+        frames.append(frame)
+        return frames + self._reader.buffered_frames(max_count - len(frames))
+
     def _recv(self, deadline: float | None) -> bytes:
         connection = self._connection
         if deadline is None and connection is not None:
-            try:  # the fast path: a blocking read, woken by _interrupt() when closed from elsewhere
-                return self._read_frame(connection)
-            except EndOfStream:
-                self._finish_stream()
-                raise
-            except PodIPCError:
-                raise
-            except OSError as exc:
-                raise peer_gone(exc, self._what, "producer") from exc
+            return self._read_blocking(connection)
+        if _UNFLUSHED:
+            flush_pending()
         return Consumer._recv(self, deadline)
+
+    def _read_blocking(self, connection: socket.socket) -> bytes:
+        """The next frame from a blocking read of the connection, woken by _interrupt() when closed from elsewhere."""
+        if _UNFLUSHED:
+            flush_pending()  # what this process sent may be what we are waiting for
+        try:
+            return self._read_frame(connection)
+        except EndOfStream:
+            self._finish_stream()
+            raise
+        except PodIPCError:
+            raise
+        except OSError as exc:
+            raise peer_gone(exc, self._what, "producer") from exc
 
     def _try_recv(self) -> bytes | None:
         frame = self._buffered_frame()
@@ -453,10 +568,19 @@ _UNCONNECTED, _CONNECTING, _HELLO, _READY, _ENDING, _DONE = range(6)
 
 
 class StreamProducer(Producer):
-    """The producer of a stream-socket channel: connects on first use, sends frames."""
+    """The producer of a stream-socket channel: connects on first use, sends frames.
+
+    Coalescing (the `coalesce` option, on by default): a small message (up to
+    COALESCE_SIZE bytes) sent back-to-back with the previous one waits in a user-space
+    outbox, which leaves in one write; every other message goes out within its send()
+    (behind what the outbox holds, in order). `_send` says what back-to-back means, the
+    module docstring how long a message may wait.
+    """
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
     waits_forever: ClassVar[bool] = True
+    _watched = False
+    """True while the flusher thread holds this producer in its list."""
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -467,16 +591,20 @@ class StreamProducer(Producer):
         self._socket: socket.socket | None = None
         self._phase = _UNCONNECTED
         self._answer = bytearray()
-        self._answer_deadline = 0.0
         self._retry_at = 0.0
         self._retry_pause = CONNECT_RETRY_FIRST_SECONDS
         self._last_error: OSError | None = None
-        self._pending = memoryview(b"")
+        self._outbox = bytearray()
+        """Bytes accepted but not yet written: frames of a burst, the tail of a frame the kernel took in part."""
         self._fast = False
-        """Ready and nothing pending: send() may go straight to the socket."""
-        self._sock_send: Any = None
-        self._sendmsg: Any = None
+        """Ready to send: send() may go straight to the outbox or the socket."""
+        self._last_send = 0.0
+        """When the last coalesced send began, or the last write ended (monotonic seconds)."""
+        self._burst_start = 0.0
+        """BURST_START_SECONDS once connected, 0 when not (or coalescing is off)."""
         self._interest = POLLIN
+        self._coalesce_limit = min(COALESCE_SIZE, self.max_message_size)
+        self._coalescing: bool = self.settings["coalesce"]
 
     # hooks for transports
     def _connection_socket(self) -> tuple[socket.socket, Any]:
@@ -489,41 +617,164 @@ class StreamProducer(Producer):
 
     # --- sending -------------------------------------------------------------
 
+    @holds_call_gate
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
+
+        Raises as Producer.send does. This is its fast version for a small bytes or
+        bytearray message on a connected producer: into the outbox when back-to-back, else
+        one write; every other case is Producer.send's.
+        """
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            delegated = True  # read from the frame by _inside_call_here
+            Producer.send(self, data, timeout)
+            return
+        try:
+            if not self._state and (type(data) is bytearray or type(data) is bytes):
+                nbytes = len(data)
+                outbox = self._outbox
+                if nbytes <= self._coalesce_limit:
+                    now = _monotonic()
+                    if outbox:
+                        if now - self._last_send < BURST_HOLD_SECONDS and len(outbox) < OUTBOX_BYTES:
+                            self._last_send = now
+                            outbox += _pack_header(nbytes)
+                            outbox += data
+                            if len(outbox) >= OUTBOX_BYTES:
+                                self._write_outbox()  # what the kernel does not take now stays, counted as sent
+                                self._last_send = _monotonic()
+                            return
+                    elif now - self._last_send < self._burst_start:
+                        self._last_send = now
+                        outbox += _pack_header(nbytes)
+                        outbox += data
+                        if not self._watched:
+                            self._watch()
+                        return
+                if not outbox and self._fast and nbytes <= self.max_message_size:
+                    sock = self._socket
+                    assert sock is not None
+                    try:
+                        if nbytes <= COALESCE_SIZE:
+                            sent = sock.send(_pack_header(nbytes) + data, _SEND_FLAGS)
+                            self._last_send = _monotonic()
+                        else:
+                            sent = sock.sendmsg([_pack_header(nbytes), data], (), _SEND_FLAGS)
+                    except BlockingIOError:
+                        sent = -1  # no room: nothing went out; Producer.send waits
+                    except OSError as exc:
+                        raise peer_gone(exc, self._what, "consumer") from exc
+                    if sent >= 0:
+                        if sent != nbytes + HEADER_SIZE:
+                            view = memoryview(data)
+                            self._finish_frame(_pack_header(nbytes), view, sent, deadline_after(timeout))
+                        return
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
+        Producer.send(self, data, timeout)
+
     def _send(self, view: memoryview, deadline: float | None) -> None:
+        """Send one message (the base's path: memoryviews, large messages, after send() found no room).
+
+        A small message joins the outbox when back-to-back (as in send()); otherwise the
+        message goes straight to the socket when nothing is pending, else through the
+        base's loop (`_try_send`: the outbox and the frame in one write, waiting for room).
+        """
         if self._fast:
             nbytes = len(view)
-            try:
-                if nbytes <= COALESCE_SIZE:
-                    sent = self._sock_send(_pack_header(nbytes) + view, _SEND_FLAGS)
-                else:
-                    sent = self._sendmsg([_pack_header(nbytes), view], (), _SEND_FLAGS)
-            except BlockingIOError:
-                pass  # no room: nothing went out; wait below
-            except OSError as exc:
-                raise peer_gone(exc, self._what, "consumer") from exc
-            else:
-                if sent != nbytes + HEADER_SIZE:
-                    self._finish_frame(_pack_header(nbytes), view, sent, deadline)
-                return
+            outbox = self._outbox
+            if nbytes <= COALESCE_SIZE:
+                now = _monotonic()
+                limit = BURST_HOLD_SECONDS if outbox else self._burst_start
+                if now - self._last_send < limit and len(outbox) < OUTBOX_BYTES:
+                    self._last_send = now
+                    outbox += _pack_header(nbytes)
+                    outbox += view
+                    if len(outbox) >= OUTBOX_BYTES:
+                        self._write_outbox()
+                        self._last_send = _monotonic()
+                    if outbox and not self._watched:
+                        self._watch()
+                    return
+            if not outbox:
+                sock = self._socket
+                assert sock is not None
+                try:
+                    if nbytes <= COALESCE_SIZE:
+                        sent = sock.send(_pack_header(nbytes) + view, _SEND_FLAGS)
+                    else:
+                        sent = sock.sendmsg([_pack_header(nbytes), view], (), _SEND_FLAGS)
+                except BlockingIOError:
+                    sent = -1  # no room: nothing went out; wait below
+                except OSError as exc:
+                    raise peer_gone(exc, self._what, "consumer") from exc
+                if sent >= 0:
+                    self._last_send = _monotonic()
+                    if sent != nbytes + HEADER_SIZE:
+                        self._finish_frame(_pack_header(nbytes), view, sent, deadline)
+                    return
         Producer._send(self, view, deadline)
 
     def _try_send(self, view: memoryview) -> bool:
         if self._phase != _READY and not self._progress():
             return False
-        if self._pending and not self._flush():
-            return False
         nbytes = len(view)
         header = _pack_header(nbytes)
+        outbox = self._outbox
+        held = len(outbox)
+        sock = self._socket
+        assert sock is not None
         try:
-            sent = self._socket.sendmsg([header, view], (), _SEND_FLAGS)  # type: ignore[union-attr]
+            sent = sock.sendmsg([outbox, header, view] if held else [header, view], (), _SEND_FLAGS)
         except BlockingIOError:
             self._want(_POLLOUT)
             return False
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
+        if held:
+            if sent < held:
+                del outbox[:sent]
+                self._want(_POLLOUT)
+                return False
+            outbox.clear()
+            sent -= held
         if sent != nbytes + HEADER_SIZE:
-            self._keep_rest(header, view, sent)
+            self._keep_rest([header, view], sent)
         return True
+
+    def _try_send_many(self, views: Sequence[memoryview], start: int) -> int:
+        """One write of the outbox and the next frames, up to GATHER_BYTES; the index after the last accepted.
+
+        Small frames are copied into the outbox, which is written at once; what the kernel
+        does not take stays there (those messages count as sent; the outbox stays
+        bounded). A large frame goes from the caller's buffer with `_try_send`.
+        """
+        if self._phase != _READY and not self._progress():
+            return start
+        outbox = self._outbox
+        if len(outbox) >= OUTBOX_BYTES and not self._write_outbox():
+            return start
+        index, total = start, len(views)
+        while index < total and len(outbox) < GATHER_BYTES:
+            view = views[index]
+            nbytes = len(view)
+            if nbytes > COALESCE_SIZE:
+                if index == start:
+                    return index + 1 if self._try_send(view) else index
+                break
+            outbox += _pack_header(nbytes)
+            outbox += view
+            index += 1
+        self._write_outbox()
+        if outbox and not self._watched:
+            self._watch()
+        return index
 
     def _finish_frame(self, header: bytes, view: memoryview, sent: int, deadline: float | None) -> None:
         """A frame went out partly: send the rest from the caller's buffer while we may wait, else keep it pending."""
@@ -543,42 +794,104 @@ class StreamProducer(Producer):
                 raise peer_gone(exc, self._what, "consumer") from exc
             pieces = _skip(pieces, sent)
         if pieces:
-            self._pending = memoryview(b"".join(bytes(piece) for piece in pieces))
-            self._fast = False
-            self._want(_POLLOUT)
+            self._keep_rest(pieces, 0)
 
-    def _keep_rest(self, header: bytes, view: memoryview, sent: int) -> None:
-        self._pending = memoryview(b"".join(bytes(piece) for piece in _skip([header, view], sent)))
-        self._fast = False
+    def _keep_rest(self, pieces: list[Any], sent: int) -> None:
+        """Keep what is left of `pieces` after `sent` bytes went out, to go out before anything else."""
+        outbox = self._outbox
+        for piece in _skip(pieces, sent):
+            outbox += piece
         self._want(_POLLOUT)
+        if not self._watched:
+            self._watch()
 
-    def _flush(self) -> bool:
-        """Send what a previous frame left pending; True when nothing is left."""
+    def _write_outbox(self) -> bool:
+        """Write what the outbox holds, without blocking; True when it is empty."""
+        outbox = self._outbox
         try:
-            sent = self._socket.send(self._pending, _SEND_FLAGS)  # type: ignore[union-attr]
+            sent = self._socket.send(outbox, _SEND_FLAGS)  # type: ignore[union-attr]
         except BlockingIOError:
             self._want(_POLLOUT)
             return False
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
-        self._pending = self._pending[sent:]
-        if self._pending:
-            self._want(_POLLOUT)
-            return False
-        if self._phase == _READY:
-            self._fast = True
-        return True
+        if sent == len(outbox):
+            outbox.clear()
+            return True
+        del outbox[:sent]
+        self._want(_POLLOUT)
+        return False
 
     def _try_flush(self) -> bool:
-        return not self._pending or self._flush()
+        return not self._outbox or self._write_outbox()
 
     def _try_prepare(self) -> bool:
         if self._phase != _READY and not self._progress():
             return False
-        if self._pending and not self._flush():
+        if self._outbox and not self._write_outbox():
             return False
         self._want(_POLLOUT)
         return True
+
+    # --- the flusher's side ------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Hand this producer to the flusher thread, which writes the outbox out once the burst ends."""
+        self._watched = True
+        _UNFLUSHED.add(self)
+        flusher().wake()
+
+    def _flush_for_flusher(self) -> int:
+        """The flusher thread's attempt, under the call gate: FLUSHED, IN_USE (a call is inside) or NO_ROOM."""
+        if self._state and (self._closing or self._forked or self._freed):
+            self._unwatch()
+            return FLUSHED  # a close writes the outbox out, an abort drops it
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            if self._let_go_if_empty():
+                return FLUSHED  # a call inside that leaves bytes behind hands the producer over again
+            # a send waiting for room writes the outbox itself when room comes
+            sock = self._socket
+            return IN_USE if sock is None or is_ready(sock.fileno(), _POLLOUT) else NO_ROOM
+        try:
+            if self._phase != _READY or not self._outbox or self._write_outbox():
+                self._unwatch()
+                return FLUSHED
+            return NO_ROOM
+        except PodIPCError:
+            self._unwatch()  # the next call meets the same error and raises it
+            return FLUSHED
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+
+    def _unwatch(self) -> None:
+        self._watched = False
+        _UNFLUSHED.discard(self)
+
+    def _let_go_if_empty(self) -> bool:
+        """Without the gate (a call is inside): stop watching if the outbox is empty; False when it holds bytes.
+
+        Every call that makes the outbox non-empty checks `_watched` afterwards and hands
+        the producer over again when it is False; the order of the steps here (clear the
+        flag, look, discard, look again) keeps that true whatever a call inside does meanwhile.
+        """
+        self._watched = False
+        if self._outbox:
+            self._watched = True
+            return False
+        _UNFLUSHED.discard(self)
+        if self._watched:  # a call inside watched it again in between
+            _UNFLUSHED.add(self)
+        return True
+
+    def _flusher_fd(self) -> int:
+        """The socket the flusher waits on for room (-1 when there is none)."""
+        sock = self._socket
+        return sock.fileno() if sock is not None else -1
 
     # --- connecting and the handshake -----------------------------------------
 
@@ -649,6 +962,7 @@ class StreamProducer(Producer):
     def _connected(self) -> bool:
         sock = self._socket
         assert sock is not None
+        self._verify_peer(sock)
         self._configure(sock)
         try:
             sock.send(HELLO, _SEND_FLAGS)  # 8 bytes into an empty buffer: all or an error
@@ -656,12 +970,14 @@ class StreamProducer(Producer):
             raise peer_gone(exc, self._what, "consumer") from exc
         self._phase = _HELLO
         # a consumer that accepted just before the wait deadline still gets time to answer
-        self._answer_deadline = max(self.wait_deadline, time.monotonic() + HELLO_ANSWER_SECONDS)
-        self.wait_deadline = self._answer_deadline
+        self.wait_deadline = max(self.wait_deadline, time.monotonic() + HELLO_ANSWER_SECONDS)
         return self._read_answer()
 
     def _configure(self, sock: socket.socket) -> None:
         """Options for a connected socket (transport hook; tcp sets TCP_NODELAY)."""
+
+    def _verify_peer(self, sock: socket.socket) -> None:
+        """Check who listens at the other end before saying hello; raise ChannelUnavailable (transport hook; unix)."""
 
     def _read_answer(self) -> bool:
         sock = self._socket
@@ -697,9 +1013,9 @@ class StreamProducer(Producer):
             )
         self._phase = _READY
         self._peer_seen = True
-        self._sock_send = sock.send
-        self._sendmsg = sock.sendmsg
-        self._fast = not self._pending
+        self._fast = True
+        if self._coalescing:
+            self._burst_start = BURST_START_SECONDS
         self._want(_POLLOUT)
         return True
 
@@ -733,12 +1049,11 @@ class StreamProducer(Producer):
         if self._phase < _READY and not self._progress():
             return False
         if self._phase == _READY:
-            if self._pending and not self._flush():
-                return False
-            self._pending = memoryview(end_of_stream_frame())
+            self._outbox += end_of_stream_frame()
             self._fast = False
+            self._burst_start = 0.0
             self._phase = _ENDING
-        if self._pending and not self._flush():
+        if self._outbox and not self._write_outbox():
             return False
         return self._read_ack()
 
@@ -762,7 +1077,8 @@ class StreamProducer(Producer):
     def _free(self) -> None:
         self._drop_socket()
         self._fast = False
-        self._sock_send = self._sendmsg = None
+        self._burst_start = 0.0
+        self._outbox.clear()
 
     def _drop_inherited(self) -> None:
         if self._socket is not None:
@@ -783,3 +1099,99 @@ def _skip(pieces: list[Any], count: int) -> list[Any]:
         rest.append(view[count:])
         count = 0
     return rest
+
+
+# --- the flusher -----------------------------------------------------------
+
+FLUSHED, IN_USE, NO_ROOM = range(3)
+"""What the flusher's attempt on a producer found: outbox written (or nothing to do), a call inside, no room."""
+FLUSH_TICK_MILLISECONDS = max(1, round(FLUSH_TICK_SECONDS * 1000))
+
+
+class Flusher:
+    """One thread per process that writes out the outboxes of producers whose burst of sends ended.
+
+    A producer joins `_UNFLUSHED` and wakes the thread when its outbox becomes non-empty.
+    The thread writes the outbox as soon as it holds the interpreter and no call is
+    inside that producer: when the sending thread blocks, sleeps or returns to an event
+    loop, or after the interpreter's switch interval while that thread runs Python code
+    without blocking. Finding a send inside, it looks again every FLUSH_TICK_SECONDS;
+    finding no room (the consumer is not reading), it waits for room. A producer leaves
+    the set once its outbox is empty. The thread never blocks on a socket.
+    """
+
+    def __init__(self) -> None:
+        self._arm = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="podipc-flusher", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look at the producers of `_UNFLUSHED` now."""
+        os.eventfd_write(self._arm, 1)
+
+    def drop_inherited(self) -> None:
+        """In a forked child, where the thread does not run: close the eventfd."""
+        os.close(self._arm)
+
+    def _run(self) -> None:
+        found: dict[StreamProducer, int] = {}
+        while True:
+            poller = select.poll()
+            poller.register(self._arm, select.POLLIN)
+            timeout = -1
+            for producer, status in found.items():
+                fd = producer._flusher_fd() if status == NO_ROOM else -1
+                if fd >= 0:
+                    poller.register(fd, select.POLLOUT)
+                else:
+                    timeout = FLUSH_TICK_MILLISECONDS
+            poller.poll(timeout)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._arm)
+            found.clear()
+            for producer in list(_UNFLUSHED):
+                try:
+                    status = producer._flush_for_flusher()
+                except Exception:  # the thread lives on; the producer's next call meets the error
+                    producer._unwatch()
+                    status = FLUSHED
+                if status != FLUSHED:
+                    found[producer] = status
+
+
+def flush_pending() -> None:
+    """Write out the outboxes of this process's producers that no call is inside (never blocks)."""
+    for producer in list(_UNFLUSHED):
+        with contextlib.suppress(Exception):
+            producer._flush_for_flusher()
+
+
+_UNFLUSHED: set[StreamProducer] = set()
+"""The producers of this process whose outbox holds something and that the flusher looks after."""
+
+_FLUSHER: Flusher | None = None
+_FLUSHER_CREATION = threading.Lock()
+
+
+def flusher() -> Flusher:
+    """This process's flusher, started on first use."""
+    global _FLUSHER
+    current = _FLUSHER
+    if current is None:
+        with _FLUSHER_CREATION:
+            current = _FLUSHER
+            if current is None:
+                current = _FLUSHER = Flusher()
+    return current
+
+
+def _forget_flusher_after_fork() -> None:
+    global _FLUSHER
+    if _FLUSHER is not None:
+        _FLUSHER.drop_inherited()
+    _FLUSHER = None
+    _UNFLUSHED.clear()
+
+
+os.register_at_fork(after_in_child=_forget_flusher_after_fork)
+atexit.register(flush_pending)  # a producer left open at exit: what the kernel takes now still reaches the consumer

@@ -236,7 +236,7 @@ class BatchSender(ChannelSender):
 
     def __init__(self, channel: podipc.Producer) -> None:
         super().__init__(channel)
-        self.send_many: Callable[[Sequence[Buffer]], object] = channel.send_many  # type: ignore[attr-defined]
+        self.send_many: Callable[[Sequence[Buffer]], object] = channel.send_many
 
 
 class BatchReceiver(ChannelReceiver):
@@ -244,7 +244,7 @@ class BatchReceiver(ChannelReceiver):
 
     def __init__(self, channel: podipc.Consumer, lossy: bool) -> None:
         super().__init__(channel, lossy, zero_copy=False)
-        self._receive_many: Callable[..., Sequence[Buffer]] = channel.recv_many  # type: ignore[attr-defined]
+        self._receive_many: Callable[..., Sequence[Buffer]] = channel.recv_many
         self._timeout = LOSSY_RECV_TIMEOUT_SECONDS if lossy else None
 
     def recv_many(self, most: int) -> Sequence[Buffer]:

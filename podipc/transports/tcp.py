@@ -1,10 +1,12 @@
 """TCP stream channel: length-prefixed frames over one TCP connection.
 
 Address:
-    tcp://HOST:PORT[?wait=30&max_message_size=64MiB]
+    tcp://HOST:PORT[?wait=30&max_message_size=64MiB&coalesce=true]
     HOST is an IP address or localhost; in a pod, 127.0.0.1 reaches every container.
     wait               seconds either side waits for the other to appear (default 30)
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
+    coalesce           join back-to-back small sends into one write (default true; the
+                       producer's option, see podipc.stream and the README's Batches)
     mode               accepted for symmetry; TCP creates no file
 
 Requires:
@@ -19,7 +21,10 @@ Semantics:
     producer connects on its first send or close, retrying until `wait`. Nothing
     is left behind: the port is free once the consumer closes.
     A connection that does not start with the podipc hello (a health probe, a
-    browser) is dropped and counted; a second producer is refused.
+    browser) is dropped and counted; a second producer is refused. A port has no
+    owner: any process of the pod's network namespace may connect (or listen first).
+    Batches: send_many() is one gathered write, recv_many() cuts a whole read; a loop
+    of single sends is coalesced (podipc.stream).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Address:
                        shared fsGroup when the sides run as different users)
     wait               seconds either side waits for the other to appear (default 30)
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
+    coalesce           join back-to-back small sends into one write (default true; the
+                       producer's option, see podipc.stream and the README's Batches)
 
 Requires:
     Nothing beyond the standard library.
@@ -25,6 +27,14 @@ Semantics:
     left by a killed consumer (nobody listening) is replaced; a live one is refused
     with ChannelUnavailable. The producer connects on its first send or close,
     retrying until `wait`.
+    Trust (podipc.ownership): whatever is at the path must be a socket (a link is never
+    followed) of a user this side trusts (its own; its group's with mode=0660): another
+    user's socket file, stale or live, is never replaced or connected to. The producer
+    also refuses a socket file writable by every user, and checks once connected that
+    the process listening is the file's owner (SO_PEERCRED). An abstract name has no
+    owner: any process of the pod's network namespace may connect, or listen first.
+    Batches: send_many() is one gathered write, recv_many() cuts a whole read; a loop
+    of single sends is coalesced (podipc.stream).
 """
 
 from __future__ import annotations
@@ -34,12 +44,14 @@ import os
 import secrets
 import socket
 import stat
+import struct
 from typing import ClassVar
 
 from podipc.address import UNIX_PATH_MAX
 from podipc.channel import Option
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
+from podipc.ownership import SHARE_FIX, Trust, check_path, group_text, owner_text, user_text
 from podipc.presence import Presence
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
 from podipc.transport import PATH_OBJECT, AddressForm, Example, Transport, option_limit
@@ -48,7 +60,11 @@ __all__ = ["TRANSPORT", "UnixConsumer", "UnixProducer", "availability", "host_ma
 
 PROBE_SECONDS = 1.0
 """How long a consumer's probe of an existing socket file may take to connect."""
-SHARE_FIX = "run both sides as one user, or share a group (fsGroup) and open both with mode=0660"
+SOCKET = (stat.S_IFSOCK,)
+OTHERS_MAY_CONNECT = stat.S_IWOTH
+"""Connecting to a socket file needs write permission: a socket writable by "other" lets every user in."""
+PEER_CREDENTIALS = struct.Struct("3i")
+"""struct ucred: the pid, uid and gid of a Unix socket's peer (SO_PEERCRED)."""
 
 
 def availability() -> str | None:
@@ -144,19 +160,23 @@ class UnixConsumer(StreamConsumer):
         self._record.record("path", path)
 
     def _existing_is_stale(self, path: str) -> bool:
-        """Look at what is at `path` now: nothing (False), a stale socket (True), else refuse."""
+        """Look at what is at `path` now: nothing (False), a stale socket of ours (True), else refuse.
+
+        Whatever is there must be a socket (never followed if it is a link) that this side
+        trusts (ownership.Trust: ours, or our group's with group sharing): another user's
+        socket is never replaced, live or not.
+        """
         directory = os.path.dirname(path) or "/"
         if not os.path.isdir(directory):
             raise ChannelUnavailable(
                 f"{self.address.location}: directory {directory} does not exist; mount a volume "
                 "(an emptyDir) there in both containers, or create it"
             )
-        try:
-            status = os.lstat(path)
-        except FileNotFoundError:
+        status = check_path(
+            path, Trust.for_mode(int(self.settings["mode"])), f"{self.address.location}: {path}", SOCKET
+        )
+        if status is None:
             return False
-        if not stat.S_ISSOCK(status.st_mode):
-            raise ChannelUnavailable(f"{self.address.location}: {path} exists and is not a socket; choose another path")
         try:
             live = _is_live(path)
         except PermissionError as exc:
@@ -216,12 +236,51 @@ class UnixConsumer(StreamConsumer):
 
 
 class UnixProducer(StreamProducer):
-    """Sends frames over a Unix socket connection to the consumer's socket."""
+    """Sends frames over a Unix socket connection to the consumer's socket.
+
+    Before connecting to a socket file it checks what is at the path (a socket, never a
+    link followed, owned by a user it trusts, not writable by "other"), and once
+    connected that the process listening is the file's owner (SO_PEERCRED): a co-tenant
+    who swaps the file in between is refused too. An abstract name has no owner: anyone
+    in the pod's network namespace may listen on it.
+    """
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    _expected_listener: int | None = None
+    """The UID of the checked socket file's owner: the listening process must run as it."""
 
     def _connection_socket(self) -> tuple[socket.socket, str]:
+        if not self.address.abstract:
+            self._check_socket_file(self.address.path)
         return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), socket_address(self.address)
+
+    def _check_socket_file(self, path: str) -> None:
+        """Refuse (ChannelUnavailable, owner and fix) anything at `path` but a trusted socket; note its owner."""
+        what = f"{self.address.location}: {path}"
+        status = check_path(path, Trust.for_mode(int(self.settings["mode"])), what, SOCKET)
+        if status is None:
+            return  # nothing yet: connect fails and is retried until the wait deadline
+        mode = stat.S_IMODE(status.st_mode)
+        if mode & OTHERS_MAY_CONNECT:
+            raise ChannelUnavailable(
+                f"{what} lets every user of the pod connect ({owner_text(status.st_uid, status.st_gid, mode)}); "
+                f"podipc never creates such a socket: {SHARE_FIX}"
+            )
+        self._expected_listener = status.st_uid
+
+    def _verify_peer(self, sock: socket.socket) -> None:
+        expected = self._expected_listener
+        if expected is None:
+            return
+        _, uid, gid = PEER_CREDENTIALS.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
+        )
+        if uid != expected:
+            raise ChannelUnavailable(
+                f"{self.address.location}: the process listening there runs as {user_text(uid)}, {group_text(gid)}, "
+                f"not as the socket file's owner {user_text(expected)}: someone replaced the file; "
+                "remove it (as its owner) and restart the consumer"
+            )
 
     def _unreachable(self, error: OSError) -> ChannelUnavailable:
         if error.errno == errno.EACCES:

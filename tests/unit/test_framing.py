@@ -241,3 +241,36 @@ def test_fuzz_decoder_agrees_with_a_naive_decoder() -> None:
             while True:
                 got.append(reader.read_frame(source))
         assert got == expected
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    runs=st.lists(
+        st.tuples(st.sampled_from([0, 1, 3, 64, 65, 320, 64 + 256, 64 + 65536, 2000]), st.integers(1, 60)),
+        max_size=12,
+    ),
+    chunks=st.lists(st.integers(min_value=1, max_value=70_000), min_size=1, max_size=6),
+)
+def test_runs_of_equal_lengths_are_cut_whole_and_in_order_whatever_the_chunking(
+    runs: list[tuple[int, int]], chunks: list[int]
+) -> None:
+    # lengths whose headers differ in one byte only (64, 320, 64 + 65536) catch a run cut too long
+    generator = random.Random(len(runs))
+    messages = [generator.randbytes(length) for length, count in runs for _ in range(count)]
+    reader = FrameReader(1 << 20)
+    assert read_all(reader, ChunkedSource(stream_of(messages), chunks)) == messages
+
+
+def test_buffered_frames_hands_out_at_most_max_count_in_order_and_never_reads() -> None:
+    messages = [bytes([index]) * (index % 7) for index in range(50)]
+    source = ChunkedSource(b"".join(encode_frame(message) for message in messages) + encode_header(10) + b"par")
+    reader = FrameReader(1 << 20)
+    assert reader.buffered_frames(10) == []
+    assert reader.read_frame(source) == messages[0]
+    calls = source.calls
+    assert reader.buffered_frames(10) == messages[1:11]
+    assert reader.buffered_frame() == messages[11]
+    assert reader.buffered_frames(1000) == messages[12:]
+    assert reader.buffered_frames(1000) == []
+    assert source.calls == calls
+    assert reader.buffered == 7

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 import podipc
+from podipc.address import parse_address
+from podipc.channel import resolve_options
+from podipc.transports.unix import UnixProducer
 from tests.unit.test_tcp import (
     assert_blocked_producer_sees_consumer_killed,
     assert_consumer_sees_producer_killed,
@@ -232,3 +235,41 @@ def test_availability_and_host_limit() -> None:
 
     assert unix.availability() is None
     assert unix.host_max_message_size() == 64 * 1024 * 1024
+
+
+class ExpectingAnotherListener(UnixProducer):
+    """A producer that checked the socket file as if it belonged to another user than the one listening."""
+
+    def _check_socket_file(self, path: str) -> None:
+        super()._check_socket_file(path)
+        if self._expected_listener is not None:
+            self._expected_listener += 1
+
+
+def test_a_listener_that_is_not_the_socket_files_owner_gets_no_message(socket_dir: Path) -> None:
+    url = f"unix://{socket_dir / 'swapped.sock'}?wait=5"
+    with podipc.consumer(url) as consumer:
+        address = parse_address(url)
+        producer = ExpectingAnotherListener(address, resolve_options(address, UnixProducer.options, {}))
+        try:
+            with pytest.raises(podipc.ChannelUnavailable, match="someone replaced the file"):
+                producer.send(b"secret")
+        finally:
+            producer.abort()
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.5)
+
+
+def test_a_socket_file_writable_by_every_user_is_refused_by_the_producer(socket_dir: Path) -> None:
+    path = socket_dir / "open.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    path.chmod(0o777)
+    producer = podipc.producer(f"unix://{path}?wait=2")
+    try:
+        with pytest.raises(podipc.ChannelUnavailable, match=r"lets every user of the pod connect.*mode 0777"):
+            producer.send(b"x")
+    finally:
+        producer.abort()
+        listener.close()

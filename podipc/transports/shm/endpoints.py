@@ -22,11 +22,11 @@ segment found truncated, sets the endpoint's state and wakes it; the next call d
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, deadline_after, holds_the_gate, remaining
+from podipc.channel import Consumer, Option, Producer, deadline_after, holds_call_gate, remaining
 from podipc.errors import (
     ChannelClosed,
     ChannelUnavailable,
@@ -142,7 +142,7 @@ class ShmProducer(_RingSide, Producer):
 
     # --- sending ------------------------------------------------------------------
 
-    @holds_the_gate
+    @holds_call_gate
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
 
@@ -237,6 +237,14 @@ class ShmProducer(_RingSide, Producer):
             waiter.disarm()
         return writer.try_write(view, view.nbytes)
 
+    def _try_send_many(self, views: Sequence[memoryview], start: int) -> int:
+        if start == 0 and (self._writer or self._try_attach()) is not None:
+            # the ring's limit is known only once attached: check the whole batch before its first message goes
+            largest = max((view.nbytes for view in views[start:]), default=0)
+            if largest > self.max_message_size:
+                raise self._too_large(largest)
+        return Producer._try_send_many(self, views, start)
+
     def _check_state(self) -> None:
         """The slow path of the state check: closed or forked, the ring truncated, the consumer lost."""
         self._check_usable()
@@ -257,7 +265,7 @@ class ShmProducer(_RingSide, Producer):
 
     # --- zero copy ----------------------------------------------------------------
 
-    @holds_the_gate
+    @holds_call_gate
     def loan(self, size: int, timeout: float | None = None) -> memoryview:
         """A writable view of `size` bytes inside the ring; fill it, then commit(). Zero-copy send.
 
@@ -295,7 +303,7 @@ class ShmProducer(_RingSide, Producer):
             raise self._too_large(size)
         return writer.loan(size, remaining(deadline))
 
-    @holds_the_gate
+    @holds_call_gate
     def commit(self, length: int | None = None) -> None:
         """Send the loaned buffer as one message of `length` bytes (default: all it holds).
 
@@ -523,7 +531,7 @@ class ShmConsumer(_RingSide, Consumer):
 
     # --- receiving ----------------------------------------------------------------
 
-    @holds_the_gate
+    @holds_call_gate
     def recv(self, timeout: float | None = None) -> bytes:
         """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
 
@@ -556,7 +564,7 @@ class ShmConsumer(_RingSide, Consumer):
             if self._state:
                 self._after_call()
 
-    @holds_the_gate
+    @holds_call_gate
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """The next message as a read-only view into the ring, valid until the next recv/recv_view/close.
 

@@ -101,7 +101,7 @@ from typing import Any, ClassVar, cast
 import zmq
 
 from podipc.address import UNIX_PATH_MAX, Address
-from podipc.channel import Consumer, Option, Producer, _Endpoint, holds_the_gate
+from podipc.channel import Consumer, Option, Producer, _Endpoint, holds_call_gate
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PodIPCError
 from podipc.ownership import Trust, owner_text
 from podipc.presence import PeerState, PeerTracker, Presence
@@ -292,7 +292,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
         self._freed = True
         self._free()
 
-    @holds_the_gate
+    @holds_call_gate
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (see Producer.send); whole bytes without a timeout go straight to pyzmq.
 
@@ -629,7 +629,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         if not self._peer_seen and self._presence.peer_state() is PeerState.ALIVE:
             self._peer_seen = True
 
-    @holds_the_gate
+    @holds_call_gate
     def recv_view(self, timeout: float | None = None) -> memoryview:
         """Receive the next message as a read-only view of libzmq's own buffer, without copying it.
 
