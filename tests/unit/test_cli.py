@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from podipc.cli import EXIT_CODES, consume, exit_code_of, main, produce, run
 from podipc.environment import option_variables, options_from_environment, variable_name
-from podipc.transport import transports
 from podipc.errors import AddressError, PeerGone, PeerTimeout, PodIPCError, Timeout
 from podipc.extras import install_hint
+from podipc.transport import transports
 
 
 @pytest.fixture
