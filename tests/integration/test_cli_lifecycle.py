@@ -11,6 +11,7 @@ CONTRACT_SCHEMES): a transport that joins the contract joins these tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,7 +29,7 @@ import pytest
 import podipc
 from tests.commands import PODIPC, system_tool
 
-from .harness import CONTEXT, leftovers, url_for, wait_until
+from .harness import CONTEXT, leftovers, object_names, url_for, wait_until
 from .test_lifecycle import CONTRACT_SCHEMES
 
 pytestmark = pytest.mark.timeout(120)
@@ -54,7 +55,7 @@ class Command:
 
     def __init__(self, tmp: Path, name: str, *args: str, pid1: bool = False, stdin: Any = subprocess.DEVNULL) -> None:
         self.stdout_path, self.stderr_path = tmp / f"{name}.out", tmp / f"{name}.err"
-        prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--"] if pid1 else []
+        prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "--"] if pid1 else []
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen([*prefix, *PODIPC, *args], stdin=stdin, stdout=stdout, stderr=stderr)
         self.pid = self.process.pid
@@ -108,7 +109,11 @@ class Command:
         return found[-1]
 
     def kill(self) -> None:
+        """SIGKILL it (and, as PID 1, its unshare parent, whose --kill-child takes the namespace down too)."""
         if self.process.poll() is None:
+            if self.pid != self.process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait()
 
@@ -134,10 +139,13 @@ def streaming(output: Path) -> None:
 
 
 def nothing_left(url: str) -> None:
-    """No object of the channel remains, and `podipc clean --dry-run` finds nothing of any channel."""
+    """No object of the channel remains, and `podipc clean --dry-run` finds nothing of it."""
     assert wait_until(lambda: not leftovers(url), 5), leftovers(url)
     dry_run = subprocess.run([*PODIPC, "clean", "--dry-run"], capture_output=True, text=True, timeout=60, check=False)
-    assert dry_run.stdout.strip() == "nothing to clean", dry_run.stdout + dry_run.stderr
+    assert dry_run.returncode == 0, dry_run.stderr
+    names = object_names(url)
+    found = [line for line in dry_run.stdout.splitlines() if any(name in line for name in names)]
+    assert not found, dry_run.stdout
 
 
 def same_stream(produced: dict[str, Any], consumed: dict[str, Any]) -> None:
@@ -154,6 +162,21 @@ def needs_unshare() -> None:
 PID1 = [pytest.param(False, id="process"), pytest.param(True, id="pid1")]
 
 
+def streaming_pair(
+    commands: list[Command], tmp: Path, scheme: str, *, producer_pid1: bool = False, consumer_pid1: bool = False
+) -> tuple[str, Path, Command, Command]:
+    """(url, consumer's output file, consumer, producer) of an endless stream that has begun to flow."""
+    if producer_pid1 or consumer_pid1:
+        needs_unshare()
+    url = url_for(scheme, wait=30)
+    output = tmp / "received"
+    consumer = start(commands, tmp, "consumer", "consume", url, "--output", str(output), pid1=consumer_pid1)
+    producer = start(commands, tmp, "producer", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE,
+                     pid1=producer_pid1)  # fmt: skip
+    streaming(output)
+    return url, output, consumer, producer
+
+
 # --- SIGTERM mid-stream -------------------------------------------------------------------------
 
 
@@ -161,15 +184,7 @@ PID1 = [pytest.param(False, id="process"), pytest.param(True, id="pid1")]
 def test_sigterm_to_a_producer_mid_stream_ends_the_stream_and_both_summaries_agree(
     scheme: str, pid1: bool, tmp_path: Path, commands: list[Command]
 ) -> None:
-    if pid1:
-        needs_unshare()
-    url = url_for(scheme, wait=30)
-    output = tmp_path / "received"
-    consumer = start(commands, tmp_path, "consumer", "consume", url, "--output", str(output))
-    producer = start(
-        commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE, pid1=pid1
-    )
-    streaming(output)
+    url, _, consumer, producer = streaming_pair(commands, tmp_path, scheme, producer_pid1=pid1)
 
     signalled = producer.signal(signal.SIGTERM)
 
@@ -186,13 +201,7 @@ def test_sigterm_to_a_producer_mid_stream_ends_the_stream_and_both_summaries_agr
 def test_sigterm_to_a_consumer_mid_stream_prints_its_summary_and_removes_its_objects(
     scheme: str, pid1: bool, tmp_path: Path, commands: list[Command]
 ) -> None:
-    if pid1:
-        needs_unshare()
-    url = url_for(scheme, wait=30)
-    output = tmp_path / "received"
-    consumer = start(commands, tmp_path, "consumer", "consume", url, "--output", str(output), pid1=pid1)
-    producer = start(commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE)
-    streaming(output)
+    url, output, consumer, producer = streaming_pair(commands, tmp_path, scheme, consumer_pid1=pid1)
 
     signalled = consumer.signal(signal.SIGTERM)
 
@@ -211,15 +220,7 @@ def test_sigterm_to_both_sides_at_once_delivers_every_message_sent(
     scheme: str, pid1: bool, tmp_path: Path, commands: list[Command]
 ) -> None:
     """What `podman pod stop` / the kubelet does: SIGTERM to every container at the same moment."""
-    if pid1:
-        needs_unshare()
-    url = url_for(scheme, wait=30)
-    output = tmp_path / "received"
-    consumer = start(commands, tmp_path, "consumer", "consume", url, "--output", str(output), pid1=pid1)
-    producer = start(
-        commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE, pid1=pid1
-    )
-    streaming(output)
+    url, _, consumer, producer = streaming_pair(commands, tmp_path, scheme, producer_pid1=pid1, consumer_pid1=pid1)
 
     signalled = consumer.signal(signal.SIGTERM)
     producer.signal(signal.SIGTERM)
@@ -233,11 +234,7 @@ def test_sigterm_to_both_sides_at_once_delivers_every_message_sent(
 
 
 def test_sigint_stops_with_its_own_exit_code(scheme: str, tmp_path: Path, commands: list[Command]) -> None:
-    url = url_for(scheme, wait=30)
-    output = tmp_path / "received"
-    consumer = start(commands, tmp_path, "consumer", "consume", url, "--output", str(output))
-    producer = start(commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE)
-    streaming(output)
+    _, _, consumer, producer = streaming_pair(commands, tmp_path, scheme)
 
     signalled = producer.signal(signal.SIGINT)
 
