@@ -253,19 +253,29 @@ def environment_options(address: Address) -> dict[str, str]:
     return options_from_environment(address)
 
 
-def stop_fields(stop: close_on_signals, **extra: object) -> dict[str, object]:
-    """The summary fields saying a signal stopped the command (nothing when none came)."""
-    if stop.received is None:
-        return {}
-    return {"stopped_by": signal_name(stop.received), **extra}
+class SignalStop(close_on_signals):
+    """close_on_signals for a command: its summary lines say whether a signal stopped it, and so does its exit code.
 
+    A signal that comes after the summary was printed (the stream had ended) does not change the
+    exit code: the code follows what the last summary line reported.
+    """
 
-def exit_after_signal(stop: close_on_signals) -> None:
-    """Exit with the code of the signal that stopped the command, or with that of the error its stop raised."""
-    if stop.errors:
-        raise ChannelFailure(stop.errors[0])
-    if stop.received is not None:
-        sys.exit(signal_exit_code(stop.received))
+    reported: int | None = None
+
+    def fields(self, **extra: object) -> dict[str, object]:
+        """The summary fields saying a signal stopped the command (nothing when none came); remembered for exit()."""
+        self.reported = self.received
+        if self.reported is None:
+            return {}
+        return {"stopped_by": signal_name(self.reported), **extra}
+
+    def exit(self) -> None:
+        """Exit with the code of the signal the summary reported, or with that of the error its stop raised."""
+        if self.reported is None:
+            return
+        if self.errors:
+            raise ChannelFailure(self.errors[0])
+        sys.exit(signal_exit_code(self.reported))
 
 
 FRAMING_OPTION = click.option(
@@ -371,7 +381,7 @@ def produce(
         raise click.UsageError("--framing raw needs --size > 0 (the largest chunk)")
     summary = StreamSummary("producer", url.url)
     started = time.monotonic()
-    with close_on_signals(close_timeout=drain) as stop:
+    with SignalStop(close_timeout=drain) as stop:
         try:
             with podipc_errors():
                 channel = podipc.producer(url.url, **environment_options(url))
@@ -388,13 +398,13 @@ def produce(
                     send_all(channel, messages, summary, RateLimiter(rate, stop.sleep), timeout, stop)
         except ChannelFailure as failure:
             if stop.received is not None:
-                print_summary(summary, error=failure.format_message(), **stop_fields(stop))
+                print_summary(summary, error=failure.format_message(), **stop.fields())
             raise
     extra: dict[str, object] = {"seconds": round(time.monotonic() - started, 6), "resumed_at": channel.resumed_at}
     if stop.errors:
         extra["error"] = f"{type(stop.errors[0]).__name__}: {stop.errors[0]}"
-    print_summary(summary, **extra, **stop_fields(stop))
-    exit_after_signal(stop)
+    print_summary(summary, **extra, **stop.fields())
+    stop.exit()
 
 
 def given(ctx: click.Context, parameter: str) -> bool:
@@ -404,7 +414,7 @@ def given(ctx: click.Context, parameter: str) -> bool:
 
 
 def stdin_messages(
-    channel: podipc.Producer, framing: Framing, chunk_size: int, count: int, stop: close_on_signals
+    channel: podipc.Producer, framing: Framing, chunk_size: int, count: int, stop: SignalStop
 ) -> Iterator[bytes]:
     """Standard input framed as `framing`, at most `count` messages (0: all), ending early at a signal."""
 
@@ -434,7 +444,7 @@ def send_all(
     summary: StreamSummary,
     limiter: RateLimiter,
     timeout: float | None,
-    stop: close_on_signals,
+    stop: SignalStop,
 ) -> None:
     """Send every message, counting each one once it is handed to the channel; end early (quietly) at a signal."""
     send, add, wait = channel.send, summary.add, limiter.wait
@@ -496,12 +506,12 @@ def consume(
         raise click.UsageError("--serve takes no --count or --timeout: it consumes every session until stopped")
     emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr
     writer = MessageWriter(output, Framing(framing)) if output is not None else None
-    with close_on_signals(drain=drain) as stop:
+    with SignalStop(drain=drain) as stop:
         if serve:
             serve_sessions(url, writer, emit, stop)
         else:
             consume_stream(url, count, timeout, writer, emit, stop)
-    exit_after_signal(stop)
+    stop.exit()
 
 
 Emit = Callable[..., None]
@@ -513,7 +523,7 @@ def consume_stream(
     timeout: float | None,
     writer: MessageWriter | None,
     emit: Emit,
-    stop: close_on_signals,
+    stop: SignalStop,
 ) -> None:
     """Consume one stream to its end (or `count` messages, or a signal) and print its summary."""
     summary = StreamSummary("consumer", url.url)
@@ -527,13 +537,13 @@ def consume_stream(
                 stop.add(channel)
                 ended = receive_all(channel, summary, count, timeout, writer, stop)
     except ChannelFailure as failure:
-        emit(summary, error=failure.format_message(), **counters(channel), **stop_fields(stop, end_of_stream=ended))
+        emit(summary, error=failure.format_message(), **counters(channel), **stop.fields(end_of_stream=ended))
         raise
     emit(
         summary,
         seconds=round(time.monotonic() - started, 6),
         **counters(channel),
-        **stop_fields(stop, end_of_stream=ended),
+        **stop.fields(end_of_stream=ended),
     )
 
 
@@ -541,7 +551,7 @@ SESSION_ERRORS = (PeerGone, ProtocolError)
 """What ends one producer's session under --serve without ending serving (a producer died or sent garbage)."""
 
 
-def serve_sessions(url: Address, writer: MessageWriter | None, emit: Emit, stop: close_on_signals) -> None:
+def serve_sessions(url: Address, writer: MessageWriter | None, emit: Emit, stop: SignalStop) -> None:
     """Consume every producer session on `url` until a signal: one summary line per session, then a total."""
     from podipc.serving import serve
 
@@ -569,13 +579,13 @@ def serve_sessions(url: Address, writer: MessageWriter | None, emit: Emit, stop:
                 }
                 if error is not None:
                     fields["error"] = error
-                emit(summary, **fields, **counters(inbox), **stop_fields(stop, end_of_stream=ended))
+                emit(summary, **fields, **counters(inbox), **stop.fields(end_of_stream=ended))
                 total.messages += summary.messages
                 total.bytes += summary.bytes
     except ChannelFailure as failure:
-        emit_total(emit, total, done, error=failure.format_message(), **stop_fields(stop))
+        emit_total(emit, total, done, error=failure.format_message(), **stop.fields())
         raise
-    emit_total(emit, total, done, **stop_fields(stop))
+    emit_total(emit, total, done, **stop.fields())
 
 
 def emit_total(emit: Emit, total: StreamSummary, sessions: int, **extra: object) -> None:
@@ -613,7 +623,7 @@ def receive_all(
     count: int,
     timeout: float | None,
     writer: MessageWriter | None,
-    stop: close_on_signals,
+    stop: SignalStop,
 ) -> bool:
     """Receive until the end of stream (True), `count` messages or a signal (False), digesting and writing each.
 

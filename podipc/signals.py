@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterable
 from types import FrameType, TracebackType
-from typing import Protocol, TypeVar
+from typing import Protocol, Self, TypeVar
 
 from podipc.channel import Consumer, Producer
 from podipc.errors import ChannelClosed, PodIPCError
@@ -110,7 +110,7 @@ class close_on_signals:
         self._draining: list[Closable] = []
         self._drainer: threading.Thread | None = None
 
-    def __enter__(self) -> close_on_signals:
+    def __enter__(self) -> Self:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("close_on_signals() must be entered in the main thread (Python runs handlers there)")
         if self.drain > 0:

@@ -19,7 +19,7 @@ The interface other tests use (keep it stable)::
   "*" for every container (init containers included).
 - `start_delay`: {container: seconds} starts that container's podipc that much later
   (the command becomes `sh -c 'sleep S; exec podipc ARGS'`), to test start orders.
-- `image`: the image every container runs (default localhost/podipc:dev).
+- `image`: the image every container runs (default localhost/podipc:dev, or $PODIPC_E2E_IMAGE).
 - `native_sidecars`: "emulate" (default) plays a native sidecar (an initContainer with
   `restartPolicy: Always`) as a kubelet runs it, see below; "as-is" leaves it to Podman.
 
@@ -82,7 +82,8 @@ from tests.commands import system_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
-IMAGE = "localhost/podipc:dev"
+IMAGE = os.environ.get("PODIPC_E2E_IMAGE", "localhost/podipc:dev")
+"""The image the e2e tests build and play (PODIPC_E2E_IMAGE: a private tag, when several trees share podman)."""
 DEFAULT_IMAGE_IN_MANIFESTS = "localhost/podipc:dev"
 SYSTEM_CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 PODMAN_COMMAND_TIMEOUT = 120
