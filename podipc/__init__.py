@@ -21,6 +21,7 @@ from podipc.errors import (
     Timeout,
 )
 from podipc.readiness import wait
+from podipc.serving import Sessions, serve
 from podipc.signals import close_on_signals
 
 try:
@@ -42,6 +43,7 @@ __all__ = [
     "PodIPCError",
     "Producer",
     "ProtocolError",
+    "Sessions",
     "Timeout",
     "__version__",
     "aio",
@@ -50,6 +52,7 @@ __all__ = [
     "consumer",
     "parse_address",
     "producer",
+    "serve",
     "wait",
 ]
 

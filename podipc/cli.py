@@ -6,14 +6,20 @@ imported only when used, so a missing optional package of theirs is one line nam
 the extra to install, and `produce`/`consume` start without loading them.
 
 Every option can also come from the environment (PODIPC_...), because manifests set
-roles by environment. Errors become one line on stderr and a non-zero exit code.
+roles by environment; so can every channel option of the URL's transport (PODIPC_WAIT,
+PODIPC_DEPTH...: podipc.environment; the URL's query wins). Errors become one line on
+stderr and a non-zero exit code. SIGTERM and SIGINT stop produce/consume/run cleanly
+(podipc.signals.close_on_signals): summary printed, stream ended, objects removed, exit
+128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -36,7 +42,16 @@ from podipc.errors import (
     Timeout,
 )
 from podipc.extras import install_hint
-from podipc.payloads import RateLimiter, StreamSummary, generated_messages, stdin_chunks
+from podipc.payloads import (
+    READ_SIZE,
+    Framing,
+    MessageWriter,
+    RateLimiter,
+    StreamSummary,
+    generated_messages,
+    read_messages,
+)
+from podipc.signals import close_on_signals, signal_exit_code, signal_name
 from podipc.tables import text_table
 from podipc.transport import channel_table
 
@@ -181,7 +196,112 @@ def url_argument(function: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("url", type=URL, envvar="PODIPC_URL")(function)
 
 
-@main.command()
+DRAIN_SECONDS = 1.0
+"""After SIGTERM/SIGINT: how long a consumer keeps receiving for its producer's end of stream, and how long a
+producer's close waits for the consumer to take it (the pod's grace period is longer; 2 s is the promise)."""
+HELP_WIDTH = 92
+SIGNALS_HELP = "\b\n" + textwrap.fill(
+    "Signals: SIGTERM (the kubelet's stop) or SIGINT end it cleanly, also as a container's PID 1. "
+    "A producer stops sending and ends the stream (the consumer gets everything sent, then the end of "
+    f"stream); a consumer with a producer attached keeps receiving for up to --drain seconds (default "
+    f"{DRAIN_SECONDS:g}) for that end of stream. Both remove what they created, print their summary line with "
+    f'"stopped_by" and exit {128 + signal.SIGTERM} (SIGTERM) or {128 + signal.SIGINT} (SIGINT). '
+    "A second signal stops at once.",
+    HELP_WIDTH,
+)
+
+
+def exit_codes_help() -> str:
+    """The exit codes, as the help of produce, consume and run lists them (README.md has the same list)."""
+    errors = ", ".join(f"{code} {cls.__name__}" for cls, code in sorted(EXIT_CODES.items(), key=lambda item: item[1]))
+    text = (
+        f"Exit codes: 0 the stream ended (every message delivered); 1 any other error; {errors}; "
+        f"{128 + signal.SIGINT} stopped by SIGINT, {128 + signal.SIGTERM} stopped by SIGTERM, cleanly (summary "
+        "printed, stream ended, objects removed; a stop that itself failed exits with the code of its error)."
+    )
+    return "\b\n" + textwrap.fill(text, HELP_WIDTH)
+
+
+def environment_help() -> str:
+    """Which PODIPC_* variables set channel options, derived from the transports' descriptors."""
+    from podipc.environment import option_variables
+    from podipc.transport import schemes
+
+    every = len(schemes())
+    lines = ["\b", "Channel options also come from the environment, for the URL's transport only:"]
+    for name, readers in sorted(option_variables().items()):
+        lines.append(f"  {name:<26} {'every channel' if len(readers) == every else ', '.join(readers)}")
+    lines.append("A URL query option wins over its variable (?wait=5 beats PODIPC_WAIT); empty means unset.")
+    return "\n".join(lines)
+
+
+class ChannelCommand(click.Command):
+    """produce, consume, run: their help ends with signals, exit codes and the channel option variables."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Append signals, exit codes and environment (computed when help is asked for, not at import)."""
+        for part in (SIGNALS_HELP, exit_codes_help(), environment_help()):
+            formatter.write_paragraph()
+            with formatter.indentation():
+                formatter.write_text(part)
+
+
+def environment_options(address: Address) -> dict[str, str]:
+    """The channel options PODIPC_* variables set for this URL's transport (the URL's query wins)."""
+    from podipc.environment import options_from_environment
+
+    return options_from_environment(address)
+
+
+class SignalStop(close_on_signals):
+    """close_on_signals for a command: its summary lines say whether a signal stopped it, and so does its exit code.
+
+    A signal that comes after the summary was printed (the stream had ended) does not change the
+    exit code: the code follows what the last summary line reported.
+    """
+
+    reported: int | None = None
+
+    def fields(self, **extra: object) -> dict[str, object]:
+        """The summary fields saying a signal stopped the command (nothing when none came); remembered for exit()."""
+        self.reported = self.received
+        if self.reported is None:
+            return {}
+        return {"stopped_by": signal_name(self.reported), **extra}
+
+    def exit(self) -> None:
+        """Exit with the code of the signal the summary reported, or with that of the error its stop raised."""
+        if self.reported is None:
+            return
+        if self.errors:
+            raise ChannelFailure(self.errors[0])
+        sys.exit(signal_exit_code(self.reported))
+
+
+FRAMING_OPTION = click.option(
+    "--framing",
+    type=click.Choice([framing.value for framing in Framing]),
+    default=Framing.LINES.value,
+    show_default=True,
+    envvar="PODIPC_FRAMING",
+    help="How --stdin is cut into messages and --output written: lines (one message per line, without its "
+    "newline), length (4-byte big-endian length, then the bytes) or raw (what each read returns).",
+)
+
+
+def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The --drain option (PODIPC_DRAIN): seconds a stop by signal may wait for the other side."""
+    return click.option(
+        "--drain",
+        type=click.FloatRange(0),
+        default=DRAIN_SECONDS,
+        show_default=True,
+        envvar="PODIPC_DRAIN",
+        help=help_text,
+    )
+
+
+@main.command(cls=ChannelCommand)
 @url_argument
 @click.option(
     "--count",
@@ -190,7 +310,7 @@ def url_argument(function: Callable[..., Any]) -> Callable[..., Any]:
     default=1000,
     show_default=True,
     envvar="PODIPC_COUNT",
-    help="Messages to send (with --stdin: at most this many, 0 for no limit).",
+    help="Messages to send (with --stdin: at most this many when given; default there: all of standard input).",
 )
 @click.option(
     "--size",
@@ -199,7 +319,8 @@ def url_argument(function: Callable[..., Any]) -> Callable[..., Any]:
     default=64,
     show_default=True,
     envvar="PODIPC_SIZE",
-    help="Bytes per message; with --random the largest size; with --stdin the chunk size.",
+    help="Bytes per message; with --random the largest size; with --stdin --framing raw the largest chunk "
+    f"(default there: {READ_SIZE}).",
 )
 @click.option(
     "--random",
@@ -213,8 +334,9 @@ def url_argument(function: Callable[..., Any]) -> Callable[..., Any]:
     "from_stdin",
     is_flag=True,
     envvar="PODIPC_STDIN",
-    help="Send standard input, cut into messages of --size bytes.",
+    help="Send standard input, cut into messages by --framing; each is sent as soon as it is read.",
 )
+@FRAMING_OPTION
 @click.option(
     "--seed",
     type=int,
@@ -237,34 +359,83 @@ def url_argument(function: Callable[..., Any]) -> Callable[..., Any]:
     envvar="PODIPC_TIMEOUT",
     help="Seconds each send may wait for room before failing (default: no limit).",
 )
+@drain_option("After SIGTERM/SIGINT: seconds the end of stream may wait for the consumer to take it.")
+@click.pass_context
 def produce(
+    ctx: click.Context,
     url: Address,
     count: int,
     size: int,
     randomize: bool,
     from_stdin: bool,
+    framing: str,
     seed: int,
     rate: float,
     timeout: float | None,
+    drain: float,
 ) -> None:
     """Send messages to URL, then end the stream; print a JSON summary line."""
     if randomize and from_stdin:
         raise click.UsageError("--random and --stdin exclude each other")
+    if from_stdin and framing == Framing.RAW.value and size == 0:
+        raise click.UsageError("--framing raw needs --size > 0 (the largest chunk)")
     summary = StreamSummary("producer", url.url)
     started = time.monotonic()
-    with podipc_errors(), podipc.producer(url.url) as channel:
-        if from_stdin:
-            if size == 0:
-                raise click.UsageError("--stdin needs --size > 0 (the chunk size)")
-            messages: Iterable[bytes] = stdin_chunks(sys.stdin.buffer, size)
-            if count:
-                messages = (chunk for _, chunk in zip(range(count), messages, strict=False))
-        else:
-            for skipped in generated_messages(channel.resumed_at, size, randomize, seed):
-                summary.add(skipped)
-            messages = generated_messages(count, size, randomize, seed, start=channel.resumed_at)
-        send_all(channel, messages, summary, RateLimiter(rate), timeout)
-    print_summary(summary, seconds=round(time.monotonic() - started, 6), resumed_at=channel.resumed_at)
+    with SignalStop(close_timeout=drain) as stop:
+        try:
+            with podipc_errors():
+                channel = podipc.producer(url.url, **environment_options(url))
+                with channel:
+                    stop.add(channel)
+                    if from_stdin:
+                        chunk_size = size if given(ctx, "size") else READ_SIZE
+                        limit = count if given(ctx, "count") else 0
+                        messages = stdin_messages(channel, Framing(framing), chunk_size, limit, stop)
+                    else:
+                        for skipped in generated_messages(channel.resumed_at, size, randomize, seed):
+                            summary.add(skipped)
+                        messages = generated_messages(count, size, randomize, seed, start=channel.resumed_at)
+                    send_all(channel, messages, summary, RateLimiter(rate, stop.sleep), timeout, stop)
+        except ChannelFailure as failure:
+            if stop.received is not None:
+                print_summary(summary, error=failure.format_message(), **stop.fields())
+            raise
+    extra: dict[str, object] = {"seconds": round(time.monotonic() - started, 6), "resumed_at": channel.resumed_at}
+    if stop.errors:
+        extra["error"] = f"{type(stop.errors[0]).__name__}: {stop.errors[0]}"
+    print_summary(summary, **extra, **stop.fields())
+    stop.exit()
+
+
+def given(ctx: click.Context, parameter: str) -> bool:
+    """True when an option was given (on the command line or by its variable), not left at its default."""
+    source = ctx.get_parameter_source(parameter)
+    return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+
+def stdin_messages(
+    channel: podipc.Producer, framing: Framing, chunk_size: int, count: int, stop: SignalStop
+) -> Iterator[bytes]:
+    """Standard input framed as `framing`, at most `count` messages (0: all), ending early at a signal."""
+
+    def too_large(size: int) -> MessageTooLarge:
+        return MessageTooLarge(size, channel.max_message_size, channel.max_message_source, channel.max_message_fix)
+
+    messages = read_messages(
+        sys.stdin.buffer.fileno(),
+        framing,
+        chunk_size=min(chunk_size, channel.max_message_size),
+        max_size=channel.max_message_size,
+        too_large=too_large,
+        stop_fd=stop.fileno(),
+    )
+    try:
+        for index, message in enumerate(messages, 1):
+            yield message
+            if index == count:
+                return
+    except OSError as error:
+        raise OneLineError(f"cannot read standard input: {error.strerror or error}") from error
 
 
 def send_all(
@@ -273,16 +444,21 @@ def send_all(
     summary: StreamSummary,
     limiter: RateLimiter,
     timeout: float | None,
+    stop: SignalStop,
 ) -> None:
-    """Send every message, counting each one once it is handed to the channel."""
+    """Send every message, counting each one once it is handed to the channel; end early (quietly) at a signal."""
     send, add, wait = channel.send, summary.add, limiter.wait
-    for message in messages:
-        wait()
-        send(message, timeout)
-        add(message)
+    try:
+        for message in messages:
+            wait()
+            send(message, timeout)
+            add(message)
+    except ChannelClosed:
+        if stop.received is None:
+            raise
 
 
-@main.command()
+@main.command(cls=ChannelCommand)
 @url_argument
 @click.option(
     "--count",
@@ -305,24 +481,123 @@ def send_all(
     type=click.File("wb"),
     default=None,
     envvar="PODIPC_OUTPUT",
-    help="Write the payloads, concatenated, to FILE ('-' for stdout; the summary then goes to stderr).",
+    help="Write the payloads to FILE ('-' for stdout; the summary then goes to stderr), framed by --framing.",
 )
-def consume(url: Address, count: int, timeout: float | None, output: IO[bytes] | None) -> None:
+@FRAMING_OPTION
+@click.option(
+    "--serve",
+    is_flag=True,
+    envvar="PODIPC_SERVE",
+    help="Keep consuming across producer restarts: one summary line per producer session, waiting for the next "
+    "forever; a signal ends serving (a last line counts every session).",
+)
+@drain_option("After SIGTERM/SIGINT: seconds to keep receiving for the producer's end of stream.")
+def consume(
+    url: Address,
+    count: int,
+    timeout: float | None,
+    output: IO[bytes] | None,
+    framing: str,
+    serve: bool,
+    drain: float,
+) -> None:
     """Receive messages from URL until the end of stream; print a JSON summary line."""
+    if serve and (count or timeout is not None):
+        raise click.UsageError("--serve takes no --count or --timeout: it consumes every session until stopped")
+    emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr
+    writer = MessageWriter(output, Framing(framing)) if output is not None else None
+    with SignalStop(drain=drain) as stop:
+        if serve:
+            serve_sessions(url, writer, emit, stop)
+        else:
+            consume_stream(url, count, timeout, writer, emit, stop)
+    stop.exit()
+
+
+Emit = Callable[..., None]
+
+
+def consume_stream(
+    url: Address,
+    count: int,
+    timeout: float | None,
+    writer: MessageWriter | None,
+    emit: Emit,
+    stop: SignalStop,
+) -> None:
+    """Consume one stream to its end (or `count` messages, or a signal) and print its summary."""
     summary = StreamSummary("consumer", url.url)
     started = time.monotonic()
     channel = None
+    ended = False
     try:
-        with podipc_errors(), podipc.consumer(url.url) as channel:
-            receive_all(channel, summary, count, timeout, output)
+        with podipc_errors():
+            channel = podipc.consumer(url.url, **environment_options(url))
+            with channel:
+                stop.add(channel)
+                ended = receive_all(channel, summary, count, timeout, writer, stop)
     except ChannelFailure as failure:
-        extra = counters(channel)
-        emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr
-        emit(summary, error=failure.format_message(), **extra)
+        emit(summary, error=failure.format_message(), **counters(channel), **stop.fields(end_of_stream=ended))
         raise
-    extra = counters(channel)
-    emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr
-    emit(summary, seconds=round(time.monotonic() - started, 6), **extra)
+    emit(
+        summary,
+        seconds=round(time.monotonic() - started, 6),
+        **counters(channel),
+        **stop.fields(end_of_stream=ended),
+    )
+
+
+SESSION_ERRORS = (PeerGone, ProtocolError)
+"""What ends one producer's session under --serve without ending serving (a producer died or sent garbage)."""
+
+
+def serve_sessions(url: Address, writer: MessageWriter | None, emit: Emit, stop: SignalStop) -> None:
+    """Consume every producer session on `url` until a signal: one summary line per session, then a total."""
+    from podipc.serving import serve
+
+    total = StreamSummary("consumer", url.url)
+    done = 0
+    sessions = stop.add(serve(url.url, **environment_options(url)))
+    try:
+        with podipc_errors():
+            for inbox in sessions:
+                summary = StreamSummary("consumer", url.url)
+                started = time.monotonic()
+                ended, error = False, None
+                try:
+                    ended = receive_all(inbox, summary, 0, None, writer, stop)
+                except PeerTimeout:
+                    continue  # a wait the URL or PODIPC_WAIT set ran out with no producer: wait again
+                except SESSION_ERRORS as failure:
+                    error = f"{type(failure).__name__}: {failure}"
+                if not ended and error is None and not summary.messages:
+                    continue  # stopped while waiting for a producer: no session to report
+                done += 1
+                fields: dict[str, object] = {
+                    "session": sessions.opened,
+                    "seconds": round(time.monotonic() - started, 6),
+                }
+                if error is not None:
+                    fields["error"] = error
+                emit(summary, **fields, **counters(inbox), **stop.fields(end_of_stream=ended))
+                total.messages += summary.messages
+                total.bytes += summary.bytes
+    except ChannelFailure as failure:
+        emit_total(emit, total, done, error=failure.format_message(), **stop.fields())
+        raise
+    emit_total(emit, total, done, **stop.fields())
+
+
+def emit_total(emit: Emit, total: StreamSummary, sessions: int, **extra: object) -> None:
+    """The last line of --serve: every session counted (no digest: each session's line has its own)."""
+    fields = total.as_dict(sessions=sessions, **extra)
+    del fields["sha256"]
+    emit_fields(emit, fields)
+
+
+def emit_fields(emit: Emit, fields: dict[str, object]) -> None:
+    """Print a ready dict as the summary line, on the stream `emit` uses."""
+    click.echo(json.dumps(fields, separators=(", ", ": ")), err=emit is print_summary_to_stderr)
 
 
 def counters(channel: podipc.Consumer | None) -> dict[str, int]:
@@ -343,19 +618,50 @@ def print_summary_to_stderr(summary: StreamSummary, **extra: object) -> None:
 
 
 def receive_all(
-    channel: podipc.Consumer, summary: StreamSummary, count: int, timeout: float | None, output: IO[bytes] | None
-) -> None:
-    """Receive until the end of stream (or `count` messages), digesting and optionally writing each."""
+    channel: podipc.Consumer,
+    summary: StreamSummary,
+    count: int,
+    timeout: float | None,
+    writer: MessageWriter | None,
+    stop: SignalStop,
+) -> bool:
+    """Receive until the end of stream (True), `count` messages or a signal (False), digesting and writing each.
+
+    With a writer, output is flushed whenever no message is waiting, so a reader of the
+    output sees each message as soon as the channel has no other at once.
+    """
     recv, add = channel.recv, summary.add
-    write = output.write if output is not None else None
-    while not count or summary.messages < count:
-        try:
-            message = recv(timeout)
-        except EndOfStream:
-            return
-        add(message)
-        if write is not None:
+    try:
+        if writer is None:
+            while not count or summary.messages < count:
+                add(recv(timeout))
+            return False
+        try_recv, write = channel.try_recv, writer.write
+        while not count or summary.messages < count:
+            message = try_recv()
+            if message is None:
+                writer.flush()
+                message = recv(timeout)
+            add(message)
             write(message)
+        return False
+    except EndOfStream:
+        return True
+    except ChannelClosed:
+        if stop.received is None:
+            raise
+        return False
+    finally:
+        if writer is not None:
+            flush_output(writer)
+
+
+def flush_output(writer: MessageWriter) -> None:
+    """Flush the output; a reader that went away is one line, not a traceback."""
+    try:
+        writer.flush()
+    except OSError as error:
+        raise OneLineError(f"cannot write the output: {error.strerror or error}") from error
 
 
 CHANNEL_COLUMNS = ("scheme", "usable", "max message (bytes)", "example", "why not / fix")
@@ -392,7 +698,7 @@ def channels_command(as_json: bool, as_markdown: bool) -> None:
     click.echo(text_table(CHANNEL_COLUMNS, cells))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(cls=ChannelCommand, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option(
     "--role",
     type=click.Choice(["producer", "consumer"]),

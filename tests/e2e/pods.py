@@ -19,12 +19,16 @@ The interface other tests use (keep it stable)::
   "*" for every container (init containers included).
 - `start_delay`: {container: seconds} starts that container's podipc that much later
   (the command becomes `sh -c 'sleep S; exec podipc ARGS'`), to test start orders.
-- `image`: the image every container runs (default localhost/podipc:dev).
+- `image`: the image every container runs (default localhost/podipc:dev, or $PODIPC_E2E_IMAGE).
+- `native_sidecars`: "emulate" (default) plays a native sidecar (an initContainer with
+  `restartPolicy: Always`) as a kubelet runs it, see below; "as-is" leaves it to Podman.
 
 Also on the yielded PlayedPods: `name(c)` (podman's container name), `state(c)` (podman's
 State dict), `exec(c, *cmd)` (in a running container), `describe()` (every container's state
 and log, for failure messages), `pods` / `containers` (manifest name -> podman name / names).
-For restartPolicy OnFailure pods: `kill(c)` (SIGKILL its main process from the host, a crash the
+For native sidecars: `sidecars` (manifest pod name -> their names) and `stop_sidecars()`
+(what a kubelet does once the app containers have exited: SIGTERM, then SIGKILL after the
+pod's grace period). For restartPolicy OnFailure pods: `kill(c)` (SIGKILL its main process from the host, a crash the
 policy answers), `restarts(c)`, `summaries(c)` (every run's JSON line), `wait_final(c)`.
 `wait` raises PodError (an AssertionError carrying the log) on timeout; `podman(*args)` runs
 one podman command (PodError when it fails, e.g. `kube play` of a failing init container).
@@ -45,6 +49,14 @@ the manifests themselves stay as a cluster wants them:
 - Pod `securityContext.sysctls` (fs.mqueue.*) are ignored by Podman before 4.5; they are
   applied instead through a private containers.conf (`default_sysctls`, CONTAINERS_CONF).
 - A `Job` becomes the Pod of its template (Podman 4.3 plays Pods and Deployments only).
+- A native sidecar (an initContainer with `restartPolicy: Always`, Kubernetes >= 1.29) is
+  unknown to Podman 4.3: it ignores the field, runs the sidecar as an ordinary init container
+  and starts the app containers only once it has exited, so `kube play` of a pod whose
+  sidecar serves never returns. `play()` moves such a sidecar to the front of `containers`
+  (the kubelet starts it first and keeps it running beside the app), and `stop_sidecars()`
+  stops it as the kubelet does once the app containers are done. What Podman does with the
+  manifest as it is: docs/pods.md ("Native sidecars and Podman"), proved by
+  tests/e2e/test_log_shipping.py.
 """
 
 from __future__ import annotations
@@ -70,7 +82,8 @@ from tests.commands import system_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
-IMAGE = "localhost/podipc:dev"
+IMAGE = os.environ.get("PODIPC_E2E_IMAGE", "localhost/podipc:dev")
+"""The image the e2e tests build and play (PODIPC_E2E_IMAGE: a private tag, when several trees share podman)."""
 DEFAULT_IMAGE_IN_MANIFESTS = "localhost/podipc:dev"
 SYSTEM_CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 PODMAN_COMMAND_TIMEOUT = 120
@@ -111,7 +124,13 @@ class PlayedPods:
     """The pods of one played manifest: wait for containers, read their logs and summaries."""
 
     def __init__(
-        self, manifest: Path, pods: dict[str, str], containers: dict[str, list[str]], volumes: list[str]
+        self,
+        manifest: Path,
+        pods: dict[str, str],
+        containers: dict[str, list[str]],
+        volumes: list[str],
+        sidecars: dict[str, list[str]] | None = None,
+        grace: dict[str, float] | None = None,
     ) -> None:
         self.manifest = manifest
         #: manifest pod name -> the name the pod runs under (with its unique suffix)
@@ -119,6 +138,10 @@ class PlayedPods:
         #: manifest pod name -> its containers' names
         self.containers = containers
         self.volumes = volumes
+        #: manifest pod name -> its native sidecars' names (played as containers, see play())
+        self.sidecars = sidecars or {}
+        #: manifest pod name -> terminationGracePeriodSeconds
+        self.grace = grace or {}
 
     def name(self, container: str) -> str:
         """The podman name of a container: 'consumer' or 'pod/consumer' (manifest names)."""
@@ -196,6 +219,20 @@ class PlayedPods:
             raise PodError(f"{self.name(container)} is not running; its log:\n{self.logs(container)}")
         os.kill(pid, signal_number)
         return pid
+
+    def stop_sidecars(self) -> dict[str, float]:
+        """Stop every native sidecar as a kubelet does once the app containers exited; container -> seconds taken.
+
+        SIGTERM, then SIGKILL after the pod's terminationGracePeriodSeconds (`podman stop --time`).
+        """
+        taken = {}
+        for pod, names in self.sidecars.items():
+            for short in reversed(names):  # the kubelet stops sidecars in the reverse of their start order
+                qualified = f"{pod}/{short}"
+                started = time.monotonic()
+                podman("stop", "--time", str(int(self.grace.get(pod, 30))), self.name(qualified))
+                taken[qualified] = time.monotonic() - started
+        return taken
 
     def restarts(self, container: str) -> int:
         """How many times the pod's restartPolicy restarted a container."""
@@ -343,6 +380,20 @@ def _rename_empty_dirs(spec: dict[str, Any], suffix: str) -> list[str]:
     return list(renamed.values())
 
 
+def _emulate_native_sidecars(spec: dict[str, Any]) -> list[str]:
+    """Move initContainers with restartPolicy Always to the front of containers; their names."""
+    native = [container for container in spec.get("initContainers", []) if container.get("restartPolicy") == "Always"]
+    if not native:
+        return []
+    spec["initContainers"] = [container for container in spec["initContainers"] if container not in native]
+    if not spec["initContainers"]:
+        del spec["initContainers"]
+    for container in native:
+        del container["restartPolicy"]
+    spec["containers"] = [*native, *spec["containers"]]
+    return [container["name"] for container in native]
+
+
 def adapt_for_podman(
     documents: list[dict[str, Any]],
     suffix: str,
@@ -350,15 +401,19 @@ def adapt_for_podman(
     image: str = IMAGE,
     env: Mapping[str, Mapping[str, str]] | None = None,
     start_delay: Mapping[str, float] | None = None,
+    native_sidecars: str = "emulate",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pods Podman 4.3 plays like a kubelet, and what play() needs to know about them.
 
     Returns (pods, facts) where facts has 'pods' {manifest name: podman name},
-    'containers' {manifest pod name: [container names]}, 'volumes' [podman volume names] and
-    'sysctls' {name: value} of every pod.
+    'containers' {manifest pod name: [container names]}, 'volumes' [podman volume names],
+    'sysctls' {name: value} of every pod, 'sidecars' {manifest pod name: [native sidecars
+    played as containers]} and 'grace' {manifest pod name: terminationGracePeriodSeconds}.
     """
+    if native_sidecars not in ("emulate", "as-is"):
+        raise ValueError(f"native_sidecars is 'emulate' or 'as-is', not {native_sidecars!r}")
     pods: list[dict[str, Any]] = []
-    facts: dict[str, Any] = {"pods": {}, "containers": {}, "volumes": [], "sysctls": {}}
+    facts: dict[str, Any] = {"pods": {}, "containers": {}, "volumes": [], "sysctls": {}, "sidecars": {}, "grace": {}}
     for document in documents:
         pod = pod_of(document)
         if pod is None:
@@ -369,6 +424,9 @@ def adapt_for_podman(
         for sysctl in spec.get("securityContext", {}).get("sysctls", []):
             facts["sysctls"][sysctl["name"]] = str(sysctl["value"])
         _without_memory_shm(spec)
+        if native_sidecars == "emulate" and (sidecars := _emulate_native_sidecars(spec)):
+            facts["sidecars"][original] = sidecars
+        facts["grace"][original] = float(spec.get("terminationGracePeriodSeconds", 30))
         facts["volumes"] += _rename_empty_dirs(spec, suffix)
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
             if container.get("image") == DEFAULT_IMAGE_IN_MANIFESTS:
@@ -422,6 +480,7 @@ def play(
     env: Mapping[str, Mapping[str, str]] | None = None,
     start_delay: Mapping[str, float] | None = None,
     image: str = IMAGE,
+    native_sidecars: str = "emulate",
 ) -> Iterator[PlayedPods]:
     """Play a manifest's pods with `podman kube play`; always remove them (and their volumes) afterwards."""
     manifest = Path(manifest_path)
@@ -429,7 +488,12 @@ def play(
         manifest = REPO_ROOT / manifest
     suffix = uuid.uuid4().hex[:6]
     pods, facts = adapt_for_podman(
-        load_manifest(manifest, replacements), suffix, image=image, env=env, start_delay=start_delay
+        load_manifest(manifest, replacements),
+        suffix,
+        image=image,
+        env=env,
+        start_delay=start_delay,
+        native_sidecars=native_sidecars,
     )
     with tempfile.TemporaryDirectory(prefix="podipc-play-") as workdir:
         played = Path(workdir) / manifest.name
@@ -442,7 +506,9 @@ def play(
         _UNREMOVED[suffix] = facts
         try:
             podman("kube", "play", str(played), env=podman_env)
-            yield PlayedPods(manifest, facts["pods"], facts["containers"], facts["volumes"])
+            yield PlayedPods(
+                manifest, facts["pods"], facts["containers"], facts["volumes"], facts["sidecars"], facts["grace"]
+            )
         finally:
             _remove(facts, podman_env)
             _UNREMOVED.pop(suffix, None)

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from podipc.cli import EXIT_CODES, exit_code_of, main
+from podipc.cli import EXIT_CODES, consume, exit_code_of, main, produce, run
+from podipc.environment import option_variables, options_from_environment, variable_name
 from podipc.errors import AddressError, PeerGone, PeerTimeout, PodIPCError, Timeout
 from podipc.extras import install_hint
+from podipc.transport import transports
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (the tests run in a private network namespace)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 @pytest.mark.parametrize(
@@ -127,3 +141,70 @@ def test_core_commands_work_without_the_optional_packages_of_bench_and_doctor() 
         assert result.returncode == 0 and "tcp://127.0.0.1:7000" in result.stdout, result.stderr
         help_text = without(package, "--help").stdout
         assert "produce" in help_text and "doctor" in help_text
+
+
+# --- channel options from the environment --------------------------------------------------
+
+
+def test_channel_options_come_from_variables_of_the_urls_transport_and_the_query_wins() -> None:
+    environ = {"PODIPC_WAIT": "7", "PODIPC_DEPTH": "4", "PODIPC_MODE": "", "PODIPC_CAPACITY": "1MiB"}
+    assert options_from_environment("mq:///x", environ) == {"wait": "7", "depth": "4"}
+    assert options_from_environment("mq:///x?wait=2", environ) == {"depth": "4"}
+    assert options_from_environment("tcp://127.0.0.1:1", environ) == {"wait": "7"}  # tcp has no depth
+    assert options_from_environment("shm:///x", environ) == {"wait": "7", "capacity": "1MiB"}
+
+
+def test_every_transport_option_has_a_variable_that_no_command_option_uses() -> None:
+    variables = option_variables()
+    assert {"PODIPC_WAIT", "PODIPC_MODE", "PODIPC_DEPTH", "PODIPC_MAX_MESSAGE_SIZE"} <= set(variables)
+    for transport in transports():
+        for option in transport.options:
+            assert variable_name(option.name) in variables
+    for command in (produce, consume, run):
+        for parameter in command.params:
+            assert parameter.envvar not in variables, f"{command.name} --{parameter.name} shadows a channel option"
+
+
+def test_a_wait_from_the_environment_applies(free_port: int) -> None:
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["consume", f"tcp://127.0.0.1:{free_port}"], env={"PODIPC_WAIT": "0.3"})
+    assert result.exit_code == EXIT_CODES[PeerTimeout], result.output
+    assert "wait=0.3s" in result.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_the_urls_query_wins_over_the_environment(free_port: int) -> None:
+    url = f"tcp://127.0.0.1:{free_port}?wait=0.2"
+    result = CliRunner().invoke(main, ["consume", url], env={"PODIPC_WAIT": "not a number"})
+    assert result.exit_code == EXIT_CODES[PeerTimeout], result.output
+    result = CliRunner().invoke(main, ["consume", url.partition("?")[0]], env={"PODIPC_WAIT": "not a number"})
+    assert result.exit_code == EXIT_CODES[AddressError]
+    assert "option wait='not a number'" in result.stderr
+
+
+# --- options of produce and consume --------------------------------------------------------
+
+
+def test_serve_takes_no_count_or_timeout() -> None:
+    for extra in (["--count", "3"], ["--timeout", "1"]):
+        result = CliRunner().invoke(main, ["consume", "tcp://127.0.0.1:1", "--serve", *extra])
+        assert result.exit_code == 2 and "--serve takes no --count or --timeout" in result.output
+
+
+def test_raw_framing_needs_a_chunk_size() -> None:
+    result = CliRunner().invoke(main, ["produce", "tcp://127.0.0.1:1", "--stdin", "--framing", "raw", "--size", "0"])
+    assert result.exit_code == 2 and "--framing raw needs --size > 0" in result.output
+
+
+@pytest.mark.parametrize("command", ["produce", "consume", "run"])
+def test_help_documents_signals_exit_codes_and_channel_variables(command: str) -> None:
+    text = CliRunner().invoke(main, [command, "--help"]).output
+    assert "143 stopped by SIGTERM" in " ".join(text.split()) and "130 stopped by SIGINT" in " ".join(text.split())
+    assert "PODIPC_WAIT" in text and "PODIPC_DEPTH" in text and "query option wins" in text
+
+
+def test_the_readme_lists_the_exit_codes_the_help_gives() -> None:
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    for cls, code in EXIT_CODES.items():
+        assert f"{code} `{cls.__name__}`" in readme, cls
+    assert "143 stopped by SIGTERM" in readme and "130 stopped by SIGINT" in readme

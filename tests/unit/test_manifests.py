@@ -33,6 +33,12 @@ IMAGE = "localhost/podipc:dev"
 USER_ID = 10001
 PROJECT_VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 SAFE_SYSCTLS_PREFIXES = ("fs.mqueue.",)
+LOG_SHIPPING = K8S / "logging" / "log-shipping.yaml"
+LOG_SHIPPING_NATIVE = K8S / "logging" / "log-shipping-native.yaml"
+APP_CONTAINERS = {(LOG_SHIPPING, "app"), (LOG_SHIPPING_NATIVE, "app")}
+"""Containers that stand for the user's application (a script writing its log into podipc), not podipc itself."""
+NATIVE_SIDECARS_SINCE = "1.29"
+"""The first Kubernetes release that runs initContainers with restartPolicy: Always by default (beta)."""
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -88,8 +94,11 @@ def kustomization_resources(folder: Path) -> list[str]:
 
 
 def test_kustomizations_list_every_manifest_exactly_once() -> None:
-    # channels/, demos/ and bench/ are applied whole; another folder (doctor/) joins when it has a kustomization.
-    folders = sorted({"channels", "demos", "bench"} | {path.parent.name for path in K8S.glob("*/kustomization.yaml")})
+    # channels/, demos/, bench/ and logging/ are applied whole; another folder (doctor/) joins when it has a
+    # kustomization.
+    folders = sorted(
+        {"channels", "demos", "bench", "logging"} | {path.parent.name for path in K8S.glob("*/kustomization.yaml")}
+    )
     assert sorted(kustomization_resources(K8S)) == sorted(["namespace.yaml", *folders]), (
         "k8s/kustomization.yaml must list every folder of manifests, so that `kubectl apply -k k8s/` applies all"
     )
@@ -99,7 +108,7 @@ def test_kustomizations_list_every_manifest_exactly_once() -> None:
         assert len(resources) == len(set(resources))
         listed += [K8S / folder / resource for resource in resources]
     assert all(path.exists() for path in listed), [path for path in listed if not path.exists()]
-    for folder in ("channels", "demos", "bench"):
+    for folder in ("channels", "demos", "bench", "logging"):
         assert sorted(path for path in listed if path.parent.name == folder) == sorted(
             path for path in MANIFESTS if path.parent.name == folder
         )
@@ -111,7 +120,7 @@ def test_kustomize_builds_every_object_into_the_podipc_namespace() -> None:
     assert result.returncode == 0, result.stderr
     built = [document for document in yaml.safe_load_all(result.stdout) if document]
     names = {(document["kind"], document["metadata"]["name"]) for document in built}
-    for folder in ("channels", "demos", "bench"):
+    for folder in ("channels", "demos", "bench", "logging"):
         for path in (K8S / folder).glob("*.yaml"):
             for document in documents(path):
                 if document["kind"] != "Kustomization":
@@ -158,7 +167,8 @@ def test_containers_are_locked_down_and_sized(path: Path) -> None:
             where = f"{name}/{container['name']}"
             assert container["image"] == IMAGE, where
             assert container["imagePullPolicy"] in ("IfNotPresent", "Never"), where
-            assert "command" not in container, f"{where}: the image's ENTRYPOINT (podipc) must run"
+            if (path, container["name"]) not in APP_CONTAINERS:
+                assert "command" not in container, f"{where}: the image's ENTRYPOINT (podipc) must run"
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, where
             assert security["readOnlyRootFilesystem"] is True, where
@@ -276,6 +286,46 @@ def test_isolation_demo_splits_each_pair_across_two_pods_with_short_waits() -> N
     assert {parse_address(location).scheme for location in locations} == {"tcp", "mq", "shm"}
 
 
+def log_shipping_containers(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(pod spec, app container, shipper container) of a log-shipping manifest."""
+    ((_, spec),) = pods_in(path)
+    every = {container["name"]: container for container in [*spec.get("initContainers", []), *spec["containers"]]}
+    assert sorted(every) == ["app", "shipper"], path
+    return spec, every["app"], every["shipper"]
+
+
+@pytest.mark.parametrize("path", [LOG_SHIPPING, LOG_SHIPPING_NATIVE], ids=name_of)
+def test_log_shipping_pods_pipe_the_apps_log_through_produce_stdin_to_a_shipper_on_one_url(path: Path) -> None:
+    _, app, shipper = log_shipping_containers(path)
+    script = app["args"][0]
+    assert app["command"] == ["/bin/bash", "-c"] and "podipc produce --stdin" in script
+    assert "trap 'stopping=1' TERM" in script, "the app's shell (PID 1) must stop writing at SIGTERM"
+    assert "exec 3>&-" in script and 'wait "$producer"' in script, "the log's end ends the stream"
+    assert int(env_of(app)["APP_LOG_LINES"]) == 10_000
+    assert shipper["args"][:1] == ["consume"] and "--output" in shipper["args"]
+    assert env_of(app)["PODIPC_URL"] == env_of(shipper)["PODIPC_URL"]
+    assert parse_address(env_of(app)["PODIPC_URL"]).abstract, "an abstract socket needs no volume"
+
+
+def test_classic_log_shipper_is_a_container_that_consumes_one_stream_and_drains_at_sigterm() -> None:
+    spec, _, shipper = log_shipping_containers(LOG_SHIPPING)
+    assert "initContainers" not in spec and shipper in spec["containers"]
+    assert "--serve" not in shipper["args"], "a classic sidecar must end with the app, or the pod never completes"
+    assert float(env_of(shipper)["PODIPC_DRAIN"]) < spec["terminationGracePeriodSeconds"]
+
+
+def test_native_log_shipper_is_a_restartable_init_container_that_serves() -> None:
+    spec, _, shipper = log_shipping_containers(LOG_SHIPPING_NATIVE)
+    assert spec["initContainers"] == [shipper] and shipper["restartPolicy"] == "Always"
+    assert "--serve" in shipper["args"]
+    assert spec["restartPolicy"] == "Never"
+
+
+def test_native_sidecar_manifest_is_valid_from_the_first_release_that_runs_it() -> None:
+    for document in documents(LOG_SHIPPING_NATIVE):
+        kubernetes_validate.validate(document, NATIVE_SIDECARS_SINCE, strict=True)
+
+
 def test_bench_job_runs_a_server_and_a_client_container() -> None:
     (document,) = documents(K8S / "bench" / "bench-job.yaml")
     assert document["kind"] == "Job" and document["spec"]["backoffLimit"] == 0
@@ -320,6 +370,18 @@ def test_adaptation_renames_empty_dirs_and_turns_a_job_into_its_pod() -> None:
     assert facts["volumes"] == ["shared-x1"]
     for container in pod["spec"]["containers"]:
         assert mounts_of(container) == {"/shared": "shared-x1"}
+
+
+def test_adaptation_plays_a_native_sidecar_as_the_first_container_and_remembers_it() -> None:
+    pods, facts = adapt_for_podman(load_manifest(LOG_SHIPPING_NATIVE), "n")
+    spec = pods[0]["spec"]
+    assert "initContainers" not in spec
+    assert [container["name"] for container in spec["containers"]] == ["shipper", "app"]
+    assert "restartPolicy" not in spec["containers"][0]
+    assert facts["sidecars"] == {"podipc-log-shipping-native": ["shipper"]}
+    assert facts["grace"] == {"podipc-log-shipping-native": 10.0}
+    kept, kept_facts = adapt_for_podman(load_manifest(LOG_SHIPPING_NATIVE), "n", native_sidecars="as-is")
+    assert kept[0]["spec"]["initContainers"][0]["restartPolicy"] == "Always" and kept_facts["sidecars"] == {}
 
 
 def test_adaptation_collects_sysctls_for_podmans_containers_conf() -> None:
