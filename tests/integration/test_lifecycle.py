@@ -31,7 +31,7 @@ from .harness import CONTEXT, RELIABLE, leftovers, payload, url_for, wait_until
 pytestmark = pytest.mark.timeout(120)
 
 CONTRACT_SCHEMES = ("tcp", "unix", "unix-abstract", "shm", "mq", "sysvmq", "udp", "zmq+tcp", "zmq+ipc", "file")
-"""Schemes whose transports implement the endpoint contract; the later transports add theirs."""
+"""Schemes whose transports implement the endpoint contract: every transport (a new one joins here)."""
 WAKE_SECONDS = 0.1
 """Issue 11: a blocked call wakes within 100 ms of close()/abort()."""
 TAG = struct.Struct(">II")
