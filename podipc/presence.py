@@ -41,6 +41,8 @@ The second, `channel LOCATION`, names the channel (its URL without the query), s
 `podipc clean` can derive which objects belong to it. Each further line names an IPC
 object the holder created (`record`): `KIND NAME`, where KIND is a kind a transport
 declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
+A producer whose end of stream is going out declares ENDING: a consumer that opens in that moment
+(the next session of a serving consumer) does not take it for its producer.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ TEMPORARY_SUFFIX = ".tmp"
 ROLES = ("producer", "consumer")
 PROBE_INTERVAL_SECONDS = 0.02
 DECLARATION = "declares"
+ENDING = "ending"
+"""A producer declares this (`declare_ending`) as its end of stream goes out: from then on it only waits for
+that end to be taken, then leaves. A consumer that never saw it before takes it for absent, not for its
+producer: a consumer opened in that moment (the next session of podipc.serving) must not see it leave as
+its producer dying."""
 CHANNEL = "channel"
 DEFAULT_MODE = 0o600
 RECORD_LIMIT_BYTES = 64 * 1024
@@ -188,6 +195,7 @@ class Presence:
         """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""
         self.peer_seen = False
         self.opened_in = os.getpid()
+        self._ending_declared = False
         self._fd = -1
         self._watch: _Watch | None = None
         if handover_wait > 0 and role == "producer":
@@ -338,8 +346,20 @@ class Presence:
         """
         state = self._probe_peer()
         if state is PeerState.ALIVE:
+            if self.peer_is_ending_unseen():
+                return PeerState.ABSENT
             self.peer_seen = True
         return state
+
+    def peer_is_ending_unseen(self) -> bool:
+        """True when the peer, never seen alive by this side, declares ENDING: it finishes an earlier stream."""
+        return not self.peer_seen and self.peer_declares(ENDING)
+
+    def declare_ending(self) -> None:
+        """Declare ENDING (a producer, as its end of stream goes out); once only."""
+        if not self._ending_declared:
+            self._ending_declared = True
+            self.declare(ENDING)
 
     def peer_declares(self, word: str) -> bool:
         """True when the peer's presence file (alive or left behind, and trusted) declares `word`."""
@@ -479,6 +499,7 @@ class PeerTracker:
     send and die between two probes. A GONE file that is not the stale one found at open
     (another holder's: see probe_identity) is a peer that came and died, seen or not; an
     ALIVE file of another holder than the one first seen is a new peer that replaced ours.
+    A peer never seen before that declares ENDING finishes an earlier stream: absent for us.
     """
 
     def __init__(self, presence: Presence) -> None:
@@ -500,6 +521,8 @@ class PeerTracker:
         Raises ChannelUnavailable when the peer's path holds something not trusted.
         """
         state, identity = probe_identity(self.presence.peer_path, self.presence.trust)
+        if state is PeerState.ALIVE and self.alive is None and self.presence.peer_is_ending_unseen():
+            state, identity = PeerState.ABSENT, None  # it finishes an earlier stream: not ours
         self.state = state
         if state is PeerState.ALIVE:
             self.presence.peer_seen = True
