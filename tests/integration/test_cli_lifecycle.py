@@ -12,6 +12,7 @@ CONTRACT_SCHEMES): a transport that joins the contract joins these tests.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -27,9 +28,13 @@ from typing import Any
 import pytest
 
 import podipc
+from podipc.address import parse_address
+from podipc.payloads import generated_messages
+from podipc.transport import Capability, transport_for
+from podipc.transports.spool.wire import DIRECTORY_MARKER, POSITION_NAME, parse_segment_name
 from tests.commands import PODIPC, system_tool
 
-from .harness import CONTEXT, leftovers, object_names, url_for, wait_until
+from .harness import ABSTRACT_SUFFIX, CONTEXT, leftovers, object_names, url_for, wait_until
 from .test_lifecycle import CONTRACT_SCHEMES
 
 pytestmark = pytest.mark.timeout(120)
@@ -148,6 +153,36 @@ def nothing_left(url: str) -> None:
     assert not found, dry_run.stdout
 
 
+def resumes_streams(scheme: str) -> bool:
+    """True for a channel whose stream outlives its sides (file://: the spool keeps it, docs/reliability.md)."""
+    return transport_for(scheme.removesuffix(ABSTRACT_SUFFIX)).has(Capability.RESUMABLE)
+
+
+def is_stream_file(path: str) -> bool:
+    """A file of a spool's stream itself (a segment, the consumer's position, the spool's marker), docs/wire/file.md."""
+    name = os.path.basename(path)
+    return parse_segment_name(name) is not None or name in (POSITION_NAME, DIRECTORY_MARKER)
+
+
+def only_the_stream_left(url: str) -> None:
+    """A resumable channel stopped mid-stream keeps its stream (segments, position), and nothing else:
+    no presence file, no part segment; `podipc clean --dry-run` over the spool finds nothing to remove."""
+    assert wait_until(lambda: not [name for name in leftovers(url) if not is_stream_file(name)], 5), leftovers(url)
+    assert any(parse_segment_name(os.path.basename(name)) is not None for name in leftovers(url)), leftovers(url)
+    spool = parse_address(url).path
+    dry_run = subprocess.run([*PODIPC, "clean", "--dry-run", "--dir", spool], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert dry_run.stdout.strip() == "nothing to clean", dry_run.stdout
+
+
+def received_from(consumed: dict[str, Any], count: int) -> None:
+    """`consumed` is exactly messages resumed_at..count-1 of produce's default stream (size 64, not random)."""
+    start = consumed["resumed_at"]
+    expected = hashlib.sha256(b"".join(generated_messages(count, 64, False, 0, start=start)))
+    assert consumed["messages"] == count - start and consumed["sha256"] == expected.hexdigest(), consumed
+
+
 def same_stream(produced: dict[str, Any], consumed: dict[str, Any]) -> None:
     assert produced["messages"] > 0
     for key in ("messages", "bytes", "sha256"):
@@ -212,7 +247,26 @@ def test_sigterm_to_a_consumer_mid_stream_prints_its_summary_and_removes_its_obj
     assert len(output.read_bytes().splitlines()) >= consumed["messages"] - 1  # what it counted, it wrote
     assert producer.wait(30) == 7, producer.stderr()  # PeerGone: its consumer is gone
     assert "PeerGone" in producer.stderr()
+    if resumes_streams(scheme):
+        only_the_stream_left(url)
+        the_kept_stream_resumes(commands, tmp_path, url, consumed["messages"])
     nothing_left(url)
+
+
+RESUMED_COUNT = 100_000
+"""--count of the producer that resumes a kept stream: more than the stopped producer sent (2000/s for seconds)."""
+
+
+def the_kept_stream_resumes(commands: list[Command], tmp: Path, url: str, taken: int) -> None:
+    """A restarted pair resumes a kept stream: the consumer after what its predecessor took, the producer at the end."""
+    consumer = start(commands, tmp, "resumed-consumer", "consume", url)
+    producer = start(commands, tmp, "resumed-producer", "produce", url, "--count", str(RESUMED_COUNT))
+    assert producer.wait(60) == 0, producer.stderr()
+    assert consumer.wait(60) == 0, consumer.stderr()
+    produced, consumed = producer.summary(), consumer.summary()
+    assert taken <= produced["resumed_at"] < RESUMED_COUNT, produced
+    assert consumed["resumed_at"] == taken, consumed  # what the stopped consumer counted, it had committed
+    received_from(consumed, RESUMED_COUNT)
 
 
 @pytest.mark.parametrize("pid1", PID1)
@@ -316,6 +370,8 @@ def test_a_signal_stop_is_quiet_and_leaves_no_traceback_when_the_producer_is_pid
 def test_serve_gives_each_producer_session_its_own_summary_until_sigterm(
     scheme: str, pid1: bool, tmp_path: Path, commands: list[Command]
 ) -> None:
+    """A producer killed mid-stream ends its session with PeerGone; the next producer is the next session (on
+    file://, whose spool keeps a stream, it resumes the killed one's where it stopped: docs/reliability.md)."""
     if pid1:
         needs_unshare()
     url = url_for(scheme)
@@ -330,9 +386,10 @@ def test_serve_gives_each_producer_session_its_own_summary_until_sigterm(
     assert wait_until(lambda: len(server.summaries()) == 3, 30)
     time.sleep(1.0)
     killed.process.kill()  # a producer that dies mid-stream: its session ends with PeerGone, serving goes on
-    last = start(commands, tmp_path, "last", "produce", url, "--count", "10")
+    resumes = resumes_streams(scheme)
+    last_count = RESUMED_COUNT if resumes else 10
+    last = start(commands, tmp_path, "last", "produce", url, "--count", str(last_count))
     assert last.wait(60) == 0, last.stderr()
-    produced.append(last.summary())
     assert wait_until(lambda: len(server.summaries()) == 5, 30), server.stdout() + server.stderr()
 
     signalled = server.signal(signal.SIGTERM)
@@ -340,9 +397,15 @@ def test_serve_gives_each_producer_session_its_own_summary_until_sigterm(
     assert server.exit_within(STOP_SECONDS, signalled) == SIGTERM_EXIT, server.stderr()
     *sessions, total = server.summaries()
     assert [line["session"] for line in sessions] == [1, 2, 3, 4, 5]
-    for session_line, producer_line in zip(sessions[:3] + sessions[4:], produced, strict=True):
+    for session_line, producer_line in zip(sessions[:3], produced, strict=True):
         same_stream(producer_line, session_line)
     assert sessions[3]["error"].startswith("PeerGone") and sessions[3]["messages"] > 0
+    if resumes:  # file://: the spool kept the killed producer's stream; the next producer resumed it at its end
+        assert last.summary()["resumed_at"] == sessions[4]["resumed_at"] == sessions[3]["messages"], sessions
+        received_from(sessions[4], last_count)
+    else:
+        same_stream(last.summary(), sessions[4])
+    assert "error" not in sessions[4]  # it ended with its end of stream
     assert total["sessions"] == 5 and total["stopped_by"] == "SIGTERM"
     assert total["messages"] == sum(line["messages"] for line in sessions)
     nothing_left(url)
