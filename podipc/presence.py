@@ -90,6 +90,9 @@ IDENTITY_BYTES = 256
 """The first line of a presence file is read up to this many bytes to tell holders apart."""
 
 
+_ENDING_LINE = f"{DECLARATION} {ENDING}".encode()
+
+
 class PeerState(enum.Enum):
     """What a probe of the peer's presence file found."""
 
@@ -138,6 +141,24 @@ def probe(path: str, trust: Trust | None = None) -> PeerState:
         return PeerState.ABSENT
     try:
         return lock_state(fd)
+    finally:
+        os.close(fd)
+
+
+def probe_for_a_new_stream(path: str, trust: Trust | None = None) -> tuple[PeerState, Identity | None]:
+    """probe_identity for a side that has no peer yet: a live holder that declares ENDING (it finishes an
+    earlier stream, then leaves) is ABSENT. State and declaration come from one open of the file, so a
+    holder that leaves, or is replaced, between the two is never mistaken for another."""
+    fd = open_presence(path, trust)
+    if fd is None:
+        return PeerState.ABSENT, None
+    try:
+        status = os.fstat(fd)
+        record = os.pread(fd, RECORD_LIMIT_BYTES, 0)
+        state = lock_state(fd)
+        if state is PeerState.ALIVE and _ENDING_LINE in record.splitlines():
+            return PeerState.ABSENT, None
+        return state, (status.st_dev, status.st_ino, record[:IDENTITY_BYTES].partition(b"\n")[0])
     finally:
         os.close(fd)
 
@@ -344,16 +365,12 @@ class Presence:
 
         Raises ChannelUnavailable when the peer's path holds something not trusted (see probe).
         """
-        state = self._probe_peer()
+        if self.peer_seen:
+            return self._probe_peer()
+        state = probe_for_a_new_stream(self.peer_path, self.trust)[0]
         if state is PeerState.ALIVE:
-            if self.peer_is_ending_unseen():
-                return PeerState.ABSENT
             self.peer_seen = True
         return state
-
-    def peer_is_ending_unseen(self) -> bool:
-        """True when the peer, never seen alive by this side, declares ENDING: it finishes an earlier stream."""
-        return not self.peer_seen and self.peer_declares(ENDING)
 
     def declare_ending(self) -> None:
         """Declare ENDING (a producer, as its end of stream goes out); once only."""
@@ -520,9 +537,11 @@ class PeerTracker:
 
         Raises ChannelUnavailable when the peer's path holds something not trusted.
         """
-        state, identity = probe_identity(self.presence.peer_path, self.presence.trust)
-        if state is PeerState.ALIVE and self.alive is None and self.presence.peer_is_ending_unseen():
-            state, identity = PeerState.ABSENT, None  # it finishes an earlier stream: not ours
+        presence = self.presence
+        if self.alive is None and not presence.peer_seen:
+            state, identity = probe_for_a_new_stream(presence.peer_path, presence.trust)
+        else:
+            state, identity = probe_identity(presence.peer_path, presence.trust)
         self.state = state
         if state is PeerState.ALIVE:
             self.presence.peer_seen = True

@@ -77,6 +77,15 @@ class Command:
         assert ns_pids[-1] == "1", f"the command is not PID 1 of its namespace: {ns_pids}"
         return child
 
+    def handles(self, number: int = signal.SIGTERM) -> bool:
+        """True once the podipc process has a handler for signal `number` (its SigCgt mask in /proc)."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return False
+        caught = next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1]
+        return bool(int(caught, 16) >> (number - 1) & 1)
+
     def signal(self, number: int = signal.SIGTERM) -> float:
         """Send a signal to the podipc process; returns when it was sent (time.monotonic())."""
         os.kill(self.pid, number)
@@ -310,7 +319,9 @@ def test_a_consumer_waiting_for_its_producer_stops_at_once(
         needs_unshare()
     url = url_for(scheme, wait=60)
     consumer = start(commands, tmp_path, "consumer", "consume", url, pid1=pid1)
-    time.sleep(1.0)  # opened and waiting (a signal before the handlers exist would be a different test)
+    # a signal before the handlers exist would be a different test (as PID 1 it would be ignored)
+    assert wait_until(consumer.handles, 30), consumer.stderr()
+    time.sleep(0.5)  # opened and waiting
 
     signalled = consumer.signal(signal.SIGTERM)
 
@@ -331,7 +342,9 @@ def test_a_producer_whose_consumer_stopped_reading_still_stops_within_the_limit(
     url = url_for(scheme, wait=30)
     with podipc.consumer(url) as stuck:
         size = min(65536, stuck.max_message_size)  # large messages fill the channel fast; mq, sysvmq take less
-        producer = start(commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--size", str(size))
+        # --drain 0.5: half the 2 s promise waits for the ack, the other half is the stop itself, under load too
+        producer = start(commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--size", str(size),
+                         "--drain", "0.5")  # fmt: skip
         assert stuck.recv(timeout=30)  # attached; from now on it reads nothing
         time.sleep(1.5)  # the producer fills the channel and blocks in send (udp: and drops)
 
@@ -381,16 +394,19 @@ def test_serve_gives_each_producer_session_its_own_summary_until_sigterm(
     if pid1:
         needs_unshare()
     url = url_for(scheme)
-    server = start(commands, tmp_path, "server", "consume", url, "--serve", pid1=pid1)
+    output = tmp_path / "received"
+    server = start(commands, tmp_path, "server", "consume", url, "--serve", "--output", str(output), pid1=pid1)
     produced = []
     for session in range(3):
         producer = start(commands, tmp_path, f"producer{session}", "produce", url, "--count", str(100 * (session + 1)),
                          "--random", "--size", "2000", "--seed", str(session))  # fmt: skip
         assert producer.wait(60) == 0, producer.stderr()
         produced.append(producer.summary())
-    killed = start(commands, tmp_path, "killed", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE)
     assert wait_until(lambda: len(server.summaries()) == 3, 30)
-    time.sleep(1.0)
+    before = output.stat().st_size
+    killed = start(commands, tmp_path, "killed", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE)
+    assert wait_until(lambda: output.stat().st_size > before, 30), "the doomed producer never streamed"
+    time.sleep(0.5)
     killed.process.kill()  # a producer that dies mid-stream: its session ends with PeerGone, serving goes on
     resumes = resumes_streams(scheme)
     last_count = RESUMED_COUNT if resumes else 10
