@@ -41,6 +41,8 @@ The second, `channel LOCATION`, names the channel (its URL without the query), s
 `podipc clean` can derive which objects belong to it. Each further line names an IPC
 object the holder created (`record`): `KIND NAME`, where KIND is a kind a transport
 declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
+A producer whose end of stream is going out declares ENDING: a consumer that opens in that moment
+(the next session of a serving consumer) does not take it for its producer.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ TEMPORARY_SUFFIX = ".tmp"
 ROLES = ("producer", "consumer")
 PROBE_INTERVAL_SECONDS = 0.02
 DECLARATION = "declares"
+ENDING = "ending"
+"""A producer declares this (`declare_ending`) as its end of stream goes out: from then on it only waits for
+that end to be taken, then leaves. A consumer that never saw it before takes it for absent, not for its
+producer: a consumer opened in that moment (the next session of podipc.serving) must not see it leave as
+its producer dying."""
 CHANNEL = "channel"
 DEFAULT_MODE = 0o600
 RECORD_LIMIT_BYTES = 64 * 1024
@@ -81,6 +88,9 @@ WATCH_INTERVAL_SECONDS = 0.2
 MONITOR_THREAD_NAME = "podipc-peer-watch"
 IDENTITY_BYTES = 256
 """The first line of a presence file is read up to this many bytes to tell holders apart."""
+
+
+_ENDING_LINE = f"{DECLARATION} {ENDING}".encode()
 
 
 class PeerState(enum.Enum):
@@ -131,6 +141,24 @@ def probe(path: str, trust: Trust | None = None) -> PeerState:
         return PeerState.ABSENT
     try:
         return lock_state(fd)
+    finally:
+        os.close(fd)
+
+
+def probe_for_a_new_stream(path: str, trust: Trust | None = None) -> tuple[PeerState, Identity | None]:
+    """probe_identity for a side that has no peer yet: a live holder that declares ENDING (it finishes an
+    earlier stream, then leaves) is ABSENT. State and declaration come from one open of the file, so a
+    holder that leaves, or is replaced, between the two is never mistaken for another."""
+    fd = open_presence(path, trust)
+    if fd is None:
+        return PeerState.ABSENT, None
+    try:
+        status = os.fstat(fd)
+        record = os.pread(fd, RECORD_LIMIT_BYTES, 0)
+        state = lock_state(fd)
+        if state is PeerState.ALIVE and _ENDING_LINE in record.splitlines():
+            return PeerState.ABSENT, None
+        return state, (status.st_dev, status.st_ino, record[:IDENTITY_BYTES].partition(b"\n")[0])
     finally:
         os.close(fd)
 
@@ -188,6 +216,7 @@ class Presence:
         """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""
         self.peer_seen = False
         self.opened_in = os.getpid()
+        self._ending_declared = False
         self._fd = -1
         self._watch: _Watch | None = None
         if handover_wait > 0 and role == "producer":
@@ -336,10 +365,18 @@ class Presence:
 
         Raises ChannelUnavailable when the peer's path holds something not trusted (see probe).
         """
-        state = self._probe_peer()
+        if self.peer_seen:
+            return self._probe_peer()
+        state = probe_for_a_new_stream(self.peer_path, self.trust)[0]
         if state is PeerState.ALIVE:
             self.peer_seen = True
         return state
+
+    def declare_ending(self) -> None:
+        """Declare ENDING (a producer, as its end of stream goes out); once only."""
+        if not self._ending_declared:
+            self._ending_declared = True
+            self.declare(ENDING)
 
     def peer_declares(self, word: str) -> bool:
         """True when the peer's presence file (alive or left behind, and trusted) declares `word`."""
@@ -479,6 +516,7 @@ class PeerTracker:
     send and die between two probes. A GONE file that is not the stale one found at open
     (another holder's: see probe_identity) is a peer that came and died, seen or not; an
     ALIVE file of another holder than the one first seen is a new peer that replaced ours.
+    A peer never seen before that declares ENDING finishes an earlier stream: absent for us.
     """
 
     def __init__(self, presence: Presence) -> None:
@@ -499,7 +537,11 @@ class PeerTracker:
 
         Raises ChannelUnavailable when the peer's path holds something not trusted.
         """
-        state, identity = probe_identity(self.presence.peer_path, self.presence.trust)
+        presence = self.presence
+        if self.alive is None and not presence.peer_seen:
+            state, identity = probe_for_a_new_stream(presence.peer_path, presence.trust)
+        else:
+            state, identity = probe_identity(presence.peer_path, presence.trust)
         self.state = state
         if state is PeerState.ALIVE:
             self.presence.peer_seen = True

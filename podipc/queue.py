@@ -416,6 +416,7 @@ class QueueProducer(Producer):
         if self._phase == _READY:
             if self._peer_lost:
                 raise self._consumer_gone()
+            self._presence.declare_ending()
             if not self._put_now(b"", self.end_mark):
                 return False
             self._phase = _ENDING

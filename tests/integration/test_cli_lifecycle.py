@@ -12,6 +12,7 @@ CONTRACT_SCHEMES): a transport that joins the contract joins these tests.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -27,9 +28,13 @@ from typing import Any
 import pytest
 
 import podipc
+from podipc.address import parse_address
+from podipc.payloads import generated_messages
+from podipc.transport import Capability, transport_for
+from podipc.transports.spool.wire import DIRECTORY_MARKER, POSITION_NAME, parse_segment_name
 from tests.commands import PODIPC, system_tool
 
-from .harness import CONTEXT, leftovers, object_names, url_for, wait_until
+from .harness import ABSTRACT_SUFFIX, CONTEXT, leftovers, object_names, url_for, wait_until
 from .test_lifecycle import CONTRACT_SCHEMES
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,6 +76,15 @@ class Command:
         ns_pids = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()[1:]
         assert ns_pids[-1] == "1", f"the command is not PID 1 of its namespace: {ns_pids}"
         return child
+
+    def handles(self, number: int = signal.SIGTERM) -> bool:
+        """True once the podipc process has a handler for signal `number` (its SigCgt mask in /proc)."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return False
+        caught = next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1]
+        return bool(int(caught, 16) >> (number - 1) & 1)
 
     def signal(self, number: int = signal.SIGTERM) -> float:
         """Send a signal to the podipc process; returns when it was sent (time.monotonic())."""
@@ -148,6 +162,36 @@ def nothing_left(url: str) -> None:
     assert not found, dry_run.stdout
 
 
+def resumes_streams(scheme: str) -> bool:
+    """True for a channel whose stream outlives its sides (file://: the spool keeps it, docs/reliability.md)."""
+    return transport_for(scheme.removesuffix(ABSTRACT_SUFFIX)).has(Capability.RESUMABLE)
+
+
+def is_stream_file(path: str) -> bool:
+    """A file of a spool's stream itself (a segment, the consumer's position, the spool's marker), docs/wire/file.md."""
+    name = os.path.basename(path)
+    return parse_segment_name(name) is not None or name in (POSITION_NAME, DIRECTORY_MARKER)
+
+
+def only_the_stream_left(url: str) -> None:
+    """A resumable channel stopped mid-stream keeps its stream (segments, position), and nothing else:
+    no presence file, no part segment; `podipc clean --dry-run` over the spool finds nothing to remove."""
+    assert wait_until(lambda: not [name for name in leftovers(url) if not is_stream_file(name)], 5), leftovers(url)
+    assert any(parse_segment_name(os.path.basename(name)) is not None for name in leftovers(url)), leftovers(url)
+    spool = parse_address(url).path
+    dry_run = subprocess.run([*PODIPC, "clean", "--dry-run", "--dir", spool], capture_output=True, text=True,
+                             timeout=60, check=False)  # fmt: skip
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert dry_run.stdout.strip() == "nothing to clean", dry_run.stdout
+
+
+def received_from(consumed: dict[str, Any], count: int) -> None:
+    """`consumed` is exactly messages resumed_at..count-1 of produce's default stream (size 64, not random)."""
+    start = consumed["resumed_at"]
+    expected = hashlib.sha256(b"".join(generated_messages(count, 64, False, 0, start=start)))
+    assert consumed["messages"] == count - start and consumed["sha256"] == expected.hexdigest(), consumed
+
+
 def same_stream(produced: dict[str, Any], consumed: dict[str, Any]) -> None:
     assert produced["messages"] > 0
     for key in ("messages", "bytes", "sha256"):
@@ -212,7 +256,26 @@ def test_sigterm_to_a_consumer_mid_stream_prints_its_summary_and_removes_its_obj
     assert len(output.read_bytes().splitlines()) >= consumed["messages"] - 1  # what it counted, it wrote
     assert producer.wait(30) == 7, producer.stderr()  # PeerGone: its consumer is gone
     assert "PeerGone" in producer.stderr()
+    if resumes_streams(scheme):
+        only_the_stream_left(url)
+        the_kept_stream_resumes(commands, tmp_path, url, consumed["messages"])
     nothing_left(url)
+
+
+RESUMED_COUNT = 100_000
+"""--count of the producer that resumes a kept stream: more than the stopped producer sent (2000/s for seconds)."""
+
+
+def the_kept_stream_resumes(commands: list[Command], tmp: Path, url: str, taken: int) -> None:
+    """A restarted pair resumes a kept stream: the consumer after what its predecessor took, the producer at the end."""
+    consumer = start(commands, tmp, "resumed-consumer", "consume", url)
+    producer = start(commands, tmp, "resumed-producer", "produce", url, "--count", str(RESUMED_COUNT))
+    assert producer.wait(60) == 0, producer.stderr()
+    assert consumer.wait(60) == 0, consumer.stderr()
+    produced, consumed = producer.summary(), consumer.summary()
+    assert taken <= produced["resumed_at"] < RESUMED_COUNT, produced
+    assert consumed["resumed_at"] == taken, consumed  # what the stopped consumer counted, it had committed
+    received_from(consumed, RESUMED_COUNT)
 
 
 @pytest.mark.parametrize("pid1", PID1)
@@ -256,7 +319,9 @@ def test_a_consumer_waiting_for_its_producer_stops_at_once(
         needs_unshare()
     url = url_for(scheme, wait=60)
     consumer = start(commands, tmp_path, "consumer", "consume", url, pid1=pid1)
-    time.sleep(1.0)  # opened and waiting (a signal before the handlers exist would be a different test)
+    # a signal before the handlers exist would be a different test (as PID 1 it would be ignored)
+    assert wait_until(consumer.handles, 30), consumer.stderr()
+    time.sleep(0.5)  # opened and waiting
 
     signalled = consumer.signal(signal.SIGTERM)
 
@@ -268,12 +333,20 @@ def test_a_consumer_waiting_for_its_producer_stops_at_once(
 def test_a_producer_whose_consumer_stopped_reading_still_stops_within_the_limit(
     scheme: str, tmp_path: Path, commands: list[Command]
 ) -> None:
-    """Its end of stream cannot go out (the channel is full): the stop gives up after --drain, with that error."""
+    """Its end of stream cannot be taken (the channel is full): the stop gives up after --drain, with that error.
+
+    udp:// never waits for room (the kernel drops what the consumer's buffer cannot hold; a consumer counts
+    the gaps in `lost`): its producer goes on sending, and what it cannot get is the consumer's ack of the
+    end of stream, so it stops the same way.
+    """
     url = url_for(scheme, wait=30)
     with podipc.consumer(url) as stuck:
-        producer = start(commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--size", "65536")
+        size = min(65536, stuck.max_message_size)  # large messages fill the channel fast; mq, sysvmq take less
+        # --drain 0.5: half the 2 s promise waits for the ack, the other half is the stop itself, under load too
+        producer = start(commands, tmp_path, "producer", "produce", url, "--count", ENDLESS, "--size", str(size),
+                         "--drain", "0.5")  # fmt: skip
         assert stuck.recv(timeout=30)  # attached; from now on it reads nothing
-        time.sleep(1.5)  # the producer fills the channel and blocks in send
+        time.sleep(1.5)  # the producer fills the channel and blocks in send (udp: and drops)
 
         signalled = producer.signal(signal.SIGTERM)
 
@@ -316,23 +389,29 @@ def test_a_signal_stop_is_quiet_and_leaves_no_traceback_when_the_producer_is_pid
 def test_serve_gives_each_producer_session_its_own_summary_until_sigterm(
     scheme: str, pid1: bool, tmp_path: Path, commands: list[Command]
 ) -> None:
+    """A producer killed mid-stream ends its session with PeerGone; the next producer is the next session (on
+    file://, whose spool keeps a stream, it resumes the killed one's where it stopped: docs/reliability.md)."""
     if pid1:
         needs_unshare()
     url = url_for(scheme)
-    server = start(commands, tmp_path, "server", "consume", url, "--serve", pid1=pid1)
+    output = tmp_path / "received"
+    server = start(commands, tmp_path, "server", "consume", url, "--serve", "--output", str(output), pid1=pid1)
     produced = []
     for session in range(3):
         producer = start(commands, tmp_path, f"producer{session}", "produce", url, "--count", str(100 * (session + 1)),
                          "--random", "--size", "2000", "--seed", str(session))  # fmt: skip
         assert producer.wait(60) == 0, producer.stderr()
         produced.append(producer.summary())
-    killed = start(commands, tmp_path, "killed", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE)
     assert wait_until(lambda: len(server.summaries()) == 3, 30)
-    time.sleep(1.0)
+    before = output.stat().st_size
+    killed = start(commands, tmp_path, "killed", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE)
+    assert wait_until(lambda: output.stat().st_size > before, 30), "the doomed producer never streamed"
+    time.sleep(0.5)
     killed.process.kill()  # a producer that dies mid-stream: its session ends with PeerGone, serving goes on
-    last = start(commands, tmp_path, "last", "produce", url, "--count", "10")
+    resumes = resumes_streams(scheme)
+    last_count = RESUMED_COUNT if resumes else 10
+    last = start(commands, tmp_path, "last", "produce", url, "--count", str(last_count))
     assert last.wait(60) == 0, last.stderr()
-    produced.append(last.summary())
     assert wait_until(lambda: len(server.summaries()) == 5, 30), server.stdout() + server.stderr()
 
     signalled = server.signal(signal.SIGTERM)
@@ -340,9 +419,15 @@ def test_serve_gives_each_producer_session_its_own_summary_until_sigterm(
     assert server.exit_within(STOP_SECONDS, signalled) == SIGTERM_EXIT, server.stderr()
     *sessions, total = server.summaries()
     assert [line["session"] for line in sessions] == [1, 2, 3, 4, 5]
-    for session_line, producer_line in zip(sessions[:3] + sessions[4:], produced, strict=True):
+    for session_line, producer_line in zip(sessions[:3], produced, strict=True):
         same_stream(producer_line, session_line)
     assert sessions[3]["error"].startswith("PeerGone") and sessions[3]["messages"] > 0
+    if resumes:  # file://: the spool kept the killed producer's stream; the next producer resumed it at its end
+        assert last.summary()["resumed_at"] == sessions[4]["resumed_at"] == sessions[3]["messages"], sessions
+        received_from(sessions[4], last_count)
+    else:
+        same_stream(last.summary(), sessions[4])
+    assert "error" not in sessions[4]  # it ended with its end of stream
     assert total["sessions"] == 5 and total["stopped_by"] == "SIGTERM"
     assert total["messages"] == sum(line["messages"] for line in sessions)
     nothing_left(url)

@@ -402,6 +402,28 @@ def test_a_peer_replaced_or_come_and_gone_between_probes_is_a_loss(tmp_path: Pat
     consumer.close()
 
 
+def test_a_producer_ending_an_earlier_stream_is_not_taken_for_the_next_consumers_producer(tmp_path: Path) -> None:
+    """The next session of a serving consumer opens while the last producer waits for its end to be taken."""
+    directory = str(tmp_path)
+    ending = Presence("token", "producer", directory=directory)
+    ending.declare_ending()
+    consumer = Presence("token", "consumer", directory=directory)
+    lost, replaced = threading.Event(), threading.Event()
+    consumer.watch(lost.set)
+    assert consumer.peer_state() is PeerState.ABSENT and not consumer.peer_seen
+    time.sleep(0.5)  # the monitor probes it alive, ending, more than once
+    ending.close()
+    assert not lost.wait(0.6)  # its leaving is no producer of ours dying
+    assert not consumer.peer_seen
+    following = Presence("token", "producer", directory=directory)
+    assert consumer.peer_state() is PeerState.ALIVE
+    consumer.watch(replaced.set)
+    following.declare_ending()  # seen before it ended: ours, and its death is a loss
+    following.abandon()
+    assert replaced.wait(2)
+    consumer.close()
+
+
 def test_unwatch_stops_the_calls_and_a_failing_callback_stops_nobody_elses(tmp_path: Path) -> None:
     directory = str(tmp_path)
     producer = Presence("token", "producer", directory=directory)

@@ -424,6 +424,7 @@ class ShmProducer(_RingSide, Producer):
         if not writer.ended:
             if self._peer_lost or writer.consumer_closed():
                 raise self._consumer_gone()
+            self._presence.declare_ending()
             if not writer.try_end():
                 return False
         if writer.drained():

@@ -491,6 +491,8 @@ class SpoolProducer(SpoolSide, Producer):
             raise self._synced_failure()
         if self._fd < 0:
             self._start_segment(self._next)
+        if self._presence is not None:
+            self._presence.declare_ending()
         self._append(END, self._next, b"")
         if self._sync_any:
             os.fdatasync(self._fd)

@@ -458,6 +458,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
             if not self._ending:
                 if not self._started and not self._start():
                     return False
+                self._presence.declare_ending()
                 if not self._send_control(END_OF_STREAM):
                     return False
                 self._ending = True
