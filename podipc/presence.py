@@ -56,8 +56,8 @@ import time
 import weakref
 from collections.abc import Callable
 
-from podipc.channel import remaining
 from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
+from podipc.options import remaining
 from podipc.ownership import Trust, open_checked, owner_text
 
 PRESENCE_DIRECTORY = "/dev/shm"

@@ -3,7 +3,7 @@
 A transport subclass says only how to listen (`_listen`) and which socket to connect
 to (`_connection_socket`); everything else is here: the hello handshake, frames
 (podipc.framing), end of stream with its ack, and error translation. Both sides
-implement the endpoint contract of podipc.channel (non-blocking attempts, a stable
+implement the endpoint contract of podipc.endpoint (non-blocking attempts, a stable
 readiness descriptor, release only when no call is inside); they are the reference
 implementation other transports follow.
 
@@ -60,7 +60,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, deadline_after, holds_call_gate, parse_bool
+from podipc.consuming import Consumer
+from podipc.endpoint import holds_call_gate
 from podipc.errors import (
     ChannelClosed,
     ChannelUnavailable,
@@ -82,6 +83,8 @@ from podipc.framing import (
     check_max_message_size,
     end_of_stream_frame,
 )
+from podipc.options import Option, deadline_after, parse_bool
+from podipc.producing import Producer
 from podipc.waking import POLLIN, is_ready, wait_for
 
 MAX_MESSAGE_OPTION = Option(

@@ -76,7 +76,7 @@ Semantics:
     saw this side alive; the survivor removes that file when it finishes.
 
     Threads: producers and consumers may be shared by threads (one call at a time per side,
-    podipc.channel), but on one consumer do not mix a blocking recv() in one thread with
+    podipc.endpoint), but on one consumer do not mix a blocking recv() in one thread with
     readiness waits (fileno(), podipc.wait(), aio) in another. fork: an inherited endpoint
     refuses use; its close() only closes the child's eventfd.
 
@@ -99,8 +99,8 @@ from typing import Any, ClassVar
 import sysv_ipc
 
 from podipc.address import Address
-from podipc.channel import Option, parse_size
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError
+from podipc.options import Option, parse_size
 from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (

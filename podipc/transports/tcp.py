@@ -33,9 +33,9 @@ import errno
 import socket
 from typing import ClassVar
 
-from podipc.channel import Option
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
+from podipc.options import Option
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
 from podipc.transport import AddressForm, Example, Transport, option_limit
 

@@ -48,9 +48,9 @@ import struct
 from typing import ClassVar
 
 from podipc.address import UNIX_PATH_MAX
-from podipc.channel import Option
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
+from podipc.options import Option
 from podipc.ownership import SHARE_FIX, Trust, check_path, group_text, owner_text, user_text
 from podipc.presence import Presence
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer

@@ -24,8 +24,8 @@ import pytest
 import podipc
 from podipc import stream
 from podipc.address import parse_address
-from podipc.channel import resolve_options
 from podipc.framing import ACK, END_OF_STREAM, HEADER, HELLO, encode_frame, encode_header
+from podipc.options import resolve_options
 from podipc.transports.tcp import TCPProducer
 from podipc.transports.unix import UnixProducer
 

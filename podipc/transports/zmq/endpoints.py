@@ -67,7 +67,7 @@ Semantics:
     when the stream ends or it closes); each side creates and removes its presence file.
     Every socket closes with a short linger, so close() never hangs.
 
-Lifecycle (the endpoint contract of podipc.channel): every call is one non-blocking
+Lifecycle (the endpoint contract of podipc.endpoint): every call is one non-blocking
 attempt (NOBLOCK) and, when it must wait, a poll of zmq's own descriptor (ZMQ_FD) and the
 endpoint's waker; no helper thread. zmq's descriptor is edge-triggered: it fires when
 libzmq has commands to process, not while a message waits. A receive that finds nothing
@@ -101,10 +101,13 @@ from typing import Any, ClassVar, cast
 import zmq
 
 from podipc.address import UNIX_PATH_MAX, Address
-from podipc.channel import Consumer, Option, Producer, _Endpoint, holds_call_gate
+from podipc.consuming import Consumer
+from podipc.endpoint import _Endpoint, holds_call_gate
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PodIPCError
+from podipc.options import Option
 from podipc.ownership import Trust, owner_text
 from podipc.presence import PeerState, PeerTracker, Presence
+from podipc.producing import Producer
 from podipc.transports.zmq import LIMIT_FIX, LIMIT_SOURCE, OPTIONS
 from podipc.waking import POLLIN
 
