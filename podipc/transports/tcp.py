@@ -36,7 +36,8 @@ from typing import ClassVar
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.options import Option
-from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer
+from podipc.stream_producer import StreamProducer
 from podipc.transport import AddressForm, Example, Transport, option_limit
 
 __all__ = ["TRANSPORT", "TCPConsumer", "TCPProducer", "availability", "host_max_message_size"]

@@ -53,7 +53,8 @@ from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.options import Option
 from podipc.ownership import SHARE_FIX, Trust, check_path, group_text, owner_text, user_text
 from podipc.presence import Presence
-from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer
+from podipc.stream_producer import StreamProducer
 from podipc.transport import PATH_OBJECT, AddressForm, Example, Transport, option_limit
 
 __all__ = ["TRANSPORT", "UnixConsumer", "UnixProducer", "availability", "host_max_message_size"]
