@@ -88,6 +88,15 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _ATTACHED = (1).to_bytes(8, "little")
 
 
+def socket_problem(family: socket.AddressFamily, kind: str) -> str | None:
+    """None when stream sockets of `family` can be created here, else why not (`kind` names them: 'TCP', 'Unix')."""
+    try:
+        socket.socket(family, socket.SOCK_STREAM).close()
+    except OSError as exc:
+        return f"cannot create {kind} sockets here: {exc.strerror}"
+    return None
+
+
 def peer_gone(error: OSError, what: str, peer: str) -> PeerGone:
     """A PeerGone for an OSError on a connected stream socket."""
     reason = error.strerror or type(error).__name__
