@@ -41,6 +41,10 @@ The second, `channel LOCATION`, names the channel (its URL without the query), s
 `podipc clean` can derive which objects belong to it. Each further line names an IPC
 object the holder created (`record`): `KIND NAME`, where KIND is a kind a transport
 declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
+
+Why one module of ~690 lines: it is THE ownership and liveness layer (STYLE.md):
+claiming a presence, probing a peer's, fork handling and the peer-death monitor all
+turn on the same lock-file protocol, and every transport imports just this one home.
 """
 
 from __future__ import annotations

@@ -49,6 +49,11 @@ Hot paths (STYLE.md #8): `send()` of bytes and `recv()` without a timeout call t
 own send/receive under the call gate, skipping the base class's conversions, and hand
 anything unusual to the checked path of podipc.producing and podipc.consuming; waiting there is the transport's
 (`_send_waiting`, `_receive_more`): poll() on the mqd, a blocking msgrcv.
+
+Why one module of ~750 lines: it is the one base both kernel-queue transports build on
+(their producer and consumer, limits, ownership checks); the hot paths of both sides
+share its private conventions (`_send_now`, `_fast_limit`, marks), and keeping them
+together is what lets mq:// and sysvmq:// stay small.
 """
 
 from __future__ import annotations

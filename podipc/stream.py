@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 from podipc.address import Address
 from podipc.consuming import Consumer
-from podipc.endpoint import holds_call_gate
+from podipc.endpoint import _Endpoint, holds_call_gate
 from podipc.errors import (
     ChannelClosed,
     ChannelUnavailable,
@@ -95,6 +95,13 @@ def socket_problem(family: socket.AddressFamily, kind: str) -> str | None:
     except OSError as exc:
         return f"cannot create {kind} sockets here: {exc.strerror}"
     return None
+
+
+def take_message_limit(endpoint: _Endpoint) -> None:
+    """Set a stream endpoint's largest message, and where that limit comes from, from its max_message_size option."""
+    endpoint.max_message_size = int(endpoint.settings["max_message_size"])
+    endpoint.max_message_source = "max_message_size option"
+    endpoint.max_message_fix = f"raise max_message_size= on both sides (at most {MAX_FRAME_LENGTH})"
 
 
 def peer_gone(error: OSError, what: str, peer: str) -> PeerGone:
@@ -286,9 +293,7 @@ class StreamConsumer(Consumer):
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        self.max_message_size = int(self.settings["max_message_size"])
-        self.max_message_source = "max_message_size option"
-        self.max_message_fix = f"raise max_message_size= on both sides (at most {MAX_FRAME_LENGTH})"
+        take_message_limit(self)
         self._what = address.location
         self._reader = FrameReader(self.max_message_size, address.location)
         self._ready = self._reader.ready

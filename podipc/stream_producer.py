@@ -49,12 +49,11 @@ from podipc.framing import (
     HEADER,
     HEADER_SIZE,
     HELLO,
-    MAX_FRAME_LENGTH,
     end_of_stream_frame,
 )
 from podipc.options import Option, deadline_after
 from podipc.producing import Producer
-from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, peer_gone
+from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, peer_gone, take_message_limit
 from podipc.waking import POLLIN, is_ready, wait_for
 
 COALESCE_SIZE = 2048
@@ -115,9 +114,7 @@ class StreamProducer(Producer):
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
-        self.max_message_size = int(self.settings["max_message_size"])
-        self.max_message_source = "max_message_size option"
-        self.max_message_fix = f"raise max_message_size= on both sides (at most {MAX_FRAME_LENGTH})"
+        take_message_limit(self)
         self._what = address.location
         self._socket: socket.socket | None = None
         self._phase = _UNCONNECTED

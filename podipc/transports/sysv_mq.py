@@ -84,6 +84,11 @@ Semantics:
     sysvmq:// share); this module says how a SysV queue is opened, created, checked, waited
     on (the helper threads) and removed, and keeps its own hot paths (send and recv with no
     timeout).
+
+Why one module of ~800 lines: SysV queues have no descriptor to wait on, so this
+transport brings its own helper threads (`_ArrivalWatch`, `_RoomWatch`) that feed
+the readiness eventfds its producer and consumer poll; they are one mechanism with
+the endpoints, and `podipc/transports/` holds one module (or package) per transport.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ wait on a descriptor without a thread.
 Liveness comes from the process's peer monitor (presence.watch): a lost peer, or a
 segment found truncated, sets the endpoint's state and wakes it; the next call decides
 (a consumer first takes what is in the ring, then raises PeerGone).
+
+Why one module of ~730 lines: the producer and consumer are two halves of one ring
+protocol (head and tail, wake-ups, loan and commit), sharing `_RingSide`; the ring
+itself already lives in ring.py, layout.py and options.py beside it.
 """
 
 from __future__ import annotations

@@ -83,6 +83,11 @@ close()/abort() from another thread or a signal handler never touch the socket w
 call is inside: they wake it through the waker, and the last call out frees. fork: an
 inherited endpoint raises ChannelClosed in the child; the child's close() touches
 nothing of the parent's (pyzmq never closes a parent's socket in a child).
+
+Why one module of ~800 lines: both endpoints share `_ZMQEndpoint` (the socket, its
+edge-triggered readiness and the monitor that sees the peer go), and the socket-file
+trust checks and the per-process context exist only for them; split, each half would
+reach into the other's private state.
 """
 
 from __future__ import annotations
