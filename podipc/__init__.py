@@ -7,7 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 
 from podipc.address import Address, parse_address
-from podipc.channel import ChannelInfo, Consumer, Producer, channels, consumer, producer
+from podipc.channel import ChannelInfo, channels, consumer, producer
+from podipc.consuming import Consumer
 from podipc.errors import (
     AddressError,
     ChannelClosed,
@@ -20,6 +21,7 @@ from podipc.errors import (
     ProtocolError,
     Timeout,
 )
+from podipc.producing import Producer
 from podipc.readiness import wait
 from podipc.serving import Sessions, serve
 from podipc.signals import close_on_signals

@@ -11,7 +11,7 @@ Each transport declares its schemes and the address form of each
     KEY                        sysvmq://1234, sysvmq://0x4d2, sysvmq://name (see _parse_sysv_key)
 
 Query options (`?depth=10&mode=0660`) tune a channel; which options a channel
-accepts is declared by the channel itself (see podipc.channel.Option).
+accepts is declared by the channel itself (see podipc.options.Option).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 
 from podipc.address import Address, parse_address
-from podipc.channel import COMMON_OPTIONS, Option
+from podipc.options import COMMON_OPTIONS, Option
 from podipc.transport import Transport, transport_for, transports
 
 PREFIX = "PODIPC_"

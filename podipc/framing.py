@@ -75,7 +75,7 @@ def encode_frame(payload: bytes | bytearray | memoryview) -> bytes:
 
 def check_max_message_size(value: object) -> int:
     """The max_message_size option: a size in bytes from 0 to MAX_FRAME_LENGTH."""
-    from podipc.channel import parse_size
+    from podipc.options import parse_size
 
     size = parse_size(value)
     if size > MAX_FRAME_LENGTH:

@@ -43,6 +43,10 @@ object the holder created (`record`): `KIND NAME`, where KIND is a kind a transp
 declares (podipc.transport.object_kinds()); or states a property for the peer: `declares WORD`.
 A producer whose end of stream is going out declares ENDING: a consumer that opens in that moment
 (the next session of a serving consumer) does not take it for its producer.
+
+Why one module of ~730 lines: it is THE ownership and liveness layer (STYLE.md):
+claiming a presence, probing a peer's, fork handling and the peer-death monitor all
+turn on the same lock-file protocol, and every transport imports just this one home.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ import time
 import weakref
 from collections.abc import Callable
 
-from podipc.channel import remaining
 from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
+from podipc.options import remaining
 from podipc.ownership import Trust, open_checked, owner_text
 
 PRESENCE_DIRECTORY = "/dev/shm"

@@ -8,7 +8,7 @@ podipc.presence file and the process's one peer-death monitor (`Presence.watch`)
 an endpoint whose peer died. What does not depend on the kind of queue is here; a
 transport subclass says how its queue is opened, created, removed, counted and waited on.
 
-Both sides implement the endpoint contract of podipc.channel (`_Endpoint`): one
+Both sides implement the endpoint contract of podipc.endpoint (`_Endpoint`): one
 non-blocking attempt per call (`_try_send`, `_try_recv`, `_try_close`), a readiness
 descriptor (`_readiness`: an mqd is one; a SysV queue gets an eventfd fed by one helper
 thread per endpoint), `_free` once no call is inside, `_drop_inherited` after fork.
@@ -47,8 +47,13 @@ Consumer: `_limits`, `_create_queue`, `_inspect_existing`, `_remove_found`,
 
 Hot paths (STYLE.md #8): `send()` of bytes and `recv()` without a timeout call the queue's
 own send/receive under the call gate, skipping the base class's conversions, and hand
-anything unusual to the checked path of podipc.channel; waiting there is the transport's
+anything unusual to the checked path of podipc.producing and podipc.consuming; waiting there is the transport's
 (`_send_waiting`, `_receive_more`): poll() on the mqd, a blocking msgrcv.
+
+Why one module of ~750 lines: it is the one base both kernel-queue transports build on
+(their producer and consumer, limits, ownership checks); the hot paths of both sides
+share its private conventions (`_send_now`, `_fast_limit`, marks), and keeping them
+together is what lets mq:// and sysvmq:// stay small.
 """
 
 from __future__ import annotations
@@ -62,8 +67,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_bool
+from podipc.consuming import Consumer
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout
+from podipc.options import Option, parse_bool
 from podipc.ownership import Owner, Trust, grants_others
 from podipc.presence import (
     CHANNEL,
@@ -78,6 +84,7 @@ from podipc.presence import (
     probe,
     read_record,
 )
+from podipc.producing import Producer
 
 RENDEZVOUS_POLL_SECONDS = 0.02
 """How often a producer looks for the consumer (its presence and queue) before its first message."""

@@ -13,7 +13,9 @@ import select
 from collections.abc import Iterable
 from typing import TypeVar
 
-from podipc.channel import Consumer, Producer, deadline_after, remaining
+from podipc.consuming import Consumer
+from podipc.options import deadline_after, remaining
+from podipc.producing import Producer
 
 NO_DESCRIPTOR_POLL_SECONDS = 0.01
 """How often wait() re-checks endpoints that have no readiness descriptor."""

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from podipc.address import parse_address
-from podipc.channel import Consumer, consumer
+from podipc.channel import consumer
+from podipc.consuming import Consumer
 
 
 class Sessions:

@@ -39,8 +39,9 @@ from collections.abc import Iterable
 from types import FrameType, TracebackType
 from typing import Protocol, Self, TypeVar
 
-from podipc.channel import Consumer, Producer
+from podipc.consuming import Consumer
 from podipc.errors import ChannelClosed, PodIPCError
+from podipc.producing import Producer
 from podipc.waking import POLLIN, Waker, is_ready, wait_for
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT)

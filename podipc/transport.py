@@ -37,8 +37,10 @@ from podipc.tables import markdown_table, size_label
 
 if TYPE_CHECKING:
     from podipc.address import Address
-    from podipc.channel import Consumer, Option, Producer
+    from podipc.consuming import Consumer
+    from podipc.options import Option
     from podipc.ownership import Owner
+    from podipc.producing import Producer
 
 TRANSPORTS_PACKAGE = "podipc.transports"
 DESCRIPTOR_NAME = "TRANSPORT"

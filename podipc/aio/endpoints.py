@@ -12,8 +12,11 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import podipc.channel as channel
-from podipc.channel import Consumer, Producer, deadline_after, remaining
+from podipc.consuming import Consumer
+from podipc.endpoint import ABORT_CHECK_SECONDS
 from podipc.errors import ChannelClosed, EndOfStream, PeerTimeout, PodIPCError, Timeout
+from podipc.options import deadline_after, remaining
+from podipc.producing import Producer
 from podipc.waking import POLLOUT
 
 T = TypeVar("T")
@@ -42,7 +45,7 @@ class _Watch:
         if retry_after is not None:
             seconds = retry_after if seconds is None else min(seconds, retry_after)
         if closing:  # the waker stays readable once closing began; look for an abort this often instead
-            seconds = channel.ABORT_CHECK_SECONDS if seconds is None else min(seconds, channel.ABORT_CHECK_SECONDS)
+            seconds = ABORT_CHECK_SECONDS if seconds is None else min(seconds, ABORT_CHECK_SECONDS)
             waker_fd = -1
         else:
             waker_fd = endpoint._waker_fd()

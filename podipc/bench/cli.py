@@ -23,8 +23,8 @@ from podipc.bench.spread import (
     MIN_CONFIDENCE_RUNS,
     MOST_REPEATS,
 )
-from podipc.channel import parse_size
 from podipc.cli import optional_packages, podipc_errors
+from podipc.options import parse_size
 from podipc.transport import schemes
 
 

@@ -36,8 +36,8 @@ from urllib.parse import parse_qsl
 
 import podipc
 import podipc.aio
-from podipc.channel import COMMON_OPTIONS
 from podipc.errors import ChannelUnavailable, MessageTooLarge, Timeout
+from podipc.options import COMMON_OPTIONS
 from podipc.transport import Capability, schemes, transport_for
 
 Buffer = bytes | bytearray | memoryview

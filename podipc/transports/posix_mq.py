@@ -59,7 +59,7 @@ Semantics:
     saw this side alive; the survivor removes that file when it finishes.
 
     Threads: producers and consumers may be shared by threads (one call at a time per side,
-    podipc.channel); fork: an inherited endpoint refuses use, its close() only closes the
+    podipc.endpoint); fork: an inherited endpoint refuses use, its close() only closes the
     child's descriptors.
 
     Code: the endpoints are podipc.queue's QueueProducer and QueueConsumer (what mq:// and
@@ -79,8 +79,8 @@ from typing import Any, ClassVar
 import posix_ipc
 
 from podipc.address import Address
-from podipc.channel import Option, parse_count, parse_size
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError
+from podipc.options import Option, parse_count, parse_size
 from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (

@@ -76,7 +76,7 @@ Semantics:
     saw this side alive; the survivor removes that file when it finishes.
 
     Threads: producers and consumers may be shared by threads (one call at a time per side,
-    podipc.channel), but on one consumer do not mix a blocking recv() in one thread with
+    podipc.endpoint), but on one consumer do not mix a blocking recv() in one thread with
     readiness waits (fileno(), podipc.wait(), aio) in another. fork: an inherited endpoint
     refuses use; its close() only closes the child's eventfd.
 
@@ -84,6 +84,11 @@ Semantics:
     sysvmq:// share); this module says how a SysV queue is opened, created, checked, waited
     on (the helper threads) and removed, and keeps its own hot paths (send and recv with no
     timeout).
+
+Why one module of ~800 lines: SysV queues have no descriptor to wait on, so this
+transport brings its own helper threads (`_ArrivalWatch`, `_RoomWatch`) that feed
+the readiness eventfds its producer and consumer poll; they are one mechanism with
+the endpoints, and `podipc/transports/` holds one module (or package) per transport.
 """
 
 from __future__ import annotations
@@ -99,8 +104,8 @@ from typing import Any, ClassVar
 import sysv_ipc
 
 from podipc.address import Address
-from podipc.channel import Option, parse_size
 from podipc.errors import ChannelUnavailable, PeerGone, PodIPCError, ProtocolError
+from podipc.options import Option, parse_size
 from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (

@@ -33,10 +33,11 @@ import errno
 import socket
 from typing import ClassVar
 
-from podipc.channel import Option
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
-from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+from podipc.options import Option
+from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, socket_problem
+from podipc.stream_producer import StreamProducer
 from podipc.transport import AddressForm, Example, Transport, option_limit
 
 __all__ = ["TRANSPORT", "TCPConsumer", "TCPProducer", "availability", "host_max_message_size"]
@@ -44,11 +45,7 @@ __all__ = ["TRANSPORT", "TCPConsumer", "TCPProducer", "availability", "host_max_
 
 def availability() -> str | None:
     """None when TCP sockets work here, else why not."""
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
-    except OSError as exc:
-        return f"cannot create TCP sockets here: {exc.strerror}"
-    return None
+    return socket_problem(socket.AF_INET, "TCP")
 
 
 def host_max_message_size() -> int:

@@ -50,7 +50,7 @@ Semantics:
     Creates: the consumer binds the port (closed when the stream ends or it closes);
     each side creates and removes its presence file.
 
-The endpoint contract (podipc.channel):
+The endpoint contract (podipc.endpoint):
     Readiness is the socket itself: the consumer's for reading; the producer's for
     reading while it waits for the consumer's answers (with a resend timer as
     `retry_after`), for writing once attached. No helper thread, so podipc.aio waits
@@ -61,6 +61,11 @@ The endpoint contract (podipc.channel):
     loopback hands a datagram to the consumer (or drops it there) within the call; it
     waits only for the consumer to appear. Endpoints may be shared by threads (one call
     at a time per side, by the base's gate).
+
+Why one module of ~780 lines: the datagram format (`encode`/`decode`), the owner
+checks of a UDP port and both endpoints are one protocol (sequence numbers, hello,
+end marker and its ack) read together; `podipc/transports/` holds one module (or
+package) per transport.
 """
 
 from __future__ import annotations
@@ -77,10 +82,12 @@ from time import monotonic
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, parse_seconds, parse_size
+from podipc.consuming import Consumer
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError
+from podipc.options import Option, parse_seconds, parse_size
 from podipc.ownership import SHARE_FIX, user_text
 from podipc.presence import PeerState, PeerTracker, Presence, open_presence
+from podipc.producing import Producer
 from podipc.transport import AddressForm, Capability, Example, MessageLimit, Transport
 from podipc.waking import POLLIN, POLLOUT
 

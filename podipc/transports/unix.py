@@ -48,12 +48,13 @@ import struct
 from typing import ClassVar
 
 from podipc.address import UNIX_PATH_MAX
-from podipc.channel import Option
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
+from podipc.options import Option
 from podipc.ownership import SHARE_FIX, Trust, check_path, group_text, owner_text, user_text
 from podipc.presence import Presence
-from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, StreamProducer
+from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, socket_problem
+from podipc.stream_producer import StreamProducer
 from podipc.transport import PATH_OBJECT, AddressForm, Example, Transport, option_limit
 
 __all__ = ["TRANSPORT", "UnixConsumer", "UnixProducer", "availability", "host_max_message_size"]
@@ -69,11 +70,7 @@ PEER_CREDENTIALS = struct.Struct("3i")
 
 def availability() -> str | None:
     """None when Unix sockets work here, else why not."""
-    try:
-        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
-    except OSError as exc:
-        return f"cannot create Unix sockets here: {exc.strerror}"
-    return None
+    return socket_problem(socket.AF_UNIX, "Unix")
 
 
 def host_max_message_size() -> int:

@@ -2,7 +2,7 @@
 signals and readiness, across real processes.
 
 Every scheme in CONTRACT_SCHEMES runs every test. A transport that implements the endpoint contract
-(podipc.channel._Endpoint's docstring) adds its scheme here and nothing else.
+(podipc.endpoint._Endpoint's docstring) adds its scheme here and nothing else.
 """
 
 from __future__ import annotations

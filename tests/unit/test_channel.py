@@ -14,18 +14,10 @@ import pytest
 
 import podipc
 from podipc.address import parse_address
-from podipc.channel import (
-    Consumer,
-    Option,
-    Producer,
-    deadline_after,
-    earliest,
-    parse_mode,
-    parse_size,
-    remaining,
-    resolve_options,
-)
+from podipc.consuming import Consumer
 from podipc.errors import AddressError, ChannelClosed, EndOfStream, MessageTooLarge
+from podipc.options import Option, deadline_after, earliest, parse_mode, parse_size, remaining, resolve_options
+from podipc.producing import Producer
 
 
 class MemoryChannel:

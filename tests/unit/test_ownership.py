@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import sysv_ipc
 
-from podipc.channel import parse_mode
 from podipc.errors import AddressError, ChannelUnavailable
+from podipc.options import parse_mode
 from podipc.ownership import Trust, check_path, check_sysv, grants_others, open_checked
 
 ME = os.geteuid()

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 import podipc
-from podipc import stream
+from podipc import stream_producer
 from podipc.address import parse_address
-from podipc.channel import resolve_options
 from podipc.framing import ACK, END_OF_STREAM, HEADER, HELLO, encode_frame, encode_header
+from podipc.options import resolve_options
 from podipc.transports.tcp import TCPProducer
 from podipc.transports.unix import UnixProducer
 
@@ -260,7 +260,7 @@ def test_flush_writes_what_waits_in_the_outbox_now(
         def wake(self) -> None:
             """A flusher that never runs: only flush() (or a later call) writes the outbox."""
 
-    monkeypatch.setattr(stream, "flusher", Asleep)
+    monkeypatch.setattr(stream_producer, "flusher", Asleep)
     producer = counting_producer(endpoint.url)
     try:
         producer.send(numbered(0))

@@ -30,7 +30,11 @@ from __future__ import annotations
 
 import collections
 
-from podipc.channel import Consumer, Option, Producer, parse_count
+from podipc.consuming import Consumer
+
+from podipc.options import Option, parse_count
+
+from podipc.producing import Producer
 from podipc.errors import EndOfStream, Timeout
 from podipc.transport import AddressForm, Example, Transport, option_limit
 

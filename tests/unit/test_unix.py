@@ -17,7 +17,7 @@ import pytest
 
 import podipc
 from podipc.address import parse_address
-from podipc.channel import resolve_options
+from podipc.options import resolve_options
 from podipc.transports.unix import UnixProducer
 from tests.unit.test_tcp import (
     assert_blocked_producer_sees_consumer_killed,

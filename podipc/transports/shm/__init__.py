@@ -10,7 +10,7 @@ Address
                             capacity - 8 and 4 GiB - 1 (a record's length is a u32)
       spin=0.0005           seconds to poll an empty (or full) ring before waiting on a FIFO
                             (the first 5 us spin, the rest yields the CPU between polls)
-      wait=30, mode=0600    common options (see podipc.channel); wait=none waits forever
+      wait=30, mode=0600    common options (see podipc.options); wait=none waits forever
 
 Requires
     A writable /dev/shm shared by both containers (a pod's containers share it through
@@ -40,7 +40,7 @@ Semantics
     touching the ring in between dies with SIGBUS (docs/wire/shm.md says what remains).
     Wire format and plain-script peers: docs/wire/shm.md.
 
-Lifecycle (the endpoint contract of podipc.channel)
+Lifecycle (the endpoint contract of podipc.endpoint)
     Threads: send/loan/commit (producer) and recv/recv_view (consumer) take the side's
     call gate, so an endpoint shared by threads writes and reads the single-producer
     ring one call at a time: each message whole and once, in order per thread.

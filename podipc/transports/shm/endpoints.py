@@ -1,6 +1,6 @@
 """ShmProducer and ShmConsumer: the life of each side around the ring (see the package docstring).
 
-Both implement the endpoint contract of podipc.channel. The producer claims its presence
+Both implement the endpoint contract of podipc.endpoint. The producer claims its presence
 at open and attaches on its first attempt to send (or close): when the consumer's
 presence is alive and its segment is there, it maps it, checks it and becomes a
 RingWriter's owner. The consumer creates the segment at open, reads it through a
@@ -17,6 +17,10 @@ wait on a descriptor without a thread.
 Liveness comes from the process's peer monitor (presence.watch): a lost peer, or a
 segment found truncated, sets the endpoint's state and wakes it; the next call decides
 (a consumer first takes what is in the ring, then raises PeerGone).
+
+Why one module of ~730 lines: the producer and consumer are two halves of one ring
+protocol (head and tail, wake-ups, loan and commit), sharing `_RingSide`; the ring
+itself already lives in ring.py, layout.py and options.py beside it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
 from podipc.address import Address
-from podipc.channel import Consumer, Option, Producer, deadline_after, holds_call_gate, remaining
+from podipc.consuming import Consumer
+from podipc.endpoint import holds_call_gate
 from podipc.errors import (
     ChannelClosed,
     ChannelUnavailable,
@@ -35,8 +40,10 @@ from podipc.errors import (
     PeerGone,
     PodIPCError,
 )
+from podipc.options import Option, deadline_after, remaining
 from podipc.ownership import Trust
 from podipc.presence import PeerState, PeerTracker, Presence, remove_if_gone
+from podipc.producing import Producer
 from podipc.transports.shm.fence import WEAK_MEMORY_ORDER, full_fence
 from podipc.transports.shm.layout import (
     CONSUMER_WAITING_WORD,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from podipc.channel import Option, parse_seconds, parse_size
 from podipc.errors import AddressError
+from podipc.options import Option, parse_seconds, parse_size
 from podipc.transport import DEV_SHM_FIX
 from podipc.transports.shm.layout import ALIGNMENT, MAX_RECORD_LENGTH, check_geometry
 from podipc.transports.shm.segment import availability_for

@@ -32,8 +32,8 @@ import sys
 from collections.abc import Callable
 from typing import Literal, overload
 
-from podipc.channel import deadline_after
 from podipc.errors import EndOfStream
+from podipc.options import deadline_after
 from podipc.transports.shm.fence import WEAK_MEMORY_ORDER, full_fence
 from podipc.transports.shm.layout import (
     CONSUMER_CLOSED,

@@ -11,7 +11,7 @@ from typing import Any
 from zlib import crc32
 
 from podipc.address import Address
-from podipc.channel import Consumer
+from podipc.consuming import Consumer
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PodIPCError, ProtocolError
 from podipc.presence import PeerState
 from podipc.transports.spool.notify import CONSUMER_DIRECTORY_EVENTS, CONSUMER_SEGMENT_EVENTS

@@ -9,9 +9,9 @@ from typing import Any
 from zlib import crc32
 
 from podipc.address import Address
-from podipc.channel import Producer
 from podipc.errors import ChannelClosed, ChannelUnavailable, PeerGone, PodIPCError, ProtocolError, Timeout
 from podipc.presence import PeerState
+from podipc.producing import Producer
 from podipc.transports.spool.notify import PRODUCER_DIRECTORY_EVENTS, PRODUCER_POSITION_EVENTS
 from podipc.transports.spool.side import BatchSync, SpoolSide, spool_error
 from podipc.transports.spool.wire import (

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from podipc.address import Address
-from podipc.channel import Option, parse_count, parse_seconds, parse_size
 from podipc.errors import ChannelUnavailable, PeerGone
+from podipc.options import Option, parse_count, parse_seconds, parse_size
 from podipc.ownership import SHARE_FIX, Trust, open_checked, owner_text, refusal_for
 from podipc.presence import PRESENCE_PREFIX, TEMPORARY_SUFFIX, PeerState, Presence, probe, remove_if_gone
 from podipc.transports.spool.notify import POLL_FIRST_SECONDS, POLL_MAX_SECONDS, Readiness

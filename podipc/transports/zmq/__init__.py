@@ -7,7 +7,7 @@ transport is "unavailable here: pip install 'podipc[zmq]'", never an ImportError
 
 from __future__ import annotations
 
-from podipc.channel import Option, parse_count, parse_size
+from podipc.options import Option, parse_count, parse_size
 from podipc.transport import (
     PATH_OBJECT,
     AddressForm,

@@ -67,7 +67,7 @@ Semantics:
     when the stream ends or it closes); each side creates and removes its presence file.
     Every socket closes with a short linger, so close() never hangs.
 
-Lifecycle (the endpoint contract of podipc.channel): every call is one non-blocking
+Lifecycle (the endpoint contract of podipc.endpoint): every call is one non-blocking
 attempt (NOBLOCK) and, when it must wait, a poll of zmq's own descriptor (ZMQ_FD) and the
 endpoint's waker; no helper thread. zmq's descriptor is edge-triggered: it fires when
 libzmq has commands to process, not while a message waits. A receive that finds nothing
@@ -83,6 +83,11 @@ close()/abort() from another thread or a signal handler never touch the socket w
 call is inside: they wake it through the waker, and the last call out frees. fork: an
 inherited endpoint raises ChannelClosed in the child; the child's close() touches
 nothing of the parent's (pyzmq never closes a parent's socket in a child).
+
+Why one module of ~800 lines: both endpoints share `_ZMQEndpoint` (the socket, its
+edge-triggered readiness and the monitor that sees the peer go), and the socket-file
+trust checks and the per-process context exist only for them; split, each half would
+reach into the other's private state.
 """
 
 from __future__ import annotations
@@ -101,10 +106,13 @@ from typing import Any, ClassVar, cast
 import zmq
 
 from podipc.address import UNIX_PATH_MAX, Address
-from podipc.channel import Consumer, Option, Producer, _Endpoint, holds_call_gate
+from podipc.consuming import Consumer
+from podipc.endpoint import _Endpoint, holds_call_gate
 from podipc.errors import ChannelUnavailable, EndOfStream, PeerGone, PodIPCError
+from podipc.options import Option
 from podipc.ownership import Trust, owner_text
 from podipc.presence import PeerState, PeerTracker, Presence
+from podipc.producing import Producer
 from podipc.transports.zmq import LIMIT_FIX, LIMIT_SOURCE, OPTIONS
 from podipc.waking import POLLIN
 
