@@ -87,6 +87,8 @@ IMAGE = os.environ.get("PODIPC_E2E_IMAGE", "localhost/podipc:dev")
 DEFAULT_IMAGE_IN_MANIFESTS = "localhost/podipc:dev"
 SYSTEM_CONTAINERS_CONF = Path("/etc/containers/containers.conf")
 PODMAN_COMMAND_TIMEOUT = 120
+INSPECT_RACE_TRIES = 5
+"""How often state() asks podman again when it raced a container's exit (podman's own race, not the test's)."""
 
 
 # Pods and volumes played by this process and not yet removed; swept at exit in case a test
@@ -160,8 +162,22 @@ class PlayedPods:
         return [f"{pod}/{name}" for pod, names in self.containers.items() for name in names]
 
     def state(self, container: str) -> dict[str, Any]:
-        """Podman's State of a container (Status, ExitCode, StartedAt, FinishedAt...)."""
-        result = podman("inspect", "--type", "container", "--format", "{{json .State}}", self.name(container))
+        """Podman's State of a container (Status, ExitCode, StartedAt, FinishedAt...).
+
+        Podman 4.3 reads the container's /proc/PID/cgroup while inspecting it, and fails
+        ("read /proc/N/cgroup: no such process") when the process exits in that instant: the
+        container's state is then changing, so it is asked again (the exit is what we wait for).
+        """
+        command = ("inspect", "--type", "container", "--format", "{{json .State}}", self.name(container))
+        for _ in range(INSPECT_RACE_TRIES - 1):
+            result = podman(*command, check=False)
+            if result.returncode == 0 or "no such process" not in result.stderr:
+                break
+            time.sleep(0.1)
+        else:
+            result = podman(*command)
+        if result.returncode != 0:
+            result = podman(*command)  # raises PodError with podman's message
         state: dict[str, Any] = json.loads(result.stdout)
         return state
 
