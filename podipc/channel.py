@@ -524,7 +524,7 @@ class _Endpoint(ABC):
     def _sync_mirror(self) -> None:
         mirror = self._mirror
         assert mirror is not None
-        readiness = self._readiness()
+        readiness = None if self._freed else self._readiness()  # a freed endpoint's descriptors are closed
         fd, events = (readiness[0], readiness[1]) if readiness is not None else (-1, 0)
         wanted = (fd, (select.EPOLLOUT if events & POLLOUT else 0) | (select.EPOLLIN if events & POLLIN else 0))
         if wanted == self._mirrored:
