@@ -304,7 +304,7 @@ class _Endpoint(ABC):
     def _await_readiness(self, deadline: float | None, closing: bool = False) -> None:
         """Wait until the next attempt may succeed, a deadline passes (raises) or a close wakes us (raises)."""
         seconds = self._seconds_to_wait(deadline, closing)
-        readiness = self._readiness()
+        readiness = None if self._freed else self._readiness()  # a freed endpoint's descriptors are closed
         fd, events, retry_after = readiness if readiness is not None else (-1, 0, NO_READINESS_POLL_SECONDS)
         if retry_after is not None:
             seconds = retry_after if seconds is None else min(seconds, retry_after)
@@ -364,7 +364,7 @@ class _Endpoint(ABC):
     def _sync_mirror(self) -> None:
         mirror = self._mirror
         assert mirror is not None
-        readiness = self._readiness()
+        readiness = None if self._freed else self._readiness()  # a freed endpoint's descriptors are closed
         fd, events = (readiness[0], readiness[1]) if readiness is not None else (-1, 0)
         wanted = (fd, (select.EPOLLOUT if events & POLLOUT else 0) | (select.EPOLLIN if events & POLLIN else 0))
         if wanted == self._mirrored:

@@ -450,9 +450,10 @@ class PosixMQConsumer(QueueConsumer):
 
     def _destroy(self, queue: Any) -> None:
         _unlink_if_same(self.name, os.fstat(queue.mqd).st_ino)
-        _close_quietly(queue)
+        self._close_queue(queue)
 
     def _close_queue(self, queue: Any) -> None:
+        self._mqd = -1  # its number may name another descriptor once closed: never watch it again
         _close_quietly(queue)
 
     def _drop_inherited(self) -> None:

@@ -193,6 +193,38 @@ def test_close_from_another_thread_wakes_a_recv_waiting_for_the_producer(scheme:
     assert wait_until(lambda: not leftovers(url), 5)
 
 
+class LeftRunning:
+    """What a test started that must not outlive it when an assertion fails midway: a producer that a thread of
+    the test keeps sending on (to a consumer that may be reading by then), the consumer's process."""
+
+    def __init__(self) -> None:
+        self.producers: list[podipc.Producer] = []
+        self.processes: list[Any] = []
+
+    def producer(self, url: str) -> podipc.Producer:
+        """podipc.producer(url), aborted at the end of the test (a no-op once it was closed)."""
+        producer = podipc.producer(url)
+        self.producers.append(producer)
+        return producer
+
+    def stop(self) -> None:
+        """Abort the producers (which wakes a sender thread with ChannelClosed) and kill the processes left."""
+        for producer in self.producers:
+            producer.abort()
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(10)
+
+
+@pytest.fixture
+def left_running() -> Iterator[LeftRunning]:
+    """A LeftRunning stopped after the test, passed or failed."""
+    kept = LeftRunning()
+    yield kept
+    kept.stop()
+
+
 def waits_for_room(scheme: str) -> bool:
     """False for udp: its sends never wait for room (a datagram that does not fit is dropped and counted in
     `lost`, its documented semantics); a udp send waits only for the consumer to appear."""
@@ -236,10 +268,13 @@ def fill_until_blocked(producer: podipc.Producer, digest: Any) -> Blocked:
     return blocked
 
 
-def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_stream(scheme: str) -> None:
+def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_stream(
+    scheme: str, left_running: LeftRunning
+) -> None:
     url = url_for(scheme)
     consumer, start_reading, results = spawn_stalling_consumer(scheme, url)
-    producer = podipc.producer(url)
+    left_running.processes.append(consumer)
+    producer = left_running.producer(url)
     digest = hashlib.sha256()
     blocked = block_a_send(scheme, producer, digest)
     closed_at = time.monotonic()
@@ -256,12 +291,15 @@ def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_strea
     assert received == digest.hexdigest(), f"the consumer got {count} messages, not what the producer sent"
 
 
-def test_a_send_that_finds_the_closer_holding_the_producer_raises_channel_closed_at_once(scheme: str) -> None:
+def test_a_send_that_finds_the_closer_holding_the_producer_raises_channel_closed_at_once(
+    scheme: str, left_running: LeftRunning
+) -> None:
     """The closer keeps the call gate while it waits for the consumer's ack; a call waiting for the gate must not
     wait with it (found as a hang of test_close_from_another_thread_wakes_a_blocked_send... on tcp, ~1 run in 6)."""
     url = url_for(scheme)
     consumer, start_reading, results = spawn_consumer(url, reading=False)
-    producer = podipc.producer(url)
+    left_running.processes.append(consumer)
+    producer = left_running.producer(url)
     digest = hashlib.sha256()
     blocked = fill_until_blocked(producer, digest)
     closer = Blocked(lambda: producer.close(timeout=30))
@@ -280,10 +318,13 @@ def test_a_send_that_finds_the_closer_holding_the_producer_raises_channel_closed
     assert (received, ending) == (digest.hexdigest(), "end of stream"), count
 
 
-def test_abort_from_another_thread_wakes_a_blocked_send_and_the_consumer_sees_peer_gone(scheme: str) -> None:
+def test_abort_from_another_thread_wakes_a_blocked_send_and_the_consumer_sees_peer_gone(
+    scheme: str, left_running: LeftRunning
+) -> None:
     url = url_for(scheme)
     consumer, start_reading, results = spawn_stalling_consumer(scheme, url, wait=2)
-    producer = podipc.producer(url)
+    left_running.processes.append(consumer)
+    producer = left_running.producer(url)
     blocked = block_a_send(scheme, producer, hashlib.sha256())
     aborted_at = time.monotonic()
     producer.abort()
@@ -320,10 +361,13 @@ def test_close_from_a_signal_handler_wakes_the_recv_it_interrupted_and_frees_aft
         pass
 
 
-def test_close_from_a_signal_handler_during_a_blocked_send_ends_the_stream_as_the_send_leaves(scheme: str) -> None:
+def test_close_from_a_signal_handler_during_a_blocked_send_ends_the_stream_as_the_send_leaves(
+    scheme: str, left_running: LeftRunning
+) -> None:
     url = url_for(scheme)
     consumer, start_reading, results = spawn_stalling_consumer(scheme, url)
-    producer = podipc.producer(url)
+    left_running.processes.append(consumer)
+    producer = left_running.producer(url)
     digest = hashlib.sha256()
 
     def close_now(signum: int, frame: object) -> None:

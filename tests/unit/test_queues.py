@@ -74,6 +74,20 @@ def test_messages_arrive_whole_and_in_order_across_processes(queue: QueueKit, ur
     assert received == messages
 
 
+def test_fileno_asked_after_the_end_of_stream_watches_no_descriptor_the_consumer_closed(url: str) -> None:
+    child = FORK.Process(target=produce, args=(url, [b"one", b"two"], 0.0))
+    child.start()
+    with podipc.consumer(url) as consumer:
+        assert list(consumer) == [b"one", b"two"]
+        # the queue's descriptor was closed at the end of stream; its number is free for the new epoll
+        descriptor = consumer.fileno()
+        assert descriptor >= 0
+        with pytest.raises(podipc.EndOfStream):
+            consumer.recv(timeout=0)
+    child.join(10)
+    assert child.exitcode == 0
+
+
 def test_a_message_over_the_kernel_limit_is_refused_naming_the_limit_and_fix(queue: QueueKit, url: str) -> None:
     limit = queue.kernel_max
     with podipc.producer(url, wait=0.1) as producer:

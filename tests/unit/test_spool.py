@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,6 +66,7 @@ from tests.spools import (
     write_position,
     write_segment,
 )
+from tests.threads import cpu_seconds, started_since
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -654,13 +654,14 @@ def test_a_consumer_without_inotify_still_receives_by_polling(spool: Path, monke
 
 def test_an_idle_consumer_sleeps_on_inotify(spool: Path) -> None:
     url = f"file://{spool}"
+    earlier = threading.enumerate()
     with podipc.consumer(url) as consumer, podipc.producer(url) as producer:
-        process = psutil.Process()
-        before = process.cpu_times()
+        # this thread and those the two endpoints started: not what other tests may have left running
+        ours = [threading.main_thread(), *started_since(earlier)]
+        before = cpu_seconds(ours)
         with pytest.raises(Timeout):
             consumer.recv(timeout=1.0)
-        after = process.cpu_times()
-        assert (after.user + after.system) - (before.user + before.system) < 0.05
+        assert cpu_seconds(ours) - before < 0.05
         producer.send(b"wakes it")
         assert consumer.recv(timeout=5) == b"wakes it"
         producer.abort()

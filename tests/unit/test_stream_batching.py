@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-import resource
 import socket
 import struct
 import tempfile
@@ -28,6 +27,7 @@ from podipc.framing import ACK, END_OF_STREAM, HEADER, HELLO, encode_frame, enco
 from podipc.options import resolve_options
 from podipc.transports.tcp import TCPProducer
 from podipc.transports.unix import UnixProducer
+from tests.threads import cpu_seconds, named
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -350,10 +350,11 @@ def test_a_stalled_consumer_costs_no_cpu_and_the_outbox_goes_out_once_it_reads(
         sent = caught.value.sent
         assert sent is not None
         assert producer._outbox, "nothing waits in the outbox"
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        # this thread and the flusher, which now waits for room: not what other tests may have left running
+        waiting = [threading.main_thread(), *named("podipc-flusher")]
+        before = cpu_seconds(waiting)
         time.sleep(1.0)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        used = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        used = cpu_seconds(waiting) - before
         assert used < 0.2, f"{used:.2f} s of CPU in 1 s of waiting for a stalled consumer"
         assert plain.frames(sent, 60) == batch[:sent]  # no send, no flush: the flusher writes the outbox
     finally:
