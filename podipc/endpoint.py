@@ -304,7 +304,7 @@ class _Endpoint(ABC):
     def _await_readiness(self, deadline: float | None, closing: bool = False) -> None:
         """Wait until the next attempt may succeed, a deadline passes (raises) or a close wakes us (raises)."""
         seconds = self._seconds_to_wait(deadline, closing)
-        readiness = None if self._freed else self._readiness()  # a freed endpoint's descriptors are closed
+        readiness = self._readiness()
         fd, events, retry_after = readiness if readiness is not None else (-1, 0, NO_READINESS_POLL_SECONDS)
         if retry_after is not None:
             seconds = retry_after if seconds is None else min(seconds, retry_after)
