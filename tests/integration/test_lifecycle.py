@@ -217,7 +217,10 @@ def block_a_send(scheme: str, producer: podipc.Producer, digest: Any) -> Blocked
 
 
 def fill_until_blocked(producer: podipc.Producer, digest: Any) -> Blocked:
-    """Send in a thread until a send blocks; the digest covers every send that returned."""
+    """Send in a thread until a send blocks; the digest covers every send that returned.
+
+    The count is judged only once the first send returned: that one waits for the consumer process to attach,
+    which on a loaded machine takes longer than the 0.3 s the count is given to move."""
     sent = [0]
 
     def send_forever() -> None:
@@ -228,6 +231,8 @@ def fill_until_blocked(producer: podipc.Producer, digest: Any) -> Blocked:
             sent[0] += 1
 
     blocked = Blocked(send_forever)
+    assert wait_until(lambda: sent[0] > 0 or not blocked.thread.is_alive(), 30), "the first send never returned"
+    assert sent[0] > 0, blocked.error
     previous = -1
     while previous != sent[0]:  # the count stops moving once a send blocks
         previous = sent[0]
@@ -258,15 +263,17 @@ def test_close_from_another_thread_wakes_a_blocked_send_and_still_ends_the_strea
 
 def test_a_send_that_finds_the_closer_holding_the_producer_raises_channel_closed_at_once(scheme: str) -> None:
     """The closer keeps the call gate while it waits for the consumer's ack; a call waiting for the gate must not
-    wait with it (found as a hang of test_close_from_another_thread_wakes_a_blocked_send... on tcp, ~1 run in 6)."""
+    wait with it (found as a hang of test_close_from_another_thread_wakes_a_blocked_send... on tcp, ~1 run in 6).
+    On udp, whose sends never wait for room, the send and the closer wait for the consumer to appear (filling the
+    channel never blocked there: the test itself hung)."""
     url = url_for(scheme)
-    consumer, start_reading, results = spawn_consumer(url, reading=False)
+    consumer, start_reading, results = spawn_stalling_consumer(scheme, url)
     producer = podipc.producer(url)
     digest = hashlib.sha256()
-    blocked = fill_until_blocked(producer, digest)
+    blocked = block_a_send(scheme, producer, digest)
     closer = Blocked(lambda: producer.close(timeout=30))
     blocked.join()
-    time.sleep(0.3)  # the closer holds the gate now, waiting for an ack the consumer cannot send yet
+    time.sleep(0.3)  # the closer holds the gate now, waiting for an ack (udp: a consumer) that cannot come yet
     started = time.monotonic()
     late = Blocked(lambda: producer.send(b"late"))
     late.join()
