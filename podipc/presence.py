@@ -187,6 +187,9 @@ class Presence:
         self.trust = Trust.for_mode(mode)
         """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""
         self.peer_seen = False
+        self.refusal: ChannelUnavailable | None = None
+        """Set by the peer monitor when it found the peer's path holding something not trusted (another user's
+        file): the reason the peer counts as lost, which a transport raises instead of PeerGone (see `lost_error`)."""
         self.opened_in = os.getpid()
         self._fd = -1
         self._watch: _Watch | None = None
@@ -372,6 +375,14 @@ class Presence:
         if self.peer_lost():
             peer = ROLES[1 - ROLES.index(self.role)]
             raise PeerGone(f"the {peer} of {what} is gone (it died or closed without ending the stream)")
+
+    def lost_error(self, gone: PeerGone) -> PeerGone | ChannelUnavailable:
+        """What to raise for a lost peer: `gone`, or the refusal when the monitor found the peer's path untrusted.
+
+        Another user's presence file appearing at the peer's path is a co-tenant that may not share the channel
+        (issue 10): saying so, with the fix, beats a PeerGone that hides why.
+        """
+        return self.refusal or gone
 
     def watch(self, on_lost: Callable[[], None], tracker: PeerTracker | None = None) -> None:
         """Have the process's peer-death monitor call `on_lost()` once when the peer is lost.
@@ -600,7 +611,10 @@ class _Watch:
     def lost(self) -> bool:
         try:
             return self.tracker.lost()
-        except Exception:  # the peer's path now holds something not ours (or vanished oddly): our peer is gone
+        except ChannelUnavailable as refusal:  # the peer's path now holds something not ours: our peer is gone
+            self.tracker.presence.refusal = refusal
+            return True
+        except Exception:  # vanished oddly: our peer is gone
             return True
 
     def fire(self) -> None:
