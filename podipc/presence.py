@@ -53,6 +53,7 @@ import secrets
 import socket
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 
@@ -395,7 +396,8 @@ class Presence:
         `on_lost` runs on the monitor thread: it must be quick and never block (set the
         endpoint's state, wake its waker); an exception it raises is dropped. `tracker`: the
         PeerTracker whose notion of "our peer" to use (default: a new one, taking the peer
-        there now, or the first to come, as ours). Watching again replaces the callback.
+        there now, or the first to come, as ours). Watching again replaces the callback. A bound method
+        is held weakly: an endpoint dropped without close() is collected (and aborted) as usual, ending its watch.
         No thread runs, and nothing is probed, while no presence of the process is watched.
         Raises ChannelUnavailable when the peer's path holds something not trusted.
         """
@@ -599,13 +601,20 @@ def _forget_after_fork() -> None:
 
 
 class _Watch:
-    """One watched peer: its tracker and the callback due once on its loss."""
+    """One watched peer: its tracker and the callback due once on its loss.
 
-    __slots__ = ("active", "on_lost", "tracker")
+    A bound method is held weakly: the monitor must not keep an endpoint that was dropped without close() alive
+    (it would never be collected, so its __del__ never aborted it, and its watch and the thread ran forever).
+    """
+
+    __slots__ = ("active", "callback", "tracker")
 
     def __init__(self, tracker: PeerTracker, on_lost: Callable[[], None]) -> None:
         self.tracker = tracker
-        self.on_lost = on_lost
+        self.callback: Callable[[], Callable[[], None] | None] = (
+            weakref.WeakMethod(on_lost) if isinstance(on_lost, types.MethodType) else lambda: on_lost
+        )
+        """The callback, or None once its object was collected."""
         self.active = True
 
     def lost(self) -> bool:
@@ -617,9 +626,10 @@ class _Watch:
         except Exception:  # vanished oddly: our peer is gone
             return True
 
-    def fire(self) -> None:
+    @staticmethod
+    def fire(on_lost: Callable[[], None]) -> None:
         with contextlib.suppress(Exception):  # one endpoint's failing callback must not stop the others' watch
-            self.on_lost()
+            on_lost()
 
 
 class _PeerMonitor:
@@ -676,14 +686,25 @@ class _PeerMonitor:
                 self._thread = None
                 return False
         for watch in watches:
-            with self._dispatch:
-                if not watch.active or not watch.lost():
-                    continue
-                watch.active = False
-                with self._lock, contextlib.suppress(ValueError):
-                    self._watches.remove(watch)
-                watch.fire()
+            self._probe(watch)
         return True
+
+    def _probe(self, watch: _Watch) -> None:
+        """Probe one watch; call back once on a loss; drop it once lost or once its callback's object is gone.
+
+        Its own function, so the callback (and the endpoint it belongs to) is not held between sweeps.
+        """
+        with self._dispatch:
+            if not watch.active:
+                return
+            on_lost = watch.callback()
+            if on_lost is not None and not watch.lost():
+                return
+            watch.active = False
+            with self._lock, contextlib.suppress(ValueError):
+                self._watches.remove(watch)
+            if on_lost is not None:
+                watch.fire(on_lost)
 
     def forget_after_fork(self) -> None:
         """In a forked child: no thread, nothing watched, fresh locks (the parent's may have been held)."""

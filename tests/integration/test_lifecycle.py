@@ -8,6 +8,7 @@ Every scheme in CONTRACT_SCHEMES runs every test. A transport that implements th
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -178,6 +180,24 @@ def test_close_from_another_thread_wakes_a_recv_blocked_on_an_attached_producer(
     blocked.join()
     assert isinstance(blocked.error, podipc.ChannelClosed)
     assert blocked.woke_at - closed_at < WAKE_SECONDS
+
+
+def test_an_attached_producer_dropped_without_close_is_collected_and_its_consumer_sees_it_gone(scheme: str) -> None:
+    """Nothing of the library (the peer monitor's watch least of all) keeps a dropped endpoint alive: it is
+    collected, its __del__ aborts it, and its watch ends (found as a peer monitor that never stopped)."""
+    url = url_for(scheme, wait=60)
+    consumer = podipc.consumer(url)
+    producer = podipc.producer(url)
+    producer.send(b"first", timeout=30)
+    assert consumer.recv(timeout=30) == b"first"
+    dropped = weakref.ref(producer)
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del producer
+        gc.collect()
+    assert dropped() is None, gc.get_referrers(dropped())
+    with pytest.raises(podipc.PeerGone):
+        consumer.recv(timeout=10)
+    consumer.close()
 
 
 def test_close_from_another_thread_wakes_a_recv_waiting_for_the_producer(scheme: str) -> None:
