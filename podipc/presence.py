@@ -59,6 +59,7 @@ import secrets
 import socket
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable
 
@@ -219,6 +220,9 @@ class Presence:
         self.trust = Trust.for_mode(mode)
         """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""
         self.peer_seen = False
+        self.refusal: ChannelUnavailable | None = None
+        """Set by the peer monitor when it found the peer's path holding something not trusted (another user's
+        file): the reason the peer counts as lost, which a transport raises instead of PeerGone (see `lost_error`)."""
         self.opened_in = os.getpid()
         self._ending_declared = False
         self._fd = -1
@@ -414,6 +418,14 @@ class Presence:
             peer = ROLES[1 - ROLES.index(self.role)]
             raise PeerGone(f"the {peer} of {what} is gone (it died or closed without ending the stream)")
 
+    def lost_error(self, gone: PeerGone) -> PeerGone | ChannelUnavailable:
+        """What to raise for a lost peer: `gone`, or the refusal when the monitor found the peer's path untrusted.
+
+        Another user's presence file appearing at the peer's path is a co-tenant that may not share the channel
+        (issue 10): saying so, with the fix, beats a PeerGone that hides why.
+        """
+        return self.refusal or gone
+
     def watch(self, on_lost: Callable[[], None], tracker: PeerTracker | None = None) -> None:
         """Have the process's peer-death monitor call `on_lost()` once when the peer is lost.
 
@@ -425,7 +437,8 @@ class Presence:
         `on_lost` runs on the monitor thread: it must be quick and never block (set the
         endpoint's state, wake its waker); an exception it raises is dropped. `tracker`: the
         PeerTracker whose notion of "our peer" to use (default: a new one, taking the peer
-        there now, or the first to come, as ours). Watching again replaces the callback.
+        there now, or the first to come, as ours). Watching again replaces the callback. A bound method
+        is held weakly: an endpoint dropped without close() is collected (and aborted) as usual, ending its watch.
         No thread runs, and nothing is probed, while no presence of the process is watched.
         Raises ChannelUnavailable when the peer's path holds something not trusted.
         """
@@ -634,24 +647,35 @@ def _forget_after_fork() -> None:
 
 
 class _Watch:
-    """One watched peer: its tracker and the callback due once on its loss."""
+    """One watched peer: its tracker and the callback due once on its loss.
 
-    __slots__ = ("active", "on_lost", "tracker")
+    A bound method is held weakly: the monitor must not keep an endpoint that was dropped without close() alive
+    (it would never be collected, so its __del__ never aborted it, and its watch and the thread ran forever).
+    """
+
+    __slots__ = ("active", "callback", "tracker")
 
     def __init__(self, tracker: PeerTracker, on_lost: Callable[[], None]) -> None:
         self.tracker = tracker
-        self.on_lost = on_lost
+        self.callback: Callable[[], Callable[[], None] | None] = (
+            weakref.WeakMethod(on_lost) if isinstance(on_lost, types.MethodType) else lambda: on_lost
+        )
+        """The callback, or None once its object was collected."""
         self.active = True
 
     def lost(self) -> bool:
         try:
             return self.tracker.lost()
-        except Exception:  # the peer's path now holds something not ours (or vanished oddly): our peer is gone
+        except ChannelUnavailable as refusal:  # the peer's path now holds something not ours: our peer is gone
+            self.tracker.presence.refusal = refusal
+            return True
+        except Exception:  # vanished oddly: our peer is gone
             return True
 
-    def fire(self) -> None:
+    @staticmethod
+    def fire(on_lost: Callable[[], None]) -> None:
         with contextlib.suppress(Exception):  # one endpoint's failing callback must not stop the others' watch
-            self.on_lost()
+            on_lost()
 
 
 class _PeerMonitor:
@@ -708,14 +732,25 @@ class _PeerMonitor:
                 self._thread = None
                 return False
         for watch in watches:
-            with self._dispatch:
-                if not watch.active or not watch.lost():
-                    continue
-                watch.active = False
-                with self._lock, contextlib.suppress(ValueError):
-                    self._watches.remove(watch)
-                watch.fire()
+            self._probe(watch)
         return True
+
+    def _probe(self, watch: _Watch) -> None:
+        """Probe one watch; call back once on a loss; drop it once lost or once its callback's object is gone.
+
+        Its own function, so the callback (and the endpoint it belongs to) is not held between sweeps.
+        """
+        with self._dispatch:
+            if not watch.active:
+                return
+            on_lost = watch.callback()
+            if on_lost is not None and not watch.lost():
+                return
+            watch.active = False
+            with self._lock, contextlib.suppress(ValueError):
+                self._watches.remove(watch)
+            if on_lost is not None:
+                watch.fire(on_lost)
 
     def forget_after_fork(self) -> None:
         """In a forked child: no thread, nothing watched, fresh locks (the parent's may have been held)."""

@@ -406,8 +406,10 @@ class QueueProducer(Producer):
             raise self._consumer_gone()
         return self._put_now(view, self.data_mark)
 
-    def _consumer_gone(self) -> PeerGone:
-        return PeerGone(f"the consumer of {self.address.location} is gone (it died or closed before the end of stream)")
+    def _consumer_gone(self) -> PeerGone | ChannelUnavailable:
+        return self._presence.lost_error(
+            PeerGone(f"the consumer of {self.address.location} is gone (it died or closed before the end of stream)")
+        )
 
     def _readiness(self) -> tuple[int, int, float | None]:
         phase = self._phase
@@ -725,9 +727,10 @@ class QueueConsumer(Consumer):
         """The queue is empty now: PeerGone once the producer is lost; note a producer that appeared."""
         if self._peer_lost:
             # a clean producer puts the end marker in before it leaves, so an empty queue means it died
-            raise PeerGone(
+            gone = PeerGone(
                 f"the producer of {self.address.location} is gone (it died or closed without ending the stream)"
             )
+            raise gone if self._presence is None else self._presence.lost_error(gone)
         if not self._peer_seen:
             self._look_for_producer()
         self._fast = False

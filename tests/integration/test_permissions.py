@@ -16,6 +16,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ import sysv_ipc
 
 import podipc
 from podipc.address import parse_address
+from podipc.presence import Presence
 from podipc.transport import AddressForm, schemes, transport_for, transports
 
 from .harness import ABSTRACT_SUFFIX, CONTEXT, INDEX, SOCKETS_ONLY, SideResult, leftovers, payload, wait_until
@@ -138,13 +140,22 @@ def as_consumer(uid: int, url: str, results: Any) -> None:
         results.put(SideResult(False, count, total, "", traceback.format_exc(), "Traceback"))
 
 
-def run_pair(url: str) -> tuple[SideResult, SideResult]:
-    """Consumer (CONSUMER_UID) first, then producer (PRODUCER_UID); both bounded in time."""
+def run_pair(url: str, visible: bool = True) -> tuple[SideResult, SideResult]:
+    """Consumer (CONSUMER_UID) first, then producer (PRODUCER_UID) once the consumer's objects exist; both bounded
+    in time.
+
+    visible: the channel has objects to see (not tcp or abstract unix: there a short pause stands in). A fixed
+    pause let a loaded machine start the producer after the consumer had given up waiting (wait=): the two never
+    met, so neither could say it refused the other.
+    """
     producer_results, consumer_results = CONTEXT.Queue(), CONTEXT.Queue()
     consumer = CONTEXT.Process(target=as_consumer, args=(CONSUMER_UID, url, consumer_results))
     producer = CONTEXT.Process(target=as_producer, args=(PRODUCER_UID, url, producer_results))
     consumer.start()
-    wait_until(lambda: False, 0.3)
+    if visible:
+        wait_until(lambda: bool(leftovers(url)) or not consumer.is_alive(), 20)
+    else:
+        wait_until(lambda: False, 0.3)
     producer.start()
     try:
         produced = producer_results.get(timeout=40)
@@ -178,7 +189,7 @@ REFUSAL_CASES = [*PERMISSION_SCHEMES, *PRESENCE_ONLY_SCHEMES]
 
 @pytest.mark.parametrize("scheme", REFUSAL_CASES)
 def test_by_default_another_uid_is_refused_with_an_error_that_names_the_fix(scheme: str, shared_directory: str) -> None:
-    url = url_of(scheme, shared_directory, wait=3)
+    url = url_of(scheme, shared_directory, wait=5)
     produced, consumed = run_pair(url)
     assert_no_traceback(produced, consumed)
     assert not produced.ok and not consumed.ok, (produced, consumed)
@@ -189,6 +200,37 @@ def test_by_default_another_uid_is_refused_with_an_error_that_names_the_fix(sche
     assert refused, f"neither side says it was refused: {produced.error!r} / {consumed.error!r}"
     for side in refused:
         assert names_the_fix(side.error), f"{scheme}: the refusal does not name the fix: {side.error!r}"
+    assert wait_until(lambda: not leftovers(url), 5), leftovers(url)
+
+
+def hold_producer_presence(uid: int, url: str, seconds: float) -> None:
+    """As `uid`, claim the producer's presence of `url` (as a producer does at open) and hold it `seconds`."""
+    become(uid)
+    presence = Presence(parse_address(url).token, "producer")
+    time.sleep(seconds)
+    presence.close()
+
+
+@pytest.mark.parametrize("scheme", ["mq", "sysvmq"])
+def test_a_waiting_consumer_that_sees_another_uids_producer_says_it_refused_it_with_the_fix(
+    scheme: str, shared_directory: str
+) -> None:
+    """The consumer's peer monitor meets the other UID's presence file: it reports that refusal, not a PeerGone that
+    hides why (found as 'neither side says it was refused' in the test above)."""
+    url = url_of(scheme, shared_directory, wait=30)
+    consumer_results = CONTEXT.Queue()
+    consumer = CONTEXT.Process(target=as_consumer, args=(CONSUMER_UID, url, consumer_results))
+    consumer.start()
+    assert wait_until(lambda: len(leftovers(url)) >= 2, 20), "the consumer never opened"  # its queue and presence
+    producer = CONTEXT.Process(target=hold_producer_presence, args=(PRODUCER_UID, url, 5.0))
+    producer.start()
+    try:
+        consumed = consumer_results.get(timeout=40)
+    finally:
+        for process in (producer, consumer):
+            process.join(10)
+    assert consumed.error_type == "ChannelUnavailable", consumed
+    assert names_the_fix(consumed.error), consumed.error
     assert wait_until(lambda: not leftovers(url), 5), leftovers(url)
 
 
@@ -211,7 +253,7 @@ def test_channels_without_filesystem_objects_work_across_uids_with_the_default_m
 ) -> None:
     """tcp and abstract unix sockets have no permissions: any local UID may connect."""
     url = url_of(scheme, shared_directory)
-    produced, consumed = run_pair(url)
+    produced, consumed = run_pair(url, visible=False)
     assert_no_traceback(produced, consumed)
     assert produced.ok, produced.error
     assert consumed.ok, consumed.error

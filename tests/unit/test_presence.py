@@ -9,6 +9,7 @@ import signal
 import stat
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,27 @@ def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
+def in_a_fresh_process(test: Callable[[], None]) -> None:
+    """Run `test` in a forked child, where the process-wide peer monitor starts with nothing watched (the fork hook
+    resets it), so claims about the monitor thread judge only this test's watches, not what other tests of this
+    process (or a failed one's endpoints) still watch."""
+    context = multiprocessing.get_context("fork")
+    outcome = context.Queue()
+
+    def run() -> None:
+        try:
+            test()
+            outcome.put(None)
+        except BaseException:
+            outcome.put(traceback.format_exc())
+
+    child = context.Process(target=run)
+    child.start()
+    error = outcome.get(timeout=60)
+    child.join(10)
+    assert error is None, error
+
+
 def hold_until_killed(directory: str, ready: Any) -> None:
     Presence("token", "producer", directory=directory)
     ready.set()
@@ -360,7 +382,10 @@ def hold_until_killed(directory: str, ready: Any) -> None:
 
 
 def test_the_watch_calls_back_once_within_two_seconds_of_a_peer_killed(tmp_path: Path) -> None:
-    directory = str(tmp_path)
+    in_a_fresh_process(lambda: watch_a_peer_killed(str(tmp_path)))
+
+
+def watch_a_peer_killed(directory: str) -> None:
     context = multiprocessing.get_context("fork")
     ready = context.Event()
     holder = context.Process(target=hold_until_killed, args=(directory, ready))
@@ -425,7 +450,10 @@ def test_a_producer_ending_an_earlier_stream_is_not_taken_for_the_next_consumers
 
 
 def test_unwatch_stops_the_calls_and_a_failing_callback_stops_nobody_elses(tmp_path: Path) -> None:
-    directory = str(tmp_path)
+    in_a_fresh_process(lambda: unwatch_and_fail_a_callback(str(tmp_path)))
+
+
+def unwatch_and_fail_a_callback(directory: str) -> None:
     producer = Presence("token", "producer", directory=directory)
     consumer = Presence("token", "consumer", directory=directory)
     other_producer = Presence("other", "producer", directory=directory)
@@ -452,7 +480,10 @@ def test_unwatch_stops_the_calls_and_a_failing_callback_stops_nobody_elses(tmp_p
 
 
 def test_no_monitor_thread_runs_until_something_is_watched_nor_in_a_forked_child(tmp_path: Path) -> None:
-    directory = str(tmp_path)
+    in_a_fresh_process(lambda: watch_then_fork(str(tmp_path)))
+
+
+def watch_then_fork(directory: str) -> None:
     producer = Presence("token", "producer", directory=directory)
     consumer = Presence("token", "consumer", directory=directory)
     assert wait_for(lambda: not monitor_threads(), 2)

@@ -117,7 +117,9 @@ class BatchSync:
     parked (both read under the GIL's sequential order: the thread parks only after seeing
     nothing unsynced, the endpoint looks at `parked` after counting its write). `sync()`
     runs holding `lock`, which the endpoint takes to swap or close what `sync()` uses. A
-    failure is handed to `failed` (on the thread) and ends it.
+    failure is handed to `failed` (on the thread) and ends it. Both are the endpoint's methods,
+    held weakly: the thread must not keep an endpoint dropped without close() alive (then
+    collected, its __del__ aborts it, which stops the thread).
     """
 
     def __init__(self, sync: Callable[[], None], delay: float, failed: Callable[[OSError], None]) -> None:
@@ -128,8 +130,8 @@ class BatchSync:
         self.stopping = False
         self.lock = threading.Lock()
         self._wake = threading.Event()
-        self._sync = sync
-        self._failed = failed
+        self._sync = weakref.WeakMethod(sync)
+        self._failed = weakref.WeakMethod(failed)
         self._thread = threading.Thread(target=self._run, name="podipc-spool-sync", daemon=True)
         self._thread.start()
 
@@ -152,15 +154,24 @@ class BatchSync:
                 time.sleep(pause)
             mark = self.written
             with self.lock:
-                if self.stopping:
-                    return
-                try:
-                    self._sync()
-                except OSError as exc:
-                    self._failed(exc)
+                if self.stopping or not self._sync_once():
                     return
             self.synced = mark
             last = time.monotonic()
+
+    def _sync_once(self) -> bool:
+        """Sync once; False when the thread must end (the sync failed, or its endpoint was collected)."""
+        sync = self._sync()
+        if sync is None:
+            return False
+        try:
+            sync()
+        except OSError as exc:
+            failed = self._failed()
+            if failed is not None:
+                failed(exc)
+            return False
+        return True
 
     def stop(self) -> None:
         """Let the thread end without syncing again (the endpoint syncs last itself, holding `lock`)."""
@@ -314,14 +325,7 @@ class SpoolSide:
     def _watch_peer(self) -> None:
         presence = self._presence
         assert presence is not None
-        endpoint = weakref.WeakMethod(self._signal_peer_lost)
-
-        def lost() -> None:
-            signal = endpoint()
-            if signal is not None:
-                signal()
-
-        presence.watch(lost)
+        presence.watch(self._signal_peer_lost)  # held weakly by the monitor
 
     def _signal_peer_lost(self) -> None:
         """The peer monitor saw the peer go (its thread): flag it and wake a waiting call through the readiness fd."""
