@@ -17,7 +17,10 @@ Semantics:
 - Each session is a fresh `podipc.consumer(url)`, opened when the previous one ended, so
   every producer starts a new stream (as after a restart, docs/restart.md); the previous
   session's objects are freed first. A producer that starts between two sessions waits
-  for the next one (the rendezvous rule: either side may start first).
+  for the next one (the rendezvous rule: either side may start first). Sessions take one
+  producer at a time: a second producer that starts while a session streams is refused at
+  once, as on any channel (ChannelUnavailable "another producer is attached", exit 3 from
+  `podipc produce`); many producers feeding one consumer at once are not a pair channel.
 - A session waits for its producer forever (`wait=None`), unless the URL or the options
   give `wait`.
 - `close()` (from any thread or a signal handler; `close_on_signals` does it) ends the
