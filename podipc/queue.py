@@ -68,6 +68,7 @@ from typing import Any, ClassVar
 
 from podipc.address import Address
 from podipc.consuming import Consumer
+from podipc.endpoint import holds_call_gate
 from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout
 from podipc.options import Option, parse_bool
 from podipc.ownership import Owner, Trust, grants_others
@@ -274,6 +275,7 @@ class QueueProducer(Producer):
 
     # --- the hot path ---------------------------------------------------------
 
+    @holds_call_gate
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
 
@@ -657,6 +659,7 @@ class QueueConsumer(Consumer):
 
     # --- receiving ---------------------------------------------------------
 
+    @holds_call_gate
     def recv(self, timeout: float | None = None) -> bytes:
         """Receive the next message; wait at most `timeout` seconds (None: no limit, 0: try once now).
 

@@ -34,7 +34,7 @@ from podipc.transport import Capability, transport_for
 from podipc.transports.spool.wire import DIRECTORY_MARKER, POSITION_NAME, parse_segment_name
 from tests.commands import PODIPC, system_tool
 
-from .harness import ABSTRACT_SUFFIX, CONTEXT, leftovers, object_names, url_for, wait_until
+from .harness import ABSTRACT_SUFFIX, CONTEXT, RELIABLE, leftovers, object_names, url_for, wait_until
 from .test_lifecycle import CONTRACT_SCHEMES
 
 pytestmark = pytest.mark.timeout(120)
@@ -207,15 +207,22 @@ PID1 = [pytest.param(False, id="process"), pytest.param(True, id="pid1")]
 
 
 def streaming_pair(
-    commands: list[Command], tmp: Path, scheme: str, *, producer_pid1: bool = False, consumer_pid1: bool = False
+    commands: list[Command],
+    tmp: Path,
+    scheme: str,
+    *,
+    producer_pid1: bool = False,
+    consumer_pid1: bool = False,
+    rate: str = STREAM_RATE,
 ) -> tuple[str, Path, Command, Command]:
-    """(url, consumer's output file, consumer, producer) of an endless stream that has begun to flow."""
+    """(url, consumer's output file, consumer, producer) of an endless stream that has begun to flow (`rate`
+    messages a second; "0": flat out, the producer mostly waits in send for room)."""
     if producer_pid1 or consumer_pid1:
         needs_unshare()
     url = url_for(scheme, wait=30)
     output = tmp / "received"
     consumer = start(commands, tmp, "consumer", "consume", url, "--output", str(output), pid1=consumer_pid1)
-    producer = start(commands, tmp, "producer", "produce", url, "--count", ENDLESS, "--rate", STREAM_RATE,
+    producer = start(commands, tmp, "producer", "produce", url, "--count", ENDLESS, "--rate", rate,
                      pid1=producer_pid1)  # fmt: skip
     streaming(output)
     return url, output, consumer, producer
@@ -294,6 +301,26 @@ def test_sigterm_to_both_sides_at_once_delivers_every_message_sent(
     assert consumed["end_of_stream"] is True, consumed  # the consumer drained up to the producer's end of stream
     same_stream(produced, consumed)
     nothing_left(url)
+
+
+@pytest.mark.parametrize("scheme", [scheme for scheme in CONTRACT_SCHEMES if scheme in RELIABLE])  # udp: no room waits
+def test_a_producer_signalled_while_its_send_waits_for_room_ends_the_stream_within_the_consumers_drain(
+    scheme: str, tmp_path: Path, commands: list[Command]
+) -> None:
+    """Flat out, the producer is mostly inside send waiting for room when its SIGTERM comes, a moment after the
+    consumer's (a kubelet's SIGTERMs are not simultaneous). Its close from the signal handler must not wait for
+    the call gate that very send holds (mq and sysvmq did, until the consumer's drain ran out: PeerGone, exit 7)."""
+    _, _, consumer, producer = streaming_pair(commands, tmp_path, scheme, rate="0")
+
+    signalled = consumer.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    producer.signal(signal.SIGTERM)
+
+    assert consumer.exit_within(STOP_SECONDS, signalled) == SIGTERM_EXIT, consumer.stderr()
+    assert producer.exit_within(STOP_SECONDS, signalled) == SIGTERM_EXIT, producer.stderr()
+    produced, consumed = producer.summary(), consumer.summary()
+    assert consumed["end_of_stream"] is True, consumed
+    same_stream(produced, consumed)
 
 
 def test_sigint_stops_with_its_own_exit_code(scheme: str, tmp_path: Path, commands: list[Command]) -> None:
