@@ -11,6 +11,11 @@ PODIPC_DEPTH...: podipc.environment; the URL's query wins). Errors become one li
 stderr and a non-zero exit code. SIGTERM and SIGINT stop produce/consume/run cleanly
 (podipc.signals.close_on_signals): summary printed, stream ended, objects removed, exit
 128 + the signal's number.
+
+Why one module of ~770 lines: produce, consume and run share their options, summary
+lines, framing, signal handling and exit codes, which are most of the file; split, each
+command's module would import all of them back, and a reader of one command would open
+three files to see its whole life.
 """
 
 from __future__ import annotations

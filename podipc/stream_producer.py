@@ -21,6 +21,10 @@ before it blocks (`flush_pending`); flush() and close() write them at once. What
 outbox holds counts as sent: a Timeout still means nothing of that message was sent, and
 a kill -9 loses the outbox (at most OUTBOX_BYTES). send_many() writes the outbox and the
 batch's frames in one write (up to GATHER_BYTES at a time).
+
+Why one module of ~630 lines: connecting, partial frames, the outbox and the flusher's
+hand-off all act on the same socket state under the same call gate; the flusher itself
+lives apart (podipc.flushing).
 """
 
 from __future__ import annotations
