@@ -243,6 +243,10 @@ def _close_quietly(queue: Any) -> None:
             queue.close()
 
 
+MODE_SETTLING_SECONDS = 0.5
+"""How long a producer refused by the consumer's new queue looks again before it reports the refusal."""
+
+
 class PosixMQProducer(QueueProducer):
     """Sends each message as one priority-1 message on the POSIX queue /NAME."""
 
@@ -278,8 +282,22 @@ class PosixMQProducer(QueueProducer):
     def _limits(self) -> tuple[int, int]:
         return _check_limits(self.settings)
 
+    _denied_since: float | None = None
+
     def _open_existing(self) -> Any:
-        return _open(self.name, read=False)
+        try:
+            queue = _open(self.name, read=False)
+        except ChannelUnavailable:
+            # mq_open applies the creator's umask and the consumer sets the asked mode (0660) with fchmod right
+            # after: a group member may meet the queue in between. A refusal counts once it outlasts that moment.
+            now = time.monotonic()
+            if self._denied_since is None:
+                self._denied_since = now
+            if now - self._denied_since < MODE_SETTLING_SECONDS:
+                return None
+            raise
+        self._denied_since = None
+        return queue
 
     def _identity(self, queue: Any) -> QueueIdentity:
         return _identity(queue)
