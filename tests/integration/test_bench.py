@@ -77,7 +77,7 @@ def free_port() -> int:
 
 def assert_sane(record: dict[str, Any]) -> None:
     """Figures of an ok cell: present, finite, ordered, neither negative nor absurd."""
-    where = f"{record['subject']} {record['mode']} {record['size']}"
+    where = f"{record['subject']} {record['mode']} {record['size']}: {record}"  # the whole record, to tell which figure
     assert record["cpu"] is not None, where
     for value in record["cpu"].values():
         assert math.isfinite(value) and value >= 0, where
