@@ -130,6 +130,8 @@ class FrameReader:
     def buffered_frames(self, max_count: int) -> list[bytes]:
         """Up to `max_count` frames already complete in the buffer, in order ([] when none). Never reads."""
         ready = self.ready
+        if max_count < 1:
+            return []  # del ready[-0:] below would drop every frame
         if not ready and self._end - self._start >= HEADER_SIZE:
             self._cut()
         if len(ready) <= max_count:

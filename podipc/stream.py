@@ -398,7 +398,9 @@ class StreamConsumer(Consumer):
         if frame is None:
             return frames
         frames.append(frame)
-        return frames + self._reader.buffered_frames(max_count - len(frames))
+        if len(frames) < max_count:
+            frames += self._reader.buffered_frames(max_count - len(frames))
+        return frames
 
     def _recv(self, deadline: float | None) -> bytes:
         connection = self._connection

@@ -178,12 +178,6 @@ def names_the_fix(message: str) -> bool:
     return all(word in message for word in FIX_WORDS) and any(word in message for word in GROUP_WORDS)
 
 
-def known(scheme: str, reason: str) -> Any:
-    """A case that shows a defect reported to the channel's owner (strict: it must fail until fixed)."""
-    return pytest.param(scheme, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-ABANDONED_PRESENCE = "both refused sides abandon their presence file on abort; nobody removes it"
 REFUSAL_CASES = [*PERMISSION_SCHEMES, *PRESENCE_ONLY_SCHEMES]
 
 

@@ -268,6 +268,7 @@ def test_buffered_frames_hands_out_at_most_max_count_in_order_and_never_reads() 
     assert reader.buffered_frames(10) == []
     assert reader.read_frame(source) == messages[0]
     calls = source.calls
+    assert reader.buffered_frames(0) == []  # and keeps every frame (it once dropped them all)
     assert reader.buffered_frames(10) == messages[1:11]
     assert reader.buffered_frame() == messages[11]
     assert reader.buffered_frames(1000) == messages[12:]
