@@ -118,6 +118,13 @@ class _RingSide:
         endpoint.opened_at = time.monotonic()
         endpoint.wait_deadline = endpoint.opened_at + float(endpoint.settings["wait"])
 
+    def _interrupt(self) -> None:
+        """Wake this side's blocked call (the endpoint contract's hook), both sides alike."""
+        waiter = self._waiter
+        if waiter is not None:
+            waiter.interrupt()  # a spinning wait
+            waiter.wake_self()  # a selector on fileno() (a poll wakes on the waker too); the next attempt says why
+
     def _check_segment(self) -> None:
         """ProtocolError when the segment was truncated (the monitor may have said so)."""
         segment = self._segment
@@ -441,12 +448,6 @@ class ShmProducer(_RingSide, Producer):
             raise self._consumer_gone()
         return False
 
-    def _interrupt(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            waiter.interrupt()  # a spinning wait
-            waiter.wake_self()  # a selector on fileno() (a poll wakes on the waker too); the next attempt says why
-
     def _signal_peer_lost(self) -> None:
         Producer._signal_peer_lost(self)
         self._interrupt()
@@ -688,12 +689,6 @@ class ShmConsumer(_RingSide, Consumer):
         if reader.arm() is not None:
             waiter.wake_self()
         return waiter.fifo.fd, POLLIN, waiter.retry_after()
-
-    def _interrupt(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            waiter.interrupt()  # a spinning wait
-            waiter.wake_self()  # a selector on fileno() (a poll wakes on the waker too); the next attempt says why
 
     def _signal_peer_lost(self) -> None:
         Consumer._signal_peer_lost(self)
