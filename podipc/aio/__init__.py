@@ -8,11 +8,12 @@
             ...
         message = await inbox.recv(timeout=1.0)
 
-How it waits: on channels of the endpoint contract (tcp://, unix:// today) a call makes one
-non-blocking attempt and, when it must wait, registers the endpoint's readiness descriptor
-and its waker with loop.add_reader: no thread, no hop per message. Channels that have no
-readiness descriptor yet run their blocking calls on ONE helper thread per endpoint (not
-per message); the docs list which channel is which.
+How it waits: a call makes one non-blocking attempt and, when it must wait, registers the
+endpoint's readiness descriptor and its waker with loop.add_reader/add_writer: no thread, no
+hop per message. Every channel has such a descriptor (sysvmq:// through one helper thread
+per endpoint that feeds an eventfd; the README's Lifecycle table says which is which); a
+transport written without the non-blocking hooks runs its blocking calls on ONE helper
+thread per endpoint (not per message).
 
 Cancellation: an attempt never half-happens, so cancelling a task blocked in recv() loses
 no message (the next recv() gets it) and cancelling send() leaves the message sent whole or
