@@ -347,8 +347,10 @@ class UDPProducer(Producer):
         self.__dict__.pop("_send", None)  # the next send is an attempt, which says PeerGone
         super()._signal_peer_lost()
 
-    def _consumer_gone(self) -> PeerGone:
-        return PeerGone(f"the consumer of {self._what} is gone (it died or closed before the end of stream)")
+    def _consumer_gone(self) -> PeerGone | ChannelUnavailable:
+        return self._presence.lost_error(
+            PeerGone(f"the consumer of {self._what} is gone (it died or closed before the end of stream)")
+        )
 
     # --- the rendezvous --------------------------------------------------------
 
@@ -442,7 +444,9 @@ class UDPProducer(Producer):
                 self._gone_since = now
                 self._next_control_at = min(self._next_control_at, now + ACK_GRACE_SECONDS)
             elif now >= self._gone_since + ACK_GRACE_SECONDS:
-                raise PeerGone(f"the consumer of {self._what} is gone before it took the end of stream")
+                raise self._presence.lost_error(
+                    PeerGone(f"the consumer of {self._what} is gone before it took the end of stream")
+                )
         if now >= self._next_control_at:
             self._send_control(self._hello)  # the first HELLO may have been lost: say it again
             self._send_control(self._end_of_stream)
@@ -670,7 +674,9 @@ class UDPConsumer(Consumer):
     def _check_producer(self) -> None:
         """Nothing is queued: raise PeerGone if the producer was lost meanwhile (its last datagrams are read)."""
         if self._peer_lost or self._port_closed:
-            raise PeerGone(f"the producer of {self._what} is gone (it died or closed without ending the stream)")
+            raise self._presence.lost_error(
+                PeerGone(f"the producer of {self._what} is gone (it died or closed without ending the stream)")
+            )
 
     def _take(self, size: int) -> bytes | None:
         """Handle the datagram of `size` bytes in the buffer: its payload, or None when it was not data."""

@@ -205,7 +205,9 @@ def hold_producer_presence(uid: int, url: str, seconds: float) -> None:
     presence.close()
 
 
-@pytest.mark.parametrize("scheme", ["mq", "sysvmq"])
+# udp:// is not here: its consumer finds its producer by the HELLO's socket owner, not by a presence file, and
+# ignores another user's HELLO (tests/hostile/test_udp_cotenant.py)
+@pytest.mark.parametrize("scheme", ["mq", "sysvmq", "shm", "zmq+tcp", "zmq+ipc"])
 def test_a_waiting_consumer_that_sees_another_uids_producer_says_it_refused_it_with_the_fix(
     scheme: str, shared_directory: str
 ) -> None:
@@ -215,7 +217,8 @@ def test_a_waiting_consumer_that_sees_another_uids_producer_says_it_refused_it_w
     consumer_results = CONTEXT.Queue()
     consumer = CONTEXT.Process(target=as_consumer, args=(CONSUMER_UID, url, consumer_results))
     consumer.start()
-    assert wait_until(lambda: len(leftovers(url)) >= 2, 20), "the consumer never opened"  # its queue and presence
+    opened = 1 if _on_a_port(scheme) else 2  # its presence, and its queue or segment or socket file
+    assert wait_until(lambda: len(leftovers(url)) >= opened, 20), "the consumer never opened"
     producer = CONTEXT.Process(target=hold_producer_presence, args=(PRODUCER_UID, url, 5.0))
     producer.start()
     try:

@@ -269,12 +269,14 @@ class ShmProducer(_RingSide, Producer):
     def _too_large(self, size: int) -> MessageTooLarge:
         return MessageTooLarge(size, self.max_message_size, self.max_message_source, self.max_message_fix)
 
-    def _consumer_gone(self) -> PeerGone:
+    def _consumer_gone(self) -> PeerGone | ChannelUnavailable:
         writer = self._writer
         if writer is not None and writer.consumer_closed():
             return PeerGone(f"the consumer of {self.address.location} closed the channel")
-        return PeerGone(
-            f"the consumer of {self.address.location} is gone (it died or closed without reading the end of stream)"
+        return self._presence.lost_error(
+            PeerGone(
+                f"the consumer of {self.address.location} is gone (it died or closed without reading the end of stream)"
+            )
         )
 
     # --- zero copy ----------------------------------------------------------------
@@ -673,10 +675,11 @@ class ShmConsumer(_RingSide, Consumer):
             return self._producer_gone()
         return None
 
-    def _producer_gone(self) -> PeerGone:
-        return PeerGone(
+    def _producer_gone(self) -> PeerGone | ChannelUnavailable:
+        gone = PeerGone(
             f"the producer of {self.address.location} is gone (it died or aborted without ending the stream)"
         )
+        return gone if self._presence is None else self._presence.lost_error(gone)
 
     # --- the endpoint contract ----------------------------------------------------
 

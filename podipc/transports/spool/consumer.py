@@ -342,7 +342,7 @@ class SpoolConsumer(SpoolSide, Consumer):
     def _try_recv_slowly(self) -> bytes | None:
         """Everything but a whole message in the buffer: read on, follow segments, the end, errors, waiting."""
         looked_after_draining = False
-        gone: PeerGone | None = None
+        gone: PeerGone | ChannelUnavailable | None = None
         while True:
             result = self._step()
             if result is _AGAIN:

@@ -353,7 +353,7 @@ class SpoolSide:
         if self._presence is not None:
             self._presence.peer_seen = value
 
-    def _peer_gone(self, peer: str) -> PeerGone | None:
+    def _peer_gone(self, peer: str) -> PeerGone | ChannelUnavailable | None:
         """With the peer lost: None while a peer is there again or restart_wait lasts, else the PeerGone to raise.
 
         A peer that is alive (the same, or a restarted one that took its place) is watched
@@ -363,7 +363,8 @@ class SpoolSide:
         assert presence is not None
         try:
             alive = presence.peer_state() is PeerState.ALIVE
-        except ChannelUnavailable:
+        except ChannelUnavailable as refusal:  # the peer's path holds something not ours: our peer is gone
+            presence.refusal = refusal
             alive = False
         now = time.monotonic()
         if alive:
@@ -377,9 +378,11 @@ class SpoolSide:
         if now - self._lost_at < self._restart_wait:
             return None
         waited = f" and did not come back within restart_wait={self._restart_wait:g}s" if self._restart_wait else ""
-        return PeerGone(
-            f"the {peer} of {self.path} is gone (it died or closed without ending the stream){waited}; "
-            "the spool keeps the stream: a restarted side resumes it"
+        return presence.lost_error(
+            PeerGone(
+                f"the {peer} of {self.path} is gone (it died or closed without ending the stream){waited}; "
+                "the spool keeps the stream: a restarted side resumes it"
+            )
         )
 
     # --- readiness ---------------------------------------------------------------------

@@ -443,7 +443,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                 self._sock.disable_monitor()
             monitor.close(linger=0)
 
-    def _consumer_gone(self) -> PeerGone:
+    def _consumer_gone(self) -> PeerGone | ChannelUnavailable:
         """The PeerGone for a consumer the peer monitor lost: died, left, or replaced by another."""
         tracker = self._tracker
         if tracker.state is PeerState.ALIVE:
@@ -451,7 +451,9 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                 f"the consumer of {self._what} was replaced: the one this stream began with died or left "
                 "and a new one attached (restarted at once?); what the old one held is lost, so the stream is broken"
             )
-        return PeerGone(f"the consumer of {self._what} is gone (it died or closed without ending the stream)")
+        return self._presence.lost_error(
+            PeerGone(f"the consumer of {self._what} is gone (it died or closed without ending the stream)")
+        )
 
     def _try_close(self) -> bool:
         """One step of ending the stream: rendezvous if needed, send the end of stream, take its ack.
@@ -634,7 +636,9 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         Raises PeerGone once the peer monitor lost the producer (what was queued is taken by then).
         """
         if self._peer_lost:
-            raise PeerGone(f"the producer of {self._what} is gone (it died or closed without ending the stream)")
+            raise self._presence.lost_error(
+                PeerGone(f"the producer of {self._what} is gone (it died or closed without ending the stream)")
+            )
         if not self._peer_seen and self._presence.peer_state() is PeerState.ALIVE:
             self._peer_seen = True
 
