@@ -834,3 +834,38 @@ finally:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 3, done.stderr
     assert float(done.stdout) < 0.6
+
+
+# --- batches: send_many writes runs of records, recv_many takes runs (one index store each) ---------------
+
+
+def test_batches_through_a_small_ring_wrap_and_fill_it_and_keep_every_message_in_order(name: str) -> None:
+    """A 4 KiB ring: batches of mixed sizes wrap it many times and fill it mid-batch; recv_many takes runs."""
+    import random
+
+    chooser = random.Random(13)
+    batches = [
+        [
+            index.to_bytes(4, "little") + bytes([batch % 256]) * chooser.randrange(0, 900)
+            for index in range(chooser.randrange(1, 40))
+        ]
+        for batch in range(300)
+    ]
+    link = f"{url(name)}?capacity=4096"
+    received: list[bytes] = []
+    with podipc.consumer(link, wait=10) as inbox:
+
+        def produce() -> None:
+            with podipc.producer(link, wait=10) as out:
+                for batch in batches:
+                    assert out.send_many(batch, timeout=10) == len(batch)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        with pytest.raises(EndOfStream):
+            while True:
+                taken = inbox.recv_many(chooser.choice([1, 3, 17, 256]), timeout=10)
+                assert taken
+                received += taken
+        producer.join(10)
+    assert received == [message for batch in batches for message in batch]

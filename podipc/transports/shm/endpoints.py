@@ -252,12 +252,21 @@ class ShmProducer(_RingSide, Producer):
         return writer.try_write(view, view.nbytes)
 
     def _try_send_many(self, views: Sequence[memoryview], start: int) -> int:
-        if start == 0 and (self._writer or self._try_attach()) is not None:
+        writer = self._writer or self._try_attach()
+        if writer is None:
+            return start
+        if self._state:
+            self._check_state()
+        if start == 0:
             # the ring's limit is known only once attached: check the whole batch before its first message goes
-            largest = max((view.nbytes for view in views[start:]), default=0)
+            largest = max((view.nbytes for view in views), default=0)
             if largest > self.max_message_size:
                 raise self._too_large(largest)
-        return Producer._try_send_many(self, views, start)
+        waiter = self._waiter
+        if waiter is not None and waiter.armed:  # a wake-up: the segment may have changed while we waited
+            self._check_segment()
+            waiter.disarm()
+        return writer.try_write_many(views, start)
 
     def _check_state(self) -> None:
         """The slow path of the state check: closed or forked, the ring truncated, the consumer lost."""
@@ -636,6 +645,19 @@ class ShmConsumer(_RingSide, Consumer):
             if self._peer_lost:
                 raise self._producer_gone()
         return message
+
+    def _try_recv_many(self, max_count: int) -> list[bytes]:
+        reader = self._reading()
+        waiter = self._waiter
+        if waiter is not None and waiter.armed:
+            self._check_segment()
+            waiter.disarm()
+        messages = reader.try_take_many(max_count)
+        if not messages:
+            self._note_peer()
+            if self._peer_lost:
+                raise self._producer_gone()
+        return messages
 
     def _refuse(self) -> NoReturn:
         """Raise why there is nothing to read: ChannelClosed, or EndOfStream after the end."""

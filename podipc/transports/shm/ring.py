@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal, overload
 
-from podipc.errors import EndOfStream
+from podipc.errors import EndOfStream, ProtocolError
 from podipc.options import deadline_after
 from podipc.transports.shm.fence import WEAK_MEMORY_ORDER, full_fence
 from podipc.transports.shm.layout import (
@@ -107,6 +107,50 @@ class RingWriter:
             return False
         self._put(self._reserve(size, None), data, length)
         return True
+
+    def try_write_many(self, views: Sequence[memoryview], start: int) -> int:
+        """Write `views[start:]` (sizes checked) while there is room, publishing the write index once per run.
+
+        Returns the index after the last message written; `start` when none fitted (then the
+        waiter is armed, as try_write does). Records go back to back; a wrap, or a full ring,
+        publishes what was written and takes the general path for that one message.
+        """
+        self._refuse_during_loan()
+        capacity = self._capacity
+        words = self._words
+        ring = self._map
+        index = start
+        total = len(views)
+        while index < total:
+            write_index = self._write_index
+            limit = self._write_limit
+            first = index
+            while index < total:
+                view = views[index]
+                length = view.nbytes
+                size = 8 + ((length + 7) & -8)
+                position = write_index % capacity
+                if position + size > capacity:
+                    break  # a wrap record first: the general path
+                if write_index + size > limit:
+                    limit = words[READ_INDEX_WORD] + capacity
+                    if write_index + size > limit:
+                        break  # no room: the general path arms the waiter
+                offset = HEADER_SIZE + position
+                words[offset >> 3] = length
+                ring[offset + RECORD_HEADER_SIZE : offset + RECORD_HEADER_SIZE + length] = view
+                write_index += size
+                index += 1
+            self._write_limit = limit
+            self._read_index = limit - capacity
+            if index > first:
+                self._publish(write_index - self._write_index)
+            if index < total:
+                view = views[index]
+                if not self.try_write(view, view.nbytes):
+                    break
+                index += 1
+        return index
 
     def _put(self, offset: int, data: bytes | bytearray | memoryview, length: int) -> None:
         self._words[offset >> 3] = length
@@ -357,6 +401,56 @@ class RingReader:
         data = self._map[record.payload_offset : record.payload_offset + record.length]
         self._advance(record.next_read_index)
         return data
+
+    def try_take_many(self, max_count: int) -> list[bytes]:
+        """Up to `max_count` messages (copies) that are there now, publishing the read index once; [] when none.
+
+        Never waits and never arms the waiter (it is called after a message was taken). An
+        end of stream or garbage after some messages is left for the next call; with none,
+        EndOfStream (after `on_end`) or ProtocolError is raised.
+        """
+        self.release_held()
+        words = self._words
+        ring = self._map
+        capacity = self._capacity
+        largest = self._max_message_size
+        read_index = self._read_index
+        write_index: int = words[WRITE_INDEX_WORD]
+        if WEAK_MEMORY_ORDER:
+            full_fence()
+        messages: list[bytes] = []
+        append = messages.append
+        count = 0
+        while count < max_count and read_index != write_index:
+            position = read_index % capacity
+            offset = HEADER_SIZE + position
+            length = words[offset >> 3]  # a data record's header word is its length (kind 0 in the high half)
+            if length <= largest:
+                size = 8 + ((length + 7) & -8)
+                if position + size <= capacity and size <= write_index - read_index <= capacity:
+                    start = offset + RECORD_HEADER_SIZE
+                    append(ring[start : start + length])
+                    read_index += size
+                    count += 1
+                    continue
+            if messages:  # a marker or garbage: the messages first, what follows on the next call
+                try:
+                    record = decode_record(self._view, capacity, largest, read_index, write_index)
+                except ProtocolError:
+                    break
+                if record.kind != KIND_WRAP:
+                    break
+                read_index = record.next_read_index
+                continue
+            record = decode_record(self._view, capacity, largest, read_index, write_index)
+            self._advance(record.next_read_index)
+            read_index = record.next_read_index
+            if record.kind == KIND_END:
+                self._on_end()
+                raise EndOfStream(self._end_message)
+        if read_index != self._read_index:
+            self._advance(read_index)
+        return messages
 
     def has_message(self) -> bool:
         """True when the write index is ahead of this reader (a message, or the end, may be taken now)."""
