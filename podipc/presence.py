@@ -743,9 +743,12 @@ class _PeerMonitor:
         with self._dispatch:
             if not watch.active:
                 return
-            on_lost = watch.callback()
-            if on_lost is not None and not watch.lost():
-                return
+            if watch.lost():
+                on_lost = watch.callback()
+            elif watch.callback() is not None:
+                return  # the common case: the endpoint was held only for that instant, never during the probe
+            else:
+                on_lost = None  # its endpoint was collected: drop the watch
             watch.active = False
             with self._lock, contextlib.suppress(ValueError):
                 self._watches.remove(watch)

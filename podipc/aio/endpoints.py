@@ -8,6 +8,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable
+from time import monotonic as _monotonic
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -160,11 +161,10 @@ class _AsyncEndpoint:
         self._yielded_at = 0.0
 
     async def _take_turns(self) -> None:
-        """Yield to the loop when this endpoint has run for FAIRNESS_SECONDS without waiting."""
-        now = asyncio.get_running_loop().time()
-        if now - self._yielded_at >= FAIRNESS_SECONDS:
-            await asyncio.sleep(0)
-            self._yielded_at = asyncio.get_running_loop().time()
+        """Yield to the loop; the hot paths call it once FAIRNESS_SECONDS passed since the last yield or wait
+        (checked inline there: a coroutine more per message would cost more than the check)."""
+        await asyncio.sleep(0)
+        self._yielded_at = _monotonic()
 
     async def _on_worker(self, work: asyncio.Future[T]) -> T:
         """Await the helper thread's result, or raise ChannelClosed as soon as this side is closed."""
@@ -261,7 +261,8 @@ class AsyncProducer(_AsyncEndpoint):
         if self._worker is not None:
             await self._on_worker(self._worker.submit(endpoint.send, bytes(data), timeout))
             return
-        await self._take_turns()
+        if _monotonic() - self._yielded_at >= FAIRNESS_SECONDS:
+            await self._take_turns()
         if not endpoint.try_send(data):
             deadline = deadline_after(timeout)
             watch = self._watch
@@ -381,17 +382,23 @@ class AsyncConsumer(_AsyncEndpoint):
         endpoint = self._sync
         if self._worker is not None:
             return await self._recv_on_worker(timeout)
-        await self._take_turns()
+        if _monotonic() - self._yielded_at >= FAIRNESS_SECONDS:
+            await self._take_turns()
         message = endpoint.try_recv()
         if message is not None:
             return message
+        return await self._recv_after_waiting(timeout)
+
+    async def _recv_after_waiting(self, timeout: float | None) -> bytes:
+        """recv() once the first attempt found nothing: wait for readiness, try again, until the deadline."""
+        endpoint = self._sync
         deadline = deadline_after(timeout)
         watch = self._watch
         while True:
             await watch.wait(endpoint._seconds_to_wait(deadline))
             message = endpoint.try_recv()
             if message is not None:
-                self._yielded_at = asyncio.get_running_loop().time()
+                self._yielded_at = _monotonic()
                 return message
 
     async def _recv_on_worker(self, timeout: float | None) -> bytes:
@@ -440,8 +447,16 @@ class AsyncConsumer(_AsyncEndpoint):
         return self
 
     async def __anext__(self) -> bytes:
+        # recv()'s fast path inline: one coroutine per message, not two
         try:
-            return await self.recv()
+            if self._worker is None:
+                if _monotonic() - self._yielded_at >= FAIRNESS_SECONDS:
+                    await self._take_turns()
+                message = self._sync.try_recv()
+                if message is not None:
+                    return message
+                return await self._recv_after_waiting(None)
+            return await self._recv_on_worker(None)
         except EndOfStream:
             raise StopAsyncIteration from None
 
