@@ -103,18 +103,25 @@ def test_read_frame_from_a_stream(benchmark: Callable[..., object], size: int) -
 
 
 def fits_in_flight(producer: podipc.Producer, consumer: podipc.Consumer, payload: bytes) -> bool:
-    """Send a probe (the rendezvous): True when it arrives whole, so send() then recv() in one thread cannot deadlock.
+    """Send a probe (the rendezvous): True when the channel took it whole within send(), so send() then recv() in
+    one thread cannot deadlock.
 
     A blocking send whose time runs out with part of a frame still unsent counts the message
-    as sent and keeps the rest pending; the receive then times out, and the rest is pushed
-    out by the non-blocking pair.
+    as sent and keeps the rest pending (the producer has no room: poll(0) is False); that
+    rest is pushed out by the non-blocking pair. A receive in the same process could carry
+    it too (a stream consumer flushes its process's producers before it blocks), but a
+    send() with no timeout would still wait for room no receive of this thread can make.
     """
     producer.send(payload, PROBE_SECONDS)
+    whole = producer.poll(0)
     try:
-        return len(consumer.recv(PROBE_SECONDS)) == len(payload)
+        received = consumer.recv(PROBE_SECONDS) if whole else None
     except Timeout:
+        received = None
+    if received is None:
         non_blocking_pair(producer, consumer, payload, send_first=False)()
         return False
+    return len(received) == len(payload)
 
 
 def non_blocking_pair(
