@@ -19,10 +19,12 @@ from podipc.errors import (
     PeerTimeout,
     PodIPCError,
     ProtocolError,
+    RemoteError,
     Timeout,
 )
 from podipc.producing import Producer
 from podipc.readiness import wait
+from podipc.rpc import Call, Client, Server, client, server
 from podipc.serving import Sessions, serve
 from podipc.signals import close_on_signals
 
@@ -34,9 +36,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "Address",
     "AddressError",
+    "Call",
     "ChannelClosed",
     "ChannelInfo",
     "ChannelUnavailable",
+    "Client",
     "Consumer",
     "EndOfStream",
     "MessageTooLarge",
@@ -45,16 +49,20 @@ __all__ = [
     "PodIPCError",
     "Producer",
     "ProtocolError",
+    "RemoteError",
+    "Server",
     "Sessions",
     "Timeout",
     "__version__",
     "aio",
     "channels",
+    "client",
     "close_on_signals",
     "consumer",
     "parse_address",
     "producer",
     "serve",
+    "server",
     "wait",
 ]
 

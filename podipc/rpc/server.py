@@ -1,0 +1,486 @@
+"""The request/reply server: one thread answers many clients over a selector loop.
+
+The server listens at open (as a stream consumer does). The thread that iterates it
+(`for call in server`, or `serve(handler)`) runs the loop: it accepts clients, checks
+their hello, cuts request frames and hands out one Call at a time; a reply is written
+by whichever thread answers (`call.reply()` is thread-safe), straight to the socket,
+and what the socket does not take at once waits in that client's outbox, which the
+loop writes when the socket has room. So a client that stops reading delays nobody.
+
+A client whose bytes are not request/reply frames (wrong hello, a bad length or call
+header, a reply where a request belongs) is dropped and counted in `rejected`; the others
+go on. A request whose deadline passed before its turn is skipped (counted in
+`expired`): its client has given up on it already.
+
+Handlers: `serve(handler)` runs the handler in the loop's thread, one request at a
+time in arrival order; `serve(handler, workers=N)` runs up to N at once on a pool of N
+threads (replies then leave in completion order: the call id says whose they are).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import selectors
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Self
+
+from podipc.address import Address
+from podipc.endpoint import ABORT_CHECK_SECONDS
+from podipc.errors import ChannelClosed, EndOfStream, MessageTooLarge, PeerGone, ProtocolError
+from podipc.framing import FrameReader
+from podipc.stream import SEND_FLAGS
+from podipc.waking import Waker
+
+from .sockets import configure, listen
+from .wire import CALL_HEADER_SIZE, ERROR, HELLO, REPLY, REQUEST, decode, frame_prefix
+
+FRAMES_PER_TURN = 64
+"""Requests read from one client before the loop looks at the others (fairness)."""
+READ_BUFFER_SIZE = 64 * 1024
+"""Bytes of each client's receive buffer."""
+OUTBOX_LIMIT = 64 * 1024 * 1024
+"""Bytes of replies a client may leave unread before it is dropped (beyond one reply of any size)."""
+
+_LISTENER = "listener"
+_WAKER = "waker"
+
+Handler = Callable[[bytes], bytes | bytearray | memoryview]
+
+
+class _Connection:
+    """One client: its socket, its frame reader, the replies waiting for room."""
+
+    __slots__ = ("closed", "greeting", "lock", "outbox", "reader", "sock")
+
+    def __init__(self, sock: socket.socket, reader: FrameReader) -> None:
+        self.sock = sock
+        self.reader = reader
+        self.greeting: bytearray | None = bytearray()
+        """The hello received so far; None once the client is accepted."""
+        self.outbox = bytearray()
+        self.lock = threading.RLock()
+        """Reentrant: a close() from a signal handler may interrupt a reply() holding it, on the same thread."""
+        self.closed = False
+
+
+class Call:
+    """One request: `request` (bytes) and its deadline; answer it once with reply() or fail(), from any thread."""
+
+    __slots__ = ("_answered", "_connection", "_id", "_server", "deadline", "request")
+
+    def __init__(self, server: Server, connection: _Connection, call_id: int, request: bytes, deadline: float | None):
+        self.request = request
+        """The request's bytes."""
+        self.deadline = deadline
+        """When the client stops waiting (time.monotonic() seconds), or None."""
+        self._server = server
+        self._connection = connection
+        self._id = call_id
+        self._answered = False
+
+    @property
+    def expired(self) -> bool:
+        """True once the client's deadline passed: it no longer waits for the reply."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def remaining(self) -> float | None:
+        """Seconds until the client's deadline (never negative), or None when it waits without limit."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def reply(self, data: bytes | bytearray | memoryview) -> None:
+        """Send the reply. Raises MessageTooLarge (nothing sent; fail() may still answer), RuntimeError when answered."""
+        self._server._answer(self, REPLY, memoryview(data))
+
+    def fail(self, message: str) -> None:
+        """Answer with an error: the client's call raises RemoteError(message). RuntimeError when answered."""
+        self._server._answer(self, ERROR, memoryview(message.encode("utf-8", "replace")))
+
+    def __repr__(self) -> str:
+        return f"<Call {self._id} {len(self.request)} bytes>"
+
+
+class Server:
+    """The server side of request/reply: iterate for calls, or serve(handler); many clients at once.
+
+    Thread-safety: one thread at a time iterates (or serves); `Call.reply()`/`fail()` from
+    any thread; close() from any thread, a signal handler or an event-loop callback.
+    """
+
+    def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
+        self.address = address
+        self.settings = dict(settings)
+        self.max_message_size = int(settings["max_message_size"])
+        """Largest request (and reply) body in bytes."""
+        self._what = address.location
+        self._listener, self._remove_traces = listen(address, settings)
+        self._selector = selectors.DefaultSelector()
+        self._waker = Waker()
+        self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
+        self._selector.register(self._waker.fileno(), selectors.EVENT_READ, _WAKER)
+        self._connections: dict[int, _Connection] = {}
+        self._calls: collections.deque[Call] = collections.deque()
+        self._lock = threading.RLock()
+        self._changed: set[_Connection] = set()
+        """Clients whose outbox filled or emptied, or that broke: the loop updates or drops them."""
+        self._iterating = threading.Lock()
+        self._pid = os.getpid()
+        self._inside = 0
+        self._closing = False
+        self._freed = False
+        self.clients = 0
+        """Clients accepted so far."""
+        self.rejected = 0
+        """Clients dropped for bytes that are not request/reply (a bad hello or frame)."""
+        self.calls = 0
+        """Requests received."""
+        self.replied = 0
+        """Calls answered with a reply."""
+        self.failed = 0
+        """Calls answered with an error (fail(), or the handler raised)."""
+        self.expired = 0
+        """Requests skipped because their deadline passed before their turn."""
+        self.undelivered = 0
+        """Answers whose client had gone."""
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has begun."""
+        return self._closing
+
+    # --- the loop ---------------------------------------------------------------
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Call:
+        """The next call; waits for one without limit. The iteration stops once the server is closed."""
+        if not self._iterating.acquire(blocking=False):
+            raise RuntimeError(
+                f"another thread iterates the server for {self._what}; one thread does (serve(handler, workers=N) "
+                "hands calls to more)"
+            )
+        try:
+            self._enter()
+            try:
+                call = self._next_call()
+            finally:
+                self._leave()
+        finally:
+            self._iterating.release()
+        if call is None:
+            raise StopIteration
+        return call
+
+    def _next_call(self) -> Call | None:
+        calls = self._calls
+        while not self._closing:
+            while calls:
+                call = calls.popleft()
+                if not call.expired:
+                    return call
+                with self._lock:
+                    self.expired += 1
+            self._poll()
+        return None
+
+    def _enter(self) -> None:
+        if self._pid != os.getpid():
+            raise ChannelClosed(
+                f"the server for {self._what} was opened in process {self._pid} before fork(); open it again in the child"
+            )
+        with self._lock:
+            self._inside += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._closing and not self._inside:
+                self._free()
+
+    def _poll(self) -> None:
+        if self._changed:
+            self._apply_changes()
+        for key, events in self._selector.select():
+            data = key.data
+            if data is _LISTENER:
+                self._accept()
+            elif data is _WAKER:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._waker.fileno(), 8)
+            else:
+                if events & selectors.EVENT_WRITE:
+                    self._flush(data)
+                if events & selectors.EVENT_READ and not data.closed:
+                    self._read(data)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError:
+                return  # out of descriptors (EMFILE...): the client waits in the backlog until one is free
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                configure(self.address, sock)
+            reader = FrameReader(
+                self.max_message_size + CALL_HEADER_SIZE, f"a client of {self._what}", READ_BUFFER_SIZE
+            )
+            connection = _Connection(sock, reader)
+            self._connections[sock.fileno()] = connection
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _read(self, connection: _Connection) -> None:
+        if connection.greeting is not None:
+            self._read_hello(connection)
+            return
+        read_frame = connection.reader.read_frame
+        for _ in range(FRAMES_PER_TURN):
+            try:
+                frame = read_frame(connection.sock)
+            except BlockingIOError:
+                return
+            except (EndOfStream, PeerGone):
+                self._drop(connection)
+                return
+            except ProtocolError:
+                self._drop(connection, rejected=True)
+                return
+            except OSError:
+                self._drop(connection)
+                return
+            try:
+                kind, call_id, deadline_ms, body = decode(frame, f"a client of {self._what}")
+            except ProtocolError:
+                self._drop(connection, rejected=True)
+                return
+            if kind != REQUEST:
+                self._drop(connection, rejected=True)
+                return
+            deadline = time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+            self.calls += 1
+            self._calls.append(Call(self, connection, call_id, body, deadline))
+
+    def _read_hello(self, connection: _Connection) -> None:
+        greeting = connection.greeting
+        assert greeting is not None
+        try:
+            chunk = connection.sock.recv(len(HELLO) - len(greeting))
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        greeting += chunk
+        if not chunk or not HELLO.startswith(greeting):
+            self._drop(connection, rejected=bool(greeting))
+            return
+        if len(greeting) < len(HELLO):
+            return
+        try:
+            connection.sock.send(HELLO, SEND_FLAGS)
+        except OSError:
+            self._drop(connection)
+            return
+        connection.greeting = None
+        self.clients += 1
+
+    def _drop(self, connection: _Connection, rejected: bool = False) -> None:
+        """Forget a client (gone, or rejected for its bytes); its calls' answers are then dropped."""
+        with connection.lock:
+            if connection.closed:
+                return
+            connection.closed = True
+            connection.outbox.clear()
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(connection.sock)
+            self._connections.pop(connection.sock.fileno(), None)
+            connection.sock.close()
+        if rejected:
+            self.rejected += 1
+
+    # --- answering --------------------------------------------------------------
+
+    def _answer(self, call: Call, kind: int, body: memoryview) -> None:
+        if kind == REPLY and body.nbytes > self.max_message_size:
+            raise MessageTooLarge(
+                body.nbytes, self.max_message_size, "max_message_size option", "raise max_message_size= on both sides"
+            )
+        with self._lock:
+            if call._answered:
+                raise RuntimeError(f"{call!r} was answered already; a call gets one reply")
+            call._answered = True
+            if kind == REPLY:
+                self.replied += 1
+            else:
+                self.failed += 1
+        frame = frame_prefix(kind, call._id, body.nbytes) + body
+        connection = call._connection
+        with connection.lock:
+            if connection.closed:
+                self.undelivered += 1
+                return
+            if connection.outbox:
+                connection.outbox += frame
+            else:
+                try:
+                    sent = connection.sock.send(frame, SEND_FLAGS)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._changed_by(connection)
+                    return
+                if sent == len(frame):
+                    return
+                connection.outbox += memoryview(frame)[sent:]
+            self._changed_by(connection)
+
+    def _changed_by(self, connection: _Connection) -> None:
+        with self._lock:
+            self._changed.add(connection)
+        self._waker.wake()
+
+    def _flush(self, connection: _Connection) -> None:
+        with connection.lock:
+            if connection.closed:
+                return
+            try:
+                sent = connection.sock.send(connection.outbox, SEND_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError:
+                sent = -1
+            if sent >= 0:
+                del connection.outbox[:sent]
+        if sent < 0:
+            self._drop(connection)
+        elif not connection.outbox:
+            self._changed_by(connection)
+
+    def _apply_changes(self) -> None:
+        with self._lock:
+            changed, self._changed = self._changed, set()
+        for connection in changed:
+            if connection.closed:
+                continue
+            if len(connection.outbox) > OUTBOX_LIMIT + self.max_message_size:
+                self._drop(connection)  # it does not read its replies
+                continue
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.outbox else 0)
+            try:
+                self._selector.modify(connection.sock, events, connection)
+            except (KeyError, ValueError, OSError):
+                self._drop(connection)  # its socket broke under a send
+
+    # --- serving ------------------------------------------------------------------
+
+    def serve(self, handler: Handler, workers: int = 1) -> None:
+        """Answer every call with `handler(request) -> reply` until the server is closed.
+
+        `workers=1` runs the handler in this thread, one call at a time; `workers=N` on a
+        pool of N threads, up to N at once. A handler that raises answers its call with an
+        error (the client raises RemoteError with "ExceptionType: message"), and serving
+        goes on; so it does for a reply that is not bytes or is too large. Returns once
+        closed (from another thread or a signal handler), after the calls under way are
+        answered.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        self._enter()
+        try:
+            if workers == 1:
+                for call in self:
+                    self._handle(handler, call)
+                return
+            slots = threading.BoundedSemaphore(workers)
+            with ThreadPoolExecutor(workers, thread_name_prefix="podipc-reply") as pool:
+                for call in self:
+                    while not slots.acquire(timeout=ABORT_CHECK_SECONDS):
+                        if self._closing:
+                            return
+                    pool.submit(self._handle_on_worker, handler, call, slots)
+        finally:
+            self._leave()
+
+    def _handle_on_worker(self, handler: Handler, call: Call, slots: threading.BoundedSemaphore) -> None:
+        try:
+            self._handle(handler, call)
+        finally:
+            slots.release()
+
+    def _handle(self, handler: Handler, call: Call) -> None:
+        if call.expired:
+            with self._lock:
+                self.expired += 1
+            return
+        try:
+            result = handler(call.request)
+        except Exception as exc:
+            call.fail(f"{type(exc).__name__}: {exc}")
+            return
+        if not isinstance(result, bytes | bytearray | memoryview):
+            call.fail(f"the handler returned {type(result).__name__}, not bytes")
+            return
+        try:
+            call.reply(result)
+        except MessageTooLarge as exc:
+            call.fail(f"the reply is too large: {exc}")
+
+    # --- closing ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop: the iteration (or serve) ends, calls under way in serve() are answered, then every client is
+        disconnected (their calls in flight raise PeerGone) and the socket file removed. Idempotent.
+
+        Safe from any thread, a signal handler or an event-loop callback.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._waker.wake()
+        with self._lock:
+            if not self._inside:
+                self._free()
+
+    abort = close
+    """The same as close() (for podipc.close_on_signals)."""
+
+    def _free(self) -> None:
+        if self._freed:
+            return
+        self._freed = True
+        for connection in list(self._connections.values()):
+            with connection.lock:
+                if connection.outbox and not connection.closed:
+                    with contextlib.suppress(OSError):
+                        connection.sock.send(connection.outbox, SEND_FLAGS)  # answers of the last calls
+            self._drop(connection)
+        self._selector.close()
+        self._listener.close()
+        self._remove_traces()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closing", True):
+            return
+        warnings.warn(f"unclosed Server for {self._what}", ResourceWarning, stacklevel=2)
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<Server {self._what} {'closed' if self._closing else 'open'}>"
