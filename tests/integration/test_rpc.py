@@ -1,0 +1,316 @@
+"""Request/reply across real processes: a server process, clients in this one (threads) and in others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import podipc
+from podipc.rpc.wire import HELLO, REQUEST, encode_frame
+from tests.integration.harness import url_for
+
+SERVER_SCRIPT = """
+import json, sys, time
+import podipc
+
+def handler(request):
+    if request.startswith(b"sleep:"):
+        time.sleep(float(request.split(b":")[1]))
+    elif request == b"boom":
+        raise ValueError("boom went the handler")
+    return request
+
+url, workers = sys.argv[1], int(sys.argv[2])
+with podipc.server(url) as server, podipc.close_on_signals(server):
+    print("listening", flush=True)
+    server.serve(handler, workers=workers)
+print(json.dumps({"calls": server.calls, "replied": server.replied, "failed": server.failed,
+                  "expired": server.expired, "rejected": server.rejected, "clients": server.clients}), flush=True)
+"""
+
+
+class ServerProcess:
+    """A server in its own process, answering with the handler above."""
+
+    def __init__(self, url: str, workers: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVER_SCRIPT, url, str(workers)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline() == "listening\n"
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM, and the counts it printed on its way out."""
+        self.process.send_signal(signal.SIGTERM)
+        out, _ = self.process.communicate(timeout=10)
+        assert self.process.returncode == 0, out
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def serving(request: pytest.FixtureRequest) -> Iterator[tuple[str, ServerProcess]]:
+    """A server process on a fresh unix://@name URL (workers: the indirect parameter, default 4)."""
+    url = url_for("unix-abstract")
+    server = ServerProcess(url, getattr(request, "param", 4))
+    try:
+        yield url, server
+    finally:
+        server.kill()
+
+
+def in_thread(function: object, *args: object) -> tuple[threading.Thread, list[object]]:
+    """Run function(*args) in a thread; the list gets its result or the exception it raised."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(function(*args))  # type: ignore[operator]
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("scheme", ["unix", "unix-abstract", "tcp"])
+def test_four_threads_share_one_client_and_every_reply_matches_its_request(scheme: str) -> None:
+    url = url_for(scheme)
+    server = ServerProcess(url, workers=4)
+    try:
+        with podipc.client(url, wait=10) as client:
+            mismatches: list[tuple[bytes, bytes]] = []
+
+            def calls(thread: int) -> None:
+                for index in range(500):
+                    request = f"{thread}-{index}-".encode() * (index % 7 + 1)
+                    reply = client.call(request, timeout=30)
+                    if reply != request:
+                        mismatches.append((request, reply))
+
+            threads = [threading.Thread(target=calls, args=(number,)) for number in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert mismatches == []
+        counts = server.stop()
+        assert counts["calls"] == counts["replied"] == 2000
+        assert counts["clients"] == 1
+    finally:
+        server.kill()
+
+
+def test_a_call_past_its_deadline_raises_timeout_while_the_others_in_flight_succeed(
+    serving: tuple[str, ServerProcess],
+) -> None:
+    url, _ = serving
+    with podipc.client(url, wait=10) as client:
+        slow, slow_outcome = in_thread(client.call, b"sleep:1.0", 0.3)
+        fast = [in_thread(client.call, b"sleep:0.5:%d" % n, 10) for n in range(3)]
+        slow.join(5)
+        assert isinstance(slow_outcome[0], podipc.Timeout)
+        for thread, _ in fast:
+            thread.join(10)
+        assert [outcome[0] for _, outcome in fast] == [b"sleep:0.5:%d" % n for n in range(3)]
+        time.sleep(0.8)  # the slow call's reply has come by now: the next call reads it and drops it
+        assert client.call(b"after", timeout=5) == b"after"
+        assert client.discarded == 1
+
+
+@pytest.mark.parametrize("serving", [2], indirect=True)
+def test_the_server_skips_a_request_whose_deadline_passed_before_its_turn(serving: tuple[str, ServerProcess]) -> None:
+    url, server = serving
+    with podipc.client(url, wait=10) as client:
+        busy = [in_thread(client.call, b"sleep:0.8", 10) for _ in range(2)]
+        time.sleep(0.2)  # both workers are busy with them
+        with pytest.raises(podipc.Timeout):
+            client.call(b"too late", timeout=0.2)
+        for thread, _ in busy:
+            thread.join(10)
+        assert [outcome for _, outcome in busy] == [[b"sleep:0.8"]] * 2
+        assert client.call(b"next", timeout=5) == b"next"
+    counts = server.stop()
+    assert counts["expired"] == 1
+    assert counts["replied"] == 3
+
+
+def test_every_call_in_flight_gets_peer_gone_within_2_s_when_the_server_is_killed(
+    serving: tuple[str, ServerProcess],
+) -> None:
+    url, server = serving
+    with podipc.client(url, wait=10) as client:
+        assert client.call(b"up", timeout=5) == b"up"
+        calls = [in_thread(client.call, b"sleep:30", 60) for _ in range(4)]
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        for thread, _ in calls:
+            thread.join(5)
+        assert time.monotonic() - killed < 2.0
+        assert all(isinstance(outcome[0], podipc.PeerGone) for _, outcome in calls), calls
+        with pytest.raises(podipc.PeerGone):
+            client.call(b"later", timeout=1)
+
+
+def test_close_from_another_thread_wakes_a_blocked_call_with_channel_closed(serving: tuple[str, ServerProcess]) -> None:
+    url, _ = serving
+    client = podipc.client(url, wait=10)
+    assert client.call(b"up", timeout=5) == b"up"
+    calls = [in_thread(client.call, b"sleep:30", None) for _ in range(2)]  # one reads, one waits its turn
+    time.sleep(0.3)
+    closed = time.monotonic()
+    client.close()
+    for thread, _ in calls:
+        thread.join(5)
+    assert time.monotonic() - closed < 1.0
+    assert all(isinstance(outcome[0], podipc.ChannelClosed) for _, outcome in calls), calls
+    with pytest.raises(podipc.ChannelClosed):
+        client.call(b"after close")
+
+
+def test_a_handler_exception_becomes_remote_error_and_the_server_keeps_serving(
+    serving: tuple[str, ServerProcess],
+) -> None:
+    url, server = serving
+    with podipc.client(url, wait=10) as client:
+        with pytest.raises(podipc.RemoteError, match="ValueError: boom went the handler"):
+            client.call(b"boom", timeout=5)
+        assert client.call(b"still here", timeout=5) == b"still here"
+    counts = server.stop()
+    assert (counts["failed"], counts["replied"]) == (1, 1)
+
+
+GARBAGE = [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="not-the-hello"),
+    pytest.param(HELLO + struct.pack(">I", 3) + b"abc", id="frame-shorter-than-a-call-header"),
+    pytest.param(HELLO + struct.pack(">IBBHQI", 16, 9, 1, 0, 1, 0), id="bad-version"),
+    pytest.param(HELLO + struct.pack(">I", 0xFFFFFF00) + b"x" * 64, id="huge-length"),
+    pytest.param(HELLO + encode_frame(2, 1, b"a reply"), id="a-reply-sent-to-the-server"),
+]
+
+
+def dropped(connection: socket.socket) -> bytes:
+    """Read until the server closes the connection (a reset, when it closed with our bytes unread); what came."""
+    received = b""
+    try:
+        while chunk := connection.recv(4096):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_a_client_writing_garbage_is_dropped_and_the_others_keep_being_served(
+    serving: tuple[str, ServerProcess], garbage: bytes
+) -> None:
+    url, server = serving
+    with podipc.client(url, wait=10) as client:
+        assert client.call(b"before", timeout=5) == b"before"
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # connected, says nothing: harms nobody
+        idle.connect("\0" + url.removeprefix("unix://@"))
+        hostile = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        hostile.connect("\0" + url.removeprefix("unix://@"))
+        hostile.settimeout(5)
+        hostile.sendall(garbage)
+        assert dropped(hostile) in (b"", HELLO)  # what it answered first: at most the hello
+        assert client.call(b"after", timeout=5) == b"after"
+        idle.close()
+        hostile.close()
+    assert server.stop()["rejected"] == 1
+
+
+def test_a_raw_socket_client_speaking_the_documented_wire_gets_its_reply(serving: tuple[str, ServerProcess]) -> None:
+    url, _ = serving
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.connect("\0" + url.removeprefix("unix://@"))
+        raw.settimeout(5)
+        raw.sendall(HELLO)
+        assert raw.recv(8, socket.MSG_WAITALL) == HELLO
+        raw.sendall(encode_frame(REQUEST, 7, b"plain", deadline=5000))
+        length = struct.unpack(">I", raw.recv(4, socket.MSG_WAITALL))[0]
+        assert raw.recv(length, socket.MSG_WAITALL) == struct.pack(">BBHQI", 1, 2, 0, 7, 0) + b"plain"
+
+
+def test_calls_from_several_client_processes_are_answered_at_once(serving: tuple[str, ServerProcess]) -> None:
+    url, _ = serving
+    script = (
+        "import podipc, sys\n"
+        "with podipc.client(sys.argv[1], wait=10) as c:\n"
+        "    for i in range(200):\n"
+        "        r = b'%s-%d' % (sys.argv[2].encode(), i)\n"
+        "        assert c.call(r, timeout=10) == r\n"
+        "    assert c.call(b'sleep:0.5', timeout=10) == b'sleep:0.5'\n"
+    )
+    started = time.monotonic()
+    clients = [subprocess.Popen([sys.executable, "-c", script, url, str(n)]) for n in range(4)]
+    assert [process.wait(60) for process in clients] == [0, 0, 0, 0]
+    assert time.monotonic() - started < 30
+
+
+def test_a_client_with_no_server_raises_peer_timeout_after_wait() -> None:
+    with podipc.client(url_for("unix-abstract"), wait=0.3) as client:
+        started = time.monotonic()
+        with pytest.raises(podipc.PeerTimeout, match="no server listening"):
+            client.call(b"anyone?")
+        assert 0.3 <= time.monotonic() - started < 2.0
+
+
+def test_a_request_over_max_message_size_raises_before_anything_is_sent(serving: tuple[str, ServerProcess]) -> None:
+    url, server = serving
+    with podipc.client(url, wait=10, max_message_size=1024) as client:
+        with pytest.raises(podipc.MessageTooLarge, match="1025 bytes > max_message_size option 1024"):
+            client.call(b"x" * 1025)
+        assert client.call(b"x" * 1024, timeout=5) == b"x" * 1024
+    assert server.stop()["calls"] == 1
+
+
+def test_the_server_creates_its_socket_file_and_removes_it_at_close(tmp_path: object) -> None:
+    url = url_for("unix")
+    path = url.removeprefix("unix://").split("?")[0]
+    with podipc.server(url) as server:
+        assert os.path.exists(path)
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        with pytest.raises(podipc.ChannelUnavailable, match="another server listens"):
+            podipc.server(url)
+    assert server.closed
+    assert not os.path.exists(path)
+
+
+def test_a_producer_meeting_a_server_and_a_client_meeting_a_consumer_are_refused() -> None:
+    url = url_for("unix-abstract")
+    with podipc.server(url) as server, podipc.producer(url, wait=5) as producer:
+        serving, _ = in_thread(server.serve, bytes)
+        with pytest.raises(podipc.ProtocolError, match="not a podipc consumer"):
+            producer.send(b"x", timeout=5)
+        producer.abort()
+    serving.join(5)
+    assert server.rejected == 1
+    url = url_for("unix-abstract")
+    with (
+        podipc.consumer(url),
+        podipc.client(url, wait=5) as client,
+        pytest.raises(podipc.ProtocolError, match="not a podipc server"),
+    ):
+        client.call(b"x", timeout=5)
+
+
+def test_request_reply_refuses_schemes_it_does_not_run_over() -> None:
+    with pytest.raises(podipc.AddressError, match="request/reply runs over unix://, tcp://"):
+        podipc.client("mq:///calls")
