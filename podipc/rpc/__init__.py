@@ -14,8 +14,8 @@ Requires:
 Semantics:
     One connection per client, both ways (the stream transports' sockets, listening and
     connecting with their code: podipc.rpc.sockets). A server accepts any number of
-    clients and answers them from one thread (podipc.rpc.server); a client carries any
-    number of calls in flight, from any number of threads (podipc.rpc.client). Every
+    clients and answers them from one thread (podipc.rpc.replying); a client carries any
+    number of calls in flight, from any number of threads (podipc.rpc.requesting). Every
     frame opens with a call header (kind, call id, deadline; podipc.rpc.wire,
     docs/wire/rpc.md), so replies may come in any order. A call's timeout travels as a
     deadline: the server skips a request that expired before its turn, the client raises
@@ -32,8 +32,8 @@ from podipc.address import parse_address
 from podipc.options import resolve_options
 from podipc.stream import MAX_MESSAGE_OPTION
 
-from .client import Client
-from .server import Call, Handler, Server
+from .replying import Call, Handler, Server
+from .requesting import Client
 from .sockets import SCHEMES, check_scheme
 
 __all__ = ["RPC_OPTIONS", "SCHEMES", "Call", "Client", "Handler", "Server", "client", "server"]
