@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -246,6 +248,23 @@ def test_a_raw_socket_client_speaking_the_documented_wire_gets_its_reply(serving
         raw.sendall(encode_frame(REQUEST, 7, b"plain", deadline=5000))
         length = struct.unpack(">I", raw.recv(4, socket.MSG_WAITALL))[0]
         assert raw.recv(length, socket.MSG_WAITALL) == struct.pack(">BBHQI", 1, 2, 0, 7, 0) + b"plain"
+
+
+def test_the_plain_client_script_of_the_wire_doc_gets_every_reply(serving: tuple[str, ServerProcess]) -> None:
+    url, _ = serving
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "wire" / "rpc.md").read_text()
+    match = re.search(r"<!-- plain_client.py -->\n```python\n(.*?)```", doc, re.DOTALL)
+    assert match, "docs/wire/rpc.md lost its plain client"
+    where = url.removeprefix("unix://")
+    result = subprocess.run(
+        [sys.executable, "-c", match.group(1), "unix", where, "sleep:0.3", "boom", "quick"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert sorted(lines) == ["1 reply sleep:0.3", "2 error ValueError: boom went the handler", "3 reply quick"]
+    assert lines[-1] == "1 reply sleep:0.3"  # the slow one came last: replies in completion order
 
 
 def test_calls_from_several_client_processes_are_answered_at_once(serving: tuple[str, ServerProcess]) -> None:
