@@ -19,7 +19,6 @@ import itertools
 import os
 import socket
 import time
-import warnings
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -28,7 +27,6 @@ from podipc.address import Address, parse_address
 from podipc.errors import (
     ChannelClosed,
     EndOfStream,
-    MessageTooLarge,
     PeerGone,
     PodIPCError,
     ProtocolError,
@@ -38,6 +36,7 @@ from podipc.errors import (
 from podipc.framing import FrameReader, end_of_stream_frame
 from podipc.options import resolve_options
 from podipc.rpc import RPC_OPTIONS
+from podipc.rpc.sides import Side, gone_text, too_large
 from podipc.rpc.sockets import Connector, check_scheme
 from podipc.rpc.wire import (
     CALL_HEADER_SIZE,
@@ -57,7 +56,7 @@ OUTBOX_LIMIT = 4 * 1024 * 1024
 """Bytes of requests waiting for room beyond which a new call waits before queueing its own."""
 
 
-class AsyncClient:
+class AsyncClient(Side):
     """The asyncio client of request/reply: `await call(request, timeout=None)` from any number of tasks.
 
     Bound to the event loop of its first call. close() is safe from any thread, a signal
@@ -87,11 +86,6 @@ class AsyncClient:
         self.discarded = 0
         """Replies that came after their call had given up (timeout, cancellation), and were dropped."""
 
-    @property
-    def closed(self) -> bool:
-        """True once close() has begun."""
-        return self._closing
-
     async def call(self, request: bytes | bytearray | memoryview, timeout: float | None = None) -> bytes:
         """Send `request` and return the reply; at most `timeout` seconds (None: no limit).
 
@@ -101,9 +95,7 @@ class AsyncClient:
         """
         view = memoryview(request)
         if view.nbytes > self.max_message_size:
-            raise MessageTooLarge(
-                view.nbytes, self.max_message_size, "max_message_size option", "raise max_message_size= on both sides"
-            )
+            raise too_large(view.nbytes, self.max_message_size)
         self._check_usable()
         loop = self._bound_loop()
         started = time.monotonic()
@@ -229,7 +221,7 @@ class AsyncClient:
             except BlockingIOError:
                 sent = 0
             except OSError as exc:
-                self._lose(PeerGone(self._gone_text()), exc)
+                self._lose(PeerGone(gone_text(self._what)), exc)
                 raise type(self._lost)(str(self._lost)) from exc  # type: ignore[misc]
             if sent == len(frame):
                 return
@@ -245,7 +237,7 @@ class AsyncClient:
         except BlockingIOError:
             return
         except OSError as exc:
-            self._lose(PeerGone(self._gone_text()), exc)
+            self._lose(PeerGone(gone_text(self._what)), exc)
             return
         del self._outbox[:sent]
         if len(self._outbox) <= OUTBOX_LIMIT and self._room is not None:
@@ -284,7 +276,7 @@ class AsyncClient:
             except BlockingIOError:
                 return
             except (PeerGone, EndOfStream, OSError) as exc:
-                self._lose(PeerGone(self._gone_text()), exc)
+                self._lose(PeerGone(gone_text(self._what)), exc)
                 return
             except ProtocolError as exc:
                 self._lose(ProtocolError(str(exc)), exc)
@@ -305,12 +297,6 @@ class AsyncClient:
             else:
                 assert kind == ERROR
                 future.set_exception(RemoteError(body.decode("utf-8", "replace")))
-
-    def _gone_text(self) -> str:
-        return (
-            f"the server at {self._what} went away (it died or closed) with calls in flight; "
-            "open a new client once it is back"
-        )
 
     def _lose(self, error: PodIPCError, cause: BaseException) -> None:
         """The connection is lost (on the loop): every call in flight and every later call raises `error`."""
@@ -385,15 +371,8 @@ class AsyncClient:
     ) -> None:
         await self.aclose()
 
-    def __del__(self) -> None:
-        if getattr(self, "_closing", True):
-            return
-        warnings.warn(f"unclosed AsyncClient for {self._what}", ResourceWarning, stacklevel=2)
-        with contextlib.suppress(Exception):
-            self._free()
-
-    def __repr__(self) -> str:
-        return f"<AsyncClient {self._what} {'closed' if self._closing else 'open'}>"
+    def _release_unclosed(self) -> None:
+        self._free()  # its loop may be gone: only the socket
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -26,10 +26,8 @@ import selectors
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
 from typing import Any, Self
 
 from podipc.address import Address
@@ -39,6 +37,7 @@ from podipc.framing import FrameReader
 from podipc.stream import SEND_FLAGS
 from podipc.waking import Waker
 
+from .sides import Side, too_large
 from .sockets import configure, listen
 from .wire import CALL_HEADER_SIZE, ERROR, HELLO, REPLY, REQUEST, decode, frame_prefix
 
@@ -46,6 +45,8 @@ FRAMES_PER_TURN = 64
 """Requests read from one client before the loop looks at the others (fairness)."""
 READ_BUFFER_SIZE = 64 * 1024
 """Bytes of each client's receive buffer."""
+ACCEPT_BACKOFF_SECONDS = 0.05
+"""How long the loop pauses when accept() finds no descriptor free (EMFILE), instead of spinning."""
 OUTBOX_LIMIT = 64 * 1024 * 1024
 """Bytes of replies a client may leave unread before it is dropped (beyond one reply of any size)."""
 
@@ -107,7 +108,7 @@ class Call:
         return f"<Call {self._id} {len(self.request)} bytes>"
 
 
-class Server:
+class Server(Side):
     """The server side of request/reply: iterate for calls, or serve(handler); many clients at once.
 
     Thread-safety: one thread at a time iterates (or serves); `Call.reply()`/`fail()` from
@@ -128,6 +129,8 @@ class Server:
         self._connections: dict[int, _Connection] = {}
         self._calls: collections.deque[Call] = collections.deque()
         self._lock = threading.RLock()
+        self._backlog: set[_Connection] = set()
+        """Clients left at FRAMES_PER_TURN: read again at the next turn, whether or not their socket is readable."""
         self._changed: set[_Connection] = set()
         """Clients whose outbox filled or emptied, or that broke: the loop updates or drops them."""
         self._iterating = threading.Lock()
@@ -149,11 +152,6 @@ class Server:
         """Requests skipped because their deadline passed before their turn."""
         self.undelivered = 0
         """Answers whose client had gone."""
-
-    @property
-    def closed(self) -> bool:
-        """True once close() has begun."""
-        return self._closing
 
     # --- the loop ---------------------------------------------------------------
 
@@ -208,7 +206,8 @@ class Server:
     def _poll(self) -> None:
         if self._changed:
             self._apply_changes()
-        for key, events in self._selector.select():
+        backlog, self._backlog = self._backlog, set()
+        for key, events in self._selector.select(0 if backlog else None):
             data = key.data
             if data is _LISTENER:
                 self._accept()
@@ -219,7 +218,11 @@ class Server:
                 if events & selectors.EVENT_WRITE:
                     self._flush(data)
                 if events & selectors.EVENT_READ and not data.closed:
+                    backlog.discard(data)
                     self._read(data)
+        for connection in backlog:
+            if not connection.closed:
+                self._read(connection)
 
     def _accept(self) -> None:
         while True:
@@ -228,7 +231,8 @@ class Server:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError:
-                return  # out of descriptors (EMFILE...): the client waits in the backlog until one is free
+                time.sleep(ACCEPT_BACKOFF_SECONDS)  # out of descriptors (EMFILE...): the client waits in the backlog
+                return
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 configure(self.address, sock)
@@ -244,7 +248,10 @@ class Server:
             self._read_hello(connection)
             return
         read_frame = connection.reader.read_frame
-        for _ in range(FRAMES_PER_TURN):
+        for taken in range(FRAMES_PER_TURN + 1):
+            if taken == FRAMES_PER_TURN:
+                self._backlog.add(connection)  # its next frames may be cut already: the socket may not say so
+                return
             try:
                 frame = read_frame(connection.sock)
             except BlockingIOError:
@@ -311,9 +318,7 @@ class Server:
 
     def _answer(self, call: Call, kind: int, body: memoryview) -> None:
         if kind == REPLY and body.nbytes > self.max_message_size:
-            raise MessageTooLarge(
-                body.nbytes, self.max_message_size, "max_message_size option", "raise max_message_size= on both sides"
-            )
+            raise too_large(body.nbytes, self.max_message_size)
         with self._lock:
             if call._answered:
                 raise RuntimeError(f"{call!r} was answered already; a call gets one reply")
@@ -466,21 +471,3 @@ class Server:
         self._selector.close()
         self._listener.close()
         self._remove_traces()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closing", True):
-            return
-        warnings.warn(f"unclosed Server for {self._what}", ResourceWarning, stacklevel=2)
-        with contextlib.suppress(Exception):
-            self.close()
-
-    def __repr__(self) -> str:
-        return f"<Server {self._what} {'closed' if self._closing else 'open'}>"

@@ -22,17 +22,14 @@ import os
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from podipc.address import Address
 from podipc.endpoint import ABORT_CHECK_SECONDS
 from podipc.errors import (
     ChannelClosed,
     EndOfStream,
-    MessageTooLarge,
     PeerGone,
     PodIPCError,
     ProtocolError,
@@ -44,6 +41,7 @@ from podipc.options import deadline_after
 from podipc.stream import SEND_FLAGS
 from podipc.waking import POLLIN, POLLOUT, Waker, wait_for
 
+from .sides import Side, gone_text, too_large
 from .sockets import Connector
 from .wire import CALL_HEADER_SIZE, ERROR, MAX_CALL_ID, REPLY, REQUEST, deadline_ms, decode, frame_prefix
 
@@ -61,7 +59,7 @@ class _Pending:
         self.error: PodIPCError | None = None
 
 
-class Client:
+class Client(Side):
     """The client side of request/reply: `call(request, timeout)` over one connection, shared by threads.
 
     Thread-safe: any number of threads may call at once (each call waits for its own
@@ -97,11 +95,6 @@ class Client:
         self.discarded = 0
         """Replies that came after their call had given up (Timeout), and were dropped."""
 
-    @property
-    def closed(self) -> bool:
-        """True once close() has begun."""
-        return self._closing
-
     # --- calling ------------------------------------------------------------
 
     def call(self, request: bytes | bytearray | memoryview, timeout: float | None = None) -> bytes:
@@ -117,9 +110,7 @@ class Client:
         """
         view = memoryview(request)
         if view.nbytes > self.max_message_size:
-            raise MessageTooLarge(
-                view.nbytes, self.max_message_size, "max_message_size option", "raise max_message_size= on both sides"
-            )
+            raise too_large(view.nbytes, self.max_message_size)
         deadline = deadline_after(timeout)
         self._enter()
         try:
@@ -273,13 +264,13 @@ class Client:
                 self._wait_socket(sock, POLLIN, deadline)
                 continue
             except (PeerGone, EndOfStream) as exc:
-                raise self._lose(PeerGone(self._gone_text())) from exc
+                raise self._lose(PeerGone(gone_text(self._what))) from exc
             except ProtocolError as exc:
                 raise self._lose(ProtocolError(str(exc))) from exc
             except OSError as exc:
                 if self._closing:
                     raise self._closed_error() from exc
-                raise self._lose(PeerGone(self._gone_text())) from exc
+                raise self._lose(PeerGone(gone_text(self._what))) from exc
             self._deliver(frame)
 
     def _deliver(self, frame: bytes) -> None:
@@ -300,12 +291,6 @@ class Client:
                 assert kind == ERROR
                 pending.error = RemoteError(body.decode("utf-8", "replace"))
             self._condition.notify_all()
-
-    def _gone_text(self) -> str:
-        return (
-            f"the server at {self._what} went away (it died or closed) with calls in flight; "
-            "open a new client once it is back"
-        )
 
     def _lose(self, error: PodIPCError) -> PodIPCError:
         """The connection is lost: every call in flight and every later call raises `error`."""
@@ -354,21 +339,3 @@ class Client:
                 with contextlib.suppress(OSError):
                     sock.send(end_of_stream_frame(), SEND_FLAGS)
             sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closing", True):
-            return
-        warnings.warn(f"unclosed Client for {self._what}", ResourceWarning, stacklevel=2)
-        with contextlib.suppress(Exception):
-            self.close()
-
-    def __repr__(self) -> str:
-        return f"<Client {self._what} {'closed' if self._closing else 'open'}>"

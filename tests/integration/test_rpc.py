@@ -267,6 +267,23 @@ def test_the_plain_client_script_of_the_wire_doc_gets_every_reply(serving: tuple
     assert lines[-1] == "1 reply sleep:0.3"  # the slow one came last: replies in completion order
 
 
+def test_requests_written_in_one_go_are_all_answered(serving: tuple[str, ServerProcess]) -> None:
+    url, _ = serving
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.connect("\0" + url.removeprefix("unix://@"))
+        raw.settimeout(10)
+        raw.sendall(HELLO + b"".join(encode_frame(REQUEST, n, b"%d" % n) for n in range(1, 301)))
+        assert raw.recv(8, socket.MSG_WAITALL) == HELLO
+        answered = set()
+        for _ in range(300):
+            length = struct.unpack(">I", raw.recv(4, socket.MSG_WAITALL))[0]
+            frame = raw.recv(length, socket.MSG_WAITALL)
+            call_id = struct.unpack(">Q", frame[4:12])[0]
+            assert frame[16:] == b"%d" % call_id
+            answered.add(call_id)
+        assert answered == set(range(1, 301))
+
+
 def test_calls_from_several_client_processes_are_answered_at_once(serving: tuple[str, ServerProcess]) -> None:
     url, _ = serving
     script = (

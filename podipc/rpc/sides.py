@@ -1,0 +1,62 @@
+"""What a request/reply client and server share: closing state, context manager, the unclosed warning, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from types import TracebackType
+from typing import Self
+
+from podipc.errors import MessageTooLarge
+
+
+class Side:
+    """The base of Client, Server and AsyncClient: `closed`, `with`, a ResourceWarning when dropped unclosed."""
+
+    _what: str
+    """The address's location, for messages."""
+    _closing: bool
+    """Set by the subclass's __init__ once it holds something (an object whose __init__ failed holds nothing)."""
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has begun."""
+        return self._closing
+
+    def close(self) -> None:
+        """Close this side (each class says what that means)."""
+        raise NotImplementedError
+
+    def _release_unclosed(self) -> None:
+        """Free what a side dropped without close() holds (default: close())."""
+        self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closing", True):
+            return
+        warnings.warn(f"unclosed {type(self).__name__} for {self._what}", ResourceWarning, stacklevel=2)
+        with contextlib.suppress(Exception):
+            self._release_unclosed()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._what} {'closed' if self._closing else 'open'}>"
+
+
+def too_large(size: int, limit: int) -> MessageTooLarge:
+    """The MessageTooLarge of a request or reply body over max_message_size."""
+    return MessageTooLarge(size, limit, "max_message_size option", "raise max_message_size= on both sides")
+
+
+def gone_text(where: str) -> str:
+    """What PeerGone says when the server's connection ended with calls in flight."""
+    return (
+        f"the server at {where} went away (it died or closed) with calls in flight; open a new client once it is back"
+    )
