@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import selectors
+import select
 import socket
 import threading
 import time
@@ -50,8 +50,9 @@ ACCEPT_BACKOFF_SECONDS = 0.05
 OUTBOX_LIMIT = 64 * 1024 * 1024
 """Bytes of replies a client may leave unread before it is dropped (beyond one reply of any size)."""
 
-_LISTENER = "listener"
-_WAKER = "waker"
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+"""Events that send the loop to read a client: data, or its end (the read then finds EOF or the error)."""
+_WRITABLE = select.EPOLLOUT
 
 Handler = Callable[[bytes], bytes | bytearray | memoryview]
 
@@ -122,10 +123,11 @@ class Server(Side):
         """Largest request (and reply) body in bytes."""
         self._what = address.location
         self._listener, self._remove_traces = listen(address, settings)
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self._waker = Waker()
-        self._selector.register(self._listener, selectors.EVENT_READ, _LISTENER)
-        self._selector.register(self._waker.fileno(), selectors.EVENT_READ, _WAKER)
+        self._listener_fd = self._listener.fileno()
+        self._epoll.register(self._listener_fd, select.EPOLLIN)
+        self._epoll.register(self._waker.fileno(), select.EPOLLIN)
         self._connections: dict[int, _Connection] = {}
         self._calls: collections.deque[Call] = collections.deque()
         self._lock = threading.RLock()
@@ -207,19 +209,20 @@ class Server(Side):
         if self._changed:
             self._apply_changes()
         backlog, self._backlog = self._backlog, set()
-        for key, events in self._selector.select(0 if backlog else None):
-            data = key.data
-            if data is _LISTENER:
+        connections, listener, waker = self._connections, self._listener_fd, self._waker.fileno()
+        for fd, events in self._epoll.poll(0 if backlog else -1):
+            connection = connections.get(fd)
+            if connection is not None:
+                if events & _WRITABLE:
+                    self._flush(connection)
+                if events & _READABLE and not connection.closed:
+                    backlog.discard(connection)
+                    self._read(connection)
+            elif fd == listener:
                 self._accept()
-            elif data is _WAKER:
+            elif fd == waker:
                 with contextlib.suppress(BlockingIOError):
-                    os.read(self._waker.fileno(), 8)
-            else:
-                if events & selectors.EVENT_WRITE:
-                    self._flush(data)
-                if events & selectors.EVENT_READ and not data.closed:
-                    backlog.discard(data)
-                    self._read(data)
+                    os.read(waker, 8)
         for connection in backlog:
             if not connection.closed:
                 self._read(connection)
@@ -241,41 +244,48 @@ class Server(Side):
             )
             connection = _Connection(sock, reader)
             self._connections[sock.fileno()] = connection
-            self._selector.register(sock, selectors.EVENT_READ, connection)
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
 
     def _read(self, connection: _Connection) -> None:
+        """One receive (the socket is level-triggered: what is left is reported again), then the frames it cut."""
         if connection.greeting is not None:
             self._read_hello(connection)
             return
-        read_frame = connection.reader.read_frame
-        for taken in range(FRAMES_PER_TURN + 1):
-            if taken == FRAMES_PER_TURN:
-                self._backlog.add(connection)  # its next frames may be cut already: the socket may not say so
+        reader = connection.reader
+        try:
+            frame = reader.read_frame(connection.sock)
+        except BlockingIOError:
+            return
+        except (EndOfStream, PeerGone):
+            self._drop(connection)
+            return
+        except ProtocolError:
+            self._drop(connection, rejected=True)
+            return
+        except OSError:
+            self._drop(connection)
+            return
+        if not self._take(connection, frame):
+            return
+        for frame in reader.buffered_frames(FRAMES_PER_TURN):
+            if not self._take(connection, frame):
                 return
-            try:
-                frame = read_frame(connection.sock)
-            except BlockingIOError:
-                return
-            except (EndOfStream, PeerGone):
-                self._drop(connection)
-                return
-            except ProtocolError:
-                self._drop(connection, rejected=True)
-                return
-            except OSError:
-                self._drop(connection)
-                return
-            try:
-                kind, call_id, deadline_ms, body = decode(frame, f"a client of {self._what}")
-            except ProtocolError:
-                self._drop(connection, rejected=True)
-                return
-            if kind != REQUEST:
-                self._drop(connection, rejected=True)
-                return
-            deadline = time.monotonic() + deadline_ms / 1000 if deadline_ms else None
-            self.calls += 1
-            self._calls.append(Call(self, connection, call_id, body, deadline))
+        if reader.ready:
+            self._backlog.add(connection)  # its next frames are cut already: the socket may not say so
+
+    def _take(self, connection: _Connection, frame: bytes) -> bool:
+        """Queue the call a frame carries; False when the frame is not a request (the client is dropped)."""
+        try:
+            kind, call_id, deadline_ms, body = decode(frame, f"a client of {self._what}")
+        except ProtocolError:
+            kind = 0
+        if kind != REQUEST:
+            self._drop(connection, rejected=True)
+            return False
+        deadline = time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+        self.calls += 1
+        self._calls.append(Call(self, connection, call_id, body, deadline))
+        return True
 
     def _read_hello(self, connection: _Connection) -> None:
         greeting = connection.greeting
@@ -307,8 +317,8 @@ class Server(Side):
                 return
             connection.closed = True
             connection.outbox.clear()
-            with contextlib.suppress(KeyError, ValueError):
-                self._selector.unregister(connection.sock)
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(connection.sock.fileno())
             self._connections.pop(connection.sock.fileno(), None)
             connection.sock.close()
         if rejected:
@@ -379,10 +389,10 @@ class Server(Side):
             if len(connection.outbox) > OUTBOX_LIMIT + self.max_message_size:
                 self._drop(connection)  # it does not read its replies
                 continue
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if connection.outbox else 0)
+            events = select.EPOLLIN | (select.EPOLLOUT if connection.outbox else 0)
             try:
-                self._selector.modify(connection.sock, events, connection)
-            except (KeyError, ValueError, OSError):
+                self._epoll.modify(connection.sock.fileno(), events)
+            except (ValueError, OSError):
                 self._drop(connection)  # its socket broke under a send
 
     # --- serving ------------------------------------------------------------------
@@ -468,6 +478,6 @@ class Server(Side):
                     with contextlib.suppress(OSError):
                         connection.sock.send(connection.outbox, SEND_FLAGS)  # answers of the last calls
             self._drop(connection)
-        self._selector.close()
+        self._epoll.close()
         self._listener.close()
         self._remove_traces()

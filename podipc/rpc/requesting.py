@@ -36,17 +36,30 @@ from podipc.errors import (
     RemoteError,
     Timeout,
 )
-from podipc.framing import FrameReader, end_of_stream_frame
+from podipc.framing import FrameReader, StreamSource, end_of_stream_frame
 from podipc.options import deadline_after
-from podipc.stream import SEND_FLAGS
+from podipc.stream import SEND_FLAGS, _DontWait
 from podipc.waking import POLLIN, POLLOUT, Waker, wait_for
 
 from .sides import Side, gone_text, too_large
 from .sockets import Connector
 from .wire import CALL_HEADER_SIZE, ERROR, MAX_CALL_ID, REPLY, REQUEST, deadline_ms, decode, frame_prefix
 
+_SEND_NOW = SEND_FLAGS | socket.MSG_DONTWAIT
+
 COPY_BELOW = 64 * 1024
 """Requests smaller than this are copied behind their header (one send); larger ones go by sendmsg."""
+
+
+_FORKS = [0]
+"""How many forks this process is down its line: an endpoint opened before a fork refuses use in the child."""
+
+
+def _count_fork() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 class _Pending:
@@ -76,6 +89,7 @@ class Client(Side):
         self._connector = Connector(address, settings, self.opened_at + float(settings["wait"]))
         self._what = address.location
         self._pid = os.getpid()
+        self._forks = _FORKS[0]
         self._lock = threading.RLock()
         self._condition = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
@@ -112,24 +126,23 @@ class Client(Side):
         if view.nbytes > self.max_message_size:
             raise too_large(view.nbytes, self.max_message_size)
         deadline = deadline_after(timeout)
-        self._enter()
+        pending = _Pending()
+        call_id = self._enter(pending)
         try:
             sock = self._socket or self._connect(deadline)
-            call_id = next(self._ids) & MAX_CALL_ID
-            pending = _Pending()
-            with self._lock:
-                self._pending[call_id] = pending
-            try:
-                self._send(sock, call_id, view, deadline)
-                return self._await(sock, pending, deadline)
-            finally:
-                with self._lock:
-                    self._pending.pop(call_id, None)
+            self._send(sock, call_id, view, deadline)
+            return self._await(sock, pending, deadline)
         finally:
-            self._leave()
+            with self._lock:
+                if pending.reply is None:
+                    self._pending.pop(call_id, None)  # a reply that comes later is dropped
+                self._inside -= 1
+                if self._closing and not self._inside:
+                    self._free()
 
-    def _enter(self) -> None:
-        if self._pid != os.getpid():
+    def _enter(self, pending: _Pending) -> int:
+        """Count the call in and register it (before its request leaves: its reply may come at once); its id."""
+        if self._forks != _FORKS[0]:
             raise ChannelClosed(
                 f"the client for {self._what} was opened in process {self._pid} before fork(); open it again in the child"
             )
@@ -139,12 +152,9 @@ class Client(Side):
             if self._lost is not None:
                 raise type(self._lost)(str(self._lost))
             self._inside += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._inside -= 1
-            if self._closing and not self._inside:
-                self._free()
+            call_id = next(self._ids) & MAX_CALL_ID
+            self._pending[call_id] = pending
+        return call_id
 
     def _closed_error(self) -> ChannelClosed:
         return ChannelClosed(f"the client for {self._what} is closed")
@@ -162,6 +172,7 @@ class Client(Side):
             if self._lost is not None:
                 raise type(self._lost)(str(self._lost))
             sock = self._connector.connect(deadline, self._waker.fileno(), lambda: self._closing)
+            sock.setblocking(True)  # every attempt that must not block says so (MSG_DONTWAIT)
             self._socket = sock
             return sock
         finally:
@@ -172,8 +183,9 @@ class Client(Side):
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         prefix = frame_prefix(REQUEST, call_id, view.nbytes, deadline_ms(left))
         frame: bytes | memoryview = prefix + view if view.nbytes < COPY_BELOW else b""
-        while not self._send_lock.acquire(timeout=ABORT_CHECK_SECONDS):
-            self._check_waiting(deadline, "no room to send the request")
+        if not self._send_lock.acquire(blocking=False):
+            while not self._send_lock.acquire(timeout=ABORT_CHECK_SECONDS):
+                self._check_waiting(deadline, "no room to send the request")
         try:
             if self._outbox:
                 self._outbox = self._write(sock, self._outbox, deadline, started=False)
@@ -193,7 +205,7 @@ class Client(Side):
         sent = 0
         while sent < view.nbytes:
             try:
-                sent += sock.send(view[sent:], SEND_FLAGS)
+                sent += sock.send(view[sent:], _SEND_NOW)
                 continue
             except BlockingIOError:
                 pass
@@ -233,6 +245,8 @@ class Client(Side):
     def _await(self, sock: socket.socket, pending: _Pending, deadline: float | None) -> bytes:
         condition = self._condition
         while True:
+            if pending.reply is not None:  # the leader's own, most often: no lock needed to see it
+                return pending.reply
             with condition:
                 if pending.reply is not None:
                     return pending.reply
@@ -251,14 +265,18 @@ class Client(Side):
             finally:
                 with condition:
                     self._reading = False
-                    condition.notify_all()
+                    if self._pending:  # followers wait: one of them leads now
+                        condition.notify_all()
 
     def _lead(self, sock: socket.socket, pending: _Pending, deadline: float | None) -> None:
         """Read replies, handing each to its call, until this call's came (or a deadline, close, loss)."""
         read_frame = self._reader.read_frame
+        # without a deadline the leader reads the blocking socket directly (one syscall; close() wakes
+        # it with shutdown(SHUT_RD)); with one, it tries once and polls
+        source: StreamSource = sock if deadline is None else _DontWait(sock)
         while pending.reply is None and pending.error is None:
             try:
-                frame = read_frame(sock)
+                frame = read_frame(source)
             except BlockingIOError:
                 self._check_waiting(deadline, "no reply")
                 self._wait_socket(sock, POLLIN, deadline)
@@ -271,9 +289,9 @@ class Client(Side):
                 if self._closing:
                     raise self._closed_error() from exc
                 raise self._lose(PeerGone(gone_text(self._what))) from exc
-            self._deliver(frame)
+            self._deliver(frame, pending)
 
-    def _deliver(self, frame: bytes) -> None:
+    def _deliver(self, frame: bytes, own: _Pending) -> None:
         try:
             kind, call_id, _, body = decode(frame, f"the server at {self._what}")
             if kind == REQUEST:
@@ -290,7 +308,8 @@ class Client(Side):
             else:
                 assert kind == ERROR
                 pending.error = RemoteError(body.decode("utf-8", "replace"))
-            self._condition.notify_all()
+            if pending is not own:
+                self._condition.notify_all()
 
     def _lose(self, error: PodIPCError) -> PodIPCError:
         """The connection is lost: every call in flight and every later call raises `error`."""
@@ -337,5 +356,5 @@ class Client(Side):
         if sock is not None:
             if not self._outbox:  # after a request's tail, the end marker would read as garbage
                 with contextlib.suppress(OSError):
-                    sock.send(end_of_stream_frame(), SEND_FLAGS)
+                    sock.send(end_of_stream_frame(), _SEND_NOW)
             sock.close()
