@@ -350,3 +350,83 @@ def test_a_producer_meeting_a_server_and_a_client_meeting_a_consumer_are_refused
 def test_request_reply_refuses_schemes_it_does_not_run_over() -> None:
     with pytest.raises(podipc.AddressError, match="request/reply runs over unix://, tcp://"):
         podipc.client("mq:///calls")
+
+
+def test_close_from_a_signal_handler_wakes_the_call_blocked_in_the_main_thread(
+    serving: tuple[str, ServerProcess],
+) -> None:
+    url, _ = serving
+    client = podipc.client(url, wait=10)
+    previous = signal.signal(signal.SIGALRM, lambda number, frame: client.close())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        started = time.monotonic()
+        with pytest.raises(podipc.ChannelClosed):
+            client.call(b"sleep:30")
+        assert time.monotonic() - started < 1.5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_close_from_another_thread_ends_serve_within_a_second() -> None:
+    url = url_for("unix-abstract")
+    server = podipc.server(url)
+    serving, outcome = in_thread(server.serve, bytes)
+    with podipc.client(url, wait=10) as client:
+        assert client.call(b"up", timeout=5) == b"up"
+        closed = time.monotonic()
+        server.close()
+        serving.join(5)
+        assert not serving.is_alive() and outcome == [None]
+        assert time.monotonic() - closed < 1.0
+        with pytest.raises(podipc.PeerGone):
+            client.call(b"after", timeout=5)
+
+
+def test_a_reply_over_max_message_size_becomes_remote_error_and_serving_goes_on() -> None:
+    url = url_for("unix-abstract")
+    with podipc.server(url, max_message_size=1024) as server, podipc.client(url, wait=10) as client:
+        serving, _ = in_thread(server.serve, lambda request: request * 600)
+        with pytest.raises(podipc.RemoteError, match="the reply is too large: 1200 bytes > max_message_size"):
+            client.call(b"xx", timeout=5)
+        assert client.call(b"x", timeout=5) == b"x" * 600
+        server.close()
+        serving.join(5)
+
+
+def test_a_call_with_a_timeout_shorter_than_wait_raises_timeout_not_peer_timeout() -> None:
+    with podipc.client(url_for("unix-abstract"), wait=30) as client:
+        started = time.monotonic()
+        with pytest.raises(podipc.Timeout) as raised:
+            client.call(b"anyone?", timeout=0.3)
+        assert not isinstance(raised.value, podipc.PeerTimeout)
+        assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.1 400 Bad Request\r\n\r\n", id="not-the-hello"),
+        pytest.param(HELLO + struct.pack(">I", 5) + b"short", id="frame-shorter-than-a-call-header"),
+        pytest.param(HELLO + encode_frame(REQUEST, 1, b"a request"), id="a-request-sent-to-the-client"),
+        pytest.param(HELLO + struct.pack(">I", 0xFFFFFF00), id="huge-length"),
+    ],
+)
+def test_a_hostile_server_gives_protocol_error_never_a_hang(answer: bytes) -> None:
+    url = url_for("unix-abstract")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind("\0" + url.removeprefix("unix://@"))
+        listener.listen()
+
+        def hostile() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(8)
+                connection.sendall(answer)
+                time.sleep(2)
+
+        thread, _ = in_thread(hostile)
+        with podipc.client(url, wait=5) as client, pytest.raises(podipc.ProtocolError):
+            client.call(b"hello?", timeout=5)
+        thread.join(5)
