@@ -32,7 +32,7 @@ from typing import Any, Self
 
 from podipc.address import Address
 from podipc.endpoint import ABORT_CHECK_SECONDS
-from podipc.errors import ChannelClosed, EndOfStream, MessageTooLarge, PeerGone, ProtocolError
+from podipc.errors import EndOfStream, MessageTooLarge, PeerGone, ProtocolError
 from podipc.framing import FrameReader
 from podipc.stream import SEND_FLAGS
 from podipc.waking import Waker
@@ -114,6 +114,8 @@ class Server(Side):
 
     Thread-safety: one thread at a time iterates (or serves); `Call.reply()`/`fail()` from
     any thread; close() from any thread, a signal handler or an event-loop callback.
+    fork(): in a child the server refuses use (ChannelClosed) and close() closes only the
+    child's copies (the socket file stays the parent's).
     """
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
@@ -122,6 +124,7 @@ class Server(Side):
         self.max_message_size = int(settings["max_message_size"])
         """Largest request (and reply) body in bytes."""
         self._what = address.location
+        self._note_birth()
         self._listener, self._remove_traces = listen(address, settings)
         self._epoll = select.epoll()
         self._waker = Waker()
@@ -136,7 +139,6 @@ class Server(Side):
         self._changed: set[_Connection] = set()
         """Clients whose outbox filled or emptied, or that broke: the loop updates or drops them."""
         self._iterating = threading.Lock()
-        self._pid = os.getpid()
         self._inside = 0
         self._closing = False
         self._freed = False
@@ -192,10 +194,8 @@ class Server(Side):
         return None
 
     def _enter(self) -> None:
-        if self._pid != os.getpid():
-            raise ChannelClosed(
-                f"the server for {self._what} was opened in process {self._pid} before fork(); open it again in the child"
-            )
+        if self._inherited:
+            raise self._inherited_error()
         with self._lock:
             self._inside += 1
 
@@ -460,6 +460,13 @@ class Server(Side):
         if self._closing:
             return
         self._closing = True
+        if self._inherited:  # the parent's server: close this process's copies only, remove and send nothing
+            self._freed = True
+            for connection in self._connections.values():
+                connection.sock.close()
+            self._listener.close()
+            self._epoll.close()
+            return
         self._waker.wake()
         with self._lock:
             if not self._inside:

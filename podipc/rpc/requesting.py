@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import socket
 import threading
 import time
@@ -48,18 +47,7 @@ from .wire import CALL_HEADER_SIZE, ERROR, MAX_CALL_ID, REPLY, REQUEST, deadline
 _SEND_NOW = SEND_FLAGS | socket.MSG_DONTWAIT
 
 COPY_BELOW = 64 * 1024
-"""Requests smaller than this are copied behind their header (one send); larger ones go by sendmsg."""
-
-
-_FORKS = [0]
-"""How many forks this process is down its line: an endpoint opened before a fork refuses use in the child."""
-
-
-def _count_fork() -> None:
-    _FORKS[0] += 1
-
-
-os.register_at_fork(after_in_child=_count_fork)
+"""Requests smaller than this are copied behind their header (one send); larger ones are written after it."""
 
 
 class _Pending:
@@ -76,8 +64,8 @@ class Client(Side):
     """The client side of request/reply: `call(request, timeout)` over one connection, shared by threads.
 
     Thread-safe: any number of threads may call at once (each call waits for its own
-    reply) and close() may come from any thread or a signal handler. Not fork-safe: a
-    child opens its own client.
+    reply) and close() may come from any thread or a signal handler. fork(): in a child a
+    call raises ChannelClosed (open a client there) and close() frees only the child's copy.
     """
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
@@ -88,8 +76,7 @@ class Client(Side):
         self.opened_at = time.monotonic()
         self._connector = Connector(address, settings, self.opened_at + float(settings["wait"]))
         self._what = address.location
-        self._pid = os.getpid()
-        self._forks = _FORKS[0]
+        self._note_birth()
         self._lock = threading.RLock()
         self._condition = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
@@ -142,10 +129,8 @@ class Client(Side):
 
     def _enter(self, pending: _Pending) -> int:
         """Count the call in and register it (before its request leaves: its reply may come at once); its id."""
-        if self._forks != _FORKS[0]:
-            raise ChannelClosed(
-                f"the client for {self._what} was opened in process {self._pid} before fork(); open it again in the child"
-            )
+        if self._inherited:
+            raise self._inherited_error()
         with self._lock:
             if self._closing:
                 raise self._closed_error()
@@ -336,6 +321,11 @@ class Client(Side):
         if self._closing:
             return
         self._closing = True
+        if self._inherited:  # the parent's connection: close this process's copy only, send nothing
+            self._freed = True
+            if self._socket is not None:
+                self._socket.close()
+            return
         self._waker.wake()
         sock = self._socket
         if sock is not None:

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from types import TracebackType
 from typing import Self
 
-from podipc.errors import MessageTooLarge
+from podipc.errors import ChannelClosed, MessageTooLarge
+
+_FORKS = [0]
+"""How many forks this process is down its line (counted in the child): sides opened before one refuse use."""
+
+
+def _count_fork() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 class Side:
@@ -17,6 +28,26 @@ class Side:
     """The address's location, for messages."""
     _closing: bool
     """Set by the subclass's __init__ once it holds something (an object whose __init__ failed holds nothing)."""
+
+    _born_after = 0
+    """The fork count when this side was opened (see `_inherited`)."""
+    _pid = 0
+
+    def _note_birth(self) -> None:
+        """Remember the process and fork count this side is opened in (call first in __init__)."""
+        self._pid = os.getpid()
+        self._born_after = _FORKS[0]
+
+    @property
+    def _inherited(self) -> bool:
+        """True in a child forked after this side was opened: the child must neither use nor free what it shares."""
+        return self._born_after != _FORKS[0]
+
+    def _inherited_error(self) -> ChannelClosed:
+        return ChannelClosed(
+            f"the {type(self).__name__} for {self._what} was opened in process {self._pid} before fork(); "
+            "open it again in the child"
+        )
 
     @property
     def closed(self) -> bool:

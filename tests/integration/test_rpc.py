@@ -430,3 +430,28 @@ def test_a_hostile_server_gives_protocol_error_never_a_hang(answer: bytes) -> No
         with podipc.client(url, wait=5) as client, pytest.raises(podipc.ProtocolError):
             client.call(b"hello?", timeout=5)
         thread.join(5)
+
+
+def test_a_forked_child_refuses_the_parents_client_and_server_and_its_close_leaves_them_working() -> None:
+    url = url_for("unix")
+    path = url.removeprefix("unix://")
+    with podipc.server(url) as server, podipc.client(url, wait=10) as client:
+        serving, _ = in_thread(server.serve, bytes)
+        assert client.call(b"before", timeout=5) == b"before"
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through its exit code
+            code = 0
+            try:
+                client.call(b"from the child", timeout=1)
+                code = 1
+            except podipc.ChannelClosed as error:
+                code = 0 if "before fork()" in str(error) else 2
+            client.close()
+            server.close()
+            os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.path.exists(path)
+        assert client.call(b"after", timeout=5) == b"after"
+        server.close()
+        serving.join(5)
