@@ -60,7 +60,8 @@ class AsyncClient(Side):
     """The asyncio client of request/reply: `await call(request, timeout=None)` from any number of tasks.
 
     Bound to the event loop of its first call. close() is safe from any thread, a signal
-    handler or a loop callback; aclose() is the same, awaitable.
+    handler or a loop callback; aclose() is the same, awaitable. fork(): as podipc.Client
+    (a child's call raises ChannelClosed, its close() frees only the child's copy).
     """
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
@@ -69,6 +70,7 @@ class AsyncClient(Side):
         self.max_message_size = int(settings["max_message_size"])
         """Largest request (and reply) body in bytes."""
         self._what = address.location
+        self._note_birth()
         self._connector = Connector(address, settings, time.monotonic() + float(settings["wait"]))
         self._reader = FrameReader(self.max_message_size + CALL_HEADER_SIZE, f"the server at {self._what}")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -125,6 +127,8 @@ class AsyncClient(Side):
             raise Timeout(f"no reply from {self._what} within the call's timeout") from None
 
     def _check_usable(self) -> None:
+        if self._inherited:
+            raise self._inherited_error()
         if self._closing:
             raise ChannelClosed(f"the client for {self._what} is closed")
         if self._lost is not None:
@@ -330,6 +334,11 @@ class AsyncClient(Side):
             return
         self._closing = True
         loop = self._loop
+        if self._inherited:  # the parent's connection and loop: close this process's copy only, send nothing
+            sock, self._socket = self._socket, None
+            if sock is not None:
+                sock.close()
+            return
         if loop is None or loop.is_closed():
             self._free()
             return
