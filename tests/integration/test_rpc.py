@@ -455,3 +455,14 @@ def test_a_forked_child_refuses_the_parents_client_and_server_and_its_close_leav
         assert client.call(b"after", timeout=5) == b"after"
         server.close()
         serving.join(5)
+
+
+def test_import_podipc_loads_request_reply_and_its_transports_only_when_used() -> None:
+    script = (
+        "import sys, podipc\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('podipc.rpc', 'podipc.transports'))))\n"
+        "podipc.Client\n"
+        "print('podipc.rpc' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["[]", "True"]
