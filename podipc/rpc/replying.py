@@ -34,7 +34,7 @@ from podipc.address import Address
 from podipc.endpoint import ABORT_CHECK_SECONDS
 from podipc.errors import EndOfStream, MessageTooLarge, PeerGone, ProtocolError
 from podipc.framing import FrameReader
-from podipc.stream import SEND_FLAGS
+from podipc.stream import HELLO_SECONDS, SEND_FLAGS
 from podipc.waking import Waker
 
 from .sides import Side, too_large
@@ -134,6 +134,8 @@ class Server(Side):
         self._connections: dict[int, _Connection] = {}
         self._calls: collections.deque[Call] = collections.deque()
         self._lock = threading.RLock()
+        self._greeting: dict[_Connection, float] = {}
+        """Connections that have not said hello yet, and when they are dropped for it."""
         self._backlog: set[_Connection] = set()
         """Clients left at FRAMES_PER_TURN: read again at the next turn, whether or not their socket is readable."""
         self._changed: set[_Connection] = set()
@@ -210,7 +212,8 @@ class Server(Side):
             self._apply_changes()
         backlog, self._backlog = self._backlog, set()
         connections, listener, waker = self._connections, self._listener_fd, self._waker.fileno()
-        for fd, events in self._epoll.poll(0 if backlog else -1):
+        timeout = 0.0 if backlog else self._until_hello_expires()
+        for fd, events in self._epoll.poll(timeout):
             connection = connections.get(fd)
             if connection is not None:
                 if events & _WRITABLE:
@@ -226,6 +229,23 @@ class Server(Side):
         for connection in backlog:
             if not connection.closed:
                 self._read(connection)
+        if self._greeting:
+            self._expire_greetings()
+
+    def _until_hello_expires(self) -> float:
+        """Seconds the loop may sleep (-1: no limit) before a connection that has not said hello is dropped."""
+        if not self._greeting:
+            return -1
+        return max(0.0, min(self._greeting.values()) - time.monotonic())
+
+    def _expire_greetings(self) -> None:
+        now = time.monotonic()
+        for connection, deadline in list(self._greeting.items()):
+            if connection.closed or connection.greeting is None:
+                del self._greeting[connection]
+            elif deadline <= now:
+                del self._greeting[connection]
+                self._drop(connection, rejected=bool(connection.greeting))
 
     def _accept(self) -> None:
         while True:
@@ -244,6 +264,7 @@ class Server(Side):
             )
             connection = _Connection(sock, reader)
             self._connections[sock.fileno()] = connection
+            self._greeting[connection] = time.monotonic() + HELLO_SECONDS  # then dropped, as by a stream consumer
             self._epoll.register(sock.fileno(), select.EPOLLIN)
 
     def _read(self, connection: _Connection) -> None:
@@ -308,6 +329,7 @@ class Server(Side):
             self._drop(connection)
             return
         connection.greeting = None
+        self._greeting.pop(connection, None)
         self.clients += 1
 
     def _drop(self, connection: _Connection, rejected: bool = False) -> None:

@@ -466,3 +466,23 @@ def test_import_podipc_loads_request_reply_and_its_transports_only_when_used() -
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.splitlines() == ["[]", "True"]
+
+
+def test_a_connection_that_never_says_hello_is_dropped_after_the_hello_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("podipc.rpc.replying.HELLO_SECONDS", 0.3)
+    url = url_for("unix-abstract")
+    with podipc.server(url) as server, podipc.client(url, wait=10) as client:
+        serving, _ = in_thread(server.serve, bytes)
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect("\0" + url.removeprefix("unix://@"))
+        mumbling = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mumbling.connect("\0" + url.removeprefix("unix://@"))
+        mumbling.sendall(HELLO[:3])
+        for connection in (silent, mumbling):
+            connection.settimeout(5)
+            assert dropped(connection) == b""
+            connection.close()
+        assert client.call(b"still served", timeout=5) == b"still served"
+        assert server.rejected == 1  # the one that sent something else than the hello
+        server.close()
+        serving.join(5)
