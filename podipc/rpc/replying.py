@@ -53,6 +53,7 @@ OUTBOX_LIMIT = 64 * 1024 * 1024
 _READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
 """Events that send the loop to read a client: data, or its end (the read then finds EOF or the error)."""
 _WRITABLE = select.EPOLLOUT
+_WRITTEN, _KEPT, _UNDELIVERED = "written", "kept", "undelivered"
 
 Handler = Callable[[bytes], bytes | bytearray | memoryview]
 
@@ -361,24 +362,33 @@ class Server(Side):
                 self.failed += 1
         frame = frame_prefix(kind, call._id, body.nbytes) + body
         connection = call._connection
+        # never under the connection's lock, which _free takes while it holds ours
+        outcome = self._write_or_keep(connection, frame)
+        if outcome is _KEPT:
+            self._changed_by(connection)
+        elif outcome is _UNDELIVERED:
+            with self._lock:
+                self.undelivered += 1
+
+    @staticmethod
+    def _write_or_keep(connection: _Connection, frame: bytes) -> str:
+        """Write a frame now, or keep what the socket did not take for the loop (_KEPT; also when it broke)."""
         with connection.lock:
             if connection.closed:
-                self.undelivered += 1
-                return
+                return _UNDELIVERED
             if connection.outbox:
                 connection.outbox += frame
-            else:
-                try:
-                    sent = connection.sock.send(frame, SEND_FLAGS)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    self._changed_by(connection)
-                    return
-                if sent == len(frame):
-                    return
-                connection.outbox += memoryview(frame)[sent:]
-            self._changed_by(connection)
+                return _KEPT
+            try:
+                sent = connection.sock.send(frame, SEND_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return _KEPT  # the loop finds the socket broken and drops the client
+            if sent == len(frame):
+                return _WRITTEN
+            connection.outbox += memoryview(frame)[sent:]
+            return _KEPT
 
     def _changed_by(self, connection: _Connection) -> None:
         with self._lock:
