@@ -56,6 +56,10 @@ OUTBOX_LIMIT = 4 * 1024 * 1024
 """Bytes of requests waiting for room beyond which a new call waits before queueing its own."""
 
 
+class _NotSent(Exception):
+    """The connection broke before any byte of this request was written: the call may go on a new connection."""
+
+
 class AsyncClient(Side):
     """The asyncio client of request/reply: `await call(request, timeout=None)` from any number of tasks.
 
@@ -71,7 +75,8 @@ class AsyncClient(Side):
         """Largest request (and reply) body in bytes."""
         self._what = address.location
         self._note_birth()
-        self._connector = Connector(address, settings, time.monotonic() + float(settings["wait"]))
+        self._wait = float(settings["wait"])
+        self._connector = Connector(address, settings, time.monotonic() + self._wait)
         self._reader = FrameReader(self.max_message_size + CALL_HEADER_SIZE, f"the server at {self._what}")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: socket.socket | None = None
@@ -84,7 +89,6 @@ class AsyncClient(Side):
         self._reading = False
         self._writing = False
         self._closing = False
-        self._lost: PodIPCError | None = None
         self.discarded = 0
         """Replies that came after their call had given up (timeout, cancellation), and were dropped."""
 
@@ -93,7 +97,8 @@ class AsyncClient(Side):
 
         Raises as podipc.Client.call does: MessageTooLarge (before sending), PeerTimeout,
         Timeout (this call only), RemoteError, PeerGone (every call in flight when the
-        server goes), ChannelClosed, ProtocolError. Cancelling it affects no other call.
+        server goes; the next call connects again), ChannelClosed, ProtocolError.
+        Cancelling it affects no other call.
         """
         view = memoryview(request)
         if view.nbytes > self.max_message_size:
@@ -103,36 +108,45 @@ class AsyncClient(Side):
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
-                sock = self._socket
-                if sock is None:
-                    sock = await asyncio.shield(self._connect_task(loop))
-                while len(self._outbox) > OUTBOX_LIMIT:
-                    await self._wait_for_room(loop)
-                self._check_usable()
-                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-                call_id = next(self._ids) & MAX_CALL_ID
-                future: asyncio.Future[bytes] = loop.create_future()
-                self._pending[call_id] = future
-                try:
-                    self._write(loop, sock, frame_prefix(REQUEST, call_id, view.nbytes, deadline_ms(left)) + view)
-                    self._watch(loop, sock)
-                    return await future
-                finally:
-                    if self._pending.pop(call_id, None) is not None and not self._pending:
-                        self._unwatch(loop, sock)
+                while True:
+                    try:
+                        return await self._call_once(loop, view, timeout, started)
+                    except _NotSent:
+                        continue  # the server went before this request left: try the next connection
         except TimeoutError as error:
             if isinstance(error, Timeout):
                 raise
             self._check_usable()
             raise Timeout(f"no reply from {self._what} within the call's timeout") from None
 
+    async def _call_once(
+        self, loop: asyncio.AbstractEventLoop, view: memoryview, timeout: float | None, started: float
+    ) -> bytes:
+        sock = self._socket
+        if sock is None:
+            sock = await asyncio.shield(self._connect_task(loop))
+        while len(self._outbox) > OUTBOX_LIMIT:
+            await self._wait_for_room(loop)
+        self._check_usable()
+        if sock is not self._socket:
+            raise _NotSent  # lost while this call waited for room
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        call_id = next(self._ids) & MAX_CALL_ID
+        future: asyncio.Future[bytes] = loop.create_future()
+        self._pending[call_id] = future
+        try:
+            self._write(loop, sock, frame_prefix(REQUEST, call_id, view.nbytes, deadline_ms(left)) + view)
+            self._watch(loop, sock)
+            return await future
+        finally:
+            if self._pending.pop(call_id, None) is not None and not self._pending:
+                self._unwatch(loop, sock)
+
     def _check_usable(self) -> None:
         if self._inherited:
             raise self._inherited_error()
         if self._closing:
             raise ChannelClosed(f"the client for {self._what} is closed")
-        if self._lost is not None:
-            raise type(self._lost)(str(self._lost))
 
     def _bound_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -226,7 +240,8 @@ class AsyncClient(Side):
                 sent = 0
             except OSError as exc:
                 self._lose(PeerGone(gone_text(self._what)), exc)
-                raise type(self._lost)(str(self._lost)) from exc  # type: ignore[misc]
+                self._check_usable()
+                raise _NotSent from exc  # nothing of it went: it may go on the next connection
             if sent == len(frame):
                 return
             frame = frame[sent:]
@@ -262,7 +277,7 @@ class AsyncClient(Side):
         self._check_usable()
 
     def _watch(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-        if not self._reading and self._lost is None and not self._closing:
+        if not self._reading and sock is self._socket and not self._closing:
             self._reading = True
             loop.add_reader(sock.fileno(), self._on_readable, sock)
 
@@ -303,11 +318,18 @@ class AsyncClient(Side):
                 future.set_exception(RemoteError(body.decode("utf-8", "replace")))
 
     def _lose(self, error: PodIPCError, cause: BaseException) -> None:
-        """The connection is lost (on the loop): every call in flight and every later call raises `error`."""
-        if self._lost is None and not self._closing:
-            self._lost = error
-            error.__cause__ = cause
+        """The connection is lost (on the loop): every call in flight raises `error`; the next call connects again."""
+        error.__cause__ = cause
         self._fail_all(error if not self._closing else ChannelClosed(f"the client for {self._what} is closed"))
+        if self._closing:
+            return
+        sock, self._socket = self._socket, None
+        self._connecting = None
+        self._reader = FrameReader(self.max_message_size + CALL_HEADER_SIZE, f"the server at {self._what}")
+        self._outbox.clear()
+        self._connector.wait_deadline = time.monotonic() + self._wait  # for the server to come back
+        if sock is not None:
+            sock.close()
 
     def _fail_all(self, error: PodIPCError) -> None:
         pending, self._pending = self._pending, {}

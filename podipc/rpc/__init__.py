@@ -20,7 +20,8 @@ Semantics:
     docs/wire/rpc.md), so replies may come in any order. A call's timeout travels as a
     deadline: the server skips a request that expired before its turn, the client raises
     Timeout for that call only and drops a late reply. A server that dies (SIGKILL too)
-    closes its connections: every call in flight raises PeerGone. A handler's exception
+    closes its connections: every call in flight raises PeerGone, and the next call
+    connects again (waiting up to `wait` for the server to be back). A handler's exception
     becomes the call's RemoteError; the server goes on. A client sending bytes that are
     not request/reply is dropped and counted (`rejected`); the others go on.
     The server creates the socket file (unix:///path) at open and removes it at close.

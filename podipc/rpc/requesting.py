@@ -60,12 +60,36 @@ class _Pending:
         self.error: PodIPCError | None = None
 
 
+class _Link:
+    """One connection to the server and what is its own: the reader, an unsent tail, the calls in flight on it."""
+
+    __slots__ = ("lost", "outbox", "pending", "reader", "reading", "sock", "users")
+
+    def __init__(self, sock: socket.socket, reader: FrameReader) -> None:
+        self.sock = sock
+        self.reader = reader
+        self.outbox = b""
+        """The tail of a request that a Timeout interrupted: the next send on this link writes it first."""
+        self.pending: dict[int, _Pending] = {}
+        self.reading = False
+        """True while a call (the leader) reads this link's socket for everyone."""
+        self.lost: PodIPCError | None = None
+        self.users = 0
+        """Calls using this link now: a lost link's socket is closed when the last of them leaves."""
+
+
+class _NotSent(Exception):
+    """The link broke before any byte of this request was written: the call may go on a new connection."""
+
+
 class Client(Side):
     """The client side of request/reply: `call(request, timeout)` over one connection, shared by threads.
 
     Thread-safe: any number of threads may call at once (each call waits for its own
-    reply) and close() may come from any thread or a signal handler. fork(): in a child a
-    call raises ChannelClosed (open a client there) and close() frees only the child's copy.
+    reply) and close() may come from any thread or a signal handler. When the server goes,
+    the calls in flight raise PeerGone and the next call connects again (waiting up to
+    `wait` seconds for the server to be back). fork(): in a child a call raises
+    ChannelClosed (open a client there) and close() frees only the child's copy.
     """
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
@@ -74,27 +98,24 @@ class Client(Side):
         self.max_message_size = int(settings["max_message_size"])
         """Largest request (and reply) body in bytes."""
         self.opened_at = time.monotonic()
-        self._connector = Connector(address, settings, self.opened_at + float(settings["wait"]))
         self._what = address.location
         self._note_birth()
+        self._wait = float(settings["wait"])
+        self._connector = Connector(address, settings, self.opened_at + self._wait)
         self._lock = threading.RLock()
         self._condition = threading.Condition(self._lock)
         self._send_lock = threading.Lock()
         self._connect_lock = threading.Lock()
         self._waker = Waker()
-        self._socket: socket.socket | None = None
-        self._reader = FrameReader(self.max_message_size + CALL_HEADER_SIZE, f"the server at {self._what}")
-        self._outbox = b""
-        """The tail of a request that a Timeout interrupted: the next send writes it first."""
-        self._pending: dict[int, _Pending] = {}
+        self._link: _Link | None = None
         self._ids = itertools.count(1)
-        self._reading = False
         self._inside = 0
         self._closing = False
         self._freed = False
-        self._lost: PodIPCError | None = None
         self.discarded = 0
         """Replies that came after their call had given up (Timeout), and were dropped."""
+        self.connections = 0
+        """Connections made so far (more than one when the server went and came back)."""
 
     # --- calling ------------------------------------------------------------
 
@@ -105,89 +126,122 @@ class Client(Side):
         Raises MessageTooLarge (before sending), PeerTimeout (no server within `wait`),
         Timeout (this call only; a late reply is discarded), RemoteError (the handler
         failed: its message), PeerGone (the server went away with the call in flight: every
-        call in flight gets it, and so does every later call), ChannelClosed (closed,
-        also from another thread while the call waits), ProtocolError (the server's bytes
-        are not request/reply frames).
+        call in flight gets it; the next call connects again), ChannelClosed (closed, also
+        from another thread while the call waits), ProtocolError (the server's bytes are
+        not request/reply frames).
         """
         view = memoryview(request)
         if view.nbytes > self.max_message_size:
             raise too_large(view.nbytes, self.max_message_size)
         deadline = deadline_after(timeout)
-        pending = _Pending()
-        call_id = self._enter(pending)
+        self._enter()
         try:
-            sock = self._socket or self._connect(deadline)
-            self._send(sock, call_id, view, deadline)
-            return self._await(sock, pending, deadline)
+            while True:
+                pending = _Pending()
+                link, call_id = self._attach(pending, deadline)
+                try:
+                    self._send(link, call_id, view, deadline)
+                    return self._await(link, pending, deadline)
+                except _NotSent:
+                    continue  # the server went before this request left: try the next connection
+                finally:
+                    self._detach(link, call_id, pending)
         finally:
             with self._lock:
-                if pending.reply is None:
-                    self._pending.pop(call_id, None)  # a reply that comes later is dropped
                 self._inside -= 1
                 if self._closing and not self._inside:
                     self._free()
 
-    def _enter(self, pending: _Pending) -> int:
-        """Count the call in and register it (before its request leaves: its reply may come at once); its id."""
+    def _enter(self) -> None:
         if self._inherited:
             raise self._inherited_error()
         with self._lock:
             if self._closing:
                 raise self._closed_error()
-            if self._lost is not None:
-                raise type(self._lost)(str(self._lost))
             self._inside += 1
-            call_id = next(self._ids) & MAX_CALL_ID
-            self._pending[call_id] = pending
-        return call_id
+
+    def _attach(self, pending: _Pending, deadline: float | None) -> tuple[_Link, int]:
+        """The live link (connecting when there is none) with this call registered on it (before its request
+        leaves: the reply may come at once), and the call's id."""
+        while True:
+            link = self._link or self._connect(deadline)
+            with self._lock:
+                if self._closing:
+                    raise self._closed_error()
+                if link.lost is None:
+                    link.users += 1
+                    call_id = next(self._ids) & MAX_CALL_ID
+                    link.pending[call_id] = pending
+                    return link, call_id
+
+    def _detach(self, link: _Link, call_id: int, pending: _Pending) -> None:
+        with self._lock:
+            if pending.reply is None:
+                link.pending.pop(call_id, None)  # a reply that comes later is dropped
+            link.users -= 1
+            if link.lost is not None and not link.users and link is not self._link:
+                link.sock.close()
 
     def _closed_error(self) -> ChannelClosed:
         return ChannelClosed(f"the client for {self._what} is closed")
 
-    def _connect(self, deadline: float | None) -> socket.socket:
-        """The connection, made by the first call (the others wait for it, within their own deadline)."""
+    def _connect(self, deadline: float | None) -> _Link:
+        """The connection, made by one call (the others wait for it, within their own deadline)."""
         while not self._connect_lock.acquire(timeout=ABORT_CHECK_SECONDS):
             if self._closing:
                 raise self._closed_error()
             if deadline is not None and time.monotonic() >= deadline:
                 raise Timeout(f"no server answered at {self._what} within the call's timeout")
         try:
-            if self._socket is not None:
-                return self._socket
-            if self._lost is not None:
-                raise type(self._lost)(str(self._lost))
+            link = self._link
+            if link is not None:
+                return link
             sock = self._connector.connect(deadline, self._waker.fileno(), lambda: self._closing)
             sock.setblocking(True)  # every attempt that must not block says so (MSG_DONTWAIT)
-            self._socket = sock
-            return sock
+            link = _Link(sock, FrameReader(self.max_message_size + CALL_HEADER_SIZE, f"the server at {self._what}"))
+            with self._lock:
+                if self._closing:
+                    sock.close()
+                    raise self._closed_error()
+                self._link = link
+                self.connections += 1
+            return link
         finally:
             self._connect_lock.release()
 
-    def _send(self, sock: socket.socket, call_id: int, view: memoryview, deadline: float | None) -> None:
+    def _send(self, link: _Link, call_id: int, view: memoryview, deadline: float | None) -> None:
         """Write one request frame whole; on Timeout nothing of it went, or its tail waits in the outbox."""
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         prefix = frame_prefix(REQUEST, call_id, view.nbytes, deadline_ms(left))
         frame: bytes | memoryview = prefix + view if view.nbytes < COPY_BELOW else b""
         if not self._send_lock.acquire(blocking=False):
             while not self._send_lock.acquire(timeout=ABORT_CHECK_SECONDS):
-                self._check_waiting(deadline, "no room to send the request")
+                self._check_waiting(link, deadline, "no room to send the request")
         try:
-            if self._outbox:
-                self._outbox = self._write(sock, self._outbox, deadline, started=False)
+            if link.lost is not None:
+                raise _NotSent
+            if link.outbox:
+                link.outbox = self._write(link, link.outbox, deadline, started=True)
+                if link.outbox:
+                    raise Timeout(f"no room to send the request to {self._what} within the call's timeout")
             if frame:
-                rest = self._write(sock, frame, deadline, started=False)
+                rest = self._write(link, frame, deadline, started=False)
             else:
-                rest = self._write_large(sock, prefix, view, deadline)
-            self._outbox = bytes(rest)
+                rest = self._write_large(link, prefix, view, deadline)
+            link.outbox = bytes(rest)
             if rest:
                 raise Timeout(f"the request to {self._what} could not be written within the call's timeout")
         finally:
             self._send_lock.release()
 
-    def _write(self, sock: socket.socket, data: bytes | memoryview, deadline: float | None, started: bool) -> bytes:
-        """Write `data`; what is left when the deadline passed after part of it went (b'' when all went)."""
+    def _write(self, link: _Link, data: bytes | memoryview, deadline: float | None, started: bool) -> bytes:
+        """Write `data`; what is left when the deadline passed after part of it went (b'' when all went).
+
+        `started`: part of this frame went already (a Timeout now keeps the rest instead).
+        """
         view = memoryview(data)
         sent = 0
+        sock = link.sock
         while sent < view.nbytes:
             try:
                 sent += sock.send(view[sent:], _SEND_NOW)
@@ -195,7 +249,12 @@ class Client(Side):
             except BlockingIOError:
                 pass
             except OSError as exc:
-                raise self._lose(PeerGone(f"the server at {self._what} is gone ({exc.strerror})")) from exc
+                self._lose(link, PeerGone(f"the server at {self._what} is gone ({exc.strerror})"))
+                if self._closing:
+                    raise self._closed_error() from exc
+                if sent or started:
+                    raise PeerGone(gone_text(self._what)) from exc
+                raise _NotSent from exc
             if deadline is not None and time.monotonic() >= deadline:
                 if sent or started:
                     return bytes(view[sent:])
@@ -203,11 +262,11 @@ class Client(Side):
             self._wait_socket(sock, POLLOUT, deadline)
         return b""
 
-    def _write_large(self, sock: socket.socket, prefix: bytes, view: memoryview, deadline: float | None) -> bytes:
-        rest = self._write(sock, prefix, deadline, started=False)
+    def _write_large(self, link: _Link, prefix: bytes, view: memoryview, deadline: float | None) -> bytes:
+        rest = self._write(link, prefix, deadline, started=False)
         if rest:
             return rest + bytes(view)
-        return self._write(sock, view, deadline, started=True)
+        return self._write(link, view, deadline, started=True)
 
     def _wait_socket(self, sock: socket.socket, events: int, deadline: float | None) -> None:
         seconds = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -217,17 +276,17 @@ class Client(Side):
         if self._closing:
             raise self._closed_error()
 
-    def _check_waiting(self, deadline: float | None, what: str) -> None:
+    def _check_waiting(self, link: _Link, deadline: float | None, what: str) -> None:
         if self._closing:
             raise self._closed_error()
-        if self._lost is not None:
-            raise type(self._lost)(str(self._lost))
+        if link.lost is not None:
+            raise type(link.lost)(str(link.lost))
         if deadline is not None and time.monotonic() >= deadline:
             raise Timeout(f"{what} at {self._what} within the call's timeout")
 
     # --- waiting for the reply -------------------------------------------------
 
-    def _await(self, sock: socket.socket, pending: _Pending, deadline: float | None) -> bytes:
+    def _await(self, link: _Link, pending: _Pending, deadline: float | None) -> bytes:
         condition = self._condition
         while True:
             if pending.reply is not None:  # the leader's own, most often: no lock needed to see it
@@ -237,25 +296,26 @@ class Client(Side):
                     return pending.reply
                 if pending.error is not None:
                     raise pending.error
-                self._check_waiting(deadline, "no reply")
-                if self._reading:
+                self._check_waiting(link, deadline, "no reply")
+                if link.reading:
                     seconds = ABORT_CHECK_SECONDS
                     if deadline is not None:
                         seconds = min(seconds, max(0.0, deadline - time.monotonic()))
                     condition.wait(seconds)
                     continue
-                self._reading = True
+                link.reading = True
             try:
-                self._lead(sock, pending, deadline)
+                self._lead(link, pending, deadline)
             finally:
                 with condition:
-                    self._reading = False
-                    if self._pending:  # followers wait: one of them leads now
+                    link.reading = False
+                    if link.pending:  # followers wait: one of them leads now
                         condition.notify_all()
 
-    def _lead(self, sock: socket.socket, pending: _Pending, deadline: float | None) -> None:
+    def _lead(self, link: _Link, pending: _Pending, deadline: float | None) -> None:
         """Read replies, handing each to its call, until this call's came (or a deadline, close, loss)."""
-        read_frame = self._reader.read_frame
+        read_frame = link.reader.read_frame
+        sock = link.sock
         # without a deadline the leader reads the blocking socket directly (one syscall; close() wakes
         # it with shutdown(SHUT_RD)); with one, it tries once and polls
         source: StreamSource = sock if deadline is None else _DontWait(sock)
@@ -263,28 +323,28 @@ class Client(Side):
             try:
                 frame = read_frame(source)
             except BlockingIOError:
-                self._check_waiting(deadline, "no reply")
+                self._check_waiting(link, deadline, "no reply")
                 self._wait_socket(sock, POLLIN, deadline)
                 continue
             except (PeerGone, EndOfStream) as exc:
-                raise self._lose(PeerGone(gone_text(self._what))) from exc
+                raise self._lose(link, PeerGone(gone_text(self._what))) from exc
             except ProtocolError as exc:
-                raise self._lose(ProtocolError(str(exc))) from exc
+                raise self._lose(link, ProtocolError(str(exc))) from exc
             except OSError as exc:
                 if self._closing:
                     raise self._closed_error() from exc
-                raise self._lose(PeerGone(gone_text(self._what))) from exc
-            self._deliver(frame, pending)
+                raise self._lose(link, PeerGone(gone_text(self._what))) from exc
+            self._deliver(link, frame, pending)
 
-    def _deliver(self, frame: bytes, own: _Pending) -> None:
+    def _deliver(self, link: _Link, frame: bytes, own: _Pending) -> None:
         try:
             kind, call_id, _, body = decode(frame, f"the server at {self._what}")
             if kind == REQUEST:
                 raise ProtocolError(f"the server at {self._what} sent a request; servers only reply")
         except ProtocolError as error:
-            raise self._lose(error) from None
+            raise self._lose(link, error) from None
         with self._condition:
-            pending = self._pending.pop(call_id, None)
+            pending = link.pending.pop(call_id, None)
             if pending is None:
                 self.discarded += 1
                 return
@@ -296,17 +356,22 @@ class Client(Side):
             if pending is not own:
                 self._condition.notify_all()
 
-    def _lose(self, error: PodIPCError) -> PodIPCError:
-        """The connection is lost: every call in flight and every later call raises `error`."""
+    def _lose(self, link: _Link, error: PodIPCError) -> PodIPCError:
+        """A connection is lost: every call in flight on it raises `error`; the next call connects again."""
         if self._closing:
             return self._closed_error()
         with self._condition:
-            if self._lost is None:
-                self._lost = error
-            for pending in self._pending.values():
+            if link.lost is None:
+                link.lost = error
+                if self._link is link:
+                    self._link = None
+                    self._connector.wait_deadline = time.monotonic() + self._wait  # for the server to come back
+                with contextlib.suppress(OSError):
+                    link.sock.shutdown(socket.SHUT_RDWR)  # calls blocked on it (a send) see it at once
+            for pending in link.pending.values():
                 if pending.reply is None and pending.error is None:
-                    pending.error = type(self._lost)(str(self._lost))
-            self._pending.clear()
+                    pending.error = type(link.lost)(str(link.lost))
+            link.pending.clear()
             self._condition.notify_all()
         return error
 
@@ -321,16 +386,16 @@ class Client(Side):
         if self._closing:
             return
         self._closing = True
+        link = self._link
         if self._inherited:  # the parent's connection: close this process's copy only, send nothing
             self._freed = True
-            if self._socket is not None:
-                self._socket.close()
+            if link is not None:
+                link.sock.close()
             return
         self._waker.wake()
-        sock = self._socket
-        if sock is not None:
+        if link is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)  # a leader blocked in a read wakes at once
+                link.sock.shutdown(socket.SHUT_RD)  # a leader blocked in a read wakes at once
         with self._lock:
             if not self._inside:
                 self._free()
@@ -342,9 +407,9 @@ class Client(Side):
         if self._freed:
             return
         self._freed = True
-        sock, self._socket = self._socket, None
-        if sock is not None:
-            if not self._outbox:  # after a request's tail, the end marker would read as garbage
+        link, self._link = self._link, None
+        if link is not None:
+            if not link.outbox:  # after a request's tail, the end marker would read as garbage
                 with contextlib.suppress(OSError):
-                    sock.send(end_of_stream_frame(), _SEND_NOW)
-            sock.close()
+                    link.sock.send(end_of_stream_frame(), _SEND_NOW)
+            link.sock.close()

@@ -152,7 +152,7 @@ def test_the_server_skips_a_request_whose_deadline_passed_before_its_turn(servin
     assert counts["replied"] == 3
 
 
-def test_every_call_in_flight_gets_peer_gone_within_2_s_when_the_server_is_killed(
+def test_every_call_in_flight_gets_peer_gone_within_2_s_when_the_server_is_killed_and_the_next_call_reconnects(
     serving: tuple[str, ServerProcess],
 ) -> None:
     url, server = serving
@@ -166,8 +166,18 @@ def test_every_call_in_flight_gets_peer_gone_within_2_s_when_the_server_is_kille
             thread.join(5)
         assert time.monotonic() - killed < 2.0
         assert all(isinstance(outcome[0], podipc.PeerGone) for _, outcome in calls), calls
-        with pytest.raises(podipc.PeerGone):
-            client.call(b"later", timeout=1)
+        with pytest.raises(podipc.Timeout):
+            client.call(b"nobody there", timeout=0.3)  # it waits for a server to come back, within its timeout
+        later, later_outcome = in_thread(client.call, b"back", 20)  # waits for the restarted server
+        time.sleep(0.3)
+        restarted = ServerProcess(url, workers=1)
+        try:
+            later.join(20)
+            assert later_outcome == [b"back"]
+            assert client.call(b"and again", timeout=5) == b"and again"
+            assert client.connections == 2
+        finally:
+            restarted.kill()
 
 
 def test_close_from_another_thread_wakes_a_blocked_call_with_channel_closed(serving: tuple[str, ServerProcess]) -> None:
@@ -380,8 +390,8 @@ def test_close_from_another_thread_ends_serve_within_a_second() -> None:
         serving.join(5)
         assert not serving.is_alive() and outcome == [None]
         assert time.monotonic() - closed < 1.0
-        with pytest.raises(podipc.PeerGone):
-            client.call(b"after", timeout=5)
+        with pytest.raises(podipc.Timeout):
+            client.call(b"after", timeout=0.5)  # the server is gone: the call waits for one to come back
 
 
 def test_a_reply_over_max_message_size_becomes_remote_error_and_serving_goes_on() -> None:

@@ -74,10 +74,11 @@ def test_a_task_timeout_fails_that_call_only(served_url: tuple[str, ServerProces
     asyncio.run(scenario())
 
 
-def test_every_task_in_flight_gets_peer_gone_within_2_s_when_the_server_is_killed(
+def test_every_task_in_flight_gets_peer_gone_within_2_s_when_the_server_is_killed_and_the_next_call_reconnects(
     served_url: tuple[str, ServerProcess],
 ) -> None:
     url, server = served_url
+    restarted: list[ServerProcess] = []
 
     async def scenario() -> list[object]:
         async with podipc.aio.client(url, wait=10) as client:
@@ -87,11 +88,19 @@ def test_every_task_in_flight_gets_peer_gone_within_2_s_when_the_server_is_kille
             server.process.send_signal(signal.SIGKILL)
             async with asyncio.timeout(2.0):
                 results = await asyncio.gather(*calls, return_exceptions=True)
-            with pytest.raises(podipc.PeerGone):
-                await client.call(b"later")
+            with pytest.raises(podipc.Timeout):
+                await client.call(b"nobody there", timeout=0.3)
+            later = asyncio.create_task(client.call(b"back", timeout=20))
+            await asyncio.sleep(0.3)
+            restarted.append(await asyncio.to_thread(ServerProcess, url, 1))
+            assert await later == b"back"
             return results
 
-    results = asyncio.run(scenario())
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        for process in restarted:
+            process.kill()
     assert all(isinstance(result, podipc.PeerGone) for result in results), results
 
 
