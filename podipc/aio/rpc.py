@@ -177,9 +177,9 @@ class AsyncClient(Side):
                 connected = await self._until_closed(self._connect_once(loop, sock, target), seconds)
                 if connected:
                     connector.established(sock, expected)
-                    await self._until_closed(self._hello(loop, sock), connector.seconds_left(None))
-                    self._socket = sock
-                    return sock
+                    if await self._until_closed(self._hello(loop, sock), connector.seconds_left(None)):
+                        self._socket = sock
+                        return sock
             except BaseException:
                 sock.close()
                 raise
@@ -196,7 +196,8 @@ class AsyncClient(Side):
             return False
         return True
 
-    async def _hello(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    async def _hello(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+        """Say hello and check the answer; False when the server vanished meanwhile (try again), as the sync client."""
         try:
             await loop.sock_sendall(sock, HELLO)
             answer = b""
@@ -205,12 +206,16 @@ class AsyncClient(Side):
                 if not chunk:
                     break
                 answer += chunk
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self._connector.last_error = exc  # a server dying as we came (see podipc.rpc.sockets)
+            return False
         except OSError as exc:
             raise ProtocolError(
                 f"{self._what} dropped the connection instead of answering the podipc request/reply hello "
                 f"({exc.strerror}); it is not a podipc server"
             ) from exc
         self._connector.check_answer(answer)
+        return True
 
     async def _until_closed(self, work: Any, seconds: float | None) -> Any:
         """Await `work`; ChannelClosed when closed meanwhile, PeerTimeout when `seconds` (the wait) ran out."""

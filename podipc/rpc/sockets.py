@@ -139,8 +139,8 @@ class Connector:
             try:
                 if self._connect_once(sock, target, deadline, waker_fd, closed):
                     self.established(sock, expected)
-                    self._hello(sock, deadline, waker_fd, closed)
-                    return sock
+                    if self._hello(sock, deadline, waker_fd, closed):
+                        return sock
             except BaseException:
                 sock.close()
                 raise
@@ -167,9 +167,13 @@ class Connector:
         self.refused(OSError(code, os.strerror(code)))
         return False
 
-    def _hello(self, sock: socket.socket, deadline: float | None, waker_fd: int, closed: Callable[[], bool]) -> None:
+    def _hello(self, sock: socket.socket, deadline: float | None, waker_fd: int, closed: Callable[[], bool]) -> bool:
+        """Say hello and check the answer; False when the server vanished meanwhile (try again)."""
         try:
             sock.send(HELLO, SEND_FLAGS)  # 8 bytes into an empty buffer: all or an error
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.last_error = exc  # the server died between its accept and our hello (a restart): try again
+            return False
         except OSError as exc:
             raise peer_gone(exc, self.address.location, "server") from exc
         answer = b""
@@ -183,6 +187,11 @@ class Connector:
                 if closed():
                     raise ChannelClosed(f"the client for {self.address.location} is closed") from None
                 continue
+            except ConnectionResetError as exc:
+                # a listener that closed with our connection in its backlog (a server dying as we came): try again;
+                # one that accepted us and closed deliberately (EOF, below) is not a podipc server
+                self.last_error = exc
+                return False
             except OSError as exc:
                 raise ProtocolError(
                     f"{self.address.location} dropped the connection instead of answering the podipc "
@@ -195,6 +204,7 @@ class Connector:
                 )
             answer += chunk
         self.check_answer(answer)
+        return True
 
 
 HELLO_ANSWER_SECONDS = 2.0
