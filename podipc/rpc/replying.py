@@ -289,6 +289,8 @@ class Server(Side):
             return
         if not self._take(connection, frame):
             return
+        if not reader.ready:
+            return  # a read cuts every whole frame it holds into `ready`: nothing else is complete
         for frame in reader.buffered_frames(FRAMES_PER_TURN):
             if not self._take(connection, frame):
                 return
