@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import PackageNotFoundError, version
-from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from podipc.address import Address, parse_address
 from podipc.channel import ChannelInfo, channels, consumer, producer
@@ -19,12 +19,16 @@ from podipc.errors import (
     PeerTimeout,
     PodIPCError,
     ProtocolError,
+    RemoteError,
     Timeout,
 )
 from podipc.producing import Producer
 from podipc.readiness import wait
 from podipc.serving import Sessions, serve
 from podipc.signals import close_on_signals
+
+if TYPE_CHECKING:
+    from podipc.rpc import Call, Client, Server
 
 try:
     __version__ = version("podipc")
@@ -34,9 +38,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "Address",
     "AddressError",
+    "Call",
     "ChannelClosed",
     "ChannelInfo",
     "ChannelUnavailable",
+    "Client",
     "Consumer",
     "EndOfStream",
     "MessageTooLarge",
@@ -45,22 +51,51 @@ __all__ = [
     "PodIPCError",
     "Producer",
     "ProtocolError",
+    "RemoteError",
+    "Server",
     "Sessions",
     "Timeout",
     "__version__",
     "aio",
     "channels",
+    "client",
     "close_on_signals",
     "consumer",
     "parse_address",
     "producer",
     "serve",
+    "server",
     "wait",
 ]
 
 
-def __getattr__(name: str) -> ModuleType:
-    """podipc.aio is imported on first use (it imports asyncio, which sync programs need not pay for)."""
+def client(url: str, **options: object) -> Client:
+    """Open the client side of request/reply at `url` (unix:// or tcp://): `call(request, timeout)`.
+
+    See podipc.rpc (imported on first use, as the stream transports it runs over).
+    """
+    from podipc.rpc import client as open_client
+
+    return open_client(url, **options)
+
+
+def server(url: str, **options: object) -> Server:
+    """Open the server side of request/reply at `url` (unix:// or tcp://): `serve(handler)` or iteration.
+
+    See podipc.rpc (imported on first use, as the stream transports it runs over).
+    """
+    from podipc.rpc import server as open_server
+
+    return open_server(url, **options)
+
+
+_REQUEST_REPLY_NAMES = ("Call", "Client", "Server")
+
+
+def __getattr__(name: str) -> Any:
+    """podipc.aio and the request/reply classes are imported on first use (asyncio, the stream transports)."""
     if name == "aio":
         return importlib.import_module("podipc.aio")
+    if name in _REQUEST_REPLY_NAMES:
+        return getattr(importlib.import_module("podipc.rpc"), name)
     raise AttributeError(f"module 'podipc' has no attribute {name!r}")

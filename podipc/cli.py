@@ -44,6 +44,7 @@ from podipc.errors import (
     PeerTimeout,
     PodIPCError,
     ProtocolError,
+    RemoteError,
     Timeout,
 )
 from podipc.extras import install_hint
@@ -70,6 +71,7 @@ EXIT_CODES: dict[type[PodIPCError], int] = {
     ProtocolError: 8,
     ChannelClosed: 9,
     EndOfStream: 10,
+    RemoteError: 11,
 }
 
 
@@ -155,7 +157,12 @@ def print_summary(summary: StreamSummary, **extra: object) -> None:
 class PodipcGroup(click.Group):
     """The podipc command group: the core commands, plus commands imported from their packages when used."""
 
-    lazy_commands: ClassVar[dict[str, str]] = {"bench": "podipc.bench.cli:bench", "doctor": "podipc.doctor.cli:doctor"}
+    lazy_commands: ClassVar[dict[str, str]] = {
+        "bench": "podipc.bench.cli:bench",
+        "call": "podipc.rpc.cli:call",
+        "doctor": "podipc.doctor.cli:doctor",
+        "reply": "podipc.rpc.cli:reply",
+    }
     """Command name -> 'module:attribute' of a click command (their modules import only click and core)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:

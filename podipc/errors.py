@@ -53,3 +53,7 @@ class ProtocolError(PodIPCError):
 
 class ChannelClosed(PodIPCError):
     """The producer or consumer was used after close()."""
+
+
+class RemoteError(PodIPCError):
+    """The server's handler failed on this request; the message is what it said (request/reply)."""

@@ -21,6 +21,9 @@ not at all; asyncio.timeout() works. close() (sync, from any thread, a signal ha
 loop callback) wakes every waiting task with ChannelClosed; aclose() ends a producer's
 stream without blocking the loop.
 
+Request/reply: `podipc.aio.client(url)` -> `await client.call(request, timeout=)`, any number
+of tasks in flight over one connection (podipc.aio.rpc); serve with the sync podipc.server.
+
 anyio: works under anyio's asyncio backend (it is asyncio). Under trio there is no asyncio
 loop: the first call raises RuntimeError ("no running event loop"); there, use the sync
 endpoints with `await trio.lowlevel.wait_readable(endpoint.fileno())` and try_recv()/
@@ -30,5 +33,6 @@ try_send(), or anyio.to_thread.
 from __future__ import annotations
 
 from podipc.aio.endpoints import AsyncConsumer, AsyncProducer, consumer, producer
+from podipc.aio.rpc import AsyncClient, client
 
-__all__ = ["AsyncConsumer", "AsyncProducer", "consumer", "producer"]
+__all__ = ["AsyncClient", "AsyncConsumer", "AsyncProducer", "client", "consumer", "producer"]

@@ -18,6 +18,7 @@ from types import FrameType
 from typing import Any
 
 from podipc.bench.control import DEFAULT_CONTROL_PORT
+from podipc.bench.patterns import pattern_subjects
 from podipc.bench.peers import LocalSubject, peer_subjects
 from podipc.bench.spread import APIS, DEFAULT_CONFIDENCE_LEVEL, DEFAULT_MAX_REPEAT, MOST_REPEATS
 from podipc.bench.stats import (
@@ -90,7 +91,7 @@ class Plan:
         catalog = Catalog()
         unknown = [name for name in self.channels if catalog.get(name) is None]
         if unknown:
-            known = (*schemes(), *(peer.name for peer in peer_subjects()))
+            known = (*schemes(), *(peer.name for peer in peer_subjects()), *(s.name for s in pattern_subjects()))
             raise ValueError(
                 f"unknown channel(s) or peer(s) {', '.join(unknown)}; known: {', '.join(known)} "
                 "(a channel may carry URL options and an aio- or batch- prefix: aio-unix, file?sync=batch)"
@@ -165,6 +166,7 @@ class Catalog:
 
     def __init__(self) -> None:
         self.peers: dict[str, Subject] = {peer.name: peer for peer in peer_subjects()}
+        self.patterns: dict[str, Subject] = {subject.name: subject for subject in pattern_subjects()}
         self.baselines = raw_baselines()
         self.made: dict[str, Subject] = {}
 
@@ -172,6 +174,8 @@ class Catalog:
         """The subject called `name`, or None when there is none."""
         if name in self.peers:
             return self.peers[name]
+        if name in self.patterns:
+            return self.patterns[name]
         subject = self.made.get(name)
         if subject is None:
             parsed = parse_channel_name(name)

@@ -40,7 +40,8 @@ def _bench_list(value: str) -> list[str]:
     envvar=["PODIPC_BENCH_CHANNELS", "PODIPC_CHANNELS"],
     help="Comma-separated schemes to measure (those `podipc channels` lists) or 'all'; "
     "peer names (raw-tcp, raw-ring, iceoryx2...) may be listed too, and channels with URL options "
-    "(file?sync=batch) or the aio-/batch- prefix (aio-unix).",
+    "(file?sync=batch) or the aio-/batch- prefix (aio-unix); rpc-unix and rpc-tcp measure request/reply "
+    "round trips (latency cells, against raw-unix/raw-tcp).",
 )
 @click.option(
     "--sizes",

@@ -33,6 +33,7 @@ import errno
 import socket
 from typing import ClassVar
 
+from podipc.address import Address
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.options import Option
@@ -40,7 +41,16 @@ from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, socket
 from podipc.stream_producer import StreamProducer
 from podipc.transport import AddressForm, Example, Transport, option_limit
 
-__all__ = ["TRANSPORT", "TCPConsumer", "TCPProducer", "availability", "host_max_message_size"]
+__all__ = [
+    "TRANSPORT",
+    "TCPConsumer",
+    "TCPProducer",
+    "availability",
+    "host_max_message_size",
+    "listen_tcp",
+    "no_delay",
+    "tcp_endpoint",
+]
 
 
 def availability() -> str | None:
@@ -53,15 +63,41 @@ def host_max_message_size() -> int:
     return DEFAULT_MAX_MESSAGE_SIZE
 
 
-def _endpoint(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
-    if host == "localhost":
-        host = "127.0.0.1"
+def tcp_endpoint(address: Address) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """The address family and (host, port) to bind or connect to for a tcp:// address."""
+    host = "127.0.0.1" if address.host == "localhost" else address.host
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return family, (host, port)
+    return family, (host, address.port)
 
 
-def _no_delay(connection: socket.socket) -> None:
+def no_delay(connection: socket.socket) -> None:
+    """Send small frames at once (TCP_NODELAY): requests and answers must not wait for Nagle."""
     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def listen_tcp(address: Address) -> socket.socket:
+    """Bind and listen on a tcp:// address (SO_REUSEADDR); ChannelUnavailable with the fix when impossible."""
+    family, endpoint = tcp_endpoint(address)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(endpoint)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        listener.close()
+        raise ChannelUnavailable(_bind_problem(address, exc)) from exc
+    return listener
+
+
+def _bind_problem(address: Address, error: OSError) -> str:
+    where = address.location
+    if error.errno == errno.EADDRINUSE:
+        return f"{where}: port {address.port} is in use (another consumer or program listens); choose another port"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {address.host} is not an address of this pod; use 127.0.0.1 or the pod IP"
+    if error.errno == errno.EACCES:
+        return f"{where}: ports below 1024 need privileges; use a port from 1024 to 65535"
+    return f"{where}: cannot listen: {error.strerror or error}"
 
 
 class TCPConsumer(StreamConsumer):
@@ -70,29 +106,10 @@ class TCPConsumer(StreamConsumer):
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
 
     def _listen(self) -> socket.socket:
-        family, endpoint = _endpoint(self.address.host, self.address.port)
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(endpoint)
-            listener.listen(LISTEN_BACKLOG)
-        except OSError as exc:
-            listener.close()
-            raise ChannelUnavailable(self._bind_problem(exc)) from exc
-        return listener
-
-    def _bind_problem(self, error: OSError) -> str:
-        where = self.address.location
-        if error.errno == errno.EADDRINUSE:
-            return f"{where}: port {self.address.port} is in use (another consumer or program listens); choose another port"
-        if error.errno == errno.EADDRNOTAVAIL:
-            return f"{where}: {self.address.host} is not an address of this pod; use 127.0.0.1 or the pod IP"
-        if error.errno == errno.EACCES:
-            return f"{where}: ports below 1024 need privileges; use a port from 1024 to 65535"
-        return f"{where}: cannot listen: {error.strerror or error}"
+        return listen_tcp(self.address)
 
     def _configure_connection(self, connection: socket.socket) -> None:
-        _no_delay(connection)
+        no_delay(connection)
 
 
 class TCPProducer(StreamProducer):
@@ -101,11 +118,11 @@ class TCPProducer(StreamProducer):
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
 
     def _connection_socket(self) -> tuple[socket.socket, tuple[str, int]]:
-        family, endpoint = _endpoint(self.address.host, self.address.port)
+        family, endpoint = tcp_endpoint(self.address)
         return socket.socket(family, socket.SOCK_STREAM), endpoint
 
     def _configure(self, sock: socket.socket) -> None:
-        _no_delay(sock)
+        no_delay(sock)
 
 
 TRANSPORT = Transport(

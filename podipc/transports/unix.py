@@ -47,7 +47,7 @@ import stat
 import struct
 from typing import ClassVar
 
-from podipc.address import UNIX_PATH_MAX
+from podipc.address import UNIX_PATH_MAX, Address
 from podipc.errors import ChannelUnavailable
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.options import Option
@@ -57,7 +57,16 @@ from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, socket
 from podipc.stream_producer import StreamProducer
 from podipc.transport import PATH_OBJECT, AddressForm, Example, Transport, option_limit
 
-__all__ = ["TRANSPORT", "UnixConsumer", "UnixProducer", "availability", "host_max_message_size"]
+__all__ = [
+    "TRANSPORT",
+    "UnixConsumer",
+    "UnixListener",
+    "UnixProducer",
+    "availability",
+    "check_socket_file",
+    "host_max_message_size",
+    "verify_listener",
+]
 
 PROBE_SECONDS = 1.0
 """How long a consumer's probe of an existing socket file may take to connect."""
@@ -100,14 +109,58 @@ def _is_live(path: str) -> bool:
     return True
 
 
-class UnixConsumer(StreamConsumer):
-    """Receives frames on a Unix socket it creates at open and removes when done."""
+def check_socket_file(address: Address, mode: int) -> int | None:
+    """Before connecting to a socket file: refuse anything but a trusted socket; the owner's UID to verify, or None.
 
-    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
-    _identity: tuple[int, int] | None = None
-    _record: Presence | None = None
+    None when nothing is at the path yet (connecting fails and is retried). Refused with
+    ChannelUnavailable (the owner and the fix): a link, another kind of file, a user this
+    side does not trust (ownership.Trust for `mode`), or a socket every user may connect to.
+    """
+    path = address.path
+    what = f"{address.location}: {path}"
+    status = check_path(path, Trust.for_mode(mode), what, SOCKET)
+    if status is None:
+        return None
+    permissions = stat.S_IMODE(status.st_mode)
+    if permissions & OTHERS_MAY_CONNECT:
+        raise ChannelUnavailable(
+            f"{what} lets every user of the pod connect ({owner_text(status.st_uid, status.st_gid, permissions)}); "
+            f"podipc never creates such a socket: {SHARE_FIX}"
+        )
+    return status.st_uid
 
-    def _listen(self) -> socket.socket:
+
+def verify_listener(address: Address, sock: socket.socket, expected: int | None) -> None:
+    """Once connected: the listening process must run as the socket file's owner (SO_PEERCRED), else ChannelUnavailable."""
+    if expected is None:
+        return
+    _, uid, gid = PEER_CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size))
+    if uid != expected:
+        raise ChannelUnavailable(
+            f"{address.location}: the process listening there runs as {user_text(uid)}, {group_text(gid)}, "
+            f"not as the socket file's owner {user_text(expected)}: someone replaced the file; "
+            "remove it (as its owner) and restart the consumer"
+        )
+
+
+class UnixListener:
+    """Listening on a unix:// address, as a consumer (or a request/reply server) does: the socket and its file.
+
+    `listen()` binds an abstract name, or creates the socket file with `mode` (bound under a
+    temporary name, chmod-ed, then linked into place; a stale file of ours replaced, a live
+    one or another user's refused) and records it for `podipc clean`; `remove_traces()`
+    unlinks that file (only if it is still the one created) and the record.
+    """
+
+    def __init__(self, address: Address, mode: int, role: str = "consumer") -> None:
+        self.address = address
+        self.mode = mode
+        self.role = role
+        self._identity: tuple[int, int] | None = None
+        self._record: Presence | None = None
+
+    def listen(self) -> socket.socket:
+        """Create, bind and listen; raise ChannelUnavailable with the fix when that is impossible."""
         if self.address.abstract:
             return self._listen_abstract()
         return self._listen_on_file()
@@ -121,7 +174,7 @@ class UnixConsumer(StreamConsumer):
             listener.close()
             if exc.errno == errno.EADDRINUSE:
                 raise ChannelUnavailable(
-                    f"another consumer listens on {self.address.location}; a channel has one consumer"
+                    f"another {self.role} listens on {self.address.location}; a channel has one {self.role}"
                 ) from exc
             raise ChannelUnavailable(f"{self.address.location}: cannot listen: {exc.strerror}") from exc
         return listener
@@ -149,9 +202,7 @@ class UnixConsumer(StreamConsumer):
     def _record_for_clean(self, path: str) -> None:
         """Note the socket file in a presence record, so `podipc clean` can remove it should we be killed."""
         try:
-            self._record = Presence(
-                self.address.token, "consumer", int(self.settings["mode"]), channel=self.address.location
-            )
+            self._record = Presence(self.address.token, "consumer", self.mode, channel=self.address.location)
         except ChannelUnavailable:
             return  # no writable /dev/shm: the file is still replaced as stale by the next consumer
         self._record.record("path", path)
@@ -169,9 +220,7 @@ class UnixConsumer(StreamConsumer):
                 f"{self.address.location}: directory {directory} does not exist; mount a volume "
                 "(an emptyDir) there in both containers, or create it"
             )
-        status = check_path(
-            path, Trust.for_mode(int(self.settings["mode"])), f"{self.address.location}: {path}", SOCKET
-        )
+        status = check_path(path, Trust.for_mode(self.mode), f"{self.address.location}: {path}", SOCKET)
         if status is None:
             return False
         try:
@@ -179,12 +228,13 @@ class UnixConsumer(StreamConsumer):
         except PermissionError as exc:
             raise ChannelUnavailable(f"{self.address.location}: {path} belongs to another user; {SHARE_FIX}") from exc
         if live:
-            raise ChannelUnavailable(f"another consumer listens on {self.address.location}; a channel has one consumer")
+            raise ChannelUnavailable(
+                f"another {self.role} listens on {self.address.location}; a channel has one {self.role}"
+            )
         return True
 
     def _bind_with_mode(self, listener: socket.socket, path: str) -> str:
         """Bind under a temporary name and chmod it, so the real path never has other permissions."""
-        mode = int(self.settings["mode"])
         temporary = os.path.join(os.path.dirname(path), f".podipc-{secrets.token_hex(4)}")
         if len(temporary.encode()) > UNIX_PATH_MAX:
             temporary = path
@@ -192,7 +242,7 @@ class UnixConsumer(StreamConsumer):
                 os.unlink(path)
         listener.bind(temporary)
         try:
-            os.chmod(temporary, mode)
+            os.chmod(temporary, self.mode)
         except BaseException:
             os.unlink(temporary)
             raise
@@ -208,7 +258,7 @@ class UnixConsumer(StreamConsumer):
                 os.link(temporary, path)
             except FileExistsError as exc:
                 raise ChannelUnavailable(
-                    f"another consumer created {path} at the same time; a channel has one consumer"
+                    f"another {self.role} created {path} at the same time; a channel has one {self.role}"
                 ) from exc
             except OSError:
                 os.rename(temporary, path)
@@ -216,7 +266,8 @@ class UnixConsumer(StreamConsumer):
             if os.path.lexists(temporary):
                 os.unlink(temporary)
 
-    def _remove_listener_traces(self) -> None:
+    def remove_traces(self) -> None:
+        """Remove the socket file (if it is still the one listen() created) and its presence record."""
         if self._record is not None:
             self._record.close()
             self._record = None
@@ -230,6 +281,21 @@ class UnixConsumer(StreamConsumer):
                 os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+class UnixConsumer(StreamConsumer):
+    """Receives frames on a Unix socket it creates at open and removes when done."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    _listening: UnixListener | None = None
+
+    def _listen(self) -> socket.socket:
+        self._listening = UnixListener(self.address, int(self.settings["mode"]))
+        return self._listening.listen()
+
+    def _remove_listener_traces(self) -> None:
+        if self._listening is not None:
+            self._listening.remove_traces()
 
 
 class UnixProducer(StreamProducer):
@@ -253,31 +319,12 @@ class UnixProducer(StreamProducer):
 
     def _check_socket_file(self, path: str) -> None:
         """Refuse (ChannelUnavailable, owner and fix) anything at `path` but a trusted socket; note its owner."""
-        what = f"{self.address.location}: {path}"
-        status = check_path(path, Trust.for_mode(int(self.settings["mode"])), what, SOCKET)
-        if status is None:
-            return  # nothing yet: connect fails and is retried until the wait deadline
-        mode = stat.S_IMODE(status.st_mode)
-        if mode & OTHERS_MAY_CONNECT:
-            raise ChannelUnavailable(
-                f"{what} lets every user of the pod connect ({owner_text(status.st_uid, status.st_gid, mode)}); "
-                f"podipc never creates such a socket: {SHARE_FIX}"
-            )
-        self._expected_listener = status.st_uid
+        owner = check_socket_file(self.address, int(self.settings["mode"]))
+        if owner is not None:
+            self._expected_listener = owner
 
     def _verify_peer(self, sock: socket.socket) -> None:
-        expected = self._expected_listener
-        if expected is None:
-            return
-        _, uid, gid = PEER_CREDENTIALS.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
-        )
-        if uid != expected:
-            raise ChannelUnavailable(
-                f"{self.address.location}: the process listening there runs as {user_text(uid)}, {group_text(gid)}, "
-                f"not as the socket file's owner {user_text(expected)}: someone replaced the file; "
-                "remove it (as its owner) and restart the consumer"
-            )
+        verify_listener(self.address, sock, self._expected_listener)
 
     def _unreachable(self, error: OSError) -> ChannelUnavailable:
         if error.errno == errno.EACCES:

@@ -487,3 +487,19 @@ def test_batch_check_counts_a_run_of_numbers_at_once_and_falls_back_for_anything
     check_batch(checker, numbered(7), 64)
     assert (checker.received, checker.expected, checker.reordered, checker.duplicated) == (9, 8, 1, 1)
     assert checker.lost(sent=8) == 0
+
+
+@pytest.mark.timeout(120)
+def test_request_reply_cells_measure_round_trips_beside_their_raw_socket_baselines() -> None:
+    report = run_bench(
+        "--quick", "--channels", "rpc-unix,raw-unix,rpc-tcp,raw-tcp", "--sizes", "64,65536", "--mode", "both"
+    )
+    cells = {(record["subject"], record["mode"], record["size"]): record for record in report["results"]}
+    for scheme in ("unix", "tcp"):
+        for size in (64, 65536):
+            record = cells[(f"rpc-{scheme}", "latency", size)]
+            assert record["status"] == "ok", record["reason"]
+            assert_sane(record)
+            assert record["baseline"] == f"raw-{scheme}"
+            assert record["ratios"]["latency.p50_us"]["median"] > 0, record
+        assert (f"rpc-{scheme}", "throughput", 64) not in cells, "request/reply is measured in round trips only"

@@ -37,6 +37,7 @@ LOG_SHIPPING = K8S / "logging" / "log-shipping.yaml"
 LOG_SHIPPING_NATIVE = K8S / "logging" / "log-shipping-native.yaml"
 APP_CONTAINERS = {(LOG_SHIPPING, "app"), (LOG_SHIPPING_NATIVE, "app")}
 """Containers that stand for the user's application (a script writing its log into podipc), not podipc itself."""
+REQUEST_REPLY = K8S / "request-reply" / "request-reply.yaml"
 NATIVE_SIDECARS_SINCE = "1.29"
 """The first Kubernetes release that runs initContainers with restartPolicy: Always by default (beta)."""
 
@@ -321,9 +322,21 @@ def test_native_log_shipper_is_a_restartable_init_container_that_serves() -> Non
     assert spec["restartPolicy"] == "Never"
 
 
-def test_native_sidecar_manifest_is_valid_from_the_first_release_that_runs_it() -> None:
-    for document in documents(LOG_SHIPPING_NATIVE):
+@pytest.mark.parametrize("path", [LOG_SHIPPING_NATIVE, REQUEST_REPLY], ids=name_of)
+def test_native_sidecar_manifest_is_valid_from_the_first_release_that_runs_it(path: Path) -> None:
+    for document in documents(path):
         kubernetes_validate.validate(document, NATIVE_SIDECARS_SINCE, strict=True)
+
+
+def test_request_reply_pod_has_an_app_calling_a_native_responder_sidecar_on_one_url() -> None:
+    ((_, spec),) = pods_in(REQUEST_REPLY)
+    (responder,) = spec["initContainers"]
+    (app,) = spec["containers"]
+    assert responder["restartPolicy"] == "Always" and responder["args"][:1] == ["reply"]
+    assert app["args"] == ["call"] and env_of(app)["PODIPC_DATA"]
+    assert float(env_of(app)["PODIPC_TIMEOUT"]) < float(env_of(app)["PODIPC_WAIT"])
+    assert env_of(app)["PODIPC_URL"] == env_of(responder)["PODIPC_URL"]
+    assert parse_address(env_of(app)["PODIPC_URL"]).abstract, "an abstract socket needs no volume"
 
 
 def test_bench_job_runs_a_server_and_a_client_container() -> None:

@@ -1,0 +1,181 @@
+"""Bench subjects for patterns beyond one pair: the request/reply round trip (podipc.client, podipc.server).
+
+`rpc-unix` (over unix://@name) and `rpc-tcp` (over tcp://127.0.0.1:PORT) are measured in
+latency cells only, against the raw stream socket ping-pong of the same socket (raw-unix,
+raw-tcp): one round trip is one `call()`. They fit the bench's two links this way: the
+client's sender "a" calls and keeps the reply, which its receiver "b" hands out; the
+server's receiver "a" takes the next call and its sender "b" answers it. Both links name
+the same URL (one connection carries both ways). The client's close makes one last call
+with an empty request, which the server answers and takes as the end of stream (bench
+messages are never empty).
+
+Ask for them by name: `podipc bench --channels rpc-unix,raw-unix --sizes 64 --modes latency`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+import podipc
+from podipc.bench.subjects import PEER_WAIT_SECONDS, Buffer, CellPlace, Receiver, Sender, Subject
+from podipc.errors import EndOfStream
+
+END_OF_CALLS = b""
+"""The request a bench client's close() sends last; the bench server answers it and ends."""
+CLOSE_CALL_SECONDS = 5.0
+
+
+class _ClientEnds:
+    """One client shared by a cell's two client ends, and the reply of the last call."""
+
+    def __init__(self, url: str) -> None:
+        self.client = podipc.client(url, wait=PEER_WAIT_SECONDS)
+        self.call = self.client.call
+        self.reply: bytes | None = None
+
+
+class CallSender:
+    """Link "a" on the client's side: each send is a call; its reply waits for the receiver of link "b"."""
+
+    def __init__(self, ends: _ClientEnds) -> None:
+        self.ends = ends
+
+    def send(self, data: Buffer) -> None:
+        """Call with `data`; keep the reply."""
+        self.ends.reply = self.ends.call(data)
+
+    def close(self) -> None:
+        """Tell the server the calls are over (an empty request), then close the client."""
+        try:
+            self.ends.call(END_OF_CALLS, CLOSE_CALL_SECONDS)
+        finally:
+            self.ends.client.close()
+
+    def abort(self) -> None:
+        """Close the client."""
+        self.ends.client.close()
+
+
+class ReplyReceiver:
+    """Link "b" on the client's side: the reply of the last call (EndOfStream when there is none)."""
+
+    def __init__(self, ends: _ClientEnds) -> None:
+        self.ends = ends
+
+    def recv(self) -> Buffer:
+        """The last call's reply."""
+        reply, self.ends.reply = self.ends.reply, None
+        if reply is None:
+            raise EndOfStream("no call waits for its reply")
+        return reply
+
+    def idle(self, seconds: float) -> None:
+        """A client between calls waits for nothing: it sleeps."""
+        time.sleep(seconds)
+
+    def close(self) -> None:
+        """Nothing of its own to free (the sender closes the client)."""
+
+
+class _ServerEnds:
+    """One server shared by a cell's two server ends, and the call being answered."""
+
+    def __init__(self, url: str) -> None:
+        self.server = podipc.server(url)
+        self.calls: Iterator[podipc.Call] = iter(self.server)
+        self.call: podipc.Call | None = None
+
+
+class CallReceiver:
+    """Link "a" on the server's side: the next call's request (EndOfStream at the client's empty last call)."""
+
+    def __init__(self, ends: _ServerEnds) -> None:
+        self.ends = ends
+
+    def recv(self) -> Buffer:
+        """The next request."""
+        call = next(self.ends.calls, None)
+        if call is None:
+            raise EndOfStream("the server was closed")
+        if call.request == END_OF_CALLS:
+            call.reply(END_OF_CALLS)
+            raise EndOfStream("the client's calls are over")
+        self.ends.call = call
+        return call.request
+
+    def idle(self, seconds: float) -> None:
+        """Not used on the server's side."""
+        time.sleep(seconds)
+
+    def close(self) -> None:
+        """Close the server."""
+        self.ends.server.close()
+
+
+class ReplySender:
+    """Link "b" on the server's side: each send answers the call the receiver took."""
+
+    def __init__(self, ends: _ServerEnds) -> None:
+        self.ends = ends
+
+    def send(self, data: Buffer) -> None:
+        """Reply to the current call."""
+        call = self.ends.call
+        assert call is not None, "a reply before any call"
+        call.reply(data)
+
+    def close(self) -> None:
+        """Nothing of its own to free (the receiver closes the server)."""
+
+    def abort(self) -> None:
+        """Close the server."""
+        self.ends.server.close()
+
+
+class RequestReply(Subject):
+    """podipc request/reply over a stream socket, measured as round trips (latency cells only)."""
+
+    kind = "channel"
+    modes = ("latency",)
+
+    def __init__(self, scheme: str) -> None:
+        self.scheme = scheme
+        self.name = f"rpc-{scheme}"
+        self.baseline = f"raw-{scheme}"
+        self._client_ends: dict[str, _ClientEnds] = {}
+        self._server_ends: dict[str, _ServerEnds] = {}
+
+    def availability(self) -> str | None:
+        """Request/reply needs nothing beyond the standard library."""
+        return None
+
+    def size_problem(self, size: int) -> str | None:
+        """Any size up to the default max_message_size (64 MiB) fits."""
+        return None
+
+    def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
+        """One URL for both links: one connection carries requests and replies."""
+        url = f"tcp://127.0.0.1:{free_port('tcp')}" if self.scheme == "tcp" else f"unix://@{place.name('rpc')}"
+        return {"a": url, "b": url}
+
+    def open_sender(self, resources: Mapping[str, str], key: str, size: int) -> Sender:
+        """Client "a" (opens the client; no I/O yet), or server "b" (the server opened by its receiver "a")."""
+        url = resources[key]
+        if key == "a":
+            ends = self._client_ends[url] = _ClientEnds(url)
+            return CallSender(ends)
+        return ReplySender(self._server_ends.pop(url))
+
+    def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
+        """Server "a" (opens the server: it listens at once), or client "b" (the client opened by its sender "a")."""
+        url = resources[key]
+        if key == "a":
+            ends = self._server_ends[url] = _ServerEnds(url)
+            return CallReceiver(ends)
+        return ReplyReceiver(self._client_ends.pop(url))
+
+
+def pattern_subjects() -> list[Subject]:
+    """Every pattern subject, in report order (measured when named in --channels)."""
+    return [RequestReply("unix"), RequestReply("tcp")]
