@@ -48,6 +48,8 @@ README = ROOT / "README.md"
 
 SPOOL_VARIANTS = ("file?sync=batch", "file?sync=always")
 """Issue 13: the spool at each durability level it is judged at (skipped, with the reason, where file:// lacks it)."""
+PATTERN_CELLS = ("rpc-unix", "rpc-tcp")
+"""Issue 14: request/reply round trips, beside the raw ping-pong of the same socket."""
 DEFAULT_REPEAT = 5
 QUICK_REPEAT = 2
 BATCH = 256
@@ -61,7 +63,7 @@ def bench_command(arguments: argparse.Namespace, output: Path) -> list[str]:
         "podipc",
         "bench",
         "--channels",
-        ",".join(("all", *SPOOL_VARIANTS)),
+        ",".join(("all", *SPOOL_VARIANTS, *PATTERN_CELLS)),
         "--peers",
         "--api",
         "async",

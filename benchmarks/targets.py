@@ -226,6 +226,7 @@ def compute_targets(report: dict[str, Any], previous: dict[str, Any] | None = No
         *_kernel_targets(report),
         *_asyncio_targets(report),
         *_small_message_targets(report),
+        *_pattern_targets(report),
     ]
     if previous is not None:
         targets += regression_targets(report, previous)
@@ -393,6 +394,26 @@ def _small_message_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
 REGRESSION_LIMIT = 0.05
 """Issue 13: nothing of today's regresses by more than 5 %."""
 LARGEST_SIZE = 1 << 20
+
+
+def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported)."""
+    yield ratio_target(
+        report,
+        "rpc-unix-p50-vs-raw-unix",
+        "request/reply round-trip p50 at 64 B over unix:// <= 1.2x a raw Unix-socket ping-pong",
+        Comparison("rpc-unix", "raw-unix", LATENCY, SMALL_SIZE),
+        1.2,
+        "<=",
+    )
+    yield ratio_target(
+        report,
+        "rpc-tcp-p50-vs-raw-tcp",
+        "request/reply round-trip p50 at 64 B over tcp:// beside a raw TCP ping-pong",
+        Comparison("rpc-tcp", "raw-tcp", LATENCY, SMALL_SIZE),
+        None,
+        "<=",
+    )
 
 
 def _paired_median(report: dict[str, Any], compared: Comparison) -> tuple[float | None, str | None]:
