@@ -279,12 +279,12 @@ class QueueProducer(Producer):
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message (bytes); wait at most `timeout` seconds for room (None: no limit, 0: try once now).
 
-        Raises as Producer.send does. The common case (bytes, no timeout, connected) is one call of
+        Raises as Producer.send does. The common case (bytes or bytearray, no timeout, connected) is one call of
         the queue's own send under the call gate, without the base class's conversions (they cost
         a third of a 64-byte send); a full queue waits as the transport says; anything else takes
         the checked path.
         """
-        if timeout is None and type(data) is bytes and len(data) <= self._fast_limit:
+        if timeout is None and (type(data) is bytes or type(data) is bytearray) and len(data) <= self._fast_limit:
             token = self._token
             try:
                 token.pop()

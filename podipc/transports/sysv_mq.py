@@ -475,6 +475,26 @@ class SysVMQProducer(QueueProducer):
         self.key = address.key
         super().__init__(address, settings)
 
+    def _send_waiting(self, data: bytes | memoryview) -> bool:
+        """The queue was full on the fast path: retry there, yielding the CPU in between, before the checked path.
+
+        A consumer at full rate makes room within microseconds; going through the checked path for
+        each such wait halved the throughput at 64 B (465k against 1.07M msg/s with a blocking msgsnd).
+        """
+        send = self._send_now
+        mark = self.data_mark
+        yield_cpu = os.sched_yield
+        for _ in range(ROOM_SPIN_ATTEMPTS):
+            yield_cpu()
+            if self._state:
+                return False  # closing, or the consumer was lost: the checked path decides
+            try:
+                send(data, False, mark)
+                return True
+            except sysv_ipc.BusyError:
+                pass
+        return False
+
     def _send_checked(self, view: memoryview, deadline: float | None) -> None:
         """Attempts with IPC_NOWAIT; on a full queue retried after yielding the CPU, then after growing sleeps."""
         try_send = self._try_send
