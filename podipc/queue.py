@@ -264,7 +264,7 @@ class QueueProducer(Producer):
     def _room_readiness(self) -> tuple[int, int, float | None]:
         """What to wait on for room in the connected queue: (fd, poll events, None)."""
 
-    def _send_waiting(self, data: bytes | memoryview) -> bool:
+    def _send_waiting(self, data: bytes | bytearray | memoryview) -> bool:
         """After `_send_now` found the queue full: wait for room and send (hook); False leaves it to the checked
         path (nothing sent). May raise `_queue_errors` (nothing sent)."""
         return False

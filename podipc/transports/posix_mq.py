@@ -265,7 +265,7 @@ class PosixMQProducer(QueueProducer):
         self.name = queue_name(address)
         super().__init__(address, settings)
 
-    def _send_waiting(self, data: bytes | memoryview) -> bool:
+    def _send_waiting(self, data: bytes | bytearray | memoryview) -> bool:
         """The queue was full: wait in poll() for room (or the waker), then send."""
         send = self._send_now
         wait = self._poller.poll

@@ -475,7 +475,7 @@ class SysVMQProducer(QueueProducer):
         self.key = address.key
         super().__init__(address, settings)
 
-    def _send_waiting(self, data: bytes | memoryview) -> bool:
+    def _send_waiting(self, data: bytes | bytearray | memoryview) -> bool:
         """The queue was full on the fast path: retry there, yielding the CPU in between, before the checked path.
 
         A consumer at full rate makes room within microseconds; going through the checked path for
