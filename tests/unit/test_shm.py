@@ -39,7 +39,9 @@ from podipc.transports.shm.layout import (
     HEADER_SIZE,
     KIND_DATA,
     KIND_END,
+    KIND_PACK,
     KIND_WRAP,
+    PACK_HEADER,
     RECORD_HEADER,
     Record,
     decode_header,
@@ -869,3 +871,114 @@ def test_batches_through_a_small_ring_wrap_and_fill_it_and_keep_every_message_in
                 received += taken
         producer.join(10)
     assert received == [message for batch in batches for message in batch]
+
+
+# --- pack records: send_many of equal-sized messages ---------------------------
+
+
+def uniform_batches(count: int, size: int, seed: int) -> list[list[bytes]]:
+    """`count` batches of numbered messages, each batch of one size (`size`, or a random one when -1)."""
+    import random
+
+    chooser = random.Random(seed)
+    batches = []
+    number = 0
+    for _ in range(count):
+        length = chooser.randrange(0, 700) if size < 0 else size
+        batch = []
+        for _ in range(chooser.randrange(2, 80)):
+            batch.append((number.to_bytes(4, "little") * (length // 4 + 1))[:length])
+            number += 1
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("size", [64, 0, -1], ids=["64-bytes", "empty", "one-size-per-batch"])
+def test_batches_of_equal_sized_messages_go_in_packs_and_every_way_of_receiving_takes_them_in_order(
+    name: str, size: int
+) -> None:
+    """A 4 KiB ring: packs wrap and fill it; recv, recv_view, try_recv and recv_many of any count take them whole."""
+    import random
+
+    batches = uniform_batches(300, size, seed=size + 7)
+    link = f"{url(name)}?capacity=4096"
+    received: list[bytes] = []
+    chooser = random.Random(3)
+    with podipc.consumer(link, wait=10) as inbox:
+        segment_path = f"/dev/shm/{name}"
+
+        def produce() -> None:
+            with podipc.producer(link, wait=10) as out:
+                for batch in batches:
+                    assert out.send_many(batch, timeout=10) == len(batch)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        kinds_seen: set[int] = set()
+        with pytest.raises(EndOfStream):
+            while True:
+                raw = b""
+                with contextlib.suppress(FileNotFoundError), open(segment_path, "rb") as segment:
+                    raw = segment.read()  # what kind of record waits at the read index (gone after the end)
+                read_index = int.from_bytes(raw[128:136], "little")
+                if raw and read_index < int.from_bytes(raw[64:72], "little"):
+                    kinds_seen.add(int.from_bytes(raw[HEADER_SIZE + read_index % 4096 + 4 :][:4], "little"))
+                way = chooser.choice(["recv", "view", "try", "many"])
+                if way == "recv":
+                    received.append(inbox.recv(timeout=10))
+                elif way == "view":
+                    received.append(bytes(inbox.recv_view(timeout=10)))
+                elif way == "try":
+                    message = inbox.try_recv()
+                    if message is not None:
+                        received.append(message)
+                else:
+                    received += inbox.recv_many(chooser.choice([1, 3, 17, 256]), timeout=10)
+        producer.join(10)
+    assert received == [message for batch in batches for message in batch]
+    assert KIND_PACK in kinds_seen
+
+
+def test_a_ring_whose_reader_takes_no_packs_gets_data_records_only(name: str) -> None:
+    """A plain reader (features word 0, as docs/wire/shm.md's script leaves it) never meets a pack record."""
+    with podipc.consumer(url(name), **SMALL_RING) as inbox:
+        write_raw(name, 32, bytes(8))  # the features word: this reader takes no packs
+
+        def produce() -> None:
+            with podipc.producer(url(name), **SMALL_RING) as out:
+                assert out.send_many([b"abcd"] * 5, timeout=5) == 5
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        received: list[bytes] = []
+        while len(received) < 5:
+            received += inbox.recv_many(10, timeout=5)
+        assert received == [b"abcd"] * 5
+        with open(f"/dev/shm/{name}", "rb") as segment:  # the records stay in the ring after they were taken
+            raw = segment.read()
+        with pytest.raises(EndOfStream):
+            inbox.recv(5)
+        producer.join(5)
+    kinds = [int.from_bytes(raw[HEADER_SIZE + 16 * index + 4 :][:4], "little") for index in range(5)]
+    assert kinds == [KIND_DATA] * 5
+
+
+@pytest.mark.parametrize(
+    ("record", "write_index", "message"),
+    [
+        (RECORD_HEADER.pack(8 + 3 * 4, KIND_PACK) + PACK_HEADER.pack(0, 4), 32, "do not make"),
+        (RECORD_HEADER.pack(8 + 2 * 4, KIND_PACK) + PACK_HEADER.pack(3, 4), 24, "do not make"),
+        (RECORD_HEADER.pack(8 + 2 * 2000, KIND_PACK) + PACK_HEADER.pack(2, 2000), 4016, "runs past|do not make"),
+        (RECORD_HEADER.pack(8 + 2 * 4, KIND_PACK) + PACK_HEADER.pack(2, 4), 16, "write index"),
+        (RECORD_HEADER.pack(4, KIND_PACK), 16, "shorter than its header"),
+    ],
+    ids=["no-messages", "count-disagrees", "beyond-max-message-size", "beyond-write-index", "no-pack-header"],
+)
+def test_a_forged_pack_record_is_a_protocol_error_for_the_consumer(
+    name: str, record: bytes, write_index: int, message: str
+) -> None:
+    with podipc.consumer(url(name), **SMALL_RING) as consumer:
+        write_raw(name, HEADER_SIZE, record)
+        write_raw(name, 64, write_index.to_bytes(8, "little"))
+        with pytest.raises(ProtocolError, match=message):
+            consumer.recv(2)

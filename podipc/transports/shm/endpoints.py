@@ -25,8 +25,9 @@ itself already lives in ring.py, layout.py and options.py beside it.
 
 from __future__ import annotations
 
+import operator
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
 from podipc.address import Address
@@ -73,6 +74,19 @@ from podipc.waking import POLLIN
 
 ATTACH_RETRY_SECONDS = 0.02
 """How often a producer that waits for its consumer's ring looks again."""
+
+
+_BYTES_TYPES = {bytes, bytearray}
+_VIEW_ONLY = {memoryview}
+_VIEW_SHAPE = operator.attrgetter("c_contiguous", "format", "ndim")
+_FLAT_BYTES = {(True, "B", 1)}
+"""A view's shape as _VIEW_SHAPE reads it when its len() is its size in bytes and it joins as it is."""
+
+
+class UniformBatch(list):  # type: ignore[type-arg]
+    """A send_many batch of bytes that are all `size` bytes long: the ring writer sends it in pack records."""
+
+    size: int = -1
 
 
 class _RingTracker(PeerTracker):
@@ -257,16 +271,39 @@ class ShmProducer(_RingSide, Producer):
             return start
         if self._state:
             self._check_state()
+        uniform = views.size if type(views) is UniformBatch else -1
         if start == 0:
             # the ring's limit is known only once attached: check the whole batch before its first message goes
-            largest = max((view.nbytes for view in views), default=0)
+            largest = uniform if uniform >= 0 else max((view.nbytes for view in views), default=0)
             if largest > self.max_message_size:
                 raise self._too_large(largest)
         waiter = self._waiter
         if waiter is not None and waiter.armed:  # a wake-up: the segment may have changed while we waited
             self._check_segment()
             waiter.disarm()
-        return writer.try_write_many(views, start)
+        return writer.try_write_many(views, start, uniform)
+
+    def _batch_views(self, messages: Iterable[bytes | bytearray | memoryview]) -> Sequence[memoryview]:
+        """A list of two or more messages of one size (bytes, bytearray or flat byte memoryviews) stays as it is.
+
+        It becomes a UniformBatch, which the ring writer sends in pack records (one header and
+        one copy for many messages) when the consumer takes them; anything else is made views.
+        """
+        if type(messages) is list and len(messages) > 1:
+            types = set(map(type, messages))
+            sizes: set[int] | None = None
+            if types == _VIEW_ONLY:
+                if set(map(_VIEW_SHAPE, messages)) == _FLAT_BYTES:
+                    sizes = set(map(len, messages))
+            elif types <= _BYTES_TYPES:
+                sizes = set(map(len, messages))
+            if sizes is not None and len(sizes) == 1:
+                batch = UniformBatch(messages)
+                batch.size = sizes.pop()
+                if batch.size > self.max_message_size:
+                    raise self._too_large(batch.size)
+                return batch  # its messages are joined by the ring writer, never viewed one by one
+        return super()._batch_views(messages)
 
     def _check_state(self) -> None:
         """The slow path of the state check: closed or forked, the ring truncated, the consumer lost."""

@@ -10,6 +10,7 @@ definition. Everything is little-endian.
     12      4     header size (256)          consumer
     16      8     capacity (data bytes)      consumer
     24      8     max message size (bytes)   consumer
+    32      8     features                   consumer (1: its reader takes pack records)
     64      8     write index                producer
     72      8     producer flags             producer (1 attached, 2 end written)
     80      8     consumer waiting           consumer sets it before sleeping (how to wake it); producer clears it, wakes
@@ -28,10 +29,16 @@ centuries); a position in the ring is `index % capacity`. The producer owns the
 cache line at 64, the consumer the one at 128, so neither writes the other's line
 on the fast path. A record starts at an 8-byte aligned position:
 
-    u32 length, u32 kind (0 data, 1 wrap, 2 end), then `length` payload bytes, padded to 8
+    u32 length, u32 kind (0 data, 1 wrap, 2 end, 3 pack), then `length` payload bytes, padded to 8
 
 A record never straddles the end of the ring: when it does not fit, the producer
 writes a wrap record (length 0) and continues at position 0.
+
+A pack record carries `count` messages of `size` bytes each, back to back: its payload
+is u32 count (>= 1), u32 size (<= max message size), then count * size bytes, so its
+length is 8 + count * size. A producer writes packs only for a batch of equal-sized
+messages (send_many) and only into a ring whose features word says the reader takes
+them; a reader that sets no feature never sees one.
 """
 
 from __future__ import annotations
@@ -50,7 +57,14 @@ RECORD_HEADER_SIZE = 8
 KIND_DATA = 0
 KIND_WRAP = 1
 KIND_END = 2
-KIND_NAMES = {KIND_DATA: "data", KIND_WRAP: "wrap", KIND_END: "end"}
+KIND_PACK = 3
+KIND_NAMES = {KIND_DATA: "data", KIND_WRAP: "wrap", KIND_END: "end", KIND_PACK: "pack"}
+
+FEATURE_PACKS = 1
+"""A features bit: the consumer's reader takes pack records (podipc's does; a plain reader sets no bit)."""
+PACK_HEADER = struct.Struct("<II")
+"""A pack record's payload starts with its message count and the size of each message."""
+PACK_HEADER_SIZE = PACK_HEADER.size
 
 WAITING_SEMAPHORE = 1
 """A waiting word's value: the side sleeps on its semaphore; post it."""
@@ -64,6 +78,7 @@ KNOWN_PRODUCER_FLAGS = PRODUCER_ATTACHED | PRODUCER_ENDED
 KNOWN_CONSUMER_FLAGS = CONSUMER_CLOSED
 
 # Offsets of the 8-byte header words, and their index in a memoryview cast to "Q".
+FEATURES_OFFSET = 32
 WRITE_INDEX_OFFSET = 64
 PRODUCER_FLAGS_OFFSET = 72
 CONSUMER_WAITING_OFFSET = 80
@@ -127,10 +142,10 @@ def check_geometry(capacity: int, max_message_size: int) -> None:
         )
 
 
-def encode_header(capacity: int, max_message_size: int) -> bytes:
-    """The header of a new, empty ring (indices 0, no flags)."""
+def encode_header(capacity: int, max_message_size: int, features: int = 0) -> bytes:
+    """The header of a new, empty ring (indices 0, no flags) whose reader has `features` (FEATURE_PACKS)."""
     check_geometry(capacity, max_message_size)
-    identity = IDENTITY.pack(MAGIC, VERSION, HEADER_SIZE, capacity, max_message_size)
+    identity = IDENTITY.pack(MAGIC, VERSION, HEADER_SIZE, capacity, max_message_size) + INDEX.pack(features)
     return identity + bytes(HEADER_SIZE - len(identity))
 
 
@@ -144,6 +159,8 @@ class RingHeader:
     read_index: int
     producer_flags: int
     consumer_flags: int
+    features: int = 0
+    """What the consumer's reader takes beyond data, wrap and end records (unknown bits are ignored)."""
 
 
 def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int | None = None) -> RingHeader:
@@ -182,7 +199,8 @@ def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int | N
         raise ProtocolError(
             f"shm ring header has unknown flags (producer {producer_flags:#x}, consumer {consumer_flags:#x})"
         )
-    return RingHeader(capacity, max_message_size, write_index, read_index, producer_flags, consumer_flags)
+    (features,) = INDEX.unpack_from(view, FEATURES_OFFSET)
+    return RingHeader(capacity, max_message_size, write_index, read_index, producer_flags, consumer_flags, features)
 
 
 def check_indices(read_index: int, write_index: int, capacity: int) -> None:
@@ -235,6 +253,8 @@ def decode_record(
                 f"shm record at {read_index} of {length} bytes extends beyond the write index {write_index}"
             )
         return Record(KIND_DATA, length, HEADER_SIZE + position + RECORD_HEADER_SIZE, read_index + size)
+    if kind == KIND_PACK:
+        return _decode_pack(view, length, position, capacity, max_message_size, read_index, write_index)
     if length != 0 or kind not in KIND_NAMES:
         raise ProtocolError(f"shm record at {read_index} has unknown kind {kind} (length {length})")
     if kind == KIND_WRAP:
@@ -243,3 +263,29 @@ def decode_record(
             raise ProtocolError(f"shm wrap record at {read_index} skips beyond the write index {write_index}")
         return Record(KIND_WRAP, 0, HEADER_SIZE, read_index + skip)
     return Record(KIND_END, 0, HEADER_SIZE + position + RECORD_HEADER_SIZE, read_index + RECORD_HEADER_SIZE)
+
+
+def _decode_pack(
+    view: memoryview,
+    length: int,
+    position: int,
+    capacity: int,
+    max_message_size: int,
+    read_index: int,
+    write_index: int,
+) -> Record:
+    """The pack record at `read_index` (its header says kind pack), checked; its payload offset is its count's."""
+    size = record_size(length)
+    if length < PACK_HEADER_SIZE or position + size > capacity or size > write_index - read_index:
+        raise ProtocolError(
+            f"shm pack record at {read_index} of {length} bytes is shorter than its header or runs past the ring "
+            f"or the write index {write_index}"
+        )
+    payload = HEADER_SIZE + position + RECORD_HEADER_SIZE
+    count, message_size = PACK_HEADER.unpack_from(view, payload)
+    if count < 1 or message_size > max_message_size or PACK_HEADER_SIZE + count * message_size != length:
+        raise ProtocolError(
+            f"shm pack record at {read_index}: {count} messages of {message_size} bytes do not make its "
+            f"{length} bytes (or exceed max message size {max_message_size})"
+        )
+    return Record(KIND_PACK, length, payload, read_index + size)

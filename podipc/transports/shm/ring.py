@@ -39,9 +39,13 @@ from podipc.transports.shm.layout import (
     CONSUMER_CLOSED,
     CONSUMER_FLAGS_WORD,
     CONSUMER_WAITING_WORD,
+    FEATURE_PACKS,
     HEADER_SIZE,
     KIND_END,
+    KIND_PACK,
     KIND_WRAP,
+    PACK_HEADER,
+    PACK_HEADER_SIZE,
     PRODUCER_ATTACHED,
     PRODUCER_ENDED,
     PRODUCER_FLAGS_WORD,
@@ -49,6 +53,7 @@ from podipc.transports.shm.layout import (
     READ_INDEX_WORD,
     RECORD_HEADER_SIZE,
     WRITE_INDEX_WORD,
+    Record,
     RingHeader,
     decode_record,
     record_size,
@@ -62,6 +67,9 @@ INLINE_POLLS = range(64)
 WaitFor = Callable[[int, int, "float | None"], int]
 """The endpoint's wait: (low, high, monotonic deadline or None) -> the peer's index once outside [low, high).
 Raises Timeout/PeerTimeout at the deadlines, ChannelClosed when closed, PeerGone when the peer is lost."""
+
+PACK_MOST_BYTES = 256 * 1024
+"""The largest pack record a writer makes (and never more than a quarter of the ring): a reader frees it whole."""
 
 if sys.byteorder != "little":  # pragma: no cover - the ring is little-endian and the hot paths use native words
     raise ImportError("shm:// needs a little-endian CPU")
@@ -90,6 +98,9 @@ class RingWriter:
         """The read index the last attempt that found no room needed (what arm() waits for)."""
         self.ended = False
         """True once the end record is published."""
+        self.packs = bool(header.features & FEATURE_PACKS)
+        """True when the consumer's reader takes pack records (see try_write_many)."""
+        self._pack_bytes = min(header.capacity // 4, PACK_MOST_BYTES)
         self._words[PRODUCER_FLAGS_WORD] = header.producer_flags | PRODUCER_ATTACHED
 
     def write_until(self, data: bytes | bytearray | memoryview, length: int, deadline: float | None) -> None:
@@ -108,14 +119,18 @@ class RingWriter:
         self._put(self._reserve(size, None), data, length)
         return True
 
-    def try_write_many(self, views: Sequence[memoryview], start: int) -> int:
+    def try_write_many(self, views: Sequence[memoryview], start: int, uniform: int = -1) -> int:
         """Write `views[start:]` (sizes checked) while there is room, publishing the write index once per run.
 
         Returns the index after the last message written; `start` when none fitted (then the
         waiter is armed, as try_write does). Records go back to back; a wrap, or a full ring,
         publishes what was written and takes the general path for that one message.
+        `uniform` >= 0 says every message is that many bytes: then, if the reader takes packs,
+        they go as pack records of many messages each (one header and one copy per pack).
         """
         self._refuse_during_loan()
+        if uniform >= 0 and self.packs:
+            return self._try_write_packed(views, start, uniform)  # a UniformBatch: bytes, not views
         capacity = self._capacity
         words = self._words
         ring = self._map
@@ -127,7 +142,7 @@ class RingWriter:
             first = index
             while index < total:
                 view = views[index]
-                length = view.nbytes
+                length = len(view)  # flat byte views (or a UniformBatch's bytes): len() is the size in bytes
                 size = 8 + ((length + 7) & -8)
                 position = write_index % capacity
                 if position + size > capacity:
@@ -147,9 +162,54 @@ class RingWriter:
                 self._publish(write_index - self._write_index)
             if index < total:
                 view = views[index]
-                if not self.try_write(view, view.nbytes):
+                if not self.try_write(view, len(view)):
                     break
                 index += 1
+        return index
+
+    def _try_write_packed(self, views: Sequence[memoryview | bytes], start: int, size: int) -> int:
+        """try_write_many for messages of `size` bytes each: packs while two or more fit, else one record."""
+        index = start
+        total = len(views)
+        while index < total:
+            if total - index >= 2:
+                index = self._write_packs(views, index, size)
+                if index >= total:
+                    break
+            view = views[index]
+            if not self.try_write(view, len(view)):
+                break
+            index += 1
+        return index
+
+    def _write_packs(self, views: Sequence[memoryview | bytes], index: int, size: int) -> int:
+        """Write pack records of `views[index:]` while two or more messages fit before the ring's end; the next index."""
+        capacity = self._capacity
+        words = self._words
+        ring = self._map
+        total = len(views)
+        most = max(2, self._pack_bytes // size) if size else self._pack_bytes
+        while total - index >= 2:
+            write_index = self._write_index
+            position = write_index % capacity
+            read_index = words[READ_INDEX_WORD]
+            self._read_index = read_index
+            self._write_limit = read_index + capacity
+            # both bounds are multiples of 8, so a payload that fits them fits padded too
+            room = min(read_index + capacity - write_index, capacity - position) - RECORD_HEADER_SIZE - PACK_HEADER_SIZE
+            if room < 0:
+                break
+            count = min(total - index, most, room // size if size else most)
+            if count < 2:
+                break
+            length = PACK_HEADER_SIZE + count * size
+            offset = HEADER_SIZE + position
+            words[offset >> 3] = KIND_PACK << 32 | length
+            words[(offset >> 3) + 1] = count | size << 32  # PACK_HEADER: u32 count, u32 size
+            start = offset + RECORD_HEADER_SIZE + PACK_HEADER_SIZE
+            ring[start : start + count * size] = b"".join(views[index : index + count])
+            self._publish(record_size(length))
+            index += count
         return index
 
     def _put(self, offset: int, data: bytes | bytearray | memoryview, length: int) -> None:
@@ -305,6 +365,8 @@ class RingReader:
         self._read_index = 0
         """The index after the last record taken: published, or ahead of the published one while a view is held."""
         self._held: memoryview | None = None
+        self._pack_taken = 0
+        """Messages already taken from the pack record at the read index (0: none, or not at a pack)."""
         self._on_end = on_end
         self._end_message = f"{location}: the producer ended the stream"
         self._waiter = waiter
@@ -411,6 +473,8 @@ class RingReader:
                     self._waiter.wake_peer()
                 return data
         record = decode_record(self._view, self._capacity, self._max_message_size, read_index, write_index)
+        if record.kind == KIND_PACK:
+            return self._take_from_pack(record)
         if record.kind == KIND_END or record.kind == KIND_WRAP:
             self._advance(record.next_read_index)
             if record.kind == KIND_END:
@@ -457,11 +521,23 @@ class RingReader:
                     record = decode_record(self._view, capacity, largest, read_index, write_index)
                 except ProtocolError:
                     break
+                if record.kind == KIND_PACK:
+                    count += self._take_pack_into(messages, record, max_count - count)
+                    if self._pack_taken:
+                        break  # max_count reached inside the pack: the rest on the next call
+                    read_index = record.next_read_index
+                    continue
                 if record.kind != KIND_WRAP:
                     break
                 read_index = record.next_read_index
                 continue
             record = decode_record(self._view, capacity, largest, read_index, write_index)
+            if record.kind == KIND_PACK:
+                count += self._take_pack_into(messages, record, max_count - count)
+                if self._pack_taken:
+                    break
+                read_index = record.next_read_index
+                continue
             self._advance(record.next_read_index)
             read_index = record.next_read_index
             if record.kind == KIND_END:
@@ -470,6 +546,40 @@ class RingReader:
         if read_index != self._read_index:
             self._advance(read_index)
         return messages
+
+    def _take_from_pack(self, record: Record) -> bytes:
+        """The next message of the pack record at the read index; the pack is freed once its last is taken."""
+        count, size = PACK_HEADER.unpack_from(self._map, record.payload_offset)
+        taken = self._pack_taken
+        start = record.payload_offset + PACK_HEADER_SIZE + taken * size
+        data: bytes = self._map[start : start + size]
+        taken += 1
+        if taken == count:
+            self._pack_taken = 0
+            self._advance(record.next_read_index)
+        else:
+            self._pack_taken = taken
+        return data
+
+    def _take_pack_into(self, messages: list[bytes], record: Record, room: int) -> int:
+        """Append up to `room` messages of a pack record (from where the last take left it); how many.
+
+        The caller publishes the read index after the pack once `_pack_taken` is back to 0. A
+        pack met after other records of a batch starts at its first message: a batch that
+        stops inside a pack stops there, so only the record at the read index is ever part taken.
+        """
+        count, size = PACK_HEADER.unpack_from(self._map, record.payload_offset)
+        first = self._pack_taken
+        taken = min(count - first, room)
+        begin = record.payload_offset + PACK_HEADER_SIZE + first * size
+        if size:
+            ring = self._map
+            messages += [ring[start : start + size] for start in range(begin, begin + taken * size, size)]
+        else:
+            messages += [b""] * taken
+        first += taken
+        self._pack_taken = 0 if first == count else first
+        return int(taken)
 
     def has_message(self) -> bool:
         """True when the write index is ahead of this reader (a message, or the end, may be taken now)."""
@@ -510,6 +620,9 @@ class RingReader:
     ) -> bytes | memoryview:
         """Step over a wrap record (then take the next message) or take the end of stream; garbage: ProtocolError."""
         record = decode_record(self._view, self._capacity, self._max_message_size, read_index, write_index)
+        if record.kind == KIND_PACK:
+            data = self._take_from_pack(record)
+            return memoryview(data) if in_place else data
         # decode_record accepts a data record exactly where take() took it already: this one is a marker
         self._advance(record.next_read_index)
         if record.kind == KIND_END:

@@ -38,6 +38,7 @@ from podipc.errors import AddressError, ChannelUnavailable, PeerGone, ProtocolEr
 from podipc.ownership import Owner, Trust, check_path, open_checked, owner_text
 from podipc.transport import DEV_SHM_FIX
 from podipc.transports.shm.layout import (
+    FEATURE_PACKS,
     HEADER_SIZE,
     MAGIC,
     RingHeader,
@@ -424,7 +425,7 @@ def _create_segment_file(path: str, capacity: int, max_message_size: int, mode: 
         size = segment_size(capacity)
         _allocate(fd, size)
         mapping = Mapping(fd, size)
-        mapping.map[:HEADER_SIZE] = encode_header(capacity, max_message_size)
+        mapping.map[:HEADER_SIZE] = encode_header(capacity, max_message_size, FEATURE_PACKS)
         os.rename(temporary, path)
     except BaseException:
         if mapping is None:
