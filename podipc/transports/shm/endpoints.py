@@ -25,7 +25,6 @@ itself already lives in ring.py, layout.py and options.py beside it.
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
@@ -76,17 +75,11 @@ ATTACH_RETRY_SECONDS = 0.02
 """How often a producer that waits for its consumer's ring looks again."""
 
 
-_BYTES_TYPES = {bytes, bytearray}
-_VIEW_ONLY = {memoryview}
-_VIEW_SHAPE = operator.attrgetter("c_contiguous", "format", "ndim")
-_FLAT_BYTES = {(True, "B", 1)}
-"""A view's shape as _VIEW_SHAPE reads it when its len() is its size in bytes and it joins as it is."""
-
-
 class UniformBatch(list):  # type: ignore[type-arg]
-    """A send_many batch of bytes that are all `size` bytes long: the ring writer sends it in pack records."""
+    """A send_many batch of flat byte buffers all `size` bytes long, and `joined`: them back to back."""
 
     size: int = -1
+    joined: memoryview
 
 
 class _RingTracker(PeerTracker):
@@ -271,7 +264,7 @@ class ShmProducer(_RingSide, Producer):
             return start
         if self._state:
             self._check_state()
-        uniform = views.size if type(views) is UniformBatch else -1
+        uniform, joined = (views.size, views.joined) if type(views) is UniformBatch else (-1, None)
         if start == 0:
             # the ring's limit is known only once attached: check the whole batch before its first message goes
             largest = uniform if uniform >= 0 else max((view.nbytes for view in views), default=0)
@@ -281,28 +274,32 @@ class ShmProducer(_RingSide, Producer):
         if waiter is not None and waiter.armed:  # a wake-up: the segment may have changed while we waited
             self._check_segment()
             waiter.disarm()
-        return writer.try_write_many(views, start, uniform)
+        return writer.try_write_many(views, start, uniform, joined)
 
     def _batch_views(self, messages: Iterable[bytes | bytearray | memoryview]) -> Sequence[memoryview]:
-        """A list of two or more messages of one size (bytes, bytearray or flat byte memoryviews) stays as it is.
+        """A list of two or more messages of one size in bytes becomes a UniformBatch, joined once.
 
-        It becomes a UniformBatch, which the ring writer sends in pack records (one header and
-        one copy for many messages) when the consumer takes them; anything else is made views.
+        The ring writer sends it in pack records (one header and one copy for many messages)
+        when the consumer takes them. The join is also the check: the messages are flat bytes
+        (len() is their size) exactly when the joined length is count * size. Anything else
+        is made views one by one.
         """
         if type(messages) is list and len(messages) > 1:
-            types = set(map(type, messages))
-            sizes: set[int] | None = None
-            if types == _VIEW_ONLY:
-                if set(map(_VIEW_SHAPE, messages)) == _FLAT_BYTES:
-                    sizes = set(map(len, messages))
-            elif types <= _BYTES_TYPES:
+            try:
                 sizes = set(map(len, messages))
-            if sizes is not None and len(sizes) == 1:
-                batch = UniformBatch(messages)
-                batch.size = sizes.pop()
-                if batch.size > self.max_message_size:
-                    raise self._too_large(batch.size)
-                return batch  # its messages are joined by the ring writer, never viewed one by one
+                joined = b"".join(messages) if len(sizes) == 1 else b""
+            except (TypeError, BufferError):
+                sizes = set()  # not all sized byte buffers: the checked path says why
+                joined = b""
+            if len(sizes) == 1:
+                size = sizes.pop()
+                if len(joined) == size * len(messages):
+                    if size > self.max_message_size:
+                        raise self._too_large(size)
+                    batch = UniformBatch(messages)
+                    batch.size = size
+                    batch.joined = memoryview(joined)
+                    return batch
         return super()._batch_views(messages)
 
     def _check_state(self) -> None:

@@ -119,18 +119,21 @@ class RingWriter:
         self._put(self._reserve(size, None), data, length)
         return True
 
-    def try_write_many(self, views: Sequence[memoryview], start: int, uniform: int = -1) -> int:
+    def try_write_many(
+        self, views: Sequence[memoryview], start: int, uniform: int = -1, joined: memoryview | None = None
+    ) -> int:
         """Write `views[start:]` (sizes checked) while there is room, publishing the write index once per run.
 
         Returns the index after the last message written; `start` when none fitted (then the
         waiter is armed, as try_write does). Records go back to back; a wrap, or a full ring,
         publishes what was written and takes the general path for that one message.
-        `uniform` >= 0 says every message is that many bytes: then, if the reader takes packs,
-        they go as pack records of many messages each (one header and one copy per pack).
+        `uniform` >= 0 says every message is that many bytes and `joined` holds them back to
+        back: then, if the reader takes packs, they go as pack records of many messages each
+        (one header and one copy per pack).
         """
         self._refuse_during_loan()
-        if uniform >= 0 and self.packs:
-            return self._try_write_packed(views, start, uniform)  # a UniformBatch: bytes, not views
+        if joined is not None and self.packs:
+            return self._try_write_packed(views, start, uniform, joined)
         capacity = self._capacity
         words = self._words
         ring = self._map
@@ -167,13 +170,13 @@ class RingWriter:
                 index += 1
         return index
 
-    def _try_write_packed(self, views: Sequence[memoryview | bytes], start: int, size: int) -> int:
+    def _try_write_packed(self, views: Sequence[memoryview], start: int, size: int, joined: memoryview) -> int:
         """try_write_many for messages of `size` bytes each: packs while two or more fit, else one record."""
         index = start
         total = len(views)
         while index < total:
             if total - index >= 2:
-                index = self._write_packs(views, index, size)
+                index = self._write_packs(joined, index, total, size)
                 if index >= total:
                     break
             view = views[index]
@@ -182,12 +185,11 @@ class RingWriter:
             index += 1
         return index
 
-    def _write_packs(self, views: Sequence[memoryview | bytes], index: int, size: int) -> int:
-        """Write pack records of `views[index:]` while two or more messages fit before the ring's end; the next index."""
+    def _write_packs(self, joined: memoryview, index: int, total: int, size: int) -> int:
+        """Write pack records of messages `index`..`total` of `joined` while two fit before the ring's end; the next index."""
         capacity = self._capacity
         words = self._words
         ring = self._map
-        total = len(views)
         most = max(2, self._pack_bytes // size) if size else self._pack_bytes
         while total - index >= 2:
             write_index = self._write_index
@@ -207,7 +209,7 @@ class RingWriter:
             words[offset >> 3] = KIND_PACK << 32 | length
             words[(offset >> 3) + 1] = count | size << 32  # PACK_HEADER: u32 count, u32 size
             start = offset + RECORD_HEADER_SIZE + PACK_HEADER_SIZE
-            ring[start : start + count * size] = b"".join(views[index : index + count])
+            ring[start : start + count * size] = joined[index * size : (index + count) * size]
             self._publish(record_size(length))
             index += count
         return index
