@@ -374,9 +374,8 @@ def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...,
 @click.option(
     "--name",
     default=None,
-    envvar="PODIPC_NAME",
     help="Join a fan-in consumer (consume --producers N) under this name, unique among its live producers "
-    "(unix:// and tcp://; the same as the URL option name=).",
+    "(unix:// and tcp://; the same as the URL option name= and PODIPC_NAME).",
 )
 @drain_option("After SIGTERM/SIGINT: seconds the end of stream may wait for the consumer to take it.")
 @click.pass_context
@@ -518,10 +517,9 @@ def send_all(
     "--producers",
     type=click.IntRange(0),
     default=None,
-    envvar="PODIPC_PRODUCERS",
     help="Fan-in: take many named producers (produce --name) and end once this many ended their streams "
-    "(0: until stopped); the summary line lists each producer (unix:// and tcp://; URL options "
-    "pattern=fanin&producers=N).",
+    "(0: until stopped); the summary line lists each producer (unix:// and tcp://; the same as the URL "
+    "options pattern=fanin&producers=N, or PODIPC_PRODUCERS=N).",
 )
 @drain_option("After SIGTERM/SIGINT: seconds to keep receiving for the producer's end of stream.")
 def consume(

@@ -110,7 +110,8 @@ PRODUCERS_OPTION = Option(
     "producers",
     parse_producers,
     0,
-    "fan-in consumer: the stream ends once this many producers ended theirs (0: never, until closed)",
+    "fan-in consumer (implies pattern=fanin when > 0): the stream ends once this many producers ended theirs "
+    "(0: never, until closed)",
 )
 NAME_OPTION = Option(
     "name",
