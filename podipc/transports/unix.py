@@ -12,6 +12,11 @@ Address:
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
     coalesce           join back-to-back small sends into one write (default true; the
                        producer's option, see podipc.stream and the README's Batches)
+    pattern            pair (default: one producer) or fanin (the consumer takes many named
+                       producers, podipc.fanin; a producer with name= is a fan-in producer)
+    producers          fan-in consumer: end the stream once this many producers ended theirs
+                       (default 0: never; > 0 implies pattern=fanin)
+    name               fan-in producer: its name at the consumer (default HOSTNAME-PID-RANDOM)
 
 Requires:
     Nothing beyond the standard library.
