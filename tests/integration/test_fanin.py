@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -339,3 +340,25 @@ def test_the_asyncio_consumer_takes_fanin_with_recv_from() -> None:
     for process in processes:
         process.join(30)
         assert process.exitcode == 0
+
+
+def test_a_plain_socket_producer_speaking_the_documented_wire_and_one_sending_garbage() -> None:
+    name = f"podipc-fanin-plain-{os.getpid()}"
+    url = f"unix://@{name}"
+    with podipc.consumer(url, pattern="fanin", wait=10) as consumer:  # producers=0: until closed
+        plain, garbage = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2))
+        for sock, who in ((plain, b"plain"), (garbage, b"noisy")):
+            sock.connect("\0" + name)
+            sock.sendall(b"PODIPC\x00\x02" + struct.pack(">H", len(who)) + who)
+            assert sock.recv(8) == b"PODIPC\x00\x02"
+        garbage.sendall(struct.pack(">I", 0xFFFFFFF0) + b"not a frame")
+        plain.sendall(struct.pack(">I", 5) + b"hello" + struct.pack(">I", 0xFFFFFFFF))
+        assert consumer.recv(timeout=10) == b"hello"
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.5)  # takes the end of stream (acknowledged) and the garbage
+        assert plain.recv(1) == b"\x06"
+        by_name = {sender.name: sender for sender in consumer.senders}
+        assert by_name["plain"].ended == "end of stream" and by_name["plain"].messages == 1
+        assert by_name["noisy"].ended == "died" and "ProtocolError" in by_name["noisy"].error
+        plain.close()
+        garbage.close()
