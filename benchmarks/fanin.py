@@ -5,6 +5,8 @@
 Each producer process sends its share of the messages (64 B by default) as fast as it can;
 the consumer counts them all. The aggregate rate is messages / (first send to the last
 message received). Target (issue 14): 4 producers >= 0.9x one producer's aggregate msg/s.
+Beside it, the consumer's messages per CPU-second it used: on a machine with fewer cores
+than producers + 1, the wall-clock rate also measures how the kernel shares the CPUs.
 Not yet a `podipc bench` cell: the bench's links are one sender and one receiver each.
 """
 
@@ -33,8 +35,8 @@ def produce(url: str, name: str, count: int, size: int, start: Any) -> None:
             send(payload)
 
 
-def aggregate_rate(scheme: str, producers: int, messages: int, size: int) -> float:
-    """Messages per second of `producers` processes sending `messages` in all into one consumer."""
+def aggregate_rate(scheme: str, producers: int, messages: int, size: int) -> tuple[float, float]:
+    """(messages per second, messages per consumer CPU-second) of `producers` processes into one consumer."""
     url = f"unix://@podipc-fanin-bench-{os.getpid()}-{producers}" if scheme == "unix" else "tcp://127.0.0.1:47321"
     share = messages // producers
     start = CONTEXT.Event()
@@ -45,16 +47,16 @@ def aggregate_rate(scheme: str, producers: int, messages: int, size: int) -> flo
         for process in processes:
             process.start()
         time.sleep(0.3)  # every producer connected and waiting
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         start.set()
         received = 0
         for _ in consumer:
             received += 1
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     for process in processes:
         process.join()
     assert received == share * producers, (received, share * producers)
-    return received / seconds
+    return received / seconds, received / cpu_seconds
 
 
 def main() -> None:
@@ -64,15 +66,19 @@ def main() -> None:
     parser.add_argument("--scheme", choices=("unix", "tcp"), default="unix")
     parser.add_argument("--repeat", type=int, default=3)
     arguments = parser.parse_args()
-    rates = {
-        producers: statistics.median(
+    rates, per_cpu = {}, {}
+    for producers in PRODUCER_COUNTS:
+        runs = [
             aggregate_rate(arguments.scheme, producers, arguments.messages, arguments.size)
             for _ in range(arguments.repeat)
+        ]
+        rates[producers] = statistics.median(rate for rate, _ in runs)
+        per_cpu[producers] = statistics.median(efficiency for _, efficiency in runs)
+        print(
+            f"fanin-{arguments.scheme} {producers} producer(s) {arguments.size} B: {rates[producers]:,.0f} msg/s, "
+            f"{per_cpu[producers]:,.0f} msg per consumer CPU-second"
         )
-        for producers in PRODUCER_COUNTS
-    }
-    for producers, rate in rates.items():
-        print(f"fanin-{arguments.scheme} {producers} producer(s) {arguments.size} B: {rate:,.0f} msg/s")
+    print(f"consumer CPU cost, 1 producer / 4 producers = {per_cpu[4] / per_cpu[1]:.2f}")
     ratio = rates[4] / rates[1]
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     print(f"4 producers / 1 producer = {ratio:.2f} (target >= {TARGET_RATIO}): {verdict}")

@@ -123,8 +123,26 @@ class _Sender:
         self.ended: str | None = None
         self.error = ""
 
-    def summary(self) -> ProducerSummary:
-        return ProducerSummary(self.name, self.messages, self.bytes, self.digest.hexdigest(), self.ended, self.error)
+    def account(self, frames: list[bytes]) -> None:
+        """Count messages handed out (in order) and fold them into the digest: once per batch, not per message."""
+        self.messages += len(frames)
+        self.bytes += sum(map(len, frames))
+        self.digest.update(b"".join(frames))
+
+    def summary(self, handed_out: list[bytes]) -> ProducerSummary:
+        """What it sent so far, with `handed_out`: messages of its batch in progress not accounted yet."""
+        digest = self.digest
+        if handed_out:
+            digest = digest.copy()
+            digest.update(b"".join(handed_out))
+        return ProducerSummary(
+            self.name,
+            self.messages + len(handed_out),
+            self.bytes + sum(map(len, handed_out)),
+            digest.hexdigest(),
+            self.ended,
+            self.error,
+        )
 
 
 class _Claims:
@@ -263,8 +281,6 @@ class FanInConsumer(Consumer):
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
     waits_forever: ClassVar[bool] = True
-    last_sender: str | None = None
-    """The name of the producer of the message the last receive returned (one receiving thread; else recv_from)."""
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -279,6 +295,8 @@ class FanInConsumer(Consumer):
         self._batch: list[bytes] = []
         """Frames of one producer's read not handed out yet, the next one LAST."""
         self._batch_sender: _Sender | None = None
+        self._batch_frames: list[bytes] = []
+        """The frames of the batch, in order: accounted to its sender once handed out (see _settle_batch)."""
         self._turn = 0
         self._acceptor: _FanInAcceptor | None = None
         self._listener: socket.socket | None = None
@@ -308,9 +326,32 @@ class FanInConsumer(Consumer):
     # --- what the consumer knows of its producers --------------------------
 
     @property
+    def last_sender(self) -> str | None:
+        """The name of the producer of the message the last receive returned (one receiving thread; else recv_from)."""
+        sender = self._batch_sender
+        return None if sender is None else sender.name
+
+    @property
     def senders(self) -> list[ProducerSummary]:
-        """Every producer that attached so far, in order of arrival: name, counts, SHA-256, how it ended."""
-        return [sender.summary() for sender in list(self._senders)]
+        """Every producer that attached so far, in order of arrival: name, counts, SHA-256, how it ended.
+
+        Exact between receives (taken from another thread while one runs, a count may be one batch behind).
+        """
+        current, handed_out = self._batch_sender, self._handed_out()
+        return [sender.summary(handed_out if sender is current else []) for sender in list(self._senders)]
+
+    def _handed_out(self) -> list[bytes]:
+        """The frames of the batch in progress already handed out."""
+        frames = self._batch_frames
+        return frames[: len(frames) - len(self._batch)]
+
+    def _settle_batch(self) -> None:
+        """Account the handed-out frames of the batch in progress to its sender; the rest stays (or is dropped)."""
+        sender = self._batch_sender
+        if sender is not None and self._batch_frames:
+            handed_out = self._handed_out()
+            sender.account(handed_out)
+            self._batch_frames = self._batch_frames[len(handed_out) :]
 
     def summary(self) -> list[dict[str, object]]:
         """`senders` as JSON-ready dicts (the `producers` list of the CLI's summary line)."""
@@ -348,6 +389,52 @@ class FanInConsumer(Consumer):
 
     # --- the endpoint contract ---------------------------------------------
 
+    @holds_call_gate
+    def recv(self, timeout: float | None = None) -> bytes:
+        """Receive the next message of any producer; `timeout` as Consumer.recv's, which raises as it says.
+
+        This is its fast version: the next frame of the batch in progress (one producer's
+        read); every other case is Consumer.recv's (EndOfStream once `producers` ended).
+        """
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            delegated = True  # read from the frame by _inside_call_here
+            return Consumer.recv(self, timeout)
+        try:
+            if not self._state:
+                batch = self._batch
+                if batch:
+                    return batch.pop()
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
+        return Consumer.recv(self, timeout)
+
+    @holds_call_gate
+    def try_recv(self) -> bytes | None:
+        """The next message if one is there now, else None; never waits (as Consumer.try_recv, its fast version)."""
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            delegated = True  # read from the frame by _inside_call_here
+            return Consumer.try_recv(self)
+        try:
+            if not self._state:
+                batch = self._batch
+                if batch:
+                    return batch.pop()
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
+        return Consumer.try_recv(self)
+
     def _recv(self, deadline: float | None) -> bytes:
         if UNFLUSHED:
             flush_pending()  # what this process's producers sent may be what we are waiting for
@@ -359,14 +446,7 @@ class FanInConsumer(Consumer):
             if not self._refill():
                 return None
             batch = self._batch
-        frame = batch.pop()
-        sender = self._batch_sender
-        assert sender is not None
-        sender.messages += 1
-        sender.bytes += len(frame)
-        sender.digest.update(frame)
-        self.last_sender = sender.name
-        return frame
+        return batch.pop()
 
     def _refill(self) -> bool:
         """Fill the batch with the frames of the next producer that has some; False when none has any now.
@@ -379,8 +459,8 @@ class FanInConsumer(Consumer):
         if acceptor.arrivals:
             self._adopt(acceptor.take_arrivals())
         previous = self._batch_sender
-        if previous is not None and previous.ended is None:
-            # its last read may hold more than whole frames (its end of stream): no event would say so
+        if previous is not None and previous.ended is None and previous.reader.holds_header():
+            # its last read holds more than the frames cut (its end of stream): no event would say so
             self._read(previous)
         if self._take_batch():
             return True
@@ -411,6 +491,8 @@ class FanInConsumer(Consumer):
             ready = sender.reader.ready
             if ready:
                 self._turn = (self._turn + step + 1) % count
+                self._settle_batch()
+                self._batch_frames = ready[::-1]
                 sender.reader.ready = self._batch
                 self._batch = ready
                 self._batch_sender = sender
@@ -482,6 +564,9 @@ class FanInConsumer(Consumer):
         )
 
     def _free(self) -> None:
+        self._settle_batch()
+        self._batch_frames = []
+        self._batch.clear()  # read but never handed out: not counted
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.stop()

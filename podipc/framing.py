@@ -150,6 +150,10 @@ class FrameReader:
         cut = sum(HEADER_SIZE + len(frame) for frame in self.ready)
         return cut + self._end - self._start + self._payload_filled
 
+    def holds_header(self) -> bool:
+        """True when the buffer holds at least a frame header not cut yet (a frame, or the end marker). Never reads."""
+        return self._end - self._start >= HEADER_SIZE
+
     def buffered_frame(self) -> bytes | None:
         """The next frame if it is already complete in the buffer, else None. Never reads."""
         ready = self.ready
