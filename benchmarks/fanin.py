@@ -78,7 +78,7 @@ def main() -> None:
             f"fanin-{arguments.scheme} {producers} producer(s) {arguments.size} B: {rates[producers]:,.0f} msg/s, "
             f"{per_cpu[producers]:,.0f} msg per consumer CPU-second"
         )
-    print(f"consumer CPU cost, 1 producer / 4 producers = {per_cpu[4] / per_cpu[1]:.2f}")
+    print(f"consumer msg per CPU-second, 4 producers / 1 producer = {per_cpu[4] / per_cpu[1]:.2f}")
     ratio = rates[4] / rates[1]
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     print(f"4 producers / 1 producer = {ratio:.2f} (target >= {TARGET_RATIO}): {verdict}")

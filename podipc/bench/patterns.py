@@ -17,6 +17,8 @@ FANIN_TURN messages to one then the next (so each producer's sends come back-to-
 process's would), into one fan-in consumer on the client (producers=N: its stream ends with
 the last producer's). The figure is the consumer's aggregate msg/s; fanin-unix-1 is the
 reference the others are judged against. benchmarks/fanin.py runs N producer processes instead.
+Their `reordered` count is the interleaving of the producers' turns (the bench checks one
+sequence over all messages); each producer's own order is kept (tests/integration/test_fanin.py).
 """
 
 from __future__ import annotations
