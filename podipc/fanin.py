@@ -23,7 +23,10 @@ on. With `producers=N` the consumer's stream ends (EndOfStream) once N producers
 theirs cleanly; a dead one does not count, so a restarted one can still complete it. With
 `producers=0` (the default) it never ends by itself: close() it.
 
-Per message, beyond a pair's recv: the sender's count, bytes and SHA-256 (`senders`).
+Cost: recv() hands out the next frame of the batch as a pair's recv does; each batch (one
+read of one producer) is then counted and folded into its sender's SHA-256 at once
+(`senders`, exact between receives). Measured on 2 cores: the consumer takes ~3.7M msg/s
+per CPU-second at 64 B with 1 producer and within 5 % of that with 4 (benchmarks/fanin.py).
 Threads: as every consumer (one call gate); `recv_from()` returns the sender with the
 message under the same gate, where `last_sender` is only right for a single receiving thread.
 """
