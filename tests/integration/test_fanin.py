@@ -362,3 +362,37 @@ def test_a_plain_socket_producer_speaking_the_documented_wire_and_one_sending_ga
         assert by_name["noisy"].ended == "died" and "ProtocolError" in by_name["noisy"].error
         plain.close()
         garbage.close()
+
+
+def test_threads_sharing_a_fanin_consumer_get_every_message_once() -> None:
+    url = url_for("tcp")
+    results = CONTEXT.Queue()
+    count = 10_000
+    processes = [CONTEXT.Process(target=produce, args=(url, name, count, results)) for name in ("a", "b", "c")]
+    taken: list[list[tuple[str, int]]] = [[], []]
+
+    def take(into: list[tuple[str, int]]) -> None:
+        while True:
+            try:
+                name, payload = consumer.recv_from(timeout=60)  # type: ignore[attr-defined]
+            except podipc.EndOfStream:
+                return
+            into.append((name, INDEX.unpack_from(payload)[0]))
+
+    with podipc.consumer(url, pattern="fanin", producers=3, wait=30) as consumer:
+        for process in processes:
+            process.start()
+        threads = [threading.Thread(target=take, args=(into,)) for into in taken]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        collect(results, 3)
+    for process in processes:
+        process.join(30)
+    every = sorted(taken[0] + taken[1])
+    assert every == sorted((name, index) for name in ("a", "b", "c") for index in range(count))
+    for into in taken:  # each thread sees each producer's messages in that producer's order
+        for name in ("a", "b", "c"):
+            indexes = [index for sender, index in into if sender == name]
+            assert indexes == sorted(indexes)
