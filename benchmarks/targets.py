@@ -397,7 +397,8 @@ LARGEST_SIZE = 1 << 20
 
 
 def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported)."""
+    """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported);
+    fan-in of 4 producers against one."""
     yield ratio_target(
         report,
         "rpc-unix-p50-vs-raw-unix",
@@ -405,6 +406,14 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
         Comparison("rpc-unix", "raw-unix", LATENCY, SMALL_SIZE),
         1.2,
         "<=",
+    )
+    yield ratio_target(
+        report,
+        "fanin-unix-4-vs-1-producer",
+        "fan-in of 4 producers into one consumer over unix://: aggregate msg/s at 64 B >= 0.9x one producer's",
+        Comparison("fanin-unix-4", "fanin-unix-1", RATE, SMALL_SIZE),
+        0.9,
+        ">=",
     )
     yield ratio_target(
         report,

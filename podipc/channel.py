@@ -19,16 +19,18 @@ transports' descriptors (podipc.transport), never from a list here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
-from podipc.address import parse_address
+from podipc.address import Address, parse_address
 from podipc.consuming import Consumer
 from podipc.errors import (
+    AddressError,
     ChannelUnavailable,
 )
 from podipc.options import resolve_options
 from podipc.producing import Producer
-from podipc.transport import transport_for, transports
+from podipc.transport import fanin_schemes, transport_for, transports
 
 
 def channel_class(scheme: str, role: str) -> type[Producer] | type[Consumer]:
@@ -40,9 +42,38 @@ def channel_class(scheme: str, role: str) -> type[Producer] | type[Consumer]:
     return transport.producer_class() if role == "producer" else transport.consumer_class()
 
 
+FANIN_OPTIONS = ("pattern", "producers", "name")
+"""The options of fan-in (podipc.fanin), declared only by the transports that have it."""
+
+
+def check_pattern(address: Address, options: Mapping[str, object]) -> None:
+    """Raise AddressError, naming the channels that have it, when fan-in is asked of a transport without it."""
+    transport = transport_for(address.scheme)
+    if transport.fanin_consumer:
+        return
+    for name in FANIN_OPTIONS:
+        value = options.get(name, address.options.get(name))
+        if value is not None and not (name == "pattern" and str(value).strip().lower() == "pair"):
+            raise AddressError(
+                f"{name}={value} is fan-in (many producers into one consumer), which "
+                f"{address.scheme}:// does not have; it runs over {', '.join(fanin_schemes())}"
+            )
+
+
+def _without_pair_pattern(address: Address, options: dict[str, object]) -> Address:
+    """Drop pattern=pair (every channel's default) for a transport that does not declare the option."""
+    options.pop("pattern", None)
+    if "pattern" not in address.options:
+        return address
+    return replace(address, options={k: v for k, v in address.options.items() if k != "pattern"})
+
+
 def producer(url: str, **options: object) -> Producer:
     """Open the producing side of the channel at `url` (options override the URL's query)."""
     address = parse_address(url)
+    check_pattern(address, options)
+    if not transport_for(address.scheme).fanin_consumer:
+        address = _without_pair_pattern(address, options)
     cls = channel_class(address.scheme, "producer")
     settings = resolve_options(address, cls.options, options)
     result = cls(address, settings)
@@ -51,10 +82,22 @@ def producer(url: str, **options: object) -> Producer:
 
 
 def consumer(url: str, **options: object) -> Consumer:
-    """Open the consuming side of the channel at `url` (options override the URL's query)."""
+    """Open the consuming side of the channel at `url` (options override the URL's query).
+
+    pattern=fanin (unix://, tcp://) opens a fan-in consumer (podipc.fanin): many named producers.
+    """
     address = parse_address(url)
+    check_pattern(address, options)
+    transport = transport_for(address.scheme)
+    if not transport.fanin_consumer:
+        address = _without_pair_pattern(address, options)
     cls = channel_class(address.scheme, "consumer")
     settings = resolve_options(address, cls.options, options)
+    if settings.get("pattern") == "fanin" or settings.get("producers"):
+        if ("pattern" in options or "pattern" in address.options) and settings["pattern"] == "pair":
+            raise AddressError(f"producers={settings['producers']} is fan-in: it needs pattern=fanin, not pair")
+        settings["pattern"] = "fanin"
+        cls = transport.fanin_consumer_class()
     result = cls(address, settings)
     assert isinstance(result, Consumer)
     return result

@@ -371,6 +371,12 @@ def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...,
     envvar="PODIPC_TIMEOUT",
     help="Seconds each send may wait for room before failing (default: no limit).",
 )
+@click.option(
+    "--name",
+    default=None,
+    help="Join a fan-in consumer (consume --producers N) under this name, unique among its live producers "
+    "(unix:// and tcp://; the same as the URL option name= and PODIPC_NAME).",
+)
 @drain_option("After SIGTERM/SIGINT: seconds the end of stream may wait for the consumer to take it.")
 @click.pass_context
 def produce(
@@ -384,6 +390,7 @@ def produce(
     seed: int,
     rate: float,
     timeout: float | None,
+    name: str | None,
     drain: float,
 ) -> None:
     """Send messages to URL, then end the stream; print a JSON summary line."""
@@ -396,7 +403,10 @@ def produce(
     with SignalStop(close_timeout=drain) as stop:
         try:
             with podipc_errors():
-                channel = podipc.producer(url.url, **environment_options(url))
+                options: dict[str, object] = {**environment_options(url)}
+                if name is not None:
+                    options["name"] = name
+                channel = podipc.producer(url.url, **options)
                 with channel:
                     stop.add(channel)
                     if from_stdin:
@@ -503,6 +513,14 @@ def send_all(
     help="Keep consuming across producer restarts: one summary line per producer session, waiting for the next "
     "forever; a signal ends serving (a last line counts every session).",
 )
+@click.option(
+    "--producers",
+    type=click.IntRange(0),
+    default=None,
+    help="Fan-in: take many named producers (produce --name) and end once this many ended their streams "
+    "(0: until stopped); the summary line lists each producer (unix:// and tcp://; the same as the URL "
+    "options pattern=fanin&producers=N, or PODIPC_PRODUCERS=N).",
+)
 @drain_option("After SIGTERM/SIGINT: seconds to keep receiving for the producer's end of stream.")
 def consume(
     url: Address,
@@ -511,18 +529,21 @@ def consume(
     output: IO[bytes] | None,
     framing: str,
     serve: bool,
+    producers: int | None,
     drain: float,
 ) -> None:
     """Receive messages from URL until the end of stream; print a JSON summary line."""
     if serve and (count or timeout is not None):
         raise click.UsageError("--serve takes no --count or --timeout: it consumes every session until stopped")
+    if serve and producers is not None:
+        raise click.UsageError("--serve and --producers exclude each other: a fan-in consumer takes every producer")
     emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr
     writer = MessageWriter(output, Framing(framing)) if output is not None else None
     with SignalStop(drain=drain) as stop:
         if serve:
             serve_sessions(url, writer, emit, stop)
         else:
-            consume_stream(url, count, timeout, writer, emit, stop)
+            consume_stream(url, count, timeout, writer, emit, stop, producers)
     stop.exit()
 
 
@@ -536,15 +557,22 @@ def consume_stream(
     writer: MessageWriter | None,
     emit: Emit,
     stop: SignalStop,
+    producers: int | None = None,
 ) -> None:
-    """Consume one stream to its end (or `count` messages, or a signal) and print its summary."""
+    """Consume one stream to its end (or `count` messages, or a signal) and print its summary.
+
+    `producers`: fan-in (podipc.fanin), ending once that many producers ended their streams (0: never).
+    """
     summary = StreamSummary("consumer", url.url)
     started = time.monotonic()
     channel = None
     ended = False
+    options: dict[str, object] = {**environment_options(url)}
+    if producers is not None:
+        options.update(pattern="fanin", producers=producers)
     try:
         with podipc_errors():
-            channel = podipc.consumer(url.url, **environment_options(url))
+            channel = podipc.consumer(url.url, **options)
             with channel:
                 stop.add(channel)
                 ended = receive_all(channel, summary, count, timeout, writer, stop)
@@ -612,15 +640,19 @@ def emit_fields(emit: Emit, fields: dict[str, object]) -> None:
     click.echo(json.dumps(fields, separators=(", ", ": ")), err=emit is print_summary_to_stderr)
 
 
-def counters(channel: podipc.Consumer | None) -> dict[str, int]:
-    """The consumer's non-zero loss and skip counters and its resume point, for the summary line."""
+def counters(channel: podipc.Consumer | None) -> dict[str, object]:
+    """The consumer's non-zero loss and skip counters, its resume point and (fan-in) its producers, for the summary line."""
     if channel is None:
         return {}
-    extra = {"resumed_at": channel.resumed_at}
+    extra: dict[str, object] = {"resumed_at": channel.resumed_at}
     if channel.lost:
         extra["lost"] = channel.lost
     if channel.skipped:
         extra["skipped"] = channel.skipped
+    from podipc.fanin import FanInConsumer
+
+    if isinstance(channel, FanInConsumer):
+        extra["producers"] = channel.summary()
     return extra
 
 

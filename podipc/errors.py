@@ -18,6 +18,10 @@ class ChannelUnavailable(PodIPCError):
     """This host cannot provide the channel (missing facility, limit, busy); the message says the fix."""
 
 
+class NameTaken(ChannelUnavailable):
+    """A fan-in producer's name is already held by a live producer at that consumer; give each its own name=."""
+
+
 class MessageTooLarge(PodIPCError, ValueError):
     """A message exceeds the channel's maximum size; raised before anything is sent."""
 

@@ -4,6 +4,8 @@ On the wire (docs/wire/stream.md has the full story and plain-socket scripts):
 
     producer -> consumer   HELLO (8 bytes: b"PODIPC" + version 0x0001)
     consumer -> producer   HELLO back (accepted) or BUSY (another producer is attached)
+                           (fan-in: FANIN_HELLO + name; answers FANIN_HELLO, BUSY, NAME_TAKEN;
+                           WRONG_PATTERN to a hello of the other pattern; podipc.fanin)
     producer -> consumer   frames: 4-byte big-endian length, then that many payload bytes
     producer -> consumer   END_OF_STREAM: the length 0xFFFFFFFF with no payload
     consumer -> producer   ACK (1 byte) once it has taken the end of stream
@@ -35,6 +37,18 @@ BUSY = MAGIC + b"\xff\xff"
 """What a consumer answers instead of HELLO when another producer is attached."""
 ACK = b"\x06"
 """The consumer's answer to END_OF_STREAM."""
+
+FANIN_VERSION = 2
+FANIN_HELLO = MAGIC + FANIN_VERSION.to_bytes(2, "big")
+"""A fan-in producer's hello (then NAME_LENGTH and its UTF-8 name), and a fan-in consumer's answer to accept it."""
+NAME_LENGTH = struct.Struct(">H")
+"""The length of the name after FANIN_HELLO."""
+MAX_NAME_BYTES = 255
+"""The longest producer name, in UTF-8 bytes."""
+NAME_TAKEN = MAGIC + b"\xff\xfd"
+"""A fan-in consumer's answer when a live producer already has that name."""
+WRONG_PATTERN = MAGIC + b"\xff\xfe"
+"""The answer to a hello of the other pattern: a pair producer at a fan-in consumer, or the reverse."""
 
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
@@ -71,6 +85,22 @@ def end_of_stream_frame() -> bytes:
 def encode_frame(payload: bytes | bytearray | memoryview) -> bytes:
     """One whole frame (header and payload) as bytes; for tests and plain scripts, not hot paths."""
     return HEADER.pack(memoryview(payload).nbytes) + bytes(payload)
+
+
+def fanin_hello(name: str) -> bytes:
+    """A fan-in producer's whole hello: FANIN_HELLO, the name's length, the name (UTF-8)."""
+    encoded = name.encode()
+    return FANIN_HELLO + NAME_LENGTH.pack(len(encoded)) + encoded
+
+
+def check_producer_name(value: object) -> str:
+    """The name option: 1 to MAX_NAME_BYTES bytes of UTF-8 text without control characters ('' : the default)."""
+    name = str(value)
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        raise ValueError("a producer name has no control characters")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"a producer name has at most {MAX_NAME_BYTES} bytes (UTF-8)")
+    return name
 
 
 def check_max_message_size(value: object) -> int:
@@ -119,6 +149,10 @@ class FrameReader:
         """Bytes received but not yet returned as frames (including a large payload in progress)."""
         cut = sum(HEADER_SIZE + len(frame) for frame in self.ready)
         return cut + self._end - self._start + self._payload_filled
+
+    def holds_header(self) -> bool:
+        """True when the buffer holds at least a frame header not cut yet (a frame, or the end marker). Never reads."""
+        return self._end - self._start >= HEADER_SIZE
 
     def buffered_frame(self) -> bytes | None:
         """The next frame if it is already complete in the buffer, else None. Never reads."""

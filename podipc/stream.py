@@ -55,10 +55,13 @@ from podipc.framing import (
     ACK,
     BUSY,
     DEFAULT_MAX_MESSAGE_SIZE,
+    FANIN_HELLO,
     HELLO,
     MAX_FRAME_LENGTH,
+    WRONG_PATTERN,
     FrameReader,
     check_max_message_size,
+    check_producer_name,
 )
 from podipc.options import Option, parse_bool
 from podipc.waking import POLLIN
@@ -75,11 +78,54 @@ COALESCE_OPTION = Option(
     True,
     "join back-to-back small sends into one write (false: every send writes at once)",
 )
-STREAM_OPTIONS = (MAX_MESSAGE_OPTION, COALESCE_OPTION)
+PATTERNS = ("pair", "fanin")
+"""pair: one producer and one consumer (the default); fanin: many named producers into one consumer (podipc.fanin)."""
+
+
+def parse_pattern(value: object) -> str:
+    """The pattern option: 'pair' or 'fanin'."""
+    pattern = str(value).strip().lower()
+    if pattern not in PATTERNS:
+        raise ValueError(f"expected one of {', '.join(PATTERNS)}")
+    return pattern
+
+
+def parse_producers(value: object) -> int:
+    """The producers option: a whole number >= 0 (0: no limit)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = value if isinstance(value, int) else int(str(value), 10)
+    if number < 0:
+        raise ValueError("expected a whole number >= 0")
+    return number
+
+
+PATTERN_OPTION = Option(
+    "pattern",
+    parse_pattern,
+    "pair",
+    "pair (one producer) or fanin (many named producers into one consumer; a producer with name= is fanin)",
+)
+PRODUCERS_OPTION = Option(
+    "producers",
+    parse_producers,
+    0,
+    "fan-in consumer (implies pattern=fanin when > 0): the stream ends once this many producers ended theirs "
+    "(0: never, until closed)",
+)
+NAME_OPTION = Option(
+    "name",
+    check_producer_name,
+    "",
+    "fan-in producer: its name at the consumer, unique among live producers (default HOSTNAME-PID-RANDOM)",
+)
+STREAM_OPTIONS = (MAX_MESSAGE_OPTION, COALESCE_OPTION, PATTERN_OPTION, PRODUCERS_OPTION, NAME_OPTION)
 
 HELLO_SECONDS = 5.0
 """How long the acceptor gives a new connection to send its HELLO."""
 LISTEN_BACKLOG = 16
+HELLO_REST_BYTES = 512
+"""Enough to read what follows a fan-in hello (its name) before answering and closing."""
 ACCEPTOR_JOIN_SECONDS = 5.0
 
 SEND_FLAGS = socket.MSG_NOSIGNAL
@@ -126,6 +172,7 @@ class _Acceptor:
         self.rejected = 0
         self.first_rejected: bytes | None = None
         self.refused_busy = 0
+        self.refused_pattern = 0
         self.failure: OSError | None = None
         self.attached_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -218,7 +265,10 @@ class _Acceptor:
             return
         poller.unregister(fd)
         del self._pending[fd]
-        if bytes(received) != HELLO:
+        if bytes(received) == FANIN_HELLO:
+            self.refused_pattern += 1
+            self._answer_other_pattern(connection)
+        elif bytes(received) != HELLO:
             self._reject(connection, bytes(received))
         elif self.attached is None:
             self._attach(connection)
@@ -242,6 +292,12 @@ class _Acceptor:
         if self.first_rejected is None:
             self.first_rejected = first_bytes
         connection.close()
+
+    def _answer_other_pattern(self, connection: socket.socket) -> None:
+        """A producer of the other pattern: read the rest of its hello (closing on unread bytes resets), say so."""
+        with contextlib.suppress(OSError):
+            connection.recv(HELLO_REST_BYTES)
+        self._answer_and_close(connection, WRONG_PATTERN)
 
     @staticmethod
     def _answer_and_close(connection: socket.socket, answer: bytes) -> None:
@@ -267,6 +323,11 @@ class _Acceptor:
             )
         if self.refused_busy:
             parts.append(f"; refused {self.refused_busy} producer(s) because one was attached")
+        if self.refused_pattern:
+            parts.append(
+                f"; refused {self.refused_pattern} producer(s) of the other pattern "
+                "(fan-in producers at a pair consumer, or pair producers at a fan-in consumer)"
+            )
         return "".join(parts)
 
 

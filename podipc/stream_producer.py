@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import select
 import socket
 import time
@@ -41,6 +42,7 @@ from podipc.address import Address
 from podipc.endpoint import holds_call_gate
 from podipc.errors import (
     ChannelUnavailable,
+    NameTaken,
     PeerGone,
     PeerTimeout,
     PodIPCError,
@@ -50,10 +52,14 @@ from podipc.flushing import FLUSHED, IN_USE, NO_ROOM, UNFLUSHED, flusher
 from podipc.framing import (
     ACK,
     BUSY,
+    FANIN_HELLO,
     HEADER,
     HEADER_SIZE,
     HELLO,
+    NAME_TAKEN,
+    WRONG_PATTERN,
     end_of_stream_frame,
+    fanin_hello,
 )
 from podipc.options import Option, deadline_after
 from podipc.producing import Producer
@@ -115,6 +121,12 @@ class StreamProducer(Producer):
     waits_forever: ClassVar[bool] = True
     _watched = False
     """True while the flusher thread holds this producer in its list."""
+    _hello = HELLO
+    """What this producer says first: HELLO, or a fan-in producer's FANIN_HELLO and name."""
+    _accepted = HELLO
+    """The consumer's answer that accepts it."""
+    name = ""
+    """A fan-in producer's name at the consumer ('' for a pair producer)."""
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -137,6 +149,14 @@ class StreamProducer(Producer):
         self._interest = POLLIN
         self._coalesce_limit = min(COALESCE_SIZE, self.max_message_size)
         self._coalescing: bool = self.settings["coalesce"]
+        if self.settings.get("name") or self.settings.get("pattern") == "fanin":
+            self._join_fan_in(self.settings.get("name") or default_producer_name())
+
+    def _join_fan_in(self, name: str) -> None:
+        """Say the fan-in hello with `name` instead of the pair hello (the options name= or pattern=fanin)."""
+        self.name = name
+        self._hello = fanin_hello(name)
+        self._accepted = FANIN_HELLO
 
     # hooks for transports
     def _connection_socket(self) -> tuple[socket.socket, Any]:
@@ -497,7 +517,7 @@ class StreamProducer(Producer):
         self._verify_peer(sock)
         self._configure(sock)
         try:
-            sock.send(HELLO, SEND_FLAGS)  # 8 bytes into an empty buffer: all or an error
+            sock.send(self._hello, SEND_FLAGS)  # at most 265 bytes into an empty buffer: all or an error
         except OSError as exc:
             raise peer_gone(exc, self._what, "consumer") from exc
         self._phase = _HELLO
@@ -534,15 +554,8 @@ class StreamProducer(Producer):
                     f"(got {bytes(answer)!r}); it is not a podipc consumer"
                 )
             answer += chunk
-        if answer == BUSY:
-            raise ChannelUnavailable(
-                f"another producer is attached to {self._what}; a channel has one producer and one consumer"
-            )
-        if answer != HELLO:
-            raise ProtocolError(
-                f"{self._what} answered {bytes(answer)!r} instead of the podipc hello {HELLO!r}; "
-                "it is not a podipc consumer (or speaks another version)"
-            )
+        if answer != self._accepted:
+            self._refused_by_consumer(bytes(answer))
         self._phase = _READY
         self._peer_seen = True
         self._fast = True
@@ -550,6 +563,37 @@ class StreamProducer(Producer):
             self._burst_start = BURST_START_SECONDS
         self._want(_POLLOUT)
         return True
+
+    def _refused_by_consumer(self, answer: bytes) -> None:
+        """Raise what the consumer's answer other than acceptance means (ChannelUnavailable, ProtocolError)."""
+        if answer == BUSY and self.name:
+            raise ChannelUnavailable(
+                f"the fan-in consumer at {self._what} takes no more producers (its producers= limit is reached)"
+            )
+        if answer == BUSY:
+            raise ChannelUnavailable(
+                f"another producer is attached to {self._what}; a channel has one producer and one consumer "
+                "(for many producers open the consumer with pattern=fanin and give each producer a name=)"
+            )
+        if answer == NAME_TAKEN:
+            raise NameTaken(
+                f"another live producer is named {self.name!r} at {self._what}; give each producer its own name="
+            )
+        if answer == WRONG_PATTERN and self.name:
+            raise ProtocolError(
+                f"the consumer at {self._what} takes one producer (pattern=pair), and this producer speaks "
+                "fan-in (name= or pattern=fanin): open the consumer with pattern=fanin "
+                "(podipc consume --producers N), or drop name= and pattern= here"
+            )
+        if answer == WRONG_PATTERN:
+            raise ProtocolError(
+                f"the consumer at {self._what} gathers many producers (pattern=fanin): give this producer "
+                "a name= (or pattern=fanin; podipc produce --name NAME)"
+            )
+        raise ProtocolError(
+            f"{self._what} answered {answer!r} instead of the podipc hello {self._accepted!r}; "
+            "it is not a podipc consumer (or speaks another version)"
+        )
 
     def _peer_timeout(self) -> PeerTimeout:
         if self._phase == _HELLO:
@@ -618,6 +662,12 @@ class StreamProducer(Producer):
         self._socket = None
         self._fast = False
         self._freed = True
+
+
+def default_producer_name() -> str:
+    """A fan-in producer's name when none is given: HOSTNAME-PID-RANDOM (a pod's containers share the hostname
+    and each may run as PID 1, hence the random part)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 def _skip(pieces: list[Any], count: int) -> list[Any]:

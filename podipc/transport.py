@@ -286,6 +286,9 @@ class Transport:
     """For HOST:PORT schemes: the protocol of the port the consumer binds ('tcp' or 'udp')."""
     rank: int = 100
     """Order in listings and the README (lower first)."""
+    fanin_consumer: str = ""
+    """The consumer class of pattern=fanin (many named producers into one consumer) as 'module:Class';
+    '' when the transport has none (it must then not declare the pattern option)."""
 
     def missing_requirement(self) -> Requirement | None:
         """The first required package that is not installed here, or None."""
@@ -357,6 +360,16 @@ class Transport:
             return f"{scheme}:///{name}"
         return f"{scheme}://{name}"
 
+    def fanin_consumer_class(self) -> type[Consumer]:
+        """Import and return the consumer class of pattern=fanin; AddressError naming the transports that have one."""
+        if not self.fanin_consumer:
+            raise AddressError(
+                f"pattern=fanin (many producers into one consumer) is not supported by "
+                f"{', '.join(s + '://' for s in self.schemes)}; it is by {', '.join(fanin_schemes())}"
+            )
+        cls: type[Consumer] = self._load(self.fanin_consumer)
+        return cls
+
     def _load(self, reference: str) -> Any:
         what = f"{self.title} ({', '.join(f'{scheme}://' for scheme in self.schemes)})"
         requirement = self.missing_requirement()
@@ -404,6 +417,13 @@ def _check_unique_schemes(found: list[Transport]) -> None:
 def schemes() -> tuple[str, ...]:
     """Every URL scheme, in listing order."""
     return tuple(scheme for transport in transports() for scheme in transport.schemes)
+
+
+def fanin_schemes() -> tuple[str, ...]:
+    """Every URL scheme whose transport has a fan-in consumer (pattern=fanin), as 'scheme://'."""
+    return tuple(
+        f"{scheme}://" for transport in transports() if transport.fanin_consumer for scheme in transport.schemes
+    )
 
 
 def find_transport(scheme: str) -> Transport | None:

@@ -389,6 +389,19 @@ class AsyncConsumer(_AsyncEndpoint):
             return message
         return await self._recv_after_waiting(timeout)
 
+    async def recv_from(self, timeout: float | None = None) -> tuple[str, bytes]:
+        """Receive the next message and the name of the producer that sent it (a fan-in consumer, pattern=fanin).
+
+        Raises as recv() does; TypeError when the consumer is not a fan-in consumer.
+        """
+        sync = self._sync
+        if not hasattr(sync, "recv_from"):
+            raise TypeError(f"{type(sync).__name__} has no senders: open the consumer with pattern=fanin")
+        message = await self.recv(timeout)
+        return getattr(
+            sync, "last_sender", None
+        ) or "", message  # set by the receive just done: the loop runs one task at a time
+
     async def _recv_after_waiting(self, timeout: float | None) -> bytes:
         """recv() once the first attempt found nothing: wait for readiness, try again, until the deadline."""
         endpoint = self._sync

@@ -41,7 +41,8 @@ def _bench_list(value: str) -> list[str]:
     help="Comma-separated schemes to measure (those `podipc channels` lists) or 'all'; "
     "peer names (raw-tcp, raw-ring, iceoryx2...) may be listed too, and channels with URL options "
     "(file?sync=batch) or the aio-/batch- prefix (aio-unix); rpc-unix and rpc-tcp measure request/reply "
-    "round trips (latency cells, against raw-unix/raw-tcp).",
+    "round trips (latency cells, against raw-unix/raw-tcp); fanin-unix-1, -2 and -4 measure fan-in "
+    "(throughput cells: N producers into one consumer, against fanin-unix-1).",
 )
 @click.option(
     "--sizes",

@@ -7,6 +7,11 @@ Address:
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
     coalesce           join back-to-back small sends into one write (default true; the
                        producer's option, see podipc.stream and the README's Batches)
+    pattern            pair (default: one producer) or fanin (the consumer takes many named
+                       producers, podipc.fanin; a producer with name= is a fan-in producer)
+    producers          fan-in consumer: end the stream once this many producers ended theirs
+                       (default 0: never; > 0 implies pattern=fanin)
+    name               fan-in producer: its name at the consumer (default HOSTNAME-PID-RANDOM)
     mode               accepted for symmetry; TCP creates no file
 
 Requires:
@@ -35,6 +40,7 @@ from typing import ClassVar
 
 from podipc.address import Address
 from podipc.errors import ChannelUnavailable
+from podipc.fanin import FanInConsumer
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.options import Option
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, socket_problem
@@ -44,6 +50,7 @@ from podipc.transport import AddressForm, Example, Transport, option_limit
 __all__ = [
     "TRANSPORT",
     "TCPConsumer",
+    "TCPFanInConsumer",
     "TCPProducer",
     "availability",
     "host_max_message_size",
@@ -112,6 +119,18 @@ class TCPConsumer(StreamConsumer):
         no_delay(connection)
 
 
+class TCPFanInConsumer(FanInConsumer):
+    """Receives frames from many named producers on a TCP port (pattern=fanin; podipc.fanin)."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+    def _listen(self) -> socket.socket:
+        return listen_tcp(self.address)
+
+    def _configure_connection(self, connection: socket.socket) -> None:
+        no_delay(connection)
+
+
 class TCPProducer(StreamProducer):
     """Sends frames over a TCP connection to the consumer's port."""
 
@@ -131,6 +150,7 @@ TRANSPORT = Transport(
     schemes={"tcp": AddressForm.HOST_PORT},
     producer="podipc.transports.tcp:TCPProducer",
     consumer="podipc.transports.tcp:TCPConsumer",
+    fanin_consumer="podipc.transports.tcp:TCPFanInConsumer",
     examples=(Example("tcp://127.0.0.1:7000", "loopback TCP", "the pod's shared network namespace"),),
     reliable=True,
     ordered=True,

@@ -12,6 +12,11 @@ Address:
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
     coalesce           join back-to-back small sends into one write (default true; the
                        producer's option, see podipc.stream and the README's Batches)
+    pattern            pair (default: one producer) or fanin (the consumer takes many named
+                       producers, podipc.fanin; a producer with name= is a fan-in producer)
+    producers          fan-in consumer: end the stream once this many producers ended theirs
+                       (default 0: never; > 0 implies pattern=fanin)
+    name               fan-in producer: its name at the consumer (default HOSTNAME-PID-RANDOM)
 
 Requires:
     Nothing beyond the standard library.
@@ -49,6 +54,7 @@ from typing import ClassVar
 
 from podipc.address import UNIX_PATH_MAX, Address
 from podipc.errors import ChannelUnavailable
+from podipc.fanin import FanInConsumer
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.options import Option
 from podipc.ownership import SHARE_FIX, Trust, check_path, group_text, owner_text, user_text
@@ -60,6 +66,7 @@ from podipc.transport import PATH_OBJECT, AddressForm, Example, Transport, optio
 __all__ = [
     "TRANSPORT",
     "UnixConsumer",
+    "UnixFanInConsumer",
     "UnixListener",
     "UnixProducer",
     "availability",
@@ -283,19 +290,32 @@ class UnixListener:
             pass
 
 
-class UnixConsumer(StreamConsumer):
-    """Receives frames on a Unix socket it creates at open and removes when done."""
+class _ListensOnUnix:
+    """The listening hooks of both unix:// consumers: the socket (file) of podipc.transports.unix.UnixListener."""
 
-    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    address: Address
+    settings: dict[str, object]
     _listening: UnixListener | None = None
 
     def _listen(self) -> socket.socket:
-        self._listening = UnixListener(self.address, int(self.settings["mode"]))
+        self._listening = UnixListener(self.address, int(str(self.settings["mode"])))
         return self._listening.listen()
 
     def _remove_listener_traces(self) -> None:
         if self._listening is not None:
             self._listening.remove_traces()
+
+
+class UnixConsumer(_ListensOnUnix, StreamConsumer):
+    """Receives frames on a Unix socket it creates at open and removes when done."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+
+class UnixFanInConsumer(_ListensOnUnix, FanInConsumer):
+    """Receives frames from many named producers on a Unix socket it creates at open (pattern=fanin; podipc.fanin)."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
 
 
 class UnixProducer(StreamProducer):
@@ -338,6 +358,7 @@ TRANSPORT = Transport(
     schemes={"unix": AddressForm.SOCKET_PATH_OR_ABSTRACT},
     producer="podipc.transports.unix:UnixProducer",
     consumer="podipc.transports.unix:UnixConsumer",
+    fanin_consumer="podipc.transports.unix:UnixFanInConsumer",
     examples=(
         Example("unix:///shared/podipc.sock", "Unix socket on an emptyDir"),
         Example("unix://@name", "abstract Unix socket", "scoped to the network namespace: no volume"),

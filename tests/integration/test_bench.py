@@ -503,3 +503,20 @@ def test_request_reply_cells_measure_round_trips_beside_their_raw_socket_baselin
             assert record["baseline"] == f"raw-{scheme}"
             assert record["ratios"]["latency.p50_us"]["median"] > 0, record
         assert (f"rpc-{scheme}", "throughput", 64) not in cells, "request/reply is measured in round trips only"
+
+
+@pytest.mark.timeout(120)
+def test_fanin_cells_measure_n_producers_into_one_consumer_beside_one_producer() -> None:
+    report = run_bench(
+        "--quick", "--channels", "fanin-unix-1,fanin-unix-2,fanin-unix-4", "--sizes", "64", "--mode", "both"
+    )
+    cells = {(record["subject"], record["mode"], record["size"]): record for record in report["results"]}
+    for producers in (1, 2, 4):
+        record = cells[(f"fanin-unix-{producers}", "throughput", 64)]
+        assert record["status"] == "ok", record["reason"]
+        flow = record["throughput"]
+        assert flow["received"] == flow["sent"] > 0 and (flow["lost"], flow["duplicated"]) == (0, 0), record
+        assert (f"fanin-unix-{producers}", "latency", 64) not in cells, "fan-in is measured one way only"
+    assert cells[("fanin-unix-4", "throughput", 64)]["baseline"] == "fanin-unix-1"
+    (fanin,) = [entry for entry in judged(report) if entry["id"] == "fanin-unix-4-vs-1-producer"]
+    assert fanin["ratio"] is not None and fanin["ratio"] > 0, fanin

@@ -38,6 +38,7 @@ LOG_SHIPPING_NATIVE = K8S / "logging" / "log-shipping-native.yaml"
 APP_CONTAINERS = {(LOG_SHIPPING, "app"), (LOG_SHIPPING_NATIVE, "app")}
 """Containers that stand for the user's application (a script writing its log into podipc), not podipc itself."""
 REQUEST_REPLY = K8S / "request-reply" / "request-reply.yaml"
+FANIN = K8S / "patterns" / "fanin.yaml"
 NATIVE_SIDECARS_SINCE = "1.29"
 """The first Kubernetes release that runs initContainers with restartPolicy: Always by default (beta)."""
 
@@ -337,6 +338,21 @@ def test_request_reply_pod_has_an_app_calling_a_native_responder_sidecar_on_one_
     assert float(env_of(app)["PODIPC_TIMEOUT"]) < float(env_of(app)["PODIPC_WAIT"])
     assert env_of(app)["PODIPC_URL"] == env_of(responder)["PODIPC_URL"]
     assert parse_address(env_of(app)["PODIPC_URL"]).abstract, "an abstract socket needs no volume"
+
+
+def test_fanin_pod_has_two_named_producers_feeding_one_consumer_of_two_on_one_url() -> None:
+    ((_, spec),) = pods_in(FANIN)
+    containers = {container["name"]: container for container in spec["containers"]}
+    assert sorted(containers) == ["app-a", "app-b", "collector"]
+    assert containers["collector"]["args"] == ["consume", "--producers", "2"]
+    names = set()
+    for app in ("app-a", "app-b"):
+        args = containers[app]["args"]
+        assert args[:2] == ["produce", "--name"] and int(env_of(containers[app])["PODIPC_COUNT"]) > 0
+        names.add(args[2])
+        assert env_of(containers[app])["PODIPC_URL"] == env_of(containers["collector"])["PODIPC_URL"]
+    assert names == {"app-a", "app-b"}, "each producer needs its own name"
+    assert parse_address(env_of(containers["collector"])["PODIPC_URL"]).abstract, "an abstract socket needs no volume"
 
 
 def test_bench_job_runs_a_server_and_a_client_container() -> None:
