@@ -605,7 +605,33 @@ class ShmConsumer(_RingSide, Consumer):
         try:
             if self._state:
                 return self._recv_slowly(timeout)  # type: ignore[return-value]
-            return self._reader.take(timeout, False)  # type: ignore[union-attr]
+            reader = self._reader
+            # RingReader.take's common case, inline (a data record is there, no view held): the call saved
+            # is a fifth of a 64-byte receive; everything else is take()'s
+            if reader._held is None:  # type: ignore[union-attr]
+                words = reader._words  # type: ignore[union-attr]
+                read_index = reader._read_index  # type: ignore[union-attr]
+                write_index = words[8]  # WRITE_INDEX_WORD
+                if write_index != read_index:
+                    if WEAK_MEMORY_ORDER:
+                        full_fence()
+                    capacity = reader._capacity  # type: ignore[union-attr]
+                    position = read_index % capacity
+                    offset = 256 + position  # HEADER_SIZE
+                    length = words[offset >> 3]  # a data record's header word is its length
+                    if length <= reader._max_message_size:  # type: ignore[union-attr]
+                        size = 8 + ((length + 7) & -8)
+                        if position + size <= capacity and size <= write_index - read_index <= capacity:
+                            data: bytes = reader._map[offset + 8 : offset + 8 + length]  # type: ignore[union-attr]
+                            read_index += size
+                            reader._read_index = read_index  # type: ignore[union-attr]
+                            if WEAK_MEMORY_ORDER:
+                                full_fence()
+                            words[16] = read_index  # READ_INDEX_WORD
+                            if words[18]:  # PRODUCER_WAITING_WORD
+                                reader._waiter.wake_peer()  # type: ignore[union-attr]
+                            return data
+            return reader.take(timeout, False)  # type: ignore[union-attr]
         except EndOfStream:
             self._ended = True
             raise
