@@ -38,8 +38,11 @@ from podipc.errors import AddressError, ChannelUnavailable, PeerGone, ProtocolEr
 from podipc.ownership import Owner, Trust, check_path, open_checked, owner_text
 from podipc.transport import DEV_SHM_FIX
 from podipc.transports.shm.layout import (
+    BROADCAST_VERSION,
     HEADER_SIZE,
+    IDENTITY,
     MAGIC,
+    VERSION,
     RingHeader,
     decode_header,
     encode_header,
@@ -274,8 +277,10 @@ class Segment:
         return cls(path, mapping, doorbells[0], doorbells[1], fifos[0], fifos[1]), header
 
     @staticmethod
-    def remove_stale(address: Address, trust: Trust) -> None:
+    def remove_stale(address: Address, trust: Trust, version: int = VERSION) -> None:
         """Remove what a consumer that died left (we hold the consumer's presence, so no live one has it).
+
+        `version`: the ring version this side makes; a live ring of the other pattern is a ProtocolError.
 
         Raises ChannelUnavailable, naming the owner, for anything we do not trust or cannot
         prove is a podipc ring's: nothing is read from, written to or removed then.
@@ -291,6 +296,7 @@ class Segment:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError as exc:
+                    _refuse_other_pattern(fd, path, version)
                     raise ChannelUnavailable(
                         f"{path} is in use by another consumer; a channel has one consumer"
                     ) from exc
@@ -366,6 +372,21 @@ def _read_header(fd: int, path: str) -> tuple[RingHeader, int]:
         raise ProtocolError(f"{path} is {size} bytes, smaller than a ring header")
     header = decode_header(os.pread(fd, HEADER_SIZE, 0), size)
     return header, segment_size(header.capacity)
+
+
+def _refuse_other_pattern(fd: int, path: str, version: int) -> None:
+    """ProtocolError when the live ring open as `fd` is of the other pattern than `version` (pair or broadcast)."""
+    identity = os.pread(fd, IDENTITY.size, 0)
+    if len(identity) < IDENTITY.size:
+        return
+    magic, found, *_ = IDENTITY.unpack(identity)
+    if magic != MAGIC or found == version or found not in (VERSION, BROADCAST_VERSION):
+        return
+    patterns = {VERSION: "pair", BROADCAST_VERSION: "broadcast"}
+    raise ProtocolError(
+        f"{path} is a live {patterns[found]} ring (opened with pattern={patterns[found]}); "
+        f"this side asked for pattern={patterns[version]}: open every side with the same pattern"
+    )
 
 
 def _open_doorbell(name: str, trust: Trust, location: str) -> Doorbell:
