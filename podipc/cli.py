@@ -413,6 +413,7 @@ def produce(
                 print_summary(summary, error=failure.format_message(), **stop.fields())
             raise
     extra: dict[str, object] = {"seconds": round(time.monotonic() - started, 6), "resumed_at": channel.resumed_at}
+    extra.update(channel.summary_fields())
     if stop.errors:
         extra["error"] = f"{type(stop.errors[0]).__name__}: {stop.errors[0]}"
     print_summary(summary, **extra, **stop.fields())
@@ -612,15 +613,16 @@ def emit_fields(emit: Emit, fields: dict[str, object]) -> None:
     click.echo(json.dumps(fields, separators=(", ", ": ")), err=emit is print_summary_to_stderr)
 
 
-def counters(channel: podipc.Consumer | None) -> dict[str, int]:
+def counters(channel: podipc.Consumer | None) -> dict[str, object]:
     """The consumer's non-zero loss and skip counters and its resume point, for the summary line."""
     if channel is None:
         return {}
-    extra = {"resumed_at": channel.resumed_at}
+    extra: dict[str, object] = {"resumed_at": channel.resumed_at}
     if channel.lost:
         extra["lost"] = channel.lost
     if channel.skipped:
         extra["skipped"] = channel.skipped
+    extra.update(channel.summary_fields())
     return extra
 
 

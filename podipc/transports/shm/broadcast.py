@@ -44,7 +44,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping as MappingType
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, NoReturn
 
 from podipc.address import Address
@@ -461,6 +461,10 @@ class BroadcastProducer(_RingSide, Producer):
             reports.append(SubscriberReport(slot, name, int(words[base + bl.SLOT_TAKEN])))
         return reports
 
+    def summary_fields(self) -> dict[str, object]:
+        """The CLI summary's per-subscriber counts: slot, state and messages delivered."""
+        return {"subscribers": [asdict(report) for report in self.subscriber_reports()]}
+
     def _free(self) -> None:
         segment = self._segment
         if segment is not None:
@@ -544,6 +548,10 @@ class BroadcastSubscriber(_RingSide, Consumer):
         self._opened()
 
     # --- joining --------------------------------------------------------------------
+
+    def summary_fields(self) -> dict[str, object]:
+        """The CLI summary's slot and loss count (slow=drop: messages overwritten before this subscriber read them)."""
+        return {"slot": self.slot, "lost": self.lost}
 
     def _try_join(self) -> bool:
         """Map a live producer's ring, claim a slot and join it; False while there is no ring yet."""
