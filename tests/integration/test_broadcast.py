@@ -192,12 +192,12 @@ def test_a_killed_subscriber_does_not_stop_the_others(reap: list[Any]) -> None:
 
 def test_a_pair_consumer_and_a_broadcast_subscriber_refuse_each_other() -> None:
     name = f"shm:///podipc-bcast-{os.getpid()}-mismatch"
-    with podipc.consumer(f"{name}?wait=2"):
-        with (
-            podipc.consumer(f"{name}?pattern=broadcast&wait=2") as subscriber,
-            pytest.raises(podipc.ProtocolError, match="pair ring"),
-        ):
-            subscriber.recv(timeout=2)
+    with (
+        podipc.consumer(f"{name}?wait=2"),
+        podipc.consumer(f"{name}?pattern=broadcast&wait=2") as subscriber,
+        pytest.raises(podipc.ProtocolError, match="pair ring"),
+    ):
+        subscriber.recv(timeout=2)
     out = podipc.producer(f"{name}?pattern=broadcast&wait=2")
     try:
         with pytest.raises(podipc.ProtocolError, match="broadcast ring"):

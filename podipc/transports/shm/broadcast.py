@@ -161,6 +161,8 @@ class BroadcastProducer(_RingSide, Producer):
         self._space_fifo: WakeFifo | None = None
         self._slot_fifos: list[WakeFifo] = []
         self._reports: list[SubscriberReport] = []
+        self._had_subscribers = False
+        """Set when freed: whether any subscriber ever joined (an abort then leaves our presence GONE for them)."""
         try:
             capacity = self._take_options(address, self.settings)
         except BaseException:
@@ -470,6 +472,7 @@ class BroadcastProducer(_RingSide, Producer):
         if segment is not None:
             self._probe_slots_now()
             self._reports = self.subscriber_reports()
+            self._had_subscribers = self._joined() > 0
             if segment.same_file():
                 _unlink_quietly(segment.path)
         self._unlink_fifos()
@@ -501,7 +504,7 @@ class BroadcastProducer(_RingSide, Producer):
             return
         for slot in range(getattr(self, "subscribers", MAX_SUBSCRIBERS)):
             remove_if_gone(presence_path(self.address.token, subscriber_role(slot)), presence.trust)
-        if self._stream_taken:
+        if self._stream_taken or not self._had_subscribers:
             presence.close()
         else:
             presence.abandon()  # the subscribers see GONE: the stream did not end
