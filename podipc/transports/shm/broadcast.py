@@ -83,8 +83,6 @@ from podipc.transports.shm.layout import (
 from podipc.transports.shm.options import MAX_SUBSCRIBERS
 from podipc.transports.shm.segment import (
     FIFO_KIND,
-    FIFO_PREFIX,
-    SHM_DIRECTORY,
     Mapping,
     Segment,
     _allocate,
@@ -92,6 +90,8 @@ from podipc.transports.shm.segment import (
     _remove_found,
     _same_inode,
     availability_for,
+    broadcast_fifo_paths,
+    fifo_paths,
 )
 from podipc.transports.shm.waiter import FIRST_SLEEP_SECONDS, LONGEST_SLEEP_SECONDS, Doorbell, Waiter, WakeFifo
 from podipc.waking import POLLIN
@@ -106,17 +106,12 @@ TAIL_READ_ATTEMPTS = 1000
 
 def space_fifo_path(token: str) -> str:
     """The producer's wake-up FIFO of a broadcast channel (the same name as a pair producer's)."""
-    return os.path.join(SHM_DIRECTORY, f"{FIFO_PREFIX}{token}.space")
+    return fifo_paths(token)[1]
 
 
 def slot_fifo_path(token: str, slot: int) -> str:
     """Subscriber slot `slot`'s wake-up FIFO."""
-    return os.path.join(SHM_DIRECTORY, f"{FIFO_PREFIX}{token}.data.{slot}")
-
-
-def broadcast_fifo_paths(token: str) -> tuple[str, ...]:
-    """Every FIFO a broadcast producer may create on channel `token` (podipc clean)."""
-    return (space_fifo_path(token), *(slot_fifo_path(token, slot) for slot in range(MAX_SUBSCRIBERS)))
+    return broadcast_fifo_paths(token)[slot]
 
 
 class _NoDoorbell(Doorbell):
@@ -199,7 +194,7 @@ class BroadcastProducer(_RingSide, Producer):
         for path in fifo_paths:
             presence.record(FIFO_KIND, path)
         Segment.remove_stale(address, self._trust, BROADCAST_VERSION)
-        for path in broadcast_fifo_paths(address.token):
+        for path in (space_fifo_path(address.token), *broadcast_fifo_paths(address.token)):
             what = f"the wake-up FIFO {path}"
             if check_path(path, self._trust, what, (stat.S_IFIFO,)) is not None:
                 _remove_found(path, what)

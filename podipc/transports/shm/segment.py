@@ -37,6 +37,7 @@ from podipc.address import Address
 from podipc.errors import AddressError, ChannelUnavailable, PeerGone, ProtocolError
 from podipc.ownership import Owner, Trust, check_path, open_checked, owner_text
 from podipc.transport import DEV_SHM_FIX
+from podipc.transports.shm.broadcast_layout import MAX_SLOTS
 from podipc.transports.shm.layout import (
     BROADCAST_VERSION,
     HEADER_SIZE,
@@ -73,6 +74,11 @@ def semaphore_names(name: str) -> tuple[str, str]:
 def fifo_paths(token: str) -> tuple[str, str]:
     """The wake-up FIFOs of a channel: (the consumer polls it for data, the producer for space)."""
     return tuple(os.path.join(SHM_DIRECTORY, f"{FIFO_PREFIX}{token}{suffix}") for suffix in SEMAPHORE_SUFFIXES)  # type: ignore[return-value]
+
+
+def broadcast_fifo_paths(token: str) -> tuple[str, ...]:
+    """The per-slot FIFOs a broadcast producer may create (podipc.wake.TOKEN.data.K; its own is fifo_paths' .space)."""
+    return tuple(os.path.join(SHM_DIRECTORY, f"{FIFO_PREFIX}{token}.data.{slot}") for slot in range(MAX_SLOTS))
 
 
 def check_name(address: Address) -> None:
@@ -149,11 +155,12 @@ def _owner_of_file(path: str) -> Owner | None:
 
 
 def channel_objects(address: Address) -> tuple[tuple[str, str], ...]:
-    """The segment, the two semaphores and the two FIFOs a ring's consumer creates (podipc clean)."""
+    """The segment, semaphores and FIFOs a pair ring's consumer or a broadcast ring's producer creates (podipc clean)."""
     return (
         ("posix_shm", "/" + address.name),
         *(("posix_sem", name) for name in semaphore_names(address.name)),
         *((FIFO_KIND, path) for path in fifo_paths(address.token)),
+        *((FIFO_KIND, path) for path in broadcast_fifo_paths(address.token)),
     )
 
 
