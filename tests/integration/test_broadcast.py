@@ -192,12 +192,8 @@ def test_a_killed_subscriber_does_not_stop_the_others(reap: list[Any]) -> None:
 
 def test_a_pair_consumer_and_a_broadcast_subscriber_refuse_each_other() -> None:
     name = f"shm:///podipc-bcast-{os.getpid()}-mismatch"
-    with (
-        podipc.consumer(f"{name}?wait=2"),
-        podipc.consumer(f"{name}?pattern=broadcast&wait=2") as subscriber,
-        pytest.raises(podipc.ProtocolError, match="pair ring"),
-    ):
-        subscriber.recv(timeout=2)
+    with podipc.consumer(f"{name}?wait=2"), pytest.raises(podipc.ProtocolError, match="pair ring"):
+        podipc.consumer(f"{name}?pattern=broadcast&wait=2")  # the ring is there: it joins (and refuses) at open
     out = podipc.producer(f"{name}?pattern=broadcast&wait=2")
     try:
         with pytest.raises(podipc.ProtocolError, match="broadcast ring"):
@@ -277,3 +273,91 @@ def test_the_cli_broadcasts_to_two_subscribers_whose_summaries_agree_with_the_pr
         assert process.returncode == 0
         assert (summary["messages"], summary["sha256"], summary["lost"]) == (5000, producer["sha256"], 0)
     assert sorted(entry["delivered"] for entry in producer["subscribers"]) == [5000, 5000]
+
+
+def produce_then_die(address: str, count: int) -> None:
+    out = podipc.producer(address)
+    for index in range(count):
+        out.send(payload(index))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_producer_leaves_its_subscribers_every_message_then_peer_gone(reap: list[Any]) -> None:
+    address = url("producer-dies", subscribers=1)
+    process = CONTEXT.Process(target=produce_then_die, args=(address, 50), daemon=True)
+    reap.append(process)
+    with podipc.consumer(address) as inbox:
+        process.start()
+        taken = [inbox.recv(timeout=10) for _ in range(50)]
+        with pytest.raises(podipc.PeerGone):
+            inbox.recv(timeout=10)
+    assert taken == [payload(index) for index in range(50)]
+
+
+def test_a_dead_subscribers_slot_is_taken_over_and_the_newcomer_joins_at_the_current_message(
+    reap: list[Any],
+) -> None:
+    address = url("takeover", subscribers=1, capacity="64KiB")
+    processes, _ = start_subscribers(address, 1)
+    reap.extend(processes)
+    with podipc.producer(address) as out:
+        out.send(payload(0))
+        processes[0].kill()
+        processes[0].join(5)
+        with pytest.raises(podipc.PeerGone, match="every subscriber"):
+            for index in range(1, 10_000):  # fills the ring, then finds the only subscriber gone
+                out.send(payload(index), timeout=5)
+        with podipc.consumer(address) as newcomer:
+            assert newcomer.slot == 0  # type: ignore[attr-defined]
+            out.send(b"welcome", timeout=5)
+            assert newcomer.recv(timeout=5) == b"welcome"
+            closer = threading.Thread(target=out.close, kwargs={"timeout": 5})
+            closer.start()  # close() returns once the newcomer took the end
+            with pytest.raises(podipc.EndOfStream):
+                newcomer.recv(timeout=5)
+            closer.join(5)
+            assert out.closed
+    assert [report.state for report in out.subscriber_reports()] == ["ended"]
+
+
+def test_a_producer_waits_for_every_subscriber_before_its_first_message() -> None:
+    address = url("missing", subscribers=2, wait=0.5)
+    out = podipc.producer(address)
+    try:
+        with podipc.consumer(address) as inbox:
+            with pytest.raises(podipc.Timeout):
+                out.send(b"x", timeout=0)
+            with pytest.raises(podipc.PeerTimeout):
+                out.send(b"x")
+            with pytest.raises(podipc.Timeout):
+                inbox.recv(timeout=0)
+    finally:
+        out.abort()
+
+
+def test_blocked_subscribers_and_a_blocked_producer_use_almost_no_cpu(reap: list[Any]) -> None:
+    address = url("idle", subscribers=2, capacity="64KiB")
+    processes, results = start_subscribers(address, 2)
+    reap.extend(processes)
+    with podipc.producer(address) as out:
+        out.send(payload(0))
+        os.kill(processes[1].pid, signal.SIGSTOP)  # the producer will block on it once the ring is full
+        before = [cpu_seconds(process.pid) for process in processes[:1]]
+        own_before = time.process_time()
+        with pytest.raises(podipc.Timeout):
+            for index in range(1, 10_000):
+                out.send(payload(index), timeout=1.5)
+        time.sleep(0.5)
+        used = [cpu_seconds(process.pid) - spent for process, spent in zip(processes[:1], before, strict=True)]
+        own = time.process_time() - own_before
+        os.kill(processes[1].pid, signal.SIGCONT)
+    collect(processes, results, 2)
+    assert used[0] < 0.3, used  # the running subscriber waits on its FIFO, not spinning
+    assert own < 0.5, own  # the producer too, while the stopped one holds it back
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

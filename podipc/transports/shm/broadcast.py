@@ -544,6 +544,12 @@ class BroadcastSubscriber(_RingSide, Consumer):
         self._sequence = 0
         self._taken = 0
         self._opened()
+        try:
+            self._try_join()  # a ring already there: join now, so no message sent after open is missed
+        except BaseException:
+            self._free()
+            self._closed = self._freed = True
+            raise
 
     # --- joining --------------------------------------------------------------------
 
@@ -787,6 +793,8 @@ class BroadcastSubscriber(_RingSide, Consumer):
                 self._taken += 1
                 self._advance(record.next_read_index)
                 return data
+            if record.kind == KIND_END:
+                words[self._slot_word + bl.SLOT_STATE] = bl.SLOT_ENDED  # before the index: drained means ended
             self._advance(record.next_read_index)
             if record.kind == KIND_END:
                 self._took_end()
@@ -817,11 +825,6 @@ class BroadcastSubscriber(_RingSide, Consumer):
             self._waiter.wake_peer()  # type: ignore[union-attr]
 
     def _took_end(self) -> NoReturn:
-        words = self._words
-        words[self._slot_word + bl.SLOT_STATE] = bl.SLOT_ENDED
-        full_fence()
-        if words[bl.PRODUCER_WAITING_WORD]:
-            self._waiter.wake_peer()  # type: ignore[union-attr]
         self._ended = True
         self._leave_channel()
         raise EndOfStream(f"{self.address.location}: the producer ended the stream")
