@@ -22,6 +22,9 @@ from typing import Any
 import pytest
 
 import podipc
+import podipc.address
+from podipc.clean import find_leftovers
+from podipc.transport import object_kinds
 from podipc.transports.shm.broadcast import BroadcastProducer, BroadcastSubscriber
 from tests.integration.harness import CONTEXT
 
@@ -292,6 +295,16 @@ def test_a_killed_producer_leaves_its_subscribers_every_message_then_peer_gone(r
         with pytest.raises(podipc.PeerGone):
             inbox.recv(timeout=10)
     assert taken == [payload(index) for index in range(50)]
+    process.join(5)
+    token = podipc.address.parse_address(address).token
+    left = {(leftover.kind, leftover.name) for leftover in find_leftovers() if token in leftover.recorded_in}
+    name = podipc.address.parse_address(address).name
+    assert {("posix_shm", f"/{name}"), ("wake_fifo", f"/dev/shm/podipc.wake.{token}.space")} <= {
+        item for item in left
+    }, "podipc clean knows what a killed broadcast producer left"
+    kinds = object_kinds()
+    for kind, object_name in left:
+        kinds[kind].remove(object_name)
 
 
 def test_a_dead_subscribers_slot_is_taken_over_and_the_newcomer_joins_at_the_current_message(

@@ -156,8 +156,8 @@ class BroadcastProducer(_RingSide, Producer):
         self._space_fifo: WakeFifo | None = None
         self._slot_fifos: list[WakeFifo] = []
         self._reports: list[SubscriberReport] = []
-        self._had_subscribers = False
-        """Set when freed: whether any subscriber ever joined (an abort then leaves our presence GONE for them)."""
+        self._subscribers_left_behind = False
+        """Set when freed: whether a live subscriber had not taken the end (then our presence is left GONE for it)."""
         try:
             capacity = self._take_options(address, self.settings)
         except BaseException:
@@ -427,6 +427,16 @@ class BroadcastProducer(_RingSide, Producer):
             return True
         return False
 
+    def _live_subscribers(self) -> int:
+        """How many slots hold an active subscriber whose presence lives (as last probed)."""
+        words = self._words
+        return sum(
+            1
+            for slot in range(self.subscribers)
+            if words[bl.slot_word(slot) + bl.SLOT_STATE] == bl.SLOT_ACTIVE
+            and self._gone.get(slot) != words[bl.slot_word(slot) + bl.SLOT_EPOCH]
+        )
+
     def _pending(self) -> int:
         """How many live, active subscribers have not read up to the write index."""
         words = self._words
@@ -467,7 +477,7 @@ class BroadcastProducer(_RingSide, Producer):
         if segment is not None:
             self._probe_slots_now()
             self._reports = self.subscriber_reports()
-            self._had_subscribers = self._joined() > 0
+            self._subscribers_left_behind = self._live_subscribers() > 0
             if segment.same_file():
                 _unlink_quietly(segment.path)
         self._unlink_fifos()
@@ -499,7 +509,7 @@ class BroadcastProducer(_RingSide, Producer):
             return
         for slot in range(getattr(self, "subscribers", MAX_SUBSCRIBERS)):
             remove_if_gone(presence_path(self.address.token, subscriber_role(slot)), presence.trust)
-        if self._stream_taken or not self._had_subscribers:
+        if self._stream_taken or not self._subscribers_left_behind:
             presence.close()
         else:
             presence.abandon()  # the subscribers see GONE: the stream did not end
@@ -880,8 +890,7 @@ class BroadcastSubscriber(_RingSide, Consumer):
         if presence is None:
             return
         presence.unwatch()
-        remove_if_gone(presence.peer_path, presence.trust)
-        presence.close()
+        presence.close()  # a dead producer's file stays: it records the ring for the next producer and podipc clean
 
     def _free(self) -> None:
         presence = self._presence
