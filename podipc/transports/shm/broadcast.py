@@ -226,6 +226,7 @@ class BroadcastProducer(_RingSide, Producer):
         """Slot -> epoch of a subscriber seen dead (its slot no longer holds the writer back)."""
         self._last_probe = 0.0
         self._retry = FIRST_SLEEP_SECONDS
+        self._armed = False
         self._waking = [(bl.slot_word(slot) + bl.SLOT_WAITING, fifo) for slot, fifo in enumerate(self._slot_fifos)]
         self._words[bl.PRODUCER_FLAGS_WORD] = PRODUCER_ATTACHED
 
@@ -293,6 +294,7 @@ class BroadcastProducer(_RingSide, Producer):
                 return False
             self._disarm()
         self._floor = floor
+        self._retry = FIRST_SLEEP_SECONDS  # room came: a later wait starts short again
         return True
 
     def _lowest_read_index(self) -> int:
@@ -376,16 +378,40 @@ class BroadcastProducer(_RingSide, Producer):
                     fifo.ring()
 
     def _arm(self) -> None:
-        """Ask the subscribers to write our FIFO when they move (drained first, so a poll waits for that)."""
+        """Ask the subscribers to write our FIFO when they move (drained first, so a poll waits for that).
+
+        Still armed and not woken since (the word still says so): nothing to do, no system call.
+        """
+        words = self._words
+        if self._armed and words[bl.PRODUCER_WAITING_WORD] == WAITING_FIFO:
+            full_fence()
+            return
         fifo = self._space_fifo
         if fifo is not None:
             fifo.drain()
-        self._words[bl.PRODUCER_WAITING_WORD] = WAITING_FIFO
+        words[bl.PRODUCER_WAITING_WORD] = WAITING_FIFO
         full_fence()
+        self._armed = True
 
     def _disarm(self) -> None:
+        self._armed = False
         self._words[bl.PRODUCER_WAITING_WORD] = 0
         self._retry = FIRST_SLEEP_SECONDS
+
+    def _send(self, view: memoryview, deadline: float | None) -> None:
+        """Try; spin for `spin` seconds (yielding the CPU) while there is no room; then the base's wait on the FIFO."""
+        try_send = self._try_send
+        if try_send(view):
+            return
+        clock = time.monotonic
+        spin_until = clock() + self.spin_seconds
+        if deadline is not None:
+            spin_until = min(spin_until, deadline)
+        while clock() < spin_until:
+            os.sched_yield()
+            if try_send(view):
+                return
+        Producer._send(self, view, deadline)
 
     # --- the endpoint contract ----------------------------------------------------
 
@@ -785,6 +811,11 @@ class BroadcastSubscriber(_RingSide, Consumer):
                 if self.drops and read_index < words[bl.TAIL_INDEX_WORD]:
                     continue  # overwritten while we looked: the next round counts it lost
                 raise
+            if self.drops:
+                if WEAK_MEMORY_ORDER:
+                    full_fence()
+                if read_index < words[bl.TAIL_INDEX_WORD]:
+                    continue  # its header may have been overwritten as we read it: never act on it
             start = record.payload_offset + self._header_size - HEADER_SIZE
             if record.kind == KIND_DATA:
                 if in_place and not self.drops:
