@@ -805,6 +805,10 @@ class BroadcastSubscriber(_RingSide, Consumer):
                 return None
             if WEAK_MEMORY_ORDER:
                 full_fence()
+            if not self.drops:
+                message = self._take_data(read_index, write_index, in_place)
+                if message is not None:
+                    return message
             try:
                 record = decode_record(self._records, self._capacity, self.max_message_size, read_index, write_index)
             except ProtocolError:
@@ -840,6 +844,28 @@ class BroadcastSubscriber(_RingSide, Consumer):
             if record.kind == KIND_END:
                 self._took_end()
             # KIND_WRAP: go on at the start of the ring
+
+    def _take_data(self, read_index: int, write_index: int, in_place: bool) -> bytes | memoryview | None:
+        """slow=wait's common case: a data record before the end of the ring (else None: _step decodes it)."""
+        capacity = self._capacity
+        position = read_index % capacity
+        offset = self._header_size + position
+        length = self._words[offset >> 3]  # a data record's header word is its length (kind 0 in the high half)
+        if length > self.max_message_size:
+            return None
+        size = 8 + ((length + 7) & -8)
+        if position + size > capacity or not size <= write_index - read_index <= capacity:
+            return None
+        start = offset + RECORD_HEADER_SIZE
+        self._taken += 1
+        if in_place:
+            view = self._view[start : start + length]
+            self._held = view
+            self._read_index = read_index + size
+            return view
+        data: bytes = self._map[start : start + length]
+        self._advance(read_index + size)
+        return data
 
     def _overrun(self, tail: int, sequence: int) -> None:
         """slow=drop: the writer overwrote what we had not read; resume at the tail and count what was lost."""
