@@ -374,3 +374,38 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_asyncio_producer_reaches_every_subscriber(reap: list[Any]) -> None:
+    address = url("aio-producer", subscribers=2, capacity="64KiB")
+    processes, results = start_subscribers(address, 2)
+    reap.extend(processes)
+    digest = hashlib.sha256()
+
+    async def produce() -> None:
+        async with podipc.aio.producer(address) as out:
+            for index in range(3000):
+                await out.send(payload(index))
+                digest.update(payload(index))
+
+    asyncio.run(produce())
+    for report in collect(processes, results, 2):
+        assert (report["count"], report["sha256"]) == (3000, digest.hexdigest())
+
+
+def test_close_from_a_signal_handler_wakes_a_blocked_recv() -> None:
+    address = url("signal", subscribers=1)
+    with podipc.producer(address) as out:
+        inbox = podipc.consumer(address)
+        out.send(b"first")
+        assert inbox.recv(timeout=5) == b"first"
+        previous = signal.signal(signal.SIGALRM, lambda number, frame: inbox.close())
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            began = time.monotonic()
+            with pytest.raises(podipc.ChannelClosed):
+                inbox.recv()
+            assert time.monotonic() - began < 0.5
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
