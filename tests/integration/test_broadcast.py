@@ -195,8 +195,11 @@ def test_a_killed_subscriber_does_not_stop_the_others(reap: list[Any]) -> None:
 
 def test_a_pair_consumer_and_a_broadcast_subscriber_refuse_each_other() -> None:
     name = f"shm:///podipc-bcast-{os.getpid()}-mismatch"
-    with podipc.consumer(f"{name}?wait=2"), pytest.raises(podipc.ProtocolError, match="pair ring"):
-        podipc.consumer(f"{name}?pattern=broadcast&wait=2")  # the ring is there: it joins (and refuses) at open
+    with podipc.consumer(f"{name}?wait=2"):
+        with pytest.raises(podipc.ProtocolError, match="pair ring"):
+            podipc.consumer(f"{name}?pattern=broadcast&wait=2")  # the ring is there: it joins (and refuses) at open
+        with pytest.raises(podipc.ProtocolError, match="live pair ring"):
+            podipc.producer(f"{name}?pattern=broadcast&wait=2")
     out = podipc.producer(f"{name}?pattern=broadcast&wait=2")
     try:
         with pytest.raises(podipc.ProtocolError, match="broadcast ring"):

@@ -156,6 +156,8 @@ class BroadcastProducer(_RingSide, Producer):
         self._space_fifo: WakeFifo | None = None
         self._slot_fifos: list[WakeFifo] = []
         self._reports: list[SubscriberReport] = []
+        self._stream_taken = False
+        """True once every live subscriber took the end of stream (then our presence is removed cleanly)."""
         self._subscribers_left_behind = False
         """Set when freed: whether a live subscriber had not taken the end (then our presence is left GONE for it)."""
         try:
@@ -221,7 +223,6 @@ class BroadcastProducer(_RingSide, Producer):
         self._tail_sequence = 0
         self._started = False
         self._ended = False
-        self._stream_taken = False
         self._gone: dict[int, int] = {}
         """Slot -> epoch of a subscriber seen dead (its slot no longer holds the writer back)."""
         self._last_probe = 0.0
