@@ -412,3 +412,14 @@ def test_close_from_a_signal_handler_wakes_a_blocked_recv() -> None:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_subscriber_beyond_the_slots_or_with_another_count_is_refused() -> None:
+    address = url("full", subscribers=1)
+    with podipc.producer(address), podipc.consumer(address) as first:
+        assert first.slot == 0  # type: ignore[attr-defined]
+        with pytest.raises(podipc.ChannelUnavailable, match="all 1 subscriber slots"):
+            podipc.consumer(address)
+        with pytest.raises(podipc.AddressError, match="made 1 subscriber slots"):
+            podipc.consumer(address.replace("subscribers=1", "subscribers=3"))
+        first.close()
