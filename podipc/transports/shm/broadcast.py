@@ -34,6 +34,10 @@ Threads, close from anywhere, timeout=0, fork, aio
     then polls its FIFO with the endpoint's waker (podipc.transports.shm.waiter.Waiter);
     the producer waits on its FIFO through the base's readiness loop; both expose their
     FIFO as the readiness descriptor (fileno(), podipc.aio).
+
+Why one module of ~1000 lines: the producer and the subscriber are two halves of one
+protocol (slots and epochs, the tail's seqlock, who wakes whom, who removes what), as
+endpoints.py is for the pair ring; the header itself lives in broadcast_layout.py.
 """
 
 from __future__ import annotations
