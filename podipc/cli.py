@@ -301,6 +301,25 @@ FRAMING_OPTION = click.option(
 )
 
 
+SUBSCRIBERS_OPTION = click.option(
+    "--subscribers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Broadcast on shm:// to N subscribers: adds pattern=broadcast&subscribers=N to URL (the producer "
+    "waits for N before its first message; each subscriber joins a slot). PODIPC_PATTERN and "
+    "PODIPC_SUBSCRIBERS do the same from the environment.",
+)
+
+
+def with_subscribers(url: Address, subscribers: int | None) -> Address:
+    """`url` as a broadcast channel with `subscribers` slots (--subscribers), or as given when None."""
+    if subscribers is None:
+        return url
+    options = {**url.options, "pattern": "broadcast", "subscribers": str(subscribers)}
+    base = url.url.partition("?")[0]
+    return parse_address(base + "?" + "&".join(f"{name}={value}" for name, value in options.items()))
+
+
 def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The --drain option (PODIPC_DRAIN): seconds a stop by signal may wait for the other side."""
     return click.option(
@@ -371,6 +390,7 @@ def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...,
     envvar="PODIPC_TIMEOUT",
     help="Seconds each send may wait for room before failing (default: no limit).",
 )
+@SUBSCRIBERS_OPTION
 @drain_option("After SIGTERM/SIGINT: seconds the end of stream may wait for the consumer to take it.")
 @click.pass_context
 def produce(
@@ -384,9 +404,11 @@ def produce(
     seed: int,
     rate: float,
     timeout: float | None,
+    subscribers: int | None,
     drain: float,
 ) -> None:
     """Send messages to URL, then end the stream; print a JSON summary line."""
+    url = with_subscribers(url, subscribers)
     if randomize and from_stdin:
         raise click.UsageError("--random and --stdin exclude each other")
     if from_stdin and framing == Framing.RAW.value and size == 0:
@@ -504,6 +526,7 @@ def send_all(
     help="Keep consuming across producer restarts: one summary line per producer session, waiting for the next "
     "forever; a signal ends serving (a last line counts every session).",
 )
+@SUBSCRIBERS_OPTION
 @drain_option("After SIGTERM/SIGINT: seconds to keep receiving for the producer's end of stream.")
 def consume(
     url: Address,
@@ -512,9 +535,11 @@ def consume(
     output: IO[bytes] | None,
     framing: str,
     serve: bool,
+    subscribers: int | None,
     drain: float,
 ) -> None:
     """Receive messages from URL until the end of stream; print a JSON summary line."""
+    url = with_subscribers(url, subscribers)
     if serve and (count or timeout is not None):
         raise click.UsageError("--serve takes no --count or --timeout: it consumes every session until stopped")
     emit = print_summary if output is None or output.name != "<stdout>" else print_summary_to_stderr

@@ -260,24 +260,28 @@ def test_the_asyncio_subscriber_takes_every_message() -> None:
 
 
 def test_the_cli_broadcasts_to_two_subscribers_whose_summaries_agree_with_the_producers() -> None:
-    address = url("cli", subscribers=2)
+    plain = f"shm:///podipc-bcast-{os.getpid()}-cli?wait=20"
     command = [sys.executable, "-m", "podipc"]
     subscribers = [
-        subprocess.Popen([*command, "consume", address], stdout=subprocess.PIPE, text=True) for _ in range(2)
+        subprocess.Popen([*command, "consume", url("cli", subscribers=2)], stdout=subprocess.PIPE, text=True),
+        subprocess.Popen([*command, "consume", plain, "--subscribers", "2"], stdout=subprocess.PIPE, text=True),
     ]
     produced = subprocess.run(
-        [*command, "produce", address, "--count", "5000", "--random", "--size", "2000"],
+        [*command, "produce", plain, "--subscribers", "2", "--count", "5000", "--random", "--size", "2000"],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
     producer = json.loads(produced.stdout.strip().splitlines()[-1])
+    slots = []
     for process in subscribers:
         out, _ = process.communicate(timeout=30)
         summary = json.loads(out.strip().splitlines()[-1])
         assert process.returncode == 0
         assert (summary["messages"], summary["sha256"], summary["lost"]) == (5000, producer["sha256"], 0)
+        slots.append(summary["slot"])
+    assert sorted(slots) == [0, 1]
     assert sorted(entry["delivered"] for entry in producer["subscribers"]) == [5000, 5000]
 
 
