@@ -30,7 +30,7 @@ def segment(slots: int = 2) -> bytearray:
 
 def test_a_new_header_decodes_to_what_was_encoded() -> None:
     decoded = bl.decode_header(segment(3), bl.segment_size(CAPACITY, 3))
-    assert decoded == bl.BroadcastHeader(CAPACITY, 2048, 3, bl.SLOW_WAIT, 256 + 3 * 64, 0)
+    assert decoded == bl.BroadcastHeader(CAPACITY, 2048, 3, bl.SLOW_WAIT, 256 + 3 * 64, 0, False)
 
 
 def test_a_subscriber_reading_a_pair_ring_is_told_it_is_a_pair_ring() -> None:

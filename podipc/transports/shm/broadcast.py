@@ -605,8 +605,11 @@ class BroadcastSubscriber(_RingSide, Consumer):
             return False
         try:
             size = os.fstat(fd).st_size
-            slots, header_bytes = bl.read_identity(os.pread(fd, 40, 0))
+            slots, header_bytes = bl.read_identity(os.pread(fd, bl.IDENTITY_BYTES, 0))
             header = bl.decode_header(os.pread(fd, header_bytes, 0), size)
+            if header.ended:  # that stream is over: wait for the next producer
+                os.close(fd)
+                return False
             if self._expected_slots is not None and self._expected_slots != header.slots:
                 raise AddressError(
                     f"{self.address.location}: the producer made {header.slots} subscriber slots, "

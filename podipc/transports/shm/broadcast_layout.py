@@ -46,6 +46,7 @@ from podipc.transports.shm.layout import (
     IDENTITY,
     MAGIC,
     MAX_INDEX,
+    PRODUCER_ENDED,
     VERSION,
     check_geometry,
 )
@@ -55,6 +56,8 @@ SLOTS_OFFSET = HEADER_SIZE
 SLOTS_FIELDS = struct.Struct("<II")
 """Subscriber slots and slow policy, at offset 32."""
 SLOTS_FIELDS_OFFSET = 32
+IDENTITY_BYTES = SLOTS_FIELDS_OFFSET + SLOTS_FIELDS.size
+"""The first bytes of a header, enough to know its slots and size (read_identity)."""
 MAX_SLOTS = 64
 
 SLOW_WAIT = 0
@@ -118,12 +121,14 @@ class BroadcastHeader:
     slow: int
     header_size: int
     write_index: int
+    ended: bool
+    """The producer wrote its end of stream: a subscriber arriving now waits for the next producer."""
 
 
 def read_identity(buffer: bytes | bytearray | memoryview) -> tuple[int, int]:
     """(slots, header size) from the first 40 bytes, checked enough to know how much header to read."""
     view = memoryview(buffer).cast("B")
-    if view.nbytes < SLOTS_FIELDS_OFFSET + SLOTS_FIELDS.size:
+    if view.nbytes < IDENTITY_BYTES:
         raise ProtocolError(f"shm broadcast header truncated: {view.nbytes} bytes")
     magic, version, size, _capacity, _largest = IDENTITY.unpack_from(view, 0)
     if magic != MAGIC:
@@ -170,4 +175,6 @@ def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int) ->
         (state,) = _INDEX.unpack_from(view, base + SLOT_STATE * 8)
         if state not in KNOWN_SLOT_STATES or read_index % ALIGNMENT or read_index > write_index:
             raise ProtocolError(f"shm broadcast slot {slot} is garbage (state {state}, read index {read_index})")
-    return BroadcastHeader(capacity, max_message_size, slots, slow, size, write_index)
+    (producer_flags,) = _INDEX.unpack_from(view, PRODUCER_FLAGS_WORD * 8)
+    ended = bool(producer_flags & PRODUCER_ENDED)
+    return BroadcastHeader(capacity, max_message_size, slots, slow, size, write_index, ended)
