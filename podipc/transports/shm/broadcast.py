@@ -104,8 +104,8 @@ BROADCAST_DECLARATION = "broadcast"
 """What a broadcast producer declares in its presence file."""
 SLOT_PROBE_SECONDS = 0.05
 """How often a waiting producer probes the presence of the subscribers it waits for."""
-TAIL_READ_ATTEMPTS = 1000
-"""Reads of the tail's seqlock before a subscriber gives up (the writer holds it for three stores)."""
+TAIL_SPINS_BEFORE_YIELD = 64
+"""Tries at the tail's seqlock before a subscriber yields the CPU (its writer may have been preempted in it)."""
 
 
 def space_fifo_path(token: str) -> str:
@@ -707,19 +707,29 @@ class BroadcastSubscriber(_RingSide, Consumer):
             self._waiter.wake_peer()  # a producer waiting for its subscribers to join
 
     def _tail(self, words: Any) -> tuple[int, int]:
-        """slow=drop: the tail index and sequence, read consistently (the writer's seqlock)."""
-        for _ in range(TAIL_READ_ATTEMPTS):
+        """slow=drop: the tail index and sequence, read consistently (the writer's seqlock).
+
+        The writer holds it for three stores, but may be preempted in between: after a burst of
+        tries this yields the CPU, and it gives up only when closed or when the producer is lost.
+        """
+        attempts = 0
+        while True:
             generation = words[bl.TAIL_GENERATION_WORD]
-            if generation & 1:
-                continue
-            if WEAK_MEMORY_ORDER:
-                full_fence()
-            tail, sequence = words[bl.TAIL_INDEX_WORD], words[bl.TAIL_SEQUENCE_WORD]
-            if WEAK_MEMORY_ORDER:
-                full_fence()
-            if words[bl.TAIL_GENERATION_WORD] == generation:
-                return int(tail), int(sequence)
-        raise ProtocolError(f"the tail of {self.address.location} never settles: a producer stopped mid-update")
+            if not generation & 1:
+                if WEAK_MEMORY_ORDER:
+                    full_fence()
+                tail, sequence = words[bl.TAIL_INDEX_WORD], words[bl.TAIL_SEQUENCE_WORD]
+                if WEAK_MEMORY_ORDER:
+                    full_fence()
+                if words[bl.TAIL_GENERATION_WORD] == generation:
+                    return int(tail), int(sequence)
+            attempts += 1
+            if attempts % TAIL_SPINS_BEFORE_YIELD == 0:
+                if self._closing or self._forked:
+                    raise self._closed_error()
+                if self._peer_lost:
+                    raise self._producer_gone()  # it died mid-update: the tail stays torn
+                os.sched_yield()
 
     # --- receiving ----------------------------------------------------------------
 
@@ -804,11 +814,9 @@ class BroadcastSubscriber(_RingSide, Consumer):
         while True:
             read_index = self._read_index
             write_index = words[8]  # WRITE_INDEX_WORD
-            if self.drops:
-                tail, sequence = self._tail(words)
-                if read_index < tail:
-                    self._overrun(tail, sequence)
-                    continue
+            if self.drops and read_index < words[bl.TAIL_INDEX_WORD]:  # overrun: the seqlock only then
+                self._overrun(*self._tail(words))
+                continue
             if write_index == read_index:
                 return None
             if WEAK_MEMORY_ORDER:
