@@ -232,6 +232,8 @@ class BroadcastProducer(_RingSide, Producer):
         self._last_probe = 0.0
         self._retry = FIRST_SLEEP_SECONDS
         self._armed = False
+        self._spinning = False
+        """True while _send spins: re-arming skips the FIFO's drain then."""
         self._waking = [(bl.slot_word(slot) + bl.SLOT_WAITING, fifo) for slot, fifo in enumerate(self._slot_fifos)]
         self._words[bl.PRODUCER_FLAGS_WORD] = PRODUCER_ATTACHED
 
@@ -385,10 +387,12 @@ class BroadcastProducer(_RingSide, Producer):
     def _arm(self) -> None:
         """Ask the subscribers to write our FIFO when they move (drained first, so a poll waits for that).
 
-        Still armed and not woken since (the word still says so): nothing to do, no system call.
+        While spinning, still armed and not woken since (the word still says so): no system call.
+        Otherwise always drained: a subscriber may have cleared the word and written its byte
+        around our last arming, and a byte left there would make every poll return at once.
         """
         words = self._words
-        if self._armed and words[bl.PRODUCER_WAITING_WORD] == WAITING_FIFO:
+        if self._spinning and self._armed and words[bl.PRODUCER_WAITING_WORD] == WAITING_FIFO:
             full_fence()
             return
         fifo = self._space_fifo
@@ -412,10 +416,14 @@ class BroadcastProducer(_RingSide, Producer):
         spin_until = clock() + self.spin_seconds
         if deadline is not None:
             spin_until = min(spin_until, deadline)
-        while clock() < spin_until:
-            os.sched_yield()
-            if try_send(view):
-                return
+        self._spinning = True
+        try:
+            while clock() < spin_until:
+                os.sched_yield()
+                if try_send(view):
+                    return
+        finally:
+            self._spinning = False
         Producer._send(self, view, deadline)
 
     # --- the endpoint contract ----------------------------------------------------
