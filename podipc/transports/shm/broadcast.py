@@ -588,6 +588,8 @@ class BroadcastSubscriber(_RingSide, Consumer):
         self.lost = 0
         """slow=drop: messages the producer overwrote before this subscriber read them."""
         self.drops = False
+        self._in_place = False
+        """True once joined to a slow=wait ring: recv_view's inline path hands out the ring itself."""
         self._held: memoryview | None = None
         self._read_index = 0
         self._sequence = 0
@@ -672,6 +674,7 @@ class BroadcastSubscriber(_RingSide, Consumer):
         segment = self._segment = Segment(self.path, mapping, _NoDoorbell(), _NoDoorbell(), data_fifo, space_fifo)
         self.max_message_size = header.max_message_size
         self.drops = header.slow == bl.SLOW_DROP
+        self._in_place = not self.drops
         self._capacity = header.capacity
         self._header_size = header.header_size
         self._map = mapping.map
@@ -758,6 +761,25 @@ class BroadcastSubscriber(_RingSide, Consumer):
                 peeked = self._take_state()
                 if peeked is not None:
                     return memoryview(peeked)
+            elif self._in_place:
+                # slow=wait's common case inline: hand the last view back, then a data record already there
+                words = self._words
+                read_index = self._read_index
+                held = self._held
+                if held is not None:
+                    self._held = None
+                    try:  # noqa: SIM105 - a with-statement costs more on this path
+                        held.release()
+                    except BufferError:  # the caller made views of it; they stay usable but may change
+                        pass
+                    self._advance(read_index)
+                write_index = words[8]  # WRITE_INDEX_WORD
+                if write_index != read_index:
+                    if WEAK_MEMORY_ORDER:
+                        full_fence()
+                    view = self._take_data(read_index, write_index, True)
+                    if view is not None:
+                        return view  # type: ignore[return-value]
             result = self._take(None if timeout is None else deadline_after(timeout), True)
             return result if isinstance(result, memoryview) else memoryview(result)
         except EndOfStream:
@@ -982,6 +1004,7 @@ class BroadcastSubscriber(_RingSide, Consumer):
             with contextlib.suppress(BufferError):
                 held.release()
         segment = self._segment
+        self._in_place = False
         words, self._words = self._words, None
         if words is not None and segment is not None and not self._ended_flag and not segment.truncated():
             words[self._slot_word + bl.SLOT_STATE] = bl.SLOT_LEFT
@@ -995,6 +1018,7 @@ class BroadcastSubscriber(_RingSide, Consumer):
             segment.close()
 
     def _drop_inherited(self) -> None:
+        self._in_place = False
         self._words = None
         segment, self._segment = self._segment, None
         if segment is not None:
