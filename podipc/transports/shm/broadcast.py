@@ -239,6 +239,78 @@ class BroadcastProducer(_RingSide, Producer):
 
     # --- sending ------------------------------------------------------------------
 
+    @holds_call_gate
+    def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
+        """Send one message to every subscriber; wait at most `timeout` seconds for room (None: no limit, 0: once).
+
+        Raises:
+            MessageTooLarge: above the ring's max message size, before anything is sent.
+            Timeout: no room within `timeout` (slow=wait: the slowest live subscriber is behind).
+            PeerTimeout: fewer than `subscribers` subscribers joined within the `wait` option (from open).
+            PeerGone: every subscriber is gone (died or closed).
+            ChannelClosed: the producer was closed (also while this call waited), or inherited across fork().
+        """
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            self._enter(timeout)
+        try:
+            kind = type(data)
+            if kind is bytes or kind is bytearray:
+                length = len(data)
+            elif kind is memoryview and data.c_contiguous:  # type: ignore[union-attr]
+                length = data.nbytes  # type: ignore[union-attr]
+            else:
+                length = -1
+            if self._state or not self._started or length < 0:
+                self._send_slowly(data, timeout)
+                return
+            if length > self.max_message_size:
+                raise MessageTooLarge(length, self.max_message_size, self.max_message_source, self.max_message_fix)
+            # the common case inline: room known (below the floor) and no wrap before the record
+            capacity = self._capacity
+            write_index = self._write_index
+            position = write_index % capacity
+            size = 8 + ((length + 7) & -8)
+            if position + size > capacity or write_index + size - capacity > self._floor:
+                self._send_slowly(data, timeout)
+                return
+            words = self._words
+            offset = self._header_size + position
+            words[offset >> 3] = length
+            self._map[offset + 8 : offset + 8 + length] = data
+            write_index += size
+            self._write_index = write_index
+            if WEAK_MEMORY_ORDER:
+                full_fence()
+            words[8] = write_index  # WRITE_INDEX_WORD
+            for waiting_word, fifo in self._waking:
+                if words[waiting_word]:
+                    how = words[waiting_word]
+                    words[waiting_word] = 0
+                    if how == WAITING_FIFO:
+                        fifo.ring()
+        except PodIPCError as error:
+            if self._closing and not isinstance(error, (ChannelClosed, MessageTooLarge)):
+                raise self._closed_error() from error
+            raise
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+
+    def _send_slowly(self, data: bytes | bytearray | memoryview, timeout: float | None) -> None:
+        """send() with the gate held, off the common case: state to check, before the start, an odd buffer."""
+        if self._state:
+            self._check_usable()
+        view = data if type(data) is memoryview else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if view.nbytes > self.max_message_size:
+            raise MessageTooLarge(view.nbytes, self.max_message_size, self.max_message_source, self.max_message_fix)
+        self._send(view, deadline_after(timeout))
+
     def _try_send(self, view: memoryview) -> bool:
         if self._state:
             self._check_usable()
@@ -395,6 +467,8 @@ class BroadcastProducer(_RingSide, Producer):
         if self._spinning and self._armed and words[bl.PRODUCER_WAITING_WORD] == WAITING_FIFO:
             full_fence()
             return
+        if self._armed and words[bl.PRODUCER_WAITING_WORD] != WAITING_FIFO:
+            self._retry = FIRST_SLEEP_SECONDS  # a subscriber woke us: activity, so the next wait is short again
         fifo = self._space_fifo
         if fifo is not None:
             fifo.drain()
