@@ -48,8 +48,18 @@ README = ROOT / "README.md"
 
 SPOOL_VARIANTS = ("file?sync=batch", "file?sync=always")
 """Issue 13: the spool at each durability level it is judged at (skipped, with the reason, where file:// lacks it)."""
-PATTERN_CELLS = ("rpc-unix", "rpc-tcp", "fanin-unix-1", "fanin-unix-2", "fanin-unix-4")
-"""Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producers."""
+PATTERN_CELLS = (
+    "rpc-unix",
+    "rpc-tcp",
+    "fanin-unix-1",
+    "fanin-unix-2",
+    "fanin-unix-4",
+    "broadcast-shm-1",
+    "broadcast-shm-2",
+    "broadcast-shm-4",
+)
+"""Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producers;
+shm:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one shm:// consumer."""
 DEFAULT_REPEAT = 5
 QUICK_REPEAT = 2
 BATCH = 256

@@ -398,7 +398,8 @@ LARGEST_SIZE = 1 << 20
 
 def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported);
-    fan-in of 4 producers against one."""
+    fan-in of 4 producers against one; shm:// broadcast's per-subscriber rate at 1 MiB against one consumer's
+    (4 subscribers judged, 1 and 2 reported)."""
     yield ratio_target(
         report,
         "rpc-unix-p50-vs-raw-unix",
@@ -407,6 +408,16 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
         1.2,
         "<=",
     )
+    for subscribers in (1, 2, 4):
+        yield ratio_target(
+            report,
+            f"broadcast-shm-{subscribers}-per-subscriber-vs-shm",
+            f"shm:// broadcast to {subscribers} subscriber(s): per-subscriber msg/s at 1 MiB "
+            + (">= 0.8x the single-consumer shm:// figure" if subscribers == 4 else "beside single-consumer shm://"),
+            Comparison(f"broadcast-shm-{subscribers}", "shm", RATE, LARGEST_SIZE),
+            0.8 if subscribers == 4 else None,
+            ">=",
+        )
     yield ratio_target(
         report,
         "fanin-unix-4-vs-1-producer",

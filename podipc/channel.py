@@ -30,7 +30,7 @@ from podipc.errors import (
 )
 from podipc.options import resolve_options
 from podipc.producing import Producer
-from podipc.transport import fanin_schemes, transport_for, transports
+from podipc.transport import Transport, fanin_schemes, transport_for, transports
 
 
 def channel_class(scheme: str, role: str) -> type[Producer] | type[Consumer]:
@@ -42,26 +42,63 @@ def channel_class(scheme: str, role: str) -> type[Producer] | type[Consumer]:
     return transport.producer_class() if role == "producer" else transport.consumer_class()
 
 
-FANIN_OPTIONS = ("pattern", "producers", "name")
-"""The options of fan-in (podipc.fanin), declared only by the transports that have it."""
+FANIN_OPTIONS = ("producers", "name")
+"""The options of fan-in (podipc.fanin) besides pattern=fanin, declared only by the transports that have it."""
+DEFAULT_PATTERN = "pair"
+
+
+def _pattern(address: Address, options: Mapping[str, object]) -> str | None:
+    value = options.get("pattern", address.options.get("pattern"))
+    return None if value is None else str(value).strip().lower()
+
+
+def _takes_pattern(transport: Transport, pattern: str) -> bool:
+    """True when the transport declares a pattern option that accepts `pattern`."""
+    for option in transport.options:
+        if option.name == "pattern":
+            try:
+                option.convert(pattern)
+            except (ValueError, TypeError):
+                return False
+            return True
+    return False
 
 
 def check_pattern(address: Address, options: Mapping[str, object]) -> None:
-    """Raise AddressError, naming the channels that have it, when fan-in is asked of a transport without it."""
+    """Raise AddressError, naming the channels that have it, when a pattern is asked of a transport without it.
+
+    Fan-in (pattern=fanin, producers=, name=) runs over the transports with a fan-in consumer;
+    any other pattern (shm://'s broadcast) over the transports whose pattern option takes it.
+    """
     transport = transport_for(address.scheme)
-    if transport.fanin_consumer:
-        return
-    for name in FANIN_OPTIONS:
-        value = options.get(name, address.options.get(name))
-        if value is not None and not (name == "pattern" and str(value).strip().lower() == "pair"):
+    pattern = _pattern(address, options)
+    if not transport.fanin_consumer:
+        for name in FANIN_OPTIONS:
+            value = options.get(name, address.options.get(name))
+            if value is not None:
+                raise AddressError(
+                    f"{name}={value} is fan-in (many producers into one consumer), which "
+                    f"{address.scheme}:// does not have; it runs over {', '.join(fanin_schemes())}"
+                )
+        if pattern == "fanin":
             raise AddressError(
-                f"{name}={value} is fan-in (many producers into one consumer), which "
-                f"{address.scheme}:// does not have; it runs over {', '.join(fanin_schemes())}"
+                f"pattern=fanin (many producers into one consumer) is not for {address.scheme}://; "
+                f"it runs over {', '.join(fanin_schemes())}"
             )
+    if pattern not in (None, DEFAULT_PATTERN, "fanin") and not _takes_pattern(transport, pattern):
+        takers = [
+            f"{scheme}://" for other in transports() if _takes_pattern(other, pattern) for scheme in other.schemes
+        ]
+        raise AddressError(
+            f"pattern={pattern} is not for {address.scheme}://; "
+            + (f"it runs over {', '.join(takers)}" if takers else "no channel has it (pair, fanin, broadcast)")
+        )
 
 
 def _without_pair_pattern(address: Address, options: dict[str, object]) -> Address:
     """Drop pattern=pair (every channel's default) for a transport that does not declare the option."""
+    if any(option.name == "pattern" for option in transport_for(address.scheme).options):
+        return address
     options.pop("pattern", None)
     if "pattern" not in address.options:
         return address
@@ -72,8 +109,7 @@ def producer(url: str, **options: object) -> Producer:
     """Open the producing side of the channel at `url` (options override the URL's query)."""
     address = parse_address(url)
     check_pattern(address, options)
-    if not transport_for(address.scheme).fanin_consumer:
-        address = _without_pair_pattern(address, options)
+    address = _without_pair_pattern(address, options)
     cls = channel_class(address.scheme, "producer")
     settings = resolve_options(address, cls.options, options)
     result = cls(address, settings)
@@ -89,8 +125,7 @@ def consumer(url: str, **options: object) -> Consumer:
     address = parse_address(url)
     check_pattern(address, options)
     transport = transport_for(address.scheme)
-    if not transport.fanin_consumer:
-        address = _without_pair_pattern(address, options)
+    address = _without_pair_pattern(address, options)
     cls = channel_class(address.scheme, "consumer")
     settings = resolve_options(address, cls.options, options)
     if settings.get("pattern") == "fanin" or settings.get("producers"):

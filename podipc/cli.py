@@ -301,6 +301,25 @@ FRAMING_OPTION = click.option(
 )
 
 
+SUBSCRIBERS_OPTION = click.option(
+    "--subscribers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Broadcast on shm:// to N subscribers: adds pattern=broadcast&subscribers=N to URL (the producer "
+    "waits for N before its first message; each subscriber joins a slot). PODIPC_PATTERN and "
+    "PODIPC_SUBSCRIBERS do the same from the environment.",
+)
+
+
+def with_subscribers(url: Address, subscribers: int | None) -> Address:
+    """`url` as a broadcast channel with `subscribers` slots (--subscribers), or as given when None."""
+    if subscribers is None:
+        return url
+    options = {**url.options, "pattern": "broadcast", "subscribers": str(subscribers)}
+    base = url.url.partition("?")[0]
+    return parse_address(base + "?" + "&".join(f"{name}={value}" for name, value in options.items()))
+
+
 def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The --drain option (PODIPC_DRAIN): seconds a stop by signal may wait for the other side."""
     return click.option(
@@ -377,6 +396,7 @@ def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...,
     help="Join a fan-in consumer (consume --producers N) under this name, unique among its live producers "
     "(unix:// and tcp://; the same as the URL option name= and PODIPC_NAME).",
 )
+@SUBSCRIBERS_OPTION
 @drain_option("After SIGTERM/SIGINT: seconds the end of stream may wait for the consumer to take it.")
 @click.pass_context
 def produce(
@@ -391,9 +411,11 @@ def produce(
     rate: float,
     timeout: float | None,
     name: str | None,
+    subscribers: int | None,
     drain: float,
 ) -> None:
     """Send messages to URL, then end the stream; print a JSON summary line."""
+    url = with_subscribers(url, subscribers)
     if randomize and from_stdin:
         raise click.UsageError("--random and --stdin exclude each other")
     if from_stdin and framing == Framing.RAW.value and size == 0:
@@ -423,6 +445,7 @@ def produce(
                 print_summary(summary, error=failure.format_message(), **stop.fields())
             raise
     extra: dict[str, object] = {"seconds": round(time.monotonic() - started, 6), "resumed_at": channel.resumed_at}
+    extra.update(channel.summary_fields())
     if stop.errors:
         extra["error"] = f"{type(stop.errors[0]).__name__}: {stop.errors[0]}"
     print_summary(summary, **extra, **stop.fields())
@@ -521,6 +544,7 @@ def send_all(
     "(0: until stopped); the summary line lists each producer (unix:// and tcp://; the same as the URL "
     "options pattern=fanin&producers=N, or PODIPC_PRODUCERS=N).",
 )
+@SUBSCRIBERS_OPTION
 @drain_option("After SIGTERM/SIGINT: seconds to keep receiving for the producer's end of stream.")
 def consume(
     url: Address,
@@ -530,9 +554,11 @@ def consume(
     framing: str,
     serve: bool,
     producers: int | None,
+    subscribers: int | None,
     drain: float,
 ) -> None:
     """Receive messages from URL until the end of stream; print a JSON summary line."""
+    url = with_subscribers(url, subscribers)
     if serve and (count or timeout is not None):
         raise click.UsageError("--serve takes no --count or --timeout: it consumes every session until stopped")
     if serve and producers is not None:
@@ -641,7 +667,8 @@ def emit_fields(emit: Emit, fields: dict[str, object]) -> None:
 
 
 def counters(channel: podipc.Consumer | None) -> dict[str, object]:
-    """The consumer's non-zero loss and skip counters, its resume point and (fan-in) its producers, for the summary line."""
+    """The consumer's non-zero loss and skip counters, its resume point, (fan-in) its producers and its own
+    summary fields (a broadcast subscriber's slot and loss), for the summary line."""
     if channel is None:
         return {}
     extra: dict[str, object] = {"resumed_at": channel.resumed_at}
@@ -653,6 +680,7 @@ def counters(channel: podipc.Consumer | None) -> dict[str, object]:
 
     if isinstance(channel, FanInConsumer):
         extra["producers"] = channel.summary()
+    extra.update(channel.summary_fields())
     return extra
 
 

@@ -545,6 +545,10 @@ class _Endpoint(ABC):
         with contextlib.suppress(Exception):
             self.abort()
 
+    def summary_fields(self) -> dict[str, object]:
+        """Fields this transport adds to the CLI's summary line (e.g. a broadcast's per-subscriber counts); none here."""
+        return {}
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<{type(self).__name__} {self.address.location} {state}>"

@@ -154,23 +154,30 @@ class _Claims:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._lock = threading.Lock()
-        self._live: set[str] = set()
+        self._live: dict[str, socket.socket] = {}
         self._ended_cleanly = 0
 
-    def claim(self, name: str) -> bytes:
-        """The answer to a producer named `name`: FANIN_HELLO (claimed), NAME_TAKEN or BUSY."""
+    def claim(self, name: str, connection: socket.socket) -> bytes:
+        """The answer to a producer named `name` on `connection`: FANIN_HELLO (claimed), NAME_TAKEN or BUSY.
+
+        A name whose holder's connection has hung up (a producer killed a moment ago, which the
+        consumer has not read to its end yet) goes to the newcomer: nothing more can come from the
+        holder, whose record still ends as died (or ended) once its last bytes are read.
+        """
         with self._lock:
-            if name in self._live:
+            holder = self._live.get(name)
+            if holder is not None and not _hung_up(holder):
                 return NAME_TAKEN
-            if self.limit and len(self._live) + self._ended_cleanly >= self.limit:
+            if holder is None and self.limit and len(self._live) + self._ended_cleanly >= self.limit:
                 return BUSY
-            self._live.add(name)
+            self._live[name] = connection
             return FANIN_HELLO
 
-    def release(self, name: str, cleanly: bool) -> None:
-        """A producer finished (cleanly: with its end of stream): its name is free again."""
+    def release(self, name: str, connection: socket.socket, cleanly: bool) -> None:
+        """The producer named `name` on `connection` finished (cleanly: with its end of stream): its name is free."""
         with self._lock:
-            self._live.discard(name)
+            if self._live.get(name) is connection:
+                del self._live[name]
             if cleanly:
                 self._ended_cleanly += 1
 
@@ -178,6 +185,19 @@ class _Claims:
     def ended_cleanly(self) -> int:
         """How many producers ended their streams so far."""
         return self._ended_cleanly
+
+
+def _hung_up(connection: socket.socket) -> bool:
+    """True when the peer of `connection` closed it (or it is closed here): nothing more will come from it."""
+    fd = connection.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, _HANG_UP)
+    return any(events & _HANG_UP for _, events in poller.poll(0))
+
+
+_HANG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class _FanInAcceptor(_Acceptor):
@@ -225,7 +245,7 @@ class _FanInAcceptor(_Acceptor):
         if name is None:
             self._reject(connection, received[: len(HELLO)])
             return
-        answer = self.claims.claim(name)
+        answer = self.claims.claim(name, connection)
         if answer != FANIN_HELLO:
             if answer == NAME_TAKEN:
                 self.refused_names += 1
@@ -238,7 +258,7 @@ class _FanInAcceptor(_Acceptor):
             self.configure(connection)
             connection.setblocking(True)
         except OSError as exc:
-            self.claims.release(name, cleanly=False)
+            self.claims.release(name, connection, cleanly=False)
             self._reject(connection, received[: len(HELLO)], exc)
             return
         self.arrivals.append((name, connection))
@@ -543,7 +563,7 @@ class FanInConsumer(Consumer):
             sender.ended = DIED
             sender.error = f"{type(error).__name__}: {error}"
         self._drop(sender)
-        self._claims.release(sender.name, cleanly=error is None)
+        self._claims.release(sender.name, connection, cleanly=error is None)
 
     def _drop(self, sender: _Sender) -> None:
         connection = sender.connection

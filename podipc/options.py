@@ -143,6 +143,18 @@ COMMON_OPTIONS = (
 )
 
 
+def schemes_taking(name: str) -> list[str]:
+    """The URL schemes (as `scheme://`) whose transport declares the option `name` (for a clear AddressError)."""
+    from podipc.transport import transports  # the descriptors import this module
+
+    return [
+        f"{scheme}://"
+        for transport in transports()
+        if any(option.name == name for option in transport.options)
+        for scheme in transport.schemes
+    ]
+
+
 def resolve_options(address: Address, accepted: tuple[Option, ...], overrides: Mapping[str, object]) -> dict[str, Any]:
     """Merge defaults, URL query options and keyword overrides, converting and checking each."""
     specs = {option.name: option for option in (*COMMON_OPTIONS, *accepted)}
@@ -151,6 +163,12 @@ def resolve_options(address: Address, accepted: tuple[Option, ...], overrides: M
     for name, raw in given.items():
         spec = specs.get(name)
         if spec is None:
+            elsewhere = schemes_taking(name)
+            if elsewhere:
+                raise AddressError(
+                    f"option {name!r} is not for {address.scheme}://: only {', '.join(elsewhere)} take it; "
+                    f"{address.scheme}:// knows: {', '.join(sorted(specs))}"
+                )
             raise AddressError(
                 f"unknown option {name!r} for {address.scheme}://{suggest(name, tuple(specs))}; "
                 f"known: {', '.join(sorted(specs))}"

@@ -71,6 +71,8 @@ PRESENCE_DIRECTORY = "/dev/shm"
 PRESENCE_PREFIX = "podipc.presence."
 TEMPORARY_SUFFIX = ".tmp"
 ROLES = ("producer", "consumer")
+SUBSCRIBER_ROLE = "subscriber"
+"""A broadcast subscriber claims the role `subscriber.K` (slot K of the ring); its peer is the producer."""
 PROBE_INTERVAL_SECONDS = 0.02
 DECLARATION = "declares"
 ENDING = "ending"
@@ -104,6 +106,24 @@ class PeerState(enum.Enum):
     ABSENT = "absent"
     ALIVE = "alive"
     GONE = "gone"
+
+
+def subscriber_role(slot: int) -> str:
+    """The role of broadcast subscriber slot `slot`."""
+    return f"{SUBSCRIBER_ROLE}.{slot}"
+
+
+def peer_role(role: str) -> str:
+    """The role whose presence a side of `role` watches: producer <-> consumer, a subscriber's is the producer.
+
+    Raises ValueError for anything else.
+    """
+    if role in ROLES:
+        return ROLES[1 - ROLES.index(role)]
+    prefix, _, slot = role.partition(".")
+    if prefix == SUBSCRIBER_ROLE and slot.isdigit():
+        return ROLES[0]
+    raise ValueError(f"role must be one of {ROLES} or {SUBSCRIBER_ROLE}.N, not {role!r}")
 
 
 def presence_path(token: str, role: str, directory: str = PRESENCE_DIRECTORY) -> str:
@@ -212,11 +232,9 @@ class Presence:
         Raises ChannelUnavailable: the role is held, or its path holds something not ours.
         PeerTimeout: the handover did not happen within handover_wait.
         """
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
         self.role = role
         self.path = presence_path(token, role, directory)
-        self.peer_path = presence_path(token, ROLES[1 - ROLES.index(role)], directory)
+        self.peer_path = presence_path(token, peer_role(role), directory)
         self.trust = Trust.for_mode(mode)
         """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""
         self.peer_seen = False
@@ -247,7 +265,7 @@ class Presence:
         deadline = time.monotonic() + seconds
         while state is PeerState.ALIVE and probe_identity(self.peer_path, self.trust) == (state, attached):
             if time.monotonic() >= deadline:
-                peer = ROLES[1 - ROLES.index(self.role)]
+                peer = peer_role(self.role)
                 raise PeerTimeout(
                     f"the {peer} of a {self.role} that died ({self.path}) is still attached after {seconds:g} s; "
                     f"a new stream starts once it has left (it ends with PeerGone)"
@@ -406,7 +424,7 @@ class Presence:
             limit = wait_deadline if deadline is None else min(deadline, wait_deadline)
             left = remaining(limit)
             if left is not None and left <= 0:
-                peer = ROLES[1 - ROLES.index(self.role)]
+                peer = peer_role(self.role)
                 raise PeerTimeout(
                     f"no {peer} appeared on {what} within the wait timeout (start it, or allow longer with ?wait=SECONDS)"
                 )
@@ -415,7 +433,7 @@ class Presence:
     def check_peer(self, what: str) -> None:
         """Raise PeerGone if the peer was seen alive and no longer is."""
         if self.peer_lost():
-            peer = ROLES[1 - ROLES.index(self.role)]
+            peer = peer_role(self.role)
             raise PeerGone(f"the {peer} of {what} is gone (it died or closed without ending the stream)")
 
     def lost_error(self, gone: PeerGone) -> PeerGone | ChannelUnavailable:

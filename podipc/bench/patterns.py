@@ -19,10 +19,18 @@ the last producer's). The figure is the consumer's aggregate msg/s; fanin-unix-1
 reference the others are judged against. benchmarks/fanin.py runs N producer processes instead.
 Their `reordered` count is the interleaving of the producers' turns (the bench checks one
 sequence over all messages); each producer's own order is kept (tests/integration/test_fanin.py).
+
+`broadcast-shm-N` (N = 1, 2, 4) is shm://?pattern=broadcast&subscribers=N, measured in
+throughput cells: the bench's receiver is one subscriber (recv_view, in place) and N - 1
+more subscriber processes drain the same stream beside it, so its msg/s is the
+per-subscriber rate, to set against the single-consumer shm:// figure
+(`podipc bench --channels broadcast-shm-4,shm --sizes 1048576 --modes throughput`).
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -33,6 +41,7 @@ from podipc.bench.subjects import (
     Buffer,
     CellPlace,
     ChannelReceiver,
+    ChannelSubject,
     Receiver,
     Sender,
     Subject,
@@ -266,6 +275,74 @@ class FanIn(Subject):
         return ChannelReceiver(channel, lossy=False, zero_copy=False)
 
 
+BROADCAST_SUBSCRIBERS = (1, 2, 4)
+SUBSCRIBER_HELPER = """
+import sys
+import podipc
+with podipc.consumer(sys.argv[1], wait=float(sys.argv[2])) as inbox:
+    try:
+        while True:
+            inbox.recv_view()
+    except podipc.EndOfStream:
+        pass
+"""
+"""The other subscribers of a broadcast cell: each drains the stream in place, in its own process."""
+HELPER_EXIT_SECONDS = 10.0
+
+
+class BroadcastReceiver:
+    """The measured subscriber of a broadcast cell, and the helper subscribers it started."""
+
+    def __init__(self, receiver: Receiver, helpers: list[subprocess.Popen[bytes]]) -> None:
+        self.receiver = receiver
+        self.recv = receiver.recv
+        self.helpers = helpers
+
+    def idle(self, seconds: float) -> None:
+        """Not measured for broadcast (throughput cells only)."""
+        self.receiver.idle(seconds)
+
+    def close(self) -> None:
+        """Close the measured subscriber, then wait for the helpers to take the end (kill them after a while)."""
+        try:
+            self.receiver.close()
+        finally:
+            for helper in self.helpers:
+                try:
+                    helper.wait(HELPER_EXIT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    helper.kill()
+                    helper.wait()
+
+
+class Broadcast(ChannelSubject):
+    """shm:// broadcast to N subscribers: one of them is the bench's receiver (throughput cells only)."""
+
+    modes = ("throughput",)
+
+    def __init__(self, subscribers: int) -> None:
+        super().__init__("shm", f"pattern=broadcast&subscribers={subscribers}", baseline="shm")
+        self.name = f"broadcast-shm-{subscribers}"
+        self.subscribers = subscribers
+
+    def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
+        """Start the N - 1 helper subscribers, then open the measured one (none of them waits for the producer)."""
+        command = [sys.executable, "-c", SUBSCRIBER_HELPER, resources[key], str(PEER_WAIT_SECONDS)]
+        helpers = [subprocess.Popen(command) for _ in range(self.subscribers - 1)]
+        try:
+            return BroadcastReceiver(super().open_receiver(resources, key, size), helpers)
+        except BaseException:
+            for helper in helpers:
+                helper.kill()
+                helper.wait()
+            raise
+
+
 def pattern_subjects() -> list[Subject]:
     """Every pattern subject, in report order (measured when named in --channels)."""
-    return [RequestReply("unix"), RequestReply("tcp"), *(FanIn(count) for count in FANIN_PRODUCERS)]
+    return [
+        RequestReply("unix"),
+        RequestReply("tcp"),
+        *(FanIn(count) for count in FANIN_PRODUCERS),
+        *(Broadcast(count) for count in BROADCAST_SUBSCRIBERS),
+    ]

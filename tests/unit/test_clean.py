@@ -194,6 +194,8 @@ def test_channel_objects_are_what_each_transport_creates() -> None:
         ("posix_sem", "/ring.space"),
         ("wake_fifo", f"/dev/shm/podipc.wake.{token}.data"),
         ("wake_fifo", f"/dev/shm/podipc.wake.{token}.space"),
+        # a broadcast producer's per-subscriber FIFOs (pattern=broadcast, slots 0..63)
+        *(("wake_fifo", f"/dev/shm/podipc.wake.{token}.data.{slot}") for slot in range(64)),
     }
     assert channel_objects(parse_address("unix:///run/a.sock")) == {("path", "/run/a.sock")}
     assert channel_objects(parse_address("zmq+ipc:///run/z.sock")) == {("path", "/run/z.sock")}

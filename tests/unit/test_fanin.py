@@ -59,27 +59,54 @@ def test_the_default_name_is_hostname_pid_and_a_random_part() -> None:
     assert first.startswith(f"{socket.gethostname()}-") and first != second
 
 
+def connection() -> socket.socket:
+    """One end of a live socket pair (the other end is kept open, so this one has not hung up)."""
+    ours, theirs = socket.socketpair()
+    KEPT.append((ours, theirs))
+    return ours
+
+
+KEPT: list[tuple[socket.socket, socket.socket]] = []
+
+
 def test_a_name_is_claimed_once_among_many_threads_and_freed_when_its_producer_ends() -> None:
     claims = _Claims(limit=0)
     answers: list[bytes] = []
-    threads = [threading.Thread(target=lambda: answers.append(claims.claim("app"))) for _ in range(16)]
+    holders = [connection() for _ in range(16)]
+    threads = [threading.Thread(target=lambda c=c: answers.append(claims.claim("app", c))) for c in holders]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert sorted(answers).count(FANIN_HELLO) == 1 and answers.count(NAME_TAKEN) == 15
-    claims.release("app", cleanly=False)
-    assert claims.claim("app") == FANIN_HELLO
+    for holder in holders:
+        claims.release("app", holder, cleanly=False)  # only the holder's release frees the name
+    assert claims.claim("app", connection()) == FANIN_HELLO
+
+
+def test_the_name_of_a_holder_whose_connection_hung_up_goes_to_the_next_producer() -> None:
+    """A producer killed a moment ago: the consumer has not read its end yet, but nothing more can come."""
+    claims = _Claims(limit=0)
+    holder, peer = socket.socketpair()
+    assert claims.claim("victim", holder) == FANIN_HELLO
+    assert claims.claim("victim", connection()) == NAME_TAKEN  # alive: refused
+    peer.close()  # the kernel closes a killed process's sockets
+    restarted = connection()
+    assert claims.claim("victim", restarted) == FANIN_HELLO
+    claims.release("victim", holder, cleanly=False)  # the dead one's record ends later: the name stays taken
+    assert claims.claim("victim", connection()) == NAME_TAKEN
+    holder.close()
 
 
 def test_the_limit_counts_live_and_cleanly_ended_producers_but_not_dead_ones() -> None:
     claims = _Claims(limit=2)
-    assert claims.claim("a") == FANIN_HELLO and claims.claim("b") == FANIN_HELLO
-    assert claims.claim("c") == BUSY
-    claims.release("a", cleanly=False)  # died: its place is free
-    assert claims.claim("c") == FANIN_HELLO
-    claims.release("b", cleanly=True)
-    assert claims.claim("d") == BUSY
+    a, b = connection(), connection()
+    assert claims.claim("a", a) == FANIN_HELLO and claims.claim("b", b) == FANIN_HELLO
+    assert claims.claim("c", connection()) == BUSY
+    claims.release("a", a, cleanly=False)  # died: its place is free
+    assert claims.claim("c", connection()) == FANIN_HELLO
+    claims.release("b", b, cleanly=True)
+    assert claims.claim("d", connection()) == BUSY
     assert claims.ended_cleanly == 1
 
 

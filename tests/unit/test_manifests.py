@@ -438,3 +438,18 @@ def test_adaptation_overrides_env_and_delays_a_start() -> None:
 def test_a_replacement_that_does_not_occur_is_an_error() -> None:
     with pytest.raises(ValueError, match="does not occur"):
         load_manifest(K8S / "channels" / "tcp.yaml", {"no such text": "x"})
+
+
+BROADCAST = K8S / "patterns" / "broadcast.yaml"
+
+
+def test_broadcast_pod_has_a_producer_and_two_subscribers_on_one_broadcast_url() -> None:
+    ((_, spec),) = pods_in(BROADCAST)
+    roles = {container["name"]: env_of(container)["PODIPC_ROLE"] for container in spec["containers"]}
+    assert roles == {"producer": "producer", "subscriber-a": "consumer", "subscriber-b": "consumer"}
+    (url,) = {env_of(container)["PODIPC_URL"] for container in spec["containers"]}
+    address = parse_address(url)
+    assert address.scheme == "shm"
+    assert (address.options["pattern"], address.options["subscribers"]) == ("broadcast", "2")
+    mounts = {mount["mountPath"] for container in spec["containers"] for mount in container["volumeMounts"]}
+    assert mounts == {"/dev/shm"}

@@ -11,6 +11,11 @@ Address
       spin=0.0005           seconds to poll an empty (or full) ring before waiting on a FIFO
                             (the first 5 us spin, the rest yields the CPU between polls)
       wait=30, mode=0600    common options (see podipc.options); wait=none waits forever
+      pattern=pair          pair (this docstring) or broadcast: one producer, N subscribers each
+                            get every message (podipc.transports.shm.broadcast says how)
+      subscribers=N, slow=wait|drop   broadcast only: the ring's subscriber slots (the producer
+                            waits for N before its first send); wait for a slow subscriber or
+                            overwrite it, the subscriber counting its loss
 
 Requires
     A writable /dev/shm shared by both containers (a pod's containers share it through
@@ -77,6 +82,9 @@ The package, one job per module
     options    the URL options and the ring geometry they give
     endpoints  ShmProducer and ShmConsumer: the call gate on the hot paths, presence and
                the peer monitor, attach/create, readiness, closing and freeing
+    broadcast_layout, broadcast   pattern=broadcast: the version-2 header with a slot per
+               subscriber; BroadcastProducer (creates the ring) and BroadcastSubscriber (claims
+               a slot), which ShmProducer/ShmConsumer return for pattern=broadcast
 
 Where what comes next goes (seams, not built yet)
     Batches (issue 13). RingWriter separates reserving and writing a record (_reserve)
@@ -84,12 +92,6 @@ Where what comes next goes (seams, not built yet)
     the write index once (one fence, one wake check). recv_many loads the write index
     once, takes the records up to it with take()'s record check, and publishes the read
     index once.
-    Broadcast, one writer and N readers (issue 14). Each reader owns a read-index word
-    and a waiting word (a reader table, in a new layout version); RingWriter's write
-    limit becomes the slowest reader's index + capacity (_wait_for_room waits for their
-    minimum), it wakes each reader whose waiting word is set (each with its own FIFO),
-    and each RingReader has its own Waiter. Readers hand out views (take(in_place=True)),
-    and a reader's release frees room only when it was the slowest.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from podipc.address import Address
 from podipc.consuming import Consumer
 from podipc.endpoint import holds_call_gate
 from podipc.errors import (
+    AddressError,
     ChannelClosed,
     ChannelUnavailable,
     EndOfStream,
@@ -112,6 +113,8 @@ class _RingSide:
     def _take_options(self, address: Address, settings: Mapping[str, Any]) -> int:
         """Check the name and the geometry, keep what the side needs; the ring's capacity in bytes."""
         check_name(address)
+        if settings["pattern"] == "pair" and (settings["subscribers"] is not None or settings["slow"] != "wait"):
+            raise AddressError(f"{address.location}: subscribers= and slow= apply to pattern=broadcast only")
         capacity, self.max_message_size = ring_geometry(settings, address.location)
         self.spin_seconds = float(settings["spin"])
         self.path = segment_path(address.name)
@@ -141,6 +144,14 @@ class _RingSide:
 
 class ShmProducer(_RingSide, Producer):
     """Writes messages into the consumer's ring; attaches on the first send (or close)."""
+
+    def __new__(cls, address: Address, settings: Mapping[str, Any]) -> Any:
+        """A BroadcastProducer for pattern=broadcast (podipc.transports.shm.broadcast), else this pair side."""
+        if cls is ShmProducer and settings.get("pattern") == "broadcast":
+            from podipc.transports.shm.broadcast import BroadcastProducer
+
+            return BroadcastProducer(address, settings)
+        return super().__new__(cls)
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -522,6 +533,14 @@ class ShmProducer(_RingSide, Producer):
 
 class ShmConsumer(_RingSide, Consumer):
     """Creates the ring and reads it; recv_view() hands out messages without copying."""
+
+    def __new__(cls, address: Address, settings: Mapping[str, Any]) -> Any:
+        """A BroadcastSubscriber for pattern=broadcast (podipc.transports.shm.broadcast), else this pair side."""
+        if cls is ShmConsumer and settings.get("pattern") == "broadcast":
+            from podipc.transports.shm.broadcast import BroadcastSubscriber
+
+            return BroadcastSubscriber(address, settings)
+        return super().__new__(cls)
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)

@@ -50,6 +50,8 @@ from podipc.errors import ProtocolError
 
 MAGIC = b"PODIPCSH"
 VERSION = 1
+BROADCAST_VERSION = 2
+"""The version of a broadcast ring (podipc.transports.shm.broadcast): same magic, another header."""
 HEADER_SIZE = 256
 ALIGNMENT = 8
 RECORD_HEADER_SIZE = 8
@@ -176,6 +178,11 @@ def decode_header(buffer: bytes | bytearray | memoryview, segment_bytes: int | N
     magic, version, header_size, capacity, max_message_size = IDENTITY.unpack_from(view, 0)
     if magic != MAGIC:
         raise ProtocolError(f"not a podipc shm ring: magic {bytes(magic)!r} != {MAGIC!r}")
+    if version == BROADCAST_VERSION:
+        raise ProtocolError(
+            "this shm ring is a broadcast ring (its producer opened it with pattern=broadcast); "
+            "open this side with pattern=broadcast too"
+        )
     if version != VERSION:
         raise ProtocolError(f"shm ring version {version} is not supported (this podipc speaks {VERSION})")
     if header_size != HEADER_SIZE:

@@ -37,10 +37,14 @@ from podipc.address import Address
 from podipc.errors import AddressError, ChannelUnavailable, PeerGone, ProtocolError
 from podipc.ownership import Owner, Trust, check_path, open_checked, owner_text
 from podipc.transport import DEV_SHM_FIX
+from podipc.transports.shm.broadcast_layout import MAX_SLOTS
 from podipc.transports.shm.layout import (
+    BROADCAST_VERSION,
     FEATURE_PACKS,
     HEADER_SIZE,
+    IDENTITY,
     MAGIC,
+    VERSION,
     RingHeader,
     decode_header,
     encode_header,
@@ -71,6 +75,11 @@ def semaphore_names(name: str) -> tuple[str, str]:
 def fifo_paths(token: str) -> tuple[str, str]:
     """The wake-up FIFOs of a channel: (the consumer polls it for data, the producer for space)."""
     return tuple(os.path.join(SHM_DIRECTORY, f"{FIFO_PREFIX}{token}{suffix}") for suffix in SEMAPHORE_SUFFIXES)  # type: ignore[return-value]
+
+
+def broadcast_fifo_paths(token: str) -> tuple[str, ...]:
+    """The per-slot FIFOs a broadcast producer may create (podipc.wake.TOKEN.data.K; its own is fifo_paths' .space)."""
+    return tuple(os.path.join(SHM_DIRECTORY, f"{FIFO_PREFIX}{token}.data.{slot}") for slot in range(MAX_SLOTS))
 
 
 def check_name(address: Address) -> None:
@@ -147,11 +156,12 @@ def _owner_of_file(path: str) -> Owner | None:
 
 
 def channel_objects(address: Address) -> tuple[tuple[str, str], ...]:
-    """The segment, the two semaphores and the two FIFOs a ring's consumer creates (podipc clean)."""
+    """The segment, semaphores and FIFOs a pair ring's consumer or a broadcast ring's producer creates (podipc clean)."""
     return (
         ("posix_shm", "/" + address.name),
         *(("posix_sem", name) for name in semaphore_names(address.name)),
         *((FIFO_KIND, path) for path in fifo_paths(address.token)),
+        *((FIFO_KIND, path) for path in broadcast_fifo_paths(address.token)),
     )
 
 
@@ -275,8 +285,10 @@ class Segment:
         return cls(path, mapping, doorbells[0], doorbells[1], fifos[0], fifos[1]), header
 
     @staticmethod
-    def remove_stale(address: Address, trust: Trust) -> None:
+    def remove_stale(address: Address, trust: Trust, version: int = VERSION) -> None:
         """Remove what a consumer that died left (we hold the consumer's presence, so no live one has it).
+
+        `version`: the ring version this side makes; a live ring of the other pattern is a ProtocolError.
 
         Raises ChannelUnavailable, naming the owner, for anything we do not trust or cannot
         prove is a podipc ring's: nothing is read from, written to or removed then.
@@ -292,6 +304,7 @@ class Segment:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError as exc:
+                    _refuse_other_pattern(fd, path, version)
                     raise ChannelUnavailable(
                         f"{path} is in use by another consumer; a channel has one consumer"
                     ) from exc
@@ -367,6 +380,21 @@ def _read_header(fd: int, path: str) -> tuple[RingHeader, int]:
         raise ProtocolError(f"{path} is {size} bytes, smaller than a ring header")
     header = decode_header(os.pread(fd, HEADER_SIZE, 0), size)
     return header, segment_size(header.capacity)
+
+
+def _refuse_other_pattern(fd: int, path: str, version: int) -> None:
+    """ProtocolError when the live ring open as `fd` is of the other pattern than `version` (pair or broadcast)."""
+    identity = os.pread(fd, IDENTITY.size, 0)
+    if len(identity) < IDENTITY.size:
+        return
+    magic, found, *_ = IDENTITY.unpack(identity)
+    if magic != MAGIC or found == version or found not in (VERSION, BROADCAST_VERSION):
+        return
+    patterns = {VERSION: "pair", BROADCAST_VERSION: "broadcast"}
+    raise ProtocolError(
+        f"{path} is a live {patterns[found]} ring (opened with pattern={patterns[found]}); "
+        f"this side asked for pattern={patterns[version]}: open every side with the same pattern"
+    )
 
 
 def _open_doorbell(name: str, trust: Trust, location: str) -> Doorbell:
