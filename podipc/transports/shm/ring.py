@@ -551,7 +551,7 @@ class RingReader:
 
     def _take_from_pack(self, record: Record) -> bytes:
         """The next message of the pack record at the read index; the pack is freed once its last is taken."""
-        count, size = PACK_HEADER.unpack_from(self._map, record.payload_offset)
+        count, size = self._pack_shape(record)
         taken = self._pack_taken
         start = record.payload_offset + PACK_HEADER_SIZE + taken * size
         data: bytes = self._map[start : start + size]
@@ -563,6 +563,16 @@ class RingReader:
             self._pack_taken = taken
         return data
 
+    def _pack_shape(self, record: Record) -> tuple[int, int]:
+        """(count, size) of the pack record decode_record checked, read again and checked against its length:
+        a writer that changed them since (a co-tenant with write access) is a ProtocolError, never a wild read."""
+        count, size = PACK_HEADER.unpack_from(self._map, record.payload_offset)
+        if count < 1 or size > self._max_message_size or PACK_HEADER_SIZE + count * size != record.length:
+            raise ProtocolError(f"shm pack record changed under the reader ({count} messages of {size} bytes)")
+        if self._pack_taken >= count:
+            raise ProtocolError(f"shm pack record shrank under the reader to {count} messages")
+        return count, size
+
     def _take_pack_into(self, messages: list[bytes], record: Record, room: int) -> int:
         """Append up to `room` messages of a pack record (from where the last take left it); how many.
 
@@ -570,7 +580,7 @@ class RingReader:
         pack met after other records of a batch starts at its first message: a batch that
         stops inside a pack stops there, so only the record at the read index is ever part taken.
         """
-        count, size = PACK_HEADER.unpack_from(self._map, record.payload_offset)
+        count, size = self._pack_shape(record)
         first = self._pack_taken
         taken = min(count - first, room)
         begin = record.payload_offset + PACK_HEADER_SIZE + first * size
