@@ -30,7 +30,7 @@ from podipc.errors import (
 )
 from podipc.options import resolve_options
 from podipc.producing import Producer
-from podipc.transport import fanin_schemes, transport_for, transports
+from podipc.transport import fanin_schemes, transport_for, transports, work_queue_schemes
 
 
 def channel_class(scheme: str, role: str) -> type[Producer] | type[Consumer]:
@@ -47,13 +47,22 @@ FANIN_OPTIONS = ("pattern", "producers", "name")
 
 
 def check_pattern(address: Address, options: Mapping[str, object]) -> None:
-    """Raise AddressError, naming the channels that have it, when fan-in is asked of a transport without it."""
+    """Raise AddressError, naming the channels that have it, when fan-in or a work queue is asked of a transport
+    without it."""
     transport = transport_for(address.scheme)
+    pattern = options.get("pattern", address.options.get("pattern"))
+    word = None if pattern is None else str(pattern).strip().lower()
+    if word == "queue" and not transport.work_queue:
+        raise AddressError(
+            f"pattern=queue is a work queue (one producer, many consumers, each message to one), which "
+            f"{address.scheme}:// does not have; it runs over {', '.join(work_queue_schemes())}"
+        )
     if transport.fanin_consumer:
         return
+    allowed = ("pair", "queue") if transport.work_queue else ("pair",)
     for name in FANIN_OPTIONS:
         value = options.get(name, address.options.get(name))
-        if value is not None and not (name == "pattern" and str(value).strip().lower() == "pair"):
+        if value is not None and not (name == "pattern" and word in allowed):
             raise AddressError(
                 f"{name}={value} is fan-in (many producers into one consumer), which "
                 f"{address.scheme}:// does not have; it runs over {', '.join(fanin_schemes())}"
@@ -62,6 +71,8 @@ def check_pattern(address: Address, options: Mapping[str, object]) -> None:
 
 def _without_pair_pattern(address: Address, options: dict[str, object]) -> Address:
     """Drop pattern=pair (every channel's default) for a transport that does not declare the option."""
+    if transport_for(address.scheme).work_queue:
+        return address  # mq://, sysvmq:// declare pattern (pair or queue)
     options.pop("pattern", None)
     if "pattern" not in address.options:
         return address

@@ -43,6 +43,7 @@ from podipc.presence import (
     ROLES,
     TEMPORARY_SUFFIX,
     PeerState,
+    base_token,
     lock_state,
     remove_if_gone,
 )
@@ -244,7 +245,7 @@ def _verified_channel(channel: str, token: str) -> Address | None:
         address = parse_address(channel)
     except AddressError:
         return None
-    return address if address.token == token else None
+    return address if address.token == base_token(token) else None
 
 
 def _objects_of_live_channels(entries: list[_Entry]) -> set[tuple[str, str]]:

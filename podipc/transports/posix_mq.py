@@ -85,6 +85,7 @@ from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (
     ADOPT_OPTION,
+    PATTERN_OPTION,
     QueueConsumer,
     QueueIdentity,
     QueueProducer,
@@ -129,6 +130,7 @@ OPTIONS = (
     Option("depth", parse_count, None, "messages the queue holds (default /proc/sys/fs/mqueue/msg_max)"),
     Option("max_message_size", parse_size, None, "largest message in bytes (default msgsize_max)"),
     ADOPT_OPTION,
+    PATTERN_OPTION,
 )
 
 
@@ -529,5 +531,6 @@ TRANSPORT = Transport(
     channel_objects=lambda address: (("posix_mq", queue_name(address)),),
     kernel=KernelFacility("POSIX message queues", MSGSIZE_MAX_PATH, "CONFIG_POSIX_MQUEUE"),
     resource_limits=(ResourceLimit("RLIMIT_MSGQUEUE", full_queue, ULIMIT_FIX),),
+    work_queue=True,
     rank=40,
 )
