@@ -92,6 +92,7 @@ from podipc.work_queue import (
     SlotsTracker,
     consumers_lock,
     live_slot_paths,
+    remove_dead_slots,
     slot_states,
     slots,
 )
@@ -554,6 +555,10 @@ class QueueProducer(Producer):
         self._phase = _DONE if clean else _ENDING
         self._release_queue(queue)
         self._presence.leave(clean, self._queue_exists)
+        if self._work_queue and not self._queue_exists():
+            found = slots(self.address.token, self._presence.trust)
+            if not any(slot.state is PeerState.ALIVE for slot in found):
+                remove_dead_slots(found, self._presence.trust)  # the queue is gone: nothing left to prove
 
 
 class QueueConsumer(Consumer):
@@ -670,8 +675,13 @@ class QueueConsumer(Consumer):
         mode = int(self.settings["mode"])
         trust = Trust.for_mode(mode)
         if self.settings.get("pattern") == WORK_QUEUE:
-            with consumers_lock(token, mode, trust):
-                return self._join_work_queue(token, capacity, mode, trust)
+            with consumers_lock(token, mode, trust) as lock:
+                try:
+                    return self._join_work_queue(token, capacity, mode, trust)
+                except BaseException:
+                    if not live_slot_paths(token, trust):
+                        lock.remove()  # refused, and nobody else shares the queue: leave nothing behind
+                    raise
         path = presence_path(token, "consumer")
         state = probe(path, trust)
         if state is PeerState.ALIVE:
@@ -803,14 +813,13 @@ class QueueConsumer(Consumer):
         """Leave the slot; the last live consumer removes the queue (under the lock: never while one joins)."""
         token = self.address.token
         with consumers_lock(token, int(self.settings["mode"]), presence.trust) as lock:
-            others = [
-                slot
-                for slot in slots(token, presence.trust)
-                if slot.state is PeerState.ALIVE and slot.path != presence.path
-            ]
+            found = [slot for slot in slots(token, presence.trust) if slot.path != presence.path]
+            others = [slot for slot in found if slot.state is PeerState.ALIVE]
             presence.leave(self._end_seen, lambda: False)
             if not others:
                 lock.remove()
+                if self._end_seen:  # the dead consumers' records: evidence of nothing once the queue goes
+                    remove_dead_slots(found, presence.trust)
             if queue is None:
                 return
             self._stop_helpers()

@@ -42,6 +42,7 @@ from podipc.presence import (
     Presence,
     lock_state,
     open_presence,
+    remove_if_gone,
     slot_path,
 )
 
@@ -174,6 +175,13 @@ def slot_states(paths: list[str], trust: Trust) -> list[PeerState]:
 def live_slot_paths(token: str, trust: Trust) -> list[str]:
     """The slot files whose consumers are alive now."""
     return [slot.path for slot in slots(token, trust) if slot.state is PeerState.ALIVE]
+
+
+def remove_dead_slots(found: list[Slot], trust: Trust) -> None:
+    """Remove the slot files of dead consumers among `found` (never a held one: see remove_if_gone)."""
+    for slot in found:
+        if slot.state is PeerState.GONE:
+            remove_if_gone(slot.path, trust)
 
 
 class SlotsTracker(PeerTracker):
