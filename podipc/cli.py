@@ -377,6 +377,13 @@ def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...,
     help="Join a fan-in consumer (consume --producers N) under this name, unique among its live producers "
     "(unix:// and tcp://; the same as the URL option name= and PODIPC_NAME).",
 )
+@click.option(
+    "--consumers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Work queue (mq:// and sysvmq://): wait until this many consumers (consume 'URL?pattern=queue') share "
+    "the queue before the first message; implies pattern=queue (the URL option consumers= and PODIPC_CONSUMERS).",
+)
 @drain_option("After SIGTERM/SIGINT: seconds the end of stream may wait for the consumer to take it.")
 @click.pass_context
 def produce(
@@ -391,6 +398,7 @@ def produce(
     rate: float,
     timeout: float | None,
     name: str | None,
+    consumers: int | None,
     drain: float,
 ) -> None:
     """Send messages to URL, then end the stream; print a JSON summary line."""
@@ -406,6 +414,8 @@ def produce(
                 options: dict[str, object] = {**environment_options(url)}
                 if name is not None:
                     options["name"] = name
+                if consumers is not None:
+                    options.update(pattern="queue", consumers=consumers)
                 channel = podipc.producer(url.url, **options)
                 with channel:
                     stop.add(channel)

@@ -70,7 +70,7 @@ from podipc.address import Address
 from podipc.consuming import Consumer
 from podipc.endpoint import holds_call_gate
 from podipc.errors import AddressError, ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout
-from podipc.options import Option, parse_bool
+from podipc.options import Option, parse_bool, parse_count
 from podipc.ownership import Owner, Trust, grants_others
 from podipc.presence import (
     CHANNEL,
@@ -143,6 +143,14 @@ PATTERN_OPTION = Option(
     "podipc.work_queue)",
 )
 """The pattern option of mq:// and sysvmq:// (both sides accept it)."""
+
+CONSUMERS_OPTION = Option(
+    "consumers",
+    parse_count,
+    1,
+    "work-queue producer: wait until this many consumers share the queue before the first message (default 1; "
+    "> 1 implies pattern=queue); the end of stream still goes to every consumer alive then",
+)
 
 _CONNECTING, _READY, _ENDING, _DONE = range(4)
 
@@ -237,6 +245,7 @@ class QueueProducer(Producer):
     _marked: list[str] | None = None
     """pattern=queue: the slot files of the consumers alive when the end markers went in."""
     _markers_left = 0
+    _consumers_wanted = 1
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -245,7 +254,8 @@ class QueueProducer(Producer):
             mode = int(self.settings["mode"])
             self._trust = Trust.for_mode(mode)
             self._presence = Presence(address.token, "producer", mode, handover_wait=float(self.settings["wait"]))
-            self._work_queue = self.settings.get("pattern") == WORK_QUEUE
+            self._consumers_wanted = int(self.settings.get("consumers") or 1)
+            self._work_queue = self.settings.get("pattern") == WORK_QUEUE or self._consumers_wanted > 1
             self._peer = (
                 SlotsTracker(self._presence, address.token) if self._work_queue else PeerTracker(self._presence)
             )
@@ -412,8 +422,8 @@ class QueueProducer(Producer):
                 "pattern=queue; open both sides with the same pattern"
             )
         live = [slot for slot in slots(self.address.token, presence.trust) if slot.state is PeerState.ALIVE]
-        if not live:
-            return PeerState.ABSENT, None
+        if len(live) < self._consumers_wanted:
+            return PeerState.ABSENT, None  # the rendezvous waits for `consumers` of them
         presence.peer_seen = True
         return PeerState.ALIVE, declared_queue(list(live[0].lines))
 

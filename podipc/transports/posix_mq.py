@@ -85,6 +85,7 @@ from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (
     ADOPT_OPTION,
+    CONSUMERS_OPTION,
     PATTERN_OPTION,
     QueueConsumer,
     QueueIdentity,
@@ -131,6 +132,7 @@ OPTIONS = (
     Option("max_message_size", parse_size, None, "largest message in bytes (default msgsize_max)"),
     ADOPT_OPTION,
     PATTERN_OPTION,
+    CONSUMERS_OPTION,
 )
 
 

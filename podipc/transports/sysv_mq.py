@@ -111,6 +111,7 @@ from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (
     ADOPT_OPTION,
+    CONSUMERS_OPTION,
     PATTERN_OPTION,
     QueueConsumer,
     QueueIdentity,
@@ -160,6 +161,7 @@ OPTIONS = (
     Option("max_message_size", parse_size, None, "largest message in bytes (default kernel.msgmax)"),
     ADOPT_OPTION,
     PATTERN_OPTION,
+    CONSUMERS_OPTION,
 )
 
 WAKE = "wake"

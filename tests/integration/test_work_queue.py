@@ -242,24 +242,24 @@ def test_all_consumers_killed_leave_what_podipc_clean_removes(scheme: str) -> No
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_cli_consumers_counts_add_up_to_the_producers(scheme: str) -> None:
     url = queue_url(scheme)
+    base = url.split("?", 1)[0]
+    # the producer starts first: --consumers 2 makes it wait for both before its first message
+    producer = subprocess.Popen(
+        [*PODIPC, "produce", f"{base}?wait=30", "--consumers", "2", "--count", "5000", "--size", "100", "--random"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     consumers = [subprocess.Popen([*PODIPC, "consume", url], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
-        assert wait_until(lambda: len([e for e in leftovers(url) if "slot" in e]) == 2, 30), leftovers(url)
-        produced = subprocess.run(
-            [*PODIPC, "produce", url, "--count", "5000", "--size", "100"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert produced.returncode == 0, produced.stderr
+        out, _ = producer.communicate(timeout=60)
         lines = [json.loads(process.communicate(timeout=60)[0].strip().splitlines()[-1]) for process in consumers]
     finally:
-        for process in consumers:
+        for process in (producer, *consumers):
             if process.poll() is None:
                 process.kill()
                 process.communicate()
-    assert [process.returncode for process in consumers] == [0, 0]
-    total = json.loads(produced.stdout.strip().splitlines()[-1])
+    assert [process.returncode for process in (producer, *consumers)] == [0, 0, 0]
+    total = json.loads(out.strip().splitlines()[-1])
     assert sum(line["messages"] for line in lines) == total["messages"] == 5000
     assert sum(line["bytes"] for line in lines) == total["bytes"]
     assert leftovers(url) == []
