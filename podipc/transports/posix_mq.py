@@ -7,6 +7,8 @@ Address:
              depth=N (messages the queue holds, default /proc/sys/fs/mqueue/msg_max),
              max_message_size=BYTES (default /proc/sys/fs/mqueue/msgsize_max),
              adopt=true (consumer: also take a queue a plain producer created first; see below)
+             pattern=pair|queue (queue: a work queue, many consumers share the queue, each
+             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N)
 
 Requires:
     posix_ipc; a kernel with POSIX message queues (every Linux). Mounting the mqueue
