@@ -294,3 +294,30 @@ def test_the_asyncio_consumer_shares_the_queue(scheme: str) -> None:
     assert sorted(index for share in shares.values() for index in share) == list(range(count))
     assert_each_in_producer_order(shares)
     assert leftovers(url) == []
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_threads_sharing_a_work_queue_consumer_get_each_message_once(scheme: str) -> None:
+    url = queue_url(scheme)
+    count = 20_000
+    results = CONTEXT.Queue()
+    others = start_consumers(url, 1, results)
+    taken: list[list[int]] = [[], []]
+    with podipc.consumer(url) as inbox:
+
+        def drain(share: list[int]) -> None:
+            for payload in inbox:
+                share.append(INDEX.unpack_from(payload)[0])
+
+        threads = [threading.Thread(target=drain, args=(share,)) for share in taken]
+        for thread in threads:
+            thread.start()
+        produce_stream(url, count)
+        for thread in threads:
+            thread.join(30)
+    shares = collect(results, 1)
+    others[0].join(30)
+    shares[1], shares[2] = taken
+    assert sorted(index for share in shares.values() for index in share) == list(range(count))
+    assert_each_in_producer_order(shares)
+    assert leftovers(url) == []
