@@ -412,6 +412,11 @@ class QueueProducer(Producer):
         presence = self._presence
         if not self._work_queue:
             state = presence.peer_state()
+            if state is PeerState.ABSENT and live_slot_paths(self.address.token, presence.trust):
+                raise ChannelUnavailable(
+                    f"the consumers of {self.address.location} share its queue as a work queue (pattern=queue): "
+                    "open this producer with pattern=queue too"
+                )
             if state is not PeerState.ALIVE:
                 return state, None
             return state, declared_queue(read_record(presence.peer_path, presence.trust))

@@ -152,8 +152,13 @@ def test_a_consumer_killed_mid_stream_loses_at_most_what_it_took_and_the_others_
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_pair_and_queue_sides_refuse_each_other_naming_the_pattern(scheme: str) -> None:
     url = url_for(scheme, wait=2)
-    with podipc.consumer(url, pattern="queue"), pytest.raises(podipc.ChannelUnavailable, match="pattern=queue"):
-        podipc.consumer(url)
+    with podipc.consumer(url, pattern="queue"):
+        with pytest.raises(podipc.ChannelUnavailable, match="pattern=queue"):
+            podipc.consumer(url)
+        out = podipc.producer(url)
+        with pytest.raises(podipc.ChannelUnavailable, match="pattern=queue"):
+            out.send(b"x")
+        out.abort()
     with podipc.consumer(url):
         with pytest.raises(podipc.ChannelUnavailable, match="pattern=pair"):
             podipc.consumer(url, pattern="queue")
