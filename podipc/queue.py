@@ -50,10 +50,17 @@ own send/receive under the call gate, skipping the base class's conversions, and
 anything unusual to the checked path of podipc.producing and podipc.consuming; waiting there is the transport's
 (`_send_waiting`, `_receive_more`): poll() on the mqd, a blocking msgrcv.
 
-Why one module of ~750 lines: it is the one base both kernel-queue transports build on
-(their producer and consumer, limits, ownership checks); the hot paths of both sides
-share its private conventions (`_send_now`, `_fast_limit`, marks), and keeping them
-together is what lets mq:// and sysvmq:// stay small.
+The work queue (`pattern=queue`, podipc.work_queue): consumers share the queue, each in its own
+presence slot; joining (`_join_work_queue`) and leaving (`_leave_work_queue`) are decided under the
+channel's consumers lock; the producer watches every slot (SlotsTracker), puts one end marker per live
+consumer (`_put_end_markers`) and decides "delivered" from the slots' states (`_work_queue_drained`).
+None of it runs in a pair's send or recv.
+
+Why one module of ~1000 lines: it is the one base both kernel-queue transports build on
+(their producer and consumer, limits, ownership checks, the work queue's opening and closing);
+the hot paths of both sides share its private conventions (`_send_now`, `_fast_limit`, marks),
+and keeping them together is what lets mq:// and sysvmq:// stay small. What the work queue needs
+beyond opening and closing (slots, the lock, the producer's tracker) lives in podipc.work_queue.
 """
 
 from __future__ import annotations
