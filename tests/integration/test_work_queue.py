@@ -326,3 +326,20 @@ def test_threads_sharing_a_work_queue_consumer_get_each_message_once(scheme: str
     assert sorted(index for share in shares.values() for index in share) == list(range(count))
     assert_each_in_producer_order(shares)
     assert leftovers(url) == []
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_producer_raises_peer_gone_once_no_consumer_is_left(scheme: str) -> None:
+    url = queue_url(scheme)
+    results = CONTEXT.Queue()
+    consumers = start_consumers(url, 2, results, pace=0.01)
+    with pytest.raises(podipc.PeerGone), podipc.producer(url) as out:  # in a send, or in close()
+        for index in range(20_000):
+            out.send(message(index))
+            if index == 50:
+                for process in consumers:
+                    os.kill(process.pid, signal.SIGKILL)
+    for process in consumers:
+        process.join(10)
+    subprocess.run([*PODIPC, "clean"], capture_output=True, timeout=60, check=False)
+    assert wait_until(lambda: leftovers(url) == [], 5), leftovers(url)
