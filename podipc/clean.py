@@ -43,10 +43,12 @@ from podipc.presence import (
     ROLES,
     TEMPORARY_SUFFIX,
     PeerState,
+    base_token,
     lock_state,
     remove_if_gone,
 )
 from podipc.transport import PATH_OBJECT, object_kinds, transport_for, transports
+from podipc.work_queue import LOCK_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,22 @@ def _survey_directory(directory: str, found: Survey) -> None:
         elif entry.role in ROLES:
             channels.setdefault(entry.token, {})[entry.role] = entry
             _refuse_if_not_ours(entry, found)
+        elif entry.role == LOCK_SUFFIX:
+            _survey_queue_lock(entry, entries, found)
     for token, roles in channels.items():
         _survey_channel(directory, token, roles, live, found)
+
+
+def _survey_queue_lock(entry: _Entry, entries: list[_Entry], found: Survey) -> None:
+    """A work queue's consumers lock (podipc.work_queue): ours, not held, no live side of its channel -> leftover."""
+    token = entry.token
+    if not _ours(entry) or entry.state is not PeerState.GONE:
+        return
+    sides = [other for other in entries if other.role in ROLES and base_token(other.token) == token]
+    if any(side.state is PeerState.ALIVE for side in sides):
+        return
+    guards = tuple(side.path for side in sides)
+    found.leftovers.append(Leftover("path", entry.path, entry.path, "the consumers of a work queue", guards))
 
 
 def _survey_temporary(entry: _Entry, found: Survey) -> None:
@@ -244,7 +260,7 @@ def _verified_channel(channel: str, token: str) -> Address | None:
         address = parse_address(channel)
     except AddressError:
         return None
-    return address if address.token == token else None
+    return address if address.token == base_token(token) else None
 
 
 def _objects_of_live_channels(entries: list[_Entry]) -> set[tuple[str, str]]:

@@ -397,6 +397,13 @@ def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...,
     "(unix:// and tcp://; the same as the URL option name= and PODIPC_NAME).",
 )
 @SUBSCRIBERS_OPTION
+@click.option(
+    "--consumers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Work queue (mq:// and sysvmq://): wait until this many consumers (consume 'URL?pattern=queue') share "
+    "the queue before the first message; implies pattern=queue (the URL option consumers= and PODIPC_CONSUMERS).",
+)
 @drain_option("After SIGTERM/SIGINT: seconds the end of stream may wait for the consumer to take it.")
 @click.pass_context
 def produce(
@@ -412,6 +419,7 @@ def produce(
     timeout: float | None,
     name: str | None,
     subscribers: int | None,
+    consumers: int | None,
     drain: float,
 ) -> None:
     """Send messages to URL, then end the stream; print a JSON summary line."""
@@ -428,6 +436,8 @@ def produce(
                 options: dict[str, object] = {**environment_options(url)}
                 if name is not None:
                     options["name"] = name
+                if consumers is not None:
+                    options.update(pattern="queue", consumers=consumers)
                 channel = podipc.producer(url.url, **options)
                 with channel:
                     stop.add(channel)

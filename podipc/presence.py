@@ -131,6 +131,27 @@ def presence_path(token: str, role: str, directory: str = PRESENCE_DIRECTORY) ->
     return os.path.join(directory, f"{PRESENCE_PREFIX}{token}.{role}")
 
 
+SLOT_WORD = "slot"
+
+
+def slot_token(token: str, slot: int) -> str:
+    """The token of slot `slot` of a channel's consumers (a work queue's, podipc.queue): TOKEN.slotN."""
+    return f"{token}.{SLOT_WORD}{slot}"
+
+
+def base_token(token: str) -> str:
+    """The channel's token of a presence file's token: TOKEN for TOKEN.slotN (a work-queue slot), else itself."""
+    stem, _, last = token.rpartition(".")
+    if stem and last.startswith(SLOT_WORD) and last[len(SLOT_WORD) :].isdigit():
+        return stem
+    return token
+
+
+def slot_path(token: str, slot: int, directory: str = PRESENCE_DIRECTORY) -> str:
+    """The presence file of consumer slot `slot` of a work queue: podipc.presence.TOKEN.slotN.consumer."""
+    return presence_path(slot_token(token, slot), "consumer", directory)
+
+
 def open_presence(path: str, trust: Trust | None = None) -> int | None:
     """Open a presence file read-only, never following a link or blocking; None when there is none.
 
@@ -216,6 +237,7 @@ class Presence:
         directory: str = PRESENCE_DIRECTORY,
         handover_wait: float = 0.0,
         channel: str | None = None,
+        slot: int | None = None,
     ) -> None:
         """Claim this role's presence file, atomically: at most one holder per role, however many start at once.
 
@@ -228,12 +250,14 @@ class Presence:
         resumes streams instead): claim at once.
         channel: the channel's location (URL without query), written for `podipc clean`, which
         removes only objects it can derive from it.
+        slot: a work queue's consumer (podipc.queue, pattern=queue) claims slot N of the role
+        (`slot_path`): one holder per slot, many consumers per channel; its peer is the producer.
 
         Raises ChannelUnavailable: the role is held, or its path holds something not ours.
         PeerTimeout: the handover did not happen within handover_wait.
         """
         self.role = role
-        self.path = presence_path(token, role, directory)
+        self.path = presence_path(token, role, directory) if slot is None else slot_path(token, slot, directory)
         self.peer_path = presence_path(token, peer_role(role), directory)
         self.trust = Trust.for_mode(mode)
         """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""

@@ -50,10 +50,17 @@ own send/receive under the call gate, skipping the base class's conversions, and
 anything unusual to the checked path of podipc.producing and podipc.consuming; waiting there is the transport's
 (`_send_waiting`, `_receive_more`): poll() on the mqd, a blocking msgrcv.
 
-Why one module of ~750 lines: it is the one base both kernel-queue transports build on
-(their producer and consumer, limits, ownership checks); the hot paths of both sides
-share its private conventions (`_send_now`, `_fast_limit`, marks), and keeping them
-together is what lets mq:// and sysvmq:// stay small.
+The work queue (`pattern=queue`, podipc.work_queue): consumers share the queue, each in its own
+presence slot; joining (`_join_work_queue`) and leaving (`_leave_work_queue`) are decided under the
+channel's consumers lock; the producer watches every slot (SlotsTracker), puts one end marker per live
+consumer (`_put_end_markers`) and decides "delivered" from the slots' states (`_work_queue_drained`).
+None of it runs in a pair's send or recv.
+
+Why one module of ~1000 lines: it is the one base both kernel-queue transports build on
+(their producer and consumer, limits, ownership checks, the work queue's opening and closing);
+the hot paths of both sides share its private conventions (`_send_now`, `_fast_limit`, marks),
+and keeping them together is what lets mq:// and sysvmq:// stay small. What the work queue needs
+beyond opening and closing (slots, the lock, the producer's tracker) lives in podipc.work_queue.
 """
 
 from __future__ import annotations
@@ -69,8 +76,8 @@ from typing import Any, ClassVar
 from podipc.address import Address
 from podipc.consuming import Consumer
 from podipc.endpoint import holds_call_gate
-from podipc.errors import ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout
-from podipc.options import Option, parse_bool
+from podipc.errors import AddressError, ChannelUnavailable, EndOfStream, MessageTooLarge, PeerGone, PeerTimeout
+from podipc.options import Option, parse_bool, parse_count
 from podipc.ownership import Owner, Trust, grants_others
 from podipc.presence import (
     CHANNEL,
@@ -86,6 +93,16 @@ from podipc.presence import (
     read_record,
 )
 from podipc.producing import Producer
+from podipc.work_queue import (
+    WORK_QUEUE_WORD,
+    Slot,
+    SlotsTracker,
+    consumers_lock,
+    live_slot_paths,
+    remove_dead_slots,
+    slot_states,
+    slots,
+)
 
 RENDEZVOUS_POLL_SECONDS = 0.02
 """How often a producer looks for the consumer (its presence and queue) before its first message."""
@@ -111,6 +128,36 @@ ADOPT_OPTION = Option(
     "consumer: also take a queue that already exists (a plain producer made it), if trusted; podipc never removes it",
 )
 """The opt-in for plain producers that create the queue before the consumer (both sides accept it)."""
+
+PAIR, WORK_QUEUE = "pair", "queue"
+PATTERNS = (PAIR, WORK_QUEUE)
+
+
+def parse_pattern(value: object) -> str:
+    """The pattern option of a kernel queue: 'pair' (one consumer) or 'queue' (a work queue)."""
+    pattern = str(value).strip().lower()
+    if pattern not in PATTERNS:
+        hint = " (fanin runs over unix:// and tcp://)" if pattern == "fanin" else ""
+        raise ValueError(f"expected one of {', '.join(PATTERNS)}{hint}")
+    return pattern
+
+
+PATTERN_OPTION = Option(
+    "pattern",
+    parse_pattern,
+    PAIR,
+    "pair (one consumer) or queue (a work queue: many consumers share the queue, each message goes to one; "
+    "podipc.work_queue)",
+)
+"""The pattern option of mq:// and sysvmq:// (both sides accept it)."""
+
+CONSUMERS_OPTION = Option(
+    "consumers",
+    parse_count,
+    1,
+    "work-queue producer: wait until this many consumers share the queue before the first message (default 1; "
+    "> 1 implies pattern=queue); the end of stream still goes to every consumer alive then",
+)
 
 _CONNECTING, _READY, _ENDING, _DONE = range(4)
 
@@ -200,6 +247,12 @@ class QueueProducer(Producer):
     _retry_at = 0.0
     _drain_pause = DRAIN_POLL_FIRST_SECONDS
     _consumer_state = PeerState.ABSENT
+    _work_queue = False
+    """pattern=queue: many consumers share the queue (podipc.work_queue)."""
+    _marked: list[str] | None = None
+    """pattern=queue: the slot files of the consumers alive when the end markers went in."""
+    _markers_left = 0
+    _consumers_wanted = 1
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
@@ -208,7 +261,11 @@ class QueueProducer(Producer):
             mode = int(self.settings["mode"])
             self._trust = Trust.for_mode(mode)
             self._presence = Presence(address.token, "producer", mode, handover_wait=float(self.settings["wait"]))
-            self._peer = PeerTracker(self._presence)
+            self._consumers_wanted = int(self.settings.get("consumers") or 1)
+            self._work_queue = self.settings.get("pattern") == WORK_QUEUE or self._consumers_wanted > 1
+            self._peer = (
+                SlotsTracker(self._presence, address.token) if self._work_queue else PeerTracker(self._presence)
+            )
         except BaseException:
             self._closed = self._freed = True  # nothing to free; no unclosed warning
             presence = getattr(self, "_presence", None)
@@ -336,26 +393,51 @@ class QueueProducer(Producer):
         if now < self._retry_at:
             return False
         self._retry_at = now + RENDEZVOUS_POLL_SECONDS
-        presence = self._presence
-        state = self._consumer_state = presence.peer_state()
+        state, declared = self._consumers_now()
+        self._consumer_state = state
         if state is PeerState.GONE:
             return False  # a dead consumer's queue is stale: wait for a new consumer to replace it
+        if self._work_queue and state is not PeerState.ALIVE:
+            return False  # a work queue's consumers always hold presence files
         queue = self._open_existing()
         if queue is None:
             return False
         try:
             identity = self._identity(queue)
             check_queue(self._trust, self._queue_words(), identity.owner)
-            if state is PeerState.ALIVE:
-                declared = declared_queue(read_record(presence.peer_path, presence.trust))
-                if declared is not None and declared != identity.ident:
-                    self._release_queue(queue)  # not the live consumer's queue (yet): look again
-                    return False
+            if state is PeerState.ALIVE and declared is not None and declared != identity.ident:
+                self._release_queue(queue)  # not the live consumer's queue (yet): look again
+                return False
         except BaseException:
             self._release_queue(queue)
             raise
         self._connect_to(queue)
         return True
+
+    def _consumers_now(self) -> tuple[PeerState, int | None]:
+        """The consumer side's state and the queue identity it declares (pattern=queue: any live slot's)."""
+        presence = self._presence
+        if not self._work_queue:
+            state = presence.peer_state()
+            if state is PeerState.ABSENT and live_slot_paths(self.address.token, presence.trust):
+                raise ChannelUnavailable(
+                    f"the consumers of {self.address.location} share its queue as a work queue (pattern=queue): "
+                    "open this producer with pattern=queue too"
+                )
+            if state is not PeerState.ALIVE:
+                return state, None
+            return state, declared_queue(read_record(presence.peer_path, presence.trust))
+        pair = presence.peer_state()
+        if pair is PeerState.ALIVE:
+            raise ChannelUnavailable(
+                f"the consumer of {self.address.location} is a pair consumer (pattern=pair): this producer has "
+                "pattern=queue; open both sides with the same pattern"
+            )
+        live = [slot for slot in slots(self.address.token, presence.trust) if slot.state is PeerState.ALIVE]
+        if len(live) < self._consumers_wanted:
+            return PeerState.ABSENT, None  # the rendezvous waits for `consumers` of them
+        presence.peer_seen = True
+        return PeerState.ALIVE, declared_queue(list(live[0].lines))
 
     def _queue_words(self) -> str:
         """How errors name the channel's queue."""
@@ -428,12 +510,18 @@ class QueueProducer(Producer):
             if self._peer_lost:
                 raise self._consumer_gone()
             self._presence.declare_ending()
-            if not self._put_now(b"", self.end_mark):
+            if not self._put_end_markers():
                 return False
             self._phase = _ENDING
             self._fast_limit = -1
             self._readiness_changed()
         if self._phase == _ENDING:
+            if self._work_queue:
+                if not self._work_queue_drained():
+                    self._drain_pause = min(self._drain_pause * 2, DRAIN_POLL_MAX_SECONDS)
+                    return False
+                self._phase = _DONE
+                return True
             if self._queued():
                 if self._peer_lost and self._queued():
                     raise PeerGone(f"the consumer of {self.address.location} left before taking the end of stream")
@@ -441,6 +529,44 @@ class QueueProducer(Producer):
                 return False
             self._phase = _DONE
         return True
+
+    def _put_end_markers(self) -> bool:
+        """Put the end marker (pattern=queue: one per consumer alive now); False when the queue is full."""
+        if not self._work_queue:
+            return self._put_now(b"", self.end_mark)
+        if self._marked is None:
+            self._marked = live_slot_paths(self.address.token, self._presence.trust)
+            if not self._marked:
+                raise self._consumer_gone()
+            self._markers_left = len(self._marked)
+        while self._markers_left:
+            if not self._put_now(b"", self.end_mark):
+                return False
+            self._markers_left -= 1
+        return True
+
+    def _work_queue_drained(self) -> bool:
+        """pattern=queue: True once every consumer alive at the end took its marker (or the rest died after
+        one did); False while they work; PeerGone when none is left and messages are still queued.
+
+        A consumer that left cleanly took its end marker, which the queue hands out after every data
+        message (mq: priority 0 after 1; sysvmq: FIFO, the markers go in last): every message was taken,
+        and what is still queued can only be the markers of consumers that died since.
+        """
+        assert self._marked is not None
+        states = slot_states(self._marked, self._presence.trust)
+        queued = self._queued()
+        alive = PeerState.ALIVE in states
+        if PeerState.ABSENT in states:
+            return not (queued and alive)
+        if alive:
+            return not queued
+        if not queued and self._queue_exists():
+            return True  # every message and marker was taken; the consumers died or aborted since
+        raise PeerGone(
+            f"every consumer of {self.address.location} is gone with {queued} message(s) still queued "
+            "(they died or closed before the end of stream)"
+        )
 
     def _free(self) -> None:
         """Let go of the queue (the consumer removes it) and leave the channel: cleanly after the end of stream."""
@@ -451,6 +577,10 @@ class QueueProducer(Producer):
         self._phase = _DONE if clean else _ENDING
         self._release_queue(queue)
         self._presence.leave(clean, self._queue_exists)
+        if self._work_queue and not self._queue_exists():
+            found = slots(self.address.token, self._presence.trust)
+            if not any(slot.state is PeerState.ALIVE for slot in found):
+                remove_dead_slots(found, self._presence.trust)  # the queue is gone: nothing left to prove
 
 
 class QueueConsumer(Consumer):
@@ -461,6 +591,8 @@ class QueueConsumer(Consumer):
     """True when opening found the queue a dead consumer of this channel left, and replaced it."""
     adopted: bool = False
     """True when opening took a queue that already existed (adopt=true): podipc never removes it."""
+    slot: int = 0
+    """pattern=queue: this consumer's slot (1..podipc.work_queue.MAX_CONSUMERS); 0 for a pair consumer."""
 
     _fast = False
     """True while recv() may take messages straight from the queue: data flows, nothing else is pending."""
@@ -564,11 +696,20 @@ class QueueConsumer(Consumer):
         capacity, self.max_message_size = self._limits()
         mode = int(self.settings["mode"])
         trust = Trust.for_mode(mode)
+        if self.settings.get("pattern") == WORK_QUEUE:
+            with consumers_lock(token, mode, trust) as lock:
+                try:
+                    return self._join_work_queue(token, capacity, mode, trust)
+                except BaseException:
+                    if not live_slot_paths(token, trust):
+                        lock.remove()  # refused, and nobody else shares the queue: leave nothing behind
+                    raise
         path = presence_path(token, "consumer")
         state = probe(path, trust)
         if state is PeerState.ALIVE:
             raise ChannelUnavailable(
-                f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer"
+                f"another consumer is attached to {self.address.location}; a channel has one producer and one consumer "
+                "(for many consumers sharing the queue, open every one with pattern=queue)"
             )
         left = self._left_by_dead_consumer(path, trust) if state is PeerState.GONE else None
         queue = self._open_queue(capacity, mode, trust, left)
@@ -589,6 +730,125 @@ class QueueConsumer(Consumer):
             self._let_go(queue)
             raise
         return queue
+
+    # --- the work queue (pattern=queue; podipc.work_queue) -------------------------
+
+    def _join_work_queue(self, token: str, capacity: int, mode: int, trust: Trust) -> Any:
+        """Create the work queue, or join the one live consumers of this channel declare, then claim a slot.
+
+        Called under the channel's consumers lock, so creating, joining and removing never interleave.
+        """
+        if self.settings["adopt"]:
+            raise AddressError("adopt=true and pattern=queue do not go together: a work queue is podipc's own")
+        pair_path = presence_path(token, "consumer")
+        pair_state = probe(pair_path, trust)
+        if pair_state is PeerState.ALIVE:
+            raise ChannelUnavailable(
+                f"a pair consumer (pattern=pair) is attached to {self.address.location}: its queue has one "
+                "consumer; open every consumer with pattern=queue to share it"
+            )
+        found_slots = slots(token, trust)
+        live = [slot for slot in found_slots if slot.state is PeerState.ALIVE]
+        dead = [slot for slot in found_slots if slot.state is PeerState.GONE]
+        left = self._left_by_dead_consumer(pair_path, trust) if pair_state is PeerState.GONE else None
+        queue = self._create_queue(capacity, mode)
+        if queue is None:
+            queue = self._shared_or_replaced(live, dead, left, capacity, mode)
+        try:
+            self._claim_slot(token, mode, found_slots, queue)
+        except BaseException:
+            if self._presence is None and not live:
+                self._let_go(queue)  # ours alone: created or replaced here
+            elif not self.adopted:
+                self._stop_helpers()
+                self._close_queue(queue)
+            raise
+        return queue
+
+    def _shared_or_replaced(
+        self, live: list[Slot], dead: list[Slot], left: tuple[int, int] | None, capacity: int, mode: int
+    ) -> Any:
+        """The existing queue: joined when a live slot declares it, replaced when only dead consumers' records
+        prove it podipc's for this channel; else ChannelUnavailable."""
+        found = self._inspect_existing()
+        if found is None:
+            queue = self._create_queue(capacity, mode)
+            if queue is not None:
+                return queue
+            raise ChannelUnavailable(f"{self._queue_words()} keeps appearing and vanishing; is a consumer leaving?")
+        record = " ".join(self._object_record())
+        location = self.address.location
+
+        def proves(slot: Slot) -> bool:
+            return slot.proves(location, record) and (declared_queue(list(slot.lines)), slot.owner) == (
+                found.ident,
+                found.owner.uid,
+            )
+
+        if any(proves(slot) for slot in live):
+            queue = self._adopt_queue(found)
+            self.adopted = False  # shared: the last consumer to leave removes it
+            return queue
+        if any(proves(slot) for slot in dead) or (left is not None and (found.ident, found.owner.uid) == left):
+            self._remove_found(found)
+            queue = self._create_queue(capacity, mode)
+            if queue is None:
+                raise ChannelUnavailable(
+                    f"{self._queue_words()} was created again while podipc replaced a dead consumer's queue"
+                )
+            self.recovered = True
+            return queue
+        raise ChannelUnavailable(
+            f"{self._queue_words()} already exists ({found.owner.text()}) and no live work-queue consumer "
+            f"(pattern=queue) of this channel declares it: podipc neither joins nor removes it (a pair consumer's "
+            f"queue, or not podipc's): remove it (as its owner), use another name, or open with pattern=pair"
+        )
+
+    def _claim_slot(self, token: str, mode: int, found: list[Slot], queue: Any) -> None:
+        """Claim the first slot not held by a live consumer (a dead one's is taken over), record the queue, watch."""
+        free = [slot.number for slot in found if slot.state is not PeerState.ALIVE]
+        if not free:
+            raise ChannelUnavailable(
+                f"{self.address.location} has {len(found)} live work-queue consumers already, the most it takes"
+            )
+        presence = Presence(
+            token,
+            "consumer",
+            int(self.settings["mode"]),
+            handover_wait=float(self.settings["wait"]),
+            channel=self.address.location,
+            slot=free[0],
+        )
+        try:
+            presence.record(*self._object_record())
+            presence.declare(f"{QUEUE_WORD} {self._identity(queue).ident}")
+            presence.declare(WORK_QUEUE_WORD)
+            self._peer = PeerTracker(presence)
+            presence.watch(self._signal_peer_lost, self._peer)
+        except BaseException:
+            presence.close()
+            raise
+        self._presence = presence
+        self.slot = free[0]
+
+    def _leave_work_queue(self, queue: Any | None, presence: Presence) -> None:
+        """Leave the slot; the last live consumer removes the queue (under the lock: never while one joins)."""
+        token = self.address.token
+        with consumers_lock(token, int(self.settings["mode"]), presence.trust) as lock:
+            found = [slot for slot in slots(token, presence.trust) if slot.path != presence.path]
+            others = [slot for slot in found if slot.state is PeerState.ALIVE]
+            presence.leave(self._end_seen, lambda: False)
+            if not others:
+                lock.remove()
+                if self._end_seen:  # the dead consumers' records: evidence of nothing once the queue goes
+                    remove_dead_slots(found, presence.trust)
+            if queue is None:
+                return
+            self._stop_helpers()
+            if others:
+                self._close_queue(queue)
+            else:
+                self._destroy(queue)
 
     def _left_by_dead_consumer(self, path: str, trust: Trust) -> tuple[int, int] | None:
         """(queue identity, owner uid) that a dead consumer of this channel recorded, None when nothing proves one."""
@@ -623,6 +883,14 @@ class QueueConsumer(Consumer):
                 raise ChannelUnavailable(
                     f"{self._queue_words()} keeps appearing and vanishing; is another consumer starting?"
                 )
+        if any(
+            slot.state is not PeerState.ABSENT and slot.declares(WORK_QUEUE_WORD)
+            for slot in slots(self.address.token, trust)
+        ):
+            raise ChannelUnavailable(
+                f"{self._queue_words()} is a work queue (pattern=queue) that other consumers share: open this "
+                "consumer with pattern=queue too"
+            )
         if left is not None and (found.ident, found.owner.uid) == left:
             self._remove_found(found)
             queue = self._create_queue(capacity, mode)
@@ -757,6 +1025,9 @@ class QueueConsumer(Consumer):
         if presence is not None:
             presence.unwatch()
         queue, self._queue = self._queue, None
+        if self.slot and presence is not None:
+            self._leave_work_queue(queue, presence)
+            return
         if queue is not None:
             self._let_go(queue)
         if presence is not None:

@@ -288,7 +288,10 @@ class Transport:
     """Order in listings and the README (lower first)."""
     fanin_consumer: str = ""
     """The consumer class of pattern=fanin (many named producers into one consumer) as 'module:Class';
-    '' when the transport has none (it must then not declare the pattern option)."""
+    '' when the transport has none (it must then not declare the pattern option, unless `work_queue`)."""
+    work_queue: bool = False
+    """True when its endpoints take pattern=queue: one producer, many consumers sharing one queue
+    (podipc.work_queue); they then declare the pattern option (pair or queue)."""
 
     def missing_requirement(self) -> Requirement | None:
         """The first required package that is not installed here, or None."""
@@ -424,6 +427,11 @@ def fanin_schemes() -> tuple[str, ...]:
     return tuple(
         f"{scheme}://" for transport in transports() if transport.fanin_consumer for scheme in transport.schemes
     )
+
+
+def work_queue_schemes() -> tuple[str, ...]:
+    """Every URL scheme whose transport has the work-queue pattern (pattern=queue), as 'scheme://'."""
+    return tuple(f"{scheme}://" for transport in transports() if transport.work_queue for scheme in transport.schemes)
 
 
 def find_transport(scheme: str) -> Transport | None:

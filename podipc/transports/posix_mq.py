@@ -7,6 +7,8 @@ Address:
              depth=N (messages the queue holds, default /proc/sys/fs/mqueue/msg_max),
              max_message_size=BYTES (default /proc/sys/fs/mqueue/msgsize_max),
              adopt=true (consumer: also take a queue a plain producer created first; see below)
+             pattern=pair|queue (queue: a work queue, many consumers share the queue, each
+             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N)
 
 Requires:
     posix_ipc; a kernel with POSIX message queues (every Linux). Mounting the mqueue
@@ -85,6 +87,8 @@ from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (
     ADOPT_OPTION,
+    CONSUMERS_OPTION,
+    PATTERN_OPTION,
     QueueConsumer,
     QueueIdentity,
     QueueProducer,
@@ -129,6 +133,8 @@ OPTIONS = (
     Option("depth", parse_count, None, "messages the queue holds (default /proc/sys/fs/mqueue/msg_max)"),
     Option("max_message_size", parse_size, None, "largest message in bytes (default msgsize_max)"),
     ADOPT_OPTION,
+    PATTERN_OPTION,
+    CONSUMERS_OPTION,
 )
 
 
@@ -529,5 +535,6 @@ TRANSPORT = Transport(
     channel_objects=lambda address: (("posix_mq", queue_name(address)),),
     kernel=KernelFacility("POSIX message queues", MSGSIZE_MAX_PATH, "CONFIG_POSIX_MQUEUE"),
     resource_limits=(ResourceLimit("RLIMIT_MSGQUEUE", full_queue, ULIMIT_FIX),),
+    work_queue=True,
     rank=40,
 )

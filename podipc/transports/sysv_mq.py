@@ -10,6 +10,8 @@ Address:
              queue_bytes=BYTES (the queue's capacity, msg_qbytes; default /proc/sys/kernel/msgmnb),
              max_message_size=BYTES (default /proc/sys/kernel/msgmax),
              adopt=true (consumer: also take a queue a plain producer created first; see below)
+             pattern=pair|queue (queue: a work queue, many consumers share the queue, each
+             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N)
 
 Requires:
     sysv_ipc; a kernel with SysV IPC (every Linux).
@@ -95,6 +97,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import threading
 import time
@@ -110,6 +113,8 @@ from podipc.ownership import Owner
 from podipc.proc import read_int_or
 from podipc.queue import (
     ADOPT_OPTION,
+    CONSUMERS_OPTION,
+    PATTERN_OPTION,
     QueueConsumer,
     QueueIdentity,
     QueueProducer,
@@ -157,6 +162,8 @@ OPTIONS = (
     Option("queue_bytes", parse_size, None, "queue capacity in bytes, msg_qbytes (default kernel.msgmnb)"),
     Option("max_message_size", parse_size, None, "largest message in bytes (default kernel.msgmax)"),
     ADOPT_OPTION,
+    PATTERN_OPTION,
+    CONSUMERS_OPTION,
 )
 
 WAKE = "wake"
@@ -455,6 +462,49 @@ class _RoomWatch(_Helper):
             pause = min(pause * 2, ROOM_SLEEP_MAX_SECONDS)
 
 
+class _CountWatch(_Helper):
+    """A work-queue consumer's helper (pattern=queue): looks at the queue's message count with growing sleeps and
+    makes the eventfd readable once a message waits (or the queue is gone).
+
+    Consumers sharing a queue cannot block in msgrcv to watch it: a wake-up message put in to end
+    such a wait could be taken by another consumer of the queue.
+    """
+
+    def __init__(self, queue: Any, name: str) -> None:
+        super().__init__(name)
+        self._queue = queue
+
+    def arm(self) -> None:
+        """Watch for the next message."""
+        with self._condition:
+            self._drain()
+            if not self._armed and not self._stopped:
+                self._start_watching()
+
+    def park(self) -> None:
+        """Stop watching (the thread notices within its current sleep)."""
+        with self._condition:
+            self._armed = False
+
+    def _watch(self) -> None:
+        pause = ROOM_SLEEP_FIRST_SECONDS
+        while True:
+            with self._condition:
+                if not self._armed or self._stopped:
+                    return
+            try:
+                count = int(self._queue.current_messages)
+            except (sysv_ipc.Error, OSError):
+                count = 1  # removed: the next attempt says so
+            if count > 0:
+                with self._condition:
+                    self._armed = False
+                self.signal()
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, ROOM_SLEEP_MAX_SECONDS)
+
+
 class SysVMQProducer(QueueProducer):
     """Sends each message as one mtype-1 message on the SysV queue KEY."""
 
@@ -615,11 +665,41 @@ class SysVMQConsumer(QueueConsumer):
     _queue_errors = (sysv_ipc.Error, OSError)
 
     _arrivals: _ArrivalWatch | None = None
+    _counts: _CountWatch | None = None
 
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         self.key = address.key
         super().__init__(address, settings)
-        self._receive = self._queue.receive
+        # a work queue's consumers never block in msgrcv (see _CountWatch): their receive does not wait
+        self._receive = functools.partial(self._queue.receive, False) if self.slot else self._queue.receive
+
+    def _receive_shared(self, mark: int, data: bytes) -> bytes | None:
+        """pattern=queue: receive without blocking, waiting between attempts as the producer waits for room
+        (yielding the CPU, then sleeps growing to ROOM_SLEEP_MAX_SECONDS, watching the waker)."""
+        receive = self._receive
+        attempts = 0
+        pause = ROOM_SLEEP_FIRST_SECONDS
+        while True:
+            if mark == DATA_TYPE:
+                return data
+            if mark >= 0 and classify(mark, data) is not WAKE:
+                return QueueConsumer._receive_more(self, mark, data)
+            if self._state:
+                return None
+            try:
+                data, mark = receive()
+                continue
+            except sysv_ipc.BusyError:
+                mark = -1
+            if attempts < ROOM_SPIN_ATTEMPTS:
+                attempts += 1
+                os.sched_yield()
+            elif pause < WAKER_SLEEP_SECONDS:
+                time.sleep(pause)
+                pause *= 2
+            else:
+                wait_for(-1, 0, self._waker_fd(), pause)
+                pause = min(pause * 2, ROOM_SLEEP_MAX_SECONDS)
 
     def _receive_more(self, mark: int, data: bytes) -> bytes | None:
         """Go on with blocking receives after (`mark`, `data`); a wake-up is looked past once the state was checked.
@@ -627,6 +707,8 @@ class SysVMQConsumer(QueueConsumer):
         A signal's EINTR (mark -1) runs its handler (a Python call below does) and the receive goes on,
         unless the handler raised or closed this side.
         """
+        if self.slot:
+            return self._receive_shared(mark, data)
         receive = self._receive
         while True:
             if mark == DATA_TYPE:
@@ -643,6 +725,8 @@ class SysVMQConsumer(QueueConsumer):
                 mark = -1
 
     def _interrupt(self) -> None:
+        if self.slot:
+            return  # a work-queue consumer never blocks in msgrcv: the waker is enough
         arrivals = self._arrivals
         if arrivals is None or not arrivals.armed:  # armed: the waiting call polls the waker, which is enough
             _send_wake(getattr(self, "_queue", None))
@@ -723,7 +807,16 @@ class SysVMQConsumer(QueueConsumer):
             arrivals = self._arrivals = _ArrivalWatch(queue, head, name)
         return arrivals
 
+    def _count_watch(self) -> _CountWatch:
+        counts = self._counts
+        if counts is None:
+            counts = self._counts = _CountWatch(self._queue, f"podipc-sysvmq-consumer {self.address.location}")
+        return counts
+
     def _take_now(self) -> tuple[int, bytes] | None:
+        counts = self._counts
+        if counts is not None and counts.armed:
+            counts.park()
         arrivals = self._arrivals
         if arrivals is not None:
             if arrivals.armed:
@@ -744,9 +837,16 @@ class SysVMQConsumer(QueueConsumer):
         return classify(mark, data)
 
     def _idle(self) -> None:
+        if self.slot:
+            return  # _readiness arms the count watch when a wait follows
         self._arrival_watch().arm()
 
     def _readiness(self) -> tuple[int, int, float | None]:
+        if self.slot:
+            self._fast = False
+            counts = self._count_watch()
+            counts.arm()
+            return counts.fd, POLLIN, None
         arrivals = self._arrival_watch()
         if not arrivals.armed:
             if self._token:
@@ -763,6 +863,9 @@ class SysVMQConsumer(QueueConsumer):
         return PeerGone(f"the queue of {location} failed: {exc}")
 
     def _stop_helpers(self) -> None:
+        counts, self._counts = self._counts, None
+        if counts is not None:
+            counts.stop()
         arrivals, self._arrivals = self._arrivals, None
         if arrivals is not None:
             arrivals.stop()
@@ -774,6 +877,9 @@ class SysVMQConsumer(QueueConsumer):
         return None  # a SysV queue holds no descriptor
 
     def _drop_inherited(self) -> None:
+        counts, self._counts = self._counts, None
+        if counts is not None:
+            counts.drop_inherited()
         arrivals, self._arrivals = self._arrivals, None
         if arrivals is not None:
             arrivals.drop_inherited()
@@ -820,5 +926,6 @@ TRANSPORT = Transport(
     ),
     channel_objects=lambda address: (("sysv_mq", str(address.key)),),
     kernel=KernelFacility("SysV message queues", MSGMAX_PATH, "CONFIG_SYSVIPC"),
+    work_queue=True,
     rank=50,
 )

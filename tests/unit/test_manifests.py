@@ -39,6 +39,7 @@ APP_CONTAINERS = {(LOG_SHIPPING, "app"), (LOG_SHIPPING_NATIVE, "app")}
 """Containers that stand for the user's application (a script writing its log into podipc), not podipc itself."""
 REQUEST_REPLY = K8S / "request-reply" / "request-reply.yaml"
 FANIN = K8S / "patterns" / "fanin.yaml"
+QUEUE = K8S / "patterns" / "queue.yaml"
 NATIVE_SIDECARS_SINCE = "1.29"
 """The first Kubernetes release that runs initContainers with restartPolicy: Always by default (beta)."""
 
@@ -353,6 +354,21 @@ def test_fanin_pod_has_two_named_producers_feeding_one_consumer_of_two_on_one_ur
         assert env_of(containers[app])["PODIPC_URL"] == env_of(containers["collector"])["PODIPC_URL"]
     assert names == {"app-a", "app-b"}, "each producer needs its own name"
     assert parse_address(env_of(containers["collector"])["PODIPC_URL"]).abstract, "an abstract socket needs no volume"
+
+
+def test_queue_pod_has_one_producer_waiting_for_two_workers_sharing_one_queue_url() -> None:
+    ((_, spec),) = pods_in(QUEUE)
+    containers = {container["name"]: container for container in spec["containers"]}
+    assert sorted(containers) == ["producer", "worker-a", "worker-b"]
+    assert containers["producer"]["args"] == ["produce", "--consumers", "2"]
+    url = env_of(containers["producer"])["PODIPC_URL"]
+    assert int(env_of(containers["producer"])["PODIPC_COUNT"]) > 0
+    assert parse_address(url).scheme == "mq" and parse_address(url).options["pattern"] == "queue"
+    for worker in ("worker-a", "worker-b"):
+        assert containers[worker]["args"] == ["consume"]
+        assert env_of(containers[worker])["PODIPC_URL"] == url
+        assert "PODIPC_COUNT" not in env_of(containers[worker]), "a worker with a count stops before its end marker"
+    assert not spec.get("volumes"), "a POSIX queue needs no volume"
 
 
 def test_bench_job_runs_a_server_and_a_client_container() -> None:
