@@ -147,6 +147,8 @@ WAKER_SLEEP_SECONDS = 0.001
 PARK_KICK_SECONDS = 0.1
 """How long a consumer waits for its helper thread to leave msgrcv before putting another wake-up message in."""
 HELPER_JOIN_SECONDS = 2.0
+WAKE_DRAIN_MOST = 1024
+"""Wake-ups a consumer leaving an adopted queue takes back at most (it puts one per kick or close)."""
 
 SIZE_FIX = (
     "set kernel.msgmax (and kernel.msgmnb) in the pod's securityContext.sysctls (the kubelet must allow it) "
@@ -874,7 +876,15 @@ class SysVMQConsumer(QueueConsumer):
         _remove_quietly(queue)
 
     def _close_queue(self, queue: Any) -> None:
-        return None  # a SysV queue holds no descriptor
+        """Leave an adopted queue as its producer made it: take back the wake-ups this side put in.
+
+        A wake-up (an empty mtype-3 message: park() kicks the helper's msgrcv with one every
+        PARK_KICK_SECONDS, close() from another thread sends one) may still be queued when this
+        side leaves; a plain producer waiting for its queue to empty would wait forever.
+        """
+        with contextlib.suppress(sysv_ipc.Error, OSError):
+            for _ in range(WAKE_DRAIN_MOST):
+                queue.receive(False, WAKE_TYPE)  # BusyError (a sysv_ipc.Error) once none is left
 
     def _drop_inherited(self) -> None:
         counts, self._counts = self._counts, None
