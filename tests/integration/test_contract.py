@@ -241,7 +241,8 @@ def test_closing_twice_and_using_after_close(scheme: str) -> None:
 @pytest.mark.parametrize(
     ("url", "error"),
     [
-        ("tcp://127.0.0.1:7000?depth=-1", "unknown option 'depth'"),
+        ("tcp://127.0.0.1:7000?depth=-1", r"option 'depth' is not for tcp://: only .*mq://.* take it"),
+        ("tcp://127.0.0.1:7000?dpeth=1", "unknown option 'dpeth'"),
         ("mq:///contract?depth=zero", "depth='zero'"),
         ("mq:///contract?max_message_size=huge", "max_message_size='huge'"),
         ("shm:///contract?capacity=-4", "capacity='-4'"),
