@@ -597,7 +597,9 @@ class SysVMQProducer(QueueProducer):
         try:
             self._send_now(message, False, mark)
         except sysv_ipc.BusyError:
-            self._full_at = queued_messages(self._queue, self._queue_errors)
+            # the count after the refusal: room is when it drops below. A consumer may have emptied the queue
+            # in between (count 0): then there is room now, and waiting for fewer than 0 would never end
+            self._full_at = max(1, queued_messages(self._queue, self._queue_errors))
             if self._mirror is not None:
                 self._room_watch().arm(self._full_at)  # fileno() is watched: say when there is room
             return False

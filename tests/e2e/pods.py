@@ -208,8 +208,13 @@ class PlayedPods:
         return "\n".join(line for line in result.stdout.splitlines() if not _is_podman_noise(line))
 
     def summary(self, container: str) -> dict[str, Any]:
-        """The last JSON object line of a container's log (podipc's summary line)."""
-        for line in reversed(self.logs(container).splitlines()):
+        """podipc's summary line in a container's log: the last JSON object with a "role" (else the last JSON object).
+
+        A consumer writing JSON log lines to stdout prints its summary on stderr; the log interleaves the
+        two streams in no promised order, so an app's log record may come after the summary.
+        """
+        objects = []
+        for line in self.logs(container).splitlines():
             line = line.strip()
             if line.startswith("{"):
                 try:
@@ -217,7 +222,12 @@ class PlayedPods:
                 except ValueError:
                     continue
                 if isinstance(value, dict):
-                    return value
+                    objects.append(value)
+        for value in reversed(objects):
+            if "role" in value:
+                return value
+        if objects:
+            return objects[-1]
         raise PodError(f"no JSON summary line in the log of {self.name(container)}:\n{self.logs(container)}")
 
     def exec(self, container: str, *command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
