@@ -213,19 +213,26 @@ class PlayedPods:
         A consumer writing JSON log lines to stdout prints its summary on stderr; the log interleaves the
         two streams in no promised order, so an app's log record may come after the summary.
         """
-        objects = []
-        for line in self.logs(container).splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    value = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(value, dict):
-                    objects.append(value)
-        for value in reversed(objects):
-            if "role" in value:
-                return value
+        # conmon may still be writing a container's last lines when `podman wait` has seen it exit:
+        # read the log again until the summary is in it (or SUMMARY_WAIT_SECONDS passed)
+        deadline = time.monotonic() + SUMMARY_WAIT_SECONDS
+        while True:
+            objects = []
+            for line in self.logs(container).splitlines():
+                line = line.strip()
+                if line.startswith("{"):
+                    try:
+                        value = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(value, dict):
+                        objects.append(value)
+            for value in reversed(objects):
+                if "role" in value:
+                    return value
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
         if objects:
             return objects[-1]
         raise PodError(f"no JSON summary line in the log of {self.name(container)}:\n{self.logs(container)}")
@@ -314,6 +321,10 @@ class PlayedPods:
                     status = str(error)
                 parts.append(f"--- {qualified} ({status})\n{self.logs(qualified)}")
         return "\n".join(parts)
+
+
+SUMMARY_WAIT_SECONDS = 10.0
+"""How long summary() reads a container's log again for its summary line after the container exited."""
 
 
 def _is_podman_noise(line: str) -> bool:
