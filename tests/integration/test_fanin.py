@@ -143,7 +143,7 @@ def test_a_killed_producer_is_reported_alone_and_the_others_complete(scheme: str
     died = [sender for sender in senders if sender.ended == "died"]
     assert [sender.name for sender in died] == ["victim"]
     assert "PeerGone" in died[0].error
-    assert 20 <= died[0].messages <= sent.value
+    assert 20 <= died[0].messages <= sent.value + 1  # killed between a send and its count: one more arrived
     completed = {sender.name: sender for sender in senders if sender.ended == "end of stream"}
     assert sorted(completed) == ["app-0", "app-1", "app-2", "victim"]
     for name, (count, digest) in sent_by.items():
