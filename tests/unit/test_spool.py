@@ -3,6 +3,7 @@ repair of a torn tail, sync levels, readiness without inotify, cleanup (across r
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -638,6 +640,33 @@ def test_sync_batch_syncs_an_idle_producer_within_sync_delay(spool: Path) -> Non
         wait_for(lambda: batch.synced == batch.written, timeout=5, what="the sync of an idle producer")
         assert time.monotonic() - sent_at < 0.2 + 0.5  # sync_delay, and a generous margin for a loaded machine
         producer.abort()
+
+
+def test_a_producer_dropped_while_its_sync_thread_syncs_is_collected_there(
+    spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync thread's reference may be the last one: the endpoint is then collected in that thread, and its
+    close must not wait for the lock that thread holds around the sync (it did: found as a dropped producer
+    never collected in a CI run, whose fdatasync took long under load)."""
+    syncing, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        if threading.current_thread().name == "podipc-spool-sync":
+            syncing.set()
+            release.wait(10)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    producer = podipc.producer(f"file://{spool}?sync=batch&sync_delay=0")
+    producer.send(b"first")
+    assert syncing.wait(5), "the sync thread never synced"
+    dropped = weakref.ref(producer)
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del producer
+        release.set()
+        wait_for(lambda: gc.collect() >= 0 and dropped() is None, timeout=5, what="the dropped producer collected")
+    assert not any(thread.name == "podipc-spool-sync" and thread.is_alive() for thread in threading.enumerate())
 
 
 def test_a_consumer_without_inotify_still_receives_by_polling(spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:

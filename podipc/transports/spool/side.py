@@ -153,23 +153,28 @@ class BatchSync:
             if pause > 0:
                 time.sleep(pause)
             mark = self.written
+            sync = self._sync()
+            if sync is None:
+                return
             with self.lock:
-                if self.stopping or not self._sync_once():
-                    return
+                synced = not self.stopping and self._sync_once(sync)
+            # the last reference to a dropped endpoint may be this one: it is collected here, in this thread,
+            # and its close takes `lock`, so it must go only after the lock was let go (it deadlocked inside)
+            del sync
+            if not synced:
+                return
             self.synced = mark
             last = time.monotonic()
 
-    def _sync_once(self) -> bool:
-        """Sync once; False when the thread must end (the sync failed, or its endpoint was collected)."""
-        sync = self._sync()
-        if sync is None:
-            return False
+    def _sync_once(self, sync: Callable[[], None]) -> bool:
+        """Sync once; False when the thread must end (the sync failed)."""
         try:
             sync()
         except OSError as exc:
             failed = self._failed()
             if failed is not None:
                 failed(exc)
+            del failed
             return False
         return True
 
