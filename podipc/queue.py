@@ -362,6 +362,7 @@ class QueueProducer(Producer):
                     token.append(None)
                     if self._state:
                         self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
         Producer.send(self, data, timeout)
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
@@ -959,6 +960,7 @@ class QueueConsumer(Consumer):
                     token.append(None)
                     if self._state:
                         self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
         return Consumer.recv(self, timeout)
 
     def _recv(self, deadline: float | None) -> bytes:

@@ -327,6 +327,7 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                     token.append(None)
                     if self._state:
                         self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
         super().send(data, timeout)
 
     # --- the endpoint contract ---------------------------------------------------
@@ -653,6 +654,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         try:
             token.pop()
         except IndexError:
+            delegated = True  # read from the frame by _inside_call_here
             return memoryview(self.recv(timeout))
         try:
             if not self._state and self._single_frames:
@@ -671,6 +673,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
             token.append(None)
             if self._state:
                 self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
         return memoryview(self.recv(timeout))
 
     def _start_without_sos(self) -> None:
