@@ -624,6 +624,73 @@ def test_three_threads_sharing_a_consumer_get_every_message_once(scheme: str) ->
         assert indexes == sorted(indexes)
 
 
+def hold_the_turn(endpoint: Any, seconds: float) -> threading.Thread:
+    """A thread that holds `endpoint`'s call gate for `seconds`, as a call of its own would (it has taken it on return)."""
+    taken = threading.Event()
+
+    def hold() -> None:
+        endpoint._enter(None)
+        taken.set()
+        time.sleep(seconds)
+        endpoint._token.append(None)
+        if endpoint._state:
+            endpoint._after_call()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert taken.wait(5)
+    return holder
+
+
+def test_every_call_on_the_main_thread_waits_its_turn_behind_another_threads_call(scheme: str) -> None:
+    """The main thread is where signal handlers run, so a call there that finds the gate taken looks up its stack
+    for an interrupted call of its own; a transport's fast path that handed over to the base's call must not count
+    as one (mq, sysvmq and zmq's did: RuntimeError instead of waiting)."""
+    url = url_for(scheme, wait=60)
+    consumer = podipc.consumer(url)
+    producer = podipc.producer(url)
+    producer.send(b"m", timeout=30)  # attached: each call below has its peer
+    sent = 1
+    producer_calls: list[tuple[str, Any]] = [
+        ("send", lambda: producer.send(b"m")),
+        ("send with a timeout", lambda: producer.send(b"m", timeout=30)),
+        ("try_send", lambda: producer.try_send(b"m")),
+        ("send_many", lambda: producer.send_many([b"m", b"m"], timeout=30)),
+        ("flush", lambda: producer.flush(30)),
+        ("poll", lambda: producer.poll(0)),
+    ]
+    for name, call in producer_calls:
+        holder = hold_the_turn(producer, 0.05)
+        result = call()
+        holder.join(5)
+        sent += {"send": 1, "send with a timeout": 1, "try_send": 1 if result else 0, "send_many": 2}.get(name, 0)
+    received = [consumer.recv(timeout=30)]
+    consumer_calls: list[tuple[str, Any]] = [
+        ("recv", lambda: [consumer.recv()]),
+        ("recv with a timeout", lambda: [consumer.recv(timeout=30)]),
+        ("recv_many", lambda: consumer.recv_many(1, timeout=30)),
+        ("try_recv", lambda: [m for m in [consumer.try_recv()] if m is not None]),
+        ("poll", lambda: [] if consumer.poll(0) else []),
+    ]
+    if hasattr(consumer, "recv_view"):
+        consumer_calls.append(("recv_view", lambda: [bytes(consumer.recv_view(timeout=30))]))
+    for _, call in consumer_calls:
+        if len(received) == sent:
+            break
+        holder = hold_the_turn(consumer, 0.05)
+        received += call()
+        holder.join(5)
+    while len(received) < sent:
+        received.append(consumer.recv(timeout=30))
+    assert received == [b"m"] * sent
+    closer = Blocked(producer.close)  # a producer's close waits for its consumer to take the end
+    with pytest.raises(podipc.EndOfStream):
+        consumer.recv(timeout=30)
+    closer.join()
+    assert closer.error is None
+    consumer.close()
+
+
 # --- fork ------------------------------------------------------------------------
 
 
