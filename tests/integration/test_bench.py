@@ -25,6 +25,7 @@ import pytest
 
 import podipc
 from benchmarks.targets import compute_targets
+from podipc.bench.numbering import NumberedBatch
 from podipc.bench.spread import Spread, student_t_quantile
 from podipc.bench.stats import LatencySummary, SequenceChecker, ThroughputSummary
 from podipc.bench.workloads import check_batch
@@ -487,6 +488,32 @@ def test_batch_check_counts_a_run_of_numbers_at_once_and_falls_back_for_anything
     check_batch(checker, numbered(7), 64)
     assert (checker.received, checker.expected, checker.reordered, checker.duplicated) == (9, 8, 1, 1)
     assert checker.lost(sent=8) == 0
+
+
+def test_a_whole_run_of_256_is_checked_against_the_senders_bytes_and_a_changed_byte_falls_back() -> None:
+    def numbered(first: int, count: int) -> list[bytes]:
+        return [struct.pack("<Q", number) + bytes(56) for number in range(first, first + count)]
+
+    checker = SequenceChecker(expected=256 * 1000)
+    check_batch(checker, numbered(256 * 1000, 512), 64)  # whole runs: one comparison with the expected bytes
+    damaged = numbered(256 * 1002, 256)
+    damaged[3] = damaged[3][:40] + b"!" + damaged[3][41:]  # past the number: only the whole-batch compare sees it
+    check_batch(checker, damaged, 64)  # falls back to the numbers, which are all there
+    assert (checker.received, checker.expected, checker.reordered, checker.duplicated) == (768, 256 * 1003, 0, 0)
+
+
+@pytest.mark.parametrize("size", [8, 16, 64])
+@pytest.mark.parametrize("count", [1, 100, 256, 512])
+def test_numbering_by_byte_planes_writes_what_plain_numbering_writes(size: int, count: int) -> None:
+    planes, plain = NumberedBatch(size, count), NumberedBatch(size, count)
+    firsts = [0, 256, 7, 2**16 - 256, 2**16, 2**40, 2**40 + 256, 2**40 + 3, *range(0, 256 * 300, 256), 0]
+    for first in firsts:
+        buffers = planes.number(first, count)
+        pack_into = struct.Struct("<Q").pack_into
+        for index, buffer in enumerate(plain.buffers):
+            pack_into(buffer, 0, first + index)
+        assert planes.data == plain.data, first
+        assert [struct.unpack_from("<Q", buffer)[0] for buffer in buffers] == list(range(first, first + count))
 
 
 @pytest.mark.timeout(120)

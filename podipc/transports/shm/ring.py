@@ -28,9 +28,10 @@ side's FIFO once it moves, and return False (None); the endpoint polls the FIFO.
 from __future__ import annotations
 
 import contextlib
+import struct
 import sys
 from collections.abc import Callable, Sequence
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from podipc.errors import EndOfStream, ProtocolError
 from podipc.options import deadline_after
@@ -585,8 +586,7 @@ class RingReader:
         taken = min(count - first, room)
         begin = record.payload_offset + PACK_HEADER_SIZE + first * size
         if size:
-            ring = self._map
-            messages += [ring[start : start + size] for start in range(begin, begin + taken * size, size)]
+            split_into(messages, self._map, begin, size, taken)
         else:
             messages += [b""] * taken
         first += taken
@@ -652,3 +652,26 @@ class RingReader:
         self._read_index = read_index
         if words[PRODUCER_WAITING_WORD]:
             self._waiter.wake_peer()
+
+
+SPLIT_BLOCK = 256
+"""Messages cut from a pack per struct call (its format string grows with them)."""
+SPLITTERS_MOST = 64
+_splitters: dict[tuple[int, int], Callable[[Any, int], tuple[Any, ...]]] = {}
+
+
+def split_into(messages: list[bytes], buffer: Any, begin: int, size: int, count: int) -> None:
+    """Append `count` messages of `size` bytes each, back to back in `buffer` from `begin`, as bytes.
+
+    One struct unpack per SPLIT_BLOCK messages: a fifth of the cost of slicing them one by one.
+    """
+    while count:
+        taken = min(count, SPLIT_BLOCK)
+        split = _splitters.get((size, taken))
+        if split is None:
+            if len(_splitters) >= SPLITTERS_MOST:
+                _splitters.clear()
+            split = _splitters[size, taken] = struct.Struct("=" + f"{size}s" * taken).unpack_from
+        messages += split(buffer, begin)
+        begin += size * taken
+        count -= taken
