@@ -665,12 +665,17 @@ def test_every_call_on_the_main_thread_waits_its_turn_behind_another_threads_cal
         holder.join(5)
         sent += {"send": 1, "send with a timeout": 1, "try_send": 1 if result else 0, "send_many": 2}.get(name, 0)
     received = [consumer.recv(timeout=30)]
+
+    def poll_receiving_nothing() -> list[bytes]:
+        consumer.poll(0)
+        return []
+
     consumer_calls: list[tuple[str, Any]] = [
         ("recv", lambda: [consumer.recv()]),
         ("recv with a timeout", lambda: [consumer.recv(timeout=30)]),
         ("recv_many", lambda: consumer.recv_many(1, timeout=30)),
         ("try_recv", lambda: [m for m in [consumer.try_recv()] if m is not None]),
-        ("poll", lambda: [] if consumer.poll(0) else []),
+        ("poll", poll_receiving_nothing),
     ]
     if hasattr(consumer, "recv_view"):
         consumer_calls.append(("recv_view", lambda: [bytes(consumer.recv_view(timeout=30))]))
