@@ -252,15 +252,28 @@ class FrameReader:
         return True
 
     def _run_length(self, start: int, stride: int, count: int) -> int:
-        """How many of the `count` frames that would fit from `start` really have the first one's header."""
+        """How many of the `count` frames that would fit from `start` really have the first one's header.
+
+        Checks windows that double in size, so the work is proportional to the run found, not to
+        `count`: frames of varying lengths (runs of 1) would otherwise cost a scan of the whole
+        buffer each, quadratic in the frames of one read.
+        """
         view = self._view
-        stop = start + count * stride
         header = view[start : start + HEADER_SIZE].tobytes()
-        run = count
-        for index in range(HEADER_SIZE):
-            column = view[start + index : stop : stride].tobytes()  # byte `index` of every header
-            run = min(run, count - len(column.lstrip(header[index : index + 1])))
-        return run
+        if not self._buffer.startswith(header, start + stride):
+            return 1  # the common case of varying lengths, without slicing
+        checked = 2
+        while checked < count:
+            window = min(count, 2 * checked)
+            first, stop = start + checked * stride, start + window * stride
+            run = window - checked
+            for index in range(HEADER_SIZE):
+                column = view[first + index : stop : stride].tobytes()  # byte `index` of each header in the window
+                run = min(run, len(column) - len(column.lstrip(header[index : index + 1])))
+            if run < window - checked:
+                return checked + run
+            checked = window
+        return count
 
     def _run_struct(self, length: int) -> struct.Struct:
         """A struct that cuts one frame of `length` bytes into (header, payload)."""

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -89,18 +88,6 @@ def collect(processes: list[Any], results: Any, count: int) -> list[dict[str, An
     for process in processes:
         process.join(10)
     return reports
-
-
-@pytest.fixture
-def reap() -> Iterator[list[Any]]:
-    """Processes to kill (SIGCONT first) whatever the test's outcome."""
-    started: list[Any] = []
-    yield started
-    for process in started:
-        if process.is_alive():
-            os.kill(process.pid, signal.SIGCONT)
-            process.kill()
-        process.join(5)
 
 
 def test_four_subscribers_each_get_every_message_in_order_with_the_producers_digest(reap: list[Any]) -> None:

@@ -1,39 +1,19 @@
 """Load: many messages through every reliable channel, nothing lost, reordered or corrupted, memory bounded.
 
-CI runs PODIPC_STRESS_COUNT messages (20,000 by default); the full run is
-`PODIPC_STRESS_COUNT=1000000 .venv/bin/python -m pytest -m stress -s tests/integration/test_stress.py`,
-which prints one line of figures per channel.
+CI runs PODIPC_STRESS_COUNT messages (20,000 by default). The full run, of these pairs and of the
+multi-party patterns (test_stress_patterns.py), is
+`PODIPC_STRESS_COUNT=1000000 .venv/bin/python -m pytest -m stress -s tests/integration/test_stress.py
+tests/integration/test_stress_patterns.py`, which prints one line of figures per channel and per pattern.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from .harness import RELIABLE, Pair, leftovers, url_for, wait_until
+from .load import COUNT, PEAK_MEMORY_LIMIT_KIB, CyclingSizes
 
 pytestmark = [pytest.mark.stress, pytest.mark.timeout(3600)]
-COUNT = int(os.environ.get("PODIPC_STRESS_COUNT", "20000"))
-PEAK_MEMORY_LIMIT_KIB = 512 * 1024
-
-
-class CyclingSizes:
-    """COUNT sizes cycling through 0..255 bytes, without holding a list of them."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> int:
-        if not 0 <= index < self.count:
-            raise IndexError(index)
-        return (index * 37) % 256
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return (self[index] for index in range(self.count))
 
 
 @pytest.mark.parametrize("scheme", RELIABLE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import time
 import tracemalloc
 
 import pytest
@@ -259,6 +260,21 @@ def test_runs_of_equal_lengths_are_cut_whole_and_in_order_whatever_the_chunking(
     messages = [generator.randbytes(length) for length, count in runs for _ in range(count)]
     reader = FrameReader(1 << 20)
     assert read_all(reader, ChunkedSource(stream_of(messages), chunks)) == messages
+
+
+CUT_CPU_SECONDS_LIMIT = 2.0
+"""Cutting a full buffer of tiny frames takes ~0.03 s of CPU; scanning the buffer once per frame took ~26 s."""
+
+
+def test_a_full_buffer_of_frames_of_alternating_lengths_is_cut_in_time_linear_in_its_frames() -> None:
+    # no two neighbours have one length: each frame is a run of 1 (fan-in consumers read such buffers whole)
+    messages = [b"x" * (index % 2) for index in range(BUFFER_SIZE // 5)]
+    reader = FrameReader(1 << 20)
+    started = time.process_time()
+    got = [reader.read_frame(ChunkedSource(stream_of(messages))), *reader.buffered_frames(len(messages))]
+    spent = time.process_time() - started
+    assert got == messages
+    assert spent < CUT_CPU_SECONDS_LIMIT, f"{len(messages)} frames cut in {spent:.1f} s of CPU"
 
 
 def test_buffered_frames_hands_out_at_most_max_count_in_order_and_never_reads() -> None:
