@@ -5,9 +5,10 @@ or 4, are measured in throughput cells only. A fan-in's producers are separate p
 (gunicorn-style workers), so the cell runs N of them: the server's sender is producer
 "bench-0", and it starts N - 1 producer processes ("bench-1" ...) when it opens, each with
 its own named producer. When the stream starts, every producer runs the bench's own
-stream loop (podipc.bench.workloads.stream) for the cell's seconds, as fast as it can,
-with at most its share of the cell's messages, numbered from 0 in its own sequence. The
-server's count is the sum of the producers' counts; its CPU seconds are theirs together.
+stream loop (podipc.bench.workloads.stream) until one deadline (the cell's seconds from
+then), as fast as it can, with at most its share of the cell's messages, numbered from 0
+in its own sequence. The server's count is the sum of the producers' counts; its CPU
+seconds are theirs together.
 
 The client's receiver is one fan-in consumer (producers=N: its stream ends after the last
 producer's). It takes each message with `recv_from()` and checks each producer's
@@ -68,11 +69,17 @@ def producer_name(index: int) -> str:
     return f"{PRODUCER_NAME_PREFIX}{index}"
 
 
+def seconds_until(deadline: float) -> float:
+    """Seconds from now to `deadline` (time.monotonic()), 0 once it has passed."""
+    return max(0.0, deadline - time.monotonic())
+
+
 def run_producer_helper(url: str, name: str, wait: float, orders: IO[str], reports: IO[str]) -> None:
     """One producer process of a fan-in cell: open, say ready, stream when told, report what it sent.
 
-    Reads one line "SIZE SECONDS MOST" from `orders` (none: the cell was aborted, nothing is
-    sent), runs the bench's stream loop with those, then writes "SENT CPU_SECONDS" to `reports`.
+    Reads one line "SIZE DEADLINE MOST" from `orders` (none: the cell was aborted, nothing is
+    sent), runs the bench's stream loop until DEADLINE (time.monotonic(), shared by the
+    processes of a host) with at most MOST messages, then writes "SENT CPU_SECONDS" to `reports`.
     """
     sender = ChannelSender(podipc.producer(url, name=name, wait=wait))
     reports.write(f"{HELPER_READY}\n")
@@ -81,8 +88,8 @@ def run_producer_helper(url: str, name: str, wait: float, orders: IO[str], repor
     if not order:
         sender.abort()
         return
-    size, seconds, most = int(order[0]), float(order[1]), int(order[2])
-    sent, effort = stream(sender, size, seconds, most)
+    size, deadline, most = int(order[0]), float(order[1]), int(order[2])
+    sent, effort = stream(sender, size, seconds_until(deadline), most)
     reports.write(f"{sent} {effort.cpu}\n")
     reports.flush()
 
@@ -109,9 +116,9 @@ class _ProducerProcess:
         if line != HELPER_READY:
             raise RuntimeError(f"fan-in producer process {self.name} did not start (said {line!r}; see its stderr)")
 
-    def start(self, size: int, seconds: float, most: int) -> None:
-        """Tell it to stream `size`-byte messages for `seconds`, at most `most` of them."""
-        self.orders.write(f"{size} {seconds} {most}\n")
+    def start(self, size: int, deadline: float, most: int) -> None:
+        """Tell it to stream `size`-byte messages until `deadline` (time.monotonic()), at most `most` of them."""
+        self.orders.write(f"{size} {deadline!r} {most}\n")
         self.orders.flush()
 
     def result(self) -> tuple[int, float]:
@@ -162,13 +169,18 @@ class FanInSender:
         self.send = self.own.send
 
     def stream(self, size: int, seconds: float, max_messages: int) -> tuple[int, Effort]:
-        """Every producer streams for `seconds` (each at most its share of `max_messages`): sent in all, effort."""
+        """Every producer streams until `seconds` from now (each at most its share of `max_messages`): sent, effort.
+
+        One deadline for all: a producer process the scheduler runs late sends less, rather
+        than stretching the cell.
+        """
         assert self.own is not None
         share = max(1, max_messages // self.producers)
         wall_start = time.perf_counter()
+        deadline = time.monotonic() + seconds
         for helper in self.helpers:
-            helper.start(size, seconds, share)
-        sent, effort = stream(self.own, size, seconds, share)
+            helper.start(size, deadline, share)
+        sent, effort = stream(self.own, size, seconds_until(deadline), share)
         cpu = effort.cpu
         for helper in self.helpers:
             helper_sent, helper_cpu = helper.result()

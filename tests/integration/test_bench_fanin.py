@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import podipc
 from podipc.bench.cells import free_port
-from podipc.bench.fanin import FanIn, FanInReceiver, FanInSender
+from podipc.bench.fanin import FanIn, FanInReceiver, FanInSender, run_producer_helper
 from podipc.bench.stats import SequenceChecker
 from podipc.bench.subjects import CellPlace
+from podipc.bench.workloads import CLOCK_CHECK_EVERY
 from podipc.fanin import DIED, ENDED, ProducerSummary
 
 SIZE = 64
@@ -53,6 +57,20 @@ def test_a_fanin_4_cell_runs_4_producer_processes_and_the_consumer_gets_every_me
     assert sorted((entry.name, entry.messages, entry.bytes, entry.ended) for entry in senders) == [
         (f"bench-{index}", SHARE, SHARE * SIZE, ENDED) for index in range(4)
     ]
+
+
+@pytest.mark.timeout(60)
+def test_a_producer_process_told_to_start_after_the_deadline_sends_one_round_and_reports_it() -> None:
+    url = f"unix://@podipc-test-fanin-late-{os.getpid()}"
+    orders, reports = io.StringIO(f"{SIZE} {time.monotonic() - 1.0!r} 1000000\n"), io.StringIO()
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=30) as consumer:
+        helper = threading.Thread(target=run_producer_helper, args=(url, "late", 30.0, orders, reports), daemon=True)
+        helper.start()
+        received = sum(1 for _ in consumer)
+        helper.join(30)
+    ready, result = reports.getvalue().splitlines()
+    assert ready == "ready"
+    assert int(result.split()[0]) == received == 1 + CLOCK_CHECK_EVERY, "message 0, then one clock check's worth"
 
 
 def test_the_sums_over_producers_count_one_producers_gap_as_lost_and_its_late_message_as_reordered() -> None:
