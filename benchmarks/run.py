@@ -54,11 +54,15 @@ PATTERN_CELLS = (
     "fanin-unix-1",
     "fanin-unix-2",
     "fanin-unix-4",
+    "fanin-tcp-1",
+    "fanin-tcp-2",
+    "fanin-tcp-4",
     "broadcast-shm-1",
     "broadcast-shm-2",
     "broadcast-shm-4",
 )
-"""Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producers;
+"""Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producer
+processes over unix:// and tcp://;
 shm:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one shm:// consumer."""
 DEFAULT_REPEAT = 5
 QUICK_REPEAT = 2

@@ -398,7 +398,7 @@ LARGEST_SIZE = 1 << 20
 
 def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported);
-    fan-in of 4 producers against one; shm:// broadcast's per-subscriber rate at 1 MiB against one consumer's
+    fan-in of 4 producer processes against one over unix:// (tcp:// reported); shm:// broadcast's per-subscriber rate at 1 MiB against one consumer's
     (4 subscribers judged, 1 and 2 reported)."""
     yield ratio_target(
         report,
@@ -424,6 +424,14 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
         "fan-in of 4 producers into one consumer over unix://: aggregate msg/s at 64 B >= 0.9x one producer's",
         Comparison("fanin-unix-4", "fanin-unix-1", RATE, SMALL_SIZE),
         0.9,
+        ">=",
+    )
+    yield ratio_target(
+        report,
+        "fanin-tcp-4-vs-1-producer",
+        "fan-in of 4 producers into one consumer over tcp://: aggregate msg/s at 64 B beside one producer's",
+        Comparison("fanin-tcp-4", "fanin-tcp-1", RATE, SMALL_SIZE),
+        None,
         ">=",
     )
     yield ratio_target(

@@ -23,10 +23,15 @@ on. With `producers=N` the consumer's stream ends (EndOfStream) once N producers
 theirs cleanly; a dead one does not count, so a restarted one can still complete it. With
 `producers=0` (the default) it never ends by itself: close() it.
 
-Cost: recv() hands out the next frame of the batch as a pair's recv does; each batch (one
-read of one producer) is then counted and folded into its sender's SHA-256 at once
-(`senders`, exact between receives). Measured on 2 cores: the consumer takes ~3.7M msg/s
-per CPU-second at 64 B with 1 producer and within 5 % of that with 4 (benchmarks/fanin.py).
+Cost: recv() hands out the next frame of the batch as a pair's recv does, and recv_from()
+the same with its producer's name; each batch (one read of one producer, ~1000 frames of
+64 B when the producers outpace the consumer) is then counted and folded into its sender's
+SHA-256 at once (`senders`, exact between receives); one epoll poll per batch, not per
+message. Measured on 2 cores with a bare recv() loop: the consumer takes ~3.7M msg/s per
+CPU-second at 64 B with 1 producer and within 5 % of that with 4. The bench cells
+fanin-unix-N / fanin-tcp-N (podipc.bench.fanin) measure N producer processes into one
+consumer that checks every producer's sequence with recv_from(); benchmarks/fanin.py runs
+them and adds the consumer's messages per CPU-second.
 Threads: as every consumer (one call gate); `recv_from()` returns the sender with the
 message under the same gate, where `last_sender` is only right for a single receiving thread.
 """
@@ -396,6 +401,12 @@ class FanInConsumer(Consumer):
                 peeked = self._take_state()
                 if peeked is not None:
                     return self.last_sender or "", peeked
+            else:
+                batch = self._batch
+                if batch:
+                    sender = self._batch_sender
+                    assert sender is not None, "a batch without its sender"
+                    return sender.name, batch.pop()  # the fast path: the next frame of one producer's read
             message = self._recv(None if timeout is None else deadline_after(timeout))
             return self.last_sender or "", message
         except EndOfStream:

@@ -11,14 +11,7 @@ messages are never empty).
 
 Ask for them by name: `podipc bench --channels rpc-unix,raw-unix --sizes 64 --modes latency`.
 
-`fanin-unix-1`, `fanin-unix-2` and `fanin-unix-4` measure fan-in (pattern=fanin, podipc.fanin)
-in throughput cells only: the server's sender drives N named producers over unix://@name,
-FANIN_TURN messages to one then the next (so each producer's sends come back-to-back, as one
-process's would), into one fan-in consumer on the client (producers=N: its stream ends with
-the last producer's). The figure is the consumer's aggregate msg/s; fanin-unix-1 is the
-reference the others are judged against. benchmarks/fanin.py runs N producer processes instead.
-Their `reordered` count is the interleaving of the producers' turns (the bench checks one
-sequence over all messages); each producer's own order is kept (tests/integration/test_fanin.py).
+Fan-in (`fanin-unix-N`, `fanin-tcp-N`) is podipc.bench.fanin's: N producer processes into one consumer.
 
 `broadcast-shm-N` (N = 1, 2, 4) is shm://?pattern=broadcast&subscribers=N, measured in
 throughput cells: the bench's receiver is one subscriber (recv_view, in place) and N - 1
@@ -35,12 +28,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 import podipc
+from podipc.bench.fanin import fanin_subjects
 from podipc.bench.subjects import (
-    CLOSE_TIMEOUT_SECONDS,
     PEER_WAIT_SECONDS,
     Buffer,
     CellPlace,
-    ChannelReceiver,
     ChannelSubject,
     Receiver,
     Sender,
@@ -203,78 +195,6 @@ class RequestReply(Subject):
         return ReplyReceiver(self._client_ends.pop(url))
 
 
-FANIN_TURN = 64
-"""Messages a fan-in bench sender gives one producer before the next one's turn."""
-FANIN_PRODUCERS = (1, 2, 4)
-
-
-class FanInSender:
-    """The server's end of a fan-in cell: N named producers into one consumer, FANIN_TURN messages each in turn."""
-
-    def __init__(self, url: str, producers: int) -> None:
-        self.producers: list[podipc.Producer] = []
-        try:
-            for index in range(producers):
-                self.producers.append(podipc.producer(url, name=f"bench-{index}", wait=PEER_WAIT_SECONDS))
-        except BaseException:
-            self.abort()
-            raise
-        self._sends = [producer.send for producer in self.producers]
-        self._turn = 0
-        self._left = FANIN_TURN
-        self.send = self._send if producers > 1 else self._sends[0]
-
-    def _send(self, data: Buffer) -> None:
-        self._sends[self._turn](data)
-        self._left -= 1
-        if not self._left:
-            self._left = FANIN_TURN
-            self._turn = (self._turn + 1) % len(self._sends)
-
-    def close(self) -> None:
-        """End every producer's stream (each waits for the consumer to take it)."""
-        for producer in self.producers:
-            producer.close(CLOSE_TIMEOUT_SECONDS)
-
-    def abort(self) -> None:
-        """Abort every producer."""
-        for producer in self.producers:
-            producer.abort()
-
-
-class FanIn(Subject):
-    """podipc fan-in over unix://@name: N producers into one consumer, measured as the consumer's msg/s."""
-
-    kind = "channel"
-    modes = ("throughput",)
-
-    def __init__(self, producers: int) -> None:
-        self.producers = producers
-        self.name = f"fanin-unix-{producers}"
-        self.baseline = None if producers == 1 else "fanin-unix-1"
-
-    def availability(self) -> str | None:
-        """Fan-in over unix:// needs nothing beyond the standard library."""
-        return None
-
-    def size_problem(self, size: int) -> str | None:
-        """Any size up to the default max_message_size (64 MiB) fits."""
-        return None
-
-    def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
-        """One abstract socket per link."""
-        return {key: f"unix://@{place.name(key)}" for key in ("a", "b")}
-
-    def open_sender(self, resources: Mapping[str, str], key: str, size: int) -> Sender:
-        """N named producers (no I/O yet)."""
-        return FanInSender(resources[key], self.producers)
-
-    def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
-        """One fan-in consumer ending after N producers' streams."""
-        channel = podipc.consumer(resources[key], pattern="fanin", producers=self.producers, wait=PEER_WAIT_SECONDS)
-        return ChannelReceiver(channel, lossy=False, zero_copy=False)
-
-
 BROADCAST_SUBSCRIBERS = (1, 2, 4)
 SUBSCRIBER_HELPER = """
 import sys
@@ -343,6 +263,6 @@ def pattern_subjects() -> list[Subject]:
     return [
         RequestReply("unix"),
         RequestReply("tcp"),
-        *(FanIn(count) for count in FANIN_PRODUCERS),
+        *fanin_subjects(),
         *(Broadcast(count) for count in BROADCAST_SUBSCRIBERS),
     ]

@@ -53,6 +53,7 @@ from podipc.bench.cells import (
     watchdog,
 )
 from podipc.bench.control import PROTOCOL_VERSION, Control, connect
+from podipc.bench.fanin import FanInReceiver
 from podipc.bench.peers import LocalSubject, local_context
 from podipc.bench.rounds import FINAL_STATUSES, Group, add_ratios, group_settled, plan_groups, record_from_runs
 from podipc.bench.server import open_server_ends, run_server_side, serve_forever_once
@@ -104,11 +105,13 @@ def measure_latency(cell: Cell, sender: Sender, receiver: Receiver, lossy: bool)
 
 
 def measure_throughput(cell: Cell, receiver: Receiver, lossy: bool) -> dict[str, Any]:
-    """Count the stream at the consumer (in batches of recv_many for batch subjects)."""
+    """Count the stream at the consumer (in batches of recv_many for batch subjects, per producer for fan-in)."""
     checker = SequenceChecker()
     try:
         if isinstance(receiver, BatchReceiver):
             seconds, effort = drain_batches(receiver, checker, cell.size, max(cell.batch, 1), lossy)
+        elif isinstance(receiver, FanInReceiver):
+            seconds, effort = receiver.drain(checker)
         else:
             seconds, effort = drain(receiver, checker, cell.size >= SEQUENCE_SIZE, lossy)
     finally:

@@ -14,6 +14,7 @@ import podipc
 from podipc.bench import facts
 from podipc.bench.cells import CONTROL_TIMEOUT_SECONDS, Catalog, Cell, Opener, abort_ends, describe, watchdog
 from podipc.bench.control import PROTOCOL_VERSION, Control, ControlListener
+from podipc.bench.fanin import FanInSender
 from podipc.bench.subjects import (
     BatchSender,
     Receiver,
@@ -37,9 +38,11 @@ def open_server_ends(opener: Opener) -> tuple[Sender, Receiver | None]:
 
 
 def run_server_side(subject: Subject, cell: Cell, sender: Sender, receiver: Receiver | None) -> dict[str, Any]:
-    """Echo or stream; the count, wall and CPU seconds of this side."""
+    """Echo or stream (every producer of a fan-in cell); the count, wall and CPU seconds of this side."""
     if receiver is not None:
         count, effort = echo(receiver, sender, subject.lossy)
+    elif isinstance(sender, FanInSender):
+        count, effort = sender.stream(cell.size, cell.seconds, cell.max_count)
     elif isinstance(sender, BatchSender):
         count, effort = stream_batches(sender, cell.size, cell.seconds, cell.max_count, max(cell.batch, 1))
     else:

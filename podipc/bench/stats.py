@@ -12,7 +12,7 @@ import math
 import os
 import resource
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,6 +107,15 @@ class SequenceChecker:
         """Account for `count` messages numbered expected, expected + 1, ... (checked by the caller)."""
         self.received += count
         self.expected += count
+
+    def merge(self, checkers: Iterable[SequenceChecker]) -> None:
+        """Add in the counts of checkers of separate sequences (one per producer of a fan-in): lost, reordered... sum."""
+        for other in checkers:
+            self.expected += other.expected
+            self.received += other.received
+            self.reordered += other.reordered
+            self.duplicated += other.duplicated
+            self.untracked_missing += len(other.missing) + other.untracked_missing
 
     def _gap(self, start: int, stop: int) -> None:
         room = MISSING_TRACK_LIMIT - len(self.missing)
