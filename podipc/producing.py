@@ -140,7 +140,11 @@ class Producer(_Endpoint):
         try:
             token.pop()
         except IndexError:
-            self._enter(timeout)
+            try:
+                self._enter(timeout)
+            except PodIPCError as error:  # closed, or another thread's call kept the gate: none of the batch went
+                error.sent = 0
+                raise
         sent = 0
         try:
             if self._state:

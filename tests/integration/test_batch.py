@@ -290,7 +290,9 @@ def test_close_from_another_thread_wakes_a_blocked_send_many_which_says_how_many
     try:
         batch = [payload(index, 4096) for index in range(20_000)]  # more than any buffer, queue or ring holds
         blocked = Blocked(lambda: producer.send_many(batch))
-        time.sleep(1.0)
+        # views of 20,000 messages take a while on a loaded machine: close once the batch holds the gate
+        assert wait_until(lambda: not producer._token, 30), "the batch never began"  # type: ignore[attr-defined]
+        time.sleep(0.5)
         assert blocked.thread.is_alive(), "the batch did not block"
         closed_at = time.monotonic()
         closer = Blocked(lambda: producer.close(timeout=60))
