@@ -4,8 +4,11 @@
 
 Prints one JSON object: {"rate": msg/s} for throughput (a producer process sends COUNT
 messages of SIZE bytes as fast as it can; the figure is COUNT over the consumer's time from
-its first message to its last) or {"p50_us": ...} for latency (COUNT round trips over two
-channels, URL and URL with "-back" appended to its name, the echo in a child process).
+its first message to its last), {"p50_us": ...} for latency (COUNT round trips over two
+channels, URL and URL with "-back" appended to its name, the echo in a child process) or
+{"call_ns": ...} for calls (both ends in this process and thread: CALLS_BURST sends, then as
+many receives, COUNT times; the least time per send + receive over the bursts, which the
+machine's other work can only make longer: the per-call CPU cost, without the scheduler).
 Only podipc.producer/consumer, send and recv are used, so any revision of podipc runs it.
 """
 
@@ -15,6 +18,7 @@ import json
 import multiprocessing
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -23,6 +27,8 @@ import podipc
 CONTEXT = multiprocessing.get_context("fork")
 PEER_WAIT = "30"
 LATENCY_WARMUP = 1000
+CALLS_BURST = 8
+"""Sends, then receives, per burst of the calls mode: fewer than the smallest queue holds (mq: 10 by default)."""
 
 
 def with_wait(url: str) -> str:
@@ -103,9 +109,33 @@ def latency(url: str, size: int, count: int) -> dict[str, float]:
     return {"p50_us": statistics.median(samples) * 1e6}
 
 
+def calls(url: str, size: int, count: int) -> dict[str, float]:
+    """COUNT bursts of CALLS_BURST sends then as many receives in this thread: the least ns per send + receive."""
+    payload = b"x" * size
+    with podipc.consumer(with_wait(url)) as consumer:
+        producer = podipc.producer(with_wait(url))
+        send, recv = producer.send, consumer.recv
+        send(payload)
+        recv()
+        least = float("inf")
+        clock = time.perf_counter
+        for _ in range(count):
+            started = clock()
+            for _ in range(CALLS_BURST):
+                send(payload)
+            for _ in range(CALLS_BURST):
+                recv()
+            least = min(least, (clock() - started) / CALLS_BURST)
+        closer = threading.Thread(target=producer.close)  # a producer's close waits for its consumer to take the end
+        closer.start()
+        take_the_end(consumer)
+        closer.join(30)
+    return {"call_ns": least * 1e9}
+
+
 def main(argv: list[str]) -> None:
     url, mode, size, count = argv[0], argv[1], int(argv[2]), int(argv[3])
-    measure: Any = throughput if mode == "throughput" else latency
+    measure: Any = {"throughput": throughput, "latency": latency, "calls": calls}[mode]
     print(json.dumps(measure(url, size, count)))
 
 
