@@ -1,8 +1,9 @@
-"""The per-process flusher of stream producers: the thread that writes out what a burst left in an outbox.
+"""The per-process flusher of coalescing producers: the thread that writes out what a burst left in an outbox.
 
-A coalescing StreamProducer (podipc.stream_producer) keeps the last messages of a burst in its
-outbox; this thread writes them once no call is inside the producer; a stream consumer of the
-same process calls `flush_pending` before it blocks, and so does the interpreter at exit.
+A coalescing producer (podipc.stream_producer's StreamProducer, udp://'s UDPProducer) keeps
+the last messages of a burst in its outbox; this thread writes them once no call is inside
+the producer; a consumer of the same process calls `flush_pending` before it blocks, and so
+does the interpreter at exit. What the thread expects of a producer: `OutboxOwner`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,34 @@ import contextlib
 import os
 import select
 import threading
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from podipc.stream_producer import StreamProducer
+from typing import Protocol
 
 FLUSH_TICK_SECONDS = 0.001
 """How often the flusher thread looks again at a producer it found busy sending."""
 FLUSHED, IN_USE, NO_ROOM = range(3)
 """What the flusher's attempt on a producer found: outbox written (or nothing to do), a call inside, no room."""
 FLUSH_TICK_MILLISECONDS = max(1, round(FLUSH_TICK_SECONDS * 1000))
+BURST_START_SECONDS = 0.5e-6
+"""A small send beginning sooner than this after the previous send returned starts a burst (joins the outbox).
+
+Less than a receive costs (a program that reads an answer between two sends never
+coalesces) and more than a loop's own work between two sends (a tight loop always does).
+"""
+BURST_HOLD_SECONDS = 20e-6
+"""A burst goes on while sends begin sooner than this after the previous one began; a later send writes out."""
+
+
+class OutboxOwner(Protocol):
+    """A producer with an outbox the flusher writes out: what it implements for the thread."""
+
+    def _flush_for_flusher(self) -> int:
+        """One attempt under the producer's call gate, never blocking: FLUSHED, IN_USE (a call is inside) or NO_ROOM."""
+
+    def _flusher_fd(self) -> int:
+        """The descriptor to wait on for room after NO_ROOM (-1: none, look again after a tick)."""
+
+    def _unwatch(self) -> None:
+        """Leave `UNFLUSHED` (the producer joins it again when its outbox next holds something)."""
 
 
 class Flusher:
@@ -50,7 +69,7 @@ class Flusher:
         os.close(self._arm)
 
     def _run(self) -> None:
-        found: dict[StreamProducer, int] = {}
+        found: dict[OutboxOwner, int] = {}
         while True:
             poller = select.poll()
             poller.register(self._arm, select.POLLIN)
@@ -82,7 +101,7 @@ def flush_pending() -> None:
             producer._flush_for_flusher()
 
 
-UNFLUSHED: set[StreamProducer] = set()
+UNFLUSHED: set[OutboxOwner] = set()
 """The producers of this process whose outbox holds something and that the flusher looks after."""
 
 _FLUSHER: Flusher | None = None

@@ -48,7 +48,7 @@ from podipc.errors import (
     PodIPCError,
     ProtocolError,
 )
-from podipc.flushing import FLUSHED, IN_USE, NO_ROOM, UNFLUSHED, flusher
+from podipc.flushing import BURST_HOLD_SECONDS, BURST_START_SECONDS, FLUSHED, IN_USE, NO_ROOM, UNFLUSHED, flusher
 from podipc.framing import (
     ACK,
     BUSY,
@@ -70,14 +70,6 @@ COALESCE_SIZE = 2048
 """Messages up to this size are copied behind their header (and may wait in the outbox); larger ones use sendmsg."""
 OUTBOX_BYTES = 64 * 1024
 """A burst's outbox is written as soon as it holds this many bytes; a send finding it that full waits for room."""
-BURST_START_SECONDS = 0.5e-6
-"""A small send beginning sooner than this after the previous send returned starts a burst (joins the outbox).
-
-Less than a receive costs (a program that reads an answer between two sends never
-coalesces) and more than a loop's own work between two sends (a tight loop always does).
-"""
-BURST_HOLD_SECONDS = 20e-6
-"""A burst goes on while sends begin sooner than this after the previous one began; a later send writes out."""
 GATHER_BYTES = 256 * 1024
 """send_many writes at most this many bytes of small frames per attempt."""
 HELLO_ANSWER_SECONDS = 2.0
