@@ -215,15 +215,18 @@ class Consumer(_Endpoint):
                 if message is None:
                     break
                 messages.append(message)
-        except EndOfStream:
-            if not messages:
-                raise
-            self._ended = True
         except PodIPCError as error:
-            if not messages:
-                raise
-            self._keep(error)
+            self._after_some(messages, error)
         return messages
+
+    def _after_some(self, messages: list[bytes], error: PodIPCError) -> None:
+        """What a batch met after `messages`: raised when it took none, else kept for the next call."""
+        if not messages:
+            raise error
+        if isinstance(error, EndOfStream):
+            self._ended = True
+        else:
+            self._keep(error)
 
     def _recv_now(self) -> bytes | None:
         """One receive that does not wait, on a transport with only the blocking hooks; None when there is none."""

@@ -3,7 +3,8 @@
 A coalescing producer (podipc.stream_producer's StreamProducer, udp://'s UDPProducer) keeps
 the last messages of a burst in its outbox; this thread writes them once no call is inside
 the producer; a consumer of the same process calls `flush_pending` before it blocks, and so
-does the interpreter at exit. What the thread expects of a producer: `OutboxOwner`.
+does the interpreter at exit. What the thread expects of a producer: `OutboxOwner`
+(podipc.coalescing.CoalescingProducer implements it for both).
 """
 
 from __future__ import annotations

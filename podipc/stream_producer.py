@@ -39,16 +39,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from podipc.address import Address
+from podipc.coalescing import CoalescingProducer
 from podipc.endpoint import holds_call_gate
 from podipc.errors import (
     ChannelUnavailable,
     NameTaken,
     PeerGone,
     PeerTimeout,
-    PodIPCError,
     ProtocolError,
 )
-from podipc.flushing import BURST_HOLD_SECONDS, BURST_START_SECONDS, FLUSHED, IN_USE, NO_ROOM, UNFLUSHED, flusher
+from podipc.flushing import BURST_HOLD_SECONDS, BURST_START_SECONDS
 from podipc.framing import (
     ACK,
     BUSY,
@@ -64,7 +64,7 @@ from podipc.framing import (
 from podipc.options import Option, deadline_after
 from podipc.producing import Producer
 from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, peer_gone, take_message_limit
-from podipc.waking import POLLIN, is_ready, wait_for
+from podipc.waking import POLLIN, wait_for
 
 COALESCE_SIZE = 2048
 """Messages up to this size are copied behind their header (and may wait in the outbox); larger ones use sendmsg."""
@@ -99,7 +99,7 @@ _monotonic = time.monotonic
 _UNCONNECTED, _CONNECTING, _HELLO, _READY, _ENDING, _DONE = range(6)
 
 
-class StreamProducer(Producer):
+class StreamProducer(CoalescingProducer):
     """The producer of a stream-socket channel: connects on first use, sends frames.
 
     Coalescing (the `coalesce` option, on by default): a small message (up to
@@ -111,8 +111,6 @@ class StreamProducer(Producer):
 
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
     waits_forever: ClassVar[bool] = True
-    _watched = False
-    """True while the flusher thread holds this producer in its list."""
     _hello = HELLO
     """What this producer says first: HELLO, or a fan-in producer's FANIN_HELLO and name."""
     _accepted = HELLO
@@ -379,58 +377,9 @@ class StreamProducer(Producer):
 
     # --- the flusher's side ------------------------------------------------------
 
-    def _watch(self) -> None:
-        """Hand this producer to the flusher thread, which writes the outbox out once the burst ends."""
-        self._watched = True
-        UNFLUSHED.add(self)
-        flusher().wake()
-
-    def _flush_for_flusher(self) -> int:
-        """The flusher thread's attempt, under the call gate: FLUSHED, IN_USE (a call is inside) or NO_ROOM."""
-        if self._state and (self._closing or self._forked or self._freed):
-            self._unwatch()
-            return FLUSHED  # a close writes the outbox out, an abort drops it
-        token = self._token
-        try:
-            token.pop()
-        except IndexError:
-            if self._let_go_if_empty():
-                return FLUSHED  # a call inside that leaves bytes behind hands the producer over again
-            # a send waiting for room writes the outbox itself when room comes
-            sock = self._socket
-            return IN_USE if sock is None or is_ready(sock.fileno(), _POLLOUT) else NO_ROOM
-        try:
-            if self._phase != _READY or not self._outbox or self._write_outbox():
-                self._unwatch()
-                return FLUSHED
-            return NO_ROOM
-        except PodIPCError:
-            self._unwatch()  # the next call meets the same error and raises it
-            return FLUSHED
-        finally:
-            token.append(None)
-            if self._state:
-                self._after_call()
-
-    def _unwatch(self) -> None:
-        self._watched = False
-        UNFLUSHED.discard(self)
-
-    def _let_go_if_empty(self) -> bool:
-        """Without the gate (a call is inside): stop watching if the outbox is empty; False when it holds bytes.
-
-        Every call that makes the outbox non-empty checks `_watched` afterwards and hands
-        the producer over again when it is False; the order of the steps here (clear the
-        flag, look, discard, look again) keeps that true whatever a call inside does meanwhile.
-        """
-        self._watched = False
-        if self._outbox:
-            self._watched = True
-            return False
-        UNFLUSHED.discard(self)
-        if self._watched:  # a call inside watched it again in between
-            UNFLUSHED.add(self)
-        return True
+    def _write_outbox_now(self) -> bool:
+        """Under the call gate, never blocking: True once the outbox is written (or it is not connected yet)."""
+        return self._phase != _READY or not self._outbox or self._write_outbox()
 
     def _flusher_fd(self) -> int:
         """The socket the flusher waits on for room (-1 when there is none)."""

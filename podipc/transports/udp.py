@@ -94,25 +94,22 @@ from time import monotonic
 from typing import Any, ClassVar
 
 from podipc.address import Address
+from podipc.coalescing import CoalescingProducer
 from podipc.consuming import Consumer
 from podipc.endpoint import holds_call_gate
 from podipc.errors import ChannelClosed, ChannelUnavailable, EndOfStream, PeerGone, PeerTimeout, PodIPCError
 from podipc.flushing import (
     BURST_HOLD_SECONDS,
     BURST_START_SECONDS,
-    FLUSHED,
-    IN_USE,
-    NO_ROOM,
     UNFLUSHED,
     flush_pending,
-    flusher,
 )
 from podipc.options import Option, parse_bool, parse_seconds, parse_size
 from podipc.ownership import SHARE_FIX, user_text
 from podipc.presence import PeerState, PeerTracker, Presence, open_presence
 from podipc.producing import Producer
 from podipc.transport import AddressForm, Capability, Example, MessageLimit, Transport
-from podipc.waking import POLLIN, POLLOUT, is_ready
+from podipc.waking import POLLIN, POLLOUT
 
 UDP_DATAGRAM_LIMIT = 65507  # 65535 - 20 (IPv4 header) - 8 (UDP header)
 MAGIC = b"pu"
@@ -341,7 +338,7 @@ UDP_OPTIONS = (RECEIVE_BUFFER_OPTION, SPIN_OPTION, COALESCE_OPTION)
 _RENDEZVOUS, _READY, _ENDING, _DONE = range(4)
 
 
-class UDPProducer(Producer):
+class UDPProducer(CoalescingProducer):
     """Sends each message as one datagram to the consumer's port, or many small ones as one BATCH datagram.
 
     BATCH only once the consumer said it takes them (BATCH-OK before its HELLO-ACK):
@@ -359,8 +356,6 @@ class UDPProducer(Producer):
     waits_forever: ClassVar[bool] = True
     max_message_source = LIMIT_SOURCE
     max_message_fix = LIMIT_FIX
-    _watched = False
-    """True while the flusher thread holds this producer in its set."""
     _takes_batches: bool | None = None
     """Whether the consumer takes BATCH datagrams: None until its replies said (BATCH-OK, or a HELLO-ACK alone)."""
     _next_reply_look = 0.0
@@ -626,56 +621,9 @@ class UDPProducer(Producer):
 
     # --- the flusher's side ------------------------------------------------------
 
-    def _watch(self) -> None:
-        """Hand this producer to the flusher thread, which writes the outbox out once the burst ends."""
-        self._watched = True
-        UNFLUSHED.add(self)
-        flusher().wake()
-
-    def _flush_for_flusher(self) -> int:
-        """The flusher thread's attempt, under the call gate: FLUSHED, IN_USE (a call is inside) or NO_ROOM."""
-        if self._state and (self._closing or self._forked or self._freed):
-            self._unwatch()
-            return FLUSHED  # a close writes the outbox out, an abort drops it
-        token = self._token
-        try:
-            token.pop()
-        except IndexError:
-            if self._let_go_if_empty():
-                return FLUSHED  # a call inside that leaves messages behind hands the producer over again
-            return IN_USE if is_ready(self._sock.fileno(), POLLOUT) else NO_ROOM
-        try:
-            if self._phase != _READY or not self._outbox or self._write_outbox():
-                self._unwatch()
-                return FLUSHED
-            return NO_ROOM
-        except PodIPCError:
-            self._unwatch()  # the outbox stays: the next call writes it, or meets the consumer's loss
-            return FLUSHED
-        finally:
-            token.append(None)
-            if self._state:
-                self._after_call()
-
-    def _unwatch(self) -> None:
-        self._watched = False
-        UNFLUSHED.discard(self)
-
-    def _let_go_if_empty(self) -> bool:
-        """Without the gate (a call is inside): stop watching if the outbox is empty; False when it holds messages.
-
-        Every call that fills the outbox checks `_watched` afterwards and hands the producer
-        over again when it is False; the order here (clear the flag, look, discard, look
-        again) keeps that true whatever a call inside does meanwhile (as StreamProducer's).
-        """
-        self._watched = False
-        if self._outbox:
-            self._watched = True
-            return False
-        UNFLUSHED.discard(self)
-        if self._watched:  # a call inside watched it again in between
-            UNFLUSHED.add(self)
-        return True
+    def _write_outbox_now(self) -> bool:
+        """Under the call gate, never blocking: True once the outbox is written (or it is not attached yet)."""
+        return self._phase != _READY or not self._outbox or self._write_outbox()
 
     def _flusher_fd(self) -> int:
         """The socket the flusher waits on for room."""
@@ -1061,14 +1009,8 @@ class UDPConsumer(Consumer):
                     break
                 messages.append(message)
                 pending = self._pending  # a BATCH datagram left its other messages here
-        except EndOfStream:
-            if not messages:
-                raise
-            self._ended = True
         except PodIPCError as error:
-            if not messages:
-                raise
-            self._keep(error)
+            self._after_some(messages, error)
         return messages
 
     def _receive_checking_source(self) -> int | None:

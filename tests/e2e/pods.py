@@ -217,16 +217,7 @@ class PlayedPods:
         # read the log again until the summary is in it (or SUMMARY_WAIT_SECONDS passed)
         deadline = time.monotonic() + SUMMARY_WAIT_SECONDS
         while True:
-            objects = []
-            for line in self.logs(container).splitlines():
-                line = line.strip()
-                if line.startswith("{"):
-                    try:
-                        value = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(value, dict):
-                        objects.append(value)
+            objects = self.summaries(container)
             for value in reversed(objects):
                 if "role" in value:
                     return value

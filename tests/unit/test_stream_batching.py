@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import podipc
-from podipc import stream_producer
+from podipc import coalescing
 from podipc.address import parse_address
 from podipc.framing import ACK, END_OF_STREAM, HEADER, HELLO, encode_frame, encode_header
 from podipc.options import resolve_options
@@ -263,7 +263,7 @@ def test_flush_writes_what_waits_in_the_outbox_now(
         def wake(self) -> None:
             """A flusher that never runs: only flush() (or a later call) writes the outbox."""
 
-    monkeypatch.setattr(stream_producer, "flusher", Asleep)
+    monkeypatch.setattr(coalescing, "flusher", Asleep)
     producer = counting_producer(endpoint.url)
     try:
         producer.send(numbered(0))
