@@ -21,7 +21,7 @@ import pytest
 
 import podipc
 import podipc.aio
-from podipc.transports import udp
+from podipc.transports.udp import wire as udp_wire
 
 from .harness import CONTEXT, RELIABLE, mixed_sizes, payload, url_for
 
@@ -40,7 +40,7 @@ def scheme(request: pytest.FixtureRequest) -> str:
 
 
 def size_limit(scheme: str) -> int:
-    return {"mq": 8192, "sysvmq": 8192, "udp": udp.MAX_MESSAGE_SIZE}.get(scheme, 1 << 20)
+    return {"mq": 8192, "sysvmq": 8192, "udp": udp_wire.MAX_MESSAGE_SIZE}.get(scheme, 1 << 20)
 
 
 # --- sides in other processes ------------------------------------------------------

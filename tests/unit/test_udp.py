@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 
 import podipc
 from podipc.presence import PRESENCE_DIRECTORY, PRESENCE_PREFIX
+from podipc.transports.udp import owners as udp_owners
+from podipc.transports.udp import wire as udp_wire
 from tests.commands import PODIPC
 
 udp: Any = importlib.import_module("podipc.transports.udp")
@@ -92,7 +94,7 @@ def finish(process: subprocess.Popen[bytes]) -> str:
 @pytest.mark.parametrize("consumer_first", [True, False], ids=["consumer-first", "producer-first"])
 def test_messages_arrive_whole_and_in_order_including_empty_and_max_size(consumer_first: bool) -> None:
     url = udp_url()
-    sizes = [0, 1, 0, 1000, udp.MAX_MESSAGE_SIZE, 7, 0, 65000, 3]
+    sizes = [0, 1, 0, 1000, udp_wire.MAX_MESSAGE_SIZE, 7, 0, 65000, 3]
     if consumer_first:
         consumer = podipc.consumer(url)
         producer = start_producer(url, sizes)
@@ -264,16 +266,16 @@ def test_a_datagram_from_another_socket_queued_behind_the_hello_is_skipped() -> 
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as intruder,
         ):
             plain.connect(target)
-            plain.send(udp.encode(udp.KIND_HELLO, 0))
-            intruder.sendto(udp.encode(udp.KIND_DATA, 1000, b"forged"), target)  # queued before connect()
-            plain.send(udp.encode(udp.KIND_DATA, 0, b"real"))
-            plain.send(udp.encode(udp.KIND_EOS, 1))
+            plain.send(udp_wire.encode(udp_wire.KIND_HELLO, 0))
+            intruder.sendto(udp_wire.encode(udp_wire.KIND_DATA, 1000, b"forged"), target)  # queued before connect()
+            plain.send(udp_wire.encode(udp_wire.KIND_DATA, 0, b"real"))
+            plain.send(udp_wire.encode(udp_wire.KIND_EOS, 1))
             assert list(consumer) == [b"real"]
         assert (consumer.skipped, consumer.lost) == (1, 0)
 
 
 def test_the_bound_on_datagrams_queued_before_connect_is_never_below_their_number() -> None:
-    sizes = [0, 64, 1500, udp.MAX_MESSAGE_SIZE] * 30
+    sizes = [0, 64, 1500, udp_wire.MAX_MESSAGE_SIZE] * 30
     with podipc.consumer(udp_url()) as consumer, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
         for count, size in enumerate(sizes, 1):
             sender.sendto(bytes(size), ("127.0.0.1", consumer.address.port))
@@ -284,21 +286,23 @@ def test_the_owners_of_udp_sockets_come_from_the_kernel_table() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bound:
         bound.bind(("127.0.0.1", 0))
         port = bound.getsockname()[1]
-        assert udp.udp_socket_owners(socket.AF_INET, "127.0.0.1", port) == [os.geteuid()]
-    assert udp.udp_socket_owners(socket.AF_INET, "127.0.0.1", port) == []
+        assert udp_owners.udp_socket_owners(socket.AF_INET, "127.0.0.1", port) == [os.geteuid()]
+    assert udp_owners.udp_socket_owners(socket.AF_INET, "127.0.0.1", port) == []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wildcard:
         wildcard.bind(("0.0.0.0", 0))
-        assert udp.udp_socket_owners(socket.AF_INET, "127.0.0.1", wildcard.getsockname()[1]) == [os.geteuid()]
-    assert udp.udp_socket_owners(socket.AF_INET, "not-an-address", port) is None
+        assert udp_owners.udp_socket_owners(socket.AF_INET, "127.0.0.1", wildcard.getsockname()[1]) == [os.geteuid()]
+    assert udp_owners.udp_socket_owners(socket.AF_INET, "not-an-address", port) is None
 
 
 def test_proc_net_addresses_decode_to_network_order() -> None:
     little = sys.byteorder == "little"
-    assert udp._proc_address("0100007F" if little else "7F000001") == socket.inet_pton(socket.AF_INET, "127.0.0.1")
+    assert udp_owners.proc_address("0100007F" if little else "7F000001") == socket.inet_pton(
+        socket.AF_INET, "127.0.0.1"
+    )
     loopback6 = "00000000000000000000000001000000" if little else "00000000000000000000000000000001"
-    assert udp._proc_address(loopback6) == socket.inet_pton(socket.AF_INET6, "::1")
+    assert udp_owners.proc_address(loopback6) == socket.inet_pton(socket.AF_INET6, "::1")
     with pytest.raises(ValueError):
-        udp._proc_address("7F0000")
+        udp_owners.proc_address("7F0000")
 
 
 def test_a_port_held_by_another_socket_names_its_owner() -> None:
@@ -315,7 +319,14 @@ def test_garbage_datagrams_are_skipped_and_counted() -> None:
     with podipc.consumer(url) as consumer:
         target = ("127.0.0.1", consumer.address.port)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
-            for garbage in (b"", b"x", b"pu", b"\xff" * 40, udp.encode(udp.KIND_DATA, 0, b"early"), b"puZ" + bytes(8)):
+            for garbage in (
+                b"",
+                b"x",
+                b"pu",
+                b"\xff" * 40,
+                udp_wire.encode(udp_wire.KIND_DATA, 0, b"early"),
+                b"puZ" + bytes(8),
+            ):
                 raw.sendto(garbage, target)
         producer = start_producer(url, [4, 0, 9])
         assert list(consumer) == [message(0, 4), b"", message(2, 9)]
@@ -414,18 +425,22 @@ def test_the_presence_token_formula_in_the_docs_is_podipcs(tmp_path: Path, url: 
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=64))
 def test_the_datagram_decoder_accepts_only_well_formed_datagrams(datagram: bytes) -> None:
-    decoded = udp.decode(datagram)
+    decoded = udp_wire.decode(datagram)
     if decoded is None:
         return
     kind, sequence, payload = decoded
-    assert datagram[:2] == b"pu" and kind in udp.KINDS
-    assert udp.encode(kind, sequence, payload) == datagram
+    assert datagram[:2] == b"pu" and kind in udp_wire.KINDS
+    assert udp_wire.encode(kind, sequence, payload) == datagram
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 2**64 - 1), st.binary(max_size=2000))
 def test_every_encoded_data_datagram_decodes_to_itself(sequence: int, payload: bytes) -> None:
-    assert udp.decode(udp.encode(udp.KIND_DATA, sequence, payload)) == (udp.KIND_DATA, sequence, payload)
+    assert udp_wire.decode(udp_wire.encode(udp_wire.KIND_DATA, sequence, payload)) == (
+        udp_wire.KIND_DATA,
+        sequence,
+        payload,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -443,16 +458,16 @@ def test_the_consumer_never_crashes_on_an_arbitrary_datagram(lone_consumer: Any,
     try:
         result = lone_consumer._take(len(datagram))
     except podipc.EndOfStream:
-        assert udp.decode(datagram) is not None and datagram[2] == udp.KIND_EOS
+        assert udp_wire.decode(datagram) is not None and datagram[2] == udp_wire.KIND_EOS
         lone_consumer._expected = 0
         return
     if result is None:
         assert lone_consumer.skipped + lone_consumer.late + lone_consumer.lost >= skipped + late + lost
-    elif datagram[2] == udp.KIND_BATCH:
-        messages = udp.split_batch(datagram[udp.HEADER_SIZE :])
+    elif datagram[2] == udp_wire.KIND_BATCH:
+        messages = udp_wire.split_batch(datagram[udp_wire.HEADER_SIZE :])
         assert messages is not None and [result, *reversed(lone_consumer._pending)] == messages
         lone_consumer._pending = []
         lone_consumer._expected = 0
     else:
-        assert result == datagram[udp.HEADER_SIZE :]
+        assert result == datagram[udp_wire.HEADER_SIZE :]
         lone_consumer._expected = 0

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import podipc
-from podipc.transports import udp
+from podipc.transports.udp import wire as udp_wire
 from tests.unit.test_udp import doc_script
 
 pytestmark = pytest.mark.timeout(60)
@@ -137,7 +137,7 @@ def plain_producer() -> Iterator[Any]:
     try:
         sock.connect(("127.0.0.1", consumer.address.port))
         sock.settimeout(10)
-        sock.send(udp.encode(udp.KIND_HELLO, 0))
+        sock.send(udp_wire.encode(udp_wire.KIND_HELLO, 0))
         with pytest.raises(podipc.Timeout):
             consumer.recv(timeout=0.05)  # reads the HELLO and answers it
         replies = [sock.recv(64), sock.recv(64)]
@@ -245,7 +245,7 @@ def test_the_plain_consumer_from_the_docs_gets_every_message_as_data(tmp_path: P
 def test_a_consumer_that_answers_without_batch_ok_gets_only_data(mode: str) -> None:
     url = udp_url()
     with podipc.consumer(url) as consumer:
-        consumer._say_hello_back = lambda: consumer._reply(udp.KIND_HELLO_ACK)  # as podipc before BATCH
+        consumer._say_hello_back = lambda: consumer._reply(udp_wire.KIND_HELLO_ACK)  # as podipc before BATCH
         batches = BatchCount(consumer)
         producer = start_producer(url, mode, count=3000)
         received = list(consumer)
@@ -269,24 +269,27 @@ def test_a_producer_attached_through_presence_learns_batch_ok_from_the_replies()
 
 def test_the_consumer_says_batch_ok_before_its_hello_ack(plain_producer: Any) -> None:
     _, _, replies = plain_producer
-    assert replies == [udp.KIND_BATCH_OK, udp.KIND_HELLO_ACK]
+    assert replies == [udp_wire.KIND_BATCH_OK, udp_wire.KIND_HELLO_ACK]
 
 
 def test_malformed_and_late_batches_are_skipped_and_counted_and_later_messages_delivered(plain_producer: Any) -> None:
     consumer, sock, _ = plain_producer
-    header = udp.HEADER.pack
+    header = udp_wire.HEADER.pack
     for datagram in (
-        udp.encode(udp.KIND_DATA, 0, b"zero"),
-        header(b"pu", udp.KIND_BATCH, 1) + b"\x00\x00",  # a length cut short
-        header(b"pu", udp.KIND_BATCH, 1) + b"\x00\x00\x00\x09abc",  # a length past the end
-        header(b"pu", udp.KIND_BATCH, 1),  # no entry
-        udp.encode_batch(1, [b"one", b"", b"three"]),
-        udp.encode(udp.KIND_DATA, 4, b"four"),
-        header(b"pu", udp.KIND_BATCH, 5) + udp.LENGTH.pack(1) + b"five" + udp.LENGTH.pack(0),  # a length short
-        udp.encode(udp.KIND_DATA, 7, b"seven"),
-        udp.encode_batch(2, [b"late", b"late"]),  # a duplicate: messages 2 and 3 again
-        udp.encode_batch(6, [b"six", b"seven", b"eight"]),  # only a forger overlaps: 8 is new
-        udp.encode(udp.KIND_EOS, 9),
+        udp_wire.encode(udp_wire.KIND_DATA, 0, b"zero"),
+        header(b"pu", udp_wire.KIND_BATCH, 1) + b"\x00\x00",  # a length cut short
+        header(b"pu", udp_wire.KIND_BATCH, 1) + b"\x00\x00\x00\x09abc",  # a length past the end
+        header(b"pu", udp_wire.KIND_BATCH, 1),  # no entry
+        udp_wire.encode_batch(1, [b"one", b"", b"three"]),
+        udp_wire.encode(udp_wire.KIND_DATA, 4, b"four"),
+        header(b"pu", udp_wire.KIND_BATCH, 5)
+        + udp_wire.LENGTH.pack(1)
+        + b"five"
+        + udp_wire.LENGTH.pack(0),  # a length short
+        udp_wire.encode(udp_wire.KIND_DATA, 7, b"seven"),
+        udp_wire.encode_batch(2, [b"late", b"late"]),  # a duplicate: messages 2 and 3 again
+        udp_wire.encode_batch(6, [b"six", b"seven", b"eight"]),  # only a forger overlaps: 8 is new
+        udp_wire.encode(udp_wire.KIND_EOS, 9),
     ):
         sock.send(datagram)
     assert list(consumer) == [b"zero", b"one", b"", b"three", b"four", b"seven", b"eight"]
@@ -296,8 +299,8 @@ def test_malformed_and_late_batches_are_skipped_and_counted_and_later_messages_d
 def test_poll_try_recv_and_recv_many_serve_a_batch_in_order(plain_producer: Any) -> None:
     consumer, sock, _ = plain_producer
     batch = [bytes([index]) * index for index in range(6)]
-    sock.send(udp.encode_batch(0, batch))
-    sock.send(udp.encode(udp.KIND_DATA, 6, b"data"))
+    sock.send(udp_wire.encode_batch(0, batch))
+    sock.send(udp_wire.encode(udp_wire.KIND_DATA, 6, b"data"))
     assert consumer.poll(timeout=10)
     assert consumer.try_recv() == batch[0]
     assert consumer._readiness()[2] == 0  # messages are waiting: ready now, whatever the socket says
@@ -322,7 +325,7 @@ def test_an_aio_consumer_takes_batches() -> None:
 
 def test_close_from_another_thread_wakes_a_consumer_blocked_after_a_batch(plain_producer: Any) -> None:
     consumer, sock, _ = plain_producer
-    sock.send(udp.encode_batch(0, [b"a", b"b", b"c"]))
+    sock.send(udp_wire.encode_batch(0, [b"a", b"b", b"c"]))
     assert [consumer.recv(timeout=10) for _ in range(3)] == [b"a", b"b", b"c"]
     closer = threading.Timer(0.2, consumer.close)
     closer.start()
@@ -336,14 +339,14 @@ def test_close_from_another_thread_wakes_a_consumer_blocked_after_a_batch(plain_
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 2**64 - 1), st.lists(st.binary(max_size=300), min_size=1, max_size=20))
 def test_every_encoded_batch_decodes_and_splits_into_its_messages(sequence: int, messages: list[bytes]) -> None:
-    datagram = udp.encode_batch(sequence, messages)
-    assert udp.decode(datagram) == (udp.KIND_BATCH, sequence, datagram[udp.HEADER_SIZE :])
-    assert udp.split_batch(datagram[udp.HEADER_SIZE :]) == messages
+    datagram = udp_wire.encode_batch(sequence, messages)
+    assert udp_wire.decode(datagram) == (udp_wire.KIND_BATCH, sequence, datagram[udp_wire.HEADER_SIZE :])
+    assert udp_wire.split_batch(datagram[udp_wire.HEADER_SIZE :]) == messages
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=60))
 def test_entries_split_only_when_their_lengths_end_exactly_at_the_end(entries: bytes) -> None:
-    messages = udp.split_batch(entries)
+    messages = udp_wire.split_batch(entries)
     if messages is not None:
-        assert messages and udp.encode_batch(0, messages)[udp.HEADER_SIZE :] == entries
+        assert messages and udp_wire.encode_batch(0, messages)[udp_wire.HEADER_SIZE :] == entries

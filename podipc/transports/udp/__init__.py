@@ -73,11 +73,10 @@ The endpoint contract (podipc.endpoint):
     waits only for the consumer to appear. Endpoints may be shared by threads (one call
     at a time per side, by the base's gate).
 
-Why one module of ~1100 lines: the datagram format (`encode`/`decode`, BATCH entries),
-the owner checks of a UDP port and both endpoints are one protocol (sequence numbers,
-hello and BATCH-OK, end marker and its ack) read together; `podipc/transports/` holds
-one module (or package) per transport. (Splitting the format and the owner checks out
-would be the next step if it grows.)
+Layout: the datagram format (header, kinds, BATCH entries) is podipc.transports.udp.wire,
+the owner checks of a UDP port podipc.transports.udp.owners; both endpoints stay here, as
+they are one protocol (sequence numbers, hello and BATCH-OK, end marker and its ack) read
+together.
 """
 
 from __future__ import annotations
@@ -88,7 +87,6 @@ import os
 import select
 import socket
 import struct
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from time import monotonic
 from typing import Any, ClassVar
@@ -106,41 +104,37 @@ from podipc.flushing import (
 )
 from podipc.options import Option, parse_bool, parse_seconds, parse_size
 from podipc.ownership import SHARE_FIX, user_text
-from podipc.presence import PeerState, PeerTracker, Presence, open_presence
+from podipc.presence import PeerState, PeerTracker, Presence
 from podipc.producing import Producer
 from podipc.transport import AddressForm, Capability, Example, MessageLimit, Transport
 from podipc.waking import POLLIN, POLLOUT
 
-UDP_DATAGRAM_LIMIT = 65507  # 65535 - 20 (IPv4 header) - 8 (UDP header)
-MAGIC = b"pu"
-MAGIC_FIRST, MAGIC_SECOND = MAGIC
-HEADER = struct.Struct("!2sBQ")
-HEADER_SIZE = HEADER.size
-SEQUENCE = struct.Struct("!Q")
-SEQUENCE_OFFSET = 3
-MAX_MESSAGE_SIZE = UDP_DATAGRAM_LIMIT - HEADER_SIZE
+from .owners import foreign_owner, udp_socket_owners
+from .wire import (
+    BATCH_ENTRIES_BYTES,
+    HEADER,
+    HEADER_SIZE,
+    KIND_BATCH,
+    KIND_BATCH_OK,
+    KIND_DATA,
+    KIND_EOS,
+    KIND_EOS_ACK,
+    KIND_HELLO,
+    KIND_HELLO_ACK,
+    LENGTH,
+    LENGTH_SIZE,
+    MAGIC,
+    MAGIC_FIRST,
+    MAGIC_SECOND,
+    MAX_MESSAGE_SIZE,
+    SEQUENCE,
+    SEQUENCE_OFFSET,
+    UDP_DATAGRAM_LIMIT,
+    decode,
+    encode,
+    split_batch,
+)
 
-KIND_DATA = 0x44  # 'D'
-KIND_HELLO = 0x48  # 'H'
-KIND_HELLO_ACK = 0x68  # 'h'
-KIND_EOS = 0x45  # 'E'
-KIND_EOS_ACK = 0x65  # 'e'
-KIND_BATCH = 0x4D  # 'M'
-KIND_BATCH_OK = 0x6D  # 'm'
-KINDS = frozenset({KIND_DATA, KIND_HELLO, KIND_HELLO_ACK, KIND_EOS, KIND_EOS_ACK, KIND_BATCH, KIND_BATCH_OK})
-PAYLOAD_KINDS = frozenset({KIND_DATA, KIND_BATCH})
-LENGTH = struct.Struct("!I")
-LENGTH_SIZE = LENGTH.size
-BATCH_DATAGRAM_BYTES = 16 * 1024
-"""The largest BATCH datagram a producer sends (header included).
-
-A lost datagram loses every message it carries: at 16 KiB that is about 240 messages of
-64 B, where one datagram's send and receive already cost less than a message's own
-Python work on either side (larger datagrams would gain almost nothing and lose more at
-once, and need larger contiguous kernel buffers).
-"""
-BATCH_ENTRIES_BYTES = BATCH_DATAGRAM_BYTES - HEADER_SIZE
-"""Bytes of entries (length and payload) one BATCH datagram holds at most."""
 COALESCE_SIZE = 2048
 """Messages up to this size join a burst's outbox (and are copied); larger ones leave as DATA from the caller's buffer."""
 OUTBOX_FULL = BATCH_ENTRIES_BYTES - LENGTH_SIZE - COALESCE_SIZE
@@ -166,10 +160,6 @@ RECEIVE_MEMORY = struct.Struct("@I")
 SMALLEST_DATAGRAM_CHARGE = 256
 """Bytes of receive memory the kernel charges at least per queued datagram (its sk_buff alone takes more)."""
 TIMEVAL = struct.Struct("@ll")
-PROC_NET_UDP = {socket.AF_INET: "/proc/net/udp", socket.AF_INET6: "/proc/net/udp6"}
-"""Where Linux lists the UDP sockets of this network namespace, with the UID owning each."""
-PROC_UID_FIELD = 7
-
 LIMIT_SOURCE = "the UDP datagram limit"
 LIMIT_FIX = "use tcp:// or shm:// for larger messages"
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -187,54 +177,6 @@ def availability() -> str | None:
 def host_max_message_size() -> int:
     """The largest message udp:// carries: one datagram minus the podipc header."""
     return MAX_MESSAGE_SIZE
-
-
-def encode(kind: int, sequence: int, payload: bytes = b"") -> bytes:
-    """One datagram: header (magic, kind, sequence) and payload."""
-    return HEADER.pack(MAGIC, kind, sequence) + payload
-
-
-def decode(datagram: bytes | bytearray | memoryview) -> tuple[int, int, bytes] | None:
-    """Split a datagram into (kind, sequence, payload); None when it is not a valid podipc datagram."""
-    if len(datagram) < HEADER_SIZE:
-        return None
-    magic, kind, sequence = HEADER.unpack_from(datagram)
-    if magic != MAGIC or kind not in KINDS:
-        return None
-    if kind not in PAYLOAD_KINDS and len(datagram) != HEADER_SIZE:
-        return None
-    payload = bytes(datagram[HEADER_SIZE:])
-    if kind == KIND_BATCH and split_batch(payload) is None:
-        return None
-    return kind, sequence, payload
-
-
-def encode_batch(sequence: int, messages: Sequence[bytes | bytearray | memoryview]) -> bytes:
-    """One BATCH datagram: the header with the first message's sequence number, then each message's entry."""
-    entries = b"".join(_pack_length(len(message)) + bytes(message) for message in messages)
-    return HEADER.pack(MAGIC, KIND_BATCH, sequence) + entries
-
-
-def split_batch(entries: bytes) -> list[bytes] | None:
-    """The messages of a BATCH datagram's entries (what follows the header), in order; None when malformed.
-
-    Malformed: no entry at all, fewer than 4 bytes left for a length, or a length past the end.
-    """
-    end = len(entries)
-    if not end:
-        return None
-    unpack = LENGTH.unpack_from
-    messages: list[bytes] = []
-    append = messages.append
-    offset = 0
-    try:
-        while offset < end:
-            start = offset + LENGTH_SIZE
-            offset = start + unpack(entries, offset)[0]
-            append(entries[start:offset])  # a slice past the end is cut short: the check below sees it
-    except struct.error:
-        return None
-    return messages if offset == end else None
 
 
 def _family(address: Address) -> socket.AddressFamily:
@@ -256,65 +198,6 @@ def _translate(error: OSError, what: str) -> PodIPCError:
     if error.errno in _REFUSED:
         return PeerGone(f"the consumer of {what} is gone (port unreachable: {error.strerror})")
     return PodIPCError(f"{what}: {error.strerror or error}")
-
-
-# --- who owns a UDP socket ----------------------------------------------------------
-
-
-def udp_socket_owners(family: socket.AddressFamily, host: str, port: int) -> list[int] | None:
-    """The UIDs owning the UDP sockets of this network namespace bound to `host:port` (or any address, `port`).
-
-    From /proc/net/udp (udp6 for IPv6); None when it cannot be read or `host` is not a numeric address.
-    """
-    try:
-        wanted = socket.inet_pton(family, host)
-        with open(PROC_NET_UDP[family], "rb") as table:
-            lines = table.read().decode("ascii", "replace").splitlines()[1:]
-    except (OSError, KeyError):
-        return None
-    wildcard = bytes(len(wanted))
-    owners = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) <= PROC_UID_FIELD:
-            continue
-        address_hex, _, port_hex = fields[1].partition(":")
-        try:
-            bound = (_proc_address(address_hex), int(port_hex, 16))
-            uid = int(fields[PROC_UID_FIELD])
-        except ValueError:
-            continue
-        if bound[1] == port and bound[0] in (wanted, wildcard):
-            owners.append(uid)
-    return owners
-
-
-def _proc_address(text: str) -> bytes:
-    """An address as /proc/net/udp{,6} prints it (32-bit words in host byte order) as network-order bytes."""
-    if len(text) not in (8, 32):
-        raise ValueError(f"not an address: {text!r}")
-    return b"".join(int(text[start : start + 8], 16).to_bytes(4, sys.byteorder) for start in range(0, len(text), 8))
-
-
-def _presence_owner(presence: Presence) -> int | None:
-    """The UID owning the peer's presence file, when there is one (podipc.presence trusts it, or raises)."""
-    fd = open_presence(presence.peer_path, presence.trust)
-    if fd is None:
-        return None
-    try:
-        return os.fstat(fd).st_uid
-    finally:
-        os.close(fd)
-
-
-def _foreign_owner(presence: Presence, owners: list[int]) -> int | None:
-    """The first of `owners` that is neither us nor the owner of the peer's (trusted) presence file; None if none."""
-    trusted = {presence.trust.uid}
-    if any(uid not in trusted for uid in owners):
-        peer = _presence_owner(presence)
-        if peer is not None:
-            trusted.add(peer)
-    return next((uid for uid in owners if uid not in trusted), None)
 
 
 RECEIVE_BUFFER_OPTION = Option(
@@ -647,7 +530,7 @@ class UDPProducer(CoalescingProducer):
         """The consumer is there: check who holds its port, then send at full speed and watch it."""
         host, port = self._sock.getpeername()[:2]
         owners = udp_socket_owners(self._family, host, port)
-        foreign = None if owners is None else _foreign_owner(self._presence, owners)
+        foreign = None if owners is None else foreign_owner(self._presence, owners)
         if foreign is not None:
             raise ChannelUnavailable(
                 f"{self._what}: the port is held by a socket of {user_text(foreign)}, not by this channel's "
@@ -1116,7 +999,7 @@ class UDPConsumer(Consumer):
         elif not owners:
             foreign = -1  # its socket is gone already
         else:
-            foreign = _foreign_owner(self._presence, owners)
+            foreign = foreign_owner(self._presence, owners)
         if foreign is not None:
             self.skipped += 1
             if self._refusal is None:
