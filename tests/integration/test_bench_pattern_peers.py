@@ -28,7 +28,7 @@ from podipc.bench.pattern_peers import (
 from podipc.bench.stats import SequenceChecker
 from podipc.bench.subjects import CellPlace
 from podipc.errors import EndOfStream
-from tests.integration.test_bench import assert_sane, run_bench
+from tests.integration.test_bench import assert_sane, judged, run_bench
 
 SIZE = 64
 SHARE = 100
@@ -71,10 +71,24 @@ def test_each_pattern_peer_cell_reports_a_rate_with_nothing_lost(family: list[st
 
 
 @pytest.mark.timeout(240)
-def test_broadcast_peers_carry_one_mebibyte_messages_to_four_subscribers() -> None:
-    cells = throughput_cells(["pyzmq-broadcast-4", "iceoryx2-broadcast-4"], sizes="1MiB")
-    for name in ("pyzmq-broadcast-4", "iceoryx2-broadcast-4"):
+def test_broadcast_peers_carry_one_mebibyte_messages_to_four_subscribers_beside_shm_broadcast() -> None:
+    channels = ["broadcast-shm-4", "pyzmq-broadcast-4", "iceoryx2-broadcast-4"]
+    report = run_bench("--quick", "--channels", ",".join(channels), "--sizes", "1MiB", "--mode", "throughput")
+    cells = {(record["subject"], record["size"]): record for record in report["results"]}
+    for name in channels:
         assert_every_message_counted(cells[(name, 1 << 20)])
+    targets = {entry["id"]: entry for entry in judged(report)}
+    for target_id in ("broadcast-shm-4-vs-iceoryx2-broadcast-4", "broadcast-shm-4-vs-pyzmq-broadcast-4"):
+        assert targets[target_id]["ratio"] is not None and targets[target_id]["ratio"] > 0, targets[target_id]
+
+
+@pytest.mark.timeout(240)
+def test_fanin_and_work_queue_are_reported_against_their_pyzmq_peers() -> None:
+    channels = ["fanin-unix-4", "pyzmq-fanin-4", "queue-mq-4", "pyzmq-queue-4"]
+    report = run_bench("--quick", "--channels", ",".join(channels), "--sizes", "64", "--mode", "throughput")
+    targets = {entry["id"]: entry for entry in judged(report)}
+    for target_id in ("fanin-unix-4-vs-pyzmq-fanin-4", "queue-mq-4-vs-pyzmq-queue-4"):
+        assert targets[target_id]["ratio"] is not None and targets[target_id]["ratio"] > 0, targets[target_id]
 
 
 @pytest.mark.timeout(90)
