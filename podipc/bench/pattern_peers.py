@@ -65,7 +65,7 @@ from podipc.bench.subjects import (
     Sender,
     Subject,
 )
-from podipc.bench.workloads import CLOCK_CHECK_EVERY, Effort, stream
+from podipc.bench.workloads import CLOCK_CHECK_EVERY, Effort, drain, stream
 from podipc.errors import EndOfStream
 
 PATTERN_PEER_COUNTS = (1, 2, 4)
@@ -529,8 +529,6 @@ class SubscribersReceiver(PatternReceiver):
 
     def drain(self, checker: SequenceChecker) -> tuple[float, Effort]:
         """The bench's own drain on the measured subscriber; then each helper must have taken as many messages."""
-        from podipc.bench.workloads import drain
-
         seconds, effort = drain(self.measured, checker, numbered=True, lossy=False)
         self.measured.close()
         self.closed = True
