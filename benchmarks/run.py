@@ -64,6 +64,12 @@ PATTERN_CELLS = (
 """Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producer
 processes over unix:// and tcp://;
 shm:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one shm:// consumer."""
+PATTERN_PEER_CELLS = (
+    *(f"pyzmq-fanin-{count}" for count in (1, 4)),
+    *(f"{peer}-broadcast-{count}" for peer in ("iceoryx2", "pyzmq") for count in (1, 4)),
+    *(f"{queue}-{count}" for queue in ("queue-mq", "queue-sysvmq", "pyzmq-queue") for count in (1, 4)),
+)
+"""Issue 14: the patterns' peers (pyzmq, iceoryx2) and the work queues (podipc.bench.pattern_peers), 1 and 4 each."""
 DEFAULT_REPEAT = 5
 QUICK_REPEAT = 2
 BATCH = 256
@@ -77,7 +83,7 @@ def bench_command(arguments: argparse.Namespace, output: Path) -> list[str]:
         "podipc",
         "bench",
         "--channels",
-        ",".join(("all", *SPOOL_VARIANTS, *PATTERN_CELLS)),
+        ",".join(("all", *SPOOL_VARIANTS, *PATTERN_CELLS, *PATTERN_PEER_CELLS)),
         "--peers",
         "--api",
         "async",

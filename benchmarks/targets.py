@@ -227,6 +227,7 @@ def compute_targets(report: dict[str, Any], previous: dict[str, Any] | None = No
         *_asyncio_targets(report),
         *_small_message_targets(report),
         *_pattern_targets(report),
+        *_pattern_peer_targets(report),
     ]
     if previous is not None:
         targets += regression_targets(report, previous)
@@ -442,6 +443,28 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
         None,
         "<=",
     )
+
+
+PATTERN_PEER_COMPARISONS = (
+    ("fanin-unix-4", "pyzmq-fanin-4", SMALL_SIZE, "fan-in of 4 producer processes over unix://"),
+    ("broadcast-shm-4", "iceoryx2-broadcast-4", LARGEST_SIZE, "shm:// broadcast, per subscriber of 4"),
+    ("broadcast-shm-4", "pyzmq-broadcast-4", LARGEST_SIZE, "shm:// broadcast, per subscriber of 4"),
+    ("queue-mq-4", "pyzmq-queue-4", SMALL_SIZE, "mq:// work queue into 4 consumer processes"),
+)
+"""Issue 14: (podipc cell, its peer, size, what) of each pattern compared with pyzmq's or iceoryx2's (reported)."""
+
+
+def _pattern_peer_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Issue 14: each pattern's msg/s against its pyzmq or iceoryx2 peer (podipc.bench.pattern_peers), reported."""
+    for subject, peer, size, what in PATTERN_PEER_COMPARISONS:
+        yield ratio_target(
+            report,
+            f"{subject}-vs-{peer}",
+            f"{what}: msg/s at {'64 B' if size == SMALL_SIZE else '1 MiB'} beside {peer}",
+            Comparison(subject, peer, RATE, size),
+            None,
+            ">=",
+        )
 
 
 def _paired_median(report: dict[str, Any], compared: Comparison) -> tuple[float | None, str | None]:

@@ -17,7 +17,10 @@ Fan-in (`fanin-unix-N`, `fanin-tcp-N`) is podipc.bench.fanin's: N producer proce
 throughput cells: the bench's receiver is one subscriber (recv_view, in place) and N - 1
 more subscriber processes drain the same stream beside it, so its msg/s is the
 per-subscriber rate, to set against the single-consumer shm:// figure
-(`podipc bench --channels broadcast-shm-4,shm --sizes 1048576 --modes throughput`).
+(`podipc bench --channels broadcast-shm-4,shm --sizes 1048576 --mode throughput`).
+
+Their peers (pyzmq-fanin-N, pyzmq-broadcast-N, iceoryx2-broadcast-N) and the work-queue
+cells (queue-mq-N, queue-sysvmq-N, pyzmq-queue-N) are podipc.bench.pattern_peers'.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import podipc
 from podipc.bench.fanin import fanin_subjects
+from podipc.bench.pattern_peers import pattern_peer_subjects
 from podipc.bench.subjects import (
     PEER_WAIT_SECONDS,
     Buffer,
@@ -265,4 +269,5 @@ def pattern_subjects() -> list[Subject]:
         RequestReply("tcp"),
         *fanin_subjects(),
         *(Broadcast(count) for count in BROADCAST_SUBSCRIBERS),
+        *pattern_peer_subjects(),
     ]

@@ -54,6 +54,7 @@ from podipc.bench.cells import (
 )
 from podipc.bench.control import PROTOCOL_VERSION, Control, connect
 from podipc.bench.fanin import FanInReceiver
+from podipc.bench.pattern_peers import PatternReceiver
 from podipc.bench.peers import LocalSubject, local_context
 from podipc.bench.rounds import FINAL_STATUSES, Group, add_ratios, group_settled, plan_groups, record_from_runs
 from podipc.bench.server import open_server_ends, run_server_side, serve_forever_once
@@ -110,7 +111,7 @@ def measure_throughput(cell: Cell, receiver: Receiver, lossy: bool) -> dict[str,
     try:
         if isinstance(receiver, BatchReceiver):
             seconds, effort = drain_batches(receiver, checker, cell.size, max(cell.batch, 1), lossy)
-        elif isinstance(receiver, FanInReceiver):
+        elif isinstance(receiver, FanInReceiver | PatternReceiver):
             seconds, effort = receiver.drain(checker)
         else:
             seconds, effort = drain(receiver, checker, cell.size >= SEQUENCE_SIZE, lossy)

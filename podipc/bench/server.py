@@ -15,6 +15,7 @@ from podipc.bench import facts
 from podipc.bench.cells import CONTROL_TIMEOUT_SECONDS, Catalog, Cell, Opener, abort_ends, describe, watchdog
 from podipc.bench.control import PROTOCOL_VERSION, Control, ControlListener
 from podipc.bench.fanin import FanInSender
+from podipc.bench.pattern_peers import PatternSender
 from podipc.bench.subjects import (
     BatchSender,
     Receiver,
@@ -41,7 +42,7 @@ def run_server_side(subject: Subject, cell: Cell, sender: Sender, receiver: Rece
     """Echo or stream (every producer of a fan-in cell); the count, wall and CPU seconds of this side."""
     if receiver is not None:
         count, effort = echo(receiver, sender, subject.lossy)
-    elif isinstance(sender, FanInSender):
+    elif isinstance(sender, FanInSender | PatternSender):
         count, effort = sender.stream(cell.size, cell.seconds, cell.max_count)
     elif isinstance(sender, BatchSender):
         count, effort = stream_batches(sender, cell.size, cell.seconds, cell.max_count, max(cell.batch, 1))

@@ -58,7 +58,8 @@ ICEORYX_BUFFER = 8
 _ICEORYX_NODE: list[Any] = []
 
 
-def _iceoryx_service(name: str) -> Any:
+def _iceoryx_service(name: str, subscribers: int = 1) -> Any:
+    """The publish-subscribe service `name` (one publisher, `subscribers` subscribers), opened or created."""
     import iceoryx2 as iox2
 
     if not _ICEORYX_NODE:
@@ -72,19 +73,21 @@ def _iceoryx_service(name: str) -> Any:
         .subscriber_max_buffer_size(ICEORYX_BUFFER)
         .history_size(0)
         .max_publishers(1)
-        .max_subscribers(1)
+        .max_subscribers(subscribers)
         .open_or_create()
     )
 
 
 class IceoryxSender:
     """A publisher that waits for its subscriber, copies each message into a loaned sample, and
-    retries until delivered (no loss). A zero-length sample ends the stream."""
+    retries until delivered (no loss). A zero-length sample ends the stream. With `subscribers`
+    above 1 the first send waits for all of them (a broadcast: every sample goes to each)."""
 
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, subscribers: int = 1) -> None:
         import iceoryx2 as iox2
 
-        self.service = _iceoryx_service(name)
+        self.service = _iceoryx_service(name, subscribers)
+        self.subscribers = subscribers
         self.publisher = (
             self.service.publisher_builder()
             .initial_max_slice_len(max(size, 1))
@@ -97,7 +100,7 @@ class IceoryxSender:
         self.loan = self.publisher.loan_slice_uninit
 
     def _connect(self) -> None:
-        while not self.service.dynamic_config.number_of_subscribers:
+        while self.service.dynamic_config.number_of_subscribers < self.subscribers:
             wait_for(self.deadline, "iceoryx2 subscriber")
         self.publisher.update_connections()
         self.connected = True
@@ -139,8 +142,8 @@ def _source(data: Buffer) -> Any:
 class IceoryxReceiver:
     """A subscriber polled in a busy loop (the Python API has no blocking receive without an event service)."""
 
-    def __init__(self, name: str) -> None:
-        self.service = _iceoryx_service(name)
+    def __init__(self, name: str, subscribers: int = 1) -> None:
+        self.service = _iceoryx_service(name, subscribers)
         self.subscriber = self.service.subscriber_builder().buffer_size(ICEORYX_BUFFER).create()
         receive = self.subscriber.receive
         sched_yield = os.sched_yield
