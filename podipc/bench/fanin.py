@@ -26,15 +26,12 @@ CPUs: the aggregate rate then also measures how the kernel shares them, and the 
 
 from __future__ import annotations
 
-import contextlib
-import select
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import IO
 
 import podipc
+from podipc.bench.helpers import HELPER_READY, HelperProcess
 from podipc.bench.stats import SEQUENCE, SequenceChecker, cpu_seconds
 from podipc.bench.subjects import (
     PEER_WAIT_SECONDS,
@@ -58,10 +55,6 @@ from podipc.bench.fanin import run_producer_helper
 run_producer_helper(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.stdin, sys.stdout)
 """
 """The other producers of a fan-in cell: each runs run_producer_helper in its own process."""
-HELPER_READY = "ready"
-HELPER_START_SECONDS = 30.0
-"""How long a producer process may take to start (import podipc, open its producer) before the cell fails."""
-HELPER_EXIT_SECONDS = 10.0
 
 
 def producer_name(index: int) -> str:
@@ -94,60 +87,9 @@ def run_producer_helper(url: str, name: str, wait: float, orders: IO[str], repor
     reports.flush()
 
 
-class _ProducerProcess:
-    """A producer process of a fan-in cell, started by the server's sender, driven over its stdin and stdout."""
-
-    def __init__(self, url: str, name: str) -> None:
-        self.name = name
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", PRODUCER_HELPER, url, name, str(PEER_WAIT_SECONDS)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.orders: IO[str] = self.process.stdin
-        self.reports: IO[str] = self.process.stdout
-
-    def wait_ready(self) -> None:
-        """Return once its producer is open; RuntimeError when it failed to start within HELPER_START_SECONDS."""
-        readable, _, _ = select.select([self.reports], [], [], HELPER_START_SECONDS)
-        line = self.reports.readline().strip() if readable else "nothing"
-        if line != HELPER_READY:
-            raise RuntimeError(f"fan-in producer process {self.name} did not start (said {line!r}; see its stderr)")
-
-    def start(self, size: int, deadline: float, most: int) -> None:
-        """Tell it to stream `size`-byte messages until `deadline` (time.monotonic()), at most `most` of them."""
-        self.orders.write(f"{size} {deadline!r} {most}\n")
-        self.orders.flush()
-
-    def result(self) -> tuple[int, float]:
-        """(messages sent, CPU seconds of its stream) once it has streamed; RuntimeError when it failed."""
-        fields = self.reports.readline().split()
-        self.finish()
-        if len(fields) != 2 or self.process.returncode != 0:
-            raise RuntimeError(
-                f"fan-in producer process {self.name} exited with {self.process.returncode} "
-                "before reporting what it sent (see its stderr)"
-            )
-        return int(fields[0]), float(fields[1])
-
-    def kill(self) -> None:
-        """Kill it (at once: a failed cell does not wait for its stream) and free its pipes."""
-        self.process.kill()
-        self.finish()
-
-    def finish(self) -> None:
-        """Close its orders (it leaves without sending if it had none) and wait for it; kill it after a while."""
-        if not self.orders.closed:
-            with contextlib.suppress(BrokenPipeError):
-                self.orders.close()
-        try:
-            self.process.wait(HELPER_EXIT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.reports.close()
+def _producer_process(url: str, name: str) -> HelperProcess:
+    """A producer process of a fan-in cell, started by the server's sender (run_producer_helper)."""
+    return HelperProcess(f"fan-in producer {name}", PRODUCER_HELPER, url, name, str(PEER_WAIT_SECONDS))
 
 
 class FanInSender:
@@ -155,11 +97,11 @@ class FanInSender:
 
     def __init__(self, url: str, producers: int) -> None:
         self.producers = producers
-        self.helpers: list[_ProducerProcess] = []
+        self.helpers: list[HelperProcess] = []
         self.own: ChannelSender | None = None
         try:
             for index in range(1, producers):
-                self.helpers.append(_ProducerProcess(url, producer_name(index)))
+                self.helpers.append(_producer_process(url, producer_name(index)))
             self.own = ChannelSender(podipc.producer(url, name=producer_name(0), wait=PEER_WAIT_SECONDS))
             for helper in self.helpers:
                 helper.wait_ready()
@@ -179,13 +121,15 @@ class FanInSender:
         wall_start = time.perf_counter()
         deadline = time.monotonic() + seconds
         for helper in self.helpers:
-            helper.start(size, deadline, share)
+            helper.order(f"{size} {deadline!r} {share}")
         sent, effort = stream(self.own, size, seconds_until(deadline), share)
         cpu = effort.cpu
         for helper in self.helpers:
-            helper_sent, helper_cpu = helper.result()
-            sent += helper_sent
-            cpu += helper_cpu
+            fields = helper.report()
+            if len(fields) != 2:
+                raise RuntimeError(f"helper process {helper.name} reported {fields!r}, not 'SENT CPU_SECONDS'")
+            sent += int(fields[0])
+            cpu += float(fields[1])
         return sent, Effort(time.perf_counter() - wall_start, cpu)
 
     def close(self) -> None:

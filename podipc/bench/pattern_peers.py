@@ -39,10 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -51,6 +48,7 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 import podipc
+from podipc.bench.helpers import HELPER_READY, HelperProcess, kill_all
 from podipc.bench.peers.libraries import ZMQSender, close_pull
 from podipc.bench.peers.shared_memory import IceoryxReceiver, IceoryxSender
 from podipc.bench.peers.sockets import CLOSE_WAIT_SECONDS, missing_package
@@ -81,8 +79,6 @@ from podipc.bench.pattern_peers import run_helper
 run_helper(sys.argv[1], sys.argv[2:], sys.stdin, sys.stdout)
 """
 """The other processes of a pattern peer cell: each runs run_helper in its own process."""
-HELPER_READY = "ready"
-HELPER_START_SECONDS = 30.0
 HELPER_EXIT_SECONDS = 30.0
 """How long a helper may take to report once its stream ended (a queue consumer writes its numbers)."""
 
@@ -178,66 +174,9 @@ def account_taken(taken: list[Taken], checker: SequenceChecker) -> tuple[float, 
 # --- the helper processes -----------------------------------------------------------------
 
 
-class HelperProcess:
-    """Another process of a cell (producer or consumer), driven over its stdin and stdout (run_helper)."""
-
-    def __init__(self, role: str, *arguments: str) -> None:
-        self.name = f"{role} {' '.join(arguments)}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", HELPER, role, *arguments], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.orders: IO[str] = self.process.stdin
-        self.reports: IO[str] = self.process.stdout
-
-    def wait_ready(self) -> None:
-        """Return once it has opened its end; RuntimeError when it did not within HELPER_START_SECONDS."""
-        line = self._line(HELPER_START_SECONDS)
-        if line != HELPER_READY:
-            raise RuntimeError(f"helper process {self.name} did not start (said {line!r}; see its stderr)")
-
-    def order(self, line: str) -> None:
-        """Send it one line of orders."""
-        self.orders.write(line + "\n")
-        self.orders.flush()
-
-    def report(self) -> list[str]:
-        """The fields of its last line once it has ended; RuntimeError when it failed."""
-        line = self._line(HELPER_EXIT_SECONDS)
-        self.finish()
-        if not line or self.process.returncode != 0:
-            raise RuntimeError(
-                f"helper process {self.name} exited with {self.process.returncode} without a report (see its stderr)"
-            )
-        return line.split()
-
-    def _line(self, seconds: float) -> str:
-        readable, _, _ = select.select([self.reports], [], [], seconds)
-        return self.reports.readline().strip() if readable else ""
-
-    def kill(self) -> None:
-        """Kill it at once and free its pipes."""
-        self.process.kill()
-        self.finish()
-
-    def finish(self) -> None:
-        """Close its orders and wait for it (kill it after HELPER_EXIT_SECONDS)."""
-        if not self.orders.closed:
-            with contextlib.suppress(BrokenPipeError):
-                self.orders.close()
-        try:
-            self.process.wait(HELPER_EXIT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.reports.close()
-
-
-def kill_all(helpers: list[HelperProcess]) -> None:
-    """Kill every helper (after a failure)."""
-    for helper in helpers:
-        with contextlib.suppress(Exception):
-            helper.kill()
+def helper_process(role: str, *arguments: str) -> HelperProcess:
+    """A helper process of a pattern peer cell: run_helper(role, arguments) in its own process."""
+    return HelperProcess(f"{role} {' '.join(arguments)}", HELPER, role, *arguments, exit_seconds=HELPER_EXIT_SECONDS)
 
 
 def run_helper(role: str, arguments: list[str], orders: IO[str], reports: IO[str]) -> None:
@@ -278,13 +217,13 @@ def run_helper(role: str, arguments: list[str], orders: IO[str], reports: IO[str
 
 def _open_subscriber(role: str, arguments: list[str]) -> Receiver:
     if role == "zmq-subscriber":
-        return ZMQSubscriber(arguments[0])
+        return zmq_subscriber(arguments[0])
     return IceoryxReceiver(arguments[0], int(arguments[1]))
 
 
 def _open_queue_consumer(role: str, address: str) -> Receiver:
     if role == "zmq-consumer":
-        return ZMQPull(address)
+        return zmq_pull(address)
     return ChannelReceiver(podipc.consumer(address, wait=PEER_WAIT_SECONDS), lossy=False, zero_copy=False)
 
 
@@ -370,7 +309,7 @@ class ZMQFanInSender(PatternSender):
         self.helpers: list[HelperProcess] = []
         self.own: ZMQSender | None = None
         try:
-            self.helpers = [HelperProcess("zmq-producer", endpoint, str(index)) for index in range(1, producers)]
+            self.helpers = [helper_process("zmq-producer", endpoint, str(index)) for index in range(1, producers)]
             self.own = ZMQSender(endpoint)
             for helper in self.helpers:
                 helper.wait_ready()
@@ -449,15 +388,16 @@ class ZMQFanInReceiver(PatternReceiver):
             close_pull(self.socket, self.endpoint)
 
 
-class ZMQSubscriber:
-    """A SUB socket connecting to the publisher, subscribed to everything; an empty frame ends the stream."""
+class ZMQReader:
+    """A SUB (subscribed to everything) or PULL socket connecting to its binding peer; an empty frame ends the stream."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, socket_type: int) -> None:
         import zmq
 
-        self.socket: Any = zmq.Context.instance().socket(zmq.SUB)
+        self.socket: Any = zmq.Context.instance().socket(socket_type)
         self.socket.setsockopt(zmq.RCVHWM, PUBLISHER_HWM)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        if socket_type == zmq.SUB:
+            self.socket.setsockopt(zmq.SUBSCRIBE, b"")
         self.socket.connect(endpoint)
         receive: Callable[[], bytes] = self.socket.recv
 
@@ -474,8 +414,22 @@ class ZMQSubscriber:
         time.sleep(seconds)
 
     def close(self) -> None:
-        """Close at once."""
+        """Close at once (end frames still queued for it are dropped)."""
         self.socket.close(linger=0)
+
+
+def zmq_subscriber(endpoint: str) -> ZMQReader:
+    """A broadcast subscriber of pyzmq (SUB)."""
+    import zmq
+
+    return ZMQReader(endpoint, zmq.SUB)
+
+
+def zmq_pull(endpoint: str) -> ZMQReader:
+    """A work-queue consumer of pyzmq (PULL)."""
+    import zmq
+
+    return ZMQReader(endpoint, zmq.PULL)
 
 
 class ZMQPublisher(PatternSender):
@@ -554,40 +508,12 @@ class SubscribersReceiver(PatternReceiver):
 
 def open_subscribers(role: str, arguments: list[str], count: int, measured: Callable[[], Receiver]) -> Receiver:
     """Start `count` - 1 subscriber processes, then open the measured one."""
-    helpers = [HelperProcess(role, *arguments) for _ in range(count - 1)]
+    helpers = [helper_process(role, *arguments) for _ in range(count - 1)]
     try:
         return SubscribersReceiver(measured(), helpers)
     except BaseException:
         kill_all(helpers)
         raise
-
-
-class ZMQPull:
-    """A PULL socket connecting to a binding PUSH; an empty frame ends the stream (a work-queue consumer)."""
-
-    def __init__(self, endpoint: str) -> None:
-        import zmq
-
-        self.socket: Any = zmq.Context.instance().socket(zmq.PULL)
-        self.socket.setsockopt(zmq.RCVHWM, PUBLISHER_HWM)
-        self.socket.connect(endpoint)
-        receive: Callable[[], bytes] = self.socket.recv
-
-        def recv() -> bytes:
-            data = receive()
-            if not data:
-                raise EndOfStream("zmq: end frame")
-            return data
-
-        self.recv = recv
-
-    def idle(self, seconds: float) -> None:
-        """Not measured."""
-        time.sleep(seconds)
-
-    def close(self) -> None:
-        """Close at once (end frames still queued for it are dropped)."""
-        self.socket.close(linger=0)
 
 
 class ZMQDistributor(PatternSender):
@@ -639,8 +565,7 @@ class ConsumersReceiver(PatternReceiver):
         self.closed = False
         try:
             self.helpers = [
-                HelperProcess(role, address, os.path.join(self.directory, f"{index}.numbers"))
-                for index in range(1, consumers)
+                helper_process(role, address, os.path.join(self.directory, f"{index}.numbers")) for index in range(1, consumers)
             ]
             self.measured = _open_queue_consumer(role, address)
         except BaseException:
@@ -736,7 +661,7 @@ class PyZMQBroadcast(_PyZMQPattern):
     def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
         """N - 1 SUB processes and the measured SUB, all connecting."""
         endpoint = resources[key]
-        return open_subscribers("zmq-subscriber", [endpoint], self.count, lambda: ZMQSubscriber(endpoint))
+        return open_subscribers("zmq-subscriber", [endpoint], self.count, lambda: zmq_subscriber(endpoint))
 
 
 class PyZMQQueue(_PyZMQPattern):
