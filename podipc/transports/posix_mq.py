@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -96,6 +97,8 @@ from podipc.queue import (
     limit_option,
     permission_denied,
 )
+from podipc.queue_fanin import NOTHING, QueueFanInConsumer, QueueFanInProducer
+from podipc.stream import NAME_OPTION, PRODUCERS_OPTION
 from podipc.transport import (
     AddressForm,
     Capability,
@@ -114,6 +117,10 @@ MQUEUE_MOUNT = "/dev/mqueue"
 
 DATA_PRIORITY = 1
 END_PRIORITY = 0
+FANIN_PRIORITY = 2
+"""Every message of a fan-in (pattern=fanin) has this priority: one priority keeps the queue FIFO across producers."""
+FANIN_TAG = struct.Struct(">H")
+"""A fan-in message starts with its tag (podipc.queue_fanin: slot << 4 | kind), big-endian."""
 
 SIZE_FIX = "set fs.mqueue.msgsize_max in the pod's securityContext.sysctls (the kubelet must allow it) or use shm://"
 DEPTH_FIX = "set fs.mqueue.msg_max in the pod's securityContext.sysctls (the kubelet must allow it) or lower depth="
@@ -135,6 +142,8 @@ OPTIONS = (
     ADOPT_OPTION,
     PATTERN_OPTION,
     CONSUMERS_OPTION,
+    PRODUCERS_OPTION,
+    NAME_OPTION,
 )
 
 
@@ -487,6 +496,80 @@ class PosixMQConsumer(QueueConsumer):
         self._freed = True
 
 
+class PosixMQFanInProducer(QueueFanInProducer, PosixMQProducer):
+    """A named producer of a fan-in queue (pattern=fanin): each message priority 2, its tag in 2 bytes before it."""
+
+    def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
+        super().__init__(address, settings)
+        self.max_message_size -= FANIN_TAG.size
+
+    def _queue_limit(self, queue: Any) -> tuple[int, str, str]:
+        limit, source, fix = super()._queue_limit(queue)
+        return limit - FANIN_TAG.size, f"{source}, less the {FANIN_TAG.size}-byte fan-in tag", fix
+
+    def _attached(self, queue: Any) -> None:
+        super()._attached(queue)
+        send, pack, data_tag = queue.send, FANIN_TAG.pack, self.data_mark
+        data_prefix = pack(data_tag)
+
+        def send_tagged(message: Any, flag: Any, message_tag: int) -> None:
+            send((data_prefix if message_tag == data_tag else pack(message_tag)) + message, flag, FANIN_PRIORITY)
+
+        self._send_now = send_tagged
+
+    def _send_waiting(self, data: bytes | bytearray | memoryview) -> bool:
+        """The queue was full: wait in poll() for room (or the waker), then send."""
+        send, data_tag = self._send_now, self.data_mark
+        wait = self._poller.poll
+        while True:
+            wait()
+            if self._state:
+                return False
+            try:
+                send(data, None, data_tag)
+                return True
+            except posix_ipc.BusyError:
+                pass
+
+
+class PosixMQFanInConsumer(QueueFanInConsumer, PosixMQConsumer):
+    """The consumer of a fan-in queue (pattern=fanin): takes priority-2 messages, each tagged with its producer."""
+
+    def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
+        super().__init__(address, settings)
+        self.max_message_size -= FANIN_TAG.size
+
+    def _next_tagged(self) -> tuple[int, bytes]:
+        receive = self._receive
+        wait = self._poller.poll
+        while True:
+            try:
+                data, priority = receive()
+            except posix_ipc.BusyError:
+                wait()  # the queue, and the waker
+                if self._state:
+                    return -1, b""
+                continue
+            return self._untag(priority, data)
+
+    def _untag(self, mark: int, body: bytes) -> tuple[int, bytes]:
+        if mark != FANIN_PRIORITY or len(body) < FANIN_TAG.size:
+            return NOTHING, body
+        return body[0] << 8 | body[1], body[FANIN_TAG.size :]
+
+    def _put_own(self, message_tag: int, body: bytes) -> bool:
+        queue = self._queue
+        if queue is None:
+            return True
+        try:
+            queue.send(FANIN_TAG.pack(message_tag) + body, None, FANIN_PRIORITY)
+        except posix_ipc.BusyError:
+            return False
+        except (posix_ipc.Error, OSError, ValueError):
+            return True  # closed or removed: nothing left to mark
+        return True
+
+
 def full_queue() -> tuple[int, str]:
     """The bytes one queue with default options takes, and how that is counted."""
     depth, size = host_max_depth(), host_max_message_size()
@@ -535,6 +618,8 @@ TRANSPORT = Transport(
     channel_objects=lambda address: (("posix_mq", queue_name(address)),),
     kernel=KernelFacility("POSIX message queues", MSGSIZE_MAX_PATH, "CONFIG_POSIX_MQUEUE"),
     resource_limits=(ResourceLimit("RLIMIT_MSGQUEUE", full_queue, ULIMIT_FIX),),
+    fanin_consumer="podipc.transports.posix_mq:PosixMQFanInConsumer",
+    fanin_producer="podipc.transports.posix_mq:PosixMQFanInProducer",
     work_queue=True,
     rank=40,
 )
