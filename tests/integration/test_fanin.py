@@ -398,3 +398,91 @@ def test_threads_sharing_a_fanin_consumer_get_every_message_once() -> None:
         for name in ("a", "b", "c"):
             indexes = [index for sender, index in into if sender == name]
             assert indexes == sorted(indexes)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_a_queue_refuses_a_second_live_producer_with_the_same_name_until_the_first_leaves(scheme: str) -> None:
+    url = url_for(scheme)
+    with podipc.consumer(url, pattern="fanin", wait=10) as consumer:
+        first = podipc.producer(url, name="app", wait=10)
+        first.send(b"one")
+        assert consumer.recv_from(timeout=10) == ("app", b"one")  # type: ignore[attr-defined]
+        with pytest.raises(podipc.NameTaken, match="another live producer is named 'app'"):
+            podipc.producer(url, name="app", wait=10)
+        closer = threading.Thread(target=first.close)  # close() waits for the consumer to acknowledge the end
+        closer.start()
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.5)
+        closer.join(10)
+        assert not closer.is_alive()
+        third = threading.Thread(target=produce_one, args=(url, "app", b"three"))
+        third.start()
+        assert consumer.recv_from(timeout=10) == ("app", b"three")  # type: ignore[attr-defined]
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.5)
+        third.join(10)
+        assert [(s.name, s.messages, s.ended) for s in consumer.senders] == [
+            ("app", 1, "end of stream"),
+            ("app", 1, "end of stream"),
+        ]
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_a_queue_tells_pair_and_fanin_sides_apart(scheme: str) -> None:
+    url = url_for(scheme)
+    with podipc.consumer(url, wait=10) as consumer:
+        with podipc.producer(url, name="app", wait=10) as producer:
+            with pytest.raises(podipc.ChannelUnavailable, match=r"takes one producer \(pattern=pair\)"):
+                producer.send(b"x")
+            producer.abort()
+        pair = threading.Thread(target=produce_one, args=(url, "", b"pair"))
+        pair.start()
+        assert list(consumer) == [b"pair"]
+        pair.join(10)
+    url = url_for(scheme)
+    with podipc.consumer(url, pattern="fanin", wait=10) as consumer:
+        with podipc.producer(url, wait=10) as producer:
+            with pytest.raises(podipc.ChannelUnavailable, match=r"gathers many producers \(pattern=fanin\)"):
+                producer.send(b"x")
+            producer.abort()
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.2)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_cli_consume_with_producers_2_over_a_queue_reports_each_producer_as_it_sent(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer = subprocess.Popen([*PODIPC, "consume", url, "--producers", "2"], stdout=subprocess.PIPE, text=True)
+    try:
+        producers = [
+            subprocess.Popen(
+                [*PODIPC, "produce", url, "--name", name, "--count", str(count), "--size", "100", "--random"],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PODIPC_SEED": str(count)},
+            )
+            for name, count in (("app-a", 3000), ("app-b", 2000))
+        ]
+        summaries = {}
+        for name, process in zip(("app-a", "app-b"), producers, strict=True):
+            out, _ = process.communicate(timeout=60)
+            assert process.returncode == 0
+            summaries[name] = json.loads(out.strip().splitlines()[-1])
+        out, _ = consumer.communicate(timeout=60)
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.communicate()
+    assert consumer.returncode == 0
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["messages"] == 5000
+    reported = {entry["name"]: entry for entry in line["producers"]}
+    assert sorted(reported) == ["app-a", "app-b"]
+    for name, summary in summaries.items():
+        entry = reported[name]
+        assert (entry["messages"], entry["bytes"], entry["sha256"]) == (
+            summary["messages"],
+            summary["bytes"],
+            summary["sha256"],
+        )
+        assert entry["ended"] == "end of stream"
