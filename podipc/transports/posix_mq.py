@@ -97,7 +97,7 @@ from podipc.queue import (
     limit_option,
     permission_denied,
 )
-from podipc.queue_fanin import NOTHING, QueueFanInConsumer, QueueFanInProducer
+from podipc.queue_fanin import NOTHING, WAKE, QueueFanInConsumer, QueueFanInProducer
 from podipc.stream import NAME_OPTION, PRODUCERS_OPTION
 from podipc.transport import (
     AddressForm,
@@ -119,7 +119,11 @@ DATA_PRIORITY = 1
 END_PRIORITY = 0
 FANIN_PRIORITY = 2
 """Every message of a fan-in (pattern=fanin) has this priority: one priority keeps the queue FIFO across producers."""
+SEND_SLICE_SECONDS = 0.005
+"""A fan-in producer waits for room in mq_timedsend this long at a time (then looks whether it is closing)."""
 FANIN_TAG = struct.Struct(">H")
+WAKE_TAG = WAKE
+"""The consumer's own wake-up (slot 0): put into its queue to end a blocked receive, then skipped."""
 """A fan-in message starts with its tag (podipc.queue_fanin: slot << 4 | kind), big-endian."""
 
 SIZE_FIX = "set fs.mqueue.msgsize_max in the pod's securityContext.sysctls (the kubelet must allow it) or use shm://"
@@ -507,50 +511,102 @@ class PosixMQFanInProducer(QueueFanInProducer, PosixMQProducer):
         limit, source, fix = super()._queue_limit(queue)
         return limit - FANIN_TAG.size, f"{source}, less the {FANIN_TAG.size}-byte fan-in tag", fix
 
+    _waiting_queue: Any = None
+    """The queue opened a second time, blocking: a full queue is waited for in mq_timedsend (see _send_waiting)."""
+
     def _attached(self, queue: Any) -> None:
         super()._attached(queue)
         send, pack, data_tag = queue.send, FANIN_TAG.pack, self.data_mark
-        data_prefix = pack(data_tag)
+        data_prefix = self._data_prefix = pack(data_tag)
 
         def send_tagged(message: Any, flag: Any, message_tag: int) -> None:
             send((data_prefix if message_tag == data_tag else pack(message_tag)) + message, flag, FANIN_PRIORITY)
 
         self._send_now = send_tagged
+        waiting = _open(self.name, read=False)
+        if waiting is not None and os.fstat(waiting.mqd).st_ino == os.fstat(queue.mqd).st_ino:
+            waiting.block = True
+            self._waiting_queue = waiting
+        else:
+            _close_quietly(waiting)
 
     def _send_waiting(self, data: bytes | bytearray | memoryview) -> bool:
-        """The queue was full: wait in poll() for room (or the waker), then send."""
-        send, data_tag = self._send_now, self.data_mark
-        wait = self._poller.poll
+        """The queue was full: wait for room in mq_timedsend, SEND_SLICE_SECONDS at a time, looking at the state
+        in between (close() from another thread is seen within a slice).
+
+        With many producers on one queue, a poll() for room wakes every one of them at each message
+        taken; a sender blocked in the kernel is handed the room alone (measured: fanin-mq-4 0.55x of
+        fanin-mq-1 with poll).
+        """
+        waiting = self._waiting_queue
+        if waiting is None:
+            return False
+        message = self._data_prefix + data
+        send = waiting.send
         while True:
-            wait()
             if self._state:
-                return False
+                return False  # closing, or the consumer was lost: the checked path decides
             try:
-                send(data, None, data_tag)
+                send(message, SEND_SLICE_SECONDS, FANIN_PRIORITY)
                 return True
             except posix_ipc.BusyError:
-                pass
+                pass  # the slice passed: look at the state, then wait again
+            except posix_ipc.SignalError:
+                pass  # a signal's handler ran (one that raised got through)
+
+    def _release_queue(self, queue: Any) -> None:
+        waiting, self._waiting_queue = self._waiting_queue, None
+        _close_quietly(waiting)
+        super()._release_queue(queue)
+
+    def _drop_inherited(self) -> None:
+        waiting, self._waiting_queue = self._waiting_queue, None
+        _close_quietly(waiting)
+        super()._drop_inherited()
 
 
 class PosixMQFanInConsumer(QueueFanInConsumer, PosixMQConsumer):
     """The consumer of a fan-in queue (pattern=fanin): takes priority-2 messages, each tagged with its producer."""
 
+    _waiting_queue: Any = None
+    """The queue opened a second time, blocking: recv() waits in mq_receive (see _next_tagged)."""
+
     def __init__(self, address: Address, settings: Mapping[str, Any]) -> None:
         super().__init__(address, settings)
         self.max_message_size -= FANIN_TAG.size
+        waiting = _open(self.name, write=False)
+        if waiting is None or os.fstat(waiting.mqd).st_ino != os.fstat(self._queue.mqd).st_ino:
+            _close_quietly(waiting)
+            self.close()
+            raise ChannelUnavailable(f"{self._queue_words()} was replaced while podipc opened it; try again")
+        waiting.block = True
+        self._waiting_queue = waiting
+        self._receive_waiting = waiting.receive
 
     def _next_tagged(self) -> tuple[int, bytes]:
-        receive = self._receive
-        wait = self._poller.poll
-        while True:
-            try:
-                data, priority = receive()
-            except posix_ipc.BusyError:
-                wait()  # the queue, and the waker
-                if self._state:
-                    return -1, b""
-                continue
-            return self._untag(priority, data)
+        """Wait in mq_receive: a message, a died marker or the wake-up `_interrupt` puts ends it.
+
+        With many producers a consumer that polls the queue when it is empty pays a poll and a
+        wake-up per message more often than with one; blocking in the kernel costs nothing more.
+        """
+        try:
+            data, priority = self._receive_waiting()
+        except posix_ipc.SignalError:
+            return -1, b""  # a signal's handler ran (one that raised got through)
+        return self._untag(priority, data)
+
+    def _interrupt(self) -> None:
+        self._put_own(WAKE_TAG, b"")  # a receive blocked on the empty queue takes it at once
+
+    def _close_queue(self, queue: Any) -> None:
+        waiting, self._waiting_queue = self._waiting_queue, None
+        _close_quietly(waiting)
+        super()._close_queue(queue)
+
+    def _drop_inherited(self) -> None:
+        waiting, self._waiting_queue = self._waiting_queue, None
+        _close_quietly(waiting)
+        super()._drop_inherited()
 
     def _untag(self, mark: int, body: bytes) -> tuple[int, bytes]:
         if mark != FANIN_PRIORITY or len(body) < FANIN_TAG.size:
