@@ -56,6 +56,10 @@ channel's consumers lock; the producer watches every slot (SlotsTracker), puts o
 consumer (`_put_end_markers`) and decides "delivered" from the slots' states (`_work_queue_drained`).
 None of it runs in a pair's send or recv.
 
+Fan-in (`pattern=fanin`, podipc.queue_fanin) builds on the same classes through hooks: a producer
+claims a slot of its own (`_claim_presence`) and waits for its end to be acknowledged (`_end_taken`);
+the consumer declares `fanin` and watches its producers' slots (`_watch_peer`).
+
 Why one module of ~1000 lines: it is the one base both kernel-queue transports build on
 (their producer and consumer, limits, ownership checks, the work queue's opening and closing);
 the hot paths of both sides share its private conventions (`_send_now`, `_fast_limit`, marks),

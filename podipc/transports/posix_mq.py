@@ -7,8 +7,10 @@ Address:
              depth=N (messages the queue holds, default /proc/sys/fs/mqueue/msg_max),
              max_message_size=BYTES (default /proc/sys/fs/mqueue/msgsize_max),
              adopt=true (consumer: also take a queue a plain producer created first; see below)
-             pattern=pair|queue (queue: a work queue, many consumers share the queue, each
-             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N)
+             pattern=pair|queue|fanin (queue: a work queue, many consumers share the queue, each
+             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N);
+             fanin: many named producers into one consumer, podipc.queue_fanin: producers=N
+             (consumer: end after N ended), name=NAME (a producer with a name is a fan-in one)
 
 Requires:
     posix_ipc; a kernel with POSIX message queues (every Linux). Mounting the mqueue

@@ -10,8 +10,10 @@ Address:
              queue_bytes=BYTES (the queue's capacity, msg_qbytes; default /proc/sys/kernel/msgmnb),
              max_message_size=BYTES (default /proc/sys/kernel/msgmax),
              adopt=true (consumer: also take a queue a plain producer created first; see below)
-             pattern=pair|queue (queue: a work queue, many consumers share the queue, each
-             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N)
+             pattern=pair|queue|fanin (queue: a work queue, many consumers share the queue, each
+             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N);
+             fanin: many named producers into one consumer, podipc.queue_fanin: producers=N
+             (consumer: end after N ended), name=NAME (a producer with a name is a fan-in one)
 
 Requires:
     sysv_ipc; a kernel with SysV IPC (every Linux).

@@ -316,8 +316,9 @@ def test_cli_consume_with_producers_2_reports_each_producer_as_it_sent() -> None
         assert entry["ended"] == "end of stream"
 
 
-def test_the_asyncio_consumer_takes_fanin_with_recv_from() -> None:
-    url = url_for("unix-abstract")
+@pytest.mark.parametrize("scheme", ["unix-abstract", *QUEUE_SCHEMES])
+def test_the_asyncio_consumer_takes_fanin_with_recv_from(scheme: str) -> None:
+    url = url_for(scheme)
     results = CONTEXT.Queue()
     processes = [CONTEXT.Process(target=produce, args=(url, name, 2000, results)) for name in ("a", "b")]
 
