@@ -367,8 +367,9 @@ def test_a_plain_socket_producer_speaking_the_documented_wire_and_one_sending_ga
         garbage.close()
 
 
-def test_threads_sharing_a_fanin_consumer_get_every_message_once() -> None:
-    url = url_for("tcp")
+@pytest.mark.parametrize("scheme", ["tcp", *QUEUE_SCHEMES])
+def test_threads_sharing_a_fanin_consumer_get_every_message_once(scheme: str) -> None:
+    url = url_for(scheme)
     results = CONTEXT.Queue()
     count = 10_000
     processes = [CONTEXT.Process(target=produce, args=(url, name, count, results)) for name in ("a", "b", "c")]
@@ -487,3 +488,36 @@ def test_cli_consume_with_producers_2_over_a_queue_reports_each_producer_as_it_s
             summary["sha256"],
         )
         assert entry["ended"] == "end of stream"
+
+
+def send_then_die(url: str, name: str, count: int) -> None:
+    """Send `count` messages as `name`, then die by SIGKILL without closing."""
+    producer = podipc.producer(url, name=name, wait=10)
+    for index in range(count):
+        producer.send(message(index))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_a_producer_dead_before_the_consumer_read_it_is_reported_after_what_it_sent(scheme: str) -> None:
+    url = url_for(scheme)
+    results = CONTEXT.Queue()
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=30) as consumer:
+        early = CONTEXT.Process(target=send_then_die, args=(url, "early", 3))
+        early.start()
+        early.join(30)
+        assert early.exitcode == -signal.SIGKILL
+        late = CONTEXT.Process(target=produce, args=(url, "late", 2, results))  # may take the dead one's slot
+        late.start()
+        received = receive_all(consumer)
+        late.join(30)
+        senders = {sender.name: sender for sender in consumer.senders}
+    assert late.exitcode == 0
+    assert received == {"early": 3, "late": 2}
+    assert (senders["early"].messages, senders["early"].ended) == (3, "died")
+    assert "PeerGone" in senders["early"].error
+    assert (senders["late"].messages, senders["late"].sha256, senders["late"].ended) == (
+        2,
+        collect(results, 1)["late"][1],
+        "end of stream",
+    )
