@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import podipc
+from podipc.address import parse_address
 from tests.commands import PODIPC
 
 from .harness import CONTEXT, url_for, wait_until
@@ -521,3 +522,42 @@ def test_a_producer_dead_before_the_consumer_read_it_is_reported_after_what_it_s
         collect(results, 1)["late"][1],
         "end of stream",
     )
+
+
+def put_raw(url: str, messages: list[tuple[int, bytes]]) -> None:
+    """Put (tag, body) messages into a fan-in queue as a plain script would (mq: priority 2, the tag before)."""
+    address = parse_address(url)
+    if address.scheme == "mq":
+        import posix_ipc
+
+        queue = posix_ipc.MessageQueue("/" + address.name, 0)
+        for tag, body in messages:
+            queue.send(struct.pack(">H", tag) + body, priority=2)
+        queue.send(b"no tag at all", priority=1)
+        queue.close()
+    else:
+        import sysv_ipc
+
+        queue = sysv_ipc.MessageQueue(address.key)
+        for tag, body in messages:
+            queue.send(body, True, tag)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_queue_messages_of_no_attached_producer_are_skipped_and_the_producers_complete(scheme: str) -> None:
+    url = url_for(scheme)
+    results = CONTEXT.Queue()
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=30) as consumer:
+        # data and an end of stream for slot 9, which never started; a start for slot 200 (no such slot)
+        put_raw(url, [((9 << 4) | 1, b"forged"), ((9 << 4) | 2, b""), ((200 << 4) | 4, b"0123 ghost")])
+        process = CONTEXT.Process(target=produce, args=(url, "real", 100, results))
+        process.start()
+        received = receive_all(consumer)
+        process.join(30)
+        senders = consumer.senders
+        skipped = consumer.skipped
+    assert process.exitcode == 0
+    assert received == {"real": 100}
+    assert [(sender.name, sender.messages, sender.ended) for sender in senders] == [("real", 100, "end of stream")]
+    assert senders[0].sha256 == collect(results, 1)["real"][1]
+    assert skipped == (4 if scheme == "mq" else 3)
