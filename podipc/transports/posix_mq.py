@@ -53,7 +53,11 @@ Semantics:
     writable when there is room) and the endpoint's waker, so close()/abort() from any
     thread or a signal handler wakes a blocked call at once, a signal handler runs during
     a wait (one that raises gets through; posix_ipc's own blocking calls would swallow
-    that), and fileno() and podipc.aio use the mqd itself: no helper thread. Peer death:
+    that), and fileno() and podipc.aio use the mqd itself: no helper thread. Fan-in
+    (pattern=fanin) differs: its producers' send() waits for room in mq_timedsend slices of
+    SEND_SLICE_SECONDS and its consumer's recv() in mq_receive, on second, blocking descriptors
+    (a poll() for room wakes every producer at each message taken); close() from another
+    thread puts a wake-up message into the consumer's queue. Peer death:
     the process's peer-death monitor (podipc.presence) probes the peer's presence file
     every 0.2 s and wakes the endpoint: a consumer hands out what is still queued, then
     raises PeerGone; a producer raises PeerGone. `Producer.close()` puts the end marker,
