@@ -561,3 +561,41 @@ def test_queue_messages_of_no_attached_producer_are_skipped_and_the_producers_co
     assert [(sender.name, sender.messages, sender.ended) for sender in senders] == [("real", 100, "end of stream")]
     assert senders[0].sha256 == collect(results, 1)["real"][1]
     assert skipped == (4 if scheme == "mq" else 3)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_close_from_another_thread_wakes_a_producer_blocked_on_a_full_queue_and_still_ends_its_stream(
+    scheme: str,
+) -> None:
+    url = url_for(scheme)
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=30) as consumer:
+        producer = podipc.producer(url, name="filler", wait=10)
+        sent = [0]
+        failure: list[BaseException] = []
+        woke_at: list[float] = []
+
+        def send_forever() -> None:
+            try:
+                while True:
+                    producer.send(message(sent[0]))
+                    sent[0] += 1
+            except BaseException as error:
+                failure.append(error)
+                woke_at.append(time.monotonic())
+
+        sender = threading.Thread(target=send_forever, daemon=True)
+        sender.start()
+        previous = -1
+        while previous != sent[0]:  # the count stops moving once a send blocks on the full queue
+            previous = sent[0]
+            time.sleep(0.3)
+        closed_at = time.monotonic()
+        closer = threading.Thread(target=producer.close)  # waits for the consumer to acknowledge the end
+        closer.start()
+        sender.join(10)
+        assert isinstance(failure[0], podipc.ChannelClosed)
+        assert woke_at[0] - closed_at < CLOSE_WAKE_LIMIT_SECONDS
+        assert receive_all(consumer) == {"filler": sent[0]}
+        closer.join(10)
+        assert not closer.is_alive()
+        assert [(s.name, s.messages, s.ended) for s in consumer.senders] == [("filler", sent[0], "end of stream")]
