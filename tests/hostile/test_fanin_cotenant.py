@@ -82,3 +82,19 @@ def wait_for_presence(pod: Pod, path: str) -> None:
     while pod.run(["test", "-f", path]).returncode != 0:
         assert time.monotonic() < deadline, "the consumer never claimed its presence"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("mode", ["0666", "0644"])
+@pytest.mark.parametrize("scheme", ["mq", "sysvmq"])
+def test_a_lock_file_another_user_put_in_place_is_refused_in_one_line_naming_it(
+    pod: Pod, tenants: Tenants, scheme: str, mode: str
+) -> None:
+    """The channel's lock decides producers' names; a file of mallory's at its path is never used (nor removed)."""
+    url = ("mq:///fanin" if scheme == "mq" else "sysvmq://fanin") + "?wait=5"
+    lock = f"/dev/shm/podipc.presence.{parse_address(url).token}.queue-lock"
+    squatted = pod.run(["sh", "-c", f"touch {lock} && chmod {mode} {lock}"], user=tenants.mallory)
+    assert squatted.returncode == 0, squatted.stderr
+    refused = pod.podipc("produce", url, "--name", "one", "--count", "1", user=tenants.alice)
+    line = assert_one_line_error(refused, exit_code=3)
+    assert "podipc-mallory" in line, line
+    assert pod.run(["test", "-f", lock]).returncode == 0
