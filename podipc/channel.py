@@ -132,8 +132,10 @@ def consumer(url: str, **options: object) -> Consumer:
     cls = channel_class(address.scheme, "consumer")
     settings = resolve_options(address, cls.options, options)
     if settings.get("pattern") == "fanin" or settings.get("producers"):
-        if ("pattern" in options or "pattern" in address.options) and settings["pattern"] == "pair":
-            raise AddressError(f"producers={settings['producers']} is fan-in: it needs pattern=fanin, not pair")
+        if ("pattern" in options or "pattern" in address.options) and settings["pattern"] != "fanin":
+            raise AddressError(
+                f"producers={settings['producers']} is fan-in: it needs pattern=fanin, not {settings['pattern']}"
+            )
         settings["pattern"] = "fanin"
         cls = transport.fanin_consumer_class()
     result = cls(address, settings)

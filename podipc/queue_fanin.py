@@ -77,7 +77,7 @@ from podipc.presence import (
     remove_if_gone,
     slot_path,
 )
-from podipc.queue import FANIN_WORD, QueueConsumer, QueueProducer, declared_queue
+from podipc.queue import FANIN_WORD, WORK_QUEUE, QueueConsumer, QueueProducer, declared_queue
 from podipc.stream_producer import default_producer_name
 from podipc.work_queue import consumers_lock, read_slot
 
@@ -125,6 +125,11 @@ class QueueFanInProducer(QueueProducer):
 
     def _claim_presence(self, mode: int) -> Presence:
         """Claim the first free producer slot under the channel's lock; NameTaken when a live producer has the name."""
+        if self.settings.get("pattern") == WORK_QUEUE or int(self.settings.get("consumers") or 1) > 1:
+            raise AddressError(
+                "name= makes a fan-in producer (many producers, one consumer); pattern=queue and consumers= are the "
+                "work queue's (one producer, many consumers): choose one"
+            )
         self.producer_name = str(self.settings.get("name") or "") or default_producer_name()
         self._claim = secrets.token_hex(8)
         token = self.address.token

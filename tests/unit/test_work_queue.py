@@ -41,6 +41,13 @@ def test_channels_without_a_work_queue_refuse_pattern_queue_naming_mq_and_sysvmq
         podipc.producer(url, pattern="queue")
 
 
+def test_fanin_and_the_work_queue_do_not_mix() -> None:
+    with pytest.raises(podipc.AddressError, match="needs pattern=fanin, not queue"):
+        podipc.consumer("mq:///podipc-unit-wq", pattern="queue", producers=2)
+    with pytest.raises(podipc.AddressError, match="choose one"):
+        podipc.producer("sysvmq://podipc-unit-wq", pattern="queue", name="app")
+
+
 def test_a_fanin_queue_is_podipcs_own_never_adopted() -> None:
     with pytest.raises(podipc.AddressError, match="adopt=true and pattern=fanin"):
         podipc.consumer("mq:///podipc-unit-wq", pattern="fanin", adopt=True)
