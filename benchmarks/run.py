@@ -57,12 +57,18 @@ PATTERN_CELLS = (
     "fanin-tcp-1",
     "fanin-tcp-2",
     "fanin-tcp-4",
+    "fanin-mq-1",
+    "fanin-mq-2",
+    "fanin-mq-4",
+    "fanin-sysvmq-1",
+    "fanin-sysvmq-2",
+    "fanin-sysvmq-4",
     "broadcast-shm-1",
     "broadcast-shm-2",
     "broadcast-shm-4",
 )
 """Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producer
-processes over unix:// and tcp://;
+processes over unix://, tcp://, mq:// and sysvmq://;
 shm:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one shm:// consumer."""
 PATTERN_PEER_CELLS = (
     *(f"pyzmq-fanin-{count}" for count in (1, 4)),

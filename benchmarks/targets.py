@@ -435,6 +435,15 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
         None,
         ">=",
     )
+    for scheme in ("mq", "sysvmq"):
+        yield ratio_target(
+            report,
+            f"fanin-{scheme}-4-vs-1-producer",
+            f"fan-in of 4 producers into one consumer over {scheme}://: aggregate msg/s at 64 B >= 0.9x one producer's",
+            Comparison(f"fanin-{scheme}-4", f"fanin-{scheme}-1", RATE, SMALL_SIZE),
+            0.9,
+            ">=",
+        )
     yield ratio_target(
         report,
         "rpc-tcp-p50-vs-raw-tcp",

@@ -112,6 +112,8 @@ def producer(url: str, **options: object) -> Producer:
     address = _without_pair_pattern(address, options)
     cls = channel_class(address.scheme, "producer")
     settings = resolve_options(address, cls.options, options)
+    if settings.get("name") or settings.get("pattern") == "fanin":
+        cls = transport_for(address.scheme).fanin_producer_class()
     result = cls(address, settings)
     assert isinstance(result, Producer)
     return result
@@ -120,7 +122,8 @@ def producer(url: str, **options: object) -> Producer:
 def consumer(url: str, **options: object) -> Consumer:
     """Open the consuming side of the channel at `url` (options override the URL's query).
 
-    pattern=fanin (unix://, tcp://) opens a fan-in consumer (podipc.fanin): many named producers.
+    pattern=fanin opens a fan-in consumer: many named producers (podipc.fanin over unix:// and tcp://,
+    podipc.queue_fanin over mq:// and sysvmq://).
     """
     address = parse_address(url)
     check_pattern(address, options)
@@ -129,8 +132,10 @@ def consumer(url: str, **options: object) -> Consumer:
     cls = channel_class(address.scheme, "consumer")
     settings = resolve_options(address, cls.options, options)
     if settings.get("pattern") == "fanin" or settings.get("producers"):
-        if ("pattern" in options or "pattern" in address.options) and settings["pattern"] == "pair":
-            raise AddressError(f"producers={settings['producers']} is fan-in: it needs pattern=fanin, not pair")
+        if ("pattern" in options or "pattern" in address.options) and settings["pattern"] != "fanin":
+            raise AddressError(
+                f"producers={settings['producers']} is fan-in: it needs pattern=fanin, not {settings['pattern']}"
+            )
         settings["pattern"] = "fanin"
         cls = transport.fanin_consumer_class()
     result = cls(address, settings)

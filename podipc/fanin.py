@@ -1,5 +1,7 @@
 """Fan-in over the stream sockets (unix://, tcp://): many named producers into one consumer.
 
+(The kernel queues mq:// and sysvmq:// have their own, with the same consumer API: podipc.queue_fanin.)
+
 Opened with `pattern=fanin` (and `producers=N`) on the consumer; a producer joins with
 `name=` (or `pattern=fanin`, which names it HOSTNAME-PID-RANDOM). On the wire
 (docs/wire/stream.md, "Fan-in") each producer has its own connection, says FANIN_HELLO and

@@ -147,9 +147,10 @@ def base_token(token: str) -> str:
     return token
 
 
-def slot_path(token: str, slot: int, directory: str = PRESENCE_DIRECTORY) -> str:
-    """The presence file of consumer slot `slot` of a work queue: podipc.presence.TOKEN.slotN.consumer."""
-    return presence_path(slot_token(token, slot), "consumer", directory)
+def slot_path(token: str, slot: int, directory: str = PRESENCE_DIRECTORY, role: str = "consumer") -> str:
+    """The presence file of slot `slot` of a role: podipc.presence.TOKEN.slotN.ROLE (a work queue's consumers,
+    a queue fan-in's producers)."""
+    return presence_path(slot_token(token, slot), role, directory)
 
 
 def open_presence(path: str, trust: Trust | None = None) -> int | None:
@@ -252,12 +253,13 @@ class Presence:
         removes only objects it can derive from it.
         slot: a work queue's consumer (podipc.queue, pattern=queue) claims slot N of the role
         (`slot_path`): one holder per slot, many consumers per channel; its peer is the producer.
+        A queue fan-in's producer (podipc.queue_fanin) claims a producer slot the same way; its peer is the consumer.
 
         Raises ChannelUnavailable: the role is held, or its path holds something not ours.
         PeerTimeout: the handover did not happen within handover_wait.
         """
         self.role = role
-        self.path = presence_path(token, role, directory) if slot is None else slot_path(token, slot, directory)
+        self.path = presence_path(token, role, directory) if slot is None else slot_path(token, slot, directory, role)
         self.peer_path = presence_path(token, peer_role(role), directory)
         self.trust = Trust.for_mode(mode)
         """Whose presence files this side accepts (its own; with group bits in mode, a common group's)."""

@@ -56,6 +56,10 @@ channel's consumers lock; the producer watches every slot (SlotsTracker), puts o
 consumer (`_put_end_markers`) and decides "delivered" from the slots' states (`_work_queue_drained`).
 None of it runs in a pair's send or recv.
 
+Fan-in (`pattern=fanin`, podipc.queue_fanin) builds on the same classes through hooks: a producer
+claims a slot of its own (`_claim_presence`) and waits for its end to be acknowledged (`_end_taken`);
+the consumer declares `fanin` and watches its producers' slots (`_watch_peer`).
+
 Why one module of ~1000 lines: it is the one base both kernel-queue transports build on
 (their producer and consumer, limits, ownership checks, the work queue's opening and closing);
 the hot paths of both sides share its private conventions (`_send_now`, `_fast_limit`, marks),
@@ -111,6 +115,8 @@ PEER_PROBE_SECONDS = 0.02
 DRAIN_POLL_FIRST_SECONDS = 0.0002
 DRAIN_POLL_MAX_SECONDS = 0.01
 """A closing producer looks whether the consumer emptied the queue this often (doubling from the first)."""
+FANIN_WORD = "fanin"
+"""A fan-in consumer's presence file declares this (podipc.queue_fanin); a pair producer meeting it is refused."""
 QUEUE_WORD = "queue"
 """A consumer's presence file declares `queue ID`: the identity of the queue it created."""
 
@@ -129,16 +135,15 @@ ADOPT_OPTION = Option(
 )
 """The opt-in for plain producers that create the queue before the consumer (both sides accept it)."""
 
-PAIR, WORK_QUEUE = "pair", "queue"
-PATTERNS = (PAIR, WORK_QUEUE)
+PAIR, WORK_QUEUE, FANIN = "pair", "queue", "fanin"
+PATTERNS = (PAIR, WORK_QUEUE, FANIN)
 
 
 def parse_pattern(value: object) -> str:
-    """The pattern option of a kernel queue: 'pair' (one consumer) or 'queue' (a work queue)."""
+    """The pattern option of a kernel queue: 'pair' (one consumer), 'queue' (a work queue) or 'fanin'."""
     pattern = str(value).strip().lower()
     if pattern not in PATTERNS:
-        hint = " (fanin runs over unix:// and tcp://)" if pattern == "fanin" else ""
-        raise ValueError(f"expected one of {', '.join(PATTERNS)}{hint}")
+        raise ValueError(f"expected one of {', '.join(PATTERNS)}")
     return pattern
 
 
@@ -146,8 +151,8 @@ PATTERN_OPTION = Option(
     "pattern",
     parse_pattern,
     PAIR,
-    "pair (one consumer) or queue (a work queue: many consumers share the queue, each message goes to one; "
-    "podipc.work_queue)",
+    "pair (one consumer), queue (a work queue: many consumers share the queue, each message goes to one; "
+    "podipc.work_queue) or fanin (many named producers into one consumer; podipc.queue_fanin)",
 )
 """The pattern option of mq:// and sysvmq:// (both sides accept it)."""
 
@@ -260,7 +265,7 @@ class QueueProducer(Producer):
             _, self.max_message_size = self._limits()
             mode = int(self.settings["mode"])
             self._trust = Trust.for_mode(mode)
-            self._presence = Presence(address.token, "producer", mode, handover_wait=float(self.settings["wait"]))
+            self._presence = self._claim_presence(mode)
             self._consumers_wanted = int(self.settings.get("consumers") or 1)
             self._work_queue = self.settings.get("pattern") == WORK_QUEUE or self._consumers_wanted > 1
             self._peer = (
@@ -272,6 +277,10 @@ class QueueProducer(Producer):
             if presence is not None:
                 presence.close()
             raise
+
+    def _claim_presence(self, mode: int) -> Presence:
+        """Claim this producer's presence file (a fan-in producer claims a slot of its own instead)."""
+        return Presence(self.address.token, "producer", mode, handover_wait=float(self.settings["wait"]))
 
     # --- hooks -------------------------------------------------------------
 
@@ -427,7 +436,13 @@ class QueueProducer(Producer):
                 )
             if state is not PeerState.ALIVE:
                 return state, None
-            return state, declared_queue(read_record(presence.peer_path, presence.trust))
+            record = read_record(presence.peer_path, presence.trust)
+            if f"{DECLARATION} {FANIN_WORD}" in record:
+                raise ChannelUnavailable(
+                    f"the consumer of {self.address.location} gathers many producers (pattern=fanin): give this "
+                    "producer a name= (or pattern=fanin; podipc produce --name NAME)"
+                )
+            return state, declared_queue(record)
         pair = presence.peer_state()
         if pair is PeerState.ALIVE:
             raise ChannelUnavailable(
@@ -517,18 +532,24 @@ class QueueProducer(Producer):
             self._fast_limit = -1
             self._readiness_changed()
         if self._phase == _ENDING:
-            if self._work_queue:
-                if not self._work_queue_drained():
-                    self._drain_pause = min(self._drain_pause * 2, DRAIN_POLL_MAX_SECONDS)
-                    return False
-                self._phase = _DONE
-                return True
-            if self._queued():
-                if self._peer_lost and self._queued():
-                    raise PeerGone(f"the consumer of {self.address.location} left before taking the end of stream")
+            if not self._end_taken():
                 self._drain_pause = min(self._drain_pause * 2, DRAIN_POLL_MAX_SECONDS)
                 return False
             self._phase = _DONE
+        return True
+
+    def _end_taken(self) -> bool:
+        """True once the end of stream was taken: the queue is empty (pattern=queue: `_work_queue_drained`; a
+        fan-in producer waits for the consumer's acknowledgement instead, podipc.queue_fanin).
+
+        Raises PeerGone when the consumer left with messages still queued.
+        """
+        if self._work_queue:
+            return self._work_queue_drained()
+        if self._queued():
+            if self._peer_lost and self._queued():
+                raise PeerGone(f"the consumer of {self.address.location} left before taking the end of stream")
+            return False
         return True
 
     def _put_end_markers(self) -> bool:
@@ -723,14 +744,18 @@ class QueueConsumer(Consumer):
                 presence.record(*self._object_record())
                 presence.declare(f"{QUEUE_WORD} {self._identity(queue).ident}")
             self._presence = presence
-            self._peer = PeerTracker(presence)
-            presence.watch(self._signal_peer_lost, self._peer)
+            self._watch_peer(presence)
         except BaseException:
             if presence is not None:
                 presence.close()
             self._let_go(queue)
             raise
         return queue
+
+    def _watch_peer(self, presence: Presence) -> None:
+        """Have the peer-death monitor watch the producer (a fan-in consumer watches its producers' slots)."""
+        self._peer = PeerTracker(presence)
+        presence.watch(self._signal_peer_lost, self._peer)
 
     # --- the work queue (pattern=queue; podipc.work_queue) -------------------------
 

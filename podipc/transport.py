@@ -289,6 +289,9 @@ class Transport:
     fanin_consumer: str = ""
     """The consumer class of pattern=fanin (many named producers into one consumer) as 'module:Class';
     '' when the transport has none (it must then not declare the pattern option, unless `work_queue`)."""
+    fanin_producer: str = ""
+    """The producer class of a fan-in producer (name= or pattern=fanin) as 'module:Class', when it is not the
+    transport's producer (the kernel queues tag their messages, podipc.queue_fanin)."""
     work_queue: bool = False
     """True when its endpoints take pattern=queue: one producer, many consumers sharing one queue
     (podipc.work_queue); they then declare the pattern option (pair or queue)."""
@@ -371,6 +374,13 @@ class Transport:
                 f"{', '.join(s + '://' for s in self.schemes)}; it is by {', '.join(fanin_schemes())}"
             )
         cls: type[Consumer] = self._load(self.fanin_consumer)
+        return cls
+
+    def fanin_producer_class(self) -> type[Producer]:
+        """Import and return the producer class of a fan-in producer (the transport's producer when it has none)."""
+        if not self.fanin_producer:
+            return self.producer_class()
+        cls: type[Producer] = self._load(self.fanin_producer)
         return cls
 
     def _load(self, reference: str) -> Any:

@@ -96,6 +96,8 @@ class ConsumersLock:
 def consumers_lock(token: str, mode: int, trust: Trust, directory: str = PRESENCE_DIRECTORY) -> Iterator[ConsumersLock]:
     """Hold the channel's consumers lock (an exclusive flock on a file of ours, never a link) while inside.
 
+    A queue fan-in's producers (podipc.queue_fanin) claim their slots under the same lock.
+
     The lock counts only on the file still at the path once locked (the last consumer leaving removes it).
     Raises ChannelUnavailable when the path holds something not trusted, or the lock stays held LOCK_SECONDS.
     """
@@ -122,12 +124,18 @@ def _lock_once(path: str, mode: int, trust: Trust, deadline: float) -> int:
     try:
         fd = os.open(path, flags, mode)
     except OSError as exc:
+        try:
+            status = os.lstat(path)
+        except OSError:
+            status = None
+        if status is not None:  # something at the path refused us: say whose it is
+            trust.check_status(f"the channel's lock {path}", status)
         raise ChannelUnavailable(
             f"cannot open {path}: {exc.strerror}; podipc needs a writable {os.path.dirname(path)}"
         ) from exc
     try:
         status = os.fstat(fd)
-        trust.check(f"the work-queue lock {path}", status.st_uid, status.st_gid, status.st_mode & 0o777)
+        trust.check(f"the channel's lock {path}", status.st_uid, status.st_gid, status.st_mode & 0o777)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

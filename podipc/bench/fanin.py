@@ -1,7 +1,8 @@
 """Bench subjects for fan-in (pattern=fanin, podipc.fanin): N producer processes into one consumer.
 
-`fanin-unix-N` (over unix://@name) and `fanin-tcp-N` (over tcp://127.0.0.1:PORT), N = 1, 2
-or 4, are measured in throughput cells only. A fan-in's producers are separate processes
+`fanin-unix-N` (over unix://@name), `fanin-tcp-N` (over tcp://127.0.0.1:PORT), `fanin-mq-N`
+(mq:///name) and `fanin-sysvmq-N` (sysvmq://name; both podipc.queue_fanin), N = 1, 2 or 4, are
+measured in throughput cells only. A fan-in's producers are separate processes
 (gunicorn-style workers), so the cell runs N of them: the server's sender is producer
 "bench-0", and it starts N - 1 producer processes ("bench-1" ...) when it opens, each with
 its own named producer. When the stream starts, every producer runs the bench's own
@@ -45,9 +46,14 @@ from podipc.bench.subjects import (
 from podipc.bench.workloads import Effort, first_message, stream
 from podipc.errors import EndOfStream
 from podipc.fanin import ENDED, FanInConsumer
+from podipc.queue_fanin import QueueFanInConsumer
+from podipc.transport import transport_for
 
 FANIN_PRODUCERS = (1, 2, 4)
-FANIN_SCHEMES = ("unix", "tcp")
+FANIN_SCHEMES = ("unix", "tcp", "mq", "sysvmq")
+QUEUE_SCHEMES = ("mq", "sysvmq")
+FanInChannel = FanInConsumer | QueueFanInConsumer
+"""What a fan-in consumer is: the stream sockets' or the kernel queues'."""
 PRODUCER_NAME_PREFIX = "bench-"
 PRODUCER_HELPER = """
 import sys
@@ -148,7 +154,7 @@ class FanInSender:
 class FanInReceiver(ChannelReceiver):
     """The client's end of a fan-in cell: one fan-in consumer, its messages checked per producer (drain)."""
 
-    def __init__(self, channel: FanInConsumer, producers: int, size: int) -> None:
+    def __init__(self, channel: FanInChannel, producers: int, size: int) -> None:
         super().__init__(channel, lossy=False, zero_copy=False)
         self.fanin = channel
         self.producers = producers
@@ -218,18 +224,31 @@ class FanIn(Subject):
         self.baseline = None if producers == 1 else f"fanin-{scheme}-1"
 
     def availability(self) -> str | None:
-        """Fan-in over the stream sockets needs nothing beyond the standard library."""
+        """Fan-in over the stream sockets needs nothing beyond the standard library; a queue, its transport's."""
+        if self.scheme in QUEUE_SCHEMES:
+            return transport_for(self.scheme).problem()
         return None
 
     def size_problem(self, size: int) -> str | None:
-        """Any size up to the default max_message_size (64 MiB) fits."""
-        return None
+        """Any size up to the default max_message_size (64 MiB) fits a stream; a queue's limit, less mq's tag."""
+        if self.scheme not in QUEUE_SCHEMES:
+            return None
+        transport = transport_for(self.scheme)
+        limit = int(transport.limit.host_default()) - (2 if self.scheme == "mq" else 0)
+        return None if size <= limit else f"fanin over {self.scheme}:// carries at most {limit} bytes here"
 
     def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
-        """One abstract socket (unix) or loopback port (tcp) per link."""
+        """One abstract socket (unix), loopback port (tcp) or queue (mq, sysvmq) per link."""
         if self.scheme == "tcp":
             return {key: f"tcp://127.0.0.1:{free_port('tcp')}" for key in ("a", "b")}
+        if self.scheme in QUEUE_SCHEMES:
+            return {key: self._queue_url(place, key, free_port) for key in ("a", "b")}
         return {key: f"unix://@{place.name(key)}" for key in ("a", "b")}
+
+    def _queue_url(self, place: CellPlace, key: str, free_port: Callable[[str], int]) -> str:
+        """A fresh queue for link `key`."""
+        transport = transport_for(self.scheme)
+        return transport.fresh_url(self.scheme, place.name(key), lambda: place.path(key, ".ch"), free_port)
 
     def open_sender(self, resources: Mapping[str, str], key: str, size: int) -> Sender:
         """Producer "bench-0" and N - 1 producer processes, each with its producer open (no I/O yet)."""
@@ -238,7 +257,7 @@ class FanIn(Subject):
     def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
         """One fan-in consumer ending after N producers' streams."""
         channel = podipc.consumer(resources[key], pattern="fanin", producers=self.producers, wait=PEER_WAIT_SECONDS)
-        assert isinstance(channel, FanInConsumer)
+        assert isinstance(channel, FanInChannel)
         return FanInReceiver(channel, self.producers, size)
 
 

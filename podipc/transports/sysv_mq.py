@@ -10,8 +10,10 @@ Address:
              queue_bytes=BYTES (the queue's capacity, msg_qbytes; default /proc/sys/kernel/msgmnb),
              max_message_size=BYTES (default /proc/sys/kernel/msgmax),
              adopt=true (consumer: also take a queue a plain producer created first; see below)
-             pattern=pair|queue (queue: a work queue, many consumers share the queue, each
-             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N)
+             pattern=pair|queue|fanin (queue: a work queue, many consumers share the queue, each
+             message to one; podipc.work_queue), consumers=N (work-queue producer: wait for N);
+             fanin: many named producers into one consumer, podipc.queue_fanin: producers=N
+             (consumer: end after N ended), name=NAME (a producer with a name is a fan-in one)
 
 Requires:
     sysv_ipc; a kernel with SysV IPC (every Linux).
@@ -123,6 +125,8 @@ from podipc.queue import (
     permission_denied,
     queued_messages,
 )
+from podipc.queue_fanin import QueueFanInConsumer, QueueFanInProducer
+from podipc.stream import NAME_OPTION, PRODUCERS_OPTION
 from podipc.transport import AddressForm, Capability, Example, KernelFacility, MessageLimit, ObjectKind, Transport
 from podipc.waking import POLLIN, wait_for
 
@@ -166,6 +170,8 @@ OPTIONS = (
     ADOPT_OPTION,
     PATTERN_OPTION,
     CONSUMERS_OPTION,
+    PRODUCERS_OPTION,
+    NAME_OPTION,
 )
 
 WAKE = "wake"
@@ -900,6 +906,33 @@ class SysVMQConsumer(QueueConsumer):
         self._freed = True
 
 
+class SysVMQFanInProducer(QueueFanInProducer, SysVMQProducer):
+    """A named producer of a fan-in queue (pattern=fanin): its slot and each message's kind in the mtype."""
+
+
+class SysVMQFanInConsumer(QueueFanInConsumer, SysVMQConsumer):
+    """The consumer of a fan-in queue (pattern=fanin): the mtype of each message tells its producer and kind."""
+
+    def _next_tagged(self) -> tuple[int, bytes]:
+        data, mtype = self._receive()  # a blocking msgrcv; a wake-up (mtype 3) or EINTR goes to the checked path
+        return mtype, data
+
+    def _untag(self, mark: int, body: bytes) -> tuple[int, bytes]:
+        return mark, body
+
+    def _put_own(self, message_tag: int, body: bytes) -> bool:
+        queue = self._queue
+        if queue is None:
+            return True
+        try:
+            queue.send(body, False, message_tag)
+        except sysv_ipc.BusyError:
+            return False
+        except (sysv_ipc.Error, OSError):
+            return True  # removed: nothing left to mark
+        return True
+
+
 def remove_leftover_queue(key: str) -> None:
     """Remove a queue a killed consumer left, by its decimal key (podipc clean)."""
     sysv_ipc.MessageQueue(int(key), 0, 0).remove()
@@ -938,6 +971,8 @@ TRANSPORT = Transport(
     ),
     channel_objects=lambda address: (("sysv_mq", str(address.key)),),
     kernel=KernelFacility("SysV message queues", MSGMAX_PATH, "CONFIG_SYSVIPC"),
+    fanin_consumer="podipc.transports.sysv_mq:SysVMQFanInConsumer",
+    fanin_producer="podipc.transports.sysv_mq:SysVMQFanInProducer",
     work_queue=True,
     rank=50,
 )

@@ -25,7 +25,7 @@ SHARE = 100
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("scheme", ["unix", "tcp"])
+@pytest.mark.parametrize("scheme", ["unix", "tcp", "mq", "sysvmq"])
 def test_a_fanin_4_cell_runs_4_producer_processes_and_the_consumer_gets_every_message(
     scheme: str, tmp_path: Path
 ) -> None:

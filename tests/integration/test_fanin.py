@@ -1,4 +1,5 @@
-"""Fan-in (pattern=fanin) across real processes: many named producers into one consumer on unix:// and tcp://.
+"""Fan-in (pattern=fanin) across real processes: many named producers into one consumer on unix://, tcp://,
+mq:// and sysvmq://.
 
 Every producer's stream is checked on its own: order (each payload carries its producer's
 index), count and SHA-256 against what the producer itself sent; a SIGKILLed producer is
@@ -24,13 +25,15 @@ from typing import Any
 import pytest
 
 import podipc
+from podipc.address import parse_address
 from tests.commands import PODIPC
 
 from .harness import CONTEXT, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-FANIN_SCHEMES = ("unix", "unix-abstract", "tcp")
+FANIN_SCHEMES = ("unix", "unix-abstract", "tcp", "mq", "sysvmq")
+QUEUE_SCHEMES = ("mq", "sysvmq")
 INDEX = struct.Struct(">Q")
 BODY = bytes(range(56))
 """With the index: 64-byte messages."""
@@ -111,7 +114,7 @@ def endless(url: str, name: str, sent: Any) -> None:
             time.sleep(0.001)
 
 
-@pytest.mark.parametrize("scheme", ["unix", "tcp"])
+@pytest.mark.parametrize("scheme", ["unix", "tcp", *QUEUE_SCHEMES])
 def test_a_killed_producer_is_reported_alone_and_the_others_complete(scheme: str) -> None:
     url = url_for(scheme)
     results = CONTEXT.Queue()
@@ -122,8 +125,7 @@ def test_a_killed_producer_is_reported_alone_and_the_others_complete(scheme: str
         victim.start()
         for process in others:
             process.start()
-        assert wait_until(lambda: sent.value >= 50, 30)
-        seen: dict[str, int] = {}
+        seen: dict[str, int] = {}  # a queue holds a few messages only: receive while the victim sends
         while seen.get("victim", 0) < 20:
             name, _ = consumer.recv_from(timeout=30)
             seen[name] = seen.get(name, 0) + 1
@@ -224,9 +226,10 @@ def test_a_pair_producer_at_a_fanin_consumer_is_told_so(scheme: str) -> None:
             consumer.recv(timeout=5)
 
 
+@pytest.mark.parametrize("scheme", ["unix", *QUEUE_SCHEMES])
 @pytest.mark.parametrize("attached", [False, True], ids=["no-producer", "idle-producer"])
-def test_close_from_another_thread_wakes_a_blocked_recv_within_100_ms(attached: bool) -> None:
-    url = url_for("unix")
+def test_close_from_another_thread_wakes_a_blocked_recv_within_100_ms(scheme: str, attached: bool) -> None:
+    url = url_for(scheme)
     consumer = podipc.consumer(url, pattern="fanin", wait=30)
     producer = podipc.producer(url, name="idle", wait=10)
     if attached:
@@ -270,8 +273,8 @@ def test_timeout_zero_tries_once_now() -> None:
 
 
 def test_other_channels_refuse_fanin_and_say_which_have_it() -> None:
-    with pytest.raises(podipc.AddressError, match=r"it runs over .*unix://"):
-        podipc.consumer(url_for("mq"), pattern="fanin")
+    with pytest.raises(podipc.AddressError, match=r"it runs over .*unix://.*mq://"):
+        podipc.consumer(url_for("shm"), pattern="fanin")
     with pytest.raises(podipc.AddressError, match="name=app is fan-in"):
         podipc.producer(url_for("file"), name="app")
 
@@ -314,8 +317,9 @@ def test_cli_consume_with_producers_2_reports_each_producer_as_it_sent() -> None
         assert entry["ended"] == "end of stream"
 
 
-def test_the_asyncio_consumer_takes_fanin_with_recv_from() -> None:
-    url = url_for("unix-abstract")
+@pytest.mark.parametrize("scheme", ["unix-abstract", *QUEUE_SCHEMES])
+def test_the_asyncio_consumer_takes_fanin_with_recv_from(scheme: str) -> None:
+    url = url_for(scheme)
     results = CONTEXT.Queue()
     processes = [CONTEXT.Process(target=produce, args=(url, name, 2000, results)) for name in ("a", "b")]
 
@@ -364,8 +368,9 @@ def test_a_plain_socket_producer_speaking_the_documented_wire_and_one_sending_ga
         garbage.close()
 
 
-def test_threads_sharing_a_fanin_consumer_get_every_message_once() -> None:
-    url = url_for("tcp")
+@pytest.mark.parametrize("scheme", ["tcp", *QUEUE_SCHEMES])
+def test_threads_sharing_a_fanin_consumer_get_every_message_once(scheme: str) -> None:
+    url = url_for(scheme)
     results = CONTEXT.Queue()
     count = 10_000
     processes = [CONTEXT.Process(target=produce, args=(url, name, count, results)) for name in ("a", "b", "c")]
@@ -396,3 +401,201 @@ def test_threads_sharing_a_fanin_consumer_get_every_message_once() -> None:
         for name in ("a", "b", "c"):
             indexes = [index for sender, index in into if sender == name]
             assert indexes == sorted(indexes)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_a_queue_refuses_a_second_live_producer_with_the_same_name_until_the_first_leaves(scheme: str) -> None:
+    url = url_for(scheme)
+    with podipc.consumer(url, pattern="fanin", wait=10) as consumer:
+        first = podipc.producer(url, name="app", wait=10)
+        first.send(b"one")
+        assert consumer.recv_from(timeout=10) == ("app", b"one")  # type: ignore[attr-defined]
+        with pytest.raises(podipc.NameTaken, match="another live producer is named 'app'"):
+            podipc.producer(url, name="app", wait=10)
+        closer = threading.Thread(target=first.close)  # close() waits for the consumer to acknowledge the end
+        closer.start()
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.5)
+        closer.join(10)
+        assert not closer.is_alive()
+        third = threading.Thread(target=produce_one, args=(url, "app", b"three"))
+        third.start()
+        assert consumer.recv_from(timeout=10) == ("app", b"three")  # type: ignore[attr-defined]
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.5)
+        third.join(10)
+        assert [(s.name, s.messages, s.ended) for s in consumer.senders] == [
+            ("app", 1, "end of stream"),
+            ("app", 1, "end of stream"),
+        ]
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_a_queue_tells_pair_and_fanin_sides_apart(scheme: str) -> None:
+    url = url_for(scheme)
+    with podipc.consumer(url, wait=10) as consumer:
+        with podipc.producer(url, name="app", wait=10) as producer:
+            with pytest.raises(podipc.ChannelUnavailable, match=r"takes one producer \(pattern=pair\)"):
+                producer.send(b"x")
+            producer.abort()
+        pair = threading.Thread(target=produce_one, args=(url, "", b"pair"))
+        pair.start()
+        assert list(consumer) == [b"pair"]
+        pair.join(10)
+    url = url_for(scheme)
+    with podipc.consumer(url, pattern="fanin", wait=10) as consumer:
+        with podipc.producer(url, wait=10) as producer:
+            with pytest.raises(podipc.ChannelUnavailable, match=r"gathers many producers \(pattern=fanin\)"):
+                producer.send(b"x")
+            producer.abort()
+        with pytest.raises(podipc.Timeout):
+            consumer.recv(timeout=0.2)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_cli_consume_with_producers_2_over_a_queue_reports_each_producer_as_it_sent(scheme: str) -> None:
+    url = url_for(scheme)
+    consumer = subprocess.Popen([*PODIPC, "consume", url, "--producers", "2"], stdout=subprocess.PIPE, text=True)
+    try:
+        producers = [
+            subprocess.Popen(
+                [*PODIPC, "produce", url, "--name", name, "--count", str(count), "--size", "100", "--random"],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PODIPC_SEED": str(count)},
+            )
+            for name, count in (("app-a", 3000), ("app-b", 2000))
+        ]
+        summaries = {}
+        for name, process in zip(("app-a", "app-b"), producers, strict=True):
+            out, _ = process.communicate(timeout=60)
+            assert process.returncode == 0
+            summaries[name] = json.loads(out.strip().splitlines()[-1])
+        out, _ = consumer.communicate(timeout=60)
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.communicate()
+    assert consumer.returncode == 0
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["messages"] == 5000
+    reported = {entry["name"]: entry for entry in line["producers"]}
+    assert sorted(reported) == ["app-a", "app-b"]
+    for name, summary in summaries.items():
+        entry = reported[name]
+        assert (entry["messages"], entry["bytes"], entry["sha256"]) == (
+            summary["messages"],
+            summary["bytes"],
+            summary["sha256"],
+        )
+        assert entry["ended"] == "end of stream"
+
+
+def send_then_die(url: str, name: str, count: int) -> None:
+    """Send `count` messages as `name`, then die by SIGKILL without closing."""
+    producer = podipc.producer(url, name=name, wait=10)
+    for index in range(count):
+        producer.send(message(index))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_a_producer_dead_before_the_consumer_read_it_is_reported_after_what_it_sent(scheme: str) -> None:
+    url = url_for(scheme)
+    results = CONTEXT.Queue()
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=30) as consumer:
+        early = CONTEXT.Process(target=send_then_die, args=(url, "early", 3))
+        early.start()
+        early.join(30)
+        assert early.exitcode == -signal.SIGKILL
+        late = CONTEXT.Process(target=produce, args=(url, "late", 2, results))  # may take the dead one's slot
+        late.start()
+        received = receive_all(consumer)
+        late.join(30)
+        senders = {sender.name: sender for sender in consumer.senders}
+    assert late.exitcode == 0
+    assert received == {"early": 3, "late": 2}
+    assert (senders["early"].messages, senders["early"].ended) == (3, "died")
+    assert "PeerGone" in senders["early"].error
+    assert (senders["late"].messages, senders["late"].sha256, senders["late"].ended) == (
+        2,
+        collect(results, 1)["late"][1],
+        "end of stream",
+    )
+
+
+def put_raw(url: str, messages: list[tuple[int, bytes]]) -> None:
+    """Put (tag, body) messages into a fan-in queue as a plain script would (mq: priority 2, the tag before)."""
+    address = parse_address(url)
+    if address.scheme == "mq":
+        import posix_ipc
+
+        queue = posix_ipc.MessageQueue("/" + address.name, 0)
+        for tag, body in messages:
+            queue.send(struct.pack(">H", tag) + body, priority=2)
+        queue.send(b"no tag at all", priority=1)
+        queue.close()
+    else:
+        import sysv_ipc
+
+        queue = sysv_ipc.MessageQueue(address.key)
+        for tag, body in messages:
+            queue.send(body, True, tag)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_queue_messages_of_no_attached_producer_are_skipped_and_the_producers_complete(scheme: str) -> None:
+    url = url_for(scheme)
+    results = CONTEXT.Queue()
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=30) as consumer:
+        # data and an end of stream for slot 9, which never started; a start for slot 200 (no such slot)
+        put_raw(url, [((9 << 4) | 1, b"forged"), ((9 << 4) | 2, b""), ((200 << 4) | 4, b"0123 ghost")])
+        process = CONTEXT.Process(target=produce, args=(url, "real", 100, results))
+        process.start()
+        received = receive_all(consumer)
+        process.join(30)
+        senders = consumer.senders
+        skipped = consumer.skipped
+    assert process.exitcode == 0
+    assert received == {"real": 100}
+    assert [(sender.name, sender.messages, sender.ended) for sender in senders] == [("real", 100, "end of stream")]
+    assert senders[0].sha256 == collect(results, 1)["real"][1]
+    assert skipped == (4 if scheme == "mq" else 3)
+
+
+@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+def test_close_from_another_thread_wakes_a_producer_blocked_on_a_full_queue_and_still_ends_its_stream(
+    scheme: str,
+) -> None:
+    url = url_for(scheme)
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=30) as consumer:
+        producer = podipc.producer(url, name="filler", wait=10)
+        sent = [0]
+        failure: list[BaseException] = []
+        woke_at: list[float] = []
+
+        def send_forever() -> None:
+            try:
+                while True:
+                    producer.send(message(sent[0]))
+                    sent[0] += 1
+            except BaseException as error:
+                failure.append(error)
+                woke_at.append(time.monotonic())
+
+        sender = threading.Thread(target=send_forever, daemon=True)
+        sender.start()
+        previous = -1
+        while previous != sent[0]:  # the count stops moving once a send blocks on the full queue
+            previous = sent[0]
+            time.sleep(0.3)
+        closed_at = time.monotonic()
+        closer = threading.Thread(target=producer.close)  # waits for the consumer to acknowledge the end
+        closer.start()
+        sender.join(10)
+        assert isinstance(failure[0], podipc.ChannelClosed)
+        assert woke_at[0] - closed_at < CLOSE_WAKE_LIMIT_SECONDS
+        assert receive_all(consumer) == {"filler": sent[0]}
+        closer.join(10)
+        assert not closer.is_alive()
+        assert [(s.name, s.messages, s.ended) for s in consumer.senders] == [("filler", sent[0], "end of stream")]

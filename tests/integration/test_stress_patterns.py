@@ -98,7 +98,7 @@ def gather(url: str, sizes: Sequence[int], results: Any) -> None:
     results.put({"taken": taken, "wrong": wrong, "summary": summary, "seconds": seconds, "peak_rss_kib": peak_rss()})
 
 
-@pytest.mark.parametrize("scheme", ["unix", "tcp"])
+@pytest.mark.parametrize("scheme", ["unix", "tcp", "mq", "sysvmq"])
 def test_fanin_four_producers_each_deliver_their_whole_stream_in_order(scheme: str, reap: list[Any]) -> None:
     url = url_for(scheme)
     sizes = CyclingSizes(COUNT // PRODUCERS)

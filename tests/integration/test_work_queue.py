@@ -174,8 +174,8 @@ def test_other_transports_refuse_pattern_queue_naming_where_it_runs() -> None:
         podipc.consumer(url_for("unix"), pattern="queue")
     with pytest.raises(podipc.AddressError, match="mq://, sysvmq://"):
         podipc.producer(url_for("shm") + "?pattern=queue")
-    with pytest.raises(podipc.AddressError, match="unix://"):
-        podipc.consumer(url_for("mq"), pattern="fanin")
+    with pytest.raises(podipc.AddressError, match=r"unix://.*mq://"):
+        podipc.consumer(url_for("shm"), pattern="fanin")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -12,6 +12,7 @@ import podipc
 from podipc.errors import AddressError
 from podipc.fanin import FanInConsumer, _Claims, _hello_length, _name_of
 from podipc.framing import BUSY, FANIN_HELLO, HELLO, NAME_TAKEN, WRONG_PATTERN, check_producer_name, fanin_hello
+from podipc.queue_fanin import QueueFanInConsumer, QueueFanInProducer
 from podipc.stream_producer import default_producer_name
 from podipc.transport import fanin_schemes, transport_for, transports
 
@@ -110,23 +111,28 @@ def test_the_limit_counts_live_and_cleanly_ended_producers_but_not_dead_ones() -
     assert claims.ended_cleanly == 1
 
 
-def test_only_the_stream_transports_declare_fanin() -> None:
+def test_the_stream_and_queue_transports_declare_fanin() -> None:
     with_fanin = {transport.name for transport in transports() if transport.fanin_consumer}
-    assert with_fanin == {"unix", "tcp"}
-    assert fanin_schemes() == ("tcp://", "unix://")
+    assert with_fanin == {"unix", "tcp", "posix_mq", "sysv_mq"}
+    assert fanin_schemes() == ("tcp://", "unix://", "mq://", "sysvmq://")
     for name in ("unix", "tcp"):
         transport = transport_for(name)
         assert {"pattern", "producers", "name"} <= {option.name for option in transport.options}
         assert issubclass(transport.fanin_consumer_class(), FanInConsumer)
+    for scheme in ("mq", "sysvmq"):
+        transport = transport_for(scheme)
+        assert {"pattern", "producers", "name"} <= {option.name for option in transport.options}
+        assert issubclass(transport.fanin_consumer_class(), QueueFanInConsumer)
+        assert issubclass(transport.fanin_producer_class(), QueueFanInProducer)
 
 
 def test_a_transport_without_fanin_refuses_it_naming_those_with_it() -> None:
-    with pytest.raises(AddressError, match=r"runs over tcp://, unix://"):
-        podipc.consumer("mq:///podipc-unit-fanin?pattern=fanin")
+    with pytest.raises(AddressError, match=r"runs over tcp://, unix://, mq://, sysvmq://"):
+        podipc.consumer("shm:///podipc-unit-fanin?pattern=fanin")
     with pytest.raises(AddressError, match="producers=2 is fan-in"):
-        podipc.consumer("mq:///podipc-unit-fanin", producers=2)
-    with pytest.raises(AddressError, match="not supported by mq://"):
-        transport_for("mq").fanin_consumer_class()
+        podipc.consumer("shm:///podipc-unit-fanin", producers=2)
+    with pytest.raises(AddressError, match="not supported by shm://"):
+        transport_for("shm").fanin_consumer_class()
 
 
 def test_producers_with_pattern_pair_contradict_each_other() -> None:

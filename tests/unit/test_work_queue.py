@@ -22,13 +22,15 @@ def test_a_slot_token_names_its_channel_for_clean() -> None:
     assert base_token("mq-jobs-1234abcd") == "mq-jobs-1234abcd"
     assert base_token("mq-jobs-1234abcd.slotx") == "mq-jobs-1234abcd.slotx"
     assert slot_path("tok", 2, "/d") == "/d/podipc.presence.tok.slot2.consumer"
+    assert slot_path("tok", 2, "/d", "producer") == "/d/podipc.presence.tok.slot2.producer"
 
 
-def test_the_pattern_option_of_a_queue_is_pair_or_queue() -> None:
+def test_the_pattern_option_of_a_queue_is_pair_queue_or_fanin() -> None:
     assert parse_pattern(" Queue ") == "queue"
     assert parse_pattern("pair") == "pair"
-    with pytest.raises(ValueError, match="unix:// and tcp://"):
-        parse_pattern("fanin")
+    assert parse_pattern("FanIn") == "fanin"
+    with pytest.raises(ValueError, match="pair, queue, fanin"):
+        parse_pattern("broadcast")
 
 
 @pytest.mark.parametrize("url", ["unix:///tmp/x.sock", "tcp://127.0.0.1:7000", "shm:///x", "file:///tmp/spool"])
@@ -39,9 +41,16 @@ def test_channels_without_a_work_queue_refuse_pattern_queue_naming_mq_and_sysvmq
         podipc.producer(url, pattern="queue")
 
 
-def test_a_queue_refuses_fanin_naming_where_it_runs() -> None:
-    with pytest.raises(podipc.AddressError, match="unix://"):
-        podipc.consumer("mq:///podipc-unit-wq", pattern="fanin")
+def test_fanin_and_the_work_queue_do_not_mix() -> None:
+    with pytest.raises(podipc.AddressError, match="needs pattern=fanin, not queue"):
+        podipc.consumer("mq:///podipc-unit-wq", pattern="queue", producers=2)
+    with pytest.raises(podipc.AddressError, match="choose one"):
+        podipc.producer("sysvmq://podipc-unit-wq", pattern="queue", name="app")
+
+
+def test_a_fanin_queue_is_podipcs_own_never_adopted() -> None:
+    with pytest.raises(podipc.AddressError, match="adopt=true and pattern=fanin"):
+        podipc.consumer("mq:///podipc-unit-wq", pattern="fanin", adopt=True)
 
 
 def test_the_consumers_lock_excludes_and_survives_its_removal(tmp_path: Path) -> None:
