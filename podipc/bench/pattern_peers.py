@@ -565,7 +565,8 @@ class ConsumersReceiver(PatternReceiver):
         self.closed = False
         try:
             self.helpers = [
-                helper_process(role, address, os.path.join(self.directory, f"{index}.numbers")) for index in range(1, consumers)
+                helper_process(role, address, os.path.join(self.directory, f"{index}.numbers"))
+                for index in range(1, consumers)
             ]
             self.measured = _open_queue_consumer(role, address)
         except BaseException:
