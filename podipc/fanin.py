@@ -133,9 +133,10 @@ class _Sender:
 
     def account(self, frames: list[bytes]) -> None:
         """Count messages handed out (in order) and fold them into the digest: once per batch, not per message."""
+        payloads = b"".join(frames)
         self.messages += len(frames)
-        self.bytes += sum(map(len, frames))
-        self.digest.update(b"".join(frames))
+        self.bytes += len(payloads)
+        self.digest.update(payloads)
 
     def summary(self, handed_out: list[bytes]) -> ProducerSummary:
         """What it sent so far, with `handed_out`: messages of its batch in progress not accounted yet."""
