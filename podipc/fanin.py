@@ -30,7 +30,12 @@ the same with its producer's name; each batch (one read of one producer, ~1000 f
 64 B when the producers outpace the consumer) is then counted and folded into its sender's
 SHA-256 at once (`senders`, exact between receives); one epoll poll per batch, not per
 message. Measured on 2 cores with a bare recv() loop: the consumer takes ~3.7M msg/s per
-CPU-second at 64 B with 1 producer and within 5 % of that with 4. The bench cells
+CPU-second at 64 B with 1 producer and within 5 % of that with 4. What made the consumer
+cost more was its producers' writes, not its own work: on a loaded VM a producer whose burst
+a pause or a preemption ended wrote each message alone (podipc.stream_producer's start
+window was shorter than its own loop), and the consumer paid one small kernel segment per
+message (with 4 producers: 11 syscalls per 1000 messages and 160 ns of system CPU per
+message; 0.7 and 26 ns with STREAM_BURST_START_SECONDS, measured side by side). The bench cells
 fanin-unix-N / fanin-tcp-N (podipc.bench.fanin) measure N producer processes into one
 consumer that checks every producer's sequence with recv_from(); benchmarks/fanin.py runs
 them and adds the consumer's messages per CPU-second.
@@ -135,9 +140,10 @@ class _Sender:
 
     def account(self, frames: list[bytes]) -> None:
         """Count messages handed out (in order) and fold them into the digest: once per batch, not per message."""
+        payloads = b"".join(frames)
         self.messages += len(frames)
-        self.bytes += sum(map(len, frames))
-        self.digest.update(b"".join(frames))
+        self.bytes += len(payloads)
+        self.digest.update(payloads)
 
     def summary(self, handed_out: list[bytes]) -> ProducerSummary:
         """What it sent so far, with `handed_out`: messages of its batch in progress not accounted yet."""

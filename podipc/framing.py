@@ -15,7 +15,7 @@ anything is allocated, so garbage never costs memory.
 
 FrameReader cuts frames out of a stream: one `recv_into` fills a reusable buffer with
 many small frames, and every complete frame in it is cut in one pass (a run of frames of
-one length by `struct.iter_unpack`, at C speed); large payloads are read straight into
+one length by structs that skip the headers, at C speed); large payloads are read straight into
 their own object (`recv(n, MSG_WAITALL)`, no copy in the common case). All state lives
 in the reader, so a timeout raised by the source between two reads loses nothing.
 """
@@ -66,6 +66,8 @@ DIRECT_READ_SIZE = 32 * 1024
 
 RUN_STRUCTS = 64
 """How many frame lengths the reader keeps a run-cutting struct for."""
+RUN_BLOCK_FRAMES = 128
+"""Frames a run-cutting struct takes at once: one unpack returns their payloads (half the cost of iter_unpack's pairs)."""
 
 _END_OF_STREAM_HEADER = HEADER.pack(END_OF_STREAM)
 MSG_WAITALL = socket.MSG_WAITALL
@@ -143,6 +145,7 @@ class FrameReader:
         """How much one receive into the empty buffer asks for: all of it, or only a header after a large frame."""
         self._unpack_from = HEADER.unpack_from
         self._runs: dict[int, struct.Struct] = {}
+        self._tails: dict[int, struct.Struct] = {}
 
     @property
     def buffered(self) -> int:
@@ -218,8 +221,9 @@ class FrameReader:
     def _cut(self) -> bool:
         """Move every complete frame of the buffer to `ready`, in one pass; True when there was one.
 
-        A run of frames of one length is cut by `struct.iter_unpack` after checking all
-        their headers at once (strided slices); anything else one frame at a time. Stops
+        A run of frames of one length is cut after checking all their headers at once
+        (strided slices): RUN_BLOCK_FRAMES payloads per unpack of a struct that skips the
+        headers, the rest by `struct.iter_unpack`; anything else one frame at a time. Stops
         at a frame not complete yet, the end marker or a length above max_message_size
         (the slow path deals with those).
         """
@@ -236,7 +240,15 @@ class FrameReader:
                 count = self._run_length(start, stride, count)
             if count > 1:
                 stop = start + count * stride
-                frames += map(_payload_of, self._run_struct(length).iter_unpack(view[start:stop]))
+                blocks = count // RUN_BLOCK_FRAMES
+                if blocks:
+                    block = self._run_struct(length)
+                    unpack_block, block_size = block.unpack_from, block.size
+                    for _ in range(blocks):
+                        frames += unpack_block(buffer, start)  # the headers were checked: skipped here
+                        start += block_size
+                if start < stop:
+                    frames += map(_payload_of, self._tail_struct(length).iter_unpack(view[start:stop]))
             else:
                 stop = start + stride
                 frames.append(view[start + HEADER_SIZE : stop].tobytes())
@@ -276,13 +288,23 @@ class FrameReader:
         return count
 
     def _run_struct(self, length: int) -> struct.Struct:
-        """A struct that cuts one frame of `length` bytes into (header, payload)."""
+        """A struct that cuts RUN_BLOCK_FRAMES frames of `length` bytes into their payloads (headers skipped)."""
         runs = self._runs
         cutter = runs.get(length)
         if cutter is None:
             if len(runs) >= RUN_STRUCTS:
                 runs.clear()
-            cutter = runs[length] = struct.Struct(f">I{length}s")
+            cutter = runs[length] = struct.Struct(f"4x{length}s" * RUN_BLOCK_FRAMES)
+        return cutter
+
+    def _tail_struct(self, length: int) -> struct.Struct:
+        """A struct that cuts one frame of `length` bytes into (header, payload): the frames after the last block."""
+        tails = self._tails
+        cutter = tails.get(length)
+        if cutter is None:
+            if len(tails) >= RUN_STRUCTS:
+                tails.clear()
+            cutter = tails[length] = struct.Struct(f">I{length}s")
         return cutter
 
     def _read_frame_slowly(self, source: StreamSource) -> bytes:

@@ -9,10 +9,12 @@ sent. Readiness: the socket (for writing, or for reading while it awaits the hel
 answer or the end-of-stream ack); before it connects, a retry time.
 
 Coalescing (option `coalesce`, on by default): a small message (COALESCE_SIZE) sent less
-than BURST_START_SECONDS after the previous send returned starts a burst and waits in
+than STREAM_BURST_START_SECONDS after the previous send returned starts a burst and waits in
 the producer's outbox, as does each small message within BURST_HOLD_SECONDS of the one
-before; the outbox is written in one write at OUTBOX_BYTES. Every other message is
-written within its send(), behind the outbox. The last messages of a burst are written
+before; the outbox is written in one write at OUTBOX_BYTES and the burst goes on. A send
+that had to wait for room goes on as a burst too (the consumer is behind: what follows
+could not leave sooner). Every other message is written within its send(), behind the
+outbox, and a pause of BURST_HOLD_SECONDS ends the burst. The last messages of a burst are written
 by the process's flusher thread (podipc.flushing): as soon as it holds the interpreter and no
 call is inside the producer, so at once when the sending thread blocks or sleeps, within
 the interpreter's switch interval while it runs Python code, plus a FLUSH_TICK_SECONDS
@@ -48,7 +50,7 @@ from podipc.errors import (
     PeerTimeout,
     ProtocolError,
 )
-from podipc.flushing import BURST_HOLD_SECONDS, BURST_START_SECONDS
+from podipc.flushing import BURST_HOLD_SECONDS, STREAM_BURST_START_SECONDS
 from podipc.framing import (
     ACK,
     BUSY,
@@ -135,7 +137,10 @@ class StreamProducer(CoalescingProducer):
         self._last_send = 0.0
         """When the last coalesced send began, or the last write ended (monotonic seconds)."""
         self._burst_start = 0.0
-        """BURST_START_SECONDS once connected, 0 when not (or coalescing is off)."""
+        """STREAM_BURST_START_SECONDS once connected, 0 when not (or coalescing is off)."""
+        self._burst_window = 0.0
+        """How soon after the previous send a small send joins an empty outbox: `_burst_start`, BURST_HOLD_SECONDS
+        while a burst goes on (its outbox was just written, or the send before waited for room)."""
         self._interest = POLLIN
         self._coalesce_limit = min(COALESCE_SIZE, self.max_message_size)
         self._coalescing: bool = self.settings["coalesce"]
@@ -181,21 +186,27 @@ class StreamProducer(CoalescingProducer):
                 if nbytes <= self._coalesce_limit:
                     now = _monotonic()
                     if outbox:
-                        if now - self._last_send < BURST_HOLD_SECONDS and len(outbox) < OUTBOX_BYTES:
-                            self._last_send = now
-                            outbox += _pack_header(nbytes)
-                            outbox += data
-                            if len(outbox) >= OUTBOX_BYTES:
-                                self._write_outbox()  # what the kernel does not take now stays, counted as sent
-                                self._last_send = _monotonic()
-                            return
-                    elif now - self._last_send < self._burst_start:
+                        if now - self._last_send < BURST_HOLD_SECONDS:
+                            if len(outbox) < OUTBOX_BYTES:
+                                self._last_send = now
+                                outbox += _pack_header(nbytes)
+                                outbox += data
+                                if len(outbox) >= OUTBOX_BYTES:
+                                    self._write_outbox()  # what the kernel does not take now stays, counted as sent
+                                    self._last_send = _monotonic()
+                                return
+                        else:
+                            self._burst_window = self._burst_start  # a pause ended the burst
+                    elif now - self._last_send < self._burst_window:
                         self._last_send = now
+                        self._burst_window = BURST_HOLD_SECONDS
                         outbox += _pack_header(nbytes)
                         outbox += data
                         if not self._watched:
                             self._watch()
                         return
+                    else:
+                        self._burst_window = self._burst_start
                 if not outbox and self._fast and nbytes <= self.max_message_size:
                     sock = self._socket
                     assert sock is not None
@@ -233,8 +244,12 @@ class StreamProducer(CoalescingProducer):
             outbox = self._outbox
             if nbytes <= COALESCE_SIZE:
                 now = _monotonic()
-                limit = BURST_HOLD_SECONDS if outbox else self._burst_start
-                if now - self._last_send < limit and len(outbox) < OUTBOX_BYTES:
+                limit = BURST_HOLD_SECONDS if outbox else self._burst_window
+                if now - self._last_send >= limit:
+                    self._burst_window = self._burst_start  # no burst goes on
+                elif len(outbox) < OUTBOX_BYTES:
+                    if self._burst_start:
+                        self._burst_window = BURST_HOLD_SECONDS
                     self._last_send = now
                     outbox += _pack_header(nbytes)
                     outbox += view
@@ -261,7 +276,18 @@ class StreamProducer(CoalescingProducer):
                     if sent != nbytes + HEADER_SIZE:
                         self._finish_frame(_pack_header(nbytes), view, sent, deadline)
                     return
-        Producer._send(self, view, deadline)
+        connected, try_send = self._fast, self._try_send
+        if not try_send(view):
+            while True:
+                self._await_readiness(deadline)
+                if try_send(view):
+                    break
+            if connected and self._burst_start and len(view) <= COALESCE_SIZE:
+                # it waited for room, so the consumer is behind: the small sends that follow join the outbox
+                self._burst_window = BURST_HOLD_SECONDS
+                self._last_send = _monotonic()
+        if not self._try_flush():
+            self._finish_sending(deadline)
 
     def _try_send(self, view: memoryview) -> bool:
         if self._phase != _READY and not self._progress():
@@ -501,7 +527,7 @@ class StreamProducer(CoalescingProducer):
         self._peer_seen = True
         self._fast = True
         if self._coalescing:
-            self._burst_start = BURST_START_SECONDS
+            self._burst_start = self._burst_window = STREAM_BURST_START_SECONDS
         self._want(_POLLOUT)
         return True
 
@@ -568,7 +594,7 @@ class StreamProducer(CoalescingProducer):
         if self._phase == _READY:
             self._outbox += end_of_stream_frame()
             self._fast = False
-            self._burst_start = 0.0
+            self._burst_start = self._burst_window = 0.0
             self._phase = _ENDING
         if self._outbox and not self._write_outbox():
             return False
@@ -594,7 +620,7 @@ class StreamProducer(CoalescingProducer):
     def _free(self) -> None:
         self._drop_socket()
         self._fast = False
-        self._burst_start = 0.0
+        self._burst_start = self._burst_window = 0.0
         self._outbox.clear()
 
     def _drop_inherited(self) -> None:

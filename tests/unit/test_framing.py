@@ -19,6 +19,7 @@ from podipc.framing import (
     END_OF_STREAM,
     HELLO,
     MAX_FRAME_LENGTH,
+    RUN_BLOCK_FRAMES,
     FrameReader,
     check_max_message_size,
     encode_frame,
@@ -256,6 +257,26 @@ def test_runs_of_equal_lengths_are_cut_whole_and_in_order_whatever_the_chunking(
     runs: list[tuple[int, int]], chunks: list[int]
 ) -> None:
     # lengths whose headers differ in one byte only (64, 320, 64 + 65536) catch a run cut too long
+    generator = random.Random(len(runs))
+    messages = [generator.randbytes(length) for length, count in runs for _ in range(count)]
+    reader = FrameReader(1 << 20)
+    assert read_all(reader, ChunkedSource(stream_of(messages), chunks)) == messages
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 64, 320, 64 + 256]),
+            st.sampled_from([RUN_BLOCK_FRAMES - 1, RUN_BLOCK_FRAMES, RUN_BLOCK_FRAMES + 1, 3 * RUN_BLOCK_FRAMES + 7]),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    chunks=st.lists(st.integers(min_value=1, max_value=300_000), min_size=1, max_size=4),
+)
+def test_runs_longer_than_a_block_are_cut_whole_and_in_order(runs: list[tuple[int, int]], chunks: list[int]) -> None:
+    # RUN_BLOCK_FRAMES payloads per unpack, the rest of the run one by one: each boundary and each frame in order
     generator = random.Random(len(runs))
     messages = [generator.randbytes(length) for length, count in runs for _ in range(count)]
     reader = FrameReader(1 << 20)

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 import podipc
-from podipc import coalescing
+from podipc import coalescing, stream_producer
 from podipc.address import parse_address
+from podipc.flushing import BURST_HOLD_SECONDS, STREAM_BURST_START_SECONDS
 from podipc.framing import ACK, END_OF_STREAM, HEADER, HELLO, encode_frame, encode_header
 from podipc.options import resolve_options
 from podipc.transports.tcp import TCPProducer
@@ -42,17 +43,22 @@ MESSAGE = bytes(range(64))
 
 
 class CountingSocket(socket.socket):
-    """A socket that records which thread made each write."""
+    """A socket that records which thread made each write; while `refusing` is set, it has no room (EAGAIN)."""
 
     def __init__(self, family: int, kind: int) -> None:
         super().__init__(family, kind)
         self.writers: list[int] = []
+        self.refusing = threading.Event()
 
     def send(self, data: Any, flags: int = 0, /) -> int:
+        if self.refusing.is_set():
+            raise BlockingIOError("refused by the test")
         self.writers.append(threading.get_ident())
         return super().send(data, flags)
 
     def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None, /) -> int:
+        if self.refusing.is_set():
+            raise BlockingIOError("refused by the test")
         self.writers.append(threading.get_ident())
         return super().sendmsg(buffers, ancdata, flags)
 
@@ -234,6 +240,90 @@ def test_a_tight_loop_of_sends_leaves_in_far_fewer_writes_than_messages(
         reader.join(30)
         assert received == [messages]
         assert len(writes(producer)) < count // 4
+    finally:
+        producer.abort()
+
+
+class SteppingClock:
+    """The producer's clock in a test: 0.1 µs passes at each reading (a tight loop), and whatever `advance` says."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        self.now += 1e-7
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def own_writes(producer: CountingTCPProducer | CountingUnixProducer) -> int:
+    """How many writes this thread made (the flusher thread's are left out)."""
+    return writes(producer).count(threading.get_ident())
+
+
+BETWEEN_START_AND_HOLD = (STREAM_BURST_START_SECONDS + BURST_HOLD_SECONDS) / 2
+"""A gap between two sends that goes on a burst but does not start one."""
+
+
+def test_a_burst_goes_on_after_its_outbox_is_written_until_a_pause(
+    endpoint: Endpoint, plain: PlainConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = SteppingClock()
+    monkeypatch.setattr(stream_producer, "_monotonic", clock)
+    producer = counting_producer(endpoint.url)
+    try:
+        producer.send(numbered(0))
+        assert plain.frames(1) == [numbered(0)]
+        producer.send(numbered(1))  # written alone (the first send's wait for the consumer is no burst), or joins
+        index = 2
+        before = own_writes(producer)
+        while own_writes(producer) == before:  # the burst's outbox fills and leaves at 64 KiB
+            producer.send(numbered(index))
+            index += 1
+            assert index < 100_000, "the outbox was never written"
+        clock.advance(BETWEEN_START_AND_HOLD)
+        before = own_writes(producer)
+        producer.send(numbered(index))
+        assert own_writes(producer) == before, "the burst ended when its outbox was written"
+        clock.advance(2 * BURST_HOLD_SECONDS)
+        producer.send(numbered(index + 1))
+        assert own_writes(producer) == before + 1, "a message after a pause was not written within its send"
+        clock.advance(BETWEEN_START_AND_HOLD)
+        producer.send(numbered(index + 2))
+        assert own_writes(producer) == before + 2, (
+            "after a pause, a burst started later than STREAM_BURST_START_SECONDS"
+        )
+        assert plain.frames(index + 2) == [numbered(number) for number in range(1, index + 3)]
+    finally:
+        producer.abort()
+
+
+def test_a_send_that_waited_for_room_goes_on_as_a_burst(
+    endpoint: Endpoint, plain: PlainConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = SteppingClock()
+    monkeypatch.setattr(stream_producer, "_monotonic", clock)
+    producer = counting_producer(endpoint.url)
+    try:
+        producer.send(numbered(0))
+        assert plain.frames(1) == [numbered(0)]
+        assert producer.counted is not None
+        producer.counted.refusing.set()
+        room = threading.Timer(0.2, producer.counted.refusing.clear)
+        clock.advance(2 * BURST_HOLD_SECONDS)
+        started = time.monotonic()
+        room.start()
+        producer.send(numbered(1))  # no room: waits until the timer makes some, then writes it
+        assert time.monotonic() - started >= 0.2
+        room.join()
+        before = own_writes(producer)
+        clock.advance(BETWEEN_START_AND_HOLD)
+        producer.send(numbered(2))
+        assert own_writes(producer) == before, "the send after a wait for room was written alone"
+        producer.flush()
+        assert plain.frames(2) == [numbered(1), numbered(2)]
     finally:
         producer.abort()
 
