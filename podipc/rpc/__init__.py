@@ -29,37 +29,69 @@ Semantics:
 
 from __future__ import annotations
 
-from podipc.address import parse_address
+from podipc.address import Address, parse_address
+from podipc.errors import AddressError
 from podipc.options import resolve_options
 from podipc.stream import MAX_MESSAGE_OPTION
 
-from .replying import Call, Handler, Server
+from .replying import Call, Handler, Server, Serving
 from .requesting import Client
-from .sockets import SCHEMES, check_scheme
+from .ring_client import RingClient
+from .ring_server import RingServer
+from .rings import RING_RPC_OPTIONS
+from .rings import SCHEME as RING_SCHEME
+from .sockets import SCHEMES as SOCKET_SCHEMES
 
-__all__ = ["RPC_OPTIONS", "SCHEMES", "Call", "Client", "Handler", "Server", "client", "server"]
+__all__ = [
+    "RING_RPC_OPTIONS",
+    "RPC_OPTIONS",
+    "SCHEMES",
+    "Call",
+    "Client",
+    "Handler",
+    "RingClient",
+    "RingServer",
+    "Server",
+    "Serving",
+    "client",
+    "server",
+]
 
 RPC_OPTIONS = (MAX_MESSAGE_OPTION,)
-"""The options of request/reply beyond the common ones (wait, mode)."""
+"""The options of request/reply over the stream sockets beyond the common ones (wait, mode)."""
+SCHEMES = (*SOCKET_SCHEMES, RING_SCHEME)
+"""The schemes request/reply runs over: the stream sockets (one connection per client) and shm:// (a ring each way)."""
 
 
-def client(url: str, **options: object) -> Client:
-    """Open the client side of request/reply at `url` (unix:// or tcp://; options override the URL's query).
+def _checked(url: str) -> Address:
+    address = parse_address(url)
+    if address.scheme not in SCHEMES:
+        raise AddressError(
+            f"request/reply runs over {', '.join(s + '://' for s in SCHEMES)}, not {address.scheme}://; "
+            "use unix://@name, tcp://127.0.0.1:PORT or shm:///name"
+        )
+    return address
+
+
+def client(url: str, **options: object) -> Client | RingClient:
+    """Open the client side of request/reply at `url` (unix://, tcp:// or shm://; options override the URL's query).
 
     Opening never blocks: the first call connects, waiting up to `wait` seconds for the server.
     Raises AddressError for a bad URL or option, or a scheme request/reply does not run over.
     """
-    address = parse_address(url)
-    check_scheme(address)
+    address = _checked(url)
+    if address.scheme == RING_SCHEME:
+        return RingClient(address, resolve_options(address, RING_RPC_OPTIONS, options))
     return Client(address, resolve_options(address, RPC_OPTIONS, options))
 
 
-def server(url: str, **options: object) -> Server:
+def server(url: str, **options: object) -> Server | RingServer:
     """Open the server side of request/reply at `url`: listens at once; answer with serve(handler) or iteration.
 
     Raises AddressError (bad URL or option, another scheme), ChannelUnavailable (cannot
-    listen there: the fix is in the message).
+    listen there, or create the request ring: the fix is in the message).
     """
-    address = parse_address(url)
-    check_scheme(address)
+    address = _checked(url)
+    if address.scheme == RING_SCHEME:
+        return RingServer(address, resolve_options(address, RING_RPC_OPTIONS, options))
     return Server(address, resolve_options(address, RPC_OPTIONS, options))
