@@ -29,6 +29,9 @@ Semantics:
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from podipc.address import Address, parse_address
 from podipc.errors import AddressError
 from podipc.options import resolve_options
@@ -36,14 +39,13 @@ from podipc.stream import MAX_MESSAGE_OPTION
 
 from .replying import Call, Handler, Server, Serving
 from .requesting import Client
-from .ring_client import RingClient
-from .ring_server import RingServer
-from .rings import RING_RPC_OPTIONS
-from .rings import SCHEME as RING_SCHEME
 from .sockets import SCHEMES as SOCKET_SCHEMES
 
+if TYPE_CHECKING:
+    from .ring_client import RingClient
+    from .ring_server import RingServer
+
 __all__ = [
-    "RING_RPC_OPTIONS",
     "RPC_OPTIONS",
     "SCHEMES",
     "Call",
@@ -59,6 +61,7 @@ __all__ = [
 
 RPC_OPTIONS = (MAX_MESSAGE_OPTION,)
 """The options of request/reply over the stream sockets beyond the common ones (wait, mode)."""
+RING_SCHEME = "shm"
 SCHEMES = (*SOCKET_SCHEMES, RING_SCHEME)
 """The schemes request/reply runs over: the stream sockets (one connection per client) and shm:// (a ring each way)."""
 
@@ -81,6 +84,9 @@ def client(url: str, **options: object) -> Client | RingClient:
     """
     address = _checked(url)
     if address.scheme == RING_SCHEME:
+        from .ring_client import RingClient
+        from .rings import RING_RPC_OPTIONS
+
         return RingClient(address, resolve_options(address, RING_RPC_OPTIONS, options))
     return Client(address, resolve_options(address, RPC_OPTIONS, options))
 
@@ -93,5 +99,18 @@ def server(url: str, **options: object) -> Server | RingServer:
     """
     address = _checked(url)
     if address.scheme == RING_SCHEME:
+        from .ring_server import RingServer
+        from .rings import RING_RPC_OPTIONS
+
         return RingServer(address, resolve_options(address, RING_RPC_OPTIONS, options))
     return Server(address, resolve_options(address, RPC_OPTIONS, options))
+
+
+_RING_NAMES = {"RingClient": ".ring_client", "RingServer": ".ring_server"}
+
+
+def __getattr__(name: str) -> Any:
+    """The shm:// classes are imported on first use (the shm transport, posix_ipc)."""
+    if name in _RING_NAMES:
+        return getattr(importlib.import_module(_RING_NAMES[name], __name__), name)
+    raise AttributeError(f"module 'podipc.rpc' has no attribute {name!r}")

@@ -35,13 +35,14 @@ from podipc.errors import (
     ChannelClosed,
     EndOfStream,
     PeerGone,
+    PeerTimeout,
     PodIPCError,
     ProtocolError,
     RemoteError,
     Timeout,
 )
 from podipc.options import deadline_after
-from podipc.producing import Producer
+from podipc.transports.shm.endpoints import ShmProducer
 
 from .requesting import _NotSent, _Pending
 from .rings import LIVENESS_CHECK_SECONDS, body_limit, check_geometry, open_client_rings
@@ -57,7 +58,7 @@ class _Rings:
 
     __slots__ = ("lost", "pending", "reading", "replies", "requests", "users")
 
-    def __init__(self, requests: Producer, replies: Consumer) -> None:
+    def __init__(self, requests: ShmProducer, replies: Consumer) -> None:
         self.requests = requests
         self.replies = replies
         self.pending: dict[int, _Pending] = {}
@@ -209,8 +210,14 @@ class RingClient(Side):
         """Write one request; nothing of it went when this raises."""
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         message = call_header(REQUEST, call_id, deadline_ms(left)) + view
+        requests = rings.requests
+        if requests.consumer_left:  # the server closed: this request would go nowhere
+            self._lose(rings, PeerGone(gone_text(self._what)))
+            if self._closing:
+                raise self._closed_error()
+            raise _NotSent
         try:
-            rings.requests.send(message, left)
+            requests.send(message, left)
         except PeerGone as exc:
             self._lose(rings, PeerGone(gone_text(self._what)))
             if self._closing:
@@ -222,6 +229,11 @@ class RingClient(Side):
             if rings.lost is not None:  # another call lost the session under this send
                 raise _NotSent from exc
             raise
+        except PeerTimeout as exc:
+            raise PeerTimeout(
+                f"no server listening at {self._what} within the wait timeout (wait={self.settings['wait']:g}s); "
+                "start the server (podipc reply) or raise wait="
+            ) from exc
         except Timeout:
             if self._closing:
                 raise self._closed_error() from None
@@ -276,7 +288,7 @@ class RingClient(Side):
             try:
                 message = recv(seconds)
             except Timeout:
-                if requests.peer_lost:
+                if requests.peer_lost or requests.consumer_left:
                     raise self._lose(rings, PeerGone(gone_text(self._what))) from None
                 self._check_waiting(rings, deadline)
                 continue

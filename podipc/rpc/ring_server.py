@@ -1,7 +1,10 @@
 """The request/reply server over shm://: one client at a time, session after session, from one thread.
 
 The server creates the request ring at open and reads it from the thread that iterates
-it (`for call in server`, or `serve(handler)`); each request becomes a Call. The reply
+it (`for call in server`, or `serve(handler)`); each request becomes a Call. The reading
+looks every ABORT_CHECK_SECONDS whether close() was called: the rings stay open until
+the calls under way are answered, so a client learns the server closed from the end of
+its reply ring (or the request ring's reader leaving), never earlier. The reply
 ring is the client's: the server attaches to it with the session's first reply, and a
 reply is written by whichever thread answers (`call.reply()` is thread-safe: the reply
 writer's call gate lets one thread write at a time). A reply waits for room at most
@@ -24,11 +27,11 @@ from typing import Any
 from podipc.address import Address
 from podipc.consuming import Consumer
 from podipc.endpoint import ABORT_CHECK_SECONDS
-from podipc.errors import ChannelClosed, EndOfStream, PeerGone, PodIPCError, ProtocolError
+from podipc.errors import ChannelClosed, EndOfStream, PeerGone, PodIPCError, ProtocolError, Timeout
 from podipc.producing import Producer
 
 from .replying import Call, Serving
-from .rings import body_limit, check_geometry, open_reply_writer, open_request_reader
+from .rings import await_client_leaving, body_limit, check_geometry, open_reply_writer, open_request_reader
 from .sides import too_large
 from .wire import REPLY, REQUEST, call_header, decode
 
@@ -138,7 +141,9 @@ class RingServer(Serving):
     def _next_call(self) -> Call | None:
         while not self._closing:
             try:
-                message = self._requests.recv()
+                message = self._requests.recv(ABORT_CHECK_SECONDS)
+            except Timeout:
+                continue
             except ChannelClosed:
                 if self._closing:
                     return None
@@ -187,6 +192,7 @@ class RingServer(Serving):
             self._session_begun = False
             old = self._requests
         old.close()
+        await_client_leaving(self.address, self.settings)
         fresh = open_request_reader(self.address, self.settings)
         with self._lock:
             self._requests = fresh
@@ -250,8 +256,8 @@ class RingServer(Serving):
             if replies is not None:
                 replies.abort()
             return
-        with contextlib.suppress(PodIPCError):
-            self._requests.close()  # wakes the iterating thread
+        # the rings stay open until the calls under way are answered: the iterating thread sees `_closing`
+        # within ABORT_CHECK_SECONDS, and the last one out frees
         with self._lock:
             if not self._inside:
                 self._free()

@@ -16,25 +16,30 @@ session; the server opens the next one, so it serves client after client.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from podipc.address import Address
+from podipc.address import Address, parse_address
 from podipc.channel import consumer, producer
 from podipc.consuming import Consumer
-from podipc.errors import AddressError, ChannelUnavailable
+from podipc.errors import AddressError, ChannelUnavailable, PeerTimeout
 from podipc.options import Option
+from podipc.ownership import Trust
+from podipc.presence import ENDING, PROBE_INTERVAL_SECONDS, PeerState, declares, presence_path, probe
 from podipc.producing import Producer
+from podipc.transports.shm.endpoints import ShmProducer
 from podipc.transports.shm.layout import ALIGNMENT
 from podipc.transports.shm.options import RING_OPTIONS, default_max_message_size
 
 from .wire import CALL_HEADER_SIZE
 
-SCHEME = "shm"
 REQUEST_SUFFIX = ".request"
 REPLY_SUFFIX = ".reply"
 RING_RPC_OPTIONS: tuple[Option, ...] = RING_OPTIONS
 """capacity (of each ring), max_message_size (largest body; default the ring's half less the call header), spin."""
+LEAVING_SECONDS = 5.0
+"""How long a server waits for a client that ended its requests to leave, before it opens the next request ring."""
 LIVENESS_CHECK_SECONDS = 0.05
 """How often a client waiting for a reply looks whether the server's request ring lost its consumer."""
 
@@ -87,7 +92,7 @@ def open_reply_writer(address: Address, settings: Mapping[str, Any]) -> Producer
     return producer(reply_url, **ring_options(settings, float(settings["wait"])))
 
 
-def open_client_rings(address: Address, settings: Mapping[str, Any]) -> tuple[Producer, Consumer]:
+def open_client_rings(address: Address, settings: Mapping[str, Any]) -> tuple[ShmProducer, Consumer]:
     """The client's request writer (claimed first: a second client is refused here) and its reply ring (created).
 
     Raises ChannelUnavailable (`busy`) when another client holds the server.
@@ -97,7 +102,9 @@ def open_client_rings(address: Address, settings: Mapping[str, Any]) -> tuple[Pr
         requests = producer(request_url, **ring_options(settings, float(settings["wait"])))
     except ChannelUnavailable as exc:
         raise busy(address, exc) from exc
+    assert isinstance(requests, ShmProducer)
     try:
+        await_previous_reply_writer(address, reply_url, settings)
         replies = consumer(reply_url, **ring_options(settings, None))
     except ChannelUnavailable as exc:
         requests.abort()
@@ -106,6 +113,42 @@ def open_client_rings(address: Address, settings: Mapping[str, Any]) -> tuple[Pr
         requests.abort()
         raise
     return requests, replies
+
+
+def await_previous_reply_writer(address: Address, reply_url: str, settings: Mapping[str, Any]) -> None:
+    """Wait until the server has left the previous client's reply ring (its session ends as that client leaves).
+
+    A new reply ring opened while that writer still lives would take it for its own writer,
+    and its leaving for the server's death. Raises PeerTimeout after `wait` seconds.
+    """
+    path = presence_path(parse_address(reply_url).token, "producer")
+    trust = Trust.for_mode(int(settings["mode"]))
+    deadline = time.monotonic() + float(settings["wait"])
+    while probe(path, trust) is PeerState.ALIVE:
+        if time.monotonic() >= deadline:
+            raise PeerTimeout(
+                f"the server at {address.location} still writes to the previous client's reply ring after "
+                f"{float(settings['wait']):g} s; it ends that session once that client has left"
+            )
+        time.sleep(PROBE_INTERVAL_SECONDS)
+
+
+def await_client_leaving(address: Address, settings: Mapping[str, Any]) -> None:
+    """Wait (at most LEAVING_SECONDS) while the client that ended its requests still holds its place.
+
+    A client's close puts the end of stream into the request ring and then leaves; the next
+    request ring must open once it has left, or it would take that leaving for a new client's
+    death (and the next client would wait for it). Its place declares ENDING meanwhile, which
+    a new client's never does.
+    """
+    request_url, _ = ring_urls(address)
+    path = presence_path(parse_address(request_url).token, "producer")
+    trust = Trust.for_mode(int(settings["mode"]))
+    deadline = time.monotonic() + LEAVING_SECONDS
+    while probe(path, trust) is PeerState.ALIVE and declares(path, ENDING, trust):
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(PROBE_INTERVAL_SECONDS)
 
 
 def busy(address: Address, cause: ChannelUnavailable) -> ChannelUnavailable:
