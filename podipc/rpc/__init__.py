@@ -3,13 +3,16 @@
 Address:
     unix:///shared/app.sock  unix://@name  tcp://127.0.0.1:PORT
     [?wait=30&mode=0600&max_message_size=64MiB]
+    shm:///name  [?wait=30&mode=0600&capacity=8MiB&max_message_size=...&spin=0.0005]
     wait               seconds a client's first call waits for the server to appear (default 30;
                        none/forever: no limit); the server waits for clients forever
-    mode               octal permissions of the socket file (unix:///path), as for unix://
-    max_message_size   largest request and reply body in bytes, the same on both sides
+    mode               octal permissions of the socket file (unix:///path) or the rings' objects
+    max_message_size   largest request and reply body in bytes, the same on both sides (shm://:
+                       default the ring's half less the 16-byte call header)
+    capacity, spin     shm:// only: bytes of each ring, and its spin before sleeping (as shm://)
 
 Requires:
-    Nothing beyond the standard library.
+    Nothing beyond the standard library (shm://: what shm:// needs, a shared /dev/shm).
 
 Semantics:
     One connection per client, both ways (the stream transports' sockets, listening and
@@ -25,6 +28,16 @@ Semantics:
     becomes the call's RemoteError; the server goes on. A client sending bytes that are
     not request/reply is dropped and counted (`rejected`); the others go on.
     The server creates the socket file (unix:///path) at open and removes it at close.
+
+    Over shm:///NAME (podipc.rpc.rings, .ring_client, .ring_server): a pair ring each way,
+    NAME.request (the server's, created at open) and NAME.reply (the client's, created on its
+    first call), opened with the shm transport's endpoints, so their objects are created,
+    trusted and cleaned by its rules. The calls, deadlines, RemoteError, PeerGone (the
+    rings' presence files: a killed server is seen within about 0.2 s) and ChannelClosed are
+    as above. One client at a time per NAME: another client's call raises
+    ChannelUnavailable while one is attached; the server serves client after client (a
+    closed or killed client ends its session). podipc.aio's client runs over the sockets only.
+    Wire: docs/wire/rpc.md.
 """
 
 from __future__ import annotations

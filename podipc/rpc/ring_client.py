@@ -46,8 +46,21 @@ from podipc.transports.shm.endpoints import ShmProducer
 
 from .requesting import _NotSent, _Pending
 from .rings import LIVENESS_CHECK_SECONDS, body_limit, check_geometry, open_client_rings
-from .sides import Side, gone_text, too_large
-from .wire import ERROR, MAX_CALL_ID, REPLY, REQUEST, call_header, deadline_ms, decode
+from .sides import _FORKS, Side, gone_text, too_large
+from .wire import (
+    CALL_HEADER,
+    CALL_HEADER_SIZE,
+    ERROR,
+    MAX_CALL_ID,
+    REPLY,
+    REQUEST,
+    VERSION,
+    deadline_ms,
+    decode,
+)
+
+_pack_header = CALL_HEADER.pack
+_unpack_header = CALL_HEADER.unpack_from
 
 RING_CLOSE_SECONDS = 0.0
 """How long a closing client waits for the server to take its end of stream (0: it goes into the ring, no wait)."""
@@ -56,14 +69,14 @@ RING_CLOSE_SECONDS = 0.0
 class _Rings:
     """One session with the server: the request writer, the reply reader, the calls in flight on them."""
 
-    __slots__ = ("lost", "pending", "reading", "replies", "requests", "users")
+    __slots__ = ("lost", "pending", "read_lock", "replies", "requests", "users")
 
     def __init__(self, requests: ShmProducer, replies: Consumer) -> None:
         self.requests = requests
         self.replies = replies
         self.pending: dict[int, _Pending] = {}
-        self.reading = False
-        """True while a call (the leader) reads the reply ring for everyone."""
+        self.read_lock = threading.Lock()
+        """Held by the call (the leader) that reads the reply ring for everyone."""
         self.lost: PodIPCError | None = None
         self.users = 0
         """Calls using these rings now: a new session opens only once the last of a lost one's has left."""
@@ -102,7 +115,6 @@ class RingClient(Side):
         self._retired: _Rings | None = None
         """The last lost session: a new one waits until its calls have left its rings (which it then frees)."""
         self._ids = itertools.count(1)
-        self._inside = 0
         self._closing = False
         self._freed = False
         self.discarded = 0
@@ -118,35 +130,36 @@ class RingClient(Side):
         Raises what podipc.rpc.Client.call raises, and ChannelUnavailable when another
         client holds the server (shm:// serves one client at a time).
         """
-        view = memoryview(request)
-        if view.nbytes > self.max_message_size:
-            raise too_large(view.nbytes, self.max_message_size)
-        deadline = deadline_after(timeout)
-        self._enter()
-        try:
-            while True:
-                pending = _Pending()
-                rings, call_id = self._attach(pending, deadline)
-                try:
-                    self._send(rings, call_id, view, deadline)
-                    return self._await(rings, pending, deadline)
-                except _NotSent:
-                    continue  # the server went before this request left: try a new session
-                finally:
-                    self._detach(rings, call_id, pending)
-        finally:
-            with self._lock:
-                self._inside -= 1
-                if self._closing and not self._inside:
-                    self._free()
-
-    def _enter(self) -> None:
-        if self._inherited:
+        size = len(request) if type(request) is bytes else memoryview(request).nbytes
+        if size > self.max_message_size:
+            raise too_large(size, self.max_message_size)
+        if self._closing:
+            raise self._closed_error()
+        if self._born_after != _FORKS[0]:
             raise self._inherited_error()
-        with self._lock:
-            if self._closing:
-                raise self._closed_error()
-            self._inside += 1
+        deadline = None if timeout is None else deadline_after(timeout)
+        rings = self._rings
+        if rings is not None and rings.read_lock.acquire(False):
+            # no other call reads the replies: this one sends and reads its own, with no thread hop
+            try:
+                return self._call_alone(rings, request, deadline)
+            except _NotSent:
+                pass  # the server went before this request left: on to a new session
+            finally:
+                rings.read_lock.release()
+                if rings.pending:  # calls of other threads wait for their replies: one of them reads now
+                    with self._condition:
+                        self._condition.notify_all()
+        while True:
+            pending = _Pending()
+            rings, call_id = self._attach(pending, deadline)
+            try:
+                self._send(rings, call_id, request, deadline)
+                return self._await(rings, pending, deadline)
+            except _NotSent:
+                continue  # the server went before this request left: try a new session
+            finally:
+                self._detach(rings, call_id, pending)
 
     def _attach(self, pending: _Pending, deadline: float | None) -> tuple[_Rings, int]:
         while True:
@@ -195,9 +208,14 @@ class RingClient(Side):
     def _await_retired(self, deadline: float | None) -> None:
         """Wait until no call is left inside the lost session's rings: their presence must be gone before ours."""
         with self._condition:
-            while self._retired is not None and self._retired.users:
+            retired = self._retired
+            while retired is not None and retired.users:
                 self._check_deadline(deadline)
                 self._condition.wait(ABORT_CHECK_SECONDS)
+        if retired is not None:
+            while not retired.read_lock.acquire(timeout=ABORT_CHECK_SECONDS):  # a lone call still reads it
+                self._check_deadline(deadline)
+            retired.read_lock.release()
             self._retired = None
 
     def _check_deadline(self, deadline: float | None) -> None:
@@ -206,10 +224,16 @@ class RingClient(Side):
         if deadline is not None and time.monotonic() >= deadline:
             raise Timeout(f"no server answered at {self._what} within the call's timeout")
 
-    def _send(self, rings: _Rings, call_id: int, view: memoryview, deadline: float | None) -> None:
+    def _send(
+        self, rings: _Rings, call_id: int, request: bytes | bytearray | memoryview, deadline: float | None
+    ) -> None:
         """Write one request; nothing of it went when this raises."""
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        message = call_header(REQUEST, call_id, deadline_ms(left)) + view
+        if deadline is None:
+            left = None
+            message = _pack_header(VERSION, REQUEST, 0, call_id, 0) + request
+        else:
+            left = max(0.0, deadline - time.monotonic())
+            message = _pack_header(VERSION, REQUEST, 0, call_id, deadline_ms(left)) + request
         requests = rings.requests
         if requests.consumer_left:  # the server closed: this request would go nowhere
             self._lose(rings, PeerGone(gone_text(self._what)))
@@ -262,59 +286,90 @@ class RingClient(Side):
                 if pending.error is not None:
                     raise pending.error
                 self._check_waiting(rings, deadline)
-                if rings.reading:
+                if not rings.read_lock.acquire(False):
                     seconds = ABORT_CHECK_SECONDS
                     if deadline is not None:
                         seconds = min(seconds, max(0.0, deadline - time.monotonic()))
                     condition.wait(seconds)
                     continue
-                rings.reading = True
             try:
                 self._lead(rings, pending, deadline)
             finally:
+                rings.read_lock.release()
                 with condition:
-                    rings.reading = False
                     if rings.pending:  # followers wait: one of them leads now
                         condition.notify_all()
+
+    def _call_alone(self, rings: _Rings, request: bytes | bytearray | memoryview, deadline: float | None) -> bytes:
+        """A call that holds the reply ring's read lock: send, then read replies until its own comes."""
+        call_id = next(self._ids) & MAX_CALL_ID
+        self._send(rings, call_id, request, deadline)
+        recv = rings.replies.recv
+        while True:
+            seconds = LIVENESS_CHECK_SECONDS
+            if deadline is not None:
+                seconds = min(seconds, max(0.0, deadline - time.monotonic()))
+            try:
+                message = recv(seconds)
+            except PodIPCError as error:
+                self._reading_failed(rings, error, deadline)
+                continue
+            if len(message) >= CALL_HEADER_SIZE:
+                version, kind, flags, replied_to, _ = _unpack_header(message)
+                if replied_to == call_id and version == VERSION and kind == REPLY and not flags:
+                    return message[CALL_HEADER_SIZE:]
+            answer = self._deliver(rings, message, None, call_id)
+            if answer is not None:
+                raise answer
+
+    def _reading_failed(self, rings: _Rings, error: PodIPCError, deadline: float | None) -> None:
+        """A receive from the reply ring raised `error`: return to read again, or raise what the call raises."""
+        if isinstance(error, Timeout):
+            if rings.requests.peer_lost or rings.requests.consumer_left:
+                raise self._lose(rings, PeerGone(gone_text(self._what))) from None
+            self._check_waiting(rings, deadline)
+            return
+        if isinstance(error, (PeerGone, EndOfStream)):
+            raise self._lose(rings, PeerGone(gone_text(self._what))) from error
+        if isinstance(error, ChannelClosed):
+            if self._closing:
+                raise self._closed_error() from error
+            self._check_waiting(rings, deadline)  # lost by another call (it closed the rings)
+            raise error
+        if isinstance(error, ProtocolError):
+            raise self._lose(rings, ProtocolError(str(error))) from error
+        raise error
 
     def _lead(self, rings: _Rings, pending: _Pending, deadline: float | None) -> None:
         """Read replies, handing each to its call, until this call's came (or a deadline, close, loss)."""
         recv = rings.replies.recv
-        requests = rings.requests
         while pending.reply is None and pending.error is None:
             seconds = LIVENESS_CHECK_SECONDS
             if deadline is not None:
                 seconds = min(seconds, max(0.0, deadline - time.monotonic()))
             try:
                 message = recv(seconds)
-            except Timeout:
-                if requests.peer_lost or requests.consumer_left:
-                    raise self._lose(rings, PeerGone(gone_text(self._what))) from None
-                self._check_waiting(rings, deadline)
+            except PodIPCError as error:
+                self._reading_failed(rings, error, deadline)
                 continue
-            except (PeerGone, EndOfStream) as exc:
-                raise self._lose(rings, PeerGone(gone_text(self._what))) from exc
-            except ChannelClosed as exc:
-                if self._closing:
-                    raise self._closed_error() from exc
-                self._check_waiting(rings, deadline)  # lost by another call (it closed the rings)
-                raise
-            except ProtocolError as exc:
-                raise self._lose(rings, ProtocolError(str(exc))) from exc
             self._deliver(rings, message, pending)
 
-    def _deliver(self, rings: _Rings, message: bytes, own: _Pending) -> None:
+    def _deliver(self, rings: _Rings, message: bytes, own: _Pending | None, own_id: int = -1) -> PodIPCError | None:
+        """Hand a reply to its call; the RemoteError of the lone call's own failed call (`own_id`), else None."""
         try:
             kind, call_id, _, body = decode(message, f"the server at {self._what}")
             if kind == REQUEST:
                 raise ProtocolError(f"the server at {self._what} sent a request; servers only reply")
         except ProtocolError as error:
             raise self._lose(rings, error) from None
+        if call_id == own_id:
+            assert kind == ERROR  # the lone call takes its own reply before this
+            return RemoteError(body.decode("utf-8", "replace"))
         with self._condition:
             pending = rings.pending.pop(call_id, None)
             if pending is None:
                 self.discarded += 1
-                return
+                return None
             if kind == REPLY:
                 pending.reply = body
             else:
@@ -322,6 +377,7 @@ class RingClient(Side):
                 pending.error = RemoteError(body.decode("utf-8", "replace"))
             if pending is not own:
                 self._condition.notify_all()
+        return None
 
     def _lose(self, rings: _Rings, error: PodIPCError) -> PodIPCError:
         """A session is lost: every call in flight on it raises `error`; the next call opens a new one."""
@@ -346,29 +402,19 @@ class RingClient(Side):
     def close(self) -> None:
         """Close the rings; calls blocked in other threads raise ChannelClosed. Idempotent.
 
-        Safe from any thread, a signal handler or an event-loop callback.
+        Safe from any thread, a signal handler or an event-loop callback: the rings' endpoints
+        wake their blocked calls and free themselves once the last is out.
         """
         if self._closing:
             return
         self._closing = True
-        rings = self._rings
+        rings, self._rings = self._rings, None
         if rings is not None:
-            rings.close()  # wakes a blocked leader or sender; in a forked child it frees the child's copies only
-        if self._inherited:
-            self._freed = True
-            return
-        with self._lock:
-            self._condition.notify_all()
-            if not self._inside:
-                self._free()
+            rings.close()  # in a forked child the endpoints free the child's copies only
+        self._freed = True
+        if not self._inherited:
+            with self._condition:
+                self._condition.notify_all()
 
     abort = close
     """The same as close() (for podipc.close_on_signals)."""
-
-    def _free(self) -> None:
-        if self._freed:
-            return
-        self._freed = True
-        rings, self._rings = self._rings, None
-        if rings is not None:
-            rings.close()

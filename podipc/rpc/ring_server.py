@@ -30,10 +30,13 @@ from podipc.endpoint import ABORT_CHECK_SECONDS
 from podipc.errors import ChannelClosed, EndOfStream, PeerGone, PodIPCError, ProtocolError, Timeout
 from podipc.producing import Producer
 
-from .replying import Call, Serving
+from .replying import Call, Handler, Serving
 from .rings import await_client_leaving, body_limit, check_geometry, open_reply_writer, open_request_reader
 from .sides import too_large
-from .wire import REPLY, REQUEST, call_header, decode
+from .wire import CALL_HEADER, CALL_HEADER_SIZE, ERROR, REPLY, REQUEST, VERSION, call_header, decode
+
+_unpack_header = CALL_HEADER.unpack_from
+_pack_header = CALL_HEADER.pack
 
 SENDERS_LEAVE_SECONDS = 5.0
 """How long a session's end waits for replies still being written to leave the closed reply ring."""
@@ -199,6 +202,102 @@ class RingServer(Serving):
             closing = self._closing
         if closing:
             fresh.close()
+
+    # --- serving alone ------------------------------------------------------------
+
+    def serve(self, handler: Handler, workers: int = 1) -> None:
+        """Answer every call with `handler(request) -> reply` until the server is closed (as Server.serve).
+
+        With workers=1 the loop's thread reads each request, runs the handler and writes
+        its reply itself, with no Call between (`_serve_alone`); with more, Serving.serve.
+        """
+        if workers != 1:
+            super().serve(handler, workers)
+            return
+        if not self._iterating.acquire(blocking=False):
+            raise RuntimeError(f"another thread iterates or serves the server for {self._what}")
+        try:
+            self._enter()
+            try:
+                self._serve_alone(handler)
+            finally:
+                self._leave()
+        finally:
+            self._iterating.release()
+
+    def _serve_alone(self, handler: Handler) -> None:
+        """The loop of serve(handler) in one thread: each request read, handled and answered in turn."""
+        monotonic = time.monotonic
+        while not self._closing:
+            try:
+                message = self._requests.recv(ABORT_CHECK_SECONDS)
+            except Timeout:
+                continue
+            except ChannelClosed:
+                if self._closing:
+                    return
+                raise
+            except (EndOfStream, PeerGone):
+                self._next_session()
+                continue
+            except ProtocolError:
+                self._next_session(rejected=True)
+                continue
+            if len(message) < CALL_HEADER_SIZE:
+                self._next_session(rejected=True)
+                continue
+            version, kind, flags, call_id, deadline_ms = _unpack_header(message)
+            if version != VERSION or kind != REQUEST or flags:
+                self._next_session(rejected=True)
+                continue
+            if not self._session_begun:
+                self._session_begun = True
+                self.clients += 1
+            self.calls += 1
+            deadline = monotonic() + deadline_ms / 1000 if deadline_ms else None
+            kind, answer = self._run(handler, message[CALL_HEADER_SIZE:])
+            if kind == REPLY:
+                self.replied += 1
+            else:
+                self.failed += 1
+            self._send_alone(kind, call_id, answer, deadline)
+
+    def _run(self, handler: Handler, request: bytes) -> tuple[int, bytes | bytearray | memoryview]:
+        """(REPLY, the handler's reply) or (ERROR, what went wrong): as Serving._handle answers."""
+        try:
+            result = handler(request)
+        except Exception as exc:
+            return ERROR, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+        if not isinstance(result, bytes | bytearray | memoryview):
+            return ERROR, f"the handler returned {type(result).__name__}, not bytes".encode()
+        size = len(result) if type(result) is bytes else memoryview(result).nbytes
+        if size > self.max_message_size:
+            return ERROR, f"the reply is too large: {too_large(size, self.max_message_size)}".encode()
+        return REPLY, result
+
+    def _send_alone(
+        self, kind: int, call_id: int, answer: bytes | bytearray | memoryview, deadline: float | None
+    ) -> None:
+        """Write an answer to the session's reply ring (opened with its first), waiting at most until `deadline`."""
+        session = self._session
+        replies = session.replies
+        if replies is None:
+            if not session.open:
+                self.undelivered += 1
+                return
+            try:
+                replies = session.replies = open_reply_writer(self.address, self.settings)
+            except PodIPCError:
+                session.open = False
+                self.undelivered += 1
+                return
+        try:
+            replies.send(
+                _pack_header(VERSION, kind, 0, call_id, 0) + answer,
+                None if deadline is None else max(0.0, deadline - time.monotonic()),
+            )
+        except PodIPCError:  # the client left or gave up (Timeout: no room before its deadline)
+            self.undelivered += 1
 
     # --- answering --------------------------------------------------------------
 

@@ -162,3 +162,8 @@ def test_clients_opened_and_closed_in_quick_succession_are_each_served(serving: 
             assert client.call(request, timeout=10) == request
     counts = server.stop()
     assert (counts["clients"], counts["replied"]) == (20, 20)
+
+
+def test_the_asyncio_client_refuses_shm_and_says_what_to_use() -> None:
+    with pytest.raises(podipc.AddressError, match="runs over unix:// and tcp:// only"):
+        podipc.aio.client(url_for("shm"))
