@@ -26,7 +26,7 @@ import itertools
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from podipc.address import Address
 from podipc.consuming import Consumer
@@ -242,28 +242,34 @@ class RingClient(Side):
             raise _NotSent
         try:
             requests.send(message, left)
-        except PeerGone as exc:
+        except PodIPCError as error:
+            self._sending_failed(rings, error)
+
+    def _sending_failed(self, rings: _Rings, error: PodIPCError) -> NoReturn:
+        """Raise what a request's send that raised `error` means for the call (_NotSent: try a new session)."""
+        if isinstance(error, PeerGone):
             self._lose(rings, PeerGone(gone_text(self._what)))
             if self._closing:
-                raise self._closed_error() from exc
-            raise _NotSent from exc
-        except ChannelClosed as exc:
+                raise self._closed_error() from error
+            raise _NotSent from error
+        if isinstance(error, ChannelClosed):
             if self._closing:
-                raise self._closed_error() from exc
+                raise self._closed_error() from error
             if rings.lost is not None:  # another call lost the session under this send
-                raise _NotSent from exc
-            raise
-        except PeerTimeout as exc:
+                raise _NotSent from error
+            raise error
+        if isinstance(error, PeerTimeout):
             raise PeerTimeout(
                 f"no server listening at {self._what} within the wait timeout (wait={self.settings['wait']:g}s); "
                 "start the server (podipc reply) or raise wait="
-            ) from exc
-        except Timeout:
+            ) from error
+        if isinstance(error, Timeout):
             if self._closing:
                 raise self._closed_error() from None
             raise Timeout(f"no room to send the request to {self._what} within the call's timeout") from None
-        except ProtocolError as exc:
-            raise self._lose(rings, ProtocolError(str(exc))) from exc
+        if isinstance(error, ProtocolError):
+            raise self._lose(rings, ProtocolError(str(error))) from error
+        raise error
 
     def _check_waiting(self, rings: _Rings, deadline: float | None) -> None:
         if self._closing:
@@ -303,7 +309,14 @@ class RingClient(Side):
     def _call_alone(self, rings: _Rings, request: bytes | bytearray | memoryview, deadline: float | None) -> bytes:
         """A call that holds the reply ring's read lock: send, then read replies until its own comes."""
         call_id = next(self._ids) & MAX_CALL_ID
-        self._send(rings, call_id, request, deadline)
+        requests = rings.requests
+        if deadline is not None or requests.consumer_left:
+            self._send(rings, call_id, request, deadline)
+        else:
+            try:
+                requests.send(_pack_header(VERSION, REQUEST, 0, call_id, 0) + request)
+            except PodIPCError as error:
+                self._sending_failed(rings, error)
         recv = rings.replies.recv
         while True:
             seconds = LIVENESS_CHECK_SECONDS

@@ -22,6 +22,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Mapping
+from threading import get_ident
 from typing import Any
 
 from podipc.address import Address
@@ -32,8 +33,8 @@ from podipc.producing import Producer
 
 from .replying import Call, Handler, Serving
 from .rings import await_client_leaving, body_limit, check_geometry, open_reply_writer, open_request_reader
-from .sides import too_large
-from .wire import CALL_HEADER, CALL_HEADER_SIZE, ERROR, REPLY, REQUEST, VERSION, call_header, decode
+from .sides import _FORKS, too_large
+from .wire import CALL_HEADER, CALL_HEADER_SIZE, ERROR, REPLY, REQUEST, VERSION, call_header
 
 _unpack_header = CALL_HEADER.unpack_from
 _pack_header = CALL_HEADER.pack
@@ -107,6 +108,8 @@ class RingServer(Serving):
         self.undelivered = 0
         """Answers whose client had gone or given up."""
         self._session_begun = False
+        self._iterator = 0
+        """The thread that iterated last (its answers need not guard against the session ending meanwhile)."""
 
     # --- the loop ---------------------------------------------------------------
 
@@ -118,16 +121,23 @@ class RingServer(Serving):
                 "hands calls to more)"
             )
         try:
-            self._enter()
-            try:
-                call = self._next_call()
-            finally:
-                self._leave()
+            if self._born_after != _FORKS[0]:
+                raise self._inherited_error()
+            self._iterator = get_ident()
+            call = self._next_call()
         finally:
             self._iterating.release()
+            if self._closing:
+                self._free_when_idle()
         if call is None:
             raise StopIteration
         return call
+
+    def _free_when_idle(self) -> None:
+        """Free once closed and nobody iterates or serves (whoever leaves last does it)."""
+        with self._lock:
+            if self._closing and not self._inside and not self._iterating.locked():
+                self._free()
 
     def _enter(self) -> None:
         if self._inherited:
@@ -138,8 +148,8 @@ class RingServer(Serving):
     def _leave(self) -> None:
         with self._lock:
             self._inside -= 1
-            if self._closing and not self._inside:
-                self._free()
+        if self._closing:
+            self._free_when_idle()
 
     def _next_call(self) -> Call | None:
         while not self._closing:
@@ -164,24 +174,20 @@ class RingServer(Serving):
 
     def _take(self, message: bytes) -> Call | None:
         """The Call a message carries (None: expired, or not a request, which ends the session)."""
-        try:
-            kind, call_id, deadline_ms, body = decode(message, f"a client of {self._what}")
-        except ProtocolError:
-            kind = 0
-        if kind != REQUEST:
+        if len(message) < CALL_HEADER_SIZE:
+            self._next_session(rejected=True)
+            return None
+        version, kind, flags, call_id, deadline_ms = _unpack_header(message)
+        if version != VERSION or kind != REQUEST or flags:
             self._next_session(rejected=True)
             return None
         if not self._session_begun:
             self._session_begun = True
             self.clients += 1
-        deadline = time.monotonic() + deadline_ms / 1000 if deadline_ms else None
         self.calls += 1
-        call = Call(self, self._session, call_id, body, deadline)
-        if call.expired:
-            with self._lock:
-                self.expired += 1
-            return None
-        return call
+        # the deadline counts from now (at least 1 ms): a request is never expired on arrival
+        deadline = time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+        return Call(self, self._session, call_id, message[CALL_HEADER_SIZE:], deadline)
 
     def _next_session(self, rejected: bool = False) -> None:
         """The client left (or is dropped): leave its rings, and open a fresh request ring for the next one."""
@@ -255,19 +261,27 @@ class RingServer(Serving):
                 self.clients += 1
             self.calls += 1
             deadline = monotonic() + deadline_ms / 1000 if deadline_ms else None
-            kind, answer = self._run(handler, message[CALL_HEADER_SIZE:])
-            if kind == REPLY:
-                self.replied += 1
+            try:
+                answer = handler(message[CALL_HEADER_SIZE:])
+            except Exception as exc:
+                answer = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+                kind = ERROR
             else:
-                self.failed += 1
-            self._send_alone(kind, call_id, answer, deadline)
+                kind, answer = self._checked(answer)
+            replies = self._session.replies
+            if kind != REPLY or replies is None or deadline is not None:
+                self._send_alone(kind, call_id, answer, deadline)
+                continue
+            self.replied += 1
+            try:
+                replies.send(_pack_header(VERSION, REPLY, 0, call_id, 0) + answer)
+            except PodIPCError:  # the client left
+                self.undelivered += 1
 
-    def _run(self, handler: Handler, request: bytes) -> tuple[int, bytes | bytearray | memoryview]:
-        """(REPLY, the handler's reply) or (ERROR, what went wrong): as Serving._handle answers."""
-        try:
-            result = handler(request)
-        except Exception as exc:
-            return ERROR, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+    def _checked(self, result: object) -> tuple[int, bytes | bytearray | memoryview]:
+        """(REPLY, the handler's reply) or (ERROR, why it cannot be one): as Serving._handle answers."""
+        if type(result) is bytes and len(result) <= self.max_message_size:
+            return REPLY, result
         if not isinstance(result, bytes | bytearray | memoryview):
             return ERROR, f"the handler returned {type(result).__name__}, not bytes".encode()
         size = len(result) if type(result) is bytes else memoryview(result).nbytes
@@ -279,6 +293,10 @@ class RingServer(Serving):
         self, kind: int, call_id: int, answer: bytes | bytearray | memoryview, deadline: float | None
     ) -> None:
         """Write an answer to the session's reply ring (opened with its first), waiting at most until `deadline`."""
+        if kind == REPLY:
+            self.replied += 1
+        else:
+            self.failed += 1
         session = self._session
         replies = session.replies
         if replies is None:
@@ -306,6 +324,18 @@ class RingServer(Serving):
             raise too_large(body.nbytes, self.max_message_size)
         self._count_answer(call, kind)
         session: _Session = call._connection
+        replies = session.replies
+        if replies is not None and session.open and get_ident() == self._iterator:
+            # the iterating thread: only it ends sessions, so the session cannot end under this send
+            deadline = call.deadline
+            try:
+                replies.send(
+                    _pack_header(VERSION, kind, 0, call._id, 0) + body,
+                    None if deadline is None else max(0.0, deadline - time.monotonic()),
+                )
+            except PodIPCError:  # the client left or gave up
+                self._count_undelivered()
+            return
         replies = self._reply_writer(session)
         if replies is None:
             self._count_undelivered()
@@ -357,9 +387,7 @@ class RingServer(Serving):
             return
         # the rings stay open until the calls under way are answered: the iterating thread sees `_closing`
         # within ABORT_CHECK_SECONDS, and the last one out frees
-        with self._lock:
-            if not self._inside:
-                self._free()
+        self._free_when_idle()
 
     abort = close
     """The same as close() (for podipc.close_on_signals)."""
