@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -78,12 +79,16 @@ def test_reply_command_answers_from_its_stdout_and_a_failing_command_exits_the_c
 
 
 @pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
-def test_sigterm_while_a_command_runs_answers_that_call_before_stopping(scheme: str) -> None:
+def test_sigterm_while_a_command_runs_answers_that_call_before_stopping(scheme: str, tmp_path: Path) -> None:
     url = url_for(scheme)
-    with replying(url, "--command", "sleep 1; cat") as server:
+    running = tmp_path / "running"
+    with replying(url, "--command", f"cat > /dev/null; touch {running}; sleep 1; printf 'in flight'") as server:
         assert call(url, "--data", "warm").returncode == 0
+        running.unlink()
         caller = subprocess.Popen([*PODIPC, "call", url, "--data", "in flight"], stdout=subprocess.PIPE)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while not running.exists() and time.monotonic() < deadline:  # the call is in the command now
+            time.sleep(0.02)
         code, summary, _ = stop(server)
         out, _ = caller.communicate(timeout=10)
     assert (caller.returncode, out) == (0, b"in flight")
