@@ -230,6 +230,8 @@ class RingServer(Serving):
                 self._leave()
         finally:
             self._iterating.release()
+            if self._closing:
+                self._free_when_idle()  # _leave could not: this thread still held the iteration
 
     def _serve_alone(self, handler: Handler) -> None:
         """The loop of serve(handler) in one thread: each request read, handled and answered in turn."""

@@ -167,3 +167,19 @@ def test_clients_opened_and_closed_in_quick_succession_are_each_served(serving: 
 def test_the_asyncio_client_refuses_shm_and_says_what_to_use() -> None:
     with pytest.raises(podipc.AddressError, match="runs over unix:// and tcp:// only"):
         podipc.aio.client(url_for("shm"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_server_closed_while_serving_frees_its_rings_once_serve_returns(workers: int) -> None:
+    url = url_for("shm")
+    server = podipc.server(url)
+    serving, outcome = in_thread(server.serve, bytes, workers)
+    with podipc.client(url, wait=10) as client:
+        assert client.call(b"x", timeout=5) == b"x"
+        server.close()
+        serving.join(5)
+        assert outcome == [None]
+    deadline = time.monotonic() + 5
+    while ring_files(url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ring_files(url) == []
