@@ -51,6 +51,7 @@ SPOOL_VARIANTS = ("file?sync=batch", "file?sync=always")
 PATTERN_CELLS = (
     "rpc-unix",
     "rpc-tcp",
+    "rpc-shm",
     "fanin-unix-1",
     "fanin-unix-2",
     "fanin-unix-4",
@@ -67,7 +68,8 @@ PATTERN_CELLS = (
     "broadcast-shm-2",
     "broadcast-shm-4",
 )
-"""Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producer
+"""Issue 14: request/reply round trips, beside the raw ping-pong of the same socket (rpc-shm beside iceoryx2's
+request-response, a peer: --peers measures it); fan-in of 1, 2, 4 producer
 processes over unix://, tcp://, mq:// and sysvmq://;
 shm:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one shm:// consumer."""
 PATTERN_PEER_CELLS = (

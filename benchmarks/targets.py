@@ -398,7 +398,8 @@ LARGEST_SIZE = 1 << 20
 
 
 def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported);
+    """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported),
+    over shm:// against iceoryx2's request-response (and beside the raw ring);
     fan-in of 4 producer processes against one over unix:// (tcp:// reported); shm:// broadcast's per-subscriber rate at 1 MiB against one consumer's
     (4 subscribers judged, 1 and 2 reported)."""
     yield ratio_target(
@@ -444,6 +445,22 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
             0.9,
             ">=",
         )
+    yield ratio_target(
+        report,
+        "rpc-shm-p50-vs-iceoryx2-rpc",
+        "request/reply round-trip p50 at 64 B over shm:// <= 0.5x iceoryx2's request-response",
+        Comparison("rpc-shm", "iceoryx2-rpc", LATENCY, SMALL_SIZE),
+        0.5,
+        "<=",
+    )
+    yield ratio_target(
+        report,
+        "rpc-shm-p50-vs-raw-ring",
+        "request/reply round-trip p50 at 64 B over shm:// beside the raw busy-poll ring's ping-pong",
+        Comparison("rpc-shm", "raw-ring", LATENCY, SMALL_SIZE),
+        None,
+        "<=",
+    )
     yield ratio_target(
         report,
         "rpc-tcp-p50-vs-raw-tcp",

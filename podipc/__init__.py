@@ -29,7 +29,7 @@ from podipc.serving import Sessions, serve
 from podipc.signals import close_on_signals
 
 if TYPE_CHECKING:
-    from podipc.rpc import Call, Client, Server
+    from podipc.rpc import Call, Client, RingClient, RingServer, Server
 
 try:
     __version__ = version("podipc")
@@ -71,8 +71,8 @@ __all__ = [
 ]
 
 
-def client(url: str, **options: object) -> Client:
-    """Open the client side of request/reply at `url` (unix:// or tcp://): `call(request, timeout)`.
+def client(url: str, **options: object) -> Client | RingClient:
+    """Open the client side of request/reply at `url` (unix://, tcp:// or shm://): `call(request, timeout)`.
 
     See podipc.rpc (imported on first use, as the stream transports it runs over).
     """
@@ -81,8 +81,8 @@ def client(url: str, **options: object) -> Client:
     return open_client(url, **options)
 
 
-def server(url: str, **options: object) -> Server:
-    """Open the server side of request/reply at `url` (unix:// or tcp://): `serve(handler)` or iteration.
+def server(url: str, **options: object) -> Server | RingServer:
+    """Open the server side of request/reply at `url` (unix://, tcp:// or shm://): `serve(handler)` or iteration.
 
     See podipc.rpc (imported on first use, as the stream transports it runs over).
     """

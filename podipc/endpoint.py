@@ -183,6 +183,11 @@ class _Endpoint(ABC):
         """True once close() or abort() has begun."""
         return self._closed
 
+    @property
+    def peer_lost(self) -> bool:
+        """True once the peer monitor saw the peer die or leave (transports with presence files; else False)."""
+        return self._peer_lost
+
     # --- state ------------------------------------------------------------
 
     def _settle(self) -> None:

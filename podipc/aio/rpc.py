@@ -25,6 +25,7 @@ from typing import Any, Self
 
 from podipc.address import Address, parse_address
 from podipc.errors import (
+    AddressError,
     ChannelClosed,
     EndOfStream,
     PeerGone,
@@ -424,5 +425,10 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 def client(url: str, **options: object) -> AsyncClient:
     """Open the asyncio client side of request/reply at `url` (as podipc.client; no I/O until the first call)."""
     address = parse_address(url)
+    if address.scheme == "shm":
+        raise AddressError(
+            "the asyncio request/reply client runs over unix:// and tcp:// only; over shm:// call "
+            "podipc.client(url).call from a thread (loop.run_in_executor)"
+        )
     check_scheme(address)
     return AsyncClient(address, resolve_options(address, RPC_OPTIONS, options))

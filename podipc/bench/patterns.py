@@ -1,15 +1,18 @@
 """Bench subjects for patterns beyond one pair: the request/reply round trip (podipc.client, podipc.server).
 
-`rpc-unix` (over unix://@name) and `rpc-tcp` (over tcp://127.0.0.1:PORT) are measured in
-latency cells only, against the raw stream socket ping-pong of the same socket (raw-unix,
-raw-tcp): one round trip is one `call()`. They fit the bench's two links this way: the
+`rpc-unix` (over unix://@name), `rpc-tcp` (over tcp://127.0.0.1:PORT) and `rpc-shm` (over
+shm:///name, a pair ring each way) are measured in latency cells only, against the raw
+ping-pong of the same primitive (raw-unix, raw-tcp, raw-ring): one round trip is one
+`call()`. rpc-shm's library peer is `iceoryx2-rpc` (iceoryx2 request-response, in the same
+cell shape: podipc.bench.peers.shared_memory). They fit the bench's two links this way: the
 client's sender "a" calls and keeps the reply, which its receiver "b" hands out; the
 server's receiver "a" takes the next call and its sender "b" answers it. Both links name
 the same URL (one connection carries both ways). The client's close makes one last call
 with an empty request, which the server answers and takes as the end of stream (bench
 messages are never empty).
 
-Ask for them by name: `podipc bench --channels rpc-unix,raw-unix --sizes 64 --modes latency`.
+Ask for them by name: `podipc bench --channels rpc-unix,raw-unix --sizes 64 --modes latency`,
+`podipc bench --channels rpc-shm,iceoryx2-rpc --sizes 64 --modes latency`.
 
 Fan-in (`fanin-unix-N`, `fanin-tcp-N`) is podipc.bench.fanin's: N producer processes into one consumer.
 
@@ -25,6 +28,7 @@ cells (queue-mq-N, queue-sysvmq-N, pyzmq-queue-N) are podipc.bench.pattern_peers
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -156,21 +160,28 @@ class ReplySender:
         self.ends.server.close()
 
 
+RAW_BASELINES = {"unix": "raw-unix", "tcp": "raw-tcp", "shm": "raw-ring"}
+"""The raw ping-pong each request/reply subject is set beside (its report ratios)."""
+
+
 class RequestReply(Subject):
-    """podipc request/reply over a stream socket, measured as round trips (latency cells only)."""
+    """podipc request/reply over a stream socket or shm://, measured as round trips (latency cells only)."""
 
     kind = "channel"
     modes = ("latency",)
 
     def __init__(self, scheme: str) -> None:
         self.scheme = scheme
+        self.shared_places = frozenset({"dev_shm"}) if scheme == "shm" else frozenset()
         self.name = f"rpc-{scheme}"
-        self.baseline = f"raw-{scheme}"
+        self.baseline = RAW_BASELINES[scheme]
         self._client_ends: dict[str, _ClientEnds] = {}
         self._server_ends: dict[str, _ServerEnds] = {}
 
     def availability(self) -> str | None:
-        """Request/reply needs nothing beyond the standard library."""
+        """Request/reply over sockets needs nothing beyond the standard library; over shm:// a /dev/shm."""
+        if self.scheme == "shm" and not os.path.isdir("/dev/shm"):
+            return "no /dev/shm here"
         return None
 
     def size_problem(self, size: int) -> str | None:
@@ -179,7 +190,12 @@ class RequestReply(Subject):
 
     def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
         """One URL for both links: one connection carries requests and replies."""
-        url = f"tcp://127.0.0.1:{free_port('tcp')}" if self.scheme == "tcp" else f"unix://@{place.name('rpc')}"
+        if self.scheme == "tcp":
+            url = f"tcp://127.0.0.1:{free_port('tcp')}"
+        elif self.scheme == "shm":
+            url = f"shm:///{place.name('rpc')}"
+        else:
+            url = f"unix://@{place.name('rpc')}"
         return {"a": url, "b": url}
 
     def open_sender(self, resources: Mapping[str, str], key: str, size: int) -> Sender:
@@ -267,6 +283,7 @@ def pattern_subjects() -> list[Subject]:
     return [
         RequestReply("unix"),
         RequestReply("tcp"),
+        RequestReply("shm"),
         *fanin_subjects(),
         *(Broadcast(count) for count in BROADCAST_SUBSCRIBERS),
         *pattern_peer_subjects(),

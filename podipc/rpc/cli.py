@@ -7,7 +7,8 @@
 `reply` stops cleanly on SIGTERM/SIGINT (the calls under way are answered first) and prints
 one JSON summary line; `call` exits with podipc's exit codes (11: the server's handler
 failed, RemoteError). Options come from the environment too (PODIPC_URL, PODIPC_TIMEOUT,
-PODIPC_COMMAND, ...; channel options PODIPC_WAIT, PODIPC_MODE, PODIPC_MAX_MESSAGE_SIZE).
+PODIPC_COMMAND, ...; channel options PODIPC_WAIT, PODIPC_MODE, PODIPC_MAX_MESSAGE_SIZE; over shm://
+also PODIPC_CAPACITY, PODIPC_SPIN).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import podipc
 from podipc.address import Address
 from podipc.cli import EXIT_CODES, HELP_WIDTH, SignalStop, podipc_errors, url_argument
 from podipc.environment import variable_name
+from podipc.options import Option
 from podipc.rpc import RPC_OPTIONS
 
 from .replying import Handler
@@ -59,8 +61,14 @@ class CommandFailed(Exception):
 
 
 def rpc_environment(address: Address) -> dict[str, str]:
-    """Request/reply options set by PODIPC_* variables (wait, mode, max_message_size) and not by the URL's query."""
-    names = ("wait", "mode", *(option.name for option in RPC_OPTIONS))
+    """Request/reply options set by PODIPC_* variables (wait, mode, max_message_size; shm:// capacity, spin too)
+    and not by the URL's query."""
+    options: tuple[Option, ...] = RPC_OPTIONS
+    if address.scheme == "shm":
+        from podipc.rpc.rings import RING_RPC_OPTIONS
+
+        options = RING_RPC_OPTIONS
+    names = ("wait", "mode", *(option.name for option in options))
     found = {}
     for name in names:
         value = os.environ.get(variable_name(name), "")

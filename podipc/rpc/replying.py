@@ -79,7 +79,7 @@ class Call:
 
     __slots__ = ("_answered", "_connection", "_id", "_server", "deadline", "request")
 
-    def __init__(self, server: Server, connection: _Connection, call_id: int, request: bytes, deadline: float | None):
+    def __init__(self, server: Serving, connection: Any, call_id: int, request: bytes, deadline: float | None):
         self.request = request
         """The request's bytes."""
         self.deadline = deadline
@@ -110,7 +110,101 @@ class Call:
         return f"<Call {self._id} {len(self.request)} bytes>"
 
 
-class Server(Side):
+class Serving(Side):
+    """What every request/reply server shares: serve(handler) over its own iteration, and the answer counters.
+
+    A subclass iterates Calls (`__next__`), answers them (`_answer`) and counts its users
+    (`_enter`, `_leave`: the last one out after close() frees).
+    """
+
+    _lock: threading.RLock
+    _closing: bool
+    calls: int
+    replied: int
+    failed: int
+    expired: int
+    undelivered: int
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Call:
+        raise NotImplementedError
+
+    def _enter(self) -> None:
+        raise NotImplementedError
+
+    def _leave(self) -> None:
+        raise NotImplementedError
+
+    def _answer(self, call: Call, kind: int, body: memoryview) -> None:
+        raise NotImplementedError
+
+    def _count_answer(self, call: Call, kind: int) -> None:
+        """Mark `call` answered and count it; RuntimeError when it was answered already."""
+        with self._lock:
+            if call._answered:
+                raise RuntimeError(f"{call!r} was answered already; a call gets one reply")
+            call._answered = True
+            if kind == REPLY:
+                self.replied += 1
+            else:
+                self.failed += 1
+
+    def serve(self, handler: Handler, workers: int = 1) -> None:
+        """Answer every call with `handler(request) -> reply` until the server is closed.
+
+        `workers=1` runs the handler in this thread, one call at a time; `workers=N` on a
+        pool of N threads, up to N at once. A handler that raises answers its call with an
+        error (the client raises RemoteError with "ExceptionType: message"), and serving
+        goes on; so it does for a reply that is not bytes or is too large. Returns once
+        closed (from another thread or a signal handler), after the calls under way are
+        answered.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        self._enter()
+        try:
+            if workers == 1:
+                for call in self:
+                    self._handle(handler, call)
+                return
+            slots = threading.BoundedSemaphore(workers)
+            with ThreadPoolExecutor(workers, thread_name_prefix="podipc-reply") as pool:
+                for call in self:
+                    while not slots.acquire(timeout=ABORT_CHECK_SECONDS):
+                        if self._closing:
+                            return
+                    pool.submit(self._handle_on_worker, handler, call, slots)
+        finally:
+            self._leave()
+
+    def _handle_on_worker(self, handler: Handler, call: Call, slots: threading.BoundedSemaphore) -> None:
+        try:
+            self._handle(handler, call)
+        finally:
+            slots.release()
+
+    def _handle(self, handler: Handler, call: Call) -> None:
+        if call.expired:
+            with self._lock:
+                self.expired += 1
+            return
+        try:
+            result = handler(call.request)
+        except Exception as exc:
+            call.fail(f"{type(exc).__name__}: {exc}")
+            return
+        if not isinstance(result, bytes | bytearray | memoryview):
+            call.fail(f"the handler returned {type(result).__name__}, not bytes")
+            return
+        try:
+            call.reply(result)
+        except MessageTooLarge as exc:
+            call.fail(f"the reply is too large: {exc}")
+
+
+class Server(Serving):
     """The server side of request/reply: iterate for calls, or serve(handler); many clients at once.
 
     Thread-safety: one thread at a time iterates (or serves); `Call.reply()`/`fail()` from
@@ -161,9 +255,6 @@ class Server(Side):
         """Answers whose client had gone."""
 
     # --- the loop ---------------------------------------------------------------
-
-    def __iter__(self) -> Self:
-        return self
 
     def __next__(self) -> Call:
         """The next call; waits for one without limit. The iteration stops once the server is closed."""
@@ -354,14 +445,7 @@ class Server(Side):
     def _answer(self, call: Call, kind: int, body: memoryview) -> None:
         if kind == REPLY and body.nbytes > self.max_message_size:
             raise too_large(body.nbytes, self.max_message_size)
-        with self._lock:
-            if call._answered:
-                raise RuntimeError(f"{call!r} was answered already; a call gets one reply")
-            call._answered = True
-            if kind == REPLY:
-                self.replied += 1
-            else:
-                self.failed += 1
+        self._count_answer(call, kind)
         frame = frame_prefix(kind, call._id, body.nbytes) + body
         connection = call._connection
         # never under the connection's lock, which _free takes while it holds ours
@@ -428,60 +512,6 @@ class Server(Side):
                 self._epoll.modify(connection.sock.fileno(), events)
             except (ValueError, OSError):
                 self._drop(connection)  # its socket broke under a send
-
-    # --- serving ------------------------------------------------------------------
-
-    def serve(self, handler: Handler, workers: int = 1) -> None:
-        """Answer every call with `handler(request) -> reply` until the server is closed.
-
-        `workers=1` runs the handler in this thread, one call at a time; `workers=N` on a
-        pool of N threads, up to N at once. A handler that raises answers its call with an
-        error (the client raises RemoteError with "ExceptionType: message"), and serving
-        goes on; so it does for a reply that is not bytes or is too large. Returns once
-        closed (from another thread or a signal handler), after the calls under way are
-        answered.
-        """
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
-        self._enter()
-        try:
-            if workers == 1:
-                for call in self:
-                    self._handle(handler, call)
-                return
-            slots = threading.BoundedSemaphore(workers)
-            with ThreadPoolExecutor(workers, thread_name_prefix="podipc-reply") as pool:
-                for call in self:
-                    while not slots.acquire(timeout=ABORT_CHECK_SECONDS):
-                        if self._closing:
-                            return
-                    pool.submit(self._handle_on_worker, handler, call, slots)
-        finally:
-            self._leave()
-
-    def _handle_on_worker(self, handler: Handler, call: Call, slots: threading.BoundedSemaphore) -> None:
-        try:
-            self._handle(handler, call)
-        finally:
-            slots.release()
-
-    def _handle(self, handler: Handler, call: Call) -> None:
-        if call.expired:
-            with self._lock:
-                self.expired += 1
-            return
-        try:
-            result = handler(call.request)
-        except Exception as exc:
-            call.fail(f"{type(exc).__name__}: {exc}")
-            return
-        if not isinstance(result, bytes | bytearray | memoryview):
-            call.fail(f"the handler returned {type(result).__name__}, not bytes")
-            return
-        try:
-            call.reply(result)
-        except MessageTooLarge as exc:
-            call.fail(f"the reply is too large: {exc}")
 
     # --- closing ------------------------------------------------------------------
 

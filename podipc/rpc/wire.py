@@ -46,6 +46,7 @@ MAX_BODY = MAX_FRAME_LENGTH - CALL_HEADER_SIZE
 """The largest body a frame can carry."""
 
 _pack_prefix = FRAME_PREFIX.pack
+_pack_header = CALL_HEADER.pack
 _unpack_header = CALL_HEADER.unpack_from
 assert FRAME_PREFIX.size == HEADER.size + CALL_HEADER_SIZE
 
@@ -60,6 +61,11 @@ def deadline_ms(seconds: float | None) -> int:
 def frame_prefix(kind: int, call_id: int, body_size: int, deadline: int = 0) -> bytes:
     """The frame length and call header that go before a body of `body_size` bytes."""
     return _pack_prefix(CALL_HEADER_SIZE + body_size, VERSION, kind, 0, call_id, deadline)
+
+
+def call_header(kind: int, call_id: int, deadline: int = 0) -> bytes:
+    """The call header alone: what opens a message on a transport that keeps boundaries (shm://'s rings)."""
+    return _pack_header(VERSION, kind, 0, call_id, deadline)
 
 
 def encode_frame(kind: int, call_id: int, body: bytes | bytearray | memoryview, deadline: int = 0) -> bytes:

@@ -153,7 +153,7 @@ def test_peers_run_beside_the_channel_and_missing_ones_are_skipped_with_the_reas
         prefix=[sys.executable, "-c", SIMULATE_MISSING],
     )
     skipped = {item["subject"]: item["reason"] for item in report["skipped"]}
-    assert set(skipped) == {"iceoryx2", "faster-fifo"}
+    assert set(skipped) == {"iceoryx2", "iceoryx2-rpc", "faster-fifo"}
     assert "pip install 'podipc[peers]'" in skipped["iceoryx2"]
     subjects = {record["subject"]: record for record in report["results"] if record["mode"] == "latency"}
     for peer in (
@@ -530,6 +530,24 @@ def test_request_reply_cells_measure_round_trips_beside_their_raw_socket_baselin
             assert record["baseline"] == f"raw-{scheme}"
             assert record["ratios"]["latency.p50_us"]["median"] > 0, record
         assert (f"rpc-{scheme}", "throughput", 64) not in cells, "request/reply is measured in round trips only"
+
+
+@pytest.mark.timeout(120)
+def test_request_reply_over_shm_is_measured_beside_iceoryx2_request_response_and_judged_against_it() -> None:
+    report = run_bench(
+        "--quick", "--channels", "rpc-shm,iceoryx2-rpc,raw-ring", "--sizes", "64,65536", "--mode", "both"
+    )
+    cells = {(record["subject"], record["mode"], record["size"]): record for record in report["results"]}
+    for size in (64, 65536):
+        for subject in ("rpc-shm", "iceoryx2-rpc"):
+            record = cells[(subject, "latency", size)]
+            assert record["status"] == "ok", record["reason"]
+            assert_sane(record)
+        assert cells[("rpc-shm", "latency", size)]["baseline"] == "raw-ring"
+    for subject in ("rpc-shm", "iceoryx2-rpc"):
+        assert (subject, "throughput", 64) not in cells, "request/reply is measured in round trips only"
+    target = next(target for target in judged(report) if target["id"] == "rpc-shm-p50-vs-iceoryx2-rpc")
+    assert target["ratio"] is not None and target["met"] in (True, False)
 
 
 @pytest.mark.timeout(120)

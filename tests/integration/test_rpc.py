@@ -75,6 +75,17 @@ def serving(request: pytest.FixtureRequest) -> Iterator[tuple[str, ServerProcess
         server.kill()
 
 
+@pytest.fixture(params=["unix-abstract", "shm"])
+def serving_any(request: pytest.FixtureRequest) -> Iterator[tuple[str, ServerProcess]]:
+    """A server process (4 workers) on a fresh unix://@name or shm:///name: for what every scheme shares."""
+    url = url_for(request.param)
+    server = ServerProcess(url, 4)
+    try:
+        yield url, server
+    finally:
+        server.kill()
+
+
 def in_thread(function: object, *args: object) -> tuple[threading.Thread, list[object]]:
     """Run function(*args) in a thread; the list gets its result or the exception it raised."""
     outcome: list[object] = []
@@ -90,7 +101,7 @@ def in_thread(function: object, *args: object) -> tuple[threading.Thread, list[o
     return thread, outcome
 
 
-@pytest.mark.parametrize("scheme", ["unix", "unix-abstract", "tcp"])
+@pytest.mark.parametrize("scheme", ["unix", "unix-abstract", "tcp", "shm"])
 def test_four_threads_share_one_client_and_every_reply_matches_its_request(scheme: str) -> None:
     url = url_for(scheme)
     server = ServerProcess(url, workers=4)
@@ -119,9 +130,9 @@ def test_four_threads_share_one_client_and_every_reply_matches_its_request(schem
 
 
 def test_a_call_past_its_deadline_raises_timeout_while_the_others_in_flight_succeed(
-    serving: tuple[str, ServerProcess],
+    serving_any: tuple[str, ServerProcess],
 ) -> None:
-    url, _ = serving
+    url, _ = serving_any
     with podipc.client(url, wait=10) as client:
         slow, slow_outcome = in_thread(client.call, b"sleep:1.0", 0.3)
         fast = [in_thread(client.call, b"sleep:0.5:%d" % n, 10) for n in range(3)]
@@ -153,9 +164,9 @@ def test_the_server_skips_a_request_whose_deadline_passed_before_its_turn(servin
 
 
 def test_every_call_in_flight_gets_peer_gone_within_2_s_when_the_server_is_killed_and_the_next_call_reconnects(
-    serving: tuple[str, ServerProcess],
+    serving_any: tuple[str, ServerProcess],
 ) -> None:
-    url, server = serving
+    url, server = serving_any
     with podipc.client(url, wait=10) as client:
         assert client.call(b"up", timeout=5) == b"up"
         calls = [in_thread(client.call, b"sleep:30", 60) for _ in range(4)]
@@ -180,8 +191,10 @@ def test_every_call_in_flight_gets_peer_gone_within_2_s_when_the_server_is_kille
             restarted.kill()
 
 
-def test_close_from_another_thread_wakes_a_blocked_call_with_channel_closed(serving: tuple[str, ServerProcess]) -> None:
-    url, _ = serving
+def test_close_from_another_thread_wakes_a_blocked_call_with_channel_closed(
+    serving_any: tuple[str, ServerProcess],
+) -> None:
+    url, _ = serving_any
     client = podipc.client(url, wait=10)
     assert client.call(b"up", timeout=5) == b"up"
     calls = [in_thread(client.call, b"sleep:30", None) for _ in range(2)]  # one reads, one waits its turn
@@ -197,9 +210,9 @@ def test_close_from_another_thread_wakes_a_blocked_call_with_channel_closed(serv
 
 
 def test_a_handler_exception_becomes_remote_error_and_the_server_keeps_serving(
-    serving: tuple[str, ServerProcess],
+    serving_any: tuple[str, ServerProcess],
 ) -> None:
-    url, server = serving
+    url, server = serving_any
     with podipc.client(url, wait=10) as client:
         with pytest.raises(podipc.RemoteError, match="ValueError: boom went the handler"):
             client.call(b"boom", timeout=5)
@@ -310,16 +323,17 @@ def test_calls_from_several_client_processes_are_answered_at_once(serving: tuple
     assert time.monotonic() - started < 30
 
 
-def test_a_client_with_no_server_raises_peer_timeout_after_wait() -> None:
-    with podipc.client(url_for("unix-abstract"), wait=0.3) as client:
+@pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
+def test_a_client_with_no_server_raises_peer_timeout_after_wait(scheme: str) -> None:
+    with podipc.client(url_for(scheme), wait=0.3) as client:
         started = time.monotonic()
         with pytest.raises(podipc.PeerTimeout, match="no server listening"):
             client.call(b"anyone?")
         assert 0.3 <= time.monotonic() - started < 2.0
 
 
-def test_a_request_over_max_message_size_raises_before_anything_is_sent(serving: tuple[str, ServerProcess]) -> None:
-    url, server = serving
+def test_a_request_over_max_message_size_raises_before_anything_is_sent(serving_any: tuple[str, ServerProcess]) -> None:
+    url, server = serving_any
     with podipc.client(url, wait=10, max_message_size=1024) as client:
         with pytest.raises(podipc.MessageTooLarge, match="1025 bytes > max_message_size option 1024"):
             client.call(b"x" * 1025)
@@ -363,9 +377,9 @@ def test_request_reply_refuses_schemes_it_does_not_run_over() -> None:
 
 
 def test_close_from_a_signal_handler_wakes_the_call_blocked_in_the_main_thread(
-    serving: tuple[str, ServerProcess],
+    serving_any: tuple[str, ServerProcess],
 ) -> None:
-    url, _ = serving
+    url, _ = serving_any
     client = podipc.client(url, wait=10)
     previous = signal.signal(signal.SIGALRM, lambda number, frame: client.close())
     try:
@@ -379,8 +393,9 @@ def test_close_from_a_signal_handler_wakes_the_call_blocked_in_the_main_thread(
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_close_from_another_thread_ends_serve_within_a_second() -> None:
-    url = url_for("unix-abstract")
+@pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
+def test_close_from_another_thread_ends_serve_within_a_second(scheme: str) -> None:
+    url = url_for(scheme)
     server = podipc.server(url)
     serving, outcome = in_thread(server.serve, bytes)
     with podipc.client(url, wait=10) as client:
@@ -394,8 +409,9 @@ def test_close_from_another_thread_ends_serve_within_a_second() -> None:
             client.call(b"after", timeout=0.5)  # the server is gone: the call waits for one to come back
 
 
-def test_a_reply_over_max_message_size_becomes_remote_error_and_serving_goes_on() -> None:
-    url = url_for("unix-abstract")
+@pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
+def test_a_reply_over_max_message_size_becomes_remote_error_and_serving_goes_on(scheme: str) -> None:
+    url = url_for(scheme)
     with podipc.server(url, max_message_size=1024) as server, podipc.client(url, wait=10) as client:
         serving, _ = in_thread(server.serve, lambda request: request * 600)
         with pytest.raises(podipc.RemoteError, match="the reply is too large: 1200 bytes > max_message_size"):
@@ -405,8 +421,9 @@ def test_a_reply_over_max_message_size_becomes_remote_error_and_serving_goes_on(
         serving.join(5)
 
 
-def test_a_call_with_a_timeout_shorter_than_wait_raises_timeout_not_peer_timeout() -> None:
-    with podipc.client(url_for("unix-abstract"), wait=30) as client:
+@pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
+def test_a_call_with_a_timeout_shorter_than_wait_raises_timeout_not_peer_timeout(scheme: str) -> None:
+    with podipc.client(url_for(scheme), wait=30) as client:
         started = time.monotonic()
         with pytest.raises(podipc.Timeout) as raised:
             client.call(b"anyone?", timeout=0.3)

@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -59,13 +60,14 @@ def test_call_prints_the_echoed_reply_raw_and_reply_stops_on_sigterm_with_143() 
     assert not os.path.exists(path)
 
 
-def test_reply_command_answers_from_its_stdout_and_a_failing_command_exits_the_caller_with_11() -> None:
-    url = url_for("unix-abstract")
+@pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
+def test_reply_command_answers_from_its_stdout_and_a_failing_command_exits_the_caller_with_11(scheme: str) -> None:
+    url = url_for(scheme)
     with replying(url, "--command", "tr a-z A-Z") as server:
         upper = call(url, "--data", "shout")
         assert (upper.returncode, upper.stdout) == (0, b"SHOUT"), upper.stderr
         stop(server, signal.SIGINT)
-    url = url_for("unix-abstract")
+    url = url_for(scheme)
     with replying(url, "--command", "echo no such thing >&2; exit 3") as server:
         failed = call(url, "--data", "x")
         code, summary, _ = stop(server)
@@ -76,21 +78,27 @@ def test_reply_command_answers_from_its_stdout_and_a_failing_command_exits_the_c
     assert (code, summary["failed"]) == (128 + signal.SIGTERM, 1)
 
 
-def test_sigterm_while_a_command_runs_answers_that_call_before_stopping() -> None:
-    url = url_for("unix-abstract")
-    with replying(url, "--command", "sleep 1; cat") as server:
+@pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
+def test_sigterm_while_a_command_runs_answers_that_call_before_stopping(scheme: str, tmp_path: Path) -> None:
+    url = url_for(scheme)
+    running = tmp_path / "running"
+    with replying(url, "--command", f"cat > /dev/null; touch {running}; sleep 1; printf 'in flight'") as server:
         assert call(url, "--data", "warm").returncode == 0
+        running.unlink()
         caller = subprocess.Popen([*PODIPC, "call", url, "--data", "in flight"], stdout=subprocess.PIPE)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while not running.exists() and time.monotonic() < deadline:  # the call is in the command now
+            time.sleep(0.02)
         code, summary, _ = stop(server)
         out, _ = caller.communicate(timeout=10)
     assert (caller.returncode, out) == (0, b"in flight")
     assert code == 128 + signal.SIGTERM and summary["replied"] == 2
 
 
-def test_call_with_no_server_exits_with_the_peer_timeout_code() -> None:
+@pytest.mark.parametrize("scheme", ["unix-abstract", "shm"])
+def test_call_with_no_server_exits_with_the_peer_timeout_code(scheme: str) -> None:
     started = time.monotonic()
-    result = call(url_for("unix-abstract", wait=0.3), "--data", "x")
+    result = call(url_for(scheme, wait=0.3), "--data", "x")
     assert result.returncode == EXIT_CODES[PeerTimeout]
     assert result.stderr.decode().startswith("podipc: error: PeerTimeout: no server listening")
     assert time.monotonic() - started < 10

@@ -4,7 +4,7 @@ Each peer is written the way a careful person would by hand: length-prefixed fra
 and MSG_WAITALL on stream sockets, one datagram per message on UDP, posix_ipc and
 sysv_ipc queues used directly, a busy-poll mmap ring (podipc.bench.ring), pyzmq
 PUSH/PULL (and zmq.asyncio PULL for `--api async`), multiprocessing Pipe and Queue,
-faster-fifo, and iceoryx2 publish-subscribe.
+faster-fifo, and iceoryx2 publish-subscribe and request-response (`iceoryx2-rpc`, latency cells only).
 An empty message (or the peer's own marker) ends a stream, so bench messages are
 never empty (they carry an 8-byte sequence number).
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from podipc.bench.peers.libraries import FasterFifo, LocalSubject, MPPipe, MPQueue, PyZMQ, PyZMQAsyncio
 from podipc.bench.peers.queues import RawPosixMQ, RawSysVMQ
-from podipc.bench.peers.shared_memory import Iceoryx2, RawRing
+from podipc.bench.peers.shared_memory import Iceoryx2, Iceoryx2RequestResponse, RawRing
 from podipc.bench.peers.sockets import RawTCP, RawUDP, RawUnix
 from podipc.bench.subjects import Subject
 from podipc.errors import Timeout
@@ -40,6 +40,7 @@ def peer_subjects() -> list[Subject]:
         PyZMQAsyncio("tcp"),
         PyZMQAsyncio("ipc"),
         Iceoryx2(),
+        Iceoryx2RequestResponse(),
         MPPipe(),
         MPQueue(),
         FasterFifo(),

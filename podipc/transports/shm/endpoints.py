@@ -172,6 +172,12 @@ class ShmProducer(_RingSide, Producer):
             raise
         self._opened()
 
+    @property
+    def consumer_left(self) -> bool:
+        """True once the consumer closed its ring (its flag in the ring's header; False before attaching)."""
+        writer = self._writer
+        return writer is not None and writer.consumer_closed()
+
     # --- sending ------------------------------------------------------------------
 
     @holds_call_gate
