@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 from podipc.address import Address
 from podipc.endpoint import holds_call_gate
 from podipc.errors import (
+    AddressError,
     ChannelUnavailable,
     NameTaken,
     PeerGone,
@@ -63,7 +64,7 @@ from podipc.framing import (
 )
 from podipc.options import Option, deadline_after
 from podipc.producing import Producer
-from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, peer_gone, take_message_limit
+from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, peer_gone, refuse_broadcast_options, take_message_limit
 from podipc.waking import POLLIN, is_ready, wait_for
 
 COALESCE_SIZE = 2048
@@ -124,6 +125,11 @@ class StreamProducer(Producer):
         super().__init__(address, settings)
         take_message_limit(self)
         self._what = address.location
+        try:
+            refuse_broadcast_options(self.settings, self._what)
+        except AddressError:
+            self._closed = self._freed = True
+            raise
         self._socket: socket.socket | None = None
         self._phase = _UNCONNECTED
         self._answer = bytearray()

@@ -289,6 +289,11 @@ class Transport:
     fanin_consumer: str = ""
     """The consumer class of pattern=fanin (many named producers into one consumer) as 'module:Class';
     '' when the transport has none (it must then not declare the pattern option, unless `work_queue`)."""
+    broadcast_producer: str = ""
+    """The producer class of pattern=broadcast over a stream (one producer, N subscribers) as 'module:Class';
+    '' when the transport has none (shm:// dispatches its own broadcast ring in its endpoint classes)."""
+    broadcast_subscriber: str = ""
+    """The subscriber (consumer) class of that pattern=broadcast, as 'module:Class'."""
     work_queue: bool = False
     """True when its endpoints take pattern=queue: one producer, many consumers sharing one queue
     (podipc.work_queue); they then declare the pattern option (pair or queue)."""
@@ -372,6 +377,11 @@ class Transport:
             )
         cls: type[Consumer] = self._load(self.fanin_consumer)
         return cls
+
+    def broadcast_class(self, role: str) -> type[Producer] | type[Consumer] | None:
+        """The broadcast producer (role 'producer') or subscriber class, imported; None when declared nowhere."""
+        reference = self.broadcast_producer if role == "producer" else self.broadcast_subscriber
+        return self._load(reference) if reference else None
 
     def _load(self, reference: str) -> Any:
         what = f"{self.title} ({', '.join(f'{scheme}://' for scheme in self.schemes)})"
