@@ -7,7 +7,8 @@ On the wire (docs/wire/stream.md has the full story and plain-socket scripts):
                            (fan-in: FANIN_HELLO + name; answers FANIN_HELLO, BUSY, NAME_TAKEN;
                            WRONG_PATTERN to a hello of the other pattern; podipc.fanin)
                            (broadcast: the SUBSCRIBER connects to the listening producer and says
-                           BROADCAST_HELLO; answered BROADCAST_HELLO + slot + slots, or BUSY;
+                           BROADCAST_HELLO + its subscribers=; answered BROADCAST_HELLO + slot +
+                           slots, or BUSY;
                            LOSS_NOTICE + an 8-byte frame tells it how many messages were dropped
                            for it; it answers the end of stream with ACK; podipc.stream_broadcast)
     producer -> consumer   frames: 4-byte big-endian length, then that many payload bytes
@@ -57,8 +58,12 @@ WRONG_PATTERN = MAGIC + b"\xff\xfe"
 BROADCAST_VERSION = 3
 BROADCAST_HELLO = MAGIC + BROADCAST_VERSION.to_bytes(2, "big")
 """A broadcast subscriber's hello, and the start of a broadcast producer's answer (then SLOT_ANSWER)."""
+SUBSCRIBERS_FIELD = struct.Struct(">H")
+"""After a subscriber's BROADCAST_HELLO: the subscribers= it was opened with (0: not given, any number)."""
 SLOT_ANSWER = struct.Struct(">HH")
-"""After the broadcast producer's BROADCAST_HELLO: the subscriber's slot and the producer's number of slots."""
+"""After the broadcast producer's BROADCAST_HELLO: the subscriber's slot (NO_SLOT: refused, its subscribers=
+differs) and the producer's number of slots."""
+NO_SLOT = 0xFFFF
 LEFT = b"\x15"
 """What a broadcast subscriber closing before the end of stream says to its producer (then it hangs up)."""
 

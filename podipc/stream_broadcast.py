@@ -10,10 +10,12 @@ Who does what
     answers each connection: a subscriber says BROADCAST_HELLO and gets BROADCAST_HELLO, its
     slot and the number of slots (docs/wire/stream.md, "Broadcast"); beyond N live
     subscribers it gets BUSY; a pair or fan-in producer gets WRONG_PATTERN; anything else
-    (garbage, a health probe) is dropped and counted, and the others go on. A SUBSCRIBER
-    connects at open (retrying until `wait` if the producer is not there yet), so the
-    producer counts it before its first send; a dead subscriber's slot goes to a newcomer,
-    which joins at the next message.
+    (garbage, a health probe) is dropped and counted, and the others go on; a subscriber
+    opened with another subscribers= is refused (AddressError on its side). A SUBSCRIBER
+    connects at open and, when the producer listens, waits for its answer (at most
+    HELLO_ANSWER_SECONDS): from then on it gets every message sent. With no producer yet its
+    first receive connects, retrying until `wait`. A dead subscriber's slot goes to a
+    newcomer, which joins at the next message.
 Sending
     Each message is one frame, written to every live subscriber's connection (the frame is
     built once; one write per subscriber). What a subscriber's socket does not take now waits
@@ -77,7 +79,9 @@ from podipc.framing import (
     LOSS_COUNT,
     LOSS_NOTICE,
     MAX_BROADCAST_LENGTH,
+    NO_SLOT,
     SLOT_ANSWER,
+    SUBSCRIBERS_FIELD,
     WRONG_PATTERN,
     FrameReader,
     end_of_stream_frame,
@@ -92,7 +96,7 @@ from podipc.stream_producer import (
     NOT_LISTENING_ERRNOS,
     _skip,
 )
-from podipc.waking import POLLIN, POLLOUT
+from podipc.waking import POLLIN, POLLOUT, wait_for
 
 DROP_OUTBOX_BYTES = 1024 * 1024
 """slow=drop: a subscriber with more than this many bytes waiting in its outbox misses the next messages."""
@@ -100,6 +104,8 @@ SMALL_FRAME_BYTES = 2048
 """Frames up to this many payload bytes are built as one bytes object (header and payload); larger ones gathered."""
 ANSWER_BYTES = len(BROADCAST_HELLO) + SLOT_ANSWER.size
 """The producer's whole answer to a subscriber's hello."""
+SUBSCRIBER_HELLO_BYTES = len(BROADCAST_HELLO) + SUBSCRIBERS_FIELD.size
+"""A subscriber's whole hello."""
 ACTIVE, ENDED, LEFT_EARLY, GONE = "active", "ended", "left", "gone"
 _pack_header = HEADER.pack
 _END = end_of_stream_frame()
@@ -161,15 +167,36 @@ class _Slots:
             self._held[slot] = False
 
 
+class _Arrival:
+    """A subscriber the acceptor admitted: its slot, connection and answer, until the producer adopts it.
+
+    Whoever comes first under `lock` writes the answer: the acceptor at once (so a subscriber
+    hears it even from an idle producer), or the producer ahead of the first frame. The
+    arrival is listed before the answer goes out, so a subscriber that heard it gets every
+    message sent afterwards.
+    """
+
+    __slots__ = ("adopted", "answer", "answered", "connection", "lock", "slot")
+
+    def __init__(self, slot: int, connection: socket.socket, answer: bytes) -> None:
+        self.slot = slot
+        self.connection = connection
+        self.answer = answer
+        self.lock = threading.Lock()
+        self.answered = False
+        self.adopted = False
+
+
 class _BroadcastAcceptor(_Acceptor):
     """The stream acceptor with the broadcast hello: gives each subscriber a slot, hands it to the producer."""
 
     def __init__(self, listener: socket.socket, configure: Any, name: str, slots: _Slots) -> None:
         self.slots = slots
-        self.arrivals: list[tuple[int, socket.socket]] = []
+        self.arrivals: list[_Arrival] = []
+        self.refused_count = 0
         super().__init__(listener, configure, name)
 
-    def take_arrivals(self) -> list[tuple[int, socket.socket]]:
+    def take_arrivals(self) -> list[_Arrival]:
         """The subscribers admitted since the last call (list.pop is atomic: nothing is taken twice)."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.read(self.attached_fd, 8)
@@ -181,41 +208,51 @@ class _BroadcastAcceptor(_Acceptor):
 
     def _read_hello(self, poller: select.poll, fd: int) -> None:
         connection, received, _ = self._pending[fd]
+        whole = SUBSCRIBER_HELLO_BYTES if received[: len(HELLO)] == BROADCAST_HELLO else len(HELLO)
         try:
-            chunk = connection.recv(len(HELLO) - len(received))
+            chunk = connection.recv(whole - len(received))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             chunk = b""
         received += chunk
-        if chunk and len(received) < len(HELLO) and BROADCAST_HELLO[: len(received)] == received:
-            return
+        if chunk and len(received) < SUBSCRIBER_HELLO_BYTES and BROADCAST_HELLO[: len(received)] == received[:8]:
+            return  # more of a broadcast hello to come
         poller.unregister(fd)
         del self._pending[fd]
         hello = bytes(received)
         if hello in (HELLO, FANIN_HELLO):
             self.refused_pattern += 1
             self._answer_other_pattern(connection)
-        elif hello != BROADCAST_HELLO:
+        elif len(hello) != SUBSCRIBER_HELLO_BYTES or not hello.startswith(BROADCAST_HELLO):
             self._reject(connection, hello)
         else:
-            self._admit(connection)
+            self._admit(connection, SUBSCRIBERS_FIELD.unpack_from(hello, len(BROADCAST_HELLO))[0])
 
-    def _admit(self, connection: socket.socket) -> None:
+    def _admit(self, connection: socket.socket, expected: int) -> None:
+        if expected and expected != self.slots.count:
+            self.refused_count += 1
+            self._answer_and_close(connection, BROADCAST_HELLO + SLOT_ANSWER.pack(NO_SLOT, self.slots.count))
+            return
         slot = self.slots.claim()
         if slot is None:
             self.refused_busy += 1
             self._answer_and_close(connection, BUSY)
             return
         try:
-            connection.send(BROADCAST_HELLO + SLOT_ANSWER.pack(slot, self.slots.count), SEND_FLAGS)
             self.configure(connection)
         except OSError as exc:
             self.slots.release(slot)
             self._reject(connection, BROADCAST_HELLO, exc)
             return
-        self.arrivals.append((slot, connection))
+        arrival = _Arrival(slot, connection, BROADCAST_HELLO + SLOT_ANSWER.pack(slot, self.slots.count))
+        self.arrivals.append(arrival)
         self._signal()
+        with arrival.lock:
+            if not arrival.adopted:
+                with contextlib.suppress(OSError):  # a broken connection: the producer finds it gone
+                    connection.send(arrival.answer, SEND_FLAGS)
+                arrival.answered = True
 
     def describe_rejections(self) -> str:
         parts = []
@@ -226,6 +263,8 @@ class _BroadcastAcceptor(_Acceptor):
             )
         if self.refused_busy:
             parts.append(f"; refused {self.refused_busy} subscriber(s) beyond subscribers={self.slots.count}")
+        if self.refused_count:
+            parts.append(f"; refused {self.refused_count} subscriber(s) opened with another subscribers=")
         if self.refused_pattern:
             parts.append(f"; refused {self.refused_pattern} producer(s) of another pattern")
         return "".join(parts)
@@ -272,8 +311,8 @@ class StreamBroadcastProducer(Producer):
         self._listener: socket.socket | None = None
         self._epoll: select.epoll | None = None
         self._live: list[_Subscriber] = []
-        self._everyone: list[_Subscriber] = []
-        """Every subscriber that attached, in order of arrival (the finished ones too)."""
+        self._by_slot: dict[int, _Subscriber] = {}
+        """The last subscriber that held each slot (the finished ones too)."""
         self._started = False
         self._ending = False
         try:
@@ -307,8 +346,9 @@ class StreamBroadcastProducer(Producer):
     # --- what the producer knows of its subscribers ---------------------------
 
     def subscriber_reports(self) -> list[SubscriberReport]:
-        """Every subscriber that attached, in order of arrival: slot, state, messages written and dropped."""
-        return [subscriber.report() for subscriber in list(self._everyone)]
+        """Per slot a subscriber held, as shm://'s: the last holder's state, messages written and dropped."""
+        held = dict(self._by_slot)
+        return [held[slot].report() for slot in sorted(held)]
 
     def summary_fields(self) -> dict[str, object]:
         """The CLI summary's per-subscriber slot, state, messages delivered and lost."""
@@ -376,10 +416,14 @@ class StreamBroadcastProducer(Producer):
             raise PeerGone(f"{self._what}: the producer has stopped listening")
         if acceptor.failure is not None:
             raise ChannelUnavailable(f"{self._what}: listening failed: {acceptor.failure}") from acceptor.failure
-        for slot, connection in acceptor.take_arrivals():
-            subscriber = _Subscriber(slot, connection)
+        for arrival in acceptor.take_arrivals():
+            subscriber = _Subscriber(arrival.slot, arrival.connection)
+            with arrival.lock:
+                arrival.adopted = True
+                if not arrival.answered:
+                    subscriber.outbox += arrival.answer  # ahead of its first frame
             self._live.append(subscriber)
-            self._everyone.append(subscriber)
+            self._by_slot[subscriber.slot] = subscriber
 
     def _deliver(self, subscriber: _Subscriber, pieces: list[Any], size: int) -> None:
         """Write one frame to a subscriber (after its loss notice, if any); what its socket does not take waits."""
@@ -522,8 +566,8 @@ class StreamBroadcastProducer(Producer):
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.stop()
-            for _, connection in acceptor.arrivals:
-                connection.close()
+            for arrival in acceptor.arrivals:
+                arrival.connection.close()
             acceptor.arrivals.clear()
         for subscriber in list(self._live):
             subscriber.events = 0  # the epoll closes below
@@ -541,8 +585,8 @@ class StreamBroadcastProducer(Producer):
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.drop_inherited()
-            for _, connection in acceptor.arrivals:
-                connection.close()
+            for arrival in acceptor.arrivals:
+                arrival.connection.close()
         for subscriber in self._live:
             subscriber.connection.close()
         self._live = []
@@ -605,7 +649,7 @@ class StreamBroadcastSubscriber(Consumer):
             check_broadcast_limit(self)
             self._expected_slots = self.settings["subscribers"]
             self._reader = _BroadcastReader(self.max_message_size, self._what)
-            self._progress()  # connect now, so the producer counts us before its first send
+            self._join_now()
         except BaseException:
             self._closed = self._freed = True
             self._free()
@@ -684,6 +728,20 @@ class StreamBroadcastSubscriber(Consumer):
 
     # --- connecting and the handshake -----------------------------------------------
 
+    def _join_now(self) -> None:
+        """At open: connect, and when a producer listens, wait (at most HELLO_ANSWER_SECONDS) for its answer.
+
+        Once answered, every message the producer sends reaches this subscriber. With nobody
+        listening yet it returns at once: the first receive connects (until `wait`).
+        """
+        deadline = time.monotonic() + HELLO_ANSWER_SECONDS
+        while not self._progress():
+            sock = self._socket
+            left = deadline - time.monotonic()
+            if sock is None or left <= 0:
+                return
+            wait_for(sock.fileno(), POLLOUT if self._phase == _CONNECTING else POLLIN, -1, left)
+
     def _progress(self) -> bool:
         """One non-blocking step of connecting and the hello handshake; True once attached."""
         if self._phase == _UNCONNECTED and not self._start_connect():
@@ -728,7 +786,7 @@ class StreamBroadcastSubscriber(Consumer):
             self._verify_peer(sock)
             self._configure(sock)
             try:
-                sock.send(BROADCAST_HELLO, SEND_FLAGS)
+                sock.send(BROADCAST_HELLO + SUBSCRIBERS_FIELD.pack(self._expected_slots or 0), SEND_FLAGS)
             except OSError as exc:
                 raise peer_gone(exc, self._what, "producer") from exc
             self._phase = _HELLO
@@ -770,9 +828,9 @@ class StreamBroadcastSubscriber(Consumer):
             if len(answer) == len(BROADCAST_HELLO) and answer != BROADCAST_HELLO:
                 self._refused_by_producer(bytes(answer))
         slot, slots = SLOT_ANSWER.unpack_from(answer, len(BROADCAST_HELLO))
-        if self._expected_slots is not None and self._expected_slots != slots:
+        if slot == NO_SLOT:
             raise AddressError(
-                f"{self._what}: the producer takes {slots} subscribers, this subscriber asked for "
+                f"{self._what}: the producer made {slots} subscriber slots, this subscriber asked for "
                 f"subscribers={self._expected_slots}"
             )
         self.slot = slot
@@ -785,9 +843,7 @@ class StreamBroadcastSubscriber(Consumer):
 
     def _refused_by_producer(self, answer: bytes) -> None:
         if answer == BUSY:
-            raise ChannelUnavailable(
-                f"all subscriber slots of {self._what} are taken (the producer's subscribers= limit)"
-            )
+            raise ChannelUnavailable(f"all subscriber slots of {self._what} are taken (the producer's subscribers=)")
         if answer == WRONG_PATTERN:
             raise ProtocolError(f"the producer at {self._what} is not a broadcast producer")
         raise ProtocolError(
