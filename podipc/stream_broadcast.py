@@ -9,7 +9,8 @@ Who does what
     created and removed as a pair consumer's is) and its acceptor thread (podipc.stream's)
     answers each connection: a subscriber says BROADCAST_HELLO and gets BROADCAST_HELLO, its
     slot and the number of slots (docs/wire/stream.md, "Broadcast"); beyond N live
-    subscribers it gets BUSY; a pair or fan-in producer gets WRONG_PATTERN; anything else
+    subscribers it gets BUSY; a pair or fan-in producer gets BROADCAST_HELLO alone (and says
+    so: ProtocolError); anything else
     (garbage, a health probe) is dropped and counted, and the others go on; a subscriber
     opened with another subscribers= is refused (AddressError on its side). A SUBSCRIBER
     connects at open and, when the producer listens, waits for its answer (at most
@@ -88,7 +89,15 @@ from podipc.framing import (
 )
 from podipc.options import Option
 from podipc.producing import Producer
-from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, _Acceptor, _DontWait, peer_gone, take_message_limit
+from podipc.stream import (
+    HELLO_REST_BYTES,
+    SEND_FLAGS,
+    STREAM_OPTIONS,
+    _Acceptor,
+    _DontWait,
+    peer_gone,
+    take_message_limit,
+)
 from podipc.stream_producer import (
     CONNECT_RETRY_FIRST_SECONDS,
     CONNECT_RETRY_MAX_SECONDS,
@@ -223,11 +232,17 @@ class _BroadcastAcceptor(_Acceptor):
         hello = bytes(received)
         if hello in (HELLO, FANIN_HELLO):
             self.refused_pattern += 1
-            self._answer_other_pattern(connection)
+            self._answer_producer(connection)
         elif len(hello) != SUBSCRIBER_HELLO_BYTES or not hello.startswith(BROADCAST_HELLO):
             self._reject(connection, hello)
         else:
             self._admit(connection, SUBSCRIBERS_FIELD.unpack_from(hello, len(BROADCAST_HELLO))[0])
+
+    def _answer_producer(self, connection: socket.socket) -> None:
+        """A pair or fan-in producer: say BROADCAST_HELLO (it then tells its caller a broadcast producer is here)."""
+        with contextlib.suppress(OSError):
+            connection.recv(HELLO_REST_BYTES)  # the rest of a fan-in hello: closing on unread bytes resets
+        self._answer_and_close(connection, BROADCAST_HELLO)
 
     def _admit(self, connection: socket.socket, expected: int) -> None:
         if expected and expected != self.slots.count:
@@ -357,7 +372,9 @@ class StreamBroadcastProducer(Producer):
     @property
     def rejected(self) -> int:
         """Connections dropped because their first bytes were not a podipc hello."""
-        return self._acceptor.rejected if self._acceptor is not None else 0
+        return self._acceptor.rejected if self._acceptor is not None else self._rejected_at_close
+
+    _rejected_at_close = 0
 
     # --- sending ----------------------------------------------------------------
 
@@ -566,6 +583,7 @@ class StreamBroadcastProducer(Producer):
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.stop()
+            self._rejected_at_close = acceptor.rejected
             for arrival in acceptor.arrivals:
                 arrival.connection.close()
             acceptor.arrivals.clear()

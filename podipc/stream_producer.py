@@ -52,6 +52,7 @@ from podipc.errors import (
 from podipc.flushing import BURST_HOLD_SECONDS, BURST_START_SECONDS, FLUSHED, IN_USE, NO_ROOM, UNFLUSHED, flusher
 from podipc.framing import (
     ACK,
+    BROADCAST_HELLO,
     BUSY,
     FANIN_HELLO,
     HEADER,
@@ -572,6 +573,11 @@ class StreamProducer(Producer):
             raise ChannelUnavailable(
                 f"another producer is attached to {self._what}; a channel has one producer and one consumer "
                 "(for many producers open the consumer with pattern=fanin and give each producer a name=)"
+            )
+        if answer == BROADCAST_HELLO:
+            raise ProtocolError(
+                f"a broadcast producer (pattern=broadcast) listens at {self._what}: this channel has one producer; "
+                "open this side as a subscriber (podipc.consumer with pattern=broadcast, podipc consume --subscribers N)"
             )
         if answer == NAME_TAKEN:
             raise NameTaken(
