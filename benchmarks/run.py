@@ -60,10 +60,13 @@ PATTERN_CELLS = (
     "broadcast-shm-1",
     "broadcast-shm-2",
     "broadcast-shm-4",
+    "broadcast-unix-1",
+    "broadcast-unix-2",
+    "broadcast-unix-4",
 )
 """Issue 14: request/reply round trips, beside the raw ping-pong of the same socket; fan-in of 1, 2, 4 producer
 processes over unix:// and tcp://;
-shm:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one shm:// consumer."""
+shm:// and unix:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one consumer of the same scheme."""
 DEFAULT_REPEAT = 5
 QUICK_REPEAT = 2
 BATCH = 256

@@ -19,7 +19,8 @@ shutdown(SHUT_RD). One read takes up to 256 KiB and every frame in it is cut at 
 several at a time.
 
 Producer: podipc.stream_producer (connecting, coalescing); the per-process thread that
-writes the last messages of a burst: podipc.flushing.
+writes the last messages of a burst: podipc.flushing. Fan-in (many producers, one
+consumer): podipc.fanin; broadcast (one listening producer, N subscribers): podipc.stream_broadcast.
 
 Neither side keeps its socket registered anywhere while it does not wait: a wait-queue
 entry on a socket makes every send or receive of the peer run a wakeup callback, which

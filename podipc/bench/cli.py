@@ -43,8 +43,8 @@ def _bench_list(value: str) -> list[str]:
     "(file?sync=batch) or the aio-/batch- prefix (aio-unix); rpc-unix and rpc-tcp measure request/reply "
     "round trips (latency cells, against raw-unix/raw-tcp); fanin-unix-1/2/4 and fanin-tcp-1/2/4 measure fan-in "
     "(throughput cells: N producer processes into one consumer, its aggregate msg/s against fanin-unix-1 or "
-    "fanin-tcp-1); broadcast-shm-1/2/4 measure one "
-    "of 1, 2 or 4 shm:// broadcast subscribers (throughput cells, against shm).",
+    "fanin-tcp-1); broadcast-shm-1/2/4 and broadcast-unix-1/2/4 measure one "
+    "of 1, 2 or 4 broadcast subscribers (throughput cells, against shm or unix).",
 )
 @click.option(
     "--sizes",
