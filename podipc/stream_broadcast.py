@@ -69,6 +69,7 @@ from podipc.errors import (
     PodIPCError,
     ProtocolError,
 )
+from podipc.flushing import BURST_HOLD_SECONDS, FLUSHED, IN_USE, NO_ROOM, UNFLUSHED, flush_pending, flusher
 from podipc.framing import (
     ACK,
     BROADCAST_HELLO,
@@ -100,14 +101,18 @@ from podipc.stream import (
     take_message_limit,
 )
 from podipc.stream_producer import (
+    COALESCE_SIZE,
     CONNECT_RETRY_FIRST_SECONDS,
     CONNECT_RETRY_MAX_SECONDS,
     HELLO_ANSWER_SECONDS,
     NOT_LISTENING_ERRNOS,
+    OUTBOX_BYTES,
     _skip,
 )
 from podipc.waking import POLLIN, POLLOUT, wait_for
 
+BURST_START_SECONDS = 20e-6
+"""A small send beginning sooner than this after the previous send began starts a burst (a tight loop's pace)."""
 DROP_OUTBOX_BYTES = 1024 * 1024
 """slow=drop: a subscriber with more than this many bytes waiting in its outbox misses the next messages."""
 SMALL_FRAME_BYTES = 2048
@@ -120,6 +125,7 @@ ACTIVE, ENDED, LEFT_EARLY, GONE = "active", "ended", "left", "gone"
 _pack_header = HEADER.pack
 _END = end_of_stream_frame()
 _DONTWAIT = socket.MSG_DONTWAIT
+_monotonic = time.monotonic
 
 
 def check_broadcast_limit(endpoint: Producer | Consumer) -> None:
@@ -331,6 +337,13 @@ class StreamBroadcastProducer(Producer):
         """The last subscriber that held each slot (the finished ones too)."""
         self._started = False
         self._ending = False
+        self._burst = bytearray()
+        """Small messages sent back to back, not written yet (they count as sent): one write per subscriber."""
+        self._burst_count = 0
+        self._last_send = 0.0
+        """When the last coalesced send began, or the last other send (monotonic seconds)."""
+        self._watched = False
+        """True while the flusher thread holds this producer in its list."""
         try:
             take_message_limit(self)
             check_broadcast_limit(self)
@@ -338,6 +351,8 @@ class StreamBroadcastProducer(Producer):
             """How many subscribers the first send waits for (and the most it takes at once)."""
             self.slow = str(self.settings["slow"])
             """wait or drop."""
+            if not self.settings["coalesce"]:
+                self._burst_start = 0.0
             self._slots = _Slots(self.subscribers)
             self._epoll = select.epoll()
             self._listener = self._listen()
@@ -376,6 +391,8 @@ class StreamBroadcastProducer(Producer):
         return self._acceptor.rejected if self._acceptor is not None else self._rejected_at_close
 
     _rejected_at_close = 0
+    _burst_start = BURST_START_SECONDS
+    """BURST_START_SECONDS, or 0 with coalesce=false (every send writes at once)."""
 
     # --- sending ----------------------------------------------------------------
 
@@ -388,31 +405,79 @@ class StreamBroadcastProducer(Producer):
         if not live:
             raise PeerGone(f"every subscriber of {self._what} is gone (died or closed)")
         nbytes = len(view)
+        now = _monotonic()
+        burst = self._burst
+        if (
+            nbytes <= COALESCE_SIZE
+            and now - self._last_send < (BURST_HOLD_SECONDS if burst else self._burst_start)
+            and len(burst) < OUTBOX_BYTES
+        ):
+            self._last_send = now
+            burst += _pack_header(nbytes)
+            burst += view
+            self._burst_count += 1
+            if len(burst) >= OUTBOX_BYTES:
+                self._emit_burst()  # slow=wait with a subscriber behind: it stays, and the next send waits
+            if burst and not self._watched:
+                self._watch()
+            return True
+        if burst and not self._emit_burst():
+            return False
+        self._last_send = now
         if nbytes <= SMALL_FRAME_BYTES:
             pieces: list[Any] = [_pack_header(nbytes) + view]
         else:
             pieces = [_pack_header(nbytes), view]
         size = nbytes + HEADER_SIZE
+        return self._to_everyone(pieces, size, 1)
+
+    def _send(self, view: memoryview, deadline: float | None) -> None:
+        """Producer._send, but a message that joined the burst leaves it to the flusher (or the next call)."""
+        try_send = self._try_send
+        while not try_send(view):
+            self._await_readiness(deadline)
+        if not self._burst and not self._try_flush():
+            self._finish_sending(deadline)
+
+    def _to_everyone(self, pieces: list[Any], size: int, count: int) -> bool:
+        """Write `count` messages (`pieces`, `size` bytes) to every live subscriber as the slow= policy says.
+
+        slow=wait: False, writing nothing, while a subscriber has bytes pending. slow=drop: always
+        True; a subscriber with more than DROP_OUTBOX_BYTES pending loses them (counted).
+        """
+        live = self._live
         if self.slow == "wait":
             for subscriber in list(live):
                 if subscriber.outbox and not self._flush(subscriber):
                     return False
             for subscriber in list(live):
-                self._deliver(subscriber, pieces, size)
+                self._deliver(subscriber, pieces, size, count)
             return True
         for subscriber in list(live):
             if subscriber.outbox and not self._flush(subscriber) and len(subscriber.outbox) > DROP_OUTBOX_BYTES:
-                subscriber.lost += 1
-                subscriber.unreported += 1
+                subscriber.lost += count
+                subscriber.unreported += count
             elif subscriber.state == ACTIVE:
-                self._deliver(subscriber, pieces, size)
+                self._deliver(subscriber, pieces, size, count)
+        return True
+
+    def _emit_burst(self) -> bool:
+        """Write the burst's messages to every subscriber (as _to_everyone); False when slow=wait must wait."""
+        burst = self._burst
+        if not self._to_everyone([burst], len(burst), self._burst_count):
+            return False
+        self._burst = bytearray()  # the old one may wait in an outbox's place: not cleared, replaced
+        self._burst_count = 0
         return True
 
     def _try_flush(self) -> bool:
-        """Write every subscriber's outbox without blocking; True when none holds bytes (slow=drop: always True).
+        """Write the burst and every subscriber's outbox without blocking; True when none holds bytes.
 
-        slow=drop never waits for a slow subscriber: its outbox goes out at the next send, flush or close.
+        slow=drop never waits for a slow subscriber (True once the burst is out): its outbox goes out
+        at the next send, flush or close, or by the flusher thread.
         """
+        if self._burst and not self._emit_burst():
+            return False
         pending = False
         for subscriber in list(self._live):
             if subscriber.outbox and not self._flush(subscriber):
@@ -443,9 +508,9 @@ class StreamBroadcastProducer(Producer):
             self._live.append(subscriber)
             self._by_slot[subscriber.slot] = subscriber
 
-    def _deliver(self, subscriber: _Subscriber, pieces: list[Any], size: int) -> None:
-        """Write one frame to a subscriber (after its loss notice, if any); what its socket does not take waits."""
-        subscriber.delivered += 1
+    def _deliver(self, subscriber: _Subscriber, pieces: list[Any], size: int, count: int) -> None:
+        """Write `count` frames to a subscriber (after its loss notice, if any); what its socket does not take waits."""
+        subscriber.delivered += count
         if subscriber.unreported:
             pieces = [loss_notice(subscriber.unreported), *pieces]
             size += len(pieces[0])
@@ -469,6 +534,8 @@ class StreamBroadcastProducer(Producer):
         if sent != size:
             for piece in _skip(pieces, sent):
                 outbox += piece
+            if not self._watched:
+                self._watch()
 
     def _flush(self, subscriber: _Subscriber) -> bool:
         """Write what the subscriber's outbox holds, without blocking; True when nothing is pending for it."""
@@ -481,11 +548,7 @@ class StreamBroadcastProducer(Producer):
             self._lose(subscriber, exc)
             return True
         del outbox[:sent]
-        if outbox:
-            return False
-        if subscriber.events and not self._ending:
-            self._watch(subscriber, 0)
-        return True
+        return not outbox  # its epoll registration stays until the next wait: a waiter may be polling it
 
     def _lose(self, subscriber: _Subscriber, error: OSError | None, state: str = GONE) -> None:
         """A subscriber's connection broke (or it answered what it must not): leave it out; the others go on."""
@@ -500,13 +563,13 @@ class StreamBroadcastProducer(Producer):
 
     def _forget(self, subscriber: _Subscriber) -> None:
         if subscriber.events:
-            self._watch(subscriber, 0)
+            self._poll_for(subscriber, 0)
         self._live.remove(subscriber)
         subscriber.outbox.clear()
         subscriber.connection.close()
         self._slots.release(subscriber.slot)
 
-    def _watch(self, subscriber: _Subscriber, events: int) -> None:
+    def _poll_for(self, subscriber: _Subscriber, events: int) -> None:
         """Make the epoll watch `events` on a subscriber's connection (0: not at all)."""
         epoll = self._epoll
         if epoll is None or events == subscriber.events:
@@ -521,10 +584,72 @@ class StreamBroadcastProducer(Producer):
                 epoll.modify(fd, events)
         subscriber.events = events
 
+    # --- the flusher's side ------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Hand this producer to the flusher thread, which writes the burst and outboxes out once sends pause."""
+        self._watched = True
+        UNFLUSHED.add(self)
+        flusher().wake()
+
+    def _unwatch(self) -> None:
+        self._watched = False
+        UNFLUSHED.discard(self)
+
+    def _flush_for_flusher(self) -> int:
+        """The flusher thread's attempt, under the call gate: FLUSHED, IN_USE (a call is inside) or NO_ROOM."""
+        if self._state and (self._closing or self._forked or self._freed):
+            self._unwatch()
+            return FLUSHED  # a close writes the burst out, an abort drops it
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            return FLUSHED if self._let_go_if_empty() else IN_USE
+        try:
+            if self._try_flush() and not any(subscriber.outbox for subscriber in self._live):
+                self._unwatch()
+                return FLUSHED
+            if self.slow == "drop" and not self._burst and self._flusher_fd() < 0:
+                self._unwatch()
+                return FLUSHED
+            return NO_ROOM
+        except PodIPCError:
+            self._unwatch()  # the next call meets the same error and raises it
+            return FLUSHED
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+
+    def _let_go_if_empty(self) -> bool:
+        """Without the gate (a call is inside): stop watching when nothing is pending; False when the burst holds some.
+
+        As podipc.stream_producer's: every call that leaves bytes behind looks at `_watched`
+        afterwards and hands the producer over again when it is False.
+        """
+        self._watched = False
+        if self._burst or any(subscriber.outbox for subscriber in list(self._live)):
+            self._watched = True
+            return False
+        UNFLUSHED.discard(self)
+        if self._watched:  # a call inside watched it again in between
+            UNFLUSHED.add(self)
+        return True
+
+    def _flusher_fd(self) -> int:
+        """A subscriber connection with bytes pending, for the flusher to wait on for room (-1: none)."""
+        for subscriber in list(self._live):
+            if subscriber.outbox:
+                return subscriber.connection.fileno()
+        return -1
+
     # --- ending -------------------------------------------------------------------
 
     def _try_close(self) -> bool:
         if not self._started and not self._try_start():
+            return False
+        if self._burst and not self._emit_burst():
             return False
         if not self._ending:
             self._adopt()  # a newcomer takes the end too
@@ -568,9 +693,13 @@ class StreamBroadcastProducer(Producer):
         epoll = self._epoll
         if epoll is None:
             return -1, 0, None
+        pending = False
         for subscriber in self._live:
             wanted = select.EPOLLOUT if subscriber.outbox else (select.EPOLLIN if self._ending else 0)
-            self._watch(subscriber, wanted)
+            self._poll_for(subscriber, wanted)
+            pending = pending or bool(wanted)
+        if self._started and not pending:
+            return epoll.fileno(), POLLIN, 0.0  # drained since the attempt (the flusher thread): try again now
         return epoll.fileno(), POLLIN, None
 
     def _peer_timeout(self) -> PeerTimeout:
@@ -581,6 +710,8 @@ class StreamBroadcastProducer(Producer):
         )
 
     def _free(self) -> None:
+        self._unwatch()
+        self._burst = bytearray()
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.stop()
@@ -601,6 +732,7 @@ class StreamBroadcastProducer(Producer):
             self._remove_listener_traces()
 
     def _drop_inherited(self) -> None:
+        self._watched = False
         acceptor, self._acceptor = self._acceptor, None
         if acceptor is not None:
             acceptor.drop_inherited()
@@ -730,6 +862,8 @@ class StreamBroadcastSubscriber(Consumer):
 
     def _recv(self, deadline: float | None) -> bytes:
         sock = self._socket
+        if UNFLUSHED:
+            flush_pending()  # what this process's producers sent may be what we are waiting for
         if deadline is None and self._phase == _READY and sock is not None:
             message = self._next(sock)  # a blocking read, woken by _interrupt() when closed from elsewhere
             assert message is not None
