@@ -113,6 +113,8 @@ from podipc.waking import POLLIN, POLLOUT, wait_for
 
 BURST_START_SECONDS = 20e-6
 """A small send beginning sooner than this after the previous send began starts a burst (a tight loop's pace)."""
+WAIT_OUTBOX_BYTES = 256 * 1024
+"""slow=wait: a send waits while a subscriber has more than this many bytes pending in its outbox."""
 DROP_OUTBOX_BYTES = 1024 * 1024
 """slow=drop: a subscriber with more than this many bytes waiting in its outbox misses the next messages."""
 SMALL_FRAME_BYTES = 2048
@@ -432,24 +434,31 @@ class StreamBroadcastProducer(Producer):
         return self._to_everyone(pieces, size, 1)
 
     def _send(self, view: memoryview, deadline: float | None) -> None:
-        """Producer._send, but a message that joined the burst leaves it to the flusher (or the next call)."""
+        """Producer._send, but what the message left pending (a burst, an outbox's tail) is the flusher thread's.
+
+        A send returns once its message is accepted: a subscriber that is behind (slow=wait, up to
+        WAIT_OUTBOX_BYTES pending) delays the next send, never this one.
+        """
         try_send = self._try_send
         while not try_send(view):
             self._await_readiness(deadline)
-        if not self._burst and not self._try_flush():
-            self._finish_sending(deadline)
+        if (self._burst or not self._try_flush()) and not self._watched:
+            self._watch()
 
     def _to_everyone(self, pieces: list[Any], size: int, count: int) -> bool:
         """Write `count` messages (`pieces`, `size` bytes) to every live subscriber as the slow= policy says.
 
-        slow=wait: False, writing nothing, while a subscriber has bytes pending. slow=drop: always
+        slow=wait: False, writing nothing, while a subscriber has more than WAIT_OUTBOX_BYTES pending. slow=drop: always
         True; a subscriber with more than DROP_OUTBOX_BYTES pending loses them (counted).
         """
         live = self._live
         if self.slow == "wait":
-            for subscriber in list(live):
-                if subscriber.outbox and not self._flush(subscriber):
-                    return False
+            behind = False
+            for subscriber in list(live):  # every one, so none is left with room and bytes pending
+                if subscriber.outbox and not self._flush(subscriber) and len(subscriber.outbox) > WAIT_OUTBOX_BYTES:
+                    behind = True
+            if behind:
+                return False
             for subscriber in list(live):
                 self._deliver(subscriber, pieces, size, count)
             return True
