@@ -113,6 +113,9 @@ from podipc.waking import POLLIN, POLLOUT, wait_for
 
 BURST_START_SECONDS = 20e-6
 """A small send beginning sooner than this after the previous send began starts a burst (a tight loop's pace)."""
+SEND_BUFFER_BYTES = 4 * 1024 * 1024
+"""SO_SNDBUF asked for each subscriber's connection (the kernel caps it at net.core.wmem_max): the kernel,
+not this process, then moves large messages while the producer serves the other subscribers."""
 WAIT_OUTBOX_BYTES = 256 * 1024
 """slow=wait: a send waits while a subscriber has more than this many bytes pending in its outbox."""
 DROP_OUTBOX_BYTES = 1024 * 1024
@@ -265,6 +268,8 @@ class _BroadcastAcceptor(_Acceptor):
             return
         try:
             self.configure(connection)
+            with contextlib.suppress(OSError):  # the kernel caps it at net.core.wmem_max
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         except OSError as exc:
             self.slots.release(slot)
             self._reject(connection, BROADCAST_HELLO, exc)
