@@ -18,30 +18,38 @@ Who does what
     first receive connects, retrying until `wait`. A dead subscriber's slot goes to a
     newcomer, which joins at the next message.
 Sending
-    Each message is one frame, written to every live subscriber's connection (the frame is
-    built once; one write per subscriber). What a subscriber's socket does not take now waits
-    in its outbox, written first at the next send or close.
-    slow=wait: a send goes out only when no subscriber has anything pending, else it waits
-    for room (then: Timeout at its deadline, and nothing of that message went to anyone;
-    nothing is ever lost). A SIGSTOPped subscriber blocks the producer.
+    Each message is one frame, built once and written to every live subscriber's connection
+    (one write per subscriber; SO_SNDBUF asked at SEND_BUFFER_BYTES). Back-to-back small
+    messages (COALESCE_SIZE, within BURST_START_SECONDS / BURST_HOLD_SECONDS of each other,
+    the `coalesce` option) join a burst of up to OUTBOX_BYTES, written once per subscriber
+    by the next other send, flush(), close() or the process's flusher thread
+    (podipc.flushing) once the sends pause; a burst counts as sent. What a subscriber's
+    socket does not take waits in its outbox, written first.
+    slow=wait: a send is accepted only while no subscriber has more than WAIT_OUTBOX_BYTES
+    pending, else it waits for room (then: Timeout at its deadline, and nothing of that
+    message went to anyone; nothing is ever lost). A SIGSTOPped subscriber stops the
+    producer once its socket buffers and that much are full.
     slow=drop: the producer never waits. A subscriber whose outbox holds more than
-    DROP_OUTBOX_BYTES does not get the message: it is counted lost for that subscriber only,
-    and before the next message it does get, a loss notice (LOSS_NOTICE, then an 8-byte
-    count) tells it how many it missed, so its `lost` is exact once it took the end.
+    DROP_OUTBOX_BYTES does not get the message (or the burst): it is counted lost for that
+    subscriber only, and before the next message it does get, a loss notice (LOSS_NOTICE,
+    then an 8-byte count) tells it how many it missed, so its `lost` is exact once it took
+    the end. Unlike shm://'s ring (which keeps the newest), a stream keeps the oldest: the
+    messages missed are the newest of the time it was behind.
 End of stream
     close() writes the pending loss notices and the end marker to every subscriber and
     waits (up to `wait`, or its timeout) until each live one answered ACK ("delivered"). A
     subscriber that dies (its connection breaks) is left out and reported "gone"; one that
     closed early says LEFT first and is reported "left". When every subscriber is gone, send
-    raises PeerGone. `subscriber_reports()` gives, per subscriber, its slot, state, the
-    messages written to it (all taken once it "ended") and the messages dropped for it.
+    raises PeerGone. `subscriber_reports()` gives, per slot (its last holder, as shm://'s),
+    the state, the messages written to it (all taken once it "ended") and those dropped for it.
 Threads, close from anywhere, readiness
     The endpoint contract of podipc.endpoint: the producer waits on one epoll descriptor
     holding the acceptor's eventfd and, while it waits, the connections it waits on; the
     subscriber on its connection (a blocking read without a timeout, woken by close from
     elsewhere with shutdown(SHUT_RD), as podipc.stream's consumer).
-Cost: one write per subscriber per message (no coalescing of small messages, unlike a pair
-producer); the subscriber cuts every frame of a read at once (podipc.framing).
+Cost: measured in the bench cells broadcast-unix-N (podipc.bench.patterns; README, "Broadcast
+over unix:// and tcp://"): the producer's work grows with N (one write of each burst or large
+message per subscriber), the subscriber's is a pair consumer's.
 """
 
 from __future__ import annotations
