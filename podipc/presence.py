@@ -729,8 +729,9 @@ class _PeerMonitor:
         self._reset()
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
-        """Guards _watches and _thread."""
+        self._lock = threading.RLock()
+        """Guards _watches and _thread. Re-entrant: whatever allocates under it may run a garbage collection, which
+        may finalize an endpoint nobody closed, whose presence then leaves (remove) on this same thread."""
         self._dispatch = threading.Lock()
         """Held while a watch is probed and its callback runs, so unwatch() can wait for it."""
         self._watches: list[_Watch] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from podipc import presence as presence_module
 from podipc.errors import ChannelUnavailable, PeerGone, PeerTimeout
 from podipc.presence import (
     MONITOR_THREAD_NAME,
@@ -502,3 +504,39 @@ def watch_then_fork(directory: str) -> None:
     consumer.close()
     producer.close()
     assert wait_for(lambda: not monitor_running() and not monitor_threads(), 2)
+
+
+def test_an_unclosed_watcher_finalized_by_a_collection_under_the_monitors_lock_leaves_without_a_hang(
+    tmp_path: Path,
+) -> None:
+    in_a_fresh_process(lambda: finalize_a_watcher_under_the_monitors_lock(str(tmp_path)))
+
+
+def finalize_a_watcher_under_the_monitors_lock(directory: str) -> None:
+    """The monitor allocates under its lock (the copy of its list, a thread): any allocation may run a collection,
+    which may finalize an endpoint nobody closed, whose presence then unwatches on this same thread."""
+    producer = Presence("token", "producer", directory=directory)
+    consumer = Presence("token", "consumer", directory=directory)
+    consumer.watch(lambda: None)
+
+    class Forgotten:
+        """An endpoint dropped without close(), in a reference cycle: only a collection finalizes it."""
+
+        def __init__(self) -> None:
+            self.cycle = self
+
+        def __del__(self) -> None:
+            consumer.unwatch()
+
+    done = threading.Event()
+
+    def collect_under_the_lock() -> None:
+        Forgotten()
+        with presence_module._MONITOR._lock:
+            gc.collect()
+        done.set()
+
+    threading.Thread(target=collect_under_the_lock, daemon=True).start()
+    assert done.wait(5), "the unwatch of a finalized endpoint hung on the monitor's lock"
+    consumer.close()
+    producer.close()
