@@ -59,8 +59,19 @@ class ServerProcess:
         return dict(json.loads(out.strip().splitlines()[-1]))
 
     def kill(self) -> None:
+        """SIGKILL (what a test of a dying server does)."""
         if self.process.poll() is None:
             self.process.kill()
+        self.process.wait(timeout=10)
+
+    def finish(self) -> None:
+        """After a test: SIGTERM, so the server removes what it made (shm:// rings), then SIGKILL if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
         self.process.wait(timeout=10)
 
 
@@ -72,7 +83,7 @@ def serving(request: pytest.FixtureRequest) -> Iterator[tuple[str, ServerProcess
     try:
         yield url, server
     finally:
-        server.kill()
+        server.finish()
 
 
 @pytest.fixture(params=["unix-abstract", "shm"])
@@ -83,7 +94,7 @@ def serving_any(request: pytest.FixtureRequest) -> Iterator[tuple[str, ServerPro
     try:
         yield url, server
     finally:
-        server.kill()
+        server.finish()
 
 
 def in_thread(function: object, *args: object) -> tuple[threading.Thread, list[object]]:
@@ -126,7 +137,7 @@ def test_four_threads_share_one_client_and_every_reply_matches_its_request(schem
         assert counts["calls"] == counts["replied"] == 2000
         assert counts["clients"] == 1
     finally:
-        server.kill()
+        server.finish()
 
 
 def test_a_call_past_its_deadline_raises_timeout_while_the_others_in_flight_succeed(
@@ -188,7 +199,7 @@ def test_every_call_in_flight_gets_peer_gone_within_2_s_when_the_server_is_kille
             assert client.call(b"and again", timeout=5) == b"and again"
             assert client.connections == 2
         finally:
-            restarted.kill()
+            restarted.finish()
 
 
 def test_close_from_another_thread_wakes_a_blocked_call_with_channel_closed(
