@@ -32,8 +32,11 @@ from .harness import CONTEXT, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-FANIN_SCHEMES = ("unix", "unix-abstract", "tcp", "mq", "sysvmq")
+ZMQ_SCHEMES = ("zmq+ipc", "zmq+tcp")
+FANIN_SCHEMES = ("unix", "unix-abstract", "tcp", "mq", "sysvmq", *ZMQ_SCHEMES)
 QUEUE_SCHEMES = ("mq", "sysvmq")
+SLOT_SCHEMES = (*QUEUE_SCHEMES, *ZMQ_SCHEMES)
+"""The fan-ins whose producers claim presence slots (podipc.queue_fanin, podipc.transports.zmq.fanin)."""
 INDEX = struct.Struct(">Q")
 BODY = bytes(range(56))
 """With the index: 64-byte messages."""
@@ -114,7 +117,7 @@ def endless(url: str, name: str, sent: Any) -> None:
             time.sleep(0.001)
 
 
-@pytest.mark.parametrize("scheme", ["unix", "tcp", *QUEUE_SCHEMES])
+@pytest.mark.parametrize("scheme", ["unix", "tcp", *SLOT_SCHEMES])
 def test_a_killed_producer_is_reported_alone_and_the_others_complete(scheme: str) -> None:
     url = url_for(scheme)
     results = CONTEXT.Queue()
@@ -226,7 +229,7 @@ def test_a_pair_producer_at_a_fanin_consumer_is_told_so(scheme: str) -> None:
             consumer.recv(timeout=5)
 
 
-@pytest.mark.parametrize("scheme", ["unix", *QUEUE_SCHEMES])
+@pytest.mark.parametrize("scheme", ["unix", *SLOT_SCHEMES])
 @pytest.mark.parametrize("attached", [False, True], ids=["no-producer", "idle-producer"])
 def test_close_from_another_thread_wakes_a_blocked_recv_within_100_ms(scheme: str, attached: bool) -> None:
     url = url_for(scheme)
@@ -368,7 +371,7 @@ def test_a_plain_socket_producer_speaking_the_documented_wire_and_one_sending_ga
         garbage.close()
 
 
-@pytest.mark.parametrize("scheme", ["tcp", *QUEUE_SCHEMES])
+@pytest.mark.parametrize("scheme", ["tcp", *SLOT_SCHEMES])
 def test_threads_sharing_a_fanin_consumer_get_every_message_once(scheme: str) -> None:
     url = url_for(scheme)
     results = CONTEXT.Queue()
@@ -403,7 +406,7 @@ def test_threads_sharing_a_fanin_consumer_get_every_message_once(scheme: str) ->
             assert indexes == sorted(indexes)
 
 
-@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+@pytest.mark.parametrize("scheme", SLOT_SCHEMES)
 def test_a_queue_refuses_a_second_live_producer_with_the_same_name_until_the_first_leaves(scheme: str) -> None:
     url = url_for(scheme)
     with podipc.consumer(url, pattern="fanin", wait=10) as consumer:
@@ -430,7 +433,7 @@ def test_a_queue_refuses_a_second_live_producer_with_the_same_name_until_the_fir
         ]
 
 
-@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+@pytest.mark.parametrize("scheme", SLOT_SCHEMES)
 def test_a_queue_tells_pair_and_fanin_sides_apart(scheme: str) -> None:
     url = url_for(scheme)
     with podipc.consumer(url, wait=10) as consumer:
@@ -452,7 +455,7 @@ def test_a_queue_tells_pair_and_fanin_sides_apart(scheme: str) -> None:
             consumer.recv(timeout=0.2)
 
 
-@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+@pytest.mark.parametrize("scheme", SLOT_SCHEMES)
 def test_cli_consume_with_producers_2_over_a_queue_reports_each_producer_as_it_sent(scheme: str) -> None:
     url = url_for(scheme)
     consumer = subprocess.Popen([*PODIPC, "consume", url, "--producers", "2"], stdout=subprocess.PIPE, text=True)

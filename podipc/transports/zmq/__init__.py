@@ -8,6 +8,7 @@ transport is "unavailable here: pip install 'podipc[zmq]'", never an ImportError
 from __future__ import annotations
 
 from podipc.options import Option, parse_count, parse_size
+from podipc.stream import NAME_OPTION, PATTERN_OPTION, PRODUCERS_OPTION
 from podipc.transport import (
     PATH_OBJECT,
     AddressForm,
@@ -26,6 +27,9 @@ LIMIT_FIX = "raise it on both sides, e.g. ?max_message_size=256MiB"
 OPTIONS = (
     Option("hwm", parse_count, DEFAULT_HIGH_WATER_MARK, "messages queued per direction before send blocks"),
     Option("max_message_size", parse_size, DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes (ZMQ_MAXMSGSIZE)"),
+    PATTERN_OPTION,
+    PRODUCERS_OPTION,
+    NAME_OPTION,
 )
 
 
@@ -49,6 +53,8 @@ TRANSPORT = Transport(
     schemes={"zmq+tcp": AddressForm.HOST_PORT, "zmq+ipc": AddressForm.SOCKET_PATH},
     producer="podipc.transports.zmq.endpoints:ZMQProducer",
     consumer="podipc.transports.zmq.endpoints:ZMQConsumer",
+    fanin_consumer="podipc.transports.zmq.fanin:ZMQFanInConsumer",
+    fanin_producer="podipc.transports.zmq.fanin:ZMQFanInProducer",
     examples=(
         Example("zmq+tcp://127.0.0.1:7002", "ZeroMQ (pyzmq) over TCP"),
         Example("zmq+ipc:///shared/zmq.sock", "ZeroMQ (pyzmq) over a socket file on an emptyDir"),
