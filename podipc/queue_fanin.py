@@ -144,8 +144,9 @@ def claim_producer_slot(
     return presence, free
 
 
-def holder_identity(token: str, trust: Trust, slot: int, claim: str) -> tuple[Identity, str] | None:
-    """The identity and declared name of producer slot `slot`'s file when its live holder declares `claim`, else None."""
+def holder_identity(token: str, trust: Trust, slot: int, claim: str) -> tuple[Identity, str, bool] | None:
+    """Producer slot `slot`'s file when it declares `claim` (else None): its identity, declared name, and whether its
+    holder lives (a dead holder's file stays until the slot is claimed again)."""
     path = producer_slot_path(token, slot)
     try:
         fd = open_presence(path, trust)
@@ -157,11 +158,12 @@ def holder_identity(token: str, trust: Trust, slot: int, claim: str) -> tuple[Id
         status = os.fstat(fd)
         record = os.pread(fd, RECORD_LIMIT_BYTES, 0)
         lines = record.decode("utf-8", "replace").splitlines()
-        if lock_state(fd) is not PeerState.ALIVE or f"{DECLARATION} {CLAIM_WORD} {claim}" not in lines:
+        if f"{DECLARATION} {CLAIM_WORD} {claim}" not in lines:
             return None
         name_prefix = f"{DECLARATION} {NAME_WORD} "
         name = next((line[len(name_prefix) :] for line in lines if line.startswith(name_prefix)), "")
-        return (status.st_dev, status.st_ino, record.partition(b"\n")[0]), name
+        alive = lock_state(fd) is PeerState.ALIVE
+        return (status.st_dev, status.st_ino, record.partition(b"\n")[0]), name, alive
     finally:
         os.close(fd)
 
@@ -560,7 +562,7 @@ class QueueFanInConsumer(QueueConsumer):
         """The identity of slot `slot`'s file when its live holder declares `claim`; None when it does not."""
         assert self._presence is not None
         held = holder_identity(self.address.token, self._presence.trust, slot, claim)
-        return None if held is None else held[0]
+        return None if held is None or not held[2] else held[0]
 
     def _finish(self, sender: SlotSender, error: str | None) -> None:
         """A producer ended its stream (error None: acknowledge it) or died (error: why); the others go on."""

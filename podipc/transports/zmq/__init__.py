@@ -1,7 +1,8 @@
-"""zmq+tcp:// and zmq+ipc:// - ZeroMQ PAIR sockets: the descriptor, importable without pyzmq.
+"""zmq+tcp:// and zmq+ipc:// - ZeroMQ PAIR sockets (fan-in: ROUTER and DEALER): the descriptor, importable without pyzmq.
 
-The endpoints, their semantics and wire protocol are in podipc.transports.zmq.endpoints,
-which imports pyzmq and is loaded only when a zmq channel is opened. Without pyzmq the
+The endpoints, their semantics and wire protocol are in podipc.transports.zmq.endpoints (a pair)
+and podipc.transports.zmq.fanin (pattern=fanin), which import pyzmq and are loaded only when a
+zmq channel is opened. Without pyzmq the
 transport is "unavailable here: pip install 'podipc[zmq]'", never an ImportError.
 """
 

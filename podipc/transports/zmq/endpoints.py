@@ -6,7 +6,9 @@ Address:
     options: wait=SECONDS (peer rendezvous, default 30; none/inf: forever),
              mode=0600 (socket and presence files; 0660 shares a group),
              hwm=MESSAGES (send/receive high-water mark, default 1000),
-             max_message_size=BYTES (default 64MiB; the consumer sets ZMQ_MAXMSGSIZE to it)
+             max_message_size=BYTES (default 64MiB; the consumer sets ZMQ_MAXMSGSIZE to it),
+             pattern=pair|fanin, producers=N, name=NAME (fan-in: many named producers into one
+             consumer, ROUTER and DEALER sockets: podipc.transports.zmq.fanin)
 
 Requires:
     pyzmq (`pip install 'podipc[zmq]'`), libzmq >= 4.1 with ipc support for zmq+ipc://.

@@ -48,7 +48,7 @@ from podipc.errors import AddressError, ChannelClosed, EndOfStream, PodIPCError
 from podipc.fanin import DIED, ENDED, ProducerSummary
 from podipc.options import deadline_after
 from podipc.ownership import Trust
-from podipc.presence import Presence
+from podipc.presence import Presence, remove_if_gone
 from podipc.queue import FANIN_WORD
 from podipc.queue_fanin import (
     MAX_PRODUCERS,
@@ -57,6 +57,7 @@ from podipc.queue_fanin import (
     SlotSender,
     claim_producer_slot,
     holder_identity,
+    producer_slot_path,
 )
 from podipc.stream_producer import default_producer_name
 from podipc.transports.zmq.endpoints import (
@@ -296,7 +297,11 @@ class ZMQFanInConsumer(ZMQConsumer):
         self.skipped += 1
 
     def _attach_sender(self, identity: bytes, fd: int) -> bool:
-        """Attach the producer of routing id `identity` if its slot's live file declares its claim; False if not."""
+        """Attach the producer of routing id `identity` if its slot's file declares its claim; False if not.
+
+        A producer dead already (its file left, unlocked) is attached too, and reported died after
+        what it sent (a forger cannot know its claim either).
+        """
         parsed = parse_routing_id(identity)
         if parsed is None:
             return False
@@ -304,12 +309,13 @@ class ZMQFanInConsumer(ZMQConsumer):
         held = holder_identity(self.address.token, self._presence.trust, slot, claim)
         if held is None:
             return False
-        self._take_disconnects()  # a reused descriptor's earlier disconnect is not this connection's
-        self._disconnected.discard(fd)
+        file_identity, name, alive = held
+        if alive:
+            self._take_disconnects()  # a reused descriptor's earlier disconnect is not this live connection's
+            self._disconnected.discard(fd)
         previous = self._by_slot.get(slot)
         if previous is not None:
             self._finish(previous, f"PeerGone: producer {previous.name!r} died (a new producer took its slot {slot})")
-        file_identity, name = held
         sender = _Sender(name, slot, claim, identity, fd)
         self._senders.append(sender)
         self._by_slot[slot] = sender
@@ -317,7 +323,10 @@ class ZMQFanInConsumer(ZMQConsumer):
         self._peer_seen = True
         tracker = self._tracker
         assert tracker is not None
-        tracker.watched = {**tracker.watched, slot: (file_identity, claim)}
+        if alive:
+            tracker.watched = {**tracker.watched, slot: (file_identity, claim)}
+        else:
+            self._dying.append((slot, claim))
         return True
 
     def _control_of(self, sender: _Sender) -> None:
@@ -344,6 +353,7 @@ class ZMQFanInConsumer(ZMQConsumer):
         else:
             sender.ended = DIED
             sender.error = error
+            remove_if_gone(producer_slot_path(self.address.token, sender.slot), self._presence.trust)
 
     def _take_disconnects(self) -> None:
         """Take the ROUTER socket monitor's disconnect events: the descriptors of closed connections."""
