@@ -162,6 +162,9 @@ class ZMQFanInConsumer(ZMQConsumer):
         """Descriptors of connections the ROUTER's socket monitor reported closed."""
         self._disconnects: zmq.Socket[bytes] | None = None
         self._tracker: SendersTracker | None = None
+        self._taken: tuple[_Sender | None, bytes] | None = None
+        """What a hot path took and left for _try_recv: (sender, its payload frame b"podipc"), or (None,
+        routing id) of a producer not attached (the rest of its message is next); no hot path runs meanwhile."""
         super().__init__(address, settings)
         self._recv_frame = self._sock.recv
         self._more = self._sock.get
@@ -226,10 +229,32 @@ class ZMQFanInConsumer(ZMQConsumer):
         except IndexError:
             self._enter(timeout)
         try:
-            data = self._take_state() if self._state else self._try_recv()
-            if data is None:
-                data = Consumer._recv(self, None if timeout is None else deadline_after(timeout))
-            return self.last_sender or "", data
+            if not self._state and self._taken is None:
+                try:  # the hot path of _try_recv, inline (see recv)
+                    identity = self._recv_frame()
+                    sender = self._by_id.get(identity)
+                    if sender is not None:
+                        data = self._recv_frame()
+                        if data != CONTROL_PREFIX:
+                            pending = sender.pending
+                            pending.append(data)
+                            if len(pending) >= SETTLE_EVERY:
+                                sender.settle()
+                            self._last = sender
+                            return sender.name, data
+                        self._taken = (sender, data)
+                    else:
+                        self._taken = (None, identity)
+                except zmq.Again:
+                    pass
+                except zmq.ZMQError as exc:
+                    raise _translate(exc, self._what) from exc
+                message = self._try_recv()
+            else:
+                message = self._take_state()
+            if message is None:
+                message = Consumer._recv(self, None if timeout is None else deadline_after(timeout))
+            return self.last_sender or "", message
         except EndOfStream:
             self._ended = True
             raise
@@ -242,8 +267,43 @@ class ZMQFanInConsumer(ZMQConsumer):
             if self._state:
                 self._after_call()
 
+    @holds_call_gate
     def recv(self, timeout: float | None = None) -> bytes:
-        """Receive the next message of any producer; `timeout` and what it raises as Consumer.recv."""
+        """Receive the next message of any producer; `timeout` and what it raises as Consumer.recv.
+
+        recv_from() with its hot path repeated: a call less costs 0.1 us of the ~0.5 us a message costs.
+        """
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            delegated = True
+            return self.recv_from(timeout)[1]
+        try:
+            if not self._state and self._taken is None:
+                identity = self._recv_frame()
+                sender = self._by_id.get(identity)
+                if sender is not None:
+                    data = self._recv_frame()
+                    if data != CONTROL_PREFIX:
+                        pending = sender.pending
+                        pending.append(data)
+                        if len(pending) >= SETTLE_EVERY:
+                            sender.settle()
+                        self._last = sender
+                        return data
+                    self._taken = (sender, data)
+                else:
+                    self._taken = (None, identity)
+        except zmq.Again:
+            pass
+        except zmq.ZMQError as exc:
+            raise _translate(exc, self._what) from exc
+        finally:
+            token.append(None)
+            if self._state:
+                self._after_call()
+        delegated = True  # noqa: F841 - read from the frame by _inside_call_here
         return self.recv_from(timeout)[1]
 
     def _recv(self, deadline: float | None) -> bytes:
@@ -253,13 +313,20 @@ class ZMQFanInConsumer(ZMQConsumer):
         recv_frame = self._recv_frame
         by_id = self._by_id
         try:
+            taken, self._taken = self._taken, None
             while True:
-                identity = recv_frame()  # RCVTIMEO 0: never blocks
-                sender = by_id.get(identity)
-                if sender is None:
-                    self._unknown(identity)
-                    continue
-                data = recv_frame()  # the rest of a message is there with its first frame
+                if taken is None:
+                    identity = recv_frame()  # RCVTIMEO 0: never blocks
+                    sender = by_id.get(identity)
+                    if sender is None:
+                        self._unknown(identity)
+                        continue
+                    data = recv_frame()  # the rest of a message is there with its first frame
+                else:
+                    (sender, data), taken = taken, None
+                    if sender is None:  # the routing id (data) of a producer not attached: its frames are next
+                        self._unknown(data)
+                        continue
                 if data == CONTROL_PREFIX and self._more(_RCVMORE):
                     self._control_of(sender)
                     continue
