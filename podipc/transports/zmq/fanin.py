@@ -26,9 +26,14 @@ the connection; libzmq has queued all of a connection's messages before it repor
 disconnect) and (2) a receive found nothing queued: everything it sent was handed out first.
 
 Cost: a data message is two frames at the consumer (routing id, payload), each taken with one
-recv (RCVTIMEO 0, no flags), then one dict lookup and a comparison with b"podipc"; payloads
-are counted and hashed per sender every SETTLE_EVERY messages. The more-flag is asked only of a
-frame equal to b"podipc" and of messages from unknown routing ids (see RECEIVING_FRAMES).
+recv (RCVTIMEO 0, no flags), then one dict lookup and a comparison with b"podipc", inline in
+recv() and recv_from(); payloads are counted and hashed per sender every SETTLE_EVERY messages.
+The more-flag is asked only of a frame equal to b"podipc" and of messages from unknown routing
+ids (see RECEIVING_FRAMES). Measured (pyzmq 27, libzmq 4.3.5, 64 B, messages already queued):
+recv() takes ~0.6 us of CPU, where a pair's takes ~0.3 and bare pyzmq ROUTER recv()+recv() ~0.45;
+end to end the producers' sends bound it (fanin-zmq+ipc-1 ~0.9x zmq+ipc in `podipc bench`).
+Threads: as every consumer (one call gate); `_taken` carries what a hot path took over to the
+checked path (`_try_recv`), and no hot path runs until it is handled.
 """
 
 from __future__ import annotations
