@@ -187,9 +187,23 @@ class ZMQFanInConsumer(ZMQConsumer):
 
     def _watch_peers(self) -> None:
         presence = self._presence
-        self._disconnects = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._disconnects = self._disconnect_monitor()
         self._tracker = SendersTracker(presence, self.address.token, self._died, self._nothing)
         presence.watch(self._nothing, self._tracker)
+
+    def _disconnect_monitor(self) -> zmq.Socket[bytes]:
+        """The ROUTER's socket monitor (EVENT_DISCONNECTED), unbounded: libzmq drops events a full monitor refuses."""
+        address = f"inproc://podipc-fanin-monitor-{secrets.token_hex(8)}"
+        self._sock.monitor(address, zmq.EVENT_DISCONNECTED)
+        monitor = self._context.socket(zmq.PAIR)
+        try:
+            monitor.setsockopt(zmq.RCVHWM, 0)
+            monitor.setsockopt(zmq.LINGER, 0)
+            monitor.connect(address)
+        except BaseException:
+            monitor.close(linger=0)
+            raise
+        return monitor
 
     def _nothing(self) -> None:
         """Nothing: a fan-in consumer has no one peer to lose (the tracker reports each producer's death)."""
@@ -441,6 +455,7 @@ class ZMQFanInConsumer(ZMQConsumer):
 
     def _nothing_queued(self) -> None:
         """Nothing queued now: report dead producers whose connection closed; the stream ends at `producers`."""
+        self._take_disconnects()  # also keeps the monitor's queue short
         if self._dying:
             self._report_dead()
         if self._limit and self._ended_cleanly >= self._limit and not self._by_id and not self._dying:
