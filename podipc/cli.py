@@ -394,7 +394,7 @@ def drain_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[...,
     "--name",
     default=None,
     help="Join a fan-in consumer (consume --producers N) under this name, unique among its live producers "
-    "(unix://, tcp://, mq://, sysvmq://; the same as the URL option name= and PODIPC_NAME).",
+    "(unix://, tcp://, mq://, sysvmq://, zmq+ipc://, zmq+tcp://; the same as the URL option name= and PODIPC_NAME).",
 )
 @SUBSCRIBERS_OPTION
 @click.option(
@@ -551,7 +551,7 @@ def send_all(
     type=click.IntRange(0),
     default=None,
     help="Fan-in: take many named producers (produce --name) and end once this many ended their streams "
-    "(0: until stopped); the summary line lists each producer (unix://, tcp://, mq://, sysvmq://; the same as the URL "
+    "(0: until stopped); the summary line lists each producer (unix://, tcp://, mq://, sysvmq://, zmq+ipc://, zmq+tcp://; the same as the URL "
     "options pattern=fanin&producers=N, or PODIPC_PRODUCERS=N).",
 )
 @SUBSCRIBERS_OPTION

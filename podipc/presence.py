@@ -239,6 +239,7 @@ class Presence:
         handover_wait: float = 0.0,
         channel: str | None = None,
         slot: int | None = None,
+        declarations: tuple[str, ...] = (),
     ) -> None:
         """Claim this role's presence file, atomically: at most one holder per role, however many start at once.
 
@@ -254,6 +255,8 @@ class Presence:
         slot: a work queue's consumer (podipc.queue, pattern=queue) claims slot N of the role
         (`slot_path`): one holder per slot, many consumers per channel; its peer is the producer.
         A queue fan-in's producer (podipc.queue_fanin) claims a producer slot the same way; its peer is the consumer.
+        declarations: words declared (as `declare` does) in the file before it appears at its path:
+        a peer that sees the file alive sees them too.
 
         Raises ChannelUnavailable: the role is held, or its path holds something not ours.
         PeerTimeout: the handover did not happen within handover_wait.
@@ -275,7 +278,7 @@ class Presence:
             self._wait_for_handover(handover_wait)
         elif handover_wait > 0:
             remove_if_gone(self.peer_path, self.trust)  # a dead producer's file: a new consumer starts a new stream
-        self._fd = self._claim(mode, _header(channel))
+        self._fd = self._claim(mode, _header(channel, declarations))
         _live_presences.add(self)
 
     @property
@@ -549,10 +552,11 @@ class Presence:
         self._watch = None
 
 
-def _header(channel: str | None) -> bytes:
+def _header(channel: str | None, declarations: tuple[str, ...] = ()) -> bytes:
     header = f"{os.getpid()} {socket.gethostname()} {secrets.token_hex(8)}\n"
     if channel is not None and "\n" not in channel:
         header += f"{CHANNEL} {channel}\n"
+    header += "".join(f"{DECLARATION} {word}\n" for word in declarations)
     return header.encode()
 
 

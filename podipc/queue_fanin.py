@@ -110,6 +110,64 @@ def _ack_line(slot: int, claim: str) -> bytes:
     return f"{DECLARATION} {ACKED_WORD} {slot} {claim}\n".encode()
 
 
+def claim_producer_slot(
+    token: str, mode: int, trust: Trust, location: str, name: str, claim: str
+) -> tuple[Presence, int]:
+    """Claim the first producer slot no live producer holds (hold `consumers_lock`): its presence and number.
+
+    The slot declares `fanin`, `name NAME` and `claim CLAIM`. Raises NameTaken when a live
+    slot declares the name, ChannelUnavailable when all MAX_PRODUCERS slots are live.
+    """
+    name_line = f"{DECLARATION} {NAME_WORD} {name}"
+    free = 0
+    for number in range(1, MAX_PRODUCERS + 1):
+        try:
+            found = read_slot(number, producer_slot_path(token, number), trust)
+        except ChannelUnavailable:
+            continue  # another user's file at the path: not a slot of ours, nor a free one
+        if found.state is PeerState.ALIVE:
+            if name_line in found.lines:
+                raise NameTaken(
+                    f"another live producer is named {name!r} at {location}; give each producer its own name="
+                )
+        elif not free:
+            free = number
+    if not free:
+        raise ChannelUnavailable(f"{location} has {MAX_PRODUCERS} live fan-in producers, the most a channel takes")
+    presence = Presence(token, PRODUCER_ROLE, mode, channel=location, slot=free)
+    try:
+        for word in (FANIN_WORD, f"{NAME_WORD} {name}", f"{CLAIM_WORD} {claim}"):
+            presence.declare(word)
+    except BaseException:
+        presence.close()
+        raise
+    return presence, free
+
+
+def holder_identity(token: str, trust: Trust, slot: int, claim: str) -> tuple[Identity, str, bool] | None:
+    """Producer slot `slot`'s file when it declares `claim` (else None): its identity, declared name, and whether its
+    holder lives (a dead holder's file stays until the slot is claimed again)."""
+    path = producer_slot_path(token, slot)
+    try:
+        fd = open_presence(path, trust)
+    except ChannelUnavailable:
+        return None
+    if fd is None:
+        return None
+    try:
+        status = os.fstat(fd)
+        record = os.pread(fd, RECORD_LIMIT_BYTES, 0)
+        lines = record.decode("utf-8", "replace").splitlines()
+        if f"{DECLARATION} {CLAIM_WORD} {claim}" not in lines:
+            return None
+        name_prefix = f"{DECLARATION} {NAME_WORD} "
+        name = next((line[len(name_prefix) :] for line in lines if line.startswith(name_prefix)), "")
+        alive = lock_state(fd) is PeerState.ALIVE
+        return (status.st_dev, status.st_ino, record.partition(b"\n")[0]), name, alive
+    finally:
+        os.close(fd)
+
+
 class QueueFanInProducer(QueueProducer):
     """A named producer of a fan-in queue: claims a slot, tags its messages, waits for its end to be acknowledged."""
 
@@ -145,33 +203,9 @@ class QueueFanInProducer(QueueProducer):
         return presence
 
     def _claim_slot(self, token: str, mode: int, trust: Trust) -> Presence:
-        name_line = f"{DECLARATION} {NAME_WORD} {self.producer_name}"
-        free = 0
-        for number in range(1, MAX_PRODUCERS + 1):
-            try:
-                found = read_slot(number, producer_slot_path(token, number), trust)
-            except ChannelUnavailable:
-                continue  # another user's file at the path: not a slot of ours, nor a free one
-            if found.state is PeerState.ALIVE:
-                if name_line in found.lines:
-                    raise NameTaken(
-                        f"another live producer is named {self.producer_name!r} at {self.address.location}; "
-                        "give each producer its own name="
-                    )
-            elif not free:
-                free = number
-        if not free:
-            raise ChannelUnavailable(
-                f"{self.address.location} has {MAX_PRODUCERS} live fan-in producers, the most a queue takes"
-            )
-        presence = Presence(token, PRODUCER_ROLE, mode, channel=self.address.location, slot=free)
-        try:
-            for word in (FANIN_WORD, name_line[len(DECLARATION) + 1 :], f"{CLAIM_WORD} {self._claim}"):
-                presence.declare(word)
-        except BaseException:
-            presence.close()
-            raise
-        self.slot = free
+        presence, self.slot = claim_producer_slot(
+            token, mode, trust, self.address.location, self.producer_name, self._claim
+        )
         return presence
 
     def _consumers_now(self) -> tuple[PeerState, int | None]:
@@ -294,7 +328,7 @@ class SendersTracker(PeerTracker):
         return state is PeerState.ALIVE and now == identity
 
 
-class _Sender:
+class SlotSender:
     """A producer attached to a fan-in queue consumer: its slot, claim, name and counts."""
 
     __slots__ = ("bytes", "claim", "digest", "ended", "error", "messages", "name", "pending", "slot")
@@ -347,13 +381,13 @@ class QueueFanInConsumer(QueueConsumer):
             self._closed = self._freed = True  # nothing to free; no unclosed warning
             raise AddressError("adopt=true and pattern=fanin do not go together: a fan-in queue is podipc's own")
         self._limit = int(settings.get("producers") or 0)
-        self._senders: list[_Sender] = []
+        self._senders: list[SlotSender] = []
         """Every producer that attached, in order of arrival (the finished ones too)."""
-        self._by_tag: dict[int, _Sender] = {}
+        self._by_tag: dict[int, SlotSender] = {}
         """The data tag of every attached producer -> its sender: the hot path's one lookup."""
-        self._by_slot: dict[int, _Sender] = {}
+        self._by_slot: dict[int, SlotSender] = {}
         self._ended_cleanly = 0
-        self._last: _Sender | None = None
+        self._last: SlotSender | None = None
         self._deaths: list[tuple[int, str]] = []
         """Died markers to put into the queue (it was full): (slot, claim)."""
         self._deaths_lock = threading.Lock()
@@ -510,7 +544,7 @@ class QueueFanInConsumer(QueueConsumer):
         previous = self._by_slot.get(slot)
         if previous is not None:
             self._finish(previous, f"PeerGone: producer {previous.name!r} died (a new producer took its slot {slot})")
-        sender = _Sender(name, slot, claim)
+        sender = SlotSender(name, slot, claim)
         self._senders.append(sender)
         self._by_slot[slot] = sender
         self._by_tag[tag(slot, DATA)] = sender
@@ -527,24 +561,10 @@ class QueueFanInConsumer(QueueConsumer):
     def _holder_identity(self, slot: int, claim: str) -> Identity | None:
         """The identity of slot `slot`'s file when its live holder declares `claim`; None when it does not."""
         assert self._presence is not None
-        path = producer_slot_path(self.address.token, slot)
-        try:
-            fd = open_presence(path, self._presence.trust)
-        except ChannelUnavailable:
-            return None
-        if fd is None:
-            return None
-        try:
-            status = os.fstat(fd)
-            record = os.pread(fd, RECORD_LIMIT_BYTES, 0)
-            lines = record.decode("utf-8", "replace").splitlines()
-            if lock_state(fd) is not PeerState.ALIVE or f"{DECLARATION} {CLAIM_WORD} {claim}" not in lines:
-                return None
-            return status.st_dev, status.st_ino, record.partition(b"\n")[0]
-        finally:
-            os.close(fd)
+        held = holder_identity(self.address.token, self._presence.trust, slot, claim)
+        return None if held is None or not held[2] else held[0]
 
-    def _finish(self, sender: _Sender, error: str | None) -> None:
+    def _finish(self, sender: SlotSender, error: str | None) -> None:
         """A producer ended its stream (error None: acknowledge it) or died (error: why); the others go on."""
         sender.settle()
         slot = sender.slot

@@ -41,7 +41,7 @@ def _bench_list(value: str) -> list[str]:
     help="Comma-separated schemes to measure (those `podipc channels` lists) or 'all'; "
     "peer names (raw-tcp, raw-ring, iceoryx2...) may be listed too, and channels with URL options "
     "(file?sync=batch) or the aio-/batch- prefix (aio-unix); rpc-unix and rpc-tcp measure request/reply "
-    "round trips (latency cells, against raw-unix/raw-tcp); fanin-unix-, fanin-tcp-, fanin-mq-, fanin-sysvmq-1/2/4 "
+    "round trips (latency cells, against raw-unix/raw-tcp); fanin-unix-, fanin-tcp-, fanin-mq-, fanin-sysvmq-, fanin-zmq+ipc-, fanin-zmq+tcp-1/2/4 "
     "measure fan-in "
     "(throughput cells: N producer processes into one consumer, its aggregate msg/s against fanin-unix-1 or "
     "fanin-tcp-1); broadcast-shm-1/2/4 and broadcast-unix-1/2/4 measure one "

@@ -1,7 +1,8 @@
 """Bench subjects for fan-in (pattern=fanin, podipc.fanin): N producer processes into one consumer.
 
 `fanin-unix-N` (over unix://@name), `fanin-tcp-N` (over tcp://127.0.0.1:PORT), `fanin-mq-N`
-(mq:///name) and `fanin-sysvmq-N` (sysvmq://name; both podipc.queue_fanin), N = 1, 2 or 4, are
+(mq:///name), `fanin-sysvmq-N` (sysvmq://name; both podipc.queue_fanin), `fanin-zmq+ipc-N` and
+`fanin-zmq+tcp-N` (podipc.transports.zmq.fanin), N = 1, 2 or 4, are
 measured in throughput cells only. A fan-in's producers are separate processes
 (gunicorn-style workers), so the cell runs N of them: the server's sender is producer
 "bench-0", and it starts N - 1 producer processes ("bench-1" ...) when it opens, each with
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import IO
+from typing import IO, Protocol, runtime_checkable
 
 import podipc
 from podipc.bench.helpers import HELPER_READY, HelperProcess
@@ -44,16 +45,31 @@ from podipc.bench.subjects import (
     Subject,
 )
 from podipc.bench.workloads import Effort, first_message, stream
+from podipc.consuming import Consumer
 from podipc.errors import EndOfStream
-from podipc.fanin import ENDED, FanInConsumer
-from podipc.queue_fanin import QueueFanInConsumer
+from podipc.fanin import ENDED, ProducerSummary
 from podipc.transport import transport_for
 
 FANIN_PRODUCERS = (1, 2, 4)
-FANIN_SCHEMES = ("unix", "tcp", "mq", "sysvmq")
+FANIN_SCHEMES = ("unix", "tcp", "mq", "sysvmq", "zmq+ipc", "zmq+tcp")
 QUEUE_SCHEMES = ("mq", "sysvmq")
-FanInChannel = FanInConsumer | QueueFanInConsumer
-"""What a fan-in consumer is: the stream sockets' or the kernel queues'."""
+ZMQ_SCHEMES = ("zmq+ipc", "zmq+tcp")
+
+
+@runtime_checkable
+class FanInChannel(Protocol):
+    """What the bench uses of a fan-in consumer (the stream sockets', the kernel queues' or zmq's)."""
+
+    def recv_from(self, timeout: float | None = None) -> tuple[str, bytes]:
+        """The next message and its producer's name."""
+        ...
+
+    @property
+    def senders(self) -> list[ProducerSummary]:
+        """Every producer that attached, with its counts."""
+        ...
+
+
 PRODUCER_NAME_PREFIX = "bench-"
 PRODUCER_HELPER = """
 import sys
@@ -154,8 +170,9 @@ class FanInSender:
 class FanInReceiver(ChannelReceiver):
     """The client's end of a fan-in cell: one fan-in consumer, its messages checked per producer (drain)."""
 
-    def __init__(self, channel: FanInChannel, producers: int, size: int) -> None:
+    def __init__(self, channel: Consumer, producers: int, size: int) -> None:
         super().__init__(channel, lossy=False, zero_copy=False)
+        assert isinstance(channel, FanInChannel)
         self.fanin = channel
         self.producers = producers
         self.size = size
@@ -225,7 +242,7 @@ class FanIn(Subject):
 
     def availability(self) -> str | None:
         """Fan-in over the stream sockets needs nothing beyond the standard library; a queue, its transport's."""
-        if self.scheme in QUEUE_SCHEMES:
+        if self.scheme in (*QUEUE_SCHEMES, *ZMQ_SCHEMES):
             return transport_for(self.scheme).problem()
         return None
 
@@ -238,15 +255,15 @@ class FanIn(Subject):
         return None if size <= limit else f"fanin over {self.scheme}:// carries at most {limit} bytes here"
 
     def resources(self, place: CellPlace, free_port: Callable[[str], int]) -> dict[str, str]:
-        """One abstract socket (unix), loopback port (tcp) or queue (mq, sysvmq) per link."""
-        if self.scheme == "tcp":
-            return {key: f"tcp://127.0.0.1:{free_port('tcp')}" for key in ("a", "b")}
-        if self.scheme in QUEUE_SCHEMES:
+        """One abstract socket (unix), loopback port (tcp, zmq+tcp), queue (mq, sysvmq) or socket path (zmq+ipc) per link."""
+        if self.scheme in ("tcp", "zmq+tcp"):
+            return {key: f"{self.scheme}://127.0.0.1:{free_port('tcp')}" for key in ("a", "b")}
+        if self.scheme in (*QUEUE_SCHEMES, "zmq+ipc"):
             return {key: self._queue_url(place, key, free_port) for key in ("a", "b")}
         return {key: f"unix://@{place.name(key)}" for key in ("a", "b")}
 
     def _queue_url(self, place: CellPlace, key: str, free_port: Callable[[str], int]) -> str:
-        """A fresh queue for link `key`."""
+        """A fresh queue (or zmq+ipc socket path) for link `key`."""
         transport = transport_for(self.scheme)
         return transport.fresh_url(self.scheme, place.name(key), lambda: place.path(key, ".ch"), free_port)
 
@@ -257,7 +274,6 @@ class FanIn(Subject):
     def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
         """One fan-in consumer ending after N producers' streams."""
         channel = podipc.consumer(resources[key], pattern="fanin", producers=self.producers, wait=PEER_WAIT_SECONDS)
-        assert isinstance(channel, FanInChannel)
         return FanInReceiver(channel, self.producers, size)
 
 

@@ -1,5 +1,5 @@
-"""A co-tenant against a fan-in consumer (issue 14 on issue 10's rules): unix:// (its socket file) and mq://, sysvmq://
-(its presence file and queue) keep her out.
+"""A co-tenant against a fan-in consumer (issue 14 on issue 10's rules): unix:// (its socket file) and mq://, sysvmq://,
+zmq+ipc://, zmq+tcp:// (its presence file, and the queue or the socket file) keep her out.
 
 alice's fan-in consumer creates its socket file 0600: mallory (another user of the pod) cannot
 join as a producer under any name, while alice's own producers deliver; with group sharing
@@ -49,13 +49,18 @@ def test_another_user_cannot_join_a_fanin_consumer(pod: Pod, tenants: Tenants, m
 
 
 @pytest.mark.parametrize("mode", ["0600", "0660"])
-@pytest.mark.parametrize("scheme", ["mq", "sysvmq"])
+@pytest.mark.parametrize("scheme", ["mq", "sysvmq", "zmq+ipc", "zmq+tcp"])
 def test_another_user_cannot_join_a_fanin_queue_nor_take_its_producer_slots(
     pod: Pod, tenants: Tenants, scheme: str, mode: str
 ) -> None:
-    """mallory can neither pose as a producer (the consumer's presence and queue are alice's) nor, by squatting
-    a producer slot file, keep alice's producers out: they claim the next slot and are counted as they sent."""
-    base = "mq:///fanin" if scheme == "mq" else "sysvmq://fanin"
+    """mallory can neither pose as a producer (the consumer's presence and queue or socket are alice's) nor, by
+    squatting a producer slot file, keep alice's producers out: they claim the next slot and are counted as they sent."""
+    base = {
+        "mq": "mq:///fanin",
+        "sysvmq": "sysvmq://fanin",
+        "zmq+ipc": f"zmq+ipc://{pod.volume}/fanin-zmq.sock",
+        "zmq+tcp": "zmq+tcp://127.0.0.1:7431",
+    }[scheme]
     url = f"{base}?mode={mode}&wait=20"
     token = parse_address(url).token
     squatted = pod.run(["touch", f"/dev/shm/podipc.presence.{token}.slot1.producer"], user=tenants.mallory)

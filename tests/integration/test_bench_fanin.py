@@ -91,7 +91,9 @@ def test_the_cell_fails_when_the_consumers_account_differs_from_what_was_receive
         return ProducerSummary(name, messages, messages * SIZE, "", ended)
 
     received = {"bench-0": SequenceChecker(received=3), "bench-1": SequenceChecker(received=2)}
-    channel = SimpleNamespace(recv=None, senders=[summary("bench-0", 3), summary("bench-1", 2)])
+    channel = SimpleNamespace(
+        recv=None, recv_from=lambda timeout=None: ("", b""), senders=[summary("bench-0", 3), summary("bench-1", 2)]
+    )
     FanInReceiver(channel, 2, SIZE).check_account(received)  # type: ignore[arg-type]
     for senders, problem in [
         ([summary("bench-0", 3), summary("bench-1", 3)], "bench-1: the consumer counted 3"),

@@ -1,5 +1,5 @@
 """Fan-in (pattern=fanin) across real processes: many named producers into one consumer on unix://, tcp://,
-mq:// and sysvmq://.
+mq://, sysvmq://, zmq+ipc:// and zmq+tcp://.
 
 Every producer's stream is checked on its own: order (each payload carries its producer's
 index), count and SHA-256 against what the producer itself sent; a SIGKILLed producer is
@@ -32,8 +32,11 @@ from .harness import CONTEXT, url_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-FANIN_SCHEMES = ("unix", "unix-abstract", "tcp", "mq", "sysvmq")
+ZMQ_SCHEMES = ("zmq+ipc", "zmq+tcp")
+FANIN_SCHEMES = ("unix", "unix-abstract", "tcp", "mq", "sysvmq", *ZMQ_SCHEMES)
 QUEUE_SCHEMES = ("mq", "sysvmq")
+SLOT_SCHEMES = (*QUEUE_SCHEMES, *ZMQ_SCHEMES)
+"""The fan-ins whose producers claim presence slots (podipc.queue_fanin, podipc.transports.zmq.fanin)."""
 INDEX = struct.Struct(">Q")
 BODY = bytes(range(56))
 """With the index: 64-byte messages."""
@@ -114,7 +117,7 @@ def endless(url: str, name: str, sent: Any) -> None:
             time.sleep(0.001)
 
 
-@pytest.mark.parametrize("scheme", ["unix", "tcp", *QUEUE_SCHEMES])
+@pytest.mark.parametrize("scheme", ["unix", "tcp", *SLOT_SCHEMES])
 def test_a_killed_producer_is_reported_alone_and_the_others_complete(scheme: str) -> None:
     url = url_for(scheme)
     results = CONTEXT.Queue()
@@ -226,7 +229,7 @@ def test_a_pair_producer_at_a_fanin_consumer_is_told_so(scheme: str) -> None:
             consumer.recv(timeout=5)
 
 
-@pytest.mark.parametrize("scheme", ["unix", *QUEUE_SCHEMES])
+@pytest.mark.parametrize("scheme", ["unix", *SLOT_SCHEMES])
 @pytest.mark.parametrize("attached", [False, True], ids=["no-producer", "idle-producer"])
 def test_close_from_another_thread_wakes_a_blocked_recv_within_100_ms(scheme: str, attached: bool) -> None:
     url = url_for(scheme)
@@ -317,7 +320,7 @@ def test_cli_consume_with_producers_2_reports_each_producer_as_it_sent() -> None
         assert entry["ended"] == "end of stream"
 
 
-@pytest.mark.parametrize("scheme", ["unix-abstract", *QUEUE_SCHEMES])
+@pytest.mark.parametrize("scheme", ["unix-abstract", *SLOT_SCHEMES])
 def test_the_asyncio_consumer_takes_fanin_with_recv_from(scheme: str) -> None:
     url = url_for(scheme)
     results = CONTEXT.Queue()
@@ -368,7 +371,51 @@ def test_a_plain_socket_producer_speaking_the_documented_wire_and_one_sending_ga
         garbage.close()
 
 
-@pytest.mark.parametrize("scheme", ["tcp", *QUEUE_SCHEMES])
+@pytest.mark.parametrize("scheme", ZMQ_SCHEMES)
+def test_zmq_peers_posing_as_a_producer_or_sending_garbage_are_skipped_and_the_producer_completes(
+    scheme: str,
+) -> None:
+    """A raw DEALER whose routing id names a live producer's slot with a wrong claim, or names none, or
+    sends multipart garbage, is skipped and counted; it neither attaches nor disturbs the real producer."""
+    import zmq
+
+    url = url_for(scheme)
+    endpoint = url.replace(f"{scheme}://", "ipc://" if scheme == "zmq+ipc" else "tcp://")
+    context = zmq.Context()
+    peers = []
+    with podipc.consumer(url, pattern="fanin", producers=1, wait=10) as consumer:
+        producer = podipc.producer(url, name="real", wait=10)
+        producer.send(b"first")
+        assert consumer.recv_from(timeout=10) == ("real", b"first")  # type: ignore[attr-defined]
+        real_id = f"{producer.slot}.".encode()  # type: ignore[attr-defined]
+        for identity, frames in (
+            (real_id + b"0123456789abcdef", [b"podipc", b"sos"]),  # the slot of a live producer, a wrong claim
+            (b"2.0123456789abcdef", [b"podipc", b"sos"]),  # a slot nobody holds
+            (b"junk", [b"a", b"b", b"c"]),
+        ):
+            peer = context.socket(zmq.DEALER)
+            peer.setsockopt(zmq.ROUTING_ID, identity)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(endpoint)
+            peer.send_multipart(frames)
+            peer.send(b"posing")
+            peers.append(peer)
+        assert wait_until(lambda: consumer.try_recv() is None and consumer.skipped == 6, 10)
+        producer.send(b"second")
+        assert consumer.recv_from(timeout=10) == ("real", b"second")  # type: ignore[attr-defined]
+        closer = threading.Thread(target=producer.close)
+        closer.start()
+        with pytest.raises(podipc.EndOfStream):
+            consumer.recv(timeout=10)
+        closer.join(10)
+        assert consumer.skipped == 6
+        assert [(s.name, s.messages, s.ended) for s in consumer.senders] == [("real", 2, "end of stream")]
+    for peer in peers:
+        peer.close()
+    context.term()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", *SLOT_SCHEMES])
 def test_threads_sharing_a_fanin_consumer_get_every_message_once(scheme: str) -> None:
     url = url_for(scheme)
     results = CONTEXT.Queue()
@@ -403,7 +450,7 @@ def test_threads_sharing_a_fanin_consumer_get_every_message_once(scheme: str) ->
             assert indexes == sorted(indexes)
 
 
-@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+@pytest.mark.parametrize("scheme", SLOT_SCHEMES)
 def test_a_queue_refuses_a_second_live_producer_with_the_same_name_until_the_first_leaves(scheme: str) -> None:
     url = url_for(scheme)
     with podipc.consumer(url, pattern="fanin", wait=10) as consumer:
@@ -430,7 +477,7 @@ def test_a_queue_refuses_a_second_live_producer_with_the_same_name_until_the_fir
         ]
 
 
-@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+@pytest.mark.parametrize("scheme", SLOT_SCHEMES)
 def test_a_queue_tells_pair_and_fanin_sides_apart(scheme: str) -> None:
     url = url_for(scheme)
     with podipc.consumer(url, wait=10) as consumer:
@@ -452,7 +499,7 @@ def test_a_queue_tells_pair_and_fanin_sides_apart(scheme: str) -> None:
             consumer.recv(timeout=0.2)
 
 
-@pytest.mark.parametrize("scheme", QUEUE_SCHEMES)
+@pytest.mark.parametrize("scheme", SLOT_SCHEMES)
 def test_cli_consume_with_producers_2_over_a_queue_reports_each_producer_as_it_sent(scheme: str) -> None:
     url = url_for(scheme)
     consumer = subprocess.Popen([*PODIPC, "consume", url, "--producers", "2"], stdout=subprocess.PIPE, text=True)

@@ -111,10 +111,10 @@ def test_the_limit_counts_live_and_cleanly_ended_producers_but_not_dead_ones() -
     assert claims.ended_cleanly == 1
 
 
-def test_the_stream_and_queue_transports_declare_fanin() -> None:
+def test_the_stream_queue_and_zmq_transports_declare_fanin() -> None:
     with_fanin = {transport.name for transport in transports() if transport.fanin_consumer}
-    assert with_fanin == {"unix", "tcp", "posix_mq", "sysv_mq"}
-    assert fanin_schemes() == ("tcp://", "unix://", "mq://", "sysvmq://")
+    assert with_fanin == {"unix", "tcp", "posix_mq", "sysv_mq", "zmq"}
+    assert fanin_schemes() == ("tcp://", "unix://", "mq://", "sysvmq://", "zmq+tcp://", "zmq+ipc://")
     for name in ("unix", "tcp"):
         transport = transport_for(name)
         assert {"pattern", "producers", "name"} <= {option.name for option in transport.options}
@@ -124,6 +124,9 @@ def test_the_stream_and_queue_transports_declare_fanin() -> None:
         assert {"pattern", "producers", "name"} <= {option.name for option in transport.options}
         assert issubclass(transport.fanin_consumer_class(), QueueFanInConsumer)
         assert issubclass(transport.fanin_producer_class(), QueueFanInProducer)
+    zmq = transport_for("zmq+ipc")
+    assert {"pattern", "producers", "name"} <= {option.name for option in zmq.options}
+    assert zmq.fanin_consumer_class().__name__ == "ZMQFanInConsumer"
 
 
 def test_a_transport_without_fanin_refuses_it_naming_those_with_it() -> None:

@@ -1,13 +1,15 @@
-"""zmq+tcp:// and zmq+ipc:// - ZeroMQ PAIR sockets: the descriptor, importable without pyzmq.
+"""zmq+tcp:// and zmq+ipc:// - ZeroMQ PAIR sockets (fan-in: ROUTER and DEALER): the descriptor, importable without pyzmq.
 
-The endpoints, their semantics and wire protocol are in podipc.transports.zmq.endpoints,
-which imports pyzmq and is loaded only when a zmq channel is opened. Without pyzmq the
+The endpoints, their semantics and wire protocol are in podipc.transports.zmq.endpoints (a pair)
+and podipc.transports.zmq.fanin (pattern=fanin), which import pyzmq and are loaded only when a
+zmq channel is opened. Without pyzmq the
 transport is "unavailable here: pip install 'podipc[zmq]'", never an ImportError.
 """
 
 from __future__ import annotations
 
 from podipc.options import Option, parse_count, parse_size
+from podipc.stream import NAME_OPTION, PATTERN_OPTION, PRODUCERS_OPTION
 from podipc.transport import (
     PATH_OBJECT,
     AddressForm,
@@ -26,6 +28,9 @@ LIMIT_FIX = "raise it on both sides, e.g. ?max_message_size=256MiB"
 OPTIONS = (
     Option("hwm", parse_count, DEFAULT_HIGH_WATER_MARK, "messages queued per direction before send blocks"),
     Option("max_message_size", parse_size, DEFAULT_MAX_MESSAGE_SIZE, "largest message in bytes (ZMQ_MAXMSGSIZE)"),
+    PATTERN_OPTION,
+    PRODUCERS_OPTION,
+    NAME_OPTION,
 )
 
 
@@ -49,6 +54,8 @@ TRANSPORT = Transport(
     schemes={"zmq+tcp": AddressForm.HOST_PORT, "zmq+ipc": AddressForm.SOCKET_PATH},
     producer="podipc.transports.zmq.endpoints:ZMQProducer",
     consumer="podipc.transports.zmq.endpoints:ZMQConsumer",
+    fanin_consumer="podipc.transports.zmq.fanin:ZMQFanInConsumer",
+    fanin_producer="podipc.transports.zmq.fanin:ZMQFanInProducer",
     examples=(
         Example("zmq+tcp://127.0.0.1:7002", "ZeroMQ (pyzmq) over TCP"),
         Example("zmq+ipc:///shared/zmq.sock", "ZeroMQ (pyzmq) over a socket file on an emptyDir"),

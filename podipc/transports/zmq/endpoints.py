@@ -6,7 +6,9 @@ Address:
     options: wait=SECONDS (peer rendezvous, default 30; none/inf: forever),
              mode=0600 (socket and presence files; 0660 shares a group),
              hwm=MESSAGES (send/receive high-water mark, default 1000),
-             max_message_size=BYTES (default 64MiB; the consumer sets ZMQ_MAXMSGSIZE to it)
+             max_message_size=BYTES (default 64MiB; the consumer sets ZMQ_MAXMSGSIZE to it),
+             pattern=pair|fanin, producers=N, name=NAME (fan-in: many named producers into one
+             consumer, ROUTER and DEALER sockets: podipc.transports.zmq.fanin)
 
 Requires:
     pyzmq (`pip install 'podipc[zmq]'`), libzmq >= 4.1 with ipc support for zmq+ipc://.
@@ -113,6 +115,7 @@ from podipc.options import Option
 from podipc.ownership import Trust, owner_text
 from podipc.presence import PeerState, PeerTracker, Presence
 from podipc.producing import Producer
+from podipc.queue import FANIN_WORD
 from podipc.transports.zmq import LIMIT_FIX, LIMIT_SOURCE, OPTIONS
 from podipc.waking import POLLIN
 
@@ -177,13 +180,21 @@ class _ZMQEndpoint(_Endpoint):
     """The thread waiting inside the call gate now (0: none); see _readiness."""
     _context_held = False
     _socket_file = ""
+    _socket_type: ClassVar[int] = zmq.PAIR
+    """PAIR; ROUTER and DEALER for fan-in (podipc.transports.zmq.fanin)."""
+    _fanin: ClassVar[bool] = False
+    """This side is fan-in's: the peer's presence file must declare FANIN_WORD (a pair side's must not)."""
 
-    def _open_socket(self, address: Address, settings: Mapping[str, Any], role: str) -> None:
-        """Claim the presence, take the shared context and make the PAIR socket; on failure, undo and raise."""
-        self._what = address.location
-        self._presence = Presence(
+    def _claim_presence(self, address: Address, settings: Mapping[str, Any], role: str) -> Presence:
+        """This side's presence file (a fan-in producer claims a slot instead)."""
+        return Presence(
             address.token, role, settings["mode"], handover_wait=float(settings["wait"]), channel=address.location
         )
+
+    def _open_socket(self, address: Address, settings: Mapping[str, Any], role: str) -> None:
+        """Claim the presence, take the shared context and make the socket; on failure, undo and raise."""
+        self._what = address.location
+        self._presence = self._claim_presence(address, settings, role)
         try:
             self._context = SHARED_CONTEXT.acquire()
         except BaseException:
@@ -191,7 +202,7 @@ class _ZMQEndpoint(_Endpoint):
             raise
         self._context_held = True
         try:
-            sock = self._context.socket(zmq.PAIR)
+            sock = self._context.socket(self._socket_type)
         except BaseException:
             self._leave_context_and_presence(clean=True)
             raise
@@ -422,6 +433,14 @@ class ZMQProducer(_ZMQEndpoint, Producer):
                 there = bool(monitor.poll(0))
             except zmq.ZMQError as exc:
                 raise _translate(exc, self._what) from exc
+        if there and self._presence.peer_declares(FANIN_WORD) != self._fanin:
+            raise ChannelUnavailable(
+                f"the consumer of {self._what} gathers many producers (pattern=fanin): give this producer a "
+                "name= (podipc produce --name)"
+                if not self._fanin
+                else f"the consumer of {self._what} takes one producer (pattern=pair): open it with pattern=fanin "
+                "(podipc consume --producers N), or drop name= and pattern= here"
+            )
         return there and self._socket_file_is_trusted()
 
     def _socket_file_is_trusted(self) -> bool:
@@ -530,7 +549,7 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
                 self._bind_socket_file(address.path, int(settings["mode"]))
             else:
                 sock.bind(endpoint_of(address))
-            self._presence.watch(self._signal_peer_lost)
+            self._watch_peers()
         except zmq.ZMQError as exc:
             self._free_at_open()
             hint = "; another process uses this address" if exc.errno == errno.EADDRINUSE else ""
@@ -548,6 +567,10 @@ class ZMQConsumer(_ZMQEndpoint, Consumer):
         self._closed = True
         self._freed = True
         self._free()
+
+    def _watch_peers(self) -> None:
+        """Have the peer monitor wake this consumer when its producer dies (fan-in watches each producer)."""
+        self._presence.watch(self._signal_peer_lost)
 
     def _bind_socket_file(self, path: str, mode: int) -> None:
         """Bind the ipc socket file with `mode`: under a temporary name, chmod-ed, then linked into place.
