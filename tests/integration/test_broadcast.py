@@ -1,10 +1,7 @@
-"""pattern=broadcast across real processes: one producer, N subscribers, every message to each.
+"""shm:// pattern=broadcast across real processes: one producer, N subscribers, every message to each.
 
-The behaviour tests run over every channel with broadcast (SCHEMES: shm://'s ring and the
-stream sockets unix://, tcp://, podipc.stream_broadcast); what only one of them has is
-tested for it alone. Payloads carry their index (8 bytes, big-endian) so a subscriber
-checks order and counts the gaps it saw; with slow=drop those gaps must equal the loss it
-reports.
+Payloads carry their index (8 bytes, big-endian) so a subscriber checks order and counts
+the gaps it saw; with slow=drop those gaps must equal the loss it reports.
 """
 
 from __future__ import annotations
@@ -14,11 +11,9 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -28,7 +23,6 @@ import pytest
 import podipc
 import podipc.address
 from podipc.clean import find_leftovers
-from podipc.stream_broadcast import StreamBroadcastProducer, StreamBroadcastSubscriber
 from podipc.transport import object_kinds
 from podipc.transports.shm.broadcast import BroadcastProducer, BroadcastSubscriber
 from tests.integration.harness import CONTEXT
@@ -44,36 +38,9 @@ def payload(index: int) -> bytes:
     return INDEX.pack(index) + FILLER[index % 256 : index % 256 + size - INDEX.size]
 
 
-SCHEMES = ("shm", "unix", "tcp")
-STREAMS = ("unix", "tcp")
-RING_ONLY = ("capacity",)
-"""Options only shm://'s ring has (the stream sockets' buffers are the kernel's)."""
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def plain_url(scheme: str, name: str) -> str:
-    """The channel's URL for `scheme` without options."""
-    if scheme == "shm":
-        return f"shm:///podipc-bcast-{os.getpid()}-{name}"
-    if scheme == "unix":
-        return f"unix://{tempfile.gettempdir()}/podipc-bcast-{os.getpid()}-{name}.sock"
-    return f"tcp://127.0.0.1:{free_port()}"
-
-
-def url(name: str, scheme: str = "shm", **options: object) -> str:
-    """A broadcast URL on `scheme` (wait=20 unless given); ring-only options are left out of the stream sockets'."""
-    chosen = {"pattern": "broadcast", "wait": 20, **options}
-    if scheme != "shm":
-        chosen = {key: value for key, value in chosen.items() if key not in RING_ONLY}
-    query = "&".join(f"{key}={value}" for key, value in chosen.items())
-    return f"{plain_url(scheme, name)}?{query}"
+def url(name: str, **options: object) -> str:
+    query = "&".join(f"{key}={value}" for key, value in {"pattern": "broadcast", "wait": 20, **options}.items())
+    return f"shm:///podipc-bcast-{os.getpid()}-{name}?{query}"
 
 
 def subscribe(address: str, results: Any, in_place: bool = True) -> None:
@@ -102,7 +69,6 @@ def subscribe(address: str, results: Any, in_place: bool = True) -> None:
                 "count": count,
                 "sha256": digest.hexdigest(),
                 "gaps": gaps,
-                "next": expected,
                 "lost": inbox.lost,
                 "in_order": in_order,
             }
@@ -124,67 +90,56 @@ def collect(processes: list[Any], results: Any, count: int) -> list[dict[str, An
     return reports
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("subscribers", [2, 4])
-def test_every_subscriber_gets_every_message_in_order_with_the_producers_digest(
-    reap: list[Any], scheme: str, subscribers: int
-) -> None:
-    address = url("every", scheme, subscribers=subscribers, capacity="1MiB")
-    processes, results = start_subscribers(address, subscribers)
+def test_four_subscribers_each_get_every_message_in_order_with_the_producers_digest(reap: list[Any]) -> None:
+    address = url("four", subscribers=4, capacity="1MiB")
+    processes, results = start_subscribers(address, 4)
     reap.extend(processes)
     digest = hashlib.sha256()
-    total = 50_000
+    total = 100_000
     with podipc.producer(address) as out:
-        assert isinstance(out, BroadcastProducer if scheme == "shm" else StreamBroadcastProducer)
+        assert isinstance(out, BroadcastProducer)
         for index in range(total):
             message = payload(index)
             out.send(message)
             digest.update(message)
-    reports = collect(processes, results, subscribers)
+    reports = collect(processes, results, 4)
     for report in reports:
-        assert report == {**report, "count": total, "sha256": digest.hexdigest(), "gaps": 0, "lost": 0, "next": total}
+        assert report == {**report, "count": total, "sha256": digest.hexdigest(), "gaps": 0, "lost": 0}
         assert report["in_order"]
     delivered = sorted(report.delivered for report in out.subscriber_reports())
-    assert delivered == [total] * subscribers
+    assert delivered == [total] * 4
     assert {report.state for report in out.subscriber_reports()} == {"ended"}
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_slow_wait_a_stopped_subscriber_blocks_the_writer_and_loses_nothing(reap: list[Any], scheme: str) -> None:
-    address = url("wait", scheme, subscribers=2, capacity="64KiB")
+def test_slow_wait_a_stopped_subscriber_blocks_the_writer_and_loses_nothing(reap: list[Any]) -> None:
+    address = url("wait", subscribers=2, capacity="64KiB")
     processes, results = start_subscribers(address, 2)
     reap.extend(processes)
     digest = hashlib.sha256()
-    # 64 KiB hold far fewer than 1000 messages of ~2 KiB on average; socket buffers hold a few MiB
-    limit = 1000 if scheme == "shm" else 100_000
     with podipc.producer(address) as out:
         out.send(payload(0))
         digest.update(payload(0))
         os.kill(processes[1].pid, signal.SIGSTOP)
         index = 1
         with pytest.raises(podipc.Timeout):
-            while index < limit:
+            while index < 1000:  # 64 KiB hold far fewer than 1000 messages of ~2 KiB on average
                 out.send(payload(index), timeout=0.5)
                 digest.update(payload(index))
                 index += 1
-        assert index < limit
+        assert index < 1000
         os.kill(processes[1].pid, signal.SIGCONT)
-        total = index + 2000  # the stream sockets' buffers hold a few thousand messages before the Timeout
-        for later in range(index, total):
+        for later in range(index, 3000):
             out.send(payload(later), timeout=10)
             digest.update(payload(later))
     for report in collect(processes, results, 2):
-        assert (report["count"], report["sha256"], report["lost"], report["gaps"]) == (total, digest.hexdigest(), 0, 0)
+        assert (report["count"], report["sha256"], report["lost"], report["gaps"]) == (3000, digest.hexdigest(), 0, 0)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_slow_drop_a_stopped_subscriber_counts_its_loss_exactly_and_the_writer_goes_on(
-    reap: list[Any], scheme: str
-) -> None:
-    address = url("drop", scheme, subscribers=2, capacity="64KiB", slow="drop")
+def test_slow_drop_a_stopped_subscriber_counts_its_loss_exactly_and_the_writer_goes_on(reap: list[Any]) -> None:
+    address = url("drop", subscribers=2, capacity="64KiB", slow="drop")
     processes, results = start_subscribers(address, 2)
     reap.extend(processes)
-    total = 5000 if scheme == "shm" else 20_000  # a stream holds its socket buffers and a 1 MiB outbox
+    total = 5000
     with podipc.producer(address) as out:
         out.send(payload(0))
         time.sleep(0.2)  # both took message 0 and wait for the next
@@ -199,24 +154,14 @@ def test_slow_drop_a_stopped_subscriber_counts_its_loss_exactly_and_the_writer_g
     reports = {report["pid"]: report for report in collect(processes, results, 2)}
     for report in reports.values():
         assert report["in_order"]
-        # every message missed is counted, none twice: shm:// resumes at the ring's tail (gaps), a stream
-        # drops the newest messages while the subscriber's outbox is full (gaps, and at the end)
-        assert report["lost"] == report["gaps"] + total - report["next"]
+        assert report["lost"] == report["gaps"]  # every message missed is counted, none twice
         assert report["count"] + report["lost"] == total
     stopped = reports[processes[1].pid]
-    assert stopped["lost"] > total // 2  # the ring (or the buffers) hold a few hundred of them; the rest was dropped
-    if scheme in STREAMS:  # the producer's own count agrees with each subscriber's
-        producer_side = {report.slot: report for report in out.subscriber_reports()}
-        assert len(producer_side) == 2
-        for report in producer_side.values():
-            assert report.state == "ended"
-            assert report.delivered + report.lost == total
-        assert sorted(report.lost for report in producer_side.values()) == sorted(r["lost"] for r in reports.values())
+    assert stopped["lost"] > total // 2  # the ring holds a few dozen of them; the rest was overwritten
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_a_killed_subscriber_does_not_stop_the_others(reap: list[Any], scheme: str) -> None:
-    address = url("kill", scheme, subscribers=3, capacity="64KiB")
+def test_a_killed_subscriber_does_not_stop_the_others(reap: list[Any]) -> None:
+    address = url("kill", subscribers=3, capacity="64KiB")
     processes, results = start_subscribers(address, 3)
     reap.extend(processes)
     digest = hashlib.sha256()
@@ -251,23 +196,17 @@ def test_a_pair_consumer_and_a_broadcast_subscriber_refuse_each_other() -> None:
 
 
 def test_broadcast_options_elsewhere_name_the_channels_that_take_them() -> None:
-    with pytest.raises(podipc.AddressError, match=r"runs over tcp://, unix://, shm://"):
-        podipc.consumer("mq:///podipc-bcast-x?pattern=broadcast")
+    with pytest.raises(podipc.AddressError, match=r"runs over shm://"):
+        podipc.consumer("unix:///tmp/podipc-bcast-x?pattern=broadcast")
     with pytest.raises(podipc.AddressError, match="pattern=broadcast only"):
         podipc.consumer(f"shm:///podipc-bcast-{os.getpid()}-opt?slow=drop")
-    for scheme in STREAMS:
-        with pytest.raises(podipc.AddressError, match="pattern=broadcast only"):
-            podipc.producer(f"{plain_url(scheme, 'opt')}?subscribers=2")
-        with pytest.raises(podipc.AddressError, match="at most 4294967293 bytes"):
-            podipc.producer(f"{plain_url(scheme, 'opt')}?pattern=broadcast&max_message_size=4294967294")
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_close_from_another_thread_wakes_a_blocked_recv_with_channel_closed(scheme: str) -> None:
-    address = url("close", scheme, subscribers=1)
+def test_close_from_another_thread_wakes_a_blocked_recv_with_channel_closed() -> None:
+    address = url("close", subscribers=1)
     with podipc.producer(address) as out:
         inbox = podipc.consumer(address)
-        assert isinstance(inbox, BroadcastSubscriber if scheme == "shm" else StreamBroadcastSubscriber)
+        assert isinstance(inbox, BroadcastSubscriber)
         with pytest.raises(podipc.Timeout):
             inbox.recv(timeout=0)
         out.send(b"first")
@@ -288,9 +227,8 @@ def test_close_from_another_thread_wakes_a_blocked_recv_with_channel_closed(sche
         out.send(b"after", timeout=5)  # its slot left: the producer goes on
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_the_asyncio_subscriber_takes_every_message(scheme: str) -> None:
-    address = url("aio", scheme, subscribers=1)
+def test_the_asyncio_subscriber_takes_every_message() -> None:
+    address = url("aio", subscribers=1)
 
     async def consume() -> list[bytes]:
         async with podipc.aio.consumer(address) as inbox:
@@ -308,13 +246,11 @@ def test_the_asyncio_subscriber_takes_every_message(scheme: str) -> None:
     assert messages == [payload(index) for index in range(2000)]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_the_cli_broadcasts_to_two_subscribers_whose_summaries_agree_with_the_producers(scheme: str) -> None:
-    plain = f"{plain_url(scheme, 'cli')}?wait=20"
+def test_the_cli_broadcasts_to_two_subscribers_whose_summaries_agree_with_the_producers() -> None:
+    plain = f"shm:///podipc-bcast-{os.getpid()}-cli?wait=20"
     command = [sys.executable, "-m", "podipc"]
-    as_url = f"{plain}&pattern=broadcast&subscribers=2"
     subscribers = [
-        subprocess.Popen([*command, "consume", as_url], stdout=subprocess.PIPE, text=True),
+        subprocess.Popen([*command, "consume", url("cli", subscribers=2)], stdout=subprocess.PIPE, text=True),
         subprocess.Popen([*command, "consume", plain, "--subscribers", "2"], stdout=subprocess.PIPE, text=True),
     ]
     produced = subprocess.run(
@@ -365,11 +301,10 @@ def test_a_killed_producer_leaves_its_subscribers_every_message_then_peer_gone(r
         kinds[kind].remove(object_name)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_dead_subscribers_slot_is_taken_over_and_the_newcomer_joins_at_the_current_message(
-    reap: list[Any], scheme: str
+    reap: list[Any],
 ) -> None:
-    address = url("takeover", scheme, subscribers=1, capacity="64KiB")
+    address = url("takeover", subscribers=1, capacity="64KiB")
     processes, _ = start_subscribers(address, 1)
     reap.extend(processes)
     with podipc.producer(address) as out:
@@ -392,9 +327,8 @@ def test_a_dead_subscribers_slot_is_taken_over_and_the_newcomer_joins_at_the_cur
     assert [report.state for report in out.subscriber_reports()] == ["ended"]
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_a_producer_waits_for_every_subscriber_before_its_first_message(scheme: str) -> None:
-    address = url("missing", scheme, subscribers=2, wait=0.5)
+def test_a_producer_waits_for_every_subscriber_before_its_first_message() -> None:
+    address = url("missing", subscribers=2, wait=0.5)
     out = podipc.producer(address)
     try:
         with podipc.consumer(address) as inbox:
@@ -408,9 +342,8 @@ def test_a_producer_waits_for_every_subscriber_before_its_first_message(scheme: 
         out.abort()
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_blocked_subscribers_and_a_blocked_producer_use_almost_no_cpu(reap: list[Any], scheme: str) -> None:
-    address = url("idle", scheme, subscribers=2, capacity="64KiB")
+def test_blocked_subscribers_and_a_blocked_producer_use_almost_no_cpu(reap: list[Any]) -> None:
+    address = url("idle", subscribers=2, capacity="64KiB")
     processes, results = start_subscribers(address, 2)
     reap.extend(processes)
     with podipc.producer(address) as out:
@@ -419,7 +352,7 @@ def test_blocked_subscribers_and_a_blocked_producer_use_almost_no_cpu(reap: list
         before = [cpu_seconds(process.pid) for process in processes[:1]]
         own_before = time.process_time()
         with pytest.raises(podipc.Timeout):
-            for index in range(1, 100_000):
+            for index in range(1, 10_000):
                 out.send(payload(index), timeout=1.5)
         time.sleep(0.5)
         used = [cpu_seconds(process.pid) - spent for process, spent in zip(processes[:1], before, strict=True)]
@@ -437,9 +370,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_the_asyncio_producer_reaches_every_subscriber(reap: list[Any], scheme: str) -> None:
-    address = url("aio-producer", scheme, subscribers=2, capacity="64KiB")
+def test_the_asyncio_producer_reaches_every_subscriber(reap: list[Any]) -> None:
+    address = url("aio-producer", subscribers=2, capacity="64KiB")
     processes, results = start_subscribers(address, 2)
     reap.extend(processes)
     digest = hashlib.sha256()
@@ -455,9 +387,8 @@ def test_the_asyncio_producer_reaches_every_subscriber(reap: list[Any], scheme: 
         assert (report["count"], report["sha256"]) == (3000, digest.hexdigest())
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_close_from_a_signal_handler_wakes_a_blocked_recv(scheme: str) -> None:
-    address = url("signal", scheme, subscribers=1)
+def test_close_from_a_signal_handler_wakes_a_blocked_recv() -> None:
+    address = url("signal", subscribers=1)
     with podipc.producer(address) as out:
         inbox = podipc.consumer(address)
         out.send(b"first")
@@ -474,23 +405,21 @@ def test_close_from_a_signal_handler_wakes_a_blocked_recv(scheme: str) -> None:
             signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_a_subscriber_beyond_the_slots_or_with_another_count_is_refused(scheme: str) -> None:
-    address = url("full", scheme, subscribers=1)
+def test_a_subscriber_beyond_the_slots_or_with_another_count_is_refused() -> None:
+    address = url("full", subscribers=1)
     with podipc.producer(address), podipc.consumer(address) as first:
         assert first.slot == 0  # type: ignore[attr-defined]
-        with pytest.raises(podipc.ChannelUnavailable, match=r"all (1 )?subscriber slots"):
+        with pytest.raises(podipc.ChannelUnavailable, match="all 1 subscriber slots"):
             podipc.consumer(address)
         with pytest.raises(podipc.AddressError, match="made 1 subscriber slots"):
             podipc.consumer(address.replace("subscribers=1", "subscribers=3"))
         first.close()
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_slow_drop_under_full_speed_every_subscriber_accounts_for_every_message(reap: list[Any], scheme: str) -> None:
+def test_slow_drop_under_full_speed_every_subscriber_accounts_for_every_message(reap: list[Any]) -> None:
     # a small ring and a producer that never waits: the subscribers are overrun again and again, mid-copy
     # too; whatever each missed must be counted exactly once, and what it took must be whole and in order
-    address = url("drop-race", scheme, subscribers=4, capacity="32KiB", slow="drop")
+    address = url("drop-race", subscribers=4, capacity="32KiB", slow="drop")
     processes, results = start_subscribers(address, 4)
     reap.extend(processes)
     total = 50_000
@@ -499,5 +428,5 @@ def test_slow_drop_under_full_speed_every_subscriber_accounts_for_every_message(
             out.send(payload(index))
     for report in collect(processes, results, 4):
         assert report["in_order"]
-        assert report["lost"] == report["gaps"] + total - report["next"]
+        assert report["lost"] == report["gaps"]
         assert report["count"] + report["lost"] == total
