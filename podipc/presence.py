@@ -18,7 +18,10 @@ a temporary file is created (O_EXCL|O_NOFOLLOW), locked, written, then hard-link
 place (`link` fails if anything is there: never check-then-rename). When the link finds
 a file, it is probed: ALIVE refuses the claim; GONE (a dead holder's) is taken over by
 locking it, checking it is still the file at the path, unlinking it and linking again.
-The file is never seen unlocked while its owner lives.
+The file is never seen unlocked while its owner lives. Nor is a dead holder's file ever seen
+alive: whoever takes it over (or removes it) first appends `declares gone` under a shared lock,
+which only a dead holder's file grants, and only then locks it exclusively; a probe that finds
+a file locked and buried reports GONE.
 
 Every presence file is opened without following a link and without blocking
 (O_NOFOLLOW|O_NONBLOCK), must be a regular file, and must be trusted
@@ -97,7 +100,10 @@ IDENTITY_BYTES = 256
 """The first line of a presence file is read up to this many bytes to tell holders apart."""
 
 
+TOMBSTONE = "gone"
+"""Declared in a dead holder's file by whoever takes it over or removes it, before locking it (see lock_state)."""
 _ENDING_LINE = f"{DECLARATION} {ENDING}".encode()
+_TOMBSTONE_LINE = f"{DECLARATION} {TOMBSTONE}".encode()
 
 
 class PeerState(enum.Enum):
@@ -166,12 +172,61 @@ def open_presence(path: str, trust: Trust | None = None) -> int | None:
 
 
 def lock_state(fd: int) -> PeerState:
-    """ALIVE when the open presence file is locked by its holder, else GONE (takes a shared lock: close to drop it)."""
+    """ALIVE when the open presence file is locked by its holder, else GONE (takes a shared lock: close to drop it).
+
+    A dead holder's file that a claimer or remover locks for an instant (`_lock_dead_file`) is buried first,
+    so it is GONE however long that lock is held.
+    """
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return PeerState.ALIVE
+        return PeerState.GONE if is_buried(fd) else PeerState.ALIVE
     return PeerState.GONE
+
+
+def is_buried(fd: int) -> bool:
+    """True when the open presence file carries the TOMBSTONE line: its holder is known dead."""
+    try:
+        return _TOMBSTONE_LINE in os.pread(fd, RECORD_LIMIT_BYTES, 0).splitlines()
+    except OSError:
+        return False
+
+
+def _lock_dead_file(fd: int, path: str) -> bool:
+    """Take the exclusive lock of a presence file whose holder is gone, burying it first; False if it lives or is contended.
+
+    Only a shared lock proves the holder gone (its exclusive one is dropped only at death or
+    leaving, never taken again); the file gets its TOMBSTONE line while that shared lock is
+    held, before the exclusive one, so a peer probing meanwhile sees GONE, never our lock as
+    a live holder (it once took a restarting consumer's takeover for its new peer, then lost it).
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    _bury(fd, path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # another claimer or remover holds it shared too: look again
+    return True
+
+
+def _bury(fd: int, path: str) -> None:
+    """Append the TOMBSTONE line to the dead holder's file open as `fd` (once; skipped if we may not write it)."""
+    if is_buried(fd):
+        return
+    try:
+        writer = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # not writable for us (another group member's 0640 file): lock without the mark, as before
+    try:
+        if _identity_of(writer) == _identity_of(fd):
+            os.write(writer, _TOMBSTONE_LINE + b"\n")
+    except OSError:
+        pass
+    finally:
+        os.close(writer)
 
 
 Identity = tuple[int, int, bytes]
@@ -385,9 +440,7 @@ class Presence:
                     "a channel has one producer and one consumer"
                 )
             time.sleep(CLAIM_RETRY_SECONDS)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_dead_file(fd, self.path):
             time.sleep(CLAIM_RETRY_SECONDS)  # a peer probing, or another claimer taking over
             return False
         return True
@@ -652,8 +705,7 @@ def remove_if_gone(path: str, trust: Trust | None = None) -> bool:
     if fd is None:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if _identity_of(fd) != file_identity(path):
+        if not _lock_dead_file(fd, path) or _identity_of(fd) != file_identity(path):
             return False
         os.unlink(path)
     except OSError:

@@ -82,6 +82,45 @@ def test_a_stale_file_of_a_dead_holder_is_taken_over(tmp_path: pytest.TempPathFa
     producer.close()
 
 
+def test_a_dead_holders_file_locked_by_its_taker_is_never_seen_alive(tmp_path: Path) -> None:
+    """A restarting consumer takes over its dead predecessor's file; the waiting producer must not attach to that."""
+    directory = str(tmp_path)
+    dead = Presence("token", "consumer", directory=directory)
+    dead.abandon()
+    producer = Presence("token", "producer", directory=directory)
+    tracker = PeerTracker(producer)
+    fd = os.open(dead.path, os.O_RDONLY)
+    try:
+        assert presence_module._lock_dead_file(fd, dead.path)  # a claimer, stalled between its lock and unlink
+        assert producer.peer_state() is PeerState.GONE
+        assert probe(dead.path) is PeerState.GONE
+        assert not tracker.lost() and tracker.state is PeerState.GONE
+        assert declares(dead.path, presence_module.TOMBSTONE)
+    finally:
+        os.close(fd)
+    consumer = Presence("token", "consumer", directory=directory)
+    assert producer.peer_state() is PeerState.ALIVE
+    tracker.attach()
+    assert not tracker.lost()
+    consumer.close()
+    producer.close()
+
+
+def test_a_claimer_waits_out_another_claimers_long_takeover(tmp_path: Path) -> None:
+    """Under load a taker may hold a dead file's lock longer than ALIVE_CONFIRM_SECONDS: not a live holder."""
+    directory = str(tmp_path)
+    dead = Presence("token", "consumer", directory=directory)
+    dead.abandon()
+    fd = os.open(dead.path, os.O_RDONLY)
+    assert presence_module._lock_dead_file(fd, dead.path)
+    threading.Timer(3 * presence_module.ALIVE_CONFIRM_SECONDS, lambda: (os.unlink(dead.path), os.close(fd))).start()
+    started = time.monotonic()
+    claimed = Presence("token", "consumer", directory=directory)
+    assert time.monotonic() - started >= 2 * presence_module.ALIVE_CONFIRM_SECONDS
+    assert probe(claimed.path) is PeerState.ALIVE and not declares(claimed.path, presence_module.TOMBSTONE)
+    claimed.close()
+
+
 def test_files_are_created_0600_by_default_and_with_the_mode_asked(tmp_path: pytest.TempPathFactory) -> None:
     private = Presence("token", "producer", directory=str(tmp_path))
     shared = Presence("token", "consumer", mode=0o660, directory=str(tmp_path))
