@@ -3,6 +3,7 @@ repair of a torn tail, sync levels, readiness without inotify, cleanup (across r
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import json
@@ -825,3 +826,49 @@ def test_a_close_never_takes_a_consumer_that_just_took_the_end_for_gone(tmp_path
             producer.close(10)  # raised PeerGone now and then before the fix
         assert results.get(timeout=30) == 300
         consumer.join(10)
+
+
+def test_a_side_moving_in_keeps_the_directory_that_the_side_leaving_made(spool: Path) -> None:
+    """A serving consumer's next session opens the spool as the last producer leaves: the directory stays for it."""
+    url = f"file://{spool}"
+    consumer = podipc.consumer(url, wait=5)
+    moving_in = os.open(spool, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(moving_in, fcntl.LOCK_SH)  # what a side holds between opening the directory and claiming
+        consumer.abort()  # the last side out: it would remove the directory it made
+        assert spool.is_dir()
+    finally:
+        os.close(moving_in)
+    producer = start_python(PRODUCER_SCRIPT, url, 3, 0)
+    with podipc.consumer(url, wait=5) as again:
+        received = list(again)
+    assert producer.wait(20) == 0
+    assert received == [indexed_message(index) for index in range(3)]
+    assert not spool.exists()  # the last side out of the next stream removes it
+
+
+def test_a_side_whose_directory_was_removed_as_it_opened_makes_it_again(
+    spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: the leaving side removed the directory after this side opened it, before its lock."""
+    from podipc.transports.spool.side import SpoolSide
+
+    lock = SpoolSide._lock_directory_shared
+    removed = []
+
+    def removed_first(side: SpoolSide) -> None:
+        if not removed:
+            removed.append(True)
+            for name in os.listdir(spool):
+                os.unlink(spool / name)
+            os.rmdir(spool)
+        lock(side)
+
+    producer = podipc.producer(f"file://{spool}")  # makes the directory
+    producer.abort()
+    monkeypatch.setattr(SpoolSide, "_lock_directory_shared", removed_first)
+    with podipc.consumer(f"file://{spool}", wait=0.2) as consumer:
+        assert removed and spool.is_dir()
+        assert os.path.exists(consumer._presence.path)  # type: ignore[attr-defined]
+        with pytest.raises(PeerTimeout):
+            consumer.recv()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import threading
@@ -36,6 +37,11 @@ from podipc.waking import POLLIN
 PROBE_SECONDS = 0.1
 """How often a side whose peer was lost looks for a restarted one (restart_wait)."""
 DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIRECTORY_ATTEMPTS = 5
+"""How often a side opening the spool makes the directory again when the side leaving it removed it meanwhile."""
+DIRECTORY_LOCK_SECONDS = 5.0
+"""How long a side opening the spool waits for the directory's lock (a leaving side holds it for an instant)."""
+DIRECTORY_LOCK_RETRY_SECONDS = 0.002
 CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 """A file podipc creates in the spool: never one that exists, never through a link: ours by construction."""
 NO_SPACE_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT
@@ -220,14 +226,14 @@ class SpoolSide:
         self._trust = Trust.for_mode(self._mode)
         self._chmod_needed = bool(self._mode & current_umask())
         self._restart_wait = float(self.settings["restart_wait"])
-        self._created_directory = self._make_directory()
-        self._dir_fd = self._open_directory()
+        self._hold_a_live_directory()
         try:
             if self._created_directory:
                 self._create_empty(DIRECTORY_MARKER)
             self._refuse_legacy_files()
             self._remove_stale_presence_temporaries()
             self._presence = Presence(PRESENCE_TOKEN, self.role, self._mode, directory=self.path)
+            fcntl.flock(self._dir_fd, fcntl.LOCK_UN)  # our presence file is in it: no leaving side removes it now
             self._ready = Readiness(self._dir_fd, self.path, self._directory_events())
             self._watch_peer()
         except OSError as exc:
@@ -236,6 +242,44 @@ class SpoolSide:
         except BaseException:
             self._close_spool()
             raise
+
+    def _hold_a_live_directory(self) -> None:
+        """Make or open the directory and hold a shared lock on it while this side moves in.
+
+        A side that leaves removes the directory (when it made it and nothing else is in it)
+        only under an exclusive lock (`_remove_directory_if_made`): without the shared one, the
+        next side (a serving consumer's next session) could open it a moment before it is removed
+        and then fail to create its presence file there. A directory removed before our lock is
+        made again.
+        """
+        for _ in range(DIRECTORY_ATTEMPTS):
+            self._created_directory = self._make_directory()
+            self._dir_fd = self._open_directory()
+            try:
+                self._lock_directory_shared()
+                if os.fstat(self._dir_fd).st_nlink > 0:
+                    return
+            except BaseException:
+                os.close(self._dir_fd)
+                self._dir_fd = -1
+                raise
+            os.close(self._dir_fd)  # removed meanwhile by the side that made it
+            self._dir_fd = -1
+        raise ChannelUnavailable(f"the spool directory {self.path} keeps being removed as this side opens it")
+
+    def _lock_directory_shared(self) -> None:
+        deadline = time.monotonic() + DIRECTORY_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ChannelUnavailable(
+                        f"the spool directory {self.path} stays locked (flock) by another process: a podipc side "
+                        "removing it holds the lock for an instant only"
+                    ) from None
+                time.sleep(DIRECTORY_LOCK_RETRY_SECONDS)
 
     def _directory_events(self) -> int:
         """The inotify events on the directory that wake this side (hook)."""
@@ -428,10 +472,21 @@ class SpoolSide:
             return
         if names != [DIRECTORY_MARKER]:
             return
-        with contextlib.suppress(OSError):
-            os.unlink(DIRECTORY_MARKER, dir_fd=self._dir_fd)
-        with contextlib.suppress(OSError):
-            os.rmdir(self.path)
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # a side is moving in (`_hold_a_live_directory`): it is theirs now
+        try:
+            if os.listdir(self._dir_fd) != [DIRECTORY_MARKER]:
+                return
+            with contextlib.suppress(OSError):
+                os.unlink(DIRECTORY_MARKER, dir_fd=self._dir_fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+        except OSError:
+            return
+        finally:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_UN)
 
     def _remove_dead_peer_presence(self) -> None:
         presence = self._presence
