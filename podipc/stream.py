@@ -159,6 +159,20 @@ def peer_gone(error: OSError, what: str, peer: str) -> PeerGone:
 # --- consumer --------------------------------------------------------------
 
 
+def hang_up(connection: socket.socket, how: int) -> None:
+    """End a connection the acceptor turns away for everyone holding it, then close our descriptor.
+
+    shutdown() acts on the connection, close() only on this descriptor: a child forked while the
+    acceptor thread held the connection outside `_pending` (between accept and the verdict) keeps
+    a copy that the child's fork hook cannot know of, and with close() alone the stranger would
+    wait for that child to exit before it saw the connection end. SHUT_WR after an answer lets the
+    peer read the answer first.
+    """
+    with contextlib.suppress(OSError):
+        connection.shutdown(how)
+    connection.close()
+
+
 class _Acceptor:
     """Answers connections on a listening socket in a thread: attaches one producer, refuses the rest.
 
@@ -291,7 +305,7 @@ class _Acceptor:
         self.rejected += 1
         if self.first_rejected is None:
             self.first_rejected = first_bytes
-        connection.close()
+        hang_up(connection, socket.SHUT_RDWR)
 
     def _answer_other_pattern(self, connection: socket.socket) -> None:
         """A producer of the other pattern: read the rest of its hello (closing on unread bytes resets), say so."""
@@ -303,7 +317,7 @@ class _Acceptor:
     def _answer_and_close(connection: socket.socket, answer: bytes) -> None:
         with contextlib.suppress(OSError):
             connection.send(answer, SEND_FLAGS)
-        connection.close()
+        hang_up(connection, socket.SHUT_WR)
 
     def _expire(self, poller: select.poll) -> None:
         now = time.monotonic()

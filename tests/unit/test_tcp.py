@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import multiprocessing
+import os
 import re
 import socket
 import subprocess
@@ -259,6 +260,28 @@ def assert_garbage_connection_is_rejected_and_reported(url: str, family: int, ad
         assert time.monotonic() - started < 5
 
 
+def assert_a_stranger_is_dropped_though_a_copy_of_its_connection_lives(url: str, family: int, address: object) -> None:
+    """A child forked while the acceptor thread held a connection keeps a copy of it; the stranger still sees it end."""
+    with podipc.consumer(url) as channel:
+        acceptor = channel._acceptor  # type: ignore[attr-defined]
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.settimeout(5)
+        probe.connect(address)
+        deadline = time.monotonic() + 10
+        while not acceptor._pending:
+            assert time.monotonic() < deadline, "the acceptor never took the connection"
+            time.sleep(0.005)
+        ((connection, _, _),) = list(acceptor._pending.values())
+        copy = os.dup(connection.fileno())  # what a child forked in that moment holds
+        try:
+            probe.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with contextlib.suppress(ConnectionResetError):  # dropped without an answer, not left hanging
+                assert probe.recv(100) == b""
+        finally:
+            os.close(copy)
+            probe.close()
+
+
 def assert_frame_length_garbage_is_protocol_error(url: str, family: int, address: object) -> None:
     """After a valid hello, a frame length above max_message_size is a ProtocolError, not an allocation."""
     with podipc.consumer(url) as channel:
@@ -312,6 +335,12 @@ def test_http_client_is_rejected_and_named_in_peer_timeout() -> None:
     url = tcp_url(wait=1)
     port = int(url.split("?")[0].rsplit(":", 1)[1])
     assert_garbage_connection_is_rejected_and_reported(url, socket.AF_INET, ("127.0.0.1", port))
+
+
+def test_a_stranger_is_dropped_though_a_forked_child_holds_a_copy_of_its_connection() -> None:
+    url = tcp_url()
+    port = int(url.rsplit(":", 1)[1])
+    assert_a_stranger_is_dropped_though_a_copy_of_its_connection_lives(url, socket.AF_INET, ("127.0.0.1", port))
 
 
 def test_huge_frame_length_from_a_raw_peer_is_protocol_error() -> None:

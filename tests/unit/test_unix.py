@@ -20,6 +20,7 @@ from podipc.address import parse_address
 from podipc.options import resolve_options
 from podipc.transports.unix import UnixProducer
 from tests.unit.test_tcp import (
+    assert_a_stranger_is_dropped_though_a_copy_of_its_connection_lives,
     assert_blocked_producer_sees_consumer_killed,
     assert_consumer_sees_producer_killed,
     assert_frame_length_garbage_is_protocol_error,
@@ -151,6 +152,11 @@ def test_partial_frame_before_a_timeout_does_not_corrupt_the_next_recv(socket_di
 def test_garbage_connection_is_rejected_and_named_in_peer_timeout() -> None:
     name = abstract_name()
     assert_garbage_connection_is_rejected_and_reported(f"unix://@{name}?wait=1", socket.AF_UNIX, "\0" + name)
+
+
+def test_a_stranger_is_dropped_though_a_forked_child_holds_a_copy_of_its_connection() -> None:
+    name = abstract_name()
+    assert_a_stranger_is_dropped_though_a_copy_of_its_connection_lives(f"unix://@{name}", socket.AF_UNIX, "\0" + name)
 
 
 def test_huge_frame_length_from_a_raw_peer_is_protocol_error(socket_dir: Path) -> None:
