@@ -686,11 +686,6 @@ def counters(channel: podipc.Consumer | None) -> dict[str, object]:
         extra["lost"] = channel.lost
     if channel.skipped:
         extra["skipped"] = channel.skipped
-    from podipc.fanin import FanInConsumer
-    from podipc.queue_fanin import QueueFanInConsumer
-
-    if isinstance(channel, FanInConsumer | QueueFanInConsumer):
-        extra["producers"] = channel.summary()
     extra.update(channel.summary_fields())
     return extra
 

@@ -308,7 +308,32 @@ def _name_of(received: bytes) -> str | None:
         return None
 
 
-class FanInConsumer(Consumer):
+class ProducerRoster:
+    """A fan-in consumer's account of its producers, the same on every fan-in channel.
+
+    Subclasses give `senders` and `last_sender`; `summary()` and the CLI's summary fields follow from them.
+    """
+
+    @property
+    def senders(self) -> list[ProducerSummary]:
+        """Every producer that attached so far, in order of arrival: name, counts, SHA-256, how it ended."""
+        raise NotImplementedError
+
+    @property
+    def last_sender(self) -> str | None:
+        """The name of the producer of the message the last receive returned (one receiving thread; else recv_from)."""
+        raise NotImplementedError
+
+    def summary(self) -> list[dict[str, object]]:
+        """`senders` as JSON-ready dicts (the `producers` list of the CLI's summary line)."""
+        return [producer.as_dict() for producer in self.senders]
+
+    def summary_fields(self) -> dict[str, object]:
+        """The CLI summary's `producers` list (`summary()`)."""
+        return {"producers": self.summary()}
+
+
+class FanInConsumer(ProducerRoster, Consumer):
     """The consumer of a fan-in stream channel: listens at open, reads frames from many named producers.
 
     Transports subclass it with the same hooks as podipc.stream.StreamConsumer
@@ -388,10 +413,6 @@ class FanInConsumer(Consumer):
             handed_out = self._handed_out()
             sender.account(handed_out)
             self._batch_frames = self._batch_frames[len(handed_out) :]
-
-    def summary(self) -> list[dict[str, object]]:
-        """`senders` as JSON-ready dicts (the `producers` list of the CLI's summary line)."""
-        return [producer.as_dict() for producer in self.senders]
 
     @holds_call_gate
     def recv_from(self, timeout: float | None = None) -> tuple[str, bytes]:

@@ -53,14 +53,14 @@ import secrets
 import threading
 import weakref
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from podipc.address import Address
 from podipc.consuming import Consumer
 from podipc.endpoint import holds_call_gate
 from podipc.errors import AddressError, ChannelClosed, ChannelUnavailable, EndOfStream, NameTaken, PodIPCError
-from podipc.fanin import DIED, ENDED, ProducerSummary
+from podipc.fanin import DIED, ENDED, ProducerRoster, ProducerSummary
 from podipc.options import deadline_after
 from podipc.ownership import Trust
 from podipc.presence import (
@@ -369,7 +369,27 @@ class SlotSender:
         )
 
 
-class QueueFanInConsumer(QueueConsumer):
+class SlotSenderRoster(ProducerRoster):
+    """The roster of a fan-in consumer whose producers claim slots (mq, sysvmq, zmq): `_senders` and `_last`."""
+
+    _senders: Sequence[SlotSender]
+    """Every producer that attached, in order of arrival (the finished ones too)."""
+    _last: SlotSender | None = None
+    """The sender of the message the last receive returned."""
+
+    @property
+    def last_sender(self) -> str | None:
+        """The name of the producer of the message the last receive returned (one receiving thread; else recv_from)."""
+        sender = self._last
+        return None if sender is None else sender.name
+
+    @property
+    def senders(self) -> list[ProducerSummary]:
+        """Every producer that attached so far, in order of arrival: name, counts, SHA-256, how it ended."""
+        return [sender.summary() for sender in list(self._senders)]
+
+
+class QueueFanInConsumer(SlotSenderRoster, QueueConsumer):
     """The consumer of a fan-in queue: creates the queue, hands out the messages of many named producers.
 
     Transports implement `_next_tagged` (wait for the next message: (tag, payload)), `_untag`
@@ -418,23 +438,6 @@ class QueueFanInConsumer(QueueConsumer):
 
     def _signal_peer_lost(self) -> None:
         """Nothing: a fan-in consumer has no one peer to lose (its tracker reports each producer's death, `_died`)."""
-
-    # --- what the consumer knows of its producers --------------------------
-
-    @property
-    def last_sender(self) -> str | None:
-        """The name of the producer of the message the last receive returned (one receiving thread; else recv_from)."""
-        sender = self._last
-        return None if sender is None else sender.name
-
-    @property
-    def senders(self) -> list[ProducerSummary]:
-        """Every producer that attached so far, in order of arrival: name, counts, SHA-256, how it ended."""
-        return [sender.summary() for sender in list(self._senders)]
-
-    def summary(self) -> list[dict[str, object]]:
-        """`senders` as JSON-ready dicts (the `producers` list of the CLI's summary line)."""
-        return [producer.as_dict() for producer in self.senders]
 
     # --- receiving ---------------------------------------------------------
 

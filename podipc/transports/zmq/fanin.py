@@ -50,7 +50,7 @@ from podipc.address import Address
 from podipc.consuming import Consumer
 from podipc.endpoint import holds_call_gate
 from podipc.errors import AddressError, ChannelClosed, EndOfStream, PodIPCError
-from podipc.fanin import DIED, ENDED, ProducerSummary
+from podipc.fanin import DIED, ENDED
 from podipc.options import deadline_after
 from podipc.ownership import Trust
 from podipc.presence import Presence, remove_if_gone
@@ -60,6 +60,7 @@ from podipc.queue_fanin import (
     SETTLE_EVERY,
     SendersTracker,
     SlotSender,
+    SlotSenderRoster,
     claim_producer_slot,
     holder_identity,
     producer_slot_path,
@@ -143,7 +144,7 @@ class _Sender(SlotSender):
         self.fd = fd
 
 
-class ZMQFanInConsumer(ZMQConsumer):
+class ZMQFanInConsumer(SlotSenderRoster, ZMQConsumer):
     """Binds a ROUTER socket and hands out the messages of many named DEALER producers (pattern=fanin)."""
 
     _socket_type: ClassVar[int] = zmq.ROUTER
@@ -212,27 +213,6 @@ class ZMQFanInConsumer(ZMQConsumer):
         """The monitor found producer `slot` (`claim`) dead (monitor thread): the receiver reports it (`_report_dead`)."""
         self._dying.append((slot, claim))
         self._wake()
-
-    # --- what the consumer knows of its producers --------------------------
-
-    @property
-    def last_sender(self) -> str | None:
-        """The name of the producer of the message the last receive returned (one receiving thread; else recv_from)."""
-        sender = self._last
-        return None if sender is None else sender.name
-
-    @property
-    def senders(self) -> list[ProducerSummary]:
-        """Every producer that attached so far, in order of arrival: name, counts, SHA-256, how it ended."""
-        return [sender.summary() for sender in list(self._senders)]
-
-    def summary(self) -> list[dict[str, object]]:
-        """`senders` as JSON-ready dicts (the `producers` list of the CLI's summary line)."""
-        return [producer.as_dict() for producer in self.senders]
-
-    def summary_fields(self) -> dict[str, object]:
-        """The CLI summary's `producers` list (`summary()`)."""
-        return {"producers": self.summary()}
 
     # --- receiving ---------------------------------------------------------
 
