@@ -67,11 +67,14 @@ PATTERN_CELLS = (
     "broadcast-shm-1",
     "broadcast-shm-2",
     "broadcast-shm-4",
+    "broadcast-unix-1",
+    "broadcast-unix-2",
+    "broadcast-unix-4",
 )
 """Issue 14: request/reply round trips, beside the raw ping-pong of the same socket (rpc-shm beside iceoryx2's
 request-response, a peer: --peers measures it); fan-in of 1, 2, 4 producer
 processes over unix://, tcp://, mq:// and sysvmq://;
-shm:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one shm:// consumer."""
+shm:// and unix:// broadcast to 1, 2 and 4 subscribers (throughput cells), beside one consumer of the same scheme."""
 PATTERN_PEER_CELLS = (
     *(f"pyzmq-fanin-{count}" for count in (1, 4)),
     *(f"{peer}-broadcast-{count}" for peer in ("iceoryx2", "pyzmq") for count in (1, 4)),

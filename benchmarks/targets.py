@@ -401,7 +401,7 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Issue 14: a request/reply round trip over unix:// against a raw Unix-socket ping-pong (tcp:// reported),
     over shm:// against iceoryx2's request-response (and beside the raw ring);
     fan-in of 4 producer processes against one over unix:// (tcp:// reported); shm:// broadcast's per-subscriber rate at 1 MiB against one consumer's
-    (4 subscribers judged, 1 and 2 reported)."""
+    (4 subscribers judged, 1 and 2 reported); unix:// broadcast's beside one unix:// consumer (reported)."""
     yield ratio_target(
         report,
         "rpc-unix-p50-vs-raw-unix",
@@ -418,6 +418,15 @@ def _pattern_targets(report: dict[str, Any]) -> Iterator[dict[str, Any]]:
             + (">= 0.8x the single-consumer shm:// figure" if subscribers == 4 else "beside single-consumer shm://"),
             Comparison(f"broadcast-shm-{subscribers}", "shm", RATE, LARGEST_SIZE),
             0.8 if subscribers == 4 else None,
+            ">=",
+        )
+    for subscribers in (1, 2, 4):
+        yield ratio_target(
+            report,
+            f"broadcast-unix-{subscribers}-per-subscriber-vs-unix",
+            f"unix:// broadcast to {subscribers} subscriber(s): per-subscriber msg/s at 1 MiB beside one unix:// consumer",
+            Comparison(f"broadcast-unix-{subscribers}", "unix", RATE, LARGEST_SIZE),
+            None,
             ">=",
         )
     yield ratio_target(

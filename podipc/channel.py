@@ -68,7 +68,7 @@ def check_pattern(address: Address, options: Mapping[str, object]) -> None:
     """Raise AddressError, naming the channels that have it, when a pattern is asked of a transport without it.
 
     Fan-in (pattern=fanin, producers=, name=) runs over the transports with a fan-in consumer;
-    any other pattern (shm://'s broadcast) over the transports whose pattern option takes it.
+    any other pattern (broadcast: shm://, unix://, tcp://) over the transports whose pattern option takes it.
     """
     transport = transport_for(address.scheme)
     pattern = _pattern(address, options)
@@ -112,7 +112,9 @@ def producer(url: str, **options: object) -> Producer:
     address = _without_pair_pattern(address, options)
     cls = channel_class(address.scheme, "producer")
     settings = resolve_options(address, cls.options, options)
-    if settings.get("name") or settings.get("pattern") == "fanin":
+    if settings.get("pattern") == "broadcast":
+        cls = transport_for(address.scheme).broadcast_class("producer") or cls
+    elif settings.get("name") or settings.get("pattern") == "fanin":
         cls = transport_for(address.scheme).fanin_producer_class()
     result = cls(address, settings)
     assert isinstance(result, Producer)
@@ -123,7 +125,8 @@ def consumer(url: str, **options: object) -> Consumer:
     """Open the consuming side of the channel at `url` (options override the URL's query).
 
     pattern=fanin opens a fan-in consumer: many named producers (podipc.fanin over unix:// and tcp://,
-    podipc.queue_fanin over mq:// and sysvmq://).
+    podipc.queue_fanin over mq:// and sysvmq://); pattern=broadcast a subscriber (shm://: its ring's;
+    unix://, tcp://: podipc.stream_broadcast).
     """
     address = parse_address(url)
     check_pattern(address, options)
@@ -138,6 +141,8 @@ def consumer(url: str, **options: object) -> Consumer:
             )
         settings["pattern"] = "fanin"
         cls = transport.fanin_consumer_class()
+    elif settings.get("pattern") == "broadcast":
+        cls = transport.broadcast_class("consumer") or cls
     result = cls(address, settings)
     assert isinstance(result, Consumer)
     return result

@@ -305,8 +305,8 @@ SUBSCRIBERS_OPTION = click.option(
     "--subscribers",
     type=click.IntRange(1, 64),
     default=None,
-    help="Broadcast on shm:// to N subscribers: adds pattern=broadcast&subscribers=N to URL (the producer "
-    "waits for N before its first message; each subscriber joins a slot). PODIPC_PATTERN and "
+    help="Broadcast on shm://, unix:// or tcp:// to N subscribers: adds pattern=broadcast&subscribers=N to URL "
+    "(the producer waits for N before its first message; each subscriber joins a slot). PODIPC_PATTERN and "
     "PODIPC_SUBSCRIBERS do the same from the environment.",
 )
 

@@ -3,8 +3,9 @@
 StreamProducer (podipc.stream_producer) and UDPProducer (udp://) keep the tail of a burst of
 sends in an outbox; `CoalescingProducer` is what both give the flusher (podipc.flushing's
 `OutboxOwner`): joining and leaving `UNFLUSHED`, and one non-blocking attempt to write the
-outbox out under the call gate. A subclass says how it writes (`_write_outbox_now`) and
-which descriptor shows room (`_flusher_fd`).
+outbox out under the call gate. A subclass says how it writes (`_write_outbox_now`),
+which descriptor shows room (`_flusher_fd`) and, when its outbox is not one buffer, what is
+pending (`_has_pending`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class CoalescingProducer(Producer):
     """True while the flusher thread holds this producer in `UNFLUSHED`."""
     _outbox: Any
     """What the burst left: the subclass's buffer (empty when there is nothing to write)."""
+
+    def _has_pending(self) -> bool:
+        """Whether anything waits to be written (read without the gate: a call may be inside)."""
+        return bool(self._outbox)
 
     def _write_outbox_now(self) -> bool:
         """Under the call gate, never blocking: True once nothing is left to write (or none may be written yet)."""
@@ -79,7 +84,7 @@ class CoalescingProducer(Producer):
         look, discard, look again) keeps that true whatever a call inside does meanwhile.
         """
         self._watched = False
-        if self._outbox:
+        if self._has_pending():
             self._watched = True
             return False
         UNFLUSHED.discard(self)

@@ -6,6 +6,11 @@ On the wire (docs/wire/stream.md has the full story and plain-socket scripts):
     consumer -> producer   HELLO back (accepted) or BUSY (another producer is attached)
                            (fan-in: FANIN_HELLO + name; answers FANIN_HELLO, BUSY, NAME_TAKEN;
                            WRONG_PATTERN to a hello of the other pattern; podipc.fanin)
+                           (broadcast: the SUBSCRIBER connects to the listening producer and says
+                           BROADCAST_HELLO + its subscribers=; answered BROADCAST_HELLO + slot +
+                           slots, or BUSY;
+                           LOSS_NOTICE + an 8-byte frame tells it how many messages were dropped
+                           for it; it answers the end of stream with ACK; podipc.stream_broadcast)
     producer -> consumer   frames: 4-byte big-endian length, then that many payload bytes
     producer -> consumer   END_OF_STREAM: the length 0xFFFFFFFF with no payload
     consumer -> producer   ACK (1 byte) once it has taken the end of stream
@@ -50,12 +55,30 @@ NAME_TAKEN = MAGIC + b"\xff\xfd"
 WRONG_PATTERN = MAGIC + b"\xff\xfe"
 """The answer to a hello of the other pattern: a pair producer at a fan-in consumer, or the reverse."""
 
+BROADCAST_VERSION = 3
+BROADCAST_HELLO = MAGIC + BROADCAST_VERSION.to_bytes(2, "big")
+"""A broadcast subscriber's hello, and the start of a broadcast producer's answer (then SLOT_ANSWER)."""
+SUBSCRIBERS_FIELD = struct.Struct(">H")
+"""After a subscriber's BROADCAST_HELLO: the subscribers= it was opened with (0: not given, any number)."""
+SLOT_ANSWER = struct.Struct(">HH")
+"""After the broadcast producer's BROADCAST_HELLO: the subscriber's slot (NO_SLOT: refused, its subscribers=
+differs) and the producer's number of slots."""
+NO_SLOT = 0xFFFF
+LEFT = b"\x15"
+"""What a broadcast subscriber closing before the end of stream says to its producer (then it hangs up)."""
+
 HEADER = struct.Struct(">I")
 HEADER_SIZE = HEADER.size
 END_OF_STREAM = 0xFFFFFFFF
 """The reserved length that ends the stream."""
 MAX_FRAME_LENGTH = END_OF_STREAM - 1
 """The largest payload a frame can carry (4 GiB - 2 bytes)."""
+LOSS_NOTICE = END_OF_STREAM - 1
+"""Broadcast only: the reserved length of a loss notice, followed by a frame whose 8-byte payload is the count."""
+MAX_BROADCAST_LENGTH = LOSS_NOTICE - 1
+"""The largest payload a broadcast frame can carry (4 GiB - 3 bytes)."""
+LOSS_COUNT = struct.Struct(">Q")
+"""The payload of the frame after LOSS_NOTICE: how many messages were dropped for that subscriber since the last."""
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 """The max_message_size option's default: 64 MiB."""
 

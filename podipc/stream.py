@@ -19,7 +19,8 @@ shutdown(SHUT_RD). One read takes up to 256 KiB and every frame in it is cut at 
 several at a time.
 
 Producer: podipc.stream_producer (connecting, coalescing); the per-process thread that
-writes the last messages of a burst: podipc.flushing.
+writes the last messages of a burst: podipc.flushing. Fan-in (many producers, one
+consumer): podipc.fanin; broadcast (one listening producer, N subscribers): podipc.stream_broadcast.
 
 Neither side keeps its socket registered anywhere while it does not wait: a wait-queue
 entry on a socket makes every send or receive of the peer run a wakeup callback, which
@@ -43,6 +44,7 @@ from podipc.address import Address
 from podipc.consuming import Consumer
 from podipc.endpoint import _Endpoint, holds_call_gate
 from podipc.errors import (
+    AddressError,
     ChannelClosed,
     ChannelUnavailable,
     EndOfStream,
@@ -78,12 +80,16 @@ COALESCE_OPTION = Option(
     True,
     "join back-to-back small sends into one write (false: every send writes at once)",
 )
-PATTERNS = ("pair", "fanin")
-"""pair: one producer and one consumer (the default); fanin: many named producers into one consumer (podipc.fanin)."""
+PATTERNS = ("pair", "fanin", "broadcast")
+"""pair: one producer and one consumer (the default); fanin: many named producers into one consumer (podipc.fanin);
+broadcast: one producer, N subscribers each get every message (podipc.stream_broadcast)."""
+SLOW_POLICIES = ("wait", "drop")
+MAX_SUBSCRIBERS = 64
+"""Most subscribers a broadcast producer takes (as shm://'s broadcast ring)."""
 
 
 def parse_pattern(value: object) -> str:
-    """The pattern option: 'pair' or 'fanin'."""
+    """The pattern option: 'pair', 'fanin' or 'broadcast'."""
     pattern = str(value).strip().lower()
     if pattern not in PATTERNS:
         raise ValueError(f"expected one of {', '.join(PATTERNS)}")
@@ -100,11 +106,34 @@ def parse_producers(value: object) -> int:
     return number
 
 
+def parse_subscribers(value: object) -> int:
+    """The subscribers option: a count from 1 to MAX_SUBSCRIBERS."""
+    count = parse_producers(value)
+    if not 1 <= count <= MAX_SUBSCRIBERS:
+        raise ValueError(f"must be from 1 to {MAX_SUBSCRIBERS}")
+    return count
+
+
+def parse_slow(value: object) -> str:
+    """The slow option: 'wait' or 'drop'."""
+    policy = str(value).strip().lower()
+    if policy not in SLOW_POLICIES:
+        raise ValueError(f"must be one of {', '.join(SLOW_POLICIES)}")
+    return policy
+
+
+def refuse_broadcast_options(settings: Mapping[str, Any], location: str) -> None:
+    """AddressError for subscribers= or slow= without pattern=broadcast (they would be silently ignored)."""
+    if settings.get("subscribers") is not None or settings.get("slow", "wait") != "wait":
+        raise AddressError(f"{location}: subscribers= and slow= apply to pattern=broadcast only")
+
+
 PATTERN_OPTION = Option(
     "pattern",
     parse_pattern,
     "pair",
-    "pair (one producer) or fanin (many named producers into one consumer; a producer with name= is fanin)",
+    "pair (one producer), fanin (many named producers into one consumer; a producer with name= is fanin) "
+    "or broadcast (one producer, N subscribers each get every message)",
 )
 PRODUCERS_OPTION = Option(
     "producers",
@@ -119,7 +148,28 @@ NAME_OPTION = Option(
     "",
     "fan-in producer: its name at the consumer, unique among live producers (default HOSTNAME-PID-RANDOM)",
 )
-STREAM_OPTIONS = (MAX_MESSAGE_OPTION, COALESCE_OPTION, PATTERN_OPTION, PRODUCERS_OPTION, NAME_OPTION)
+SUBSCRIBERS_OPTION = Option(
+    "subscribers",
+    parse_subscribers,
+    None,
+    f"broadcast: subscribers (1 to {MAX_SUBSCRIBERS}, default 1); the producer waits for this many before its "
+    "first send",
+)
+SLOW_OPTION = Option(
+    "slow",
+    parse_slow,
+    "wait",
+    "broadcast: a slow subscriber is waited for (wait) or its messages dropped, counting its loss (drop)",
+)
+STREAM_OPTIONS = (
+    MAX_MESSAGE_OPTION,
+    COALESCE_OPTION,
+    PATTERN_OPTION,
+    PRODUCERS_OPTION,
+    NAME_OPTION,
+    SUBSCRIBERS_OPTION,
+    SLOW_OPTION,
+)
 
 HELLO_SECONDS = 5.0
 """How long the acceptor gives a new connection to send its HELLO."""
@@ -370,6 +420,11 @@ class StreamConsumer(Consumer):
         super().__init__(address, settings)
         take_message_limit(self)
         self._what = address.location
+        try:
+            refuse_broadcast_options(self.settings, self._what)
+        except AddressError:
+            self._closed = self._freed = True
+            raise
         self._reader = FrameReader(self.max_message_size, address.location)
         self._ready = self._reader.ready
         self._buffered_frame = self._reader.buffered_frame

@@ -44,6 +44,7 @@ from podipc.address import Address
 from podipc.coalescing import CoalescingProducer
 from podipc.endpoint import holds_call_gate
 from podipc.errors import (
+    AddressError,
     ChannelUnavailable,
     NameTaken,
     PeerGone,
@@ -53,6 +54,7 @@ from podipc.errors import (
 from podipc.flushing import BURST_HOLD_SECONDS, STREAM_BURST_START_SECONDS
 from podipc.framing import (
     ACK,
+    BROADCAST_HELLO,
     BUSY,
     FANIN_HELLO,
     HEADER,
@@ -65,7 +67,7 @@ from podipc.framing import (
 )
 from podipc.options import Option, deadline_after
 from podipc.producing import Producer
-from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, peer_gone, take_message_limit
+from podipc.stream import SEND_FLAGS, STREAM_OPTIONS, peer_gone, refuse_broadcast_options, take_message_limit
 from podipc.waking import POLLIN, wait_for
 
 COALESCE_SIZE = 2048
@@ -124,6 +126,11 @@ class StreamProducer(CoalescingProducer):
         super().__init__(address, settings)
         take_message_limit(self)
         self._what = address.location
+        try:
+            refuse_broadcast_options(self.settings, self._what)
+        except AddressError:
+            self._closed = self._freed = True
+            raise
         self._socket: socket.socket | None = None
         self._phase = _UNCONNECTED
         self._answer = bytearray()
@@ -541,6 +548,11 @@ class StreamProducer(CoalescingProducer):
             raise ChannelUnavailable(
                 f"another producer is attached to {self._what}; a channel has one producer and one consumer "
                 "(for many producers open the consumer with pattern=fanin and give each producer a name=)"
+            )
+        if answer == BROADCAST_HELLO:
+            raise ProtocolError(
+                f"a broadcast producer (pattern=broadcast) listens at {self._what}: this channel has one producer; "
+                "open this side as a subscriber (podipc.consumer with pattern=broadcast, podipc consume --subscribers N)"
             )
         if answer == NAME_TAKEN:
             raise NameTaken(

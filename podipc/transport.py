@@ -292,6 +292,11 @@ class Transport:
     fanin_producer: str = ""
     """The producer class of a fan-in producer (name= or pattern=fanin) as 'module:Class', when it is not the
     transport's producer (the kernel queues tag their messages, podipc.queue_fanin)."""
+    broadcast_producer: str = ""
+    """The producer class of pattern=broadcast over a stream (one producer, N subscribers) as 'module:Class';
+    '' when the transport has none (shm:// dispatches its own broadcast ring in its endpoint classes)."""
+    broadcast_subscriber: str = ""
+    """The subscriber (consumer) class of that pattern=broadcast, as 'module:Class'."""
     work_queue: bool = False
     """True when its endpoints take pattern=queue: one producer, many consumers sharing one queue
     (podipc.work_queue); they then declare the pattern option (pair or queue)."""
@@ -382,6 +387,11 @@ class Transport:
             return self.producer_class()
         cls: type[Producer] = self._load(self.fanin_producer)
         return cls
+
+    def broadcast_class(self, role: str) -> type[Producer] | type[Consumer] | None:
+        """The broadcast producer (role 'producer') or subscriber class, imported; None when declared nowhere."""
+        reference = self.broadcast_producer if role == "producer" else self.broadcast_subscriber
+        return self._load(reference) if reference else None
 
     def _load(self, reference: str) -> Any:
         what = f"{self.title} ({', '.join(f'{scheme}://' for scheme in self.schemes)})"

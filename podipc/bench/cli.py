@@ -44,8 +44,8 @@ def _bench_list(value: str) -> list[str]:
     "round trips (latency cells, against raw-unix/raw-tcp); fanin-unix-, fanin-tcp-, fanin-mq-, fanin-sysvmq-, fanin-zmq+ipc-, fanin-zmq+tcp-1/2/4 "
     "measure fan-in "
     "(throughput cells: N producer processes into one consumer, its aggregate msg/s against fanin-unix-1 or "
-    "fanin-tcp-1); broadcast-shm-1/2/4 measure one "
-    "of 1, 2 or 4 shm:// broadcast subscribers (throughput cells, against shm); their peers pyzmq-fanin-1/2/4 "
+    "fanin-tcp-1); broadcast-shm-1/2/4 and broadcast-unix-1/2/4 measure one "
+    "of 1, 2 or 4 broadcast subscribers (throughput cells, against shm or unix); their peers pyzmq-fanin-1/2/4 "
     "(PUSH processes into one PULL), pyzmq-broadcast-1/2/4 and iceoryx2-broadcast-1/2/4 (one of N subscriber "
     "processes); queue-mq-1/2/4, queue-sysvmq-1/2/4 (pattern=queue) and pyzmq-queue-1/2/4 (PUSH to N PULL) measure "
     "one producer into N consumer processes (aggregate msg/s, each message taken once).",

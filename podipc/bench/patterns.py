@@ -16,10 +16,11 @@ Ask for them by name: `podipc bench --channels rpc-unix,raw-unix --sizes 64 --mo
 
 Fan-in (`fanin-unix-N`, `fanin-tcp-N`) is podipc.bench.fanin's: N producer processes into one consumer.
 
-`broadcast-shm-N` (N = 1, 2, 4) is shm://?pattern=broadcast&subscribers=N, measured in
-throughput cells: the bench's receiver is one subscriber (recv_view, in place) and N - 1
-more subscriber processes drain the same stream beside it, so its msg/s is the
-per-subscriber rate, to set against the single-consumer shm:// figure
+`broadcast-shm-N` and `broadcast-unix-N` (N = 1, 2, 4) are shm://?pattern=broadcast&subscribers=N
+and the same over unix:// (podipc.stream_broadcast), measured in throughput cells: the bench's
+receiver is one subscriber (shm: recv_view, in place) and N - 1 more subscriber processes drain
+the same stream beside it, so its msg/s is the per-subscriber rate, to set against the
+single-consumer figure of the same scheme
 (`podipc bench --channels broadcast-shm-4,shm --sizes 1048576 --mode throughput`).
 
 Their peers (pyzmq-fanin-N, pyzmq-broadcast-N, iceoryx2-broadcast-N) and the work-queue
@@ -216,6 +217,7 @@ class RequestReply(Subject):
 
 
 BROADCAST_SUBSCRIBERS = (1, 2, 4)
+BROADCAST_SCHEMES = ("shm", "unix")
 SUBSCRIBER_HELPER = """
 import sys
 import podipc
@@ -256,13 +258,13 @@ class BroadcastReceiver:
 
 
 class Broadcast(ChannelSubject):
-    """shm:// broadcast to N subscribers: one of them is the bench's receiver (throughput cells only)."""
+    """Broadcast to N subscribers (shm://, unix://): one of them is the bench's receiver (throughput cells only)."""
 
     modes = ("throughput",)
 
-    def __init__(self, subscribers: int) -> None:
-        super().__init__("shm", f"pattern=broadcast&subscribers={subscribers}", baseline="shm")
-        self.name = f"broadcast-shm-{subscribers}"
+    def __init__(self, subscribers: int, scheme: str = "shm") -> None:
+        super().__init__(scheme, f"pattern=broadcast&subscribers={subscribers}", baseline=scheme)
+        self.name = f"broadcast-{scheme}-{subscribers}"
         self.subscribers = subscribers
 
     def open_receiver(self, resources: Mapping[str, str], key: str, size: int) -> Receiver:
@@ -285,6 +287,6 @@ def pattern_subjects() -> list[Subject]:
         RequestReply("tcp"),
         RequestReply("shm"),
         *fanin_subjects(),
-        *(Broadcast(count) for count in BROADCAST_SUBSCRIBERS),
+        *(Broadcast(count, scheme) for scheme in BROADCAST_SCHEMES for count in BROADCAST_SUBSCRIBERS),
         *pattern_peer_subjects(),
     ]

@@ -7,8 +7,13 @@ Address:
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
     coalesce           join back-to-back small sends into one write (default true; the
                        producer's option, see podipc.stream and the README's Batches)
-    pattern            pair (default: one producer) or fanin (the consumer takes many named
-                       producers, podipc.fanin; a producer with name= is a fan-in producer)
+    pattern            pair (default: one producer), fanin (the consumer takes many named
+                       producers, podipc.fanin; a producer with name= is a fan-in producer) or
+                       broadcast (the producer listens, N subscribers each get every message;
+                       podipc.stream_broadcast)
+    subscribers        broadcast: how many subscribers the producer's first send waits for (1-64)
+    slow               broadcast: wait (default: a slow subscriber holds the producer back) or
+                       drop (its messages are dropped and counted, in-band, for it alone)
     producers          fan-in consumer: end the stream once this many producers ended theirs
                        (default 0: never; > 0 implies pattern=fanin)
     name               fan-in producer: its name at the consumer (default HOSTNAME-PID-RANDOM)
@@ -44,11 +49,14 @@ from podipc.fanin import FanInConsumer
 from podipc.framing import DEFAULT_MAX_MESSAGE_SIZE
 from podipc.options import Option
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, socket_problem
+from podipc.stream_broadcast import StreamBroadcastProducer, StreamBroadcastSubscriber
 from podipc.stream_producer import StreamProducer
 from podipc.transport import AddressForm, Example, Transport, option_limit
 
 __all__ = [
     "TRANSPORT",
+    "TCPBroadcastProducer",
+    "TCPBroadcastSubscriber",
     "TCPConsumer",
     "TCPFanInConsumer",
     "TCPProducer",
@@ -131,10 +139,10 @@ class TCPFanInConsumer(FanInConsumer):
         no_delay(connection)
 
 
-class TCPProducer(StreamProducer):
-    """Sends frames over a TCP connection to the consumer's port."""
+class _ConnectsOverTCP:
+    """The connecting hooks of the tcp:// sides that connect (a producer, a broadcast subscriber)."""
 
-    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    address: Address
 
     def _connection_socket(self) -> tuple[socket.socket, tuple[str, int]]:
         family, endpoint = tcp_endpoint(self.address)
@@ -144,6 +152,30 @@ class TCPProducer(StreamProducer):
         no_delay(sock)
 
 
+class TCPProducer(_ConnectsOverTCP, StreamProducer):
+    """Sends frames over a TCP connection to the consumer's port."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+
+class TCPBroadcastProducer(StreamBroadcastProducer):
+    """Listens on a TCP port and writes every message to each subscriber (pattern=broadcast)."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+    def _listen(self) -> socket.socket:
+        return listen_tcp(self.address)
+
+    def _configure_connection(self, connection: socket.socket) -> None:
+        no_delay(connection)
+
+
+class TCPBroadcastSubscriber(_ConnectsOverTCP, StreamBroadcastSubscriber):
+    """Connects to a broadcast producer's TCP port and reads every message (pattern=broadcast)."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+
 TRANSPORT = Transport(
     name="tcp",
     title="TCP stream",
@@ -151,6 +183,8 @@ TRANSPORT = Transport(
     producer="podipc.transports.tcp:TCPProducer",
     consumer="podipc.transports.tcp:TCPConsumer",
     fanin_consumer="podipc.transports.tcp:TCPFanInConsumer",
+    broadcast_producer="podipc.transports.tcp:TCPBroadcastProducer",
+    broadcast_subscriber="podipc.transports.tcp:TCPBroadcastSubscriber",
     examples=(Example("tcp://127.0.0.1:7000", "loopback TCP", "the pod's shared network namespace"),),
     reliable=True,
     ordered=True,

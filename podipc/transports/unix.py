@@ -12,8 +12,13 @@ Address:
     max_message_size   largest message in bytes, the same on both sides (default 64 MiB)
     coalesce           join back-to-back small sends into one write (default true; the
                        producer's option, see podipc.stream and the README's Batches)
-    pattern            pair (default: one producer) or fanin (the consumer takes many named
-                       producers, podipc.fanin; a producer with name= is a fan-in producer)
+    pattern            pair (default: one producer), fanin (the consumer takes many named
+                       producers, podipc.fanin; a producer with name= is a fan-in producer) or
+                       broadcast (the producer listens, N subscribers each get every message;
+                       podipc.stream_broadcast)
+    subscribers        broadcast: how many subscribers the producer's first send waits for (1-64)
+    slow               broadcast: wait (default: a slow subscriber holds the producer back) or
+                       drop (its messages are dropped and counted, in-band, for it alone)
     producers          fan-in consumer: end the stream once this many producers ended theirs
                        (default 0: never; > 0 implies pattern=fanin)
     name               fan-in producer: its name at the consumer (default HOSTNAME-PID-RANDOM)
@@ -60,11 +65,14 @@ from podipc.options import Option
 from podipc.ownership import SHARE_FIX, Trust, check_path, group_text, owner_text, user_text
 from podipc.presence import Presence
 from podipc.stream import LISTEN_BACKLOG, STREAM_OPTIONS, StreamConsumer, socket_problem
+from podipc.stream_broadcast import StreamBroadcastProducer, StreamBroadcastSubscriber
 from podipc.stream_producer import StreamProducer
 from podipc.transport import PATH_OBJECT, AddressForm, Example, Transport, option_limit
 
 __all__ = [
     "TRANSPORT",
+    "UnixBroadcastProducer",
+    "UnixBroadcastSubscriber",
     "UnixConsumer",
     "UnixFanInConsumer",
     "UnixListener",
@@ -296,9 +304,10 @@ class _ListensOnUnix:
     address: Address
     settings: dict[str, object]
     _listening: UnixListener | None = None
+    _listener_role = "consumer"
 
     def _listen(self) -> socket.socket:
-        self._listening = UnixListener(self.address, int(str(self.settings["mode"])))
+        self._listening = UnixListener(self.address, int(str(self.settings["mode"])), self._listener_role)
         return self._listening.listen()
 
     def _remove_listener_traces(self) -> None:
@@ -318,8 +327,8 @@ class UnixFanInConsumer(_ListensOnUnix, FanInConsumer):
     options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
 
 
-class UnixProducer(StreamProducer):
-    """Sends frames over a Unix socket connection to the consumer's socket.
+class _ConnectsOverUnix:
+    """The connecting hooks of the unix:// sides that connect (a producer, a broadcast subscriber).
 
     Before connecting to a socket file it checks what is at the path (a socket, never a
     link followed, owned by a user it trusts, not writable by "other"), and once
@@ -328,7 +337,9 @@ class UnixProducer(StreamProducer):
     in the pod's network namespace may listen on it.
     """
 
-    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    address: Address
+    settings: dict[str, object]
+    _what: str
     _expected_listener: int | None = None
     """The UID of the checked socket file's owner: the listening process must run as it."""
 
@@ -339,7 +350,7 @@ class UnixProducer(StreamProducer):
 
     def _check_socket_file(self, path: str) -> None:
         """Refuse (ChannelUnavailable, owner and fix) anything at `path` but a trusted socket; note its owner."""
-        owner = check_socket_file(self.address, int(self.settings["mode"]))
+        owner = check_socket_file(self.address, int(str(self.settings["mode"])))
         if owner is not None:
             self._expected_listener = owner
 
@@ -349,7 +360,26 @@ class UnixProducer(StreamProducer):
     def _unreachable(self, error: OSError) -> ChannelUnavailable:
         if error.errno == errno.EACCES:
             return ChannelUnavailable(f"no permission to connect to {self.address.location}; {SHARE_FIX}")
-        return super()._unreachable(error)
+        return ChannelUnavailable(f"cannot connect to {self._what}: {error.strerror or error}")
+
+
+class UnixProducer(_ConnectsOverUnix, StreamProducer):
+    """Sends frames over a Unix socket connection to the consumer's socket (checked as _ConnectsOverUnix says)."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+
+
+class UnixBroadcastProducer(_ListensOnUnix, StreamBroadcastProducer):
+    """Listens on a Unix socket it creates at open and writes every message to each subscriber (pattern=broadcast)."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
+    _listener_role = "producer"
+
+
+class UnixBroadcastSubscriber(_ConnectsOverUnix, StreamBroadcastSubscriber):
+    """Connects to a broadcast producer's Unix socket and reads every message (pattern=broadcast)."""
+
+    options: ClassVar[tuple[Option, ...]] = STREAM_OPTIONS
 
 
 TRANSPORT = Transport(
@@ -359,6 +389,8 @@ TRANSPORT = Transport(
     producer="podipc.transports.unix:UnixProducer",
     consumer="podipc.transports.unix:UnixConsumer",
     fanin_consumer="podipc.transports.unix:UnixFanInConsumer",
+    broadcast_producer="podipc.transports.unix:UnixBroadcastProducer",
+    broadcast_subscriber="podipc.transports.unix:UnixBroadcastSubscriber",
     examples=(
         Example("unix:///shared/podipc.sock", "Unix socket on an emptyDir"),
         Example("unix://@name", "abstract Unix socket", "scoped to the network namespace: no volume"),
