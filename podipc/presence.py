@@ -184,6 +184,18 @@ def lock_state(fd: int) -> PeerState:
     return PeerState.GONE
 
 
+def flock_until(fd: int, operation: int, deadline: float, retry_seconds: float) -> bool:
+    """Take `operation` (LOCK_SH or LOCK_EX) on `fd`, trying again every `retry_seconds`; False once `deadline` passed."""
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(retry_seconds)
+
+
 def is_buried(fd: int) -> bool:
     """True when the open presence file carries the TOMBSTONE line: its holder is known dead."""
     try:

@@ -40,6 +40,7 @@ from podipc.presence import (
     PeerState,
     PeerTracker,
     Presence,
+    flock_until,
     lock_state,
     open_presence,
     remove_if_gone,
@@ -136,17 +137,12 @@ def _lock_once(path: str, mode: int, trust: Trust, deadline: float) -> int:
     try:
         status = os.fstat(fd)
         trust.check(f"the channel's lock {path}", status.st_uid, status.st_gid, status.st_mode & 0o777)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ChannelUnavailable(
-                        f"{path} stayed locked {LOCK_SECONDS:g} s: another consumer of this work queue is stuck "
-                        "joining or leaving"
-                    ) from None
-                time.sleep(LOCK_RETRY_SECONDS)
+        if not flock_until(fd, fcntl.LOCK_EX, deadline, LOCK_RETRY_SECONDS):
+            raise ChannelUnavailable(
+                f"{path} stayed locked {LOCK_SECONDS:g} s: another consumer of this work queue is stuck "
+                "joining or leaving"
+            )
+        return fd
     except BaseException:
         os.close(fd)
         raise

@@ -16,7 +16,15 @@ from podipc.address import Address
 from podipc.errors import ChannelUnavailable, PeerGone
 from podipc.options import Option, parse_count, parse_seconds, parse_size
 from podipc.ownership import SHARE_FIX, Trust, open_checked, owner_text, refusal_for
-from podipc.presence import PRESENCE_PREFIX, TEMPORARY_SUFFIX, PeerState, Presence, probe, remove_if_gone
+from podipc.presence import (
+    PRESENCE_PREFIX,
+    TEMPORARY_SUFFIX,
+    PeerState,
+    Presence,
+    flock_until,
+    probe,
+    remove_if_gone,
+)
 from podipc.transports.spool.notify import POLL_FIRST_SECONDS, POLL_MAX_SECONDS, Readiness
 from podipc.transports.spool.wire import (
     DEFAULT_DEPTH,
@@ -269,17 +277,11 @@ class SpoolSide:
 
     def _lock_directory_shared(self) -> None:
         deadline = time.monotonic() + DIRECTORY_LOCK_SECONDS
-        while True:
-            try:
-                fcntl.flock(self._dir_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ChannelUnavailable(
-                        f"the spool directory {self.path} stays locked (flock) by another process: a podipc side "
-                        "removing it holds the lock for an instant only"
-                    ) from None
-                time.sleep(DIRECTORY_LOCK_RETRY_SECONDS)
+        if not flock_until(self._dir_fd, fcntl.LOCK_SH, deadline, DIRECTORY_LOCK_RETRY_SECONDS):
+            raise ChannelUnavailable(
+                f"the spool directory {self.path} stays locked (flock) by another process: a podipc side "
+                "removing it holds the lock for an instant only"
+            )
 
     def _directory_events(self) -> int:
         """The inotify events on the directory that wake this side (hook)."""
