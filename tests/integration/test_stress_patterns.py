@@ -98,7 +98,7 @@ def gather(url: str, sizes: Sequence[int], results: Any) -> None:
     results.put({"taken": taken, "wrong": wrong, "summary": summary, "seconds": seconds, "peak_rss_kib": peak_rss()})
 
 
-@pytest.mark.parametrize("scheme", ["unix", "tcp", "mq", "sysvmq"])
+@pytest.mark.parametrize("scheme", ["unix", "tcp", "mq", "sysvmq", "zmq+ipc", "zmq+tcp"])
 def test_fanin_four_producers_each_deliver_their_whole_stream_in_order(scheme: str, reap: list[Any]) -> None:
     url = url_for(scheme)
     sizes = CyclingSizes(COUNT // PRODUCERS)
@@ -169,8 +169,9 @@ def broadcast_to_subscribers(address: str, reap: list[Any]) -> tuple[SideResult,
     return produced, received, memory
 
 
-def test_broadcast_slow_wait_every_subscriber_gets_every_message_in_order(reap: list[Any]) -> None:
-    address = broadcast_url("stress-wait", subscribers=SUBSCRIBERS, slow="wait")
+@pytest.mark.parametrize("scheme", ["shm", "unix", "tcp"])
+def test_broadcast_slow_wait_every_subscriber_gets_every_message_in_order(scheme: str, reap: list[Any]) -> None:
+    address = broadcast_url("stress-wait", scheme, subscribers=SUBSCRIBERS, slow="wait")
     produced, received, peaks = broadcast_to_subscribers(address, reap)
     assert produced.ok, produced.error
     for report in received:
@@ -181,13 +182,14 @@ def test_broadcast_slow_wait_every_subscriber_gets_every_message_in_order(reap: 
             0,
             0,
         )
-    figures("broadcast+wait", COUNT, produced.seconds, "in order  sha256 ok", peaks)
+    figures(f"broadcast+wait+{scheme}", COUNT, produced.seconds, "in order  sha256 ok", peaks)
     assert_memory_bounded(peaks)
     assert wait_until(lambda: not leftovers(address), 5), leftovers(address)
 
 
-def test_broadcast_slow_drop_every_subscriber_accounts_for_every_message(reap: list[Any]) -> None:
-    address = broadcast_url("stress-drop", subscribers=SUBSCRIBERS, slow="drop", capacity=DROP_RING_CAPACITY)
+@pytest.mark.parametrize("scheme", ["shm", "unix", "tcp"])
+def test_broadcast_slow_drop_every_subscriber_accounts_for_every_message(scheme: str, reap: list[Any]) -> None:
+    address = broadcast_url("stress-drop", scheme, subscribers=SUBSCRIBERS, slow="drop", capacity=DROP_RING_CAPACITY)
     produced, received, peaks = broadcast_to_subscribers(address, reap)
     assert produced.ok, produced.error
     for report in received:
@@ -195,7 +197,14 @@ def test_broadcast_slow_drop_every_subscriber_accounts_for_every_message(reap: l
         assert report["lost"] == report["gaps"]  # every message missed is counted, none twice
         assert report["count"] + report["lost"] == COUNT
     lost = "+".join(str(report["lost"]) for report in received)
-    figures("broadcast+drop", COUNT, produced.seconds, "in order  delivered + lost == sent", peaks, f"{lost} (counted)")
+    figures(
+        f"broadcast+drop+{scheme}",
+        COUNT,
+        produced.seconds,
+        "in order  delivered + lost == sent",
+        peaks,
+        f"{lost} (counted)",
+    )
     assert_memory_bounded(peaks)
     assert wait_until(lambda: not leftovers(address), 5), leftovers(address)
 
